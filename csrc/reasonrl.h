@@ -1,0 +1,42 @@
+// Declarations shared by the torch glue (csrc/*.cpp), the CPU kernels (csrc/cpu/*.cpp) and the CUDA
+// kernels (csrc/cuda/*.cu). Kernel files include no torch headers: raw pointers, outputs first,
+// a dtype code for the element type, and (CUDA) the stream passed in.
+#pragma once
+#include <cstdint>
+
+namespace reasonrl {
+
+enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
+
+// ---- log-prob family (csrc/cpu/logprob.cpp, csrc/cuda/logprob.cu) --------------------------------
+// x: rows [row_begin, row_end) of an N x V matrix with row stride `stride_x` (last dim contiguous).
+// z = x * inv_t. Per row: lse = logsumexp(z); logp = z[id] - lse; entropy = lse - sum softmax(z) * z.
+// Rows whose id == ignore_index get logp = 0 and entropy = 0. entropy may be null (not computed).
+void logprob_fwd_cpu(float* logp, float* lse, float* entropy, const void* x, DType dtype,
+                     int64_t stride_x, const int64_t* ids, int64_t row_begin, int64_t row_end,
+                     int64_t V, float inv_t, int64_t ignore_index);
+
+// grad_x[r, j] = inv_t * (g[r] * (1[j + vocab_start == id] - p) + gh[r] * p * (S - z)),
+// p = exp(z - lse), S = lse - entropy. Columns j cover vocab ids [vocab_start, vocab_start + V).
+// grad_entropy / entropy may be null (no entropy term). grad_x may alias x (in-place backward).
+// Rows with id == ignore_index get zeros.
+void logprob_bwd_cpu(void* grad_x, int64_t stride_g, const void* x, DType dtype, int64_t stride_x,
+                     const int64_t* ids, const float* lse, const float* entropy,
+                     const float* grad_logp, const float* grad_entropy, int64_t row_begin,
+                     int64_t row_end, int64_t V, int64_t vocab_start, float inv_t,
+                     int64_t ignore_index);
+
+#ifdef REASONRL_WITH_CUDA
+}  // namespace reasonrl
+#include <cuda_runtime.h>
+namespace reasonrl {
+void logprob_fwd_cuda(float* logp, float* lse, float* entropy, const void* x, DType dtype,
+                      int64_t stride_x, const int64_t* ids, int64_t N, int64_t V, float inv_t,
+                      int64_t ignore_index, cudaStream_t stream);
+void logprob_bwd_cuda(void* grad_x, int64_t stride_g, const void* x, DType dtype, int64_t stride_x,
+                      const int64_t* ids, const float* lse, const float* entropy,
+                      const float* grad_logp, const float* grad_entropy, int64_t N, int64_t V,
+                      int64_t vocab_start, float inv_t, int64_t ignore_index, cudaStream_t stream);
+#endif
+
+}  // namespace reasonrl
