@@ -1,0 +1,1 @@
+"""Public ops. Every op: backend="auto" | "reference" | "triton" | "cpp" | "cuda"."""

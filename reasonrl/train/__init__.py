@@ -1,0 +1,1 @@
+"""reasonrl.train"""
