@@ -1,0 +1,302 @@
+"""GRPO loss with group advantages computed inside the op (DeepSeekMath / DeepSeek-R1 GRPO, DAPO,
+Dr. GRPO, GSPO, RLOO variants).
+
+Notation. B completions of length T, in groups of G adjacent samples of one prompt (B % G == 0).
+logp[b,t] = log pi_theta(o_bt | q, o_b<t) at temperature tau (logits / tau); m[b,t] the completion
+mask; r[b] the raw reward; old[b,t] the sampling policy's log-probs (absent: old = sg(logp), ratio 1,
+gradient that of the on-policy objective); ref[b,t] the reference policy's log-probs.
+
+Advantages (per group g = b // G; r_g = the G rewards of the group; detached, no gradient):
+  "grpo"    A_b = (r_b - mean(r_g)) / (std(r_g) + std_eps)      std unbiased (Bessel), as TRL's
+                                                                 torch.std; G == 1 is an error
+  "dr_grpo" A_b = r_b - mean(r_g)                               (Dr. GRPO: no std scaling)
+  "rloo"    A_b = r_b - (sum(r_g) - r_b) / (G - 1)              (leave-one-out; G == 1 an error)
+  A group whose rewards are all equal gets A = 0 exactly (mean(r_g) of equal floats is not always
+  exactly r_b, and (r_b - mean) / eps would otherwise be noise of order 1e-12 / 1e-4).
+
+Importance ratio, with the log-ratio clamped to [-C, C], C = config.log_ratio_clamp (20: exp(20) =
+4.9e8 stays finite in float32; torch.clamp's gradient, 1 inside the closed interval, 0 outside):
+  token     lr[b,t] = clamp(logp - old, -C, C);  rho[b,t] = exp(lr[b,t])
+  sequence  (GSPO) s_b = sum_t m lr / max(sum_t m, 1);  rho[b,t] = exp(s_b) for every t of row b;
+            the gradient flows to every token of the row through s_b.
+
+Per-token loss (PPO clipped surrogate, clip-higher of DAPO, optional dual clip of Ye et al. 2020):
+  pg = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high))
+  dual clip c (> 1), only where A < 0:  pg = min(pg, -c A)
+  k3 KL (Schulman): d = clamp(ref - logp, -C, C);  kl = exp(d) - d - 1   (beta == 0: ref never read)
+  l[b,t] = pg + beta kl - entropy_coef H[b,t]       H = entropy of pi_theta(. | ...) at temperature tau
+
+Aggregation (TRL GRPOTrainer's loss_type, docs of trl >= 0.20; S = sum_{b,t} m l):
+  "grpo"    (1/B) sum_b [ sum_t m l / max(sum_t m, 1) ]        mean of per-sequence token means
+  "bnpo"    S / max(sum_{b,t} m, 1)                              token mean over this (local) batch
+  "dapo"    S / num_items_in_batch, where num_items_in_batch is the number of active tokens in the
+            global accumulated batch (all micro-batches and ranks); when not given, this batch's
+            max(sum m, 1), i.e. the same as "bnpo" for one micro-batch on one rank
+  "dr_grpo" S / (B * L), L = config.max_completion_length (default: T)
+A row with no unmasked token contributes nothing to S (and counts in B for "grpo" and "dr_grpo").
+
+Metrics (detached 0-dim float32 tensors), token means are over unmasked tokens of the batch:
+  kl (mean k3 KL; 0 when beta == 0, as ref is not read), clip_frac_low (rho < 1 - eps_low and A < 0),
+  clip_frac_high (rho > 1 + eps_high and A > 0), entropy (mean H; only when entropy is computed),
+  advantage_mean (mean of A over the B rows), zero_std_frac (fraction of groups with equal rewards),
+  num_tokens (sum m).
+
+The fast backends split the op in two: log-probs (and entropies) from reasonrl.ops.logprobs (logits,
+optionally with an in-place backward; or hidden + LM-head weight without ever materializing N x V),
+then one per-row GRPO kernel (kernels/grpo.py, csrc/cpu/grpo.cpp, csrc/cuda/grpo.cu) that owns a
+whole completion, so that GSPO's sequence ratio and the per-sequence aggregation need no second
+launch. The reference below is an independent transcription of the formulas above in plain
+PyTorch (float64 capable), on the whole (B, T) tensors at once: the ground truth for tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+IMPORTANCE_LEVELS = ("token", "sequence")
+METRIC_KEYS = ("kl", "clip_frac_low", "clip_frac_high", "entropy", "advantage_mean", "zero_std_frac",
+               "num_tokens")
+
+
+@dataclass(frozen=True)
+class GRPOLossConfig:
+    """Options of grpo_loss; the defaults follow TRL's GRPOConfig (beta 0, epsilon 0.2, loss "dapo")."""
+    advantage: str = "grpo"                  # "grpo" | "dr_grpo" | "rloo"
+    std_eps: float = 1e-4                    # added to the group std ("grpo" advantages)
+    epsilon_low: float = 0.2                 # ratio clipped below at 1 - epsilon_low
+    epsilon_high: float = 0.2                # ... and above at 1 + epsilon_high (DAPO: 0.28)
+    dual_clip: float | None = None           # c > 1: for A < 0 the loss is capped at -c A
+    beta: float = 0.0                        # k3 KL coefficient; 0 never reads ref_logprobs
+    importance_sampling: str = "token"       # "token" | "sequence" (GSPO)
+    loss_type: str = "dapo"                  # "dapo" | "grpo" | "bnpo" | "dr_grpo"
+    max_completion_length: int | None = None  # L of "dr_grpo" (default: T of the batch)
+    entropy_coef: float = 0.0                # loss -= entropy_coef * H (entropy bonus)
+    compute_entropy: bool = True             # entropy metric even when entropy_coef == 0
+    log_ratio_clamp: float = 20.0            # C: log-ratios clamped to [-C, C]
+    inplace_backward: bool = False           # logits form: the logits' grad overwrites the logits
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"GRPOLossConfig.{name}: {why}, got {getattr(self, name)!r}")
+        if self.advantage not in ADVANTAGES:
+            bad("advantage", f"must be one of {ADVANTAGES}")
+        if self.loss_type not in LOSS_TYPES:
+            bad("loss_type", f"must be one of {LOSS_TYPES}")
+        if self.importance_sampling not in IMPORTANCE_LEVELS:
+            bad("importance_sampling", f"must be one of {IMPORTANCE_LEVELS}")
+        if not self.std_eps >= 0:
+            bad("std_eps", "must be >= 0")
+        if not 0 <= self.epsilon_low < 1:
+            bad("epsilon_low", "must be in [0, 1)")
+        if not self.epsilon_high >= 0:
+            bad("epsilon_high", "must be >= 0")
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            bad("dual_clip", "must be None or > 1")
+        if not self.beta >= 0:
+            bad("beta", "must be >= 0")
+        if self.max_completion_length is not None and not self.max_completion_length >= 1:
+            bad("max_completion_length", "must be None or >= 1")
+        if not self.log_ratio_clamp > 0:
+            bad("log_ratio_clamp", "must be > 0")
+        if self.entropy_coef != self.entropy_coef:
+            bad("entropy_coef", "must be a number")
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.compute_entropy or self.entropy_coef != 0
+
+
+# ---- argument checks shared by every backend ----------------------------------------------------
+
+def _check_bt(name, t, B, T, op="grpo_loss"):
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != (B, T):
+        raise ValueError(f"{op}: {name} must have shape (B, T) = ({B}, {T}) like ids, got {tuple(t.shape)}")
+
+
+def check_inputs(logits, hidden, weight, ids, mask, rewards, group_size, old_logprobs, ref_logprobs,
+                 temperature, config, num_items_in_batch=None):
+    """Validate the arguments of grpo_loss; returns (B, T, G). Raises naming the argument."""
+    op = "grpo_loss"
+    if not isinstance(config, GRPOLossConfig):
+        raise TypeError(f"{op}: config must be a GRPOLossConfig, got {type(config).__name__}")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError(f"{op}: ids must be a (B, T) integer tensor, got "
+                         f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: ids must be int64 or int32, got {ids.dtype}")
+    B, T = ids.shape
+    if (logits is None) == (hidden is None and weight is None):
+        raise ValueError(f"{op}: pass either logits (B, T, V) or hidden (B*T, H) with weight (V, H)")
+    if logits is not None:
+        if logits.dim() != 3 or tuple(logits.shape[:2]) != (B, T):
+            raise ValueError(f"{op}: logits must have shape (B, T, V) = ({B}, {T}, V) like ids, "
+                             f"got {tuple(logits.shape)}")
+        if not logits.is_floating_point():
+            raise TypeError(f"{op}: logits must be floating point, got {logits.dtype}")
+    else:
+        if hidden is None or weight is None:
+            raise ValueError(f"{op}: the fused form needs both hidden and weight")
+        if hidden.dim() != 2 or hidden.shape[0] != B * T:
+            raise ValueError(f"{op}: hidden must have shape (B*T, H) = ({B * T}, H), got {tuple(hidden.shape)}")
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+            raise ValueError(f"{op}: weight must have shape (V, H) with H = {hidden.shape[1]} as hidden, "
+                             f"got {tuple(weight.shape)}")
+    _check_bt("mask", mask, B, T)
+    if mask is None:
+        raise ValueError(f"{op}: mask (B, T) is required")
+    _check_bt("old_logprobs", old_logprobs, B, T)
+    if config.beta != 0:
+        if ref_logprobs is None:
+            raise ValueError(f"{op}: config.beta = {config.beta} needs ref_logprobs (B, T)")
+        _check_bt("ref_logprobs", ref_logprobs, B, T)
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
+    if not isinstance(rewards, torch.Tensor) or tuple(rewards.shape) != (B,):
+        raise ValueError(f"{op}: rewards must be a (B,) = ({B},) tensor, one per completion, got "
+                         f"{tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"{op}: group_size must be a positive int, got {group_size!r}")
+    if B % group_size != 0:
+        raise ValueError(f"{op}: the batch B = {B} is not a multiple of group_size G = {group_size}")
+    if group_size == 1 and config.advantage in ("grpo", "rloo"):
+        raise ValueError(f"{op}: group_size 1 with advantage {config.advantage!r} is undefined "
+                         f"(a group of one has no std / no leave-one-out mean); use G >= 2")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"{op}: temperature must be a number > 0, got {temperature!r}")
+    if num_items_in_batch is not None:
+        if config.loss_type != "dapo":
+            raise ValueError(f"{op}: num_items_in_batch is only used by loss_type 'dapo', "
+                             f"got loss_type {config.loss_type!r}")
+        if float(num_items_in_batch) <= 0:
+            raise ValueError(f"{op}: num_items_in_batch must be > 0, got {num_items_in_batch!r}")
+    if not torch.isfinite(rewards.detach().double()).all():
+        raise ValueError(f"{op}: rewards contain NaN or inf")
+    return B, T, group_size
+
+
+# ---- the reference ---------------------------------------------------------------------------------
+
+def group_advantages_reference(rewards, group_size, config, dtype=None):
+    """(A (B,), zero_std (B // G,) bool) per the docstring's formulas."""
+    dtype = dtype or (torch.float64 if rewards.dtype == torch.float64 else torch.float32)
+    r = rewards.detach().to(dtype).view(-1, group_size)  # (B/G, G)
+    mean = r.mean(dim=1, keepdim=True)
+    if config.advantage == "grpo":
+        adv = (r - mean) / (r.std(dim=1, keepdim=True) + config.std_eps)
+    elif config.advantage == "dr_grpo":
+        adv = r - mean
+    else:  # rloo
+        adv = r - (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)
+    zero_std = r.amax(dim=1) == r.amin(dim=1)  # (B/G,)
+    adv = torch.where(zero_std[:, None], torch.zeros_like(adv), adv)
+    return adv.reshape(-1), zero_std
+
+
+def grpo_loss_reference(logits=None, *, hidden=None, weight=None, ids, mask, rewards, group_size,
+                        old_logprobs=None, ref_logprobs=None, temperature=1.0,
+                        config=GRPOLossConfig(), num_items_in_batch=None, dtype=None):
+    """Plain PyTorch, whole tensors, autograd for gradients. Computes in `dtype` (default float64 for
+    float64 inputs, else float32). Returns (loss, metrics)."""
+    check_inputs(logits, hidden, weight, ids, mask, rewards, group_size, old_logprobs, ref_logprobs,
+                 temperature, config, num_items_in_batch)
+    B, T = ids.shape
+    src = logits if logits is not None else hidden
+    dtype = dtype or (torch.float64 if src.dtype == torch.float64 else torch.float32)
+    if logits is None:
+        logits = (hidden.to(dtype) @ weight.to(dtype).t()).view(B, T, -1)  # (B, T, V)
+    V = logits.shape[-1]
+    m = mask.to(dtype)  # (B, T)
+    live = mask.bool()
+    if ((ids[live] < 0) | (ids[live] >= V)).any():
+        raise ValueError(f"grpo_loss: ids at unmasked positions must be in [0, V = {V})")
+    safe_ids = torch.where(live, ids.long(), torch.zeros_like(ids, dtype=torch.long))
+
+    logprobs_all = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)  # (B, T, V)
+    logp = logprobs_all.gather(-1, safe_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    C = config.log_ratio_clamp
+    old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
+    lr = torch.clamp(logp - old, -C, C)
+    if config.importance_sampling == "sequence":
+        s = (lr * m).sum(-1) / m.sum(-1).clamp(min=1.0)  # (B,)
+        ratio = torch.exp(s).unsqueeze(-1).expand(B, T)
+    else:
+        ratio = torch.exp(lr)
+
+    adv, zero_std = group_advantages_reference(rewards, group_size, config, dtype)
+    A = adv.unsqueeze(-1)  # (B, 1)
+    clipped = torch.clamp(ratio, 1 - config.epsilon_low, 1 + config.epsilon_high)
+    pg = torch.maximum(-A * ratio, -A * clipped)
+    if config.dual_clip is not None:
+        pg = torch.where(A < 0, torch.minimum(pg, -config.dual_clip * A), pg)
+    per_token = pg
+    if config.beta != 0:
+        d = torch.clamp(ref_logprobs.to(dtype) - logp, -C, C)
+        kl = torch.exp(d) - d - 1
+        per_token = per_token + config.beta * kl
+    entropy = None
+    if config.needs_entropy:
+        probs = logprobs_all.exp()
+        entropy = -(probs * logprobs_all).sum(-1)  # (B, T)
+        if config.entropy_coef != 0:
+            per_token = per_token - config.entropy_coef * entropy
+
+    S = (per_token * m).sum()
+    n_tok = m.sum()
+    if config.loss_type == "grpo":
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    elif config.loss_type == "bnpo" or (config.loss_type == "dapo" and num_items_in_batch is None):
+        loss = S / n_tok.clamp(min=1.0)
+    elif config.loss_type == "dapo":
+        loss = S / float(num_items_in_batch)
+    else:  # dr_grpo
+        loss = S / (B * (config.max_completion_length or T))
+
+    def tok_mean(x):
+        return ((x * m).sum() / n_tok.clamp(min=1.0)).detach().float()
+
+    with torch.no_grad():
+        metrics = {
+            "kl": tok_mean(kl) if config.beta != 0 else torch.zeros((), dtype=torch.float32, device=m.device),
+            "clip_frac_low": tok_mean(((ratio < 1 - config.epsilon_low) & (A < 0)).to(dtype)),
+            "clip_frac_high": tok_mean(((ratio > 1 + config.epsilon_high) & (A > 0)).to(dtype)),
+            "advantage_mean": adv.mean().float(),
+            "zero_std_frac": zero_std.to(dtype).mean().float(),
+            "num_tokens": n_tok.detach().float(),
+        }
+        if entropy is not None:
+            metrics["entropy"] = tok_mean(entropy)
+    return loss, metrics
+
+
+# ---- public op --------------------------------------------------------------------------------------
+
+def grpo_loss(logits=None, *, hidden=None, weight=None, ids, mask, rewards, group_size,
+              old_logprobs=None, ref_logprobs=None, temperature=1.0, config=GRPOLossConfig(),
+              num_items_in_batch=None, backend="auto"):
+    """GRPO loss from raw rewards: (loss 0-dim, metrics dict of detached 0-dim tensors).
+
+    logits (B, T, V), or hidden (B*T, H) with the LM-head weight (V, H) (never materializes B*T x V);
+    ids, mask (B, T); rewards (B,), groups of `group_size` adjacent completions; old_logprobs,
+    ref_logprobs (B, T) or None; num_items_in_batch: "dapo"'s global active-token count (optional).
+    The formulas are in this module's docstring.
+    """
+    from reasonrl.ops._backend import check_same_device, resolve
+
+    device = check_same_device("grpo_loss", logits=logits, hidden=hidden, weight=weight, ids=ids,
+                               mask=mask, rewards=rewards, old_logprobs=old_logprobs,
+                               ref_logprobs=ref_logprobs if config.beta != 0 else None)
+    b = resolve(backend, device, "grpo_loss")
+    if b == "reference" or backend == "auto":  # the kernels land next; auto uses the reference until then
+        return grpo_loss_reference(logits, hidden=hidden, weight=weight, ids=ids, mask=mask,
+                                   rewards=rewards, group_size=group_size, old_logprobs=old_logprobs,
+                                   ref_logprobs=ref_logprobs, temperature=temperature, config=config,
+                                   num_items_in_batch=num_items_in_batch)
+    raise NotImplementedError(f"grpo_loss: backend {b!r} is not written yet; use 'reference'")
