@@ -1,0 +1,263 @@
+"""The log-prob family: log-probs (and entropies) of chosen tokens, the hot path of every RL step.
+
+    token_logprobs(logits (..., V), ids (...))                 -> float32 log p(id), [entropy]
+    linear_token_logprobs(hidden (N, H), weight (V, H), ids (N,)) -> the same, fused with the LM head
+
+z = logits / temperature; logp = z[id] - logsumexp(z); entropy = -sum softmax(z) log softmax(z).
+Positions whose id equals `ignore_index` get logp = 0, entropy = 0 and no gradient.
+
+Backends: "reference" (plain PyTorch autograd, float64-capable: the ground truth), "triton"
+(kernels/logprobs.py), "cpp" (reasonrl._C, CPU tensors), "cuda" (reasonrl._C, CUDA tensors);
+"auto" picks the fastest available for the device. The kernel backends never materialize a
+float32 copy of the logits or of the softmax: forward keeps three floats per row (logp, lse,
+entropy), backward recomputes p from the logits and lse.
+
+The fused op never materializes N x V logits. Forward: row chunks of logits (hidden[rows] @ W^T)
+go through the row kernel and are dropped. Backward: vocabulary chunks are recomputed
+(hidden @ W[cols]^T), turned into their gradient in place, then
+    grad_weight[cols] = dz^T @ hidden  (complete: no cross-chunk accumulation, one rounding),
+    grad_hidden      += dz @ W[cols]   (float32 accumulator of N x H),
+so the backward costs 6NHV FLOPs and the whole op 8NHV, with one chunk of logits alive at a time.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _backend
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------- reference
+def token_logprobs_reference(logits, ids, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """Plain PyTorch (autograd). Computes in float64 for float64 input, else float32."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logz = torch.log_softmax(logits.to(acc) / temperature, dim=-1)  # (..., V)
+    keep = ids != ignore_index
+    safe = torch.where(keep, ids, torch.zeros_like(ids)).long()
+    logp = logz.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(keep, logp, torch.zeros_like(logp))
+    if not return_entropy:
+        return logp
+    ent = -(logz.exp() * logz).sum(-1)
+    return logp, torch.where(keep, ent, torch.zeros_like(ent))
+
+
+def linear_token_logprobs_reference(hidden, weight, ids, temperature=1.0, ignore_index=-100,
+                                    return_entropy=False):
+    """Plain PyTorch: materializes the N x V logits (in the inputs' dtype, as an eager LM head)."""
+    return token_logprobs_reference(hidden @ weight.T, ids, temperature, ignore_index, return_entropy)
+
+
+# ----------------------------------------------------------------------------- row kernels
+def _rows_fwd(backend, x, ids, inv_t, ignore_index, with_entropy):
+    """x (N, V) with unit last stride -> logp, lse, entropy (float32 (N,); entropy None if not asked)."""
+    if backend == "triton":
+        from reasonrl.kernels.logprobs import logprob_fwd
+
+        N = x.shape[0]
+        logp, lse = x.new_empty(N, dtype=torch.float32), x.new_empty(N, dtype=torch.float32)
+        ent = x.new_empty(N, dtype=torch.float32) if with_entropy else None
+        logprob_fwd(x, ids, inv_t, ignore_index, with_entropy, logp, lse, ent)
+        return logp, lse, ent
+    logp, lse, ent = torch.ops.reasonrl.logprob_fwd(x, ids, 1.0 / inv_t, ignore_index, with_entropy)
+    return logp, lse, (ent if with_entropy else None)
+
+
+def _rows_bwd(backend, grad_x, x, ids, lse, ent, g_logp, g_ent, inv_t, ignore_index, vocab_start=0):
+    if backend == "triton":
+        from reasonrl.kernels.logprobs import logprob_bwd
+
+        logprob_bwd(grad_x, x, ids, lse, ent, g_logp, g_ent, inv_t, ignore_index, vocab_start)
+    else:
+        torch.ops.reasonrl.logprob_bwd(x, ids, lse, ent, g_logp, g_ent, 1.0 / inv_t, ignore_index,
+                                       vocab_start, grad_x)
+
+
+def _grads(grad_logp, grad_ent, n, device, with_entropy):
+    g = grad_logp.reshape(n).float().contiguous() if grad_logp is not None else torch.zeros(n, device=device)
+    gh = None
+    if with_entropy and grad_ent is not None:
+        gh = grad_ent.reshape(n).float().contiguous()
+    return g, gh
+
+
+# ----------------------------------------------------------------------------- autograd
+class TokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, ids, temperature, ignore_index, with_entropy, inplace, backend):
+        # logits (N, V), unit last stride; ids (N,) int64
+        logp, lse, ent = _rows_fwd(backend, logits, ids, 1.0 / temperature, ignore_index, with_entropy)
+        ctx.save_for_backward(logits, ids, lse, ent)
+        ctx.cfg = (temperature, ignore_index, with_entropy, inplace, backend)
+        if with_entropy:
+            return logp, ent
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent=None):
+        logits, ids, lse, ent = ctx.saved_tensors
+        temperature, ignore_index, with_entropy, inplace, backend = ctx.cfg
+        g, gh = _grads(grad_logp, grad_ent, ids.shape[0], logits.device, with_entropy)
+        grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+        _rows_bwd(backend, grad, logits, ids, lse, ent, g, gh, 1.0 / temperature, ignore_index)
+        return grad, None, None, None, None, None, None
+
+
+class LinearTokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, temperature, ignore_index, with_entropy, chunk_bytes, backend):
+        logp, lse, ent = _linear_fwd(hidden, weight, ids, temperature, ignore_index, with_entropy,
+                                     chunk_bytes, backend)
+        ctx.save_for_backward(hidden, weight, ids, lse, ent)
+        ctx.cfg = (temperature, ignore_index, with_entropy, chunk_bytes, backend)
+        return (logp, ent) if with_entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent=None):
+        hidden, weight, ids, lse, ent = ctx.saved_tensors
+        temperature, ignore_index, with_entropy, chunk_bytes, backend = ctx.cfg
+        N, V = hidden.shape[0], weight.shape[0]
+        g, gh = _grads(grad_logp, grad_ent, N, hidden.device, with_entropy)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        step = _chunk(chunk_bytes, N, V, hidden.element_size(), align=128)
+        for v0 in range(0, V, step):
+            w = weight[v0:v0 + step]  # (Vc, H)
+            z = hidden @ w.T  # (N, Vc), recomputed; its gradient overwrites it
+            _rows_bwd(backend, z, z, ids, lse, ent, g, gh, 1.0 / temperature, ignore_index, v0)
+            if need_w:
+                torch.mm(z.T, hidden, out=grad_w[v0:v0 + step])
+            if need_h:
+                grad_h += (z @ w).float() if z.dtype != torch.float32 else z @ w
+        if need_h:
+            grad_h = grad_h.to(hidden.dtype)
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def _chunk(chunk_bytes, rows, cols, elt, align):
+    """How many of `cols` fit `chunk_bytes` beside `rows`, rounded down to `align` (at least 1)."""
+    n = max(1, chunk_bytes // max(1, rows * elt))
+    if n >= align:
+        n -= n % align
+    return min(n, cols)
+
+
+def _linear_fwd(hidden, weight, ids, temperature, ignore_index, with_entropy, chunk_bytes, backend):
+    N, V = hidden.shape[0], weight.shape[0]
+    logp = hidden.new_empty(N, dtype=torch.float32)
+    lse = hidden.new_empty(N, dtype=torch.float32)
+    ent = hidden.new_empty(N, dtype=torch.float32) if with_entropy else None
+    step = _chunk(chunk_bytes, V, N, hidden.element_size(), align=64)
+    for r0 in range(0, N, step):
+        z = hidden[r0:r0 + step] @ weight.T  # (rows, V), dropped after this chunk
+        lp, ls, en = _rows_fwd(backend, z, ids[r0:r0 + step], 1.0 / temperature, ignore_index, with_entropy)
+        logp[r0:r0 + step], lse[r0:r0 + step] = lp, ls
+        if with_entropy:
+            ent[r0:r0 + step] = en
+    return logp, lse, ent
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_ids(op, ids, lead_shape, V, ignore_index, check_range):
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{op}: ids must be an integer tensor, got dtype {ids.dtype}")
+    if tuple(ids.shape) != tuple(lead_shape):
+        raise ValueError(f"{op}: ids has shape {tuple(ids.shape)} but the logits' leading shape is {tuple(lead_shape)}")
+    if check_range and ids.numel():
+        bad = ((ids < 0) | (ids >= V)) & (ids != ignore_index)
+        if bool(bad.any()):
+            first = ids[bad].flatten()[0].item()
+            raise IndexError(f"{op}: ids out of range [0, {V}) (and not ignore_index={ignore_index}): found {first}")
+
+
+def _check_common(op, temperature, backend_name, dtype):
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"{op}: temperature must be a positive number, got {temperature!r}")
+    if backend_name != "reference" and dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{op}: backend={backend_name!r} takes float32, bfloat16 or float16 inputs, got {dtype}"
+                        + (" (float64 runs on backend='reference')" if dtype == torch.float64 else ""))
+    if backend_name == "reference" and dtype not in KERNEL_DTYPES + (torch.float64,):
+        raise TypeError(f"{op}: logits must be a floating tensor, got {dtype}")
+
+
+def _default_chunk_bytes(device):
+    # NOTE: 512 MiB chunks keep the GEMMs large (>= 1.7k x 152k) on GPU while the live chunk and
+    # the float32 grad_hidden accumulator stay well under the 2 GiB extra-memory goal.
+    return (512 << 20) if device.type == "cuda" else (32 << 20)
+
+
+# ----------------------------------------------------------------------------- public ops
+def token_logprobs(logits, ids, temperature=1.0, *, ignore_index=-100, return_entropy=False,
+                   inplace_backward=False, check_ids=True, backend="auto"):
+    """Float32 log-probs of `ids` under softmax(logits / temperature), shaped like ids.
+
+    logits: (..., V) float32 / bfloat16 / float16 (float64 with backend="reference").
+    ids: (...) integer; positions equal to ignore_index give 0 and no gradient.
+    return_entropy: also return the per-position entropy of softmax(logits / temperature).
+    inplace_backward: backward writes the gradient over the logits buffer (no new N x V tensor);
+        the logits must not be used after backward. Ignored by the reference backend.
+    check_ids: verify ids are in range (one small reduction; on GPU a host sync).
+    """
+    op = "token_logprobs"
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
+        raise TypeError(f"{op}: logits must be a tensor of shape (..., V)")
+    _backend.check_same_device(op, logits=logits, ids=ids)
+    name = _backend.resolve(backend, logits.device, op)
+    _check_common(op, temperature, name, logits.dtype)
+    V = logits.shape[-1]
+    if V == 0:
+        raise ValueError(f"{op}: logits has an empty vocabulary dimension")
+    _check_ids(op, ids, logits.shape[:-1], V, ignore_index, check_ids)
+    if name == "reference":
+        return token_logprobs_reference(logits, ids, temperature, ignore_index, return_entropy)
+    lead = ids.shape
+    x = logits.reshape(-1, V)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    flat_ids = ids.reshape(-1).to(torch.int64).contiguous()
+    out = TokenLogprobsFunction.apply(x, flat_ids, float(temperature), int(ignore_index),
+                                      bool(return_entropy), bool(inplace_backward), name)
+    if return_entropy:
+        return out[0].view(lead), out[1].view(lead)
+    return out.view(lead)
+
+
+def linear_token_logprobs(hidden, weight, ids, temperature=1.0, *, ignore_index=-100, return_entropy=False,
+                          chunk_bytes=None, check_ids=True, backend="auto"):
+    """log p(ids) under softmax(hidden @ weight.T / temperature), without the N x V logits.
+
+    hidden: (..., H); weight: (V, H) (the LM head), same dtype; ids: hidden's leading shape.
+    With grad disabled (or no input requiring grad) this is the no-grad path for old-policy and
+    reference-policy log-probs: nothing is saved for backward.
+    chunk_bytes: size of the logits chunk alive at a time (default 512 MiB on GPU, 32 MiB on CPU).
+    """
+    op = "linear_token_logprobs"
+    if hidden.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"{op}: hidden must be (..., H) and weight (V, H); got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{op}: hidden's last dim {hidden.shape[-1]} != weight's H {weight.shape[1]} (weight is (V, H))")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{op}: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    _backend.check_same_device(op, hidden=hidden, weight=weight, ids=ids)
+    name = _backend.resolve(backend, hidden.device, op)
+    _check_common(op, temperature, name, hidden.dtype)
+    V, H = weight.shape
+    _check_ids(op, ids, hidden.shape[:-1], V, ignore_index, check_ids)
+    if name == "reference":
+        return linear_token_logprobs_reference(hidden, weight, ids, temperature, ignore_index, return_entropy)
+    lead = ids.shape
+    h = hidden.reshape(-1, H).contiguous()
+    flat_ids = ids.reshape(-1).to(torch.int64).contiguous()
+    cb = int(chunk_bytes) if chunk_bytes else _default_chunk_bytes(hidden.device)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        out = LinearTokenLogprobsFunction.apply(h, weight, flat_ids, float(temperature), int(ignore_index),
+                                                bool(return_entropy), cb, name)
+        logp, ent = out if return_entropy else (out, None)
+    else:
+        logp, _, ent = _linear_fwd(h, weight, flat_ids, float(temperature), int(ignore_index),
+                                   bool(return_entropy), cb, name)
+    if return_entropy:
+        return logp.view(lead), ent.view(lead)
+    return logp.view(lead)

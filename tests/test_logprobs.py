@@ -1,0 +1,214 @@
+"""The log-prob family against the float64 reference: every backend, values and gradients."""
+import pytest
+import torch
+
+from reasonrl.ops import _backend, linear_token_logprobs, token_logprobs
+from reasonrl.ops.logprobs import token_logprobs_reference
+from tolerance import assert_close_to_ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def cpu_backends():
+    out = ["triton"]
+    out.append("cpp")  # must be built: a missing extension is a failure, not a skip
+    return out
+
+
+def _logits(N, V, dtype, scale=3.0):
+    return (torch.randn(N, V, dtype=torch.float64) * scale).to(dtype)
+
+
+def _ids(N, V, pad_frac=0.2, ignore_index=-100):
+    ids = torch.randint(0, V, (N,))
+    pad = torch.rand(N) < pad_frac
+    return ids.masked_fill(pad, ignore_index)
+
+
+def _run(fn, x, ids, g, gh, **kw):
+    x = x.detach().clone().requires_grad_(True)
+    lp, ent = fn(x, ids, return_entropy=True, **kw)
+    loss = (lp.double() * g).sum() + (ent.double() * gh).sum()
+    (gx,) = torch.autograd.grad(loss, x)
+    return lp.detach(), ent.detach(), gx
+
+
+def _check(backend, x, ids, temperature, inplace=False):
+    dtype = x.dtype
+    N = ids.numel()
+    g, gh = torch.randn(ids.shape, dtype=torch.float64), torch.randn(ids.shape, dtype=torch.float64)
+    ref = _run(token_logprobs_reference, x.double(), ids, g, gh, temperature=temperature)
+    same = _run(token_logprobs_reference, x, ids, g, gh, temperature=temperature)
+    kw = dict(temperature=temperature, backend=backend, inplace_backward=inplace)
+    out = _run(token_logprobs, x, ids, g, gh, **kw)
+    for name, o, r, s in zip(("logp", "entropy", "grad"), out, ref, same):
+        assert_close_to_ref(o, r, s, dtype, name=f"{backend} {name} N={N} dtype={dtype}")
+    keep = ids != -100
+    assert (out[0][~keep] == 0).all() and (out[2][~keep] == 0).all()
+    assert out[0].dtype == torch.float32 and out[2].dtype == dtype
+
+
+SHAPES = [(1, 7), (37, 7), (37, 1000), (301, 7), (5, 32000), (1, 151936)]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("N,V", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_logprobs_matches_float64(backend, N, V, dtype):
+    x = _logits(N, V, dtype)
+    _check(backend, x, _ids(N, V), temperature=0.7)
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_logprobs_large_cpp(backend, dtype):
+    _check(backend, _logits(2048, 1000, dtype), _ids(2048, 1000), temperature=1.3)
+    _check(backend, _logits(2048, 7, dtype), _ids(2048, 7), temperature=0.5)
+    _check(backend, _logits(37, 151936, dtype), _ids(37, 151936), temperature=1.0)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("inplace", [False, True])
+def test_noncontiguous_and_inplace(backend, inplace):
+    base = _logits(6 * 37, 1000 + 24, torch.float32).view(6, 37, 1024)
+    x = base[:, :, 3:1003]  # (6, 37, 1000): row stride 1024
+    ids = _ids(6 * 37, 1000).view(6, 37)
+    _check(backend, x, ids, temperature=1.0, inplace=inplace)
+    xt = _logits(37, 6 * 1000, torch.float32).view(37, 6, 1000).transpose(0, 1)  # (6, 37, 1000) permuted
+    _check(backend, xt, ids, temperature=2.0, inplace=inplace)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_inplace_writes_over_logits_buffer(backend):
+    x = _logits(37, 1000, torch.float32).requires_grad_(True)
+    buf = x.detach().clone()
+    leaf = buf.clone().requires_grad_(True)
+    y = leaf * 1.0  # an intermediate, as an LM head's output would be
+    ids = _ids(37, 1000)
+    lp = token_logprobs(y, ids, backend=backend, inplace_backward=True)
+    lp.sum().backward()
+    (gref,) = torch.autograd.grad(token_logprobs_reference(x.double(), ids).sum(), x)
+    assert torch.allclose(leaf.grad.double(), gref.double(), atol=1e-5)
+    assert torch.equal(y.detach(), leaf.grad)  # the gradient now lives in y's buffer
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_extreme_logits_and_fully_padded(backend, dtype):
+    N, V = 9, 1000
+    x = _logits(N, V, torch.float64, scale=1.0)
+    x[:, 0] = 1e4
+    x[:, 1] = -1e4
+    x[3] = -1e4 + torch.rand(V, dtype=torch.float64)
+    x = x.to(dtype)
+    ids = _ids(N, V, pad_frac=0.0)
+    ids[0], ids[1] = 0, 1
+    _check(backend, x, ids, temperature=1.0)
+    # fully padded: every position ignored -> zeros, zero gradient
+    ids_pad = torch.full((N,), -100)
+    lp, ent, gx = _run(token_logprobs, x, ids_pad, torch.randn(N), torch.randn(N), backend=backend)
+    assert (lp == 0).all() and (ent == 0).all() and (gx == 0).all()
+
+
+# ----------------------------------------------------------------------------- fused LM head
+def _lin_run(fn, h, w, ids, g, gh, **kw):
+    h = h.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    lp, ent = fn(h, w, ids, return_entropy=True, **kw)
+    loss = (lp.double() * g).sum() + (ent.double() * gh).sum()
+    gx, gw = torch.autograd.grad(loss, (h, w))
+    return lp.detach(), ent.detach(), gx, gw
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("N,H,V", [(1, 16, 7), (37, 24, 1000), (64, 8, 32000)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_token_logprobs_matches_float64(backend, N, H, V, dtype):
+    h = (torch.randn(N, H, dtype=torch.float64)).to(dtype)
+    w = (torch.randn(V, H, dtype=torch.float64) * (2.0 / H**0.5)).to(dtype)
+    ids = _ids(N, V)
+    g, gh = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    # small chunks so the chunk loops run several trips, with ragged last chunks
+    kw = dict(temperature=0.8, backend=backend, chunk_bytes=max(1, (N * V * h.element_size()) // 3))
+    out = _lin_run(linear_token_logprobs, h, w, ids, g, gh, **kw)
+    ref = _lin_run(linear_token_logprobs, h.double(), w.double(), ids, g, gh, temperature=0.8, backend="reference")
+    same = _lin_run(linear_token_logprobs, h, w, ids, g, gh, temperature=0.8, backend="reference")
+    for name, o, r, s in zip(("logp", "entropy", "grad_hidden", "grad_weight"), out, ref, same):
+        assert_close_to_ref(o, r, s, dtype, name=f"{backend} {name} N={N} V={V} {dtype}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_linear_no_grad_path(backend):
+    h, w = torch.randn(37, 16), torch.randn(1000, 16) * 0.5
+    ids = _ids(37, 1000)
+    with torch.no_grad():
+        lp = linear_token_logprobs(h, w, ids, backend=backend, chunk_bytes=4096)
+    assert not lp.requires_grad
+    ref = token_logprobs_reference((h.double() @ w.double().T), ids)
+    assert torch.allclose(lp.double(), ref, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_errors_name_the_argument():
+    x = torch.randn(4, 10)
+    ids = torch.randint(0, 10, (4,))
+    with pytest.raises(TypeError, match="integer"):
+        token_logprobs(x, ids.float())
+    with pytest.raises(ValueError, match="shape"):
+        token_logprobs(x, ids[:3])
+    with pytest.raises(IndexError, match="out of range"):
+        token_logprobs(x, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(IndexError, match="out of range"):
+        token_logprobs(x, torch.tensor([0, 1, -5, 2]))
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(x, ids, temperature=0.0)
+    with pytest.raises(TypeError, match="float64"):
+        token_logprobs(x.double(), ids, backend="cpp")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        token_logprobs(x, ids, backend="nope")
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
+        token_logprobs(x, ids, backend="cuda")
+    with pytest.raises(TypeError, match="share a dtype"):
+        linear_token_logprobs(torch.randn(4, 8), torch.randn(10, 8).double(), ids)
+    with pytest.raises(ValueError, match="weight's H"):
+        linear_token_logprobs(torch.randn(4, 8), torch.randn(10, 9), ids)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="one device"):
+            token_logprobs(x.cuda(), ids)
+
+
+def test_auto_picks_compiled_on_cpu():
+    assert _backend.resolve("auto", torch.device("cpu"), "t") == "cpp"
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("N,V", [(1, 7), (37, 1000), (2048, 32000), (64, 151936)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_logprobs_gpu(backend, N, V, dtype):
+    x = _logits(N, V, dtype).cuda()
+    ids = _ids(N, V).cuda()
+    g, gh = torch.randn(N, dtype=torch.float64).cuda(), torch.randn(N, dtype=torch.float64).cuda()
+    ref = _run(token_logprobs_reference, x.double(), ids, g, gh, temperature=0.7)
+    same = _run(token_logprobs_reference, x, ids, g, gh, temperature=0.7)
+    for inplace in (False, True):
+        out = _run(token_logprobs, x, ids, g, gh, temperature=0.7, backend=backend, inplace_backward=inplace)
+        for name, o, r, s in zip(("logp", "entropy", "grad"), out, ref, same):
+            assert_close_to_ref(o.cpu(), r.cpu(), s.cpu(), dtype, name=f"{backend} {name} {N}x{V} {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_gpu(backend, dtype):
+    N, H, V = 300, 64, 50000
+    h = torch.randn(N, H, dtype=torch.float64).to(dtype).cuda()
+    w = (torch.randn(V, H, dtype=torch.float64) * (2.0 / H**0.5)).to(dtype).cuda()
+    ids = _ids(N, V).cuda()
+    g, gh = torch.randn(N, dtype=torch.float64).cuda(), torch.randn(N, dtype=torch.float64).cuda()
+    out = _lin_run(linear_token_logprobs, h, w, ids, g, gh, backend=backend, chunk_bytes=N * V)
+    ref = _lin_run(linear_token_logprobs, h.double(), w.double(), ids, g, gh, backend="reference")
+    same = _lin_run(linear_token_logprobs, h, w, ids, g, gh, backend="reference")
+    for name, o, r, s in zip(("logp", "entropy", "grad_hidden", "grad_weight"), out, ref, same):
+        assert_close_to_ref(o.cpu(), r.cpu(), s.cpu(), dtype, name=f"{backend} {name} {dtype}")
