@@ -1,0 +1,102 @@
+"""Attention for the lean decoder: varlen causal attention for training/prefill, paged for decode.
+
+Training / prefill without a cache prefix: causal attention inside each packed sequence.
+  - flash-attn's flash_attn_varlen_func on CUDA in fp16/bf16 when it is installed (one launch, no
+    padding, grouped-query natively);
+  - else PyTorch SDPA: one batched call when every sequence has the same length, otherwise one
+    call per sequence. Why not one call with a block-diagonal mask: it spends O(total^2) work on
+    cross-sequence pairs that are all masked, and the mask itself is total^2 bytes.
+Prefill with a cached prefix (context_lens > new tokens): the sequence's keys/values are read back
+from the paged cache, and query i of n new tokens attends keys j <= ctx - n + i.
+Decode: one query per sequence, reasonrl.ops.paged.paged_attention_decode over the block table.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_STATE = {"deterministic": False}
+
+
+def set_deterministic(on: bool = True) -> None:
+    """Bitwise-reproducible forward/backward for tests: torch's deterministic algorithms, math SDPA,
+    no flash-attn (its backward accumulates dq with atomics)."""
+    import os
+    _STATE["deterministic"] = bool(on)
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(bool(on))
+    torch.backends.cudnn.deterministic = bool(on)
+    torch.backends.cudnn.benchmark = not on and torch.backends.cudnn.benchmark
+
+
+def _flash_varlen():
+    if _STATE["deterministic"]:
+        return None
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def _sdpa(q, k, v, causal, scale, mask=None):
+    """q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> (B, Hq, Lq, D); grouped-query by head repetition."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if _STATE["deterministic"]:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
+    """q (T, Hq, D), k/v (T, Hkv, D), causal within each sequence -> (T, Hq, D).
+
+    lengths: the sequence lengths as a Python list (read once per forward, not per layer).
+    """
+    flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if flash is not None:
+        return flash(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
+    if len(set(lengths)) == 1:  # all the same length: one batched call
+        B, L = len(lengths), lengths[0]
+        qb, kb, vb = (t.view(B, L, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        return _sdpa(qb, kb, vb, True, scale).transpose(1, 2).reshape(q.shape)
+    out = torch.empty_like(q)
+    start = 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        o = _sdpa(q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None], v[sl].transpose(0, 1)[None], True, scale)
+        out[sl] = o[0].transpose(0, 1)
+        start += n
+    return out
+
+
+def _gather_cache(cache, table, n):
+    """cache (num_blocks, bs, Hkv, D), table (max_blocks,) -> the first n tokens (n, Hkv, D)"""
+    bs = cache.shape[1]
+    nblk = (n + bs - 1) // bs
+    return cache[table[:nblk].long()].reshape(nblk * bs, *cache.shape[2:])[:n]
+
+
+def prefix_prefill_attention(q, k_cache, v_cache, ctx, lengths, ctx_lens, scale):
+    """Prefill where part of each sequence is already cached: q (T, Hq, D) of the new tokens."""
+    out = torch.empty_like(q)
+    start = 0
+    for b, (n, c) in enumerate(zip(lengths, ctx_lens)):
+        kb = _gather_cache(k_cache, ctx.block_tables[b], c).to(q.dtype)  # (c, Hkv, D)
+        vb = _gather_cache(v_cache, ctx.block_tables[b], c).to(q.dtype)
+        # query i sits at absolute position c - n + i and sees keys 0 .. c - n + i
+        mask = torch.arange(c, device=q.device)[None, :] <= (c - n + torch.arange(n, device=q.device))[:, None]
+        o = _sdpa(q[start:start + n].transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
+                  False, scale, mask[None, None])
+        out[start:start + n] = o[0].transpose(0, 1)
+        start += n
+    return out
+
+
+def paged_ops():
+    from reasonrl.ops.paged import paged_attention_decode, store_kv
+    return store_kv, paged_attention_decode

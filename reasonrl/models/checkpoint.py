@@ -1,0 +1,142 @@
+"""Hugging Face checkpoint folders: config.json + safetensors (single file or sharded with an index).
+
+Only safetensors are read: no pickle (pytorch_model.bin), no remote code. Parameter names are
+transformers' own, so what we save loads with AutoModelForCausalLM.from_pretrained and back.
+Every tensor is checked by name and shape before it is copied; a missing shard, a missing or
+unexpected tensor, or a wrong shape raises with the name of the culprit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+from .config import ModelConfig
+from .model import CausalLM
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Saved by some older checkpoints; recomputed here, never loaded.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def _weight_files(path: str) -> dict[str, list[str]]:
+    """-> {shard file: [tensor names]} (names None for a single file: read them from the file)."""
+    single, index = os.path.join(path, SINGLE), os.path.join(path, INDEX)
+    if os.path.isfile(single):
+        return {single: None}
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"load_model: {index} has no weight_map")
+        shards: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(os.path.join(path, shard), []).append(name)
+        missing = [os.path.basename(s) for s in shards if not os.path.isfile(s)]
+        if missing:
+            raise FileNotFoundError(f"load_model: shard(s) {missing} listed in {INDEX} are missing from {path!r}")
+        return shards
+    pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
+    hint = f" (found {pickles}: pickle checkpoints are not loaded; convert them to safetensors)" if pickles else ""
+    raise FileNotFoundError(f"load_model: no {SINGLE} or {INDEX} in {path!r}{hint}")
+
+
+def load_model(path: str, dtype=torch.float32, device="cpu") -> CausalLM:
+    """A CausalLM from a local Hugging Face folder, weights cast to `dtype` on `device`."""
+    from safetensors import safe_open
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"load_model: path {path!r} is not a directory")
+    config = ModelConfig.from_json(path)
+    files = _weight_files(path)
+    with torch.device("meta"):  # no time or memory spent on an init we overwrite
+        model = CausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    model.rotary.reset()
+    params = dict(model.named_parameters())
+    seen = set()
+    for file, names in files.items():
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in names if names is not None else f.keys():
+                if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
+                    continue
+                if name not in params:
+                    raise ValueError(f"load_model: unexpected tensor {name!r} in {os.path.basename(file)} for "
+                                     f"a {config.arch} model (a different architecture or option?)")
+                t = f.get_tensor(name)
+                if tuple(t.shape) != tuple(params[name].shape):
+                    raise ValueError(f"load_model: tensor {name!r} in {os.path.basename(file)} has shape "
+                                     f"{tuple(t.shape)}, expected {tuple(params[name].shape)} from config.json")
+                with torch.no_grad():
+                    params[name].copy_(t)
+                seen.add(name)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise ValueError(f"load_model: {len(missing)} tensor(s) missing from {path!r}, e.g. {missing[:3]}")
+    return model
+
+
+def _parse_size(s) -> int:
+    if isinstance(s, int):
+        return s
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(s), re.I)
+    if not m:
+        raise ValueError(f"save_model: max_shard_size {s!r} is not a size like 500MB or 2GB or an int")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def _shards(tensors: dict, limit: int | None) -> list[dict]:
+    if limit is None:
+        return [tensors]
+    shards, cur, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > limit:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name], size = t, size + nbytes
+    return shards + [cur]
+
+
+def save_model(model: CausalLM, path: str, max_shard_size=None, tokenizer=None) -> None:
+    """Writes config.json and model.safetensors (or model-0000i-of-0000n.safetensors + index).
+
+    max_shard_size: bytes (int) or a string like "2GB"; None writes one file. Each file is written
+    under a temporary name and renamed, and stale weight files from an earlier save are removed.
+    """
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    shards = _shards(tensors, None if max_shard_size is None else _parse_size(max_shard_size))
+    n = len(shards)
+    names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for name, shard in zip(names, shards):
+        tmp = os.path.join(path, name + ".tmp")
+        save_file(shard, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(path, name))
+    for stale in os.listdir(path):
+        if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", stale) and stale not in names:
+            os.remove(os.path.join(path, stale))
+    if n > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s}}
+        _write_json(os.path.join(path, INDEX), index)
+    d = model.config.to_hf_dict()
+    dt = str(next(model.parameters()).dtype).replace("torch.", "")
+    d.update(dtype=dt, torch_dtype=dt)
+    _write_json(os.path.join(path, "config.json"), d)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def _write_json(file: str, obj) -> None:
+    with open(file + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(file + ".tmp", file)

@@ -1,0 +1,202 @@
+"""The lean decoder: Llama, Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm), dense.
+
+    h_0 = embed(ids)
+    a_l = h_{l-1} + W_o Attn(RoPE(W_q n(h)), RoPE(W_k n(h)), W_v n(h)),  n = RMSNorm
+    h_l = a_l + W_down(silu(W_gate n(a_l)) * W_up n(a_l))                 (SwiGLU)
+    out = RMSNorm(h_L)                                 -> hidden states (total, H), not logits
+RMSNorm(x) = w * x / sqrt(mean(x^2) + eps), computed in float32.
+
+Module and parameter names follow transformers' (model.layers.N.self_attn.q_proj.weight, ...), so
+a Hugging Face state dict loads with no renaming. Tokens are packed (total,) with cu_seqlens in
+an AttnContext: no padding anywhere. Logits are never made in training: the fused log-prob / GRPO
+ops take `hidden` and `lm_head_weight`.
+
+Mixed precision (bf16 on GPU): keep the parameters in float32 (the optimizer's master weights) and
+run the forward under `torch.autocast("cuda", dtype=torch.bfloat16)`. Matmuls and attention then
+run in bf16, RMSNorm and RoPE in float32, and the residual stream stays float32. For rollouts
+alone, load_model(dtype=torch.bfloat16) gives a bf16 model.
+Activation checkpointing: `model.gradient_checkpointing = True` (each decoder layer is recomputed
+in backward; saves about the per-layer activations, costs one more forward).
+Deterministic mode (tests): reasonrl.models.set_deterministic(True).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import paged_ops, prefix_prefill_attention, varlen_attention
+from .config import ModelConfig
+from .context import AttnContext
+from .rope import RotaryEmbedding, apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)  # the multiply in x's dtype, as transformers does
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.scale = self.hd ** -0.5
+        self.q_proj = nn.Linear(c.hidden_size, self.nh * self.hd, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.nkv * self.hd, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.nkv * self.hd, bias=c.attention_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, c.hidden_size, bias=c.o_bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(self.hd, c.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, c.rms_norm_eps)
+        self.qk_norm = c.qk_norm
+
+    def forward(self, x, cos, sin, ctx: AttnContext, plan: dict, layer: int):
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.nh, self.hd)  # (T, Hq, D)
+        k = self.k_proj(x).view(T, self.nkv, self.hd)  # (T, Hkv, D)
+        v = self.v_proj(x).view(T, self.nkv, self.hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ctx.kv_caches is None:
+            o = varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, plan["lengths"], self.scale)
+        else:
+            store_kv, decode = paged_ops()
+            k_cache, v_cache = ctx.kv_caches[layer]
+            store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+            if not ctx.is_prefill:
+                o = decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale)
+            elif plan["prefix"]:
+                o = prefix_prefill_attention(q, k_cache, v_cache, ctx, plan["lengths"], plan["ctx_lens"], self.scale)
+            else:
+                o = varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, plan["lengths"], self.scale)
+        return self.o_proj(o.reshape(T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(c)
+        self.mlp = MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, ctx, plan, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, plan, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.num_kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
+        self.num_layers = config.num_hidden_layers
+        self.gradient_checkpointing = False
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """(V, H): the embedding matrix when tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(.., H) -> (.., V). For sampling and tests; training uses the fused ops on hidden."""
+        return F.linear(hidden, self.lm_head_weight)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """input_ids, positions (total,) int64 -> hidden (total, H) after the final norm."""
+        plan = self._plan(input_ids, positions, ctx)
+        x = self.model.embed_tokens(input_ids)  # (total, H)
+        cos, sin = self.rotary(positions)  # (total, 1, D/2)
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(self.model.layers):
+            if ckpt:
+                x = checkpoint(layer, x, cos, sin, ctx, plan, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, ctx, plan, i)
+        return self.model.norm(x)
+
+    def _plan(self, input_ids, positions, ctx) -> dict:
+        """Checks, and the host-side facts every layer needs (read once: each .tolist() syncs a GPU)."""
+        if input_ids.dim() != 1 or positions.shape != input_ids.shape:
+            raise ValueError(f"CausalLM.forward: input_ids and positions must both be (total,), got "
+                             f"{tuple(input_ids.shape)} and {tuple(positions.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32) or positions.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"CausalLM.forward: input_ids/positions must be integer tensors, got "
+                             f"{input_ids.dtype}, {positions.dtype}")
+        total, B = input_ids.shape[0], ctx.cu_seqlens.shape[0] - 1
+        if ctx.kv_caches is not None and len(ctx.kv_caches) != self.num_layers:
+            raise ValueError(f"AttnContext.kv_caches: need one (k, v) per layer ({self.num_layers}), got {len(ctx.kv_caches)}")
+        if not ctx.is_prefill:
+            if ctx.kv_caches is None or ctx.block_tables is None or ctx.context_lens is None or ctx.slot_mapping is None:
+                raise ValueError("AttnContext: decode (is_prefill=False) needs kv_caches, slot_mapping, block_tables, context_lens")
+            if total != ctx.block_tables.shape[0]:
+                raise ValueError(f"AttnContext: decode takes one token per sequence; got {total} tokens for "
+                                 f"{ctx.block_tables.shape[0]} block-table rows")
+            return {"lengths": None, "prefix": False}
+        if ctx.kv_caches is not None and ctx.slot_mapping is None:
+            raise ValueError("AttnContext: kv_caches given without slot_mapping")
+        lengths = ctx.cu_seqlens.diff().tolist()
+        if int(ctx.cu_seqlens[-1]) != total or ctx.cu_seqlens[0] != 0 or min(lengths, default=0) < 1:
+            raise ValueError(f"AttnContext.cu_seqlens must rise from 0 to total={total} with every sequence "
+                             f"non-empty, got {ctx.cu_seqlens.tolist()}")
+        plan = {"lengths": lengths, "prefix": False}
+        if ctx.kv_caches is not None and ctx.context_lens is not None and ctx.block_tables is not None:
+            ctx_lens = ctx.context_lens.tolist()
+            if len(ctx_lens) != B or any(c < n for c, n in zip(ctx_lens, lengths)):
+                raise ValueError(f"AttnContext.context_lens {ctx_lens} must give each of the {B} sequences at "
+                                 f"least its {lengths} new tokens")
+            plan.update(prefix=any(c > n for c, n in zip(ctx_lens, lengths)), ctx_lens=ctx_lens)
+        return plan
+
+
+@torch.no_grad()
+def init_weights(model: CausalLM, seed: int = 0, std: float = 0.02) -> CausalLM:
+    """transformers' init: normal(0, std) for matrices and embeddings, zero biases, unit norms."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.zero_()
+        elif p.dim() == 1:
+            p.fill_(1.0)
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def init_model(config, seed: int = 0, dtype=torch.float32, device="cpu") -> CausalLM:
+    """Random weights for a ModelConfig (or a folder with config.json, e.g. builtin_path("tiny"))."""
+    if not isinstance(config, ModelConfig):
+        config = ModelConfig.from_json(config)
+    model = init_weights(CausalLM(config), seed)
+    return model.to(device=device, dtype=dtype)
