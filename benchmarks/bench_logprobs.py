@@ -1,0 +1,182 @@
+"""Benchmark the log-prob family beside eager PyTorch, torch.compile and Liger-Kernel (if installed).
+
+    python benchmarks/bench_logprobs.py            # CPU-sized shapes (the CPU goal's shape)
+    python benchmarks/bench_logprobs.py --gpu      # the anchor shapes of shared/design/GPU.md
+
+Floors: token_logprobs fwd+bwd reads the logits twice and writes the gradient once (3 passes:
+bytes over the measured copy bandwidth); linear_token_logprobs fwd is 2NHV FLOPs and a standalone
+fwd+bwd 8NHV (logits recomputed in backward), over the measured matmul rate.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ceilings, device_name, emit_json, peak_extra_bytes, print_table, time_ms  # noqa: E402
+
+from reasonrl.ops import _backend, linear_token_logprobs, token_logprobs  # noqa: E402
+
+GiB = float(1 << 30)
+
+
+def eager_logprobs(x, ids, T):
+    return torch.log_softmax(x.float() / T, -1).gather(-1, ids[:, None]).squeeze(-1)
+
+
+def eager_linear(h, w, ids, T):
+    return eager_logprobs(h @ w.T, ids, T)
+
+
+def chunked_linear(h, w, ids, T, chunks=8):
+    """What a user writes instead of a kernel: checkpointed row chunks (gpu_anchors2.py's shape)."""
+    from torch.utils.checkpoint import checkpoint
+
+    out = []
+    for hc, ic in zip(h.chunk(chunks), ids.chunk(chunks)):
+        out.append(checkpoint(_chunk_fn, hc, w, ic, T, use_reentrant=False))
+    return torch.cat(out)
+
+
+def _chunk_fn(hc, w, ic, T):
+    return eager_logprobs(hc @ w.T, ic, T)
+
+
+_compiled_chunk = None
+
+
+def compiled_chunked_linear(h, w, ids, T, chunks=8):
+    global _compiled_chunk
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk_fn, dynamic=False)
+    from torch.utils.checkpoint import checkpoint
+
+    return torch.cat([checkpoint(_compiled_chunk, hc, w, ic, T, use_reentrant=False)
+                      for hc, ic in zip(h.chunk(chunks), ids.chunk(chunks))])
+
+
+def liger_logprobs():
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+    except Exception:
+        return None
+    return lambda x, ids, T: -liger_cross_entropy(x / T if T != 1.0 else x, ids, reduction="none")
+
+
+def backends_for(device):
+    names = ["triton", "cuda"] if device.type == "cuda" else ["cpp"]
+    return [b for b in names if _backend.why_unavailable(b, device) is None]
+
+
+def bench_token(args, device, ceil, rows):
+    N, V, dtype, T = args.N, args.V, getattr(torch, args.dtype), 1.0
+    x = (torch.randn(N, V, device=device, dtype=torch.float32) * 2).to(dtype).requires_grad_(True)
+    ids = torch.randint(0, V, (N,), device=device)
+    g = torch.randn(N, device=device)
+    nbytes = N * V * x.element_size()
+    floor_ms = 3 * nbytes / ceil["copy_Bps"] * 1e3
+    impls = [("eager", lambda: eager_logprobs(x, ids, T))]
+    if not args.no_compile:
+        comp = torch.compile(eager_logprobs, dynamic=False)
+        impls.append(("torch.compile", lambda: comp(x, ids, T)))
+    lig = liger_logprobs() if device.type == "cuda" else None
+    if lig:
+        impls.append(("liger cross_entropy", lambda: lig(x, ids, T)))
+    for b in backends_for(device):
+        impls.append((f"reasonrl {b}", lambda b=b: token_logprobs(x, ids, T, backend=b, check_ids=False)))
+        impls.append((f"reasonrl {b} in-place",
+                      lambda b=b: token_logprobs(x, ids, T, backend=b, check_ids=False, inplace_backward=True)))
+    base = None
+    for name, fwd in impls:
+        def fb():
+            (fwd() * g).sum().backward()
+            x.grad = None
+        with torch.no_grad():
+            t_f = time_ms(fwd, device, args.warmup, args.rep)
+        t_fb = time_ms(fb, device, args.warmup, args.rep)
+        peak = peak_extra_bytes(fb, device)
+        base = base or t_fb
+        rows.append({"op": "token_logprobs", "impl": name, "shape": f"N={N} V={V} {args.dtype}",
+                     "fwd_ms": t_f, "fwd+bwd_ms": t_fb, "bwd_ms": t_fb - t_f,
+                     "GB/s": 3 * nbytes / (t_fb / 1e3) / 1e9, "floor_ms": floor_ms, "x_floor": t_fb / floor_ms,
+                     "peak_extra_GiB": peak / GiB, "peak_vs_logits": peak / nbytes, "speedup_vs_eager": base / t_fb})
+        with torch.no_grad():  # in-place runs leave gradients in x: restore fresh logits
+            x.copy_((torch.randn(N, V, device=device) * 2).to(dtype))
+
+
+def bench_linear(args, device, ceil, rows):
+    N, H, V, dtype, T = args.lN, args.H, args.V, getattr(torch, args.dtype), 1.0
+    h = torch.randn(N, H, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(V, H, device=device, dtype=torch.float32) * (2 / H**0.5)).to(dtype).requires_grad_(True)
+    ids = torch.randint(0, V, (N,), device=device)
+    g = torch.randn(N, device=device)
+    flop = 2 * N * H * V
+    impls = [("eager", lambda: eager_linear(h, w, ids, T)),
+             ("chunked+checkpoint (8)", lambda: chunked_linear(h, w, ids, T))]
+    if not args.no_compile:
+        impls.append(("torch.compile chunked (8)", lambda: compiled_chunked_linear(h, w, ids, T)))
+    for b in backends_for(device):
+        impls.append((f"reasonrl {b}", lambda b=b: linear_token_logprobs(h, w, ids, T, backend=b, check_ids=False)))
+    base = None
+    for name, fwd in impls:
+        def fb():
+            (fwd() * g).sum().backward()
+            h.grad = w.grad = None
+        with torch.no_grad():
+            t_f = time_ms(fwd, device, args.warmup, args.rep)
+        t_fb = time_ms(fb, device, args.warmup, args.rep)
+        peak = peak_extra_bytes(fb, device)
+        base = base or t_fb
+        rows.append({"op": "linear_token_logprobs", "impl": name, "shape": f"N={N} H={H} V={V} {args.dtype}",
+                     "fwd_ms": t_f, "fwd+bwd_ms": t_fb, "bwd_ms": t_fb - t_f,
+                     "TFLOP/s": 4 * flop / (t_fb / 1e3) / 1e12,
+                     "floor_ms": 4 * flop / ceil["mm_flops"] * 1e3, "x_floor": t_fb / (4 * flop / ceil["mm_flops"] * 1e3),
+                     "fwd_x_floor": t_f / (flop / ceil["mm_flops"] * 1e3),
+                     "peak_extra_GiB": peak / GiB, "speedup_vs_eager": base / t_fb})
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", action="store_true", help="anchor shapes on the GPU")
+    p.add_argument("--N", type=int, default=None)
+    p.add_argument("--lN", type=int, default=None, help="rows for the fused LM-head op")
+    p.add_argument("--H", type=int, default=None)
+    p.add_argument("--V", type=int, default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--only", choices=["token", "linear"], default=None)
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile on CPU)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rep", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the JSON line to this file")
+    a = p.parse_args()
+    device = torch.device("cuda" if a.gpu else "cpu")
+    if a.gpu and not torch.cuda.is_available():
+        sys.exit("--gpu asked for, but torch sees no CUDA device")
+    gpu = device.type == "cuda"
+    a.N = a.N or (16384 if gpu else 2048)
+    a.lN = a.lN or (16384 if gpu else 1024)
+    a.H = a.H or (1536 if gpu else 128)
+    a.V = a.V or (151936 if gpu else 32000)
+    a.dtype = a.dtype or ("bfloat16" if gpu else "float32")
+    a.rep = a.rep or (20 if gpu else 5)
+    ceil = ceilings(device)
+    print(f"device: {device_name(device)}; measured copy {ceil['copy_Bps'] / 1e9:.1f} GB/s (read+write), "
+          f"{ceil['mm_dtype']} matmul {ceil['mm_flops'] / 1e12:.2f} TFLOP/s")
+    rows = []
+    if a.only in (None, "token"):
+        bench_token(a, device, ceil, rows)
+    if gpu:
+        torch.cuda.empty_cache()
+    if a.only in (None, "linear"):
+        bench_linear(a, device, ceil, rows)
+    cols = ["op", "impl", "shape", "fwd_ms", "bwd_ms", "fwd+bwd_ms", "GB/s", "TFLOP/s", "floor_ms", "x_floor",
+            "fwd_x_floor", "peak_extra_GiB", "speedup_vs_eager"]
+    print_table(rows, cols)
+    emit_json({"bench": "logprobs", "device": device_name(device), "ceilings": ceil, "rows": rows}, a.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Shared benchmark plumbing: timing, peak memory, measured ceilings, a table and a JSON line.
+
+Timing: CUDA events around each call after warm-up (median of `rep`); on CPU, perf_counter.
+Peak memory: extra bytes above what was allocated before the call (inputs excluded, outputs and
+gradients included): torch.cuda.max_memory_allocated on GPU; on CPU, the allocator's own
+allocation events recorded by torch.profiler (profile_memory=True), summed in time order.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import torch
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, warmup=2, rep=10, min_s=0.0):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    ts = []
+    t_end = time.perf_counter() + min_s
+    while len(ts) < rep or time.perf_counter() < t_end:
+        if device.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            ts.append(s.elapsed_time(e))
+        else:
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e3)
+        if len(ts) >= 10 * rep:
+            break
+    return statistics.median(ts)
+
+
+def peak_extra_bytes(fn, device):
+    """Peak bytes allocated by one call of fn above the bytes allocated before it."""
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.events() if e.name == "[memory]"]
+    events.sort(key=lambda e: e.time_range.start)
+    cur = peak = 0
+    for e in events:
+        cur += e.cpu_memory_usage
+        peak = max(peak, cur)
+    return peak
+
+
+_CEIL = {}
+
+
+def ceilings(device, dtype=torch.bfloat16):
+    """Measured copy bandwidth (bytes read + written per second) and matmul rate on `device`."""
+    key = (device.type, dtype)
+    if key in _CEIL:
+        return _CEIL[key]
+    n = (1 << 30) if device.type == "cuda" else (1 << 25)
+    a = torch.randn(n, device=device, dtype=torch.float32).to(dtype if device.type == "cuda" else torch.float32)
+    b = torch.empty_like(a)
+    ms = time_ms(lambda: b.copy_(a), device, 2, 10)
+    bw = 2 * a.numel() * a.element_size() / (ms / 1e3)
+    del a, b
+    m = 8192 if device.type == "cuda" else 1024
+    mdt = dtype if device.type == "cuda" else torch.float32
+    x = torch.randn(m, m, device=device, dtype=mdt)
+    y = torch.randn(m, m, device=device, dtype=mdt)
+    ms = time_ms(lambda: x @ y, device, 2, 10)
+    flops = 2 * m**3 / (ms / 1e3)
+    _CEIL[key] = {"copy_Bps": bw, "mm_flops": flops, "mm_dtype": str(mdt).replace("torch.", "")}
+    return _CEIL[key]
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def print_table(rows, cols):
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
+
+
+def _fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def emit_json(obj, path=None):
+    line = json.dumps(obj)
+    if path:
+        with open(path, "w") as f:
+            f.write(line + "\n")
+    print(line)
