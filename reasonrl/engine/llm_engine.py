@@ -1,0 +1,261 @@
+"""generate(): prompts in, completions (token ids, log-probs, finish reason) out.
+
+One call owns a KV cache for its duration and frees it at the end (training needs that memory
+back). It runs on the model's own parameters: no copy, no weight sync.
+
+Thinking control (needs the tokenizer, for the ids of "<think>", "</think>" and the continuation):
+- think_budget: once that many tokens were generated inside <think>...</think>, "</think>" is
+  forced (its tokens are emitted instead of sampled) and the answer follows.
+- think_extend: when the model itself emits "</think>" and fewer than think_extend extensions
+  were used, that "</think>" is taken back (the sequence is truncated, its k/v get rewritten) and
+  think_extend_text is forced instead (s1's budget forcing). Forced tokens count as generated
+  tokens (max_tokens) and, inside thinking, as thinking tokens (think_budget).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from reasonrl.engine.block_manager import BlockManager
+from reasonrl.engine.runner import Runner, kv_bytes_per_block
+from reasonrl.engine.sampler import Sampler
+from reasonrl.engine.scheduler import Scheduler
+from reasonrl.engine.sequence import Completion, SamplingParams, Sequence
+
+CPU_KV_DEFAULT_BYTES = 2 << 30
+
+
+def _ends_with(ids: list[int], tail: list[int]) -> bool:
+    return bool(tail) and len(ids) >= len(tail) and ids[-len(tail):] == tail
+
+
+class LLMEngine:
+    def __init__(self, model, *, tokenizer=None, block_size=16, kv_cache_bytes=None, max_num_seqs=256,
+                 max_num_batched_tokens=4096, eos_token_ids=None, use_cuda_graphs=True):
+        if block_size < 1:
+            raise ValueError(f"LLMEngine: block_size must be >= 1, got {block_size}")
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError(f"LLMEngine: max_num_seqs and max_num_batched_tokens must be >= 1, "
+                             f"got {max_num_seqs}, {max_num_batched_tokens}")
+        self.model, self.tokenizer = model, tokenizer
+        self.block_size, self.kv_cache_bytes = block_size, kv_cache_bytes
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.use_cuda_graphs = use_cuda_graphs
+        self.eos_token_ids = self._default_eos(eos_token_ids)
+        self.sampler = Sampler()
+        self.stats: dict = {}
+
+    def _default_eos(self, eos):
+        if eos is None:
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            if eos is None:
+                eos = getattr(self.model.config, "eos_token_id", None)
+        if eos is None:
+            return set()
+        return {int(e) for e in (eos if isinstance(eos, (list, tuple, set)) else [eos])}
+
+    # -- API ---------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None, n: int = 1,
+                 use_tqdm: bool = False) -> list[list[Completion]]:
+        params = params or SamplingParams()
+        groups = self._make_sequences(prompts, params, n)
+        with torch.inference_mode():
+            self._run([s for g in groups for s in g], groups, use_tqdm)
+        return [[self._completion(s) for s in g] for g in groups]
+
+    def generate_text(self, prompts: list[str], params: SamplingParams | None = None, n: int = 1):
+        if self.tokenizer is None:
+            raise ValueError("generate_text: the engine has no tokenizer (LLMEngine(model, tokenizer=...))")
+        return self.generate([self.tokenizer.encode(p) for p in prompts], params, n)
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _make_sequences(self, prompts, params, n):
+        if n < 1:
+            raise ValueError(f"generate: n must be >= 1, got {n}")
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("generate: prompts must be a non-empty list of token-id lists")
+        V = self.model.config.vocab_size
+        groups = []
+        for i, p in enumerate(prompts):
+            p = [int(t) for t in (p.tolist() if torch.is_tensor(p) else p)]
+            if not p:
+                raise ValueError(f"generate: prompt {i} is empty")
+            if min(p) < 0 or max(p) >= V:
+                raise ValueError(f"generate: prompt {i} has token ids outside [0, {V})")
+            groups.append([Sequence(p, params, sample_index=j, request_index=i) for j in range(n)])
+        return groups
+
+    def _think_ids(self, params: SamplingParams):
+        if params.think_budget is None and params.think_extend == 0:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("generate: think_budget / think_extend need the engine's tokenizer (for the tag ids)")
+        enc = lambda s: self.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        ids = {"start": enc("<think>"), "end": enc("</think>"), "extend": enc(params.think_extend_text)}
+        if not ids["start"] or not ids["end"] or (params.think_extend and not ids["extend"]):
+            raise ValueError(f"generate: the tokenizer gives no ids for the thinking tags/text: {ids}")
+        return ids
+
+    def _num_blocks(self, seqs, max_len_blocks):
+        bpb = kv_bytes_per_block(self.model, self.block_size, next(self.model.parameters()).dtype)
+        need = sum((s.num_prompt_tokens + s.params.max_tokens + self.block_size - 1) // self.block_size for s in seqs)
+        if self.kv_cache_bytes is not None:
+            return max(1, int(self.kv_cache_bytes) // bpb)
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            cap = int(0.8 * free) // bpb
+        else:
+            cap = CPU_KV_DEFAULT_BYTES // bpb
+        return max(min(need, cap), max_len_blocks)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _run(self, seqs, groups, use_tqdm):
+        params = seqs[0].params
+        self.think_ids = self._think_ids(params)
+        max_len = max(s.num_prompt_tokens + s.params.max_tokens for s in seqs)
+        max_blocks = (max_len + self.block_size - 1) // self.block_size
+        bm = BlockManager(self._num_blocks(seqs, max_blocks), self.block_size)
+        sched = Scheduler(bm, self.max_num_seqs, self.max_num_batched_tokens)
+        for g in groups:
+            for s in g:
+                sched.check_fits(s, s.num_prompt_tokens + s.params.max_tokens)
+                self._enter_think_from_prompt(s)
+            for i in range(0, len(g), self.max_num_seqs):  # a group larger than a batch shares in chunks
+                leader, *followers = g[i: i + self.max_num_seqs]
+                leader.followers = followers
+                sched.add(leader)
+        runner = Runner(self.model, bm.num_blocks, self.block_size, max_blocks, self.max_num_seqs, self.use_cuda_graphs)
+        self.bm, self.scheduler, self.runner = bm, sched, runner
+        bar = _progress(len(seqs), use_tqdm)
+        steps, t0 = 0, time.perf_counter()
+        try:
+            while not sched.is_finished:
+                done = self._step(sched, bm, runner)
+                steps += 1
+                if bar is not None and done:
+                    bar.update(done)
+        finally:
+            self.stats = {"steps": steps, "seconds": time.perf_counter() - t0, "num_blocks": bm.num_blocks,
+                          "block_size": self.block_size, "peak_blocks_used": bm.peak_used,
+                          "kv_bytes_allocated": runner.kv_bytes,
+                          "peak_kv_bytes": bm.peak_used * runner.kv_bytes // bm.num_blocks,
+                          "preemptions": sched.num_preemptions}
+            runner.free()
+            self.runner = None
+            if bar is not None:
+                bar.close()
+
+    def _step(self, sched: Scheduler, bm: BlockManager, runner: Runner) -> int:
+        seqs, is_prefill, copies = sched.schedule()
+        runner.copy_blocks(copies)
+        if is_prefill:
+            compute = [s for s in seqs if s.leader is None]
+            row = {s.seq_id: i for i, s in enumerate(compute)}
+            logits = runner.prefill(compute, bm)
+            logits = logits[torch.tensor([row[(s.leader or s).seq_id] for s in seqs], device=logits.device)]
+        else:
+            logits = runner.decode(seqs, bm)
+        tokens, logprobs = self._sample(seqs, logits)
+        finished = 0
+        for s, t, lp in zip(seqs, tokens, logprobs):
+            s.leader = None
+            s.num_cached_tokens = len(s)
+            was_forced = bool(s.forced)
+            if was_forced:
+                s.forced.pop(0)
+            s.append(t, lp)
+            if self.think_ids is not None:
+                self._think(s, was_forced, bm)
+            reason = self._stop_reason(s)
+            if reason is not None:
+                s.finish_reason = reason
+                sched.finish(s)
+                finished += 1
+        return finished
+
+    def _sample(self, seqs, logits):
+        dev = logits.device
+
+        def col(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+
+        ps = [s.params for s in seqs]
+        forced = col([s.forced[0] if s.forced else -1 for s in seqs], torch.int64)
+        tokens, logprobs = self.sampler(
+            logits, col([p.temperature for p in ps], torch.float32), col([p.top_k for p in ps], torch.int64),
+            col([p.top_p for p in ps], torch.float32), col([p.min_p for p in ps], torch.float32),
+            [s.generator for s in seqs], forced)
+        return tokens.tolist(), logprobs.tolist()
+
+    # -- thinking control and stopping -------------------------------------------------------
+    def _enter_think_from_prompt(self, s: Sequence):
+        if self.think_ids is not None and _ends_with(s.token_ids, self.think_ids["start"]):
+            s.think.inside = True
+            if s.params.think_budget == 0:
+                self._close_think(s)
+
+    def _think(self, s: Sequence, was_forced: bool, bm: BlockManager):
+        ids, st, p = self.think_ids, s.think, s.params
+        if not st.inside:
+            if _ends_with(s.completion_ids, ids["start"]):
+                st.inside, st.tokens = True, 0
+                if p.think_budget == 0:
+                    self._close_think(s)
+            return
+        end = ids["end"]
+        if st.closing:  # emitting a forced "</think>"
+            if not s.forced:
+                st.inside = st.closing = False
+            return
+        if _ends_with(s.completion_ids, end):
+            st.tokens -= len(end) - 1  # the tag's earlier pieces were counted as thinking tokens
+            if not was_forced and st.extensions < p.think_extend:
+                s.truncate(len(s) - len(end))
+                bm.trim(s)
+                st.extensions += 1
+                s.forced = list(ids["extend"])
+                if p.think_budget is not None and st.tokens >= p.think_budget:
+                    self._close_think(s)
+            else:
+                st.inside = False
+            return
+        st.tokens += 1
+        if p.think_budget is not None and st.tokens >= p.think_budget:
+            self._close_think(s)
+
+    def _close_think(self, s: Sequence):
+        s.forced, s.think.closing = list(self.think_ids["end"]), True
+
+    def _stop_reason(self, s: Sequence) -> str | None:
+        t, p = s.token_ids[-1], s.params
+        if (not p.ignore_eos and t in self.eos_token_ids) or t in p.stop_token_ids:
+            return "stop"
+        if p.stop_strings and self.tokenizer is not None:
+            width = max(len(x) for x in p.stop_strings) + 2
+            tail = self.tokenizer.decode(s.completion_ids[-width:])
+            if any(x in tail for x in p.stop_strings):
+                return "stop"
+        if s.num_completion_tokens >= p.max_tokens:
+            return "length"
+        return None
+
+    def _completion(self, s: Sequence) -> Completion:
+        ids = s.completion_ids
+        text = None
+        if self.tokenizer is not None:
+            body = ids[:-1] if s.finish_reason == "stop" and (ids[-1] in self.eos_token_ids or ids[-1] in s.params.stop_token_ids) else ids
+            text = self.tokenizer.decode(body)
+            cuts = [text.find(x) for x in s.params.stop_strings if x in text]
+            if cuts:
+                text = text[: min(cuts)]
+        return Completion(token_ids=list(ids), logprobs=list(s.logprobs), finish_reason=s.finish_reason,
+                          length=len(ids), text=text)
+
+
+def _progress(total, use_tqdm):
+    if not use_tqdm:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc="generate")

@@ -1,0 +1,133 @@
+"""Runs the model for one scheduled step: builds the attention metadata, owns the KV cache.
+
+The KV cache is one tensor (L, 2, num_blocks, block_size, Hkv, D), so that copying a block for
+copy on write is one indexing op over every layer. Prefill packs the new tokens of each sequence
+(cu_seqlens) and writes their k/v through slot_mapping; decode feeds each sequence's last token.
+On CUDA, decode steps replay CUDA graphs captured lazily per padded batch size; on CPU they never
+touch torch.cuda.
+"""
+from __future__ import annotations
+
+import torch
+
+from reasonrl.engine.block_manager import BlockManager
+from reasonrl.engine.sequence import Sequence
+from reasonrl.models.context import AttnContext
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
+    cfg = model.config
+    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * model.head_dim * dtype.itemsize
+
+
+class Runner:
+    def __init__(self, model, num_blocks: int, block_size: int, max_blocks_per_seq: int,
+                 max_num_seqs: int, use_cuda_graphs: bool = True):
+        self.model = model
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        cfg = model.config
+        self.block_size, self.max_blocks = block_size, max_blocks_per_seq
+        shape = (cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads, model.head_dim)
+        self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)  # (L, 2, NB, bs, Hkv, D)
+        self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(cfg.num_hidden_layers)]
+        self.use_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self.graphs: dict[int, tuple] = {}
+        self.graph_pool = None
+        self.max_graph_bs = max(b for b in GRAPH_BATCH_SIZES if b <= max(max_num_seqs, 1)) if self.use_graphs else 0
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def free(self):
+        self.graphs.clear()
+        self.graph_pool = None
+        self.kv_caches, self.kv = [], None
+
+    def copy_blocks(self, copies: list[tuple[int, int]]):
+        if copies:
+            src = torch.tensor([c[0] for c in copies], device=self.device)
+            dst = torch.tensor([c[1] for c in copies], device=self.device)
+            self.kv[:, :, dst] = self.kv[:, :, src]
+
+    def _t(self, data, dtype):
+        return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+
+    # -- prefill -----------------------------------------------------------------------------
+    def prefill(self, seqs: list[Sequence], bm: BlockManager) -> torch.Tensor:
+        """seqs: those with tokens to compute (leaders / recomputed). -> logits (len(seqs), V) float32."""
+        ids, pos, slots, cu, last = [], [], [], [0], []
+        for seq in seqs:
+            n = len(seq)
+            ids.extend(seq.token_ids)
+            pos.extend(range(n))
+            slots.extend(bm.slot(seq, p) for p in range(n))
+            cu.append(cu[-1] + n)
+            last.append(cu[-1] - 1)
+        ctx = AttnContext(cu_seqlens=self._t(cu, torch.int32), max_seqlen=max(len(s) for s in seqs), is_prefill=True,
+                          slot_mapping=self._t(slots, torch.int64), kv_caches=self.kv_caches)
+        hidden = self.model(self._t(ids, torch.int64), self._t(pos, torch.int64), ctx)  # (total, H)
+        return self.model.compute_logits(hidden[self._t(last, torch.int64)]).float()
+
+    # -- decode ------------------------------------------------------------------------------
+    def _decode_inputs(self, seqs: list[Sequence], bm: BlockManager, rows: int):
+        """Host-side lists padded to `rows`: padding rows write nowhere and read one slot of block 0."""
+        n = len(seqs)
+        ids = [s.token_ids[-1] for s in seqs] + [0] * (rows - n)
+        pos = [len(s) - 1 for s in seqs] + [0] * (rows - n)
+        slots = [bm.slot(s, len(s) - 1) for s in seqs] + [-1] * (rows - n)
+        lens = [len(s) for s in seqs] + [1] * (rows - n)
+        width = self.max_blocks if self.use_graphs else max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs] + [[0] * width] * (rows - n)
+        return ids, pos, slots, lens, tables
+
+    def decode(self, seqs: list[Sequence], bm: BlockManager) -> torch.Tensor:
+        n = len(seqs)
+        if self.use_graphs and n <= self.max_graph_bs:
+            return self._decode_graph(seqs, bm)
+        ids, pos, slots, lens, tables = self._decode_inputs(seqs, bm, n)
+        ctx = AttnContext(cu_seqlens=torch.arange(n + 1, dtype=torch.int32, device=self.device), max_seqlen=1,
+                          is_prefill=False, slot_mapping=self._t(slots, torch.int64),
+                          block_tables=self._t(tables, torch.int32), context_lens=self._t(lens, torch.int32),
+                          kv_caches=self.kv_caches)
+        hidden = self.model(self._t(ids, torch.int64), self._t(pos, torch.int64), ctx)  # (B, H)
+        return self.model.compute_logits(hidden).float()
+
+    def _decode_graph(self, seqs: list[Sequence], bm: BlockManager) -> torch.Tensor:
+        rows = next(b for b in GRAPH_BATCH_SIZES if b >= len(seqs))
+        if rows not in self.graphs:
+            self._capture(rows)
+        graph, buf, out = self.graphs[rows]
+        ids, pos, slots, lens, tables = self._decode_inputs(seqs, bm, rows)
+        for name, data, dtype in (("ids", ids, torch.int64), ("pos", pos, torch.int64), ("slots", slots, torch.int64),
+                                  ("lens", lens, torch.int32), ("tables", tables, torch.int32)):
+            buf[name].copy_(self._t(data, dtype), non_blocking=True)
+        graph.replay()
+        return out[: len(seqs)].float()
+
+    @torch.inference_mode()
+    def _capture(self, rows: int):
+        dev = self.device
+        buf = {"ids": torch.zeros(rows, dtype=torch.int64, device=dev),
+               "pos": torch.zeros(rows, dtype=torch.int64, device=dev),
+               "slots": torch.full((rows,), -1, dtype=torch.int64, device=dev),
+               "lens": torch.ones(rows, dtype=torch.int32, device=dev),
+               "tables": torch.zeros(rows, self.max_blocks, dtype=torch.int32, device=dev)}
+        ctx = AttnContext(cu_seqlens=torch.arange(rows + 1, dtype=torch.int32, device=dev), max_seqlen=1,
+                          is_prefill=False, slot_mapping=buf["slots"], block_tables=buf["tables"],
+                          context_lens=buf["lens"], kv_caches=self.kv_caches)
+
+        def step():
+            return self.model.compute_logits(self.model(buf["ids"], buf["pos"], ctx))
+
+        step()  # warm up (Triton autotuning / compilation happens outside the capture)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            out = step()
+        self.graph_pool = graph.pool()
+        torch.cuda.synchronize()
+        self.graphs[rows] = (graph, buf, out)

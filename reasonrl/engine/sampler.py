@@ -1,0 +1,62 @@
+"""Next-token sampling with a random stream per sequence.
+
+Rows with temperature 0 take the argmax. The others sample from softmax(logits / T) after the
+filters: top-k (keep the k largest), top-p (the smallest set whose mass reaches p, by descending
+probability), min-p (drop p < min_p * p_max). Sampling is inverse-CDF with ONE uniform per row,
+drawn on the CPU from that sequence's own torch.Generator: a seeded sequence draws the same
+numbers whatever else is in the batch and whatever the device.
+
+Returned log-probs: log_softmax(logits / T)[token] of the UNFILTERED temperature-scaled
+distribution (T = 1 for greedy rows), which is what the training path computes for the same
+tokens at the same temperature (reasonrl.ops.token_logprobs(logits, ids, temperature=T)).
+Forced tokens (thinking control) get their log-prob under the same distribution.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _filter(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor):
+    """Zero what the filters drop; returns (sorted probs (B, V), their token ids (B, V))."""
+    sp, idx = probs.sort(dim=-1, descending=True)  # (B, V)
+    V = probs.shape[-1]
+    rank = torch.arange(V, device=probs.device)[None, :]
+    drop = rank >= torch.where(top_k > 0, top_k, V)[:, None]
+    before = sp.cumsum(-1) - sp  # mass strictly above each token
+    drop |= before >= top_p[:, None]  # keeps the token that crosses p (and always rank 0)
+    drop |= sp < min_p[:, None] * sp[:, :1]
+    return sp.masked_fill(drop, 0.0), idx
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index i with cdf[i-1] <= u * total < cdf[i]; never an index of zero probability."""
+    cdf = probs.cumsum(-1)  # (B, V)
+    x = (u * cdf[:, -1]).unsqueeze(1)
+    i = torch.searchsorted(cdf, x, right=True).squeeze(1)
+    last = (probs > 0).int().cumsum(-1).argmax(-1)  # last nonzero (rounding of u * total at the top)
+    return torch.minimum(i, last)
+
+
+class Sampler:
+    def __call__(self, logits, temperatures, top_k, top_p, min_p, generators, forced=None):
+        """logits (B, V) float; temperatures/top_p/min_p (B,) float, top_k (B,) int64 on logits' device;
+        generators: B CPU torch.Generators; forced (B,) int64 with -1 = sample.
+        -> tokens (B,) int64, logprobs (B,) float32."""
+        logits = logits.float()
+        B = logits.shape[0]
+        greedy = temperatures == 0
+        t = torch.where(greedy, torch.ones_like(temperatures), temperatures)
+        logp = torch.log_softmax(logits / t[:, None], dim=-1)  # (B, V)
+        tokens = logits.argmax(-1)
+        if not bool(greedy.all()):
+            u = torch.stack([torch.rand((), generator=g) for g in generators]).to(logits.device)
+            probs = logp.exp()
+            if bool(((top_k > 0) | (top_p < 1) | (min_p > 0)).any()):
+                sp, idx = _filter(probs, top_k, top_p, min_p)
+                drawn = idx.gather(1, _inverse_cdf(sp, u)[:, None]).squeeze(1)
+            else:
+                drawn = _inverse_cdf(probs, u)
+            tokens = torch.where(greedy, tokens, drawn)
+        if forced is not None:
+            tokens = torch.where(forced >= 0, forced, tokens)
+        return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
