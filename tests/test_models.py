@@ -1,0 +1,245 @@
+"""The lean decoder against transformers, and its paged prefill/decode against its own packed forward."""
+import pytest
+import torch
+
+from reasonrl.models import (AttnContext, CausalLM, ModelConfig, builtin_path, init_model, load_model,
+                             load_tokenizer, set_deterministic)
+
+transformers = pytest.importorskip("transformers")
+
+ROPE = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64},
+    "yarn": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},  # the 4.x spelling
+    "linear": {"rope_type": "linear", "factor": 2.0},
+}
+
+
+def hf_tiny(family, tmp_path, tie=False, rope=None, bias=False):
+    """A random-init tiny transformers model of `family`, saved with save_pretrained into tmp_path."""
+    C = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+    kw = dict(vocab_size=101, hidden_size=64, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, tie_word_embeddings=tie, max_position_embeddings=256,
+              rope_theta=5000.0 if family != "llama" else 10000.0)
+    if family != "qwen2":
+        kw["attention_bias"] = bias
+    if rope:
+        kw["rope_scaling"] = dict(ROPE[rope])
+    hf = transformers.AutoModelForCausalLM.from_config(C(**kw), attn_implementation="eager").eval()
+    with torch.no_grad():  # transformers inits biases to 0 and norms to 1: randomize so they count
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = str(tmp_path / family)
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def pack(ids, lens):
+    """Right-padded (B, L) ids -> packed ids, positions, context."""
+    packed = torch.cat([ids[b, :n] for b, n in enumerate(lens)])
+    pos = torch.cat([torch.arange(n) for n in lens])
+    return packed, pos, AttnContext.from_lengths(lens)
+
+
+@pytest.mark.parametrize("family,tie,rope,bias", [
+    ("llama", False, None, False), ("llama", True, "llama3", True),
+    ("qwen2", False, "yarn", False), ("qwen3", True, "linear", False), ("qwen3", False, None, True),
+])
+def test_logits_parity_padded_and_packed(family, tie, rope, bias, tmp_path):
+    hf, path = hf_tiny(family, tmp_path, tie, rope, bias)
+    model = load_model(path).eval()
+    assert model.config.arch == family and model.config.tie_word_embeddings == tie
+    lens = [37, 5, 1, 20]
+    L = max(lens)
+    ids = torch.randint(0, 101, (len(lens), L))
+    mask = torch.arange(L)[None] < torch.tensor(lens)[:, None]  # right padding
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask.long()).logits  # (B, L, V)
+        packed, pos, ctx = pack(ids, lens)
+        out = model.compute_logits(model(packed, pos, ctx))  # (total, V)
+        # The padded batch through our model: each row as its own sequence, pads dropped.
+        rows = [model.compute_logits(model(ids[b, :n], torch.arange(n), AttnContext.from_lengths([n])))
+                for b, n in enumerate(lens)]
+    assert (out - ref[mask]).abs().max().item() <= 1e-4
+    assert (torch.cat(rows) - ref[mask]).abs().max().item() <= 1e-4
+    # positions far from 0 exercise every RoPE frequency band (the scaled ones included)
+    with torch.no_grad():
+        off = 150
+        ref = hf(input_ids=ids[:1, :30], position_ids=torch.arange(off, off + 30)[None]).logits[0]
+        out = model.compute_logits(model(ids[0, :30], torch.arange(off, off + 30), AttnContext.from_lengths([30])))
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+def test_equal_lengths_batched_path_matches_per_sequence():
+    cfg = ModelConfig(arch="qwen3", vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False)
+    model = init_model(cfg, seed=3).double().eval()
+    ids = torch.randint(0, 50, (3 * 9,))
+    pos = torch.arange(9).repeat(3)
+    with torch.no_grad():
+        batched = model(ids, pos, AttnContext.from_lengths([9, 9, 9]))
+        single = torch.cat([model(ids[i * 9:(i + 1) * 9], pos[:9], AttnContext.from_lengths([9])) for i in range(3)])
+    assert (batched - single).abs().max().item() < 1e-12
+
+
+def _paged_setup(model, n_blocks, bs, max_blocks, B, dtype):
+    caches = [(torch.zeros(n_blocks, bs, model.num_kv_heads, model.head_dim, dtype=dtype),
+               torch.zeros(n_blocks, bs, model.num_kv_heads, model.head_dim, dtype=dtype))
+              for _ in range(model.num_layers)]
+    tables = torch.randperm(n_blocks)[: B * max_blocks].view(B, max_blocks).int()  # scattered blocks
+    return caches, tables
+
+
+def _slots(tables, b, start, n, bs):
+    p = torch.arange(start, start + n)
+    return tables[b, p // bs].long() * bs + p % bs
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_paged_prefill_then_decode_matches_packed_forward(family):
+    cfg = ModelConfig(arch=family, vocab_size=61, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=family == "llama")
+    model = init_model(cfg, seed=int(torch.randint(0, 1000, ()))).double().eval()
+    lens, prompt = [13, 6, 9], [4, 6, 1]  # full length, prompt length per sequence
+    bs, B = 4, len(lens)
+    caches, tables = _paged_setup(model, 16, bs, 4, B, torch.float64)
+    seqs = [torch.randint(0, 61, (n,)) for n in lens]
+    with torch.no_grad():
+        full = model(torch.cat(seqs), torch.cat([torch.arange(n) for n in lens]), AttnContext.from_lengths(lens))
+        ref = list(full.split(lens))
+        # prefill the prompts into the cache
+        ctx = AttnContext.from_lengths(prompt, slot_mapping=torch.cat([_slots(tables, b, 0, p, bs) for b, p in enumerate(prompt)]),
+                                       kv_caches=caches, block_tables=tables, context_lens=torch.tensor(prompt, dtype=torch.int32))
+        h = model(torch.cat([s[:p] for s, p in zip(seqs, prompt)]), torch.cat([torch.arange(p) for p in prompt]), ctx)
+        got = [[x] for x in h.split(prompt)]
+        # decode the rest one token at a time; sequences that are done drop out of the batch
+        for t in range(max(lens)):
+            live = [b for b in range(B) if prompt[b] + t < lens[b]]
+            if not live:
+                break
+            pos = torch.tensor([prompt[b] + t for b in live])
+            ctx = AttnContext(cu_seqlens=torch.arange(len(live) + 1, dtype=torch.int32), max_seqlen=1, is_prefill=False,
+                              slot_mapping=torch.cat([_slots(tables, b, prompt[b] + t, 1, bs) for b in live]),
+                              block_tables=tables[live], context_lens=(pos + 1).int(), kv_caches=caches)
+            h = model(torch.stack([seqs[b][prompt[b] + t] for b in live]), pos, ctx)
+            for i, b in enumerate(live):
+                got[b].append(h[i:i + 1])
+    for b in range(B):
+        assert (torch.cat(got[b]) - ref[b]).abs().max().item() < 1e-10, f"sequence {b}"
+
+
+def test_prefill_with_cached_prefix_matches_packed_forward():
+    cfg = ModelConfig(arch="qwen2", vocab_size=40, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = init_model(cfg, seed=5).double().eval()
+    lens, first = [11, 7], [5, 7]  # sequence 1 has nothing left for the second chunk -> only seq 0 continues
+    bs = 4
+    caches, tables = _paged_setup(model, 12, bs, 3, 2, torch.float64)
+    seqs = [torch.randint(0, 40, (n,)) for n in lens]
+    with torch.no_grad():
+        ref = model(seqs[0], torch.arange(11), AttnContext.from_lengths([11]))
+        ctx = AttnContext.from_lengths(first, slot_mapping=torch.cat([_slots(tables, b, 0, n, bs) for b, n in enumerate(first)]),
+                                       kv_caches=caches, block_tables=tables, context_lens=torch.tensor(first, dtype=torch.int32))
+        h1 = model(torch.cat([s[:n] for s, n in zip(seqs, first)]), torch.cat([torch.arange(n) for n in first]), ctx)
+        ctx = AttnContext.from_lengths([6], slot_mapping=_slots(tables, 0, 5, 6, bs), kv_caches=caches,
+                                       block_tables=tables[:1], context_lens=torch.tensor([11], dtype=torch.int32))
+        h2 = model(seqs[0][5:], torch.arange(5, 11), ctx)
+    assert (torch.cat([h1[:5], h2]) - ref).abs().max().item() < 1e-10
+
+
+def test_gradient_checkpointing_same_grads():
+    model = init_model(builtin_path("tiny"), seed=1).double()
+    ids = torch.randint(0, model.config.vocab_size, (30,))
+    packed, pos, ctx = ids, torch.cat([torch.arange(12), torch.arange(18)]), AttnContext.from_lengths([12, 18])
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        model.train()
+        h = model(packed, pos, ctx)
+        (model.compute_logits(h).log_softmax(-1).gather(-1, packed[:, None]).sum()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert (a - b).abs().max().item() < 1e-10
+
+
+def test_deterministic_mode_bitwise():
+    set_deterministic(True)
+    try:
+        model = init_model(builtin_path("tiny"), seed=2)
+        ids = torch.randint(0, 85, (40,))
+        pos = torch.cat([torch.arange(25), torch.arange(15)])
+        outs = []
+        for _ in range(2):
+            model.zero_grad()
+            h = model(ids, pos, AttnContext.from_lengths([25, 15]))
+            h.square().sum().backward()
+            outs.append((h.detach(), model.model.embed_tokens.weight.grad.clone()))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    finally:
+        set_deterministic(False)
+
+
+def test_bf16_autocast_close_to_fp32():
+    model = init_model(builtin_path("tiny"), seed=4)
+    ids = torch.randint(0, 85, (24,))
+    pos, ctx = torch.arange(24), AttnContext.from_lengths([24])
+    with torch.no_grad():
+        ref = model(ids, pos, ctx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, pos, ctx)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    assert torch.isfinite(out).all() and (out.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+
+
+def test_fused_logprobs_from_hidden_match_logits():
+    ops = pytest.importorskip("reasonrl.ops")
+    if not hasattr(ops, "linear_token_logprobs"):
+        pytest.skip("reasonrl.ops.linear_token_logprobs not exported yet")
+    model = init_model(builtin_path("tiny"), seed=6).double()
+    ids = torch.randint(0, 85, (33,))
+    h = model(ids, torch.arange(33), AttnContext.from_lengths([33]))
+    lp = ops.linear_token_logprobs(h, model.lm_head_weight, ids, backend="reference")
+    ref = model.compute_logits(h).log_softmax(-1).gather(-1, ids[:, None])[:, 0]
+    assert (lp.double() - ref).abs().max().item() < 1e-5
+
+
+def test_tiny_builtin_and_tokenizer():
+    cfg = ModelConfig.from_json(builtin_path("tiny"))
+    tok = load_tokenizer(builtin_path("tiny"))
+    assert cfg.vocab_size == len(tok) and cfg.tie_word_embeddings and cfg.hidden_size == 128
+    assert 0.5e6 < sum(p.numel() for p in CausalLM(cfg).parameters()) < 1.2e6
+    text = "What is 4093*7?\n<think>4093*7: 3*7=21 write 1 carry 2, 9*7=63+2=65 write 5 carry 6</think><answer>28651</answer>"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    for tag in ("<think>", "</think>", "<answer>", "</answer>"):
+        assert len(tok.encode(tag)) == 1
+    assert tok.eos_token_id == cfg.eos_token_id and tok.bos_token_id == cfg.bos_token_id
+    assert len(ids) == len(text) - sum(len(t) - 1 for t in ("<think>", "</think>", "<answer>", "</answer>"))
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (dict(arch="mixtral"), "unknown arch"),
+    (dict(num_attention_heads=4, num_key_value_heads=3), "multiple of num_key_value_heads"),
+    (dict(rope_scaling={"rope_type": "longrope", "factor": 2.0}), "longrope"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
+])
+def test_config_errors(bad, msg):
+    kw = dict(vocab_size=10, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+              num_key_value_heads=4)
+    kw.update(bad)
+    with pytest.raises(ValueError, match=msg):
+        ModelConfig(**kw)
+
+
+def test_forward_input_errors():
+    model = init_model(builtin_path("tiny"))
+    ids = torch.randint(0, 85, (6,))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        model(ids, torch.arange(6), AttnContext.from_lengths([3, 2]))
+    with pytest.raises(ValueError, match="input_ids and positions"):
+        model(ids, torch.arange(5), AttnContext.from_lengths([6]))
+    with pytest.raises(ValueError, match="decode"):
+        model(ids, torch.arange(6), AttnContext(cu_seqlens=torch.tensor([0, 6], dtype=torch.int32), max_seqlen=6, is_prefill=False))
+    with pytest.raises(ValueError, match="positive"):
+        AttnContext.from_lengths([3, 0])
