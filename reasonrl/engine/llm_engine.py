@@ -32,7 +32,7 @@ def _ends_with(ids: list[int], tail: list[int]) -> bool:
 
 class LLMEngine:
     def __init__(self, model, *, tokenizer=None, block_size=16, kv_cache_bytes=None, max_num_seqs=256,
-                 max_num_batched_tokens=4096, eos_token_ids=None, use_cuda_graphs=True):
+                 max_num_batched_tokens=4096, eos_token_ids=None, use_cuda_graphs=True, prefix_sharing=True):
         if block_size < 1:
             raise ValueError(f"LLMEngine: block_size must be >= 1, got {block_size}")
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
@@ -41,7 +41,7 @@ class LLMEngine:
         self.model, self.tokenizer = model, tokenizer
         self.block_size, self.kv_cache_bytes = block_size, kv_cache_bytes
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
-        self.use_cuda_graphs = use_cuda_graphs
+        self.use_cuda_graphs, self.prefix_sharing = use_cuda_graphs, prefix_sharing
         self.eos_token_ids = self._default_eos(eos_token_ids)
         self.sampler = Sampler()
         self.stats: dict = {}
@@ -122,8 +122,9 @@ class LLMEngine:
             for s in g:
                 sched.check_fits(s, s.num_prompt_tokens + s.params.max_tokens)
                 self._enter_think_from_prompt(s)
-            for i in range(0, len(g), self.max_num_seqs):  # a group larger than a batch shares in chunks
-                leader, *followers = g[i: i + self.max_num_seqs]
+            chunk = self.max_num_seqs if self.prefix_sharing else 1  # a group larger than a batch shares in chunks
+            for i in range(0, len(g), chunk):
+                leader, *followers = g[i: i + chunk]
                 leader.followers = followers
                 sched.add(leader)
         runner = Runner(self.model, bm.num_blocks, self.block_size, max_blocks, self.max_num_seqs, self.use_cuda_graphs)

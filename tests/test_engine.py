@@ -1,0 +1,311 @@
+"""The paged rollout engine: against transformers' greedy generate, prefix sharing, preemption,
+block-manager invariants, seeded sampling, log-probs against the training path, thinking control."""
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from reasonrl.engine import LLMEngine, SamplingParams
+from reasonrl.engine.block_manager import BlockManager
+from reasonrl.engine.scheduler import Scheduler
+from reasonrl.engine.sequence import Sequence
+from reasonrl.models import AttnContext, builtin_path, init_model, load_model, load_tokenizer
+
+V = 61
+
+
+@pytest.fixture(scope="module")
+def hf_and_ours(tmp_path_factory):
+    """A random tiny grouped-query Llama in transformers, and the same weights in reasonrl.models."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=V, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=256,
+                      tie_word_embeddings=False, initializer_range=0.15, bos_token_id=None, eos_token_id=None,
+                      pad_token_id=None)
+    hf = LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny_llama")
+    hf.save_pretrained(path)
+    return hf, load_model(str(path))
+
+
+def hf_greedy(hf, prompt, n_new):
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
+                      pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+def random_prompts(n, lo=1, hi=20):
+    return [torch.randint(0, V, (random.randint(lo, hi),)).tolist() for _ in range(n)]
+
+
+def full_logprobs(model, seq_ids, n_prompt, temperature):
+    """The training path: one plain forward over prompt + completion, log_softmax(logits / T)."""
+    ids = torch.tensor(seq_ids)
+    with torch.no_grad():
+        h = model(ids, torch.arange(len(ids)), AttnContext.from_lengths([len(ids)]))
+        logits = model.compute_logits(h)[n_prompt - 1:-1].double()
+    lp = torch.log_softmax(logits / temperature, -1)
+    return lp.gather(1, ids[n_prompt:, None]).squeeze(1)
+
+
+# ---- greedy == transformers --------------------------------------------------------------------
+@pytest.mark.parametrize("batch,block_size", [(1, 16), (7, 3), (64, 8)])
+def test_greedy_matches_transformers(hf_and_ours, batch, block_size):
+    hf, model = hf_and_ours
+    random.seed(torch.initial_seed())
+    prompts = random_prompts(batch)
+    n_new = 10
+    eng = LLMEngine(model, block_size=block_size, eos_token_ids=[], max_num_seqs=32)
+    out = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=n_new))
+    checked = prompts if batch <= 8 else prompts[:: batch // 8]  # transformers is slow: a spread sample
+    for p in checked:
+        got = out[prompts.index(p)][0]
+        assert got.token_ids == hf_greedy(hf, p, n_new), f"prompt of length {len(p)}"
+        assert got.finish_reason == "length" and got.length == n_new
+    assert eng.bm.num_free == eng.bm.num_blocks  # every block back on the free list
+
+
+def test_preemption_recompute_gives_same_greedy(hf_and_ours):
+    hf, model = hf_and_ours
+    prompts = random_prompts(12, 5, 20)
+    params = SamplingParams(temperature=0, max_tokens=24)
+    roomy = LLMEngine(model, block_size=4, eos_token_ids=[]).generate(prompts, params)
+    eng = LLMEngine(model, block_size=4, eos_token_ids=[])
+    bpb = 2 * 2 * 4 * 2 * 12 * 4  # 2 (k, v) * layers * block_size * Hkv * D * 4 bytes
+    eng.kv_cache_bytes = 14 * bpb  # 14 blocks for 12 sequences of up to 44 tokens: forces preemption
+    tight = eng.generate(prompts, params)
+    assert eng.stats["preemptions"] > 0 and eng.stats["num_blocks"] == 14
+    assert [c[0].token_ids for c in tight] == [c[0].token_ids for c in roomy]
+    assert tight[3][0].token_ids == hf_greedy(hf, prompts[3], 24)
+
+
+def test_sequence_that_can_never_fit_is_refused(hf_and_ours):
+    _, model = hf_and_ours
+    eng = LLMEngine(model, block_size=4, kv_cache_bytes=2 * 2 * 4 * 2 * 12 * 4 * 3)
+    with pytest.raises(ValueError, match="needs 4 KV blocks but the cache has 3"):
+        eng.generate([[1, 2, 3, 4, 5, 6]], SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="outside"):
+        eng.generate([[1, V]], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+# ---- prefix sharing ------------------------------------------------------------------------------
+def test_prefix_shared_groups_equal_unshared(hf_and_ours):
+    _, model = hf_and_ours
+    prompts = random_prompts(3, 5, 21)
+    params = SamplingParams(temperature=1.0, top_k=20, max_tokens=20, seed=1234)
+    shared = LLMEngine(model, block_size=4, eos_token_ids=[])
+    unshared = LLMEngine(model, block_size=4, eos_token_ids=[], prefix_sharing=False)
+    a, b = shared.generate(prompts, params, n=6), unshared.generate(prompts, params, n=6)
+    for ga, gb in zip(a, b):
+        assert [c.token_ids for c in ga] == [c.token_ids for c in gb]
+        for ca, cb in zip(ga, gb):
+            assert torch.allclose(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-4)
+        assert len({tuple(c.token_ids) for c in ga}) > 1  # the samples of a group differ
+    assert shared.stats["peak_blocks_used"] < unshared.stats["peak_blocks_used"]
+
+
+# ---- block manager invariants under random workloads ----------------------------------------------
+@pytest.mark.parametrize("num_blocks,block_size", [(12, 2), (40, 5), (9, 4)])
+def test_block_manager_invariants_random_workload(num_blocks, block_size):
+    rng = random.Random(torch.initial_seed())
+    bm = BlockManager(num_blocks, block_size)
+    sched = Scheduler(bm, max_num_seqs=rng.randint(2, 12), max_num_batched_tokens=rng.randint(8, 40))
+    target = {}
+    for _ in range(14):
+        prompt = [0] * rng.randint(1, 7)
+        group = [Sequence(prompt, SamplingParams(max_tokens=30), sample_index=j) for j in range(rng.randint(1, 4))]
+        for s in group:
+            target[s.seq_id] = len(prompt) + rng.randint(1, 12)
+            sched.check_fits(s, target[s.seq_id])
+        group[0].followers = group[1:]
+        sched.add(group[0])
+    finished = 0
+    for _ in range(10_000):
+        if sched.is_finished:
+            break
+        seqs, is_prefill, copies = sched.schedule()
+        for src, dst in copies:
+            assert bm.ref_counts[dst] == 1 and src != dst
+        for s in seqs:
+            s.leader = None
+            s.num_cached_tokens = len(s)
+            s.append(1, 0.0)
+            if rng.random() < 0.1 and s.num_completion_tokens > 2:  # thinking control drops tokens
+                s.truncate(len(s) - 2)
+                bm.trim(s)
+            if len(s) >= target[s.seq_id]:
+                sched.finish(s)
+                finished += 1
+        bm.check(list(sched.running))
+        assert all(not s.block_table for s in sched.waiting)
+    assert sched.is_finished and finished == len(target)
+    assert bm.ref_counts == [0] * num_blocks and bm.num_free == num_blocks
+    if num_blocks <= 12:
+        assert sched.num_preemptions > 0
+
+
+def test_copy_on_write_of_shared_partial_block():
+    bm = BlockManager(8, 4)
+    a, b = Sequence([5] * 6, SamplingParams()), Sequence([5] * 6, SamplingParams())
+    bm.allocate(a)
+    bm.fork(a, b)
+    assert bm.ref_counts[a.block_table[1]] == 2
+    a.append(7, 0.0)  # position 6 lies in the shared, partial second block
+    b.append(8, 0.0)
+    assert bm.append_slot(a) == (b.block_table[1], a.block_table[1])
+    assert bm.append_slot(b) is None  # b now owns the old block alone
+    assert a.block_table[0] == b.block_table[0] and a.block_table[1] != b.block_table[1]
+    bm.check([a, b])
+    bm.free(a), bm.free(b)
+    assert bm.num_free == 8
+
+
+# ---- sampling --------------------------------------------------------------------------------------
+def test_seeded_sampling_reproducible_across_batches(hf_and_ours):
+    _, model = hf_and_ours
+    p, others = random_prompts(1)[0], random_prompts(5)
+    params = SamplingParams(temperature=0.9, top_p=0.9, min_p=0.02, max_tokens=16, seed=7)
+    eng = LLMEngine(model, block_size=4, eos_token_ids=[])
+    alone = eng.generate([p], params, n=3)[0]
+    mixed = eng.generate(others[:2] + [p] + others[2:], params, n=3)[2]
+    assert [c.token_ids for c in alone] == [c.token_ids for c in mixed]
+    other_seed = eng.generate([p], SamplingParams(temperature=0.9, max_tokens=16, seed=8), n=3)[0]
+    assert [c.token_ids for c in other_seed] != [c.token_ids for c in alone]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 10, 0.8), (0.0, 0, 1.0)])
+def test_logprobs_match_training_path(hf_and_ours, temperature, top_k, top_p):
+    _, model = hf_and_ours
+    from reasonrl.ops import token_logprobs
+
+    prompts = random_prompts(4)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=15)
+    out = LLMEngine(model, block_size=4, eos_token_ids=[]).generate(prompts, params, n=3)
+    t_eff = temperature or 1.0  # greedy rows report log-probs at T = 1
+    for p, group in zip(prompts, out):
+        for c in group:
+            ref = full_logprobs(model, p + c.token_ids, len(p), t_eff)
+            got = torch.tensor(c.logprobs, dtype=torch.float64)
+            assert (got - ref).abs().max() < 1e-4
+            ids = torch.tensor(p + c.token_ids)
+            with torch.no_grad():
+                h = model(ids, torch.arange(len(ids)), AttnContext.from_lengths([len(ids)]))
+                logits = model.compute_logits(h)[len(p) - 1:-1]
+            train = token_logprobs(logits, ids[len(p):], temperature=t_eff)
+            assert (got - train.double()).abs().max() < 1e-4
+            if top_k:
+                ranks = (logits.gather(1, ids[len(p):, None]) < logits).sum(1)
+                assert (ranks < top_k).all()  # top-k held
+
+
+def test_sampler_filters():
+    from reasonrl.engine.sampler import Sampler
+
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(400, 1)
+    B = logits.shape[0]
+    gens = [torch.Generator().manual_seed(i) for i in range(B)]
+    f = lambda x, dt=torch.float32: torch.full((B,), x, dtype=dt)  # noqa: E731
+    tok, _ = Sampler()(logits, f(1.0), f(2, torch.int64), f(1.0), f(0.0), gens)
+    assert set(tok.tolist()) == {0, 1}
+    tok, _ = Sampler()(logits, f(1.0), f(0, torch.int64), f(0.5), f(0.0), gens)  # p0 = 0.64 > 0.5
+    assert set(tok.tolist()) == {0}
+    tok, _ = Sampler()(logits, f(1.0), f(0, torch.int64), f(1.0), f(0.3), gens)  # e^-1 = 0.37 >= 0.3
+    assert set(tok.tolist()) == {0, 1}
+    tok, _ = Sampler()(logits, f(1.0), f(0, torch.int64), f(1.0), f(0.0), gens)
+    freq = torch.bincount(tok, minlength=5).double() / B
+    assert (freq - torch.softmax(logits[0].double(), 0)).abs().max() < 0.1
+
+
+# ---- thinking control and stop conditions, with a scripted model ------------------------------------
+class ScriptedModel(nn.Module):
+    """Next token = rule[previous token] (greedy), so outputs are known exactly."""
+
+    def __init__(self, vocab, rule):
+        super().__init__()
+        from types import SimpleNamespace
+        self.config = SimpleNamespace(vocab_size=vocab, num_hidden_layers=1, num_key_value_heads=1, eos_token_id=None)
+        self.head_dim = 2
+        self.table = nn.Parameter(torch.full((vocab, vocab), -10.0), requires_grad=False)
+        for prev, nxt in rule.items():
+            self.table.data[prev, nxt] = 10.0
+
+    def forward(self, input_ids, positions, ctx):
+        return self.table[input_ids]
+
+    def compute_logits(self, hidden):
+        return hidden
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(builtin_path("tiny"))
+
+
+def scripted(tok, pairs, default):
+    t = lambda s: tok.convert_tokens_to_ids(s)  # noqa: E731
+    rule = {i: t(default) for i in range(len(tok))}
+    rule.update({t(a): t(b) for a, b in pairs})
+    return ScriptedModel(len(tok), rule)
+
+
+def test_think_budget_forces_end_of_thinking(tok):
+    model = scripted(tok, [("</think>", "x"), ("x", "<eos>")], "a")  # never ends thinking by itself
+    eng = LLMEngine(model, tokenizer=tok, block_size=4)
+    prompt = tok.encode("q?<think>", add_special_tokens=False)
+    for budget in (0, 1, 7):
+        c = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=40, think_budget=budget))[0][0]
+        assert c.text == "a" * budget + "</think>x" and c.finish_reason == "stop"
+    c = eng.generate([tok.encode("q?", add_special_tokens=False)],
+                     SamplingParams(temperature=0, max_tokens=40, think_budget=5))[0][0]
+    assert "<think>" not in c.text and c.finish_reason == "length"  # no thinking span, nothing forced
+
+
+def test_think_extend_replaces_end_with_wait(tok):
+    pairs = [("a", "b"), ("b", "c"), ("c", "</think>"), ("</think>", "x"), ("x", "<eos>")]
+    model = scripted(tok, pairs, "a")
+    eng = LLMEngine(model, tokenizer=tok, block_size=3)
+    prompt = tok.encode("<think>", add_special_tokens=False)
+    c = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=60, think_extend=2), n=2)[0]
+    assert [x.text for x in c] == ["abcWaitabcWaitabc</think>x"] * 2
+    c = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=60, think_extend=5, think_budget=9))[0][0]
+    assert c.text == "abcWaitab</think>x"  # 9 thinking tokens, then forced end
+    assert len(c.logprobs) == c.length == len(c.token_ids)
+    eng.bm.check([])
+
+
+def test_stop_conditions(tok):
+    model = scripted(tok, [("a", "b"), ("b", "c"), ("c", "d"), ("d", "<eos>")], "a")
+    eng = LLMEngine(model, tokenizer=tok, block_size=4)
+    p = [tok.encode("z", add_special_tokens=False)]
+    c = eng.generate(p, SamplingParams(temperature=0))[0][0]
+    assert c.text == "abcd" and c.finish_reason == "stop" and c.length == 5
+    c = eng.generate(p, SamplingParams(temperature=0, max_tokens=3))[0][0]
+    assert c.text == "abc" and c.finish_reason == "length"
+    c = eng.generate(p, SamplingParams(temperature=0, stop_strings=("bc",)))[0][0]
+    assert c.text == "a" and c.finish_reason == "stop" and c.length == 3
+    stop_c = tok.convert_tokens_to_ids("c")
+    c = eng.generate(p, SamplingParams(temperature=0, stop_token_ids=(stop_c,)))[0][0]
+    assert c.token_ids[-1] == stop_c and c.text == "ab"
+    c = eng.generate(p, SamplingParams(temperature=0, ignore_eos=True, max_tokens=12))[0][0]
+    assert c.length == 12 and c.finish_reason == "length"
+    out = eng.generate_text(["z", "zz"], SamplingParams(temperature=0), n=2)
+    assert [[x.text for x in g] for g in out] == [["abcd"] * 2] * 2
+
+
+def test_engine_with_builtin_tiny_model_and_token_logprobs(tok):
+    model = init_model(builtin_path("tiny"), seed=random.randint(0, 1000))
+    eng = LLMEngine(model, tokenizer=tok, block_size=16)
+    prompts = [tok.encode(f"{a}*{b}=<think>", add_special_tokens=False) for a, b in ((12, 3), (456, 7))]
+    out = eng.generate(prompts, SamplingParams(temperature=1.0, max_tokens=30, think_budget=6), n=8)
+    for p, group in zip(prompts, out):
+        for c in group:
+            ids = c.token_ids
+            end = tok.convert_tokens_to_ids("</think>")
+            assert end in ids[:7] or c.finish_reason == "stop" and len(ids) <= 7
+            ref = full_logprobs(model, p + ids, len(p), 1.0)
+            assert (torch.tensor(c.logprobs, dtype=torch.float64) - ref).abs().max() < 1e-4
