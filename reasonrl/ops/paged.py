@@ -50,8 +50,11 @@ def _check_store(k, v, k_cache, v_cache, slot_mapping):
     if slot_mapping.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"store_kv: slot_mapping must be int64 (or int32), got {slot_mapping.dtype}")
     check_same_device(op, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+
+
+def _check_store_values(k_cache, slot_mapping):
     if slot_mapping.device.type == "cpu" and slot_mapping.numel():
-        n_slots = k_cache.shape[0] * bs
+        n_slots = k_cache.shape[0] * k_cache.shape[1]
         lo, hi = slot_mapping.min().item(), slot_mapping.max().item()
         if lo < -1 or hi >= n_slots:
             raise ValueError(f"store_kv: slot_mapping values must be -1 or in [0, {n_slots}), got range [{lo}, {hi}]")
@@ -74,7 +77,12 @@ def _check_decode(q, k_cache, v_cache, block_tables, context_lens):
         if t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{op}: {name} must be int32, got {t.dtype}")
     check_same_device(op, q=q, k_cache=k_cache, block_tables=block_tables, context_lens=context_lens)
-    if context_lens.device.type == "cpu" and B:
+
+
+def _check_decode_values(q, k_cache, block_tables, context_lens):
+    op = "paged_attention_decode"
+    nb, bs = k_cache.shape[:2]
+    if context_lens.device.type == "cpu" and q.shape[0]:
         lo, hi = context_lens.min().item(), context_lens.max().item()
         cap = block_tables.shape[1] * bs
         if lo < 1 or hi > cap:
@@ -146,11 +154,14 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping, *, backend="auto"):
     if k.shape[0] == 0:
         return
     b = _resolve(backend, k.device, "store_kv", "store_kv_fwd")
+    if b == "cpp" and k_cache.is_contiguous() and v_cache.is_contiguous():  # checks slot values itself
+        k, v = (t.to(k_cache.dtype).contiguous() for t in (k, v))
+        torch.ops.reasonrl.store_kv_fwd(k_cache, v_cache, k, v, slot_mapping.long().contiguous())
+        return
+    _check_store_values(k_cache, slot_mapping)
     if b == "triton":
         from reasonrl.kernels.paged import store_kv_fwd
         store_kv_fwd(k, v, k_cache, v_cache, slot_mapping)
-    elif b == "cpp":
-        torch.ops.reasonrl.store_kv_fwd(k_cache, v_cache, k.contiguous(), v.contiguous(), slot_mapping.long())
     else:
         store_kv_reference(k, v, k_cache, v_cache, slot_mapping)
 
@@ -162,10 +173,16 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scal
     if q.shape[0] == 0:
         return q.new_empty(q.shape)
     b = _resolve(backend, q.device, "paged_attention_decode", "paged_attention_decode_fwd")
+    if b == "cpp":  # checks context lengths and block ids itself
+        if q.dtype == k_cache.dtype and k_cache.is_contiguous() and v_cache.is_contiguous():
+            return torch.ops.reasonrl.paged_attention_decode_fwd(
+                q.contiguous(), k_cache, v_cache, block_tables.int().contiguous(), context_lens.int().contiguous(),
+                float(scale))
+        if backend == "cpp":
+            raise ValueError("paged_attention_decode: backend='cpp' needs q in the cache's dtype and contiguous "
+                             f"caches, got q {q.dtype}, cache {k_cache.dtype}")
+    _check_decode_values(q, k_cache, block_tables, context_lens)
     if b == "triton":
         from reasonrl.kernels.paged import paged_attention_decode_fwd
         return paged_attention_decode_fwd(q, k_cache, v_cache, block_tables, context_lens, scale)
-    if b == "cpp":
-        return torch.ops.reasonrl.paged_attention_decode_fwd(
-            q.contiguous(), k_cache, v_cache, block_tables.int().contiguous(), context_lens.int().contiguous(), float(scale))
     return paged_attention_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale)

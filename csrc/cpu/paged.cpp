@@ -1,0 +1,124 @@
+// CPU kernels of the paged KV-cache family.
+//
+// store_kv: one memcpy of Hkv * D elements per token into its slot (a scatter; nothing to compute).
+//
+// paged decode attention, per sequence b and kv head h, for the G query heads that share h:
+//   s_gj = scale * <q_g, k_j>          j < n = context_lens[b], k_j at block_tables[b, j / bs], j % bs
+//   out_g = sum_j exp(s_gj - m_g) v_j / sum_j exp(s_gj - m_g),   m_g = max_j s_gj
+// Two passes over the keys' scores (kept in a G x n float buffer, n * G * 4 bytes) and one over the
+// values. The G query heads of a kv head are done together so each k_j / v_j row is read once for
+// all of them (grouped-query attention's bandwidth saving). Math in float32 whatever the cache dtype.
+// NOTE: at the tiny model's decode shape (B=64, H=4, n~80, D=32) the reference (gather + two einsums)
+// took 3.6 ms per layer on this 2-core machine; this kernel is about a hundred times less work.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu/simd.h"
+#include "paged.h"
+
+namespace reasonrl {
+namespace {
+
+template <DType DT>
+struct Elem;
+template <>
+struct Elem<DType::f32> {
+  using T = float;
+  static RR_INLINE float load(float v) { return v; }
+  static RR_INLINE float store(float f) { return f; }
+};
+template <>
+struct Elem<DType::bf16> {
+  using T = uint16_t;
+  static RR_INLINE float load(uint16_t v) { return simd::bf16_to_float(v); }
+  static RR_INLINE uint16_t store(float f) { return simd::float_to_bf16(f); }
+};
+template <>
+struct Elem<DType::f16> {
+  using T = uint16_t;
+  static RR_INLINE float load(uint16_t v) { return simd::f16_to_float(v); }
+  static RR_INLINE uint16_t store(float f) { return simd::float_to_f16(f); }
+};
+
+template <DType DT>
+void decode_range(void* out_, const void* q_, const void* kc_, const void* vc_, const int32_t* tables,
+                  const int32_t* lens, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs,
+                  int64_t max_blocks, float scale, int64_t w0, int64_t w1) {
+  using E = Elem<DT>;
+  using T = typename E::T;
+  T* out = static_cast<T*>(out_);
+  const T* q = static_cast<const T*>(q_);
+  const T* kc = static_cast<const T*>(kc_);
+  const T* vc = static_cast<const T*>(vc_);
+  const int64_t G = Hq / Hkv;
+  std::vector<float> qf(G * D), acc(G * D), s, m(G), l(G);
+  for (int64_t w = w0; w < w1; ++w) {
+    const int64_t b = w / Hkv, h = w % Hkv, n = lens[b];
+    const int32_t* table = tables + b * max_blocks;
+    const T* qb = q + (b * Hq + h * G) * D;  // G x D, contiguous
+    for (int64_t i = 0; i < G * D; ++i) qf[i] = E::load(qb[i]) * scale;
+    s.resize(G * n);
+    for (int64_t j = 0; j < n; ++j) {
+      const T* kj = kc + ((table[j / bs] * bs + j % bs) * Hkv + h) * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qf.data() + g * D;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += qg[d] * E::load(kj[d]);
+        s[g * n + j] = dot;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float* sg = s.data() + g * n;
+      m[g] = *std::max_element(sg, sg + n);
+      float sum = 0.f;
+      for (int64_t j = 0; j < n; ++j) sum += (sg[j] = std::exp(sg[j] - m[g]));
+      l[g] = 1.f / sum;
+    }
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t j = 0; j < n; ++j) {
+      const T* vj = vc + ((table[j / bs] * bs + j % bs) * Hkv + h) * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float p = s[g * n + j];
+        float* ag = acc.data() + g * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ag[d] += p * E::load(vj[d]);
+      }
+    }
+    T* ob = out + (b * Hq + h * G) * D;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d) ob[g * D + d] = E::store(acc[g * D + d] * l[g]);
+  }
+}
+
+}  // namespace
+
+void store_kv_fwd_cpu(void* k_cache, void* v_cache, const void* k, const void* v, int64_t elem_bytes,
+                      const int64_t* slots, int64_t T, int64_t row_elems) {
+  const int64_t row = row_elems * elem_bytes;
+  for (int64_t t = 0; t < T; ++t) {
+    if (slots[t] < 0) continue;
+    std::memcpy(static_cast<char*>(k_cache) + slots[t] * row, static_cast<const char*>(k) + t * row, row);
+    std::memcpy(static_cast<char*>(v_cache) + slots[t] * row, static_cast<const char*>(v) + t * row, row);
+  }
+}
+
+void paged_attention_decode_fwd_cpu(void* out, const void* q, const void* k_cache, const void* v_cache,
+                                    DType dtype, const int32_t* block_tables,
+                                    const int32_t* context_lens, int64_t Hq, int64_t Hkv, int64_t D,
+                                    int64_t block_size, int64_t max_blocks, float scale,
+                                    int64_t w_begin, int64_t w_end) {
+  auto run = [&](auto tag) {
+    decode_range<decltype(tag)::value>(out, q, k_cache, v_cache, block_tables, context_lens, Hq, Hkv, D,
+                                       block_size, max_blocks, scale, w_begin, w_end);
+  };
+  switch (dtype) {
+    case DType::f32: run(std::integral_constant<DType, DType::f32>{}); break;
+    case DType::bf16: run(std::integral_constant<DType, DType::bf16>{}); break;
+    case DType::f16: run(std::integral_constant<DType, DType::f16>{}); break;
+  }
+}
+
+}  // namespace reasonrl

@@ -1,0 +1,24 @@
+// Declarations of the paged KV-cache family (csrc/paged.cpp glue, csrc/cpu/paged.cpp kernels).
+// Layout: cache (num_blocks, block_size, Hkv, D) contiguous; slot = block * block_size + offset.
+#pragma once
+#include <cstdint>
+
+#include "reasonrl.h"
+
+namespace reasonrl {
+
+// Copies rows t of k, v (T, Hkv * D contiguous, the cache's dtype) to cache slot slots[t]; -1 skips.
+// Slots are checked by the caller.
+void store_kv_fwd_cpu(void* k_cache, void* v_cache, const void* k, const void* v, int64_t elem_bytes,
+                      const int64_t* slots, int64_t T, int64_t row_elems);
+
+// Decode attention for work items w in [w_begin, w_end), w = b * Hkv + kv_head. Query heads
+// kv_head * G .. kv_head * G + G - 1 (G = Hq / Hkv) read kv head kv_head. out, q: (B, Hq, D).
+// block_tables (B, max_blocks), context_lens (B,) checked by the caller.
+void paged_attention_decode_fwd_cpu(void* out, const void* q, const void* k_cache, const void* v_cache,
+                                    DType dtype, const int32_t* block_tables,
+                                    const int32_t* context_lens, int64_t Hq, int64_t Hkv, int64_t D,
+                                    int64_t block_size, int64_t max_blocks, float scale,
+                                    int64_t w_begin, int64_t w_end);
+
+}  // namespace reasonrl

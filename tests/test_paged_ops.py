@@ -1,0 +1,144 @@
+"""Paged KV-cache ops: every backend against a float64 loop reference (odd block sizes, GQA, splits)."""
+import pytest
+import torch
+
+from reasonrl.ops import _backend
+from reasonrl.ops.paged import paged_attention_decode, paged_attention_decode_reference, store_kv
+from tolerance import assert_close_to_ref
+
+CPU_BACKENDS = ["reference", "triton"] + (["cpp"] if _backend.cpp_available() else [])
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def loop_decode(q, k_cache, v_cache, tables, lens, scale):
+    """The definition, one sequence and head at a time, in float64."""
+    B, Hq, D = q.shape
+    _, bs, Hkv, _ = k_cache.shape
+    out = torch.empty(B, Hq, D, dtype=torch.float64)
+    for b in range(B):
+        n = int(lens[b])
+        pos = torch.arange(n)
+        rows = tables[b, pos // bs].long() * bs + pos % bs
+        k = k_cache.reshape(-1, Hkv, D)[rows].double()  # (n, Hkv, D)
+        v = v_cache.reshape(-1, Hkv, D)[rows].double()
+        for h in range(Hq):
+            kh = h // (Hq // Hkv)
+            p = torch.softmax(k[:, kh] @ q[b, h].double() * scale, 0)
+            out[b, h] = p @ v[:, kh]
+    return out
+
+
+def make_case(B, Hq, Hkv, D, bs, max_len, dtype, num_blocks=None):
+    lens = torch.randint(1, max_len + 1, (B,), dtype=torch.int32)
+    lens[0] = max_len
+    M = (max_len + bs - 1) // bs
+    num_blocks = num_blocks or B * M + 3
+    perm = torch.randperm(num_blocks)[: B * M].view(B, M).int()  # scattered blocks
+    tables = torch.full((B, M + 2), -1, dtype=torch.int32)  # wider than needed; unused entries -1
+    tables[:, :M] = perm
+    for b in range(B):  # blocks past a sequence's length are not its own
+        tables[b, (int(lens[b]) + bs - 1) // bs:] = -1
+    kc = torch.randn(num_blocks, bs, Hkv, D).to(dtype)
+    vc = torch.randn(num_blocks, bs, Hkv, D).to(dtype)
+    q = torch.randn(B, Hq, D).to(dtype)
+    return q, kc, vc, tables, lens
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,Hq,Hkv,D,bs,max_len", [(3, 4, 2, 16, 16, 37), (2, 6, 1, 12, 5, 23), (4, 2, 2, 32, 1, 9),
+                                                   (1, 8, 2, 8, 7, 130)])
+def test_decode_matches_reference(backend, dtype, B, Hq, Hkv, D, bs, max_len):
+    q, kc, vc, tables, lens = make_case(B, Hq, Hkv, D, bs, max_len, dtype)
+    scale = D ** -0.5
+    ref64 = loop_decode(q, kc, vc, tables, lens, scale)
+    same = paged_attention_decode_reference(q.float(), kc.float(), vc.float(), tables, lens, scale).to(dtype)
+    out = paged_attention_decode(q, kc, vc, tables, lens, scale, backend=backend)
+    assert out.dtype == dtype
+    assert_close_to_ref(out, ref64, same, dtype, f"decode[{backend}]")
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_triton_decode_splits(num_splits):
+    from reasonrl.kernels.paged import paged_attention_decode_fwd
+
+    q, kc, vc, tables, lens = make_case(3, 4, 2, 16, 4, 45, torch.float32)
+    lens[1] = 1  # most splits of this sequence are empty
+    ref64 = loop_decode(q, kc, vc, tables, lens, 0.3)
+    out = paged_attention_decode_fwd(q, kc, vc, tables.clamp(min=0), lens, 0.3, num_splits=num_splits)
+    same = paged_attention_decode_reference(q, kc, vc, tables, lens, 0.3)
+    assert_close_to_ref(out, ref64, same, torch.float32, f"splits={num_splits}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_writes_exactly_the_slots(backend, dtype):
+    NB, bs, Hkv, D, T = 6, 5, 3, 12, 11
+    kc = torch.full((NB, bs, Hkv, D), float("nan"), dtype=dtype)  # poison: untouched slots stay NaN
+    vc = kc.clone()
+    k, v = torch.randn(T, Hkv, D, dtype=dtype), torch.randn(T, Hkv, D, dtype=dtype)
+    slots = torch.randperm(NB * bs)[:T]
+    slots[[2, 7]] = -1
+    store_kv(k, v, kc, vc, slots, backend=backend)
+    flat_k, flat_v = kc.view(-1, Hkv, D), vc.view(-1, Hkv, D)
+    keep = slots >= 0
+    assert torch.equal(flat_k[slots[keep]], k[keep]) and torch.equal(flat_v[slots[keep]], v[keep])
+    written = torch.zeros(NB * bs, dtype=torch.bool)
+    written[slots[keep]] = True
+    assert torch.isnan(flat_k[~written].float()).all() and torch.isnan(flat_v[~written].float()).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_store_kv_strided_input(backend):
+    kc, vc = torch.zeros(4, 4, 2, 8), torch.zeros(4, 4, 2, 8)
+    kv = torch.randn(5, 2, 2, 8)  # k and v interleaved: non-contiguous views
+    slots = torch.tensor([3, 0, 9, 15, -1])
+    store_kv(kv[:, 0], kv[:, 1], kc, vc, slots, backend=backend)
+    assert torch.equal(kc.view(-1, 2, 8)[slots[:4]], kv[:4, 0]) and torch.equal(vc.view(-1, 2, 8)[slots[:4]], kv[:4, 1])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bad_input_raises_clear_errors(backend):
+    q, kc, vc, tables, lens = make_case(2, 4, 2, 8, 4, 10, torch.float32)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        paged_attention_decode(q[:, :3], kc, vc, tables, lens, 1.0, backend=backend)
+    with pytest.raises(ValueError, match="context_lens must be"):
+        paged_attention_decode(q, kc, vc, tables, lens[:1], 1.0, backend=backend)
+    bad = lens.clone()
+    bad[1] = 0
+    with pytest.raises((ValueError, RuntimeError), match="context_lens"):
+        paged_attention_decode(q, kc, vc, tables, bad, 1.0, backend=backend)
+    bad_tables = tables.clone()
+    bad_tables[0, 0] = 10_000
+    with pytest.raises((ValueError, RuntimeError), match="block_tables"):
+        paged_attention_decode(q, kc, vc, bad_tables, lens, 1.0, backend=backend)
+    k = torch.randn(3, 2, 8)
+    with pytest.raises((ValueError, RuntimeError), match="slot_mapping"):
+        store_kv(k, k, kc, vc, torch.tensor([0, 1, kc.shape[0] * kc.shape[1]]), backend=backend)
+    with pytest.raises(ValueError, match="k must be"):
+        store_kv(torch.randn(3, 3, 8), torch.randn(3, 3, 8), kc, vc, torch.tensor([0, 1, 2]), backend=backend)
+
+
+def test_unavailable_backend_is_named():
+    q, kc, vc, tables, lens = make_case(1, 2, 2, 8, 4, 5, torch.float32)
+    with pytest.raises(RuntimeError, match="cuda"):
+        paged_attention_decode(q, kc, vc, tables, lens, 1.0, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        store_kv(q, q, kc, vc, torch.zeros(1, dtype=torch.long), backend="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_on_gpu(dtype):
+    q, kc, vc, tables, lens = make_case(16, 14, 2, 64, 16, 700, dtype)
+    ref64 = loop_decode(q, kc, vc, tables, lens, 0.125)
+    same = paged_attention_decode_reference(q.float(), kc.float(), vc.float(), tables, lens, 0.125).to(dtype)
+    dev = torch.device("cuda")
+    out = paged_attention_decode(q.to(dev), kc.to(dev), vc.to(dev), tables.to(dev), lens.to(dev), 0.125, backend="triton")
+    assert_close_to_ref(out.cpu(), ref64, same, dtype, "triton gpu")
+    kc2 = torch.zeros_like(kc, device=dev)
+    vc2 = torch.zeros_like(vc, device=dev)
+    k, v = torch.randn(40, 2, 64, dtype=dtype, device=dev), torch.randn(40, 2, 64, dtype=dtype, device=dev)
+    slots = torch.randperm(kc.shape[0] * 16, device=dev)[:40]
+    store_kv(k, v, kc2, vc2, slots, backend="triton")
+    assert torch.equal(kc2.view(-1, 2, 64)[slots], k) and torch.equal(vc2.view(-1, 2, 64)[slots], v)
