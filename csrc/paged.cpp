@@ -7,7 +7,7 @@
 // CPU tensors only: on GPU the Triton kernels (kernels/paged.py) run.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cstdint>
