@@ -124,8 +124,6 @@ def check_inputs(logits, hidden, weight, ids, mask, rewards, group_size, old_log
                  temperature, config, num_items_in_batch=None):
     """Validate the arguments of grpo_loss; returns (B, T, G). Raises naming the argument."""
     op = "grpo_loss"
-    if not isinstance(config, GRPOLossConfig):
-        raise TypeError(f"{op}: config must be a GRPOLossConfig, got {type(config).__name__}")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise ValueError(f"{op}: ids must be a (B, T) integer tensor, got "
                          f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
@@ -148,14 +146,26 @@ def check_inputs(logits, hidden, weight, ids, mask, rewards, group_size, old_log
         if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
             raise ValueError(f"{op}: weight must have shape (V, H) with H = {hidden.shape[1]} as hidden, "
                              f"got {tuple(weight.shape)}")
-    _check_bt("mask", mask, B, T)
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"{op}: temperature must be a number > 0, got {temperature!r}")
+    check_grpo_args(op, B, T, mask, rewards, group_size, old_logprobs, ref_logprobs, config,
+                    num_items_in_batch)
+    return B, T, group_size
+
+
+def check_grpo_args(op, B, T, mask, rewards, group_size, old_logprobs, ref_logprobs, config,
+                    num_items_in_batch):
+    """The checks shared by grpo_loss and grpo_loss_from_logprobs."""
+    if not isinstance(config, GRPOLossConfig):
+        raise TypeError(f"{op}: config must be a GRPOLossConfig, got {type(config).__name__}")
     if mask is None:
         raise ValueError(f"{op}: mask (B, T) is required")
-    _check_bt("old_logprobs", old_logprobs, B, T)
+    _check_bt("mask", mask, B, T, op)
+    _check_bt("old_logprobs", old_logprobs, B, T, op)
     if config.beta != 0:
         if ref_logprobs is None:
             raise ValueError(f"{op}: config.beta = {config.beta} needs ref_logprobs (B, T)")
-        _check_bt("ref_logprobs", ref_logprobs, B, T)
+        _check_bt("ref_logprobs", ref_logprobs, B, T, op)
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
@@ -169,17 +179,15 @@ def check_inputs(logits, hidden, weight, ids, mask, rewards, group_size, old_log
     if group_size == 1 and config.advantage in ("grpo", "rloo"):
         raise ValueError(f"{op}: group_size 1 with advantage {config.advantage!r} is undefined "
                          f"(a group of one has no std / no leave-one-out mean); use G >= 2")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"{op}: temperature must be a number > 0, got {temperature!r}")
     if num_items_in_batch is not None:
         if config.loss_type != "dapo":
             raise ValueError(f"{op}: num_items_in_batch is only used by loss_type 'dapo', "
                              f"got loss_type {config.loss_type!r}")
-        if float(num_items_in_batch) <= 0:
+        if not float(num_items_in_batch) > 0:
             raise ValueError(f"{op}: num_items_in_batch must be > 0, got {num_items_in_batch!r}")
-    if not torch.isfinite(rewards.detach().double()).all():
+    # One reduction over B values (a host sync on GPU): a NaN reward would poison a whole group.
+    if not bool(torch.isfinite(rewards.detach().double()).all()):
         raise ValueError(f"{op}: rewards contain NaN or inf")
-    return B, T, group_size
 
 
 # ---- the reference ---------------------------------------------------------------------------------
@@ -204,7 +212,7 @@ def grpo_loss_reference(logits=None, *, hidden=None, weight=None, ids, mask, rew
                         old_logprobs=None, ref_logprobs=None, temperature=1.0,
                         config=GRPOLossConfig(), num_items_in_batch=None, dtype=None):
     """Plain PyTorch, whole tensors, autograd for gradients. Computes in `dtype` (default float64 for
-    float64 inputs, else float32). Returns (loss, metrics)."""
+    float64 inputs, else float32); materializes the (B, T, V) log-softmax. Returns (loss, metrics)."""
     check_inputs(logits, hidden, weight, ids, mask, rewards, group_size, old_logprobs, ref_logprobs,
                  temperature, config, num_items_in_batch)
     B, T = ids.shape
@@ -213,14 +221,26 @@ def grpo_loss_reference(logits=None, *, hidden=None, weight=None, ids, mask, rew
     if logits is None:
         logits = (hidden.to(dtype) @ weight.to(dtype).t()).view(B, T, -1)  # (B, T, V)
     V = logits.shape[-1]
-    m = mask.to(dtype)  # (B, T)
     live = mask.bool()
     if ((ids[live] < 0) | (ids[live] >= V)).any():
         raise ValueError(f"grpo_loss: ids at unmasked positions must be in [0, V = {V})")
     safe_ids = torch.where(live, ids.long(), torch.zeros_like(ids, dtype=torch.long))
-
     logprobs_all = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)  # (B, T, V)
     logp = logprobs_all.gather(-1, safe_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    entropy = -(logprobs_all.exp() * logprobs_all).sum(-1) if config.needs_entropy else None  # (B, T)
+    return grpo_loss_from_logprobs_reference(logp, entropy, mask=mask, rewards=rewards,
+                                             group_size=group_size, old_logprobs=old_logprobs,
+                                             ref_logprobs=ref_logprobs, config=config,
+                                             num_items_in_batch=num_items_in_batch)
+
+
+def grpo_loss_from_logprobs_reference(logp, entropy=None, *, mask, rewards, group_size,
+                                      old_logprobs=None, ref_logprobs=None, config=GRPOLossConfig(),
+                                      num_items_in_batch=None):
+    """The formulas of the module docstring on whole (B, T) tensors, in logp's dtype."""
+    dtype = logp.dtype
+    B, T = logp.shape
+    m = mask.to(dtype)  # (B, T)
     C = config.log_ratio_clamp
     old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
     lr = torch.clamp(logp - old, -C, C)
@@ -241,12 +261,8 @@ def grpo_loss_reference(logits=None, *, hidden=None, weight=None, ids, mask, rew
         d = torch.clamp(ref_logprobs.to(dtype) - logp, -C, C)
         kl = torch.exp(d) - d - 1
         per_token = per_token + config.beta * kl
-    entropy = None
-    if config.needs_entropy:
-        probs = logprobs_all.exp()
-        entropy = -(probs * logprobs_all).sum(-1)  # (B, T)
-        if config.entropy_coef != 0:
-            per_token = per_token - config.entropy_coef * entropy
+    if entropy is not None and config.entropy_coef != 0:
+        per_token = per_token - config.entropy_coef * entropy
 
     S = (per_token * m).sum()
     n_tok = m.sum()
@@ -264,15 +280,145 @@ def grpo_loss_reference(logits=None, *, hidden=None, weight=None, ids, mask, rew
 
     with torch.no_grad():
         metrics = {
-            "kl": tok_mean(kl) if config.beta != 0 else torch.zeros((), dtype=torch.float32, device=m.device),
+            "kl": tok_mean(kl) if config.beta != 0 else torch.zeros((), device=m.device),
             "clip_frac_low": tok_mean(((ratio < 1 - config.epsilon_low) & (A < 0)).to(dtype)),
             "clip_frac_high": tok_mean(((ratio > 1 + config.epsilon_high) & (A > 0)).to(dtype)),
-            "advantage_mean": adv.mean().float(),
-            "zero_std_frac": zero_std.to(dtype).mean().float(),
+            "advantage_mean": adv.mean().float() if B else torch.zeros((), device=m.device),
+            "zero_std_frac": zero_std.to(dtype).mean().float() if B else torch.zeros((), device=m.device),
             "num_tokens": n_tok.detach().float(),
         }
         if entropy is not None:
             metrics["entropy"] = tok_mean(entropy)
+    return loss, metrics
+
+
+# ---- kernels: one autograd Function over the per-row kernels -----------------------------------------
+
+def _kernel_params(config, old, ref, G):
+    return dict(old=old, ref=ref, advantage=config.advantage, std_eps=float(config.std_eps),
+                eps_low=float(config.epsilon_low), eps_high=float(config.epsilon_high),
+                dual_clip=float(config.dual_clip or 0.0), beta=float(config.beta),
+                entropy_coef=float(config.entropy_coef), clamp=float(config.log_ratio_clamp),
+                sequence=config.importance_sampling == "sequence", G=G)
+
+
+_ADV_CODES = {"grpo": 0, "dr_grpo": 1, "rloo": 2}  # GRPOAdvantage in csrc/grpo.h
+
+
+def _cpp_args(p):
+    return (p["G"], _ADV_CODES[p["advantage"]], p["std_eps"], p["eps_low"], p["eps_high"], p["dual_clip"],
+            p["beta"], p["entropy_coef"], p["clamp"], p["sequence"])
+
+
+def _fwd(backend, logp, entropy, mask, rewards, p):
+    if backend == "triton":
+        from reasonrl.kernels.grpo import grpo_fwd
+        return grpo_fwd(logp, entropy, mask, rewards, p["G"], p)
+    return torch.ops.reasonrl.grpo_fwd(logp, p["old"], p["ref"], entropy, mask, rewards, *_cpp_args(p))
+
+
+def _bwd(backend, scale, logp, mask, rewards, p, with_entropy):
+    if backend == "triton":
+        from reasonrl.kernels.grpo import grpo_bwd
+        return grpo_bwd(scale, logp, mask, rewards, p["G"], p, with_entropy)
+    gl, ge = torch.ops.reasonrl.grpo_bwd(scale, logp, p["old"], p["ref"], mask, rewards, *_cpp_args(p),
+                                         with_entropy)
+    return gl, (ge if with_entropy else None)
+
+
+def _row_weights(msum, config, T, num_items_in_batch):
+    """w_b with loss = sum_b w_b * (sum_t m l)_b, per the aggregation. msum (B,) float32."""
+    B = msum.shape[0]
+    if config.loss_type == "grpo":
+        return 1.0 / (B * msum.clamp(min=1.0))
+    if config.loss_type == "dr_grpo":
+        return torch.full_like(msum, 1.0 / (B * (config.max_completion_length or T)))
+    if config.loss_type == "dapo" and num_items_in_batch is not None:
+        return torch.full_like(msum, 1.0 / float(num_items_in_batch))
+    return (1.0 / msum.sum().clamp(min=1.0)).expand(B)
+
+
+class GRPOLossFunction(torch.autograd.Function):
+    """(logp, entropy) (B, T) float32 -> (loss, per-row stats (B, 8)); gradients to logp, entropy."""
+
+    @staticmethod
+    def forward(ctx, logp, entropy, mask, rewards, p, config, num_items_in_batch, backend):
+        stats = _fwd(backend, logp, entropy, mask, rewards, p)  # (B, 8)
+        w = _row_weights(stats[:, 1], config, logp.shape[1], num_items_in_batch)  # (B,)
+        loss = (stats[:, 0] * w).sum()
+        ctx.save_for_backward(logp, mask, rewards, w)
+        ctx.cfg = (p, backend, entropy is not None and config.entropy_coef != 0)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        logp, mask, rewards, w = ctx.saved_tensors
+        p, backend, with_entropy = ctx.cfg
+        scale = (grad_loss.float() * w).contiguous()  # (B,)
+        gl, ge = _bwd(backend, scale, logp, mask, rewards, p, with_entropy and ctx.needs_input_grad[1])
+        return gl, ge, None, None, None, None, None, None
+
+
+def _metrics(stats, B, G):
+    n = stats[:, 1].sum()
+    d = n.clamp(min=1.0)
+    zero = torch.zeros((), device=stats.device)
+    return {
+        "kl": stats[:, 2].sum() / d,
+        "clip_frac_low": stats[:, 3].sum() / d,
+        "clip_frac_high": stats[:, 4].sum() / d,
+        "advantage_mean": stats[:, 6].mean() if B else zero,
+        "zero_std_frac": stats[:, 7].mean() if B else zero,  # every group has G rows
+        "num_tokens": n,
+    }
+
+
+def grpo_loss_from_logprobs(logp, entropy=None, *, mask, rewards, group_size, old_logprobs=None,
+                            ref_logprobs=None, config=GRPOLossConfig(), num_items_in_batch=None,
+                            backend="auto"):
+    """The GRPO part alone, for log-probs computed elsewhere: logp (B, T) (with grad), entropy (B, T)
+    or None (used for the entropy bonus and metric). Same outputs as grpo_loss."""
+    from reasonrl.ops._backend import check_same_device, resolve
+
+    op = "grpo_loss_from_logprobs"
+    if not isinstance(config, GRPOLossConfig):
+        raise TypeError(f"{op}: config must be a GRPOLossConfig, got {type(config).__name__}")
+    if not isinstance(logp, torch.Tensor) or logp.dim() != 2 or not logp.is_floating_point():
+        raise ValueError(f"{op}: logp must be a floating (B, T) tensor")
+    B, T = logp.shape
+    _check_bt("entropy", entropy, B, T, op)
+    check_grpo_args(op, B, T, mask, rewards, group_size, old_logprobs, ref_logprobs, config,
+                    num_items_in_batch)
+    device = check_same_device(op, logp=logp, entropy=entropy, mask=mask, rewards=rewards,
+                               old_logprobs=old_logprobs,
+                               ref_logprobs=ref_logprobs if config.beta != 0 else None)
+    b = resolve(backend, device, op)
+    if b == "reference":
+        return grpo_loss_from_logprobs_reference(
+            logp, entropy, mask=mask, rewards=rewards, group_size=group_size, old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs, config=config, num_items_in_batch=num_items_in_batch)
+    if logp.dtype == torch.float64:
+        raise TypeError(f"{op}: float64 runs on backend='reference'; the kernels take float32")
+    return _from_logprobs(b, logp, entropy, mask, rewards, group_size, old_logprobs, ref_logprobs,
+                          config, num_items_in_batch)
+
+
+def _from_logprobs(b, logp, entropy, mask, rewards, G, old_logprobs, ref_logprobs, config,
+                   num_items_in_batch):
+    def f32(t):
+        return None if t is None else t.detach().to(torch.float32).contiguous()
+
+    B = logp.shape[0]
+    p = _kernel_params(config, f32(old_logprobs), f32(ref_logprobs) if config.beta != 0 else None, G)
+    lp = logp.float().contiguous()
+    ent = entropy.float().contiguous() if entropy is not None else None
+    loss, stats = GRPOLossFunction.apply(lp, ent, f32(mask), f32(rewards), p, config,
+                                         num_items_in_batch, b)
+    with torch.no_grad():
+        metrics = _metrics(stats, B, G)
+        if entropy is not None:
+            metrics["entropy"] = stats[:, 5].sum() / stats[:, 1].sum().clamp(min=1.0)
     return loss, metrics
 
 
@@ -290,13 +436,31 @@ def grpo_loss(logits=None, *, hidden=None, weight=None, ids, mask, rewards, grou
     """
     from reasonrl.ops._backend import check_same_device, resolve
 
+    if not isinstance(config, GRPOLossConfig):
+        raise TypeError(f"grpo_loss: config must be a GRPOLossConfig, got {type(config).__name__}")
     device = check_same_device("grpo_loss", logits=logits, hidden=hidden, weight=weight, ids=ids,
                                mask=mask, rewards=rewards, old_logprobs=old_logprobs,
                                ref_logprobs=ref_logprobs if config.beta != 0 else None)
     b = resolve(backend, device, "grpo_loss")
-    if b == "reference" or backend == "auto":  # the kernels land next; auto uses the reference until then
+    if b == "reference":
         return grpo_loss_reference(logits, hidden=hidden, weight=weight, ids=ids, mask=mask,
                                    rewards=rewards, group_size=group_size, old_logprobs=old_logprobs,
                                    ref_logprobs=ref_logprobs, temperature=temperature, config=config,
                                    num_items_in_batch=num_items_in_batch)
-    raise NotImplementedError(f"grpo_loss: backend {b!r} is not written yet; use 'reference'")
+    B, T, G = check_inputs(logits, hidden, weight, ids, mask, rewards, group_size, old_logprobs,
+                           ref_logprobs, temperature, config, num_items_in_batch)
+    from reasonrl.ops.logprobs import linear_token_logprobs, token_logprobs
+
+    need_ent = config.needs_entropy
+    # Masked positions become ignore_index: the log-prob kernels skip them (zero logp, zero grad),
+    # and whatever id padding carries there is never range-checked or gathered.
+    ids_eff = torch.where(mask.bool(), ids.long(), torch.full_like(ids, -100, dtype=torch.long))
+    if logits is not None:
+        out = token_logprobs(logits, ids_eff, temperature, ignore_index=-100, return_entropy=need_ent,
+                             inplace_backward=config.inplace_backward, backend=b)  # (B, T)
+    else:
+        out = linear_token_logprobs(hidden, weight, ids_eff.view(-1), temperature, ignore_index=-100,
+                                    return_entropy=need_ent, backend=b)  # (B*T,)
+    logp, ent = out if need_ent else (out, None)
+    return _from_logprobs(b, logp.view(B, T), ent.view(B, T) if ent is not None else None, mask,
+                          rewards, G, old_logprobs, ref_logprobs, config, num_items_in_batch)
