@@ -1,0 +1,324 @@
+"""Rewards: answer extraction, verified answer equivalence, format reward, custom reward functions.
+
+A reward function is `fn(response: str, problem: Problem) -> float`. The accuracy reward is
+*verified*, not string-matched: "0.50", "1/2" and "\\frac{1}{2}" all equal "0.5".
+
+Rules (documented because model output is adversarial):
+- extract_answer: the content of the LAST complete <answer>...</answer> pair; with nested tags
+  ("<answer><answer>5</answer></answer>") the innermost pair that closes last wins. Without answer
+  tags, the last \\boxed{...} (braces balanced). A \\boxed{} inside the answer tags is unwrapped.
+  Nothing found -> None (reward 0).
+- Unicode digits (any Unicode category Nd, e.g. Arabic-Indic "٤٢") are mapped to ASCII after NFKC
+  normalization, so "٤٢" == "42" consistently on both sides.
+- Huge numbers never hang: integers compare exactly as digit strings past 4000 digits (Python's
+  int() refuses > 4300), decimal exponents beyond +-1000 are rejected, and symbolic expressions go to
+  sympy only after an AST check (no power with a non-literal or > 64 exponent, <= 200 characters)
+  and under a SIGALRM timeout when called from the main thread.
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import math
+import re
+import signal
+import threading
+import unicodedata
+from fractions import Fraction
+from typing import Callable
+
+# innermost pairs: the content may not contain another answer tag
+_ANSWER_PAIR = re.compile(r"<answer>((?:(?!<answer>|</answer>).)*)</answer>", re.DOTALL)
+_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+_MAX_INT_DIGITS = 4000
+_MAX_EXPONENT = 1000
+
+
+# ----------------------------------------------------------------------------- extraction
+def extract_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}) with balanced braces, else None."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None  # unbalanced: the box never closed
+
+
+def extract_answer(text: str | None) -> str | None:
+    """The final answer in a response (rules in the module docstring), stripped; None if absent."""
+    if not text:
+        return None
+    pairs = _ANSWER_PAIR.findall(text)
+    if pairs:
+        boxed = extract_boxed(pairs[-1])
+        return (boxed if boxed is not None else pairs[-1]).strip()
+    boxed = extract_boxed(text)
+    return boxed.strip() if boxed is not None else None
+
+
+# ----------------------------------------------------------------------------- normalization
+def _ascii_digits(s: str) -> str:
+    # NFKC folds full-width and superscript forms; Nd catches the other scripts' decimal digits.
+    s = unicodedata.normalize("NFKC", s)
+    return "".join(str(unicodedata.decimal(c)) if c.isdigit() and not c.isascii() and
+                   unicodedata.category(c) == "Nd" else c for c in s)
+
+
+def normalize_answer(s: str) -> str:
+    """Canonical text form: ASCII digits, no $ / \\text / thin spaces / thousands commas / final period."""
+    s = _ascii_digits(s).strip()
+    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\(?:left|right|displaystyle|!|,|;| )", "", s)
+    s = s.replace("$", "").replace("\u2212", "-").strip()
+    s = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", s)
+    if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        s = s.replace(",", "")
+    return s.rstrip(".").strip()
+
+
+_INT = re.compile(r"[+-]?\d+")
+_DEC = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))(?:[eE]([+-]?\d+))?")
+_FRAC = re.compile(r"\(?([+-]?\d+)\)?/\(?([+-]?\d+)\)?")
+
+
+def _to_number(s: str) -> Fraction | str | None:
+    """Exact value of a plain number (int, decimal, a/b), a digit string for huge ints, else None."""
+    s = s.replace(" ", "")
+    if _INT.fullmatch(s):
+        if len(s) > _MAX_INT_DIGITS:  # int() would refuse; compare canonical digit strings instead
+            sign = "-" if s[0] == "-" else ""
+            return sign + s.lstrip("+-").lstrip("0")
+        return Fraction(int(s))
+    m = _DEC.fullmatch(s)
+    if m and len(s) <= _MAX_INT_DIGITS:
+        exp = int(m.group(2) or 0) if len(m.group(2) or "") <= 6 else _MAX_EXPONENT + 1
+        if abs(exp) > _MAX_EXPONENT:
+            return None  # 1e999999999 would build a billion-digit integer
+        return Fraction(m.group(1)) * Fraction(10) ** exp
+    m = _FRAC.fullmatch(s)
+    if m and len(s) <= 200 and int(m.group(2)) != 0:
+        return Fraction(int(m.group(1)), int(m.group(2)))
+    return None
+
+
+# ----------------------------------------------------------------------------- symbolic
+_FUNCS = {"sqrt", "sin", "cos", "tan", "log", "ln", "exp", "pi", "E", "I", "e"}
+
+
+def _safe_expr(s: str) -> str | None:
+    """A Python-syntax expression safe to hand to sympy, or None."""
+    if len(s) > 200 or re.search(r"\d[eE][+-]?\d", s):  # sympy would expand 1e999999999 exactly
+        return None
+    s = s.replace("^", "**").replace("\\pi", "pi").replace("\\sqrt", "sqrt").replace("\\cdot", "*")
+    s = s.replace("{", "(").replace("}", ")").replace("\\times", "*")
+    try:
+        tree = ast.parse(s, mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+            e = node.right.operand if isinstance(node.right, ast.UnaryOp) else node.right
+            if not (isinstance(e, ast.Constant) and isinstance(e.value, int) and abs(e.value) <= 64):
+                return None
+        elif isinstance(node, ast.Constant):
+            if not isinstance(node.value, (int, float)) or len(repr(node.value)) > 100:
+                return None
+        elif isinstance(node, ast.Name):
+            if not (len(node.id) == 1 or node.id in _FUNCS):
+                return None
+        elif isinstance(node, ast.Call):
+            if not (isinstance(node.func, ast.Name) and node.func.id in _FUNCS) or node.keywords:
+                return None
+        elif not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.operator,
+                                   ast.unaryop, ast.Load)):
+            return None
+    return s
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _with_timeout(fn, seconds: float):
+    """fn() under SIGALRM in the main thread; elsewhere (no signals) fn() runs as is."""
+    if threading.current_thread() is not threading.main_thread() or seconds <= 0:
+        return fn()
+
+    def on_alarm(signum, frame):
+        raise _Timeout()
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _symbolic_equal(a: str, b: str, timeout: float) -> bool:
+    ea, eb = _safe_expr(a), _safe_expr(b)
+    if ea is None or eb is None:
+        return False
+    try:
+        import sympy
+    except ImportError:
+        return False
+
+    def check():
+        x, y = sympy.sympify(ea.replace("ln", "log")), sympy.sympify(eb.replace("ln", "log"))
+        return bool(sympy.simplify(x - y) == 0)
+
+    try:
+        return _with_timeout(check, timeout)
+    except Exception:  # _Timeout, sympy parse errors, overflow: not verified equal
+        return False
+
+
+def answers_equal(pred: str | None, gold: str, timeout: float = 1.0) -> bool:
+    """Verified equivalence of a predicted and a gold answer (module docstring for the rules)."""
+    if pred is None:
+        return False
+    p, g = normalize_answer(pred), normalize_answer(str(gold))
+    if not p:
+        return False
+    if p == g:
+        return True
+    np_, ng = _to_number(p), _to_number(g)
+    if np_ is not None and ng is not None:
+        return np_ == ng
+    mv = _math_verify(p, g)
+    if mv is not None:
+        return mv
+    return _symbolic_equal(p, g, timeout)
+
+
+def _math_verify(p: str, g: str) -> bool | None:
+    """math-verify's verdict when that optional package is installed, else None."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return None
+    try:
+        return bool(verify(parse(g), parse(p)))
+    except Exception:
+        return None
+
+
+# ----------------------------------------------------------------------------- countdown
+def countdown_check(expr: str | None, numbers: list[int], target: int) -> bool:
+    """True when expr uses exactly `numbers` (each once, all of them), only + - * / and parentheses,
+    and evaluates to target. Evaluated on the AST with Fractions: no eval, no floats."""
+    if not expr or len(expr) > 200:
+        return False
+    expr = normalize_answer(expr).replace("\\times", "*").replace("\\cdot", "*").replace("x", "*")
+    expr = expr.split("=")[0]
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    used: list[int] = []
+    ops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
+           ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
+
+    def ev(node) -> Fraction:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            used.append(node.value)
+            return Fraction(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](ev(node.left), ev(node.right))
+        raise ValueError("disallowed syntax")
+
+    try:
+        value = ev(tree)
+    except (ValueError, ZeroDivisionError, RecursionError):
+        return False
+    return sorted(used) == sorted(numbers) and value == target
+
+
+# ----------------------------------------------------------------------------- reward functions
+_FORMAT = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
+
+
+def format_reward(response: str, problem=None) -> float:
+    """1.0 for exactly <think>...</think><answer>...</answer> (one of each tag, non-empty answer)."""
+    m = _FORMAT.fullmatch(response or "")
+    if not m or not m.group("answer").strip():
+        return 0.0
+    return 1.0 if all(response.count(t) == 1 for t in _TAGS) else 0.0
+
+
+def accuracy_reward(response: str, problem) -> float:
+    """1.0 for a verified-correct final answer, per the problem's checker."""
+    pred = extract_answer(response)
+    checker = getattr(problem, "checker", "math")
+    if checker == "countdown":
+        return float(countdown_check(pred, problem.meta["numbers"], problem.meta["target"]))
+    if checker == "score":  # e.g. reasoning-gym: the dataset's own scorer in meta
+        return float(problem.meta["score"](pred, problem.meta) >= 1.0) if pred is not None else 0.0
+    if checker == "code":
+        from reasonrl.rl.sandbox import run_tests
+        code = _code_block(response)
+        return float(code is not None and run_tests(code, problem.meta["tests"]).passed)
+    return float(answers_equal(pred, problem.answer))
+
+
+def _code_block(response: str) -> str | None:
+    """The last ```python ...``` block (or the answer text when there is no fenced block)."""
+    blocks = re.findall(r"```(?:python|py)?\n(.*?)```", response or "", re.DOTALL)
+    return blocks[-1] if blocks else extract_answer(response)
+
+
+BUILTIN_REWARDS: dict[str, Callable] = {"accuracy": accuracy_reward, "format": format_reward}
+
+
+def load_reward_fn(spec: str) -> Callable:
+    """A reward function by name ("accuracy", "format") or import path "pkg.module:function"."""
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    if ":" not in spec:
+        raise ValueError(f"reward {spec!r}: expected a built-in name {sorted(BUILTIN_REWARDS)} "
+                         "or an import path 'pkg.module:function'")
+    mod_name, fn_name = spec.split(":", 1)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ValueError(f"reward {spec!r}: cannot import module {mod_name!r}: {e}") from e
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r}: module {mod_name!r} has no callable {fn_name!r}")
+    return fn
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, Callable, float]]:
+    """"accuracy:1.0,format:0.1,pkg.mod:fn:0.5" -> [(name, fn, weight)]. The weight is the part
+    after the last ':' when it parses as a float."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, weight = item, 1.0
+        head, _, tail = item.rpartition(":")
+        if head:
+            try:
+                weight, name = float(tail), head
+            except ValueError:
+                pass
+        if not math.isfinite(weight):
+            raise ValueError(f"reward {item!r}: weight must be finite")
+        out.append((name, load_reward_fn(name), weight))
+    if not out:
+        raise ValueError(f"rewards {spec!r}: no reward functions given")
+    return out
+
+
+def compute_rewards(responses: list[str], problems: list, spec: list[tuple[str, Callable, float]]):
+    """Weighted sum per response, plus each component's list (for logging)."""
+    parts = {name: [float(fn(r, p)) for r, p in zip(responses, problems)] for name, fn, _ in spec}
+    total = [sum(w * parts[name][i] for name, _, w in spec) for i in range(len(responses))]
+    return total, parts

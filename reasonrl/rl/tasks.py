@@ -1,0 +1,267 @@
+"""Reasoning tasks: built-in generators with a difficulty knob, local JSONL datasets, reasoning-gym.
+
+A task makes `Problem`s: a question, a final answer, and (built-in tasks) a worked response in the
+training format <think>...</think><answer>...</answer> for the cold start.
+
+Splits. A question belongs to the held-out split when a hash of its text falls in the first
+`test_percent` of 100 buckets. Because the split is a function of the question text alone, the
+training and held-out problems can never share a question, whatever seeds or counts are used.
+Generation is deterministic by seed (a private random.Random; global RNGs are left alone).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+
+from reasonrl.rl.rewards import extract_boxed
+
+
+@dataclass
+class Problem:
+    question: str
+    answer: str
+    solution: str | None = None  # worked response in the training format, when known
+    checker: str = "math"        # how rewards.accuracy_reward verifies: math | countdown | score | code
+    meta: dict = field(default_factory=dict)
+
+
+def split_of(question: str, test_percent: int = 10) -> str:
+    """'test' or 'train', from a hash of the question text (stable across runs and machines)."""
+    bucket = int.from_bytes(hashlib.sha1(question.encode()).digest()[:4], "little") % 100
+    return "test" if bucket < test_percent else "train"
+
+
+def format_response(think: str, answer: str) -> str:
+    return f"<think>{think}</think><answer>{answer}</answer>"
+
+
+class Task:
+    """Base: subclasses implement sample(rng) -> Problem."""
+    name = "task"
+    test_percent = 10
+
+    def sample(self, rng: random.Random) -> Problem:
+        raise NotImplementedError
+
+    def problems(self, n: int, seed: int, split: str = "train", exclude=()) -> list[Problem]:
+        """n distinct problems of the split, deterministic by seed; questions in `exclude` skipped."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        rng, seen, out = random.Random(f"{self.name}:{seed}:{split}"), set(exclude), []
+        tries = 0
+        while len(out) < n:
+            tries += 1
+            if tries > 200 * n + 1000:
+                raise ValueError(f"task {self.name}: could not find {n} distinct {split} problems "
+                                 f"(found {len(out)}); widen the difficulty range")
+            p = self.sample(rng)
+            if p.question in seen or split_of(p.question, self.test_percent) != split:
+                continue
+            seen.add(p.question)
+            out.append(p)
+        return out
+
+
+def _digits(rng: random.Random, lo: int, hi: int) -> int:
+    d = rng.randint(lo, hi)
+    return rng.randint(10 ** (d - 1), 10 ** d - 1)
+
+
+class MultiplyTask(Task):
+    """a*b, a of `digits` digits, b of `b_digits` digits (default b in 2..9, DEFAULT_RUN.md).
+
+    Worked solution, right to left, one partial product and carry per step ("7*6+4=46" means
+    digit 7 of a times b plus the carry 4); the last step's result leads the answer:
+    347*6 -> <think>7*6=42,4*6+4=28,3*6+2=20</think><answer>2082</answer>.
+    Difficulty knob: `digits` (min, max) of a."""
+    name = "multiply"
+
+    def __init__(self, digits=(2, 5), b_digits=(1, 1), b_min=2):
+        if not (1 <= digits[0] <= digits[1]):
+            raise ValueError(f"MultiplyTask: digits must be (min, max) with 1 <= min <= max, got {digits}")
+        if not (1 <= b_digits[0] <= b_digits[1]):
+            raise ValueError(f"MultiplyTask: b_digits must be (min, max) with 1 <= min <= max, got {b_digits}")
+        self.digits, self.b_digits, self.b_min = tuple(digits), tuple(b_digits), b_min
+
+    def sample(self, rng):
+        a = _digits(rng, *self.digits)
+        # one-digit b skips 0 and 1 (trivial steps) by default
+        b = rng.randint(self.b_min, 9) if self.b_digits == (1, 1) else _digits(rng, *self.b_digits)
+        steps, carry = [], 0
+        for d in reversed(str(a)):
+            v = int(d) * b + carry
+            steps.append(f"{d}*{b}" + (f"+{carry}" if carry else "") + f"={v}")
+            carry = v // 10
+        return Problem(f"{a}*{b}", str(a * b), format_response(",".join(steps), str(a * b)))
+
+
+class AddTask(Task):
+    """a+b with each operand of `digits` digits; worked right to left, one column and carry per step:
+    57+68 -> <think>7+8=15,5+6+1=12</think><answer>125</answer>."""
+    name = "add"
+
+    def __init__(self, digits=(2, 5)):
+        if not (1 <= digits[0] <= digits[1]):
+            raise ValueError(f"AddTask: digits must be (min, max) with 1 <= min <= max, got {digits}")
+        self.digits = tuple(digits)
+
+    def sample(self, rng):
+        a, b = _digits(rng, *self.digits), _digits(rng, *self.digits)
+        sa, sb = str(a), str(b)
+        width = max(len(sa), len(sb))
+        sa, sb = sa.zfill(width), sb.zfill(width)
+        steps, carry = [], 0
+        for x, y in zip(reversed(sa), reversed(sb)):
+            v = int(x) + int(y) + carry
+            steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={v}")
+            carry = v // 10
+        return Problem(f"{a}+{b}", str(a + b), format_response(",".join(steps), str(a + b)))
+
+
+class CountdownTask(Task):
+    """Reach a target with the given numbers, each used once, with + - * / (exact division only).
+    The reward checks the expression's numbers and value (rewards.countdown_check, no eval).
+    Difficulty knob: `count` numbers in 1..`max_number`."""
+    name = "countdown"
+
+    def __init__(self, count=4, max_number=25):
+        if count < 2:
+            raise ValueError(f"CountdownTask: count must be >= 2, got {count}")
+        if max_number < 2:
+            raise ValueError(f"CountdownTask: max_number must be >= 2, got {max_number}")
+        self.count, self.max_number = count, max_number
+
+    def sample(self, rng):
+        while True:
+            nums = [rng.randint(1, self.max_number) for _ in range(self.count)]
+            expr, value, steps = str(nums[0]), nums[0], []
+            for n in nums[1:]:
+                op = rng.choice("+-*/")
+                if op == "/" and (n == 0 or value % n):
+                    op = "+"
+                new = {"+": value + n, "-": value - n, "*": value * n, "/": value // n}[op]
+                steps.append(f"{value}{op}{n}={new}")
+                expr, value = f"({expr}{op}{n})", new
+            if value > 0:
+                break
+        expr = expr[1:-1] if expr.startswith("(") else expr
+        question = f"Use {' '.join(map(str, sorted(nums)))} to make {value}"
+        return Problem(question, expr, format_response(",".join(steps), expr), "countdown",
+                       {"numbers": nums, "target": value})
+
+
+class JsonlTask(Task):
+    """A local JSONL dataset, one problem per line. Accepted shapes:
+    {"question", "answer"}; GSM8K {"question", "answer": "... #### 42"}; MATH {"problem",
+    "solution" with \\boxed{}} (or an explicit "answer"). An optional "response" in the training
+    format is used as the worked solution for SFT."""
+
+    def __init__(self, path: str):
+        self.path, self.name = path, f"jsonl:{os.path.basename(path)}"
+        self.items = load_jsonl(path)
+        self.test_percent = 10
+
+    def problems(self, n, seed, split="train", exclude=()):
+        pool = [p for p in self.items if split_of(p.question, self.test_percent) == split
+                and p.question not in set(exclude)]
+        if n > len(pool):
+            raise ValueError(f"{self.path}: asked for {n} {split} problems, the file has {len(pool)}")
+        return random.Random(f"{self.name}:{seed}:{split}").sample(pool, n)
+
+
+def _jsonl_problem(obj, where: str) -> Problem:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    question = obj.get("question", obj.get("problem"))
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: missing or empty 'question' (or 'problem') string")
+    answer, rationale = obj.get("answer"), None
+    if isinstance(answer, str) and "####" in answer:  # GSM8K: rationale #### final
+        rationale, answer = answer.rsplit("####", 1)
+        rationale = rationale.replace("<<", "").replace(">>", "")  # calculator annotations
+    if answer is None and isinstance(obj.get("solution"), str):  # MATH
+        rationale, answer = obj["solution"], extract_boxed(obj["solution"])
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError(f"{where}: missing 'answer' (a string or number, '#### x', or a \\boxed{{}} solution)")
+    answer = answer.strip()
+    solution = obj.get("response")
+    if solution is None and rationale is not None:
+        solution = format_response(rationale.strip(), answer)
+    return Problem(question.strip(), answer, solution)
+
+
+def load_jsonl(path: str) -> list[Problem]:
+    """Problems from a JSONL file; a malformed line raises ValueError naming the file and line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"dataset {path!r}: no such file")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            out.append(_jsonl_problem(obj, where))
+    if not out:
+        raise ValueError(f"dataset {path!r}: no problems (empty file)")
+    return out
+
+
+class ReasoningGymTask(Task):
+    """A reasoning-gym generator (optional package `reasoning-gym`), scored by its own scorer."""
+
+    def __init__(self, dataset: str, **kwargs):
+        try:
+            import reasoning_gym
+        except ImportError as e:
+            raise ImportError("task 'rg:...' needs the optional package reasoning-gym "
+                              "(pip install 'reasonrl[tasks]')") from e
+        self.rg, self.dataset, self.kwargs, self.name = reasoning_gym, dataset, kwargs, f"rg:{dataset}"
+
+    def problems(self, n, seed, split="train", exclude=()):
+        # Oversample, then keep this split's questions: the hash rule keeps splits disjoint here too.
+        ds = self.rg.create_dataset(self.dataset, size=max(4 * n, 16) + 64, seed=seed, **self.kwargs)
+        out, seen = [], set(exclude)
+        for entry in ds:
+            q = entry["question"]
+            if q in seen or split_of(q, self.test_percent) != split:
+                continue
+            seen.add(q)
+            meta = {"entry": entry, "score": lambda pred, m, ds=ds: ds.score_answer(pred, m["entry"])}
+            out.append(Problem(q, str(entry["answer"]), None, "score", meta))
+            if len(out) == n:
+                return out
+        raise ValueError(f"task {self.name}: only {len(out)} distinct {split} problems for n={n}")
+
+
+BUILTIN = {"multiply": MultiplyTask, "add": AddTask, "countdown": CountdownTask}
+
+
+def get_task(name: str, difficulty: int | None = None) -> Task:
+    """'multiply' | 'add' | 'countdown' | 'jsonl:PATH' | 'rg:DATASET'. `difficulty` (built-ins):
+    the largest operand's digit count (multiply, add) or how many numbers (countdown)."""
+    if name.startswith("jsonl:"):
+        return JsonlTask(name[len("jsonl:"):])
+    if name.endswith(".jsonl"):
+        return JsonlTask(name)
+    if name.startswith("rg:"):
+        return ReasoningGymTask(name[3:])
+    if name not in BUILTIN:
+        raise ValueError(f"task {name!r}: expected one of {sorted(BUILTIN)}, 'jsonl:PATH' or 'rg:DATASET'")
+    if difficulty is None:
+        return BUILTIN[name]()
+    if difficulty < 1:
+        raise ValueError(f"task difficulty must be >= 1, got {difficulty}")
+    if name == "countdown":
+        return CountdownTask(count=max(2, difficulty))
+    return BUILTIN[name](digits=(min(2, difficulty), difficulty))
