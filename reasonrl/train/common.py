@@ -1,0 +1,110 @@
+"""Pieces the stages share: model loading, packing, the LR schedule, seeding, greedy evaluation."""
+from __future__ import annotations
+
+import math
+import os
+import zlib
+
+import torch
+
+from reasonrl.models import AttnContext, builtin_path, init_model, load_model, load_tokenizer
+
+
+def load_model_and_tokenizer(spec: str, seed: int = 0):
+    """"tiny" (the built-in config, random init by seed) or a local Hugging Face folder."""
+    if spec == "tiny":
+        path = builtin_path("tiny")
+        return init_model(path, seed=seed), load_tokenizer(path)
+    if not os.path.isdir(spec):
+        raise ValueError(f"model {spec!r}: expected 'tiny' or a local model folder (config.json + safetensors)")
+    return load_model(spec), load_tokenizer(spec)
+
+
+def step_seed(*parts) -> int:
+    """A seed fixed by (run seed, stage, step, ...): resumed runs redraw exactly the same data."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def lr_at(step: int, progress: float, lr: float, warmup: int, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to lr * min_ratio as progress goes 0 -> 1.
+
+    progress = the larger of step / steps and elapsed / max_seconds: the schedule ends with
+    whichever budget binds, so a wall-clock-limited stage still anneals."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min(1.0, max(0.0, progress))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_optimizer(model, cfg):
+    # fused/foreach off: plain for-loop AdamW is bit-for-bit reproducible after a resume
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
+                             weight_decay=cfg.weight_decay, foreach=False)
+
+
+def encode_prompt(tokenizer, template: str, question: str) -> list[int]:
+    ids = tokenizer.encode(template.format(question=question), add_special_tokens=False)
+    bos = tokenizer.bos_token_id
+    return ([bos] if bos is not None else []) + ids
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]], device="cpu"):
+    """Concatenate prompt+response sequences for one varlen forward.
+
+    Returns input_ids, positions (total,), the AttnContext, and `targets` (total,): the next token
+    where that token belongs to a response, else -100 (ignored), so that position t scores t+1.
+    Also `rows` (B, T) indices of the positions predicting each response token (T = the longest
+    response; padding points at 0 and must be masked) for the (B, T) layout of grpo_loss."""
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    lens = [len(s) for s in seqs]
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    positions = torch.cat([torch.arange(n) for n in lens])
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    targets = torch.full_like(ids, -100)
+    T = max(len(r) for r in responses)
+    rows = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        start = int(cu[b]) + len(p) - 1  # the position that predicts the first response token
+        targets[start:start + len(r)] = torch.tensor(r)
+        rows[b, :len(r)] = torch.arange(start, start + len(r))
+    ctx = AttnContext(cu_seqlens=cu.to(device), max_seqlen=max(lens))
+    return ids.to(device), positions.to(device), ctx, targets.to(device), rows.to(device)
+
+
+def token_budget_batches(lengths: list[int], budget: int, unit: int = 1) -> list[list[int]]:
+    """Split indices 0..n-1 into consecutive chunks of `unit` items (a GRPO group stays whole) whose
+    summed lengths stay within `budget` tokens (a single oversized unit gets a chunk of its own)."""
+    out, cur, size = [], [], 0
+    for u in range(0, len(lengths), unit):
+        idx = list(range(u, min(u + unit, len(lengths))))
+        n = sum(lengths[i] for i in idx)
+        if cur and size + n > budget:
+            out.append(cur)
+            cur, size = [], 0
+        cur, size = cur + idx, size + n
+    return out + ([cur] if cur else [])
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, problems, template: str, max_tokens: int = 64, batch: int = 256) -> dict:
+    """Greedy held-out accuracy, format rate and mean response length (tokens) on `problems`."""
+    from reasonrl.engine import LLMEngine, SamplingParams
+    from reasonrl.rl.rewards import accuracy_reward, format_reward
+
+    was_training = model.training
+    model.eval()
+    engine = LLMEngine(model, tokenizer=tokenizer, max_num_seqs=batch)
+    prompts = [encode_prompt(tokenizer, template, p.question) for p in problems]
+    outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    model.train(was_training)
+    texts = [g[0].text or "" for g in outs]
+    n = len(problems)
+    return {"accuracy": sum(accuracy_reward(t, p) for t, p in zip(texts, problems)) / n,
+            "format_rate": sum(format_reward(t) for t in texts) / n,
+            "mean_length": sum(g[0].length for g in outs) / n, "n": n}

@@ -1,0 +1,290 @@
+"""Run configs: dataclasses with __post_init__ checks, settable from the command line and TOML.
+
+Precedence: dataclass defaults < the TOML file (--config run.toml; nested tables for nested
+configs, e.g. [grpo]) < command-line flags (`--grpo.lr 1e-4`; a leaf name alone, `--lr`, works
+when it is unambiguous). `build_parser` puts every field with its default in --help.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+
+
+def _bad(cfg, name, why):
+    raise ValueError(f"{type(cfg).__name__}.{name}: {why}, got {getattr(cfg, name)!r}")
+
+
+def _check_optim(c):
+    """Checks shared by the stages' optimizer fields."""
+    if not c.lr > 0:
+        _bad(c, "lr", "must be > 0")
+    if c.warmup_steps < 0:
+        _bad(c, "warmup_steps", "must be >= 0")
+    if not 0 <= c.min_lr_ratio <= 1:
+        _bad(c, "min_lr_ratio", "must be in [0, 1]")
+    if not c.weight_decay >= 0:
+        _bad(c, "weight_decay", "must be >= 0")
+    if not c.grad_clip >= 0:
+        _bad(c, "grad_clip", "must be >= 0 (0 = no clipping)")
+    if c.steps < 1:
+        _bad(c, "steps", "must be >= 1")
+    if not c.max_seconds >= 0:
+        _bad(c, "max_seconds", "must be >= 0 (0 = no wall-clock limit)")
+    if c.log_every < 1:
+        _bad(c, "log_every", "must be >= 1")
+    if c.save_every < 0:
+        _bad(c, "save_every", "must be >= 0 (0 = only at the end and on Ctrl-C)")
+
+
+@dataclass
+class SFTConfig:
+    """Cold-start SFT: cross-entropy on the response tokens of worked examples."""
+    model: str = "tiny"            # "tiny" (built-in, random init), or a local Hugging Face folder
+    task: str = "multiply"         # multiply | add | countdown | jsonl:PATH | rg:DATASET
+    difficulty: int | None = None  # the task's knob (None = the task's default)
+    num_examples: int = 500        # size of the fixed cold-start set
+    steps: int = 2000
+    max_seconds: float = 0.0       # wall-clock budget of the stage (0 = steps only)
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio at `steps`
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    prompt_template: str = "{question}\n"
+    seed: int = 0
+    out_dir: str = "runs/sft"
+    log_every: int = 10
+    save_every: int = 0
+    resume: bool = False
+
+    def __post_init__(self):
+        _check_optim(self)
+        if self.num_examples < 1:
+            _bad(self, "num_examples", "must be >= 1")
+        if self.batch_size < 1:
+            _bad(self, "batch_size", "must be >= 1")
+        if "{question}" not in self.prompt_template:
+            _bad(self, "prompt_template", "must contain {question}")
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO: rollouts from the engine, verified rewards, grpo_loss, AdamW."""
+    model: str = "tiny"            # a folder (e.g. the SFT stage's out_dir/final) or "tiny"
+    task: str = "multiply"
+    difficulty: int | None = None
+    steps: int = 200
+    max_seconds: float = 0.0
+    prompts_per_step: int = 16
+    group_size: int = 8            # G samples per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64           # completion length cap; longer completions are truncated
+    rewards: str = "accuracy:1.0,format:0.1"  # name or pkg.module:function, with :weight
+    dynamic_sampling: bool = True  # drop zero-variance groups and refill the batch
+    max_refills: int = 2           # extra rollout rounds per step when refilling
+    truncation: str = "mask"       # mask | penalize | keep: what happens to truncated completions
+    truncation_reward: float = 0.0  # their reward under "penalize"
+    mu: int = 1                    # optimizer passes over each batch (> 1: old log-probs are needed)
+    micro_batch_tokens: int = 8192  # token budget of one forward/backward
+    lr: float = 1e-4
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    beta: float = 0.0              # KL to a frozen reference model (0: no reference model)
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    loss_type: str = "dapo"        # token-level mean (DEFAULT_RUN.md); grpo | bnpo | dapo | dr_grpo
+    advantage: str = "grpo"        # grpo | dr_grpo | rloo
+    prompt_template: str = "{question}\n"
+    seed: int = 0
+    out_dir: str = "runs/grpo"
+    log_every: int = 1
+    save_every: int = 0
+    resume: bool = False
+
+    def __post_init__(self):
+        _check_optim(self)
+        if self.prompts_per_step < 1:
+            _bad(self, "prompts_per_step", "must be >= 1")
+        if self.group_size < 2:
+            _bad(self, "group_size", "must be >= 2 (advantages compare samples within a group)")
+        if not self.temperature > 0:
+            _bad(self, "temperature", "must be > 0 (sampling)")
+        if not 0 < self.top_p <= 1:
+            _bad(self, "top_p", "must be in (0, 1]")
+        if self.max_tokens < 1:
+            _bad(self, "max_tokens", "must be >= 1")
+        if self.truncation not in ("mask", "penalize", "keep"):
+            _bad(self, "truncation", "must be mask | penalize | keep")
+        if self.mu < 1:
+            _bad(self, "mu", "must be >= 1")
+        if self.max_refills < 0:
+            _bad(self, "max_refills", "must be >= 0")
+        if self.micro_batch_tokens < 1:
+            _bad(self, "micro_batch_tokens", "must be >= 1")
+        if not self.beta >= 0:
+            _bad(self, "beta", "must be >= 0")
+        if "{question}" not in self.prompt_template:
+            _bad(self, "prompt_template", "must contain {question}")
+        from reasonrl.ops.grpo import ADVANTAGES, LOSS_TYPES
+        if self.loss_type not in LOSS_TYPES:
+            _bad(self, "loss_type", f"must be one of {LOSS_TYPES}")
+        if self.advantage not in ADVANTAGES:
+            _bad(self, "advantage", f"must be one of {ADVANTAGES}")
+        from reasonrl.rl.rewards import parse_reward_spec
+        parse_reward_spec(self.rewards)  # raises naming the bad reward
+
+
+@dataclass
+class TrainConfig:
+    """The whole pipeline (`reasonrl train`): cold-start SFT, then GRPO beside a fair SFT control,
+    then held-out accuracy of the three. Stage lengths: steps, and max_seconds wall-clock budgets."""
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_seconds=330.0))
+    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=10_000, max_seconds=240.0))
+    control_lr: float = 2e-4       # lr of the SFT control (DEFAULT_RUN.md: best at 1e-4 to 3e-4)
+    control: bool = True           # run the SFT control for the GRPO stage's wall time
+    eval_problems: int = 500       # held-out problems (never trained on), greedy decoding
+    seed: int = 0
+    out_dir: str = "runs/train"
+
+    def __post_init__(self):
+        if not self.control_lr > 0:
+            _bad(self, "control_lr", "must be > 0")
+        if self.eval_problems < 1:
+            _bad(self, "eval_problems", "must be >= 1")
+
+
+@dataclass
+class GenerateConfig:
+    """Sample completions from a model for a few prompts (or a task's held-out problems)."""
+    model: str = "tiny"
+    prompt: str = ""               # one prompt; empty: `num` held-out problems of `task`
+    task: str = "multiply"
+    num: int = 4
+    n: int = 1                     # samples per prompt
+    temperature: float = 0.0
+    max_tokens: int = 64
+    prompt_template: str = "{question}\n"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num < 1:
+            _bad(self, "num", "must be >= 1")
+        if self.n < 1:
+            _bad(self, "n", "must be >= 1")
+        if not self.temperature >= 0:
+            _bad(self, "temperature", "must be >= 0")
+        if self.max_tokens < 1:
+            _bad(self, "max_tokens", "must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------- parsing
+def _leaves(cls, prefix=""):
+    """(dotted name, field, owning class) for every non-dataclass field, nested ones flattened."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            yield from _leaves(t, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f, t
+
+
+def _convert(t, text: str, name: str):
+    """Command-line text -> a value of type t (int, float, str, bool, X | None)."""
+    args = typing.get_args(t)
+    if type(None) in args:
+        if text.lower() in ("none", "null", ""):
+            return None
+        t = next(a for a in args if a is not type(None))
+    if t is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name}: expected true or false, got {text!r}")
+    try:
+        return t(text)
+    except ValueError:
+        raise ValueError(f"--{name}: expected {t.__name__}, got {text!r}") from None
+
+
+def _default_of(cls, dotted):
+    obj = cls()
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_parser(cls, prog: str, description: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="TOML", help="a TOML file of field values (flags override it)")
+    leaves = list(_leaves(cls))
+    counts: dict[str, int] = {}
+    for name, _, _ in leaves:
+        counts[name.rsplit(".", 1)[-1]] = counts.get(name.rsplit(".", 1)[-1], 0) + 1
+    for name, f, t in leaves:
+        flags = ["--" + name]
+        short = name.rsplit(".", 1)[-1]
+        if "." in name and counts[short] == 1:
+            flags.append("--" + short)
+        is_bool = t is bool
+        p.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar="BOOL" if is_bool else
+                       getattr(t, "__name__", str(t)).upper(), nargs="?" if is_bool else None,
+                       const="true" if is_bool else None,
+                       help=f"(default: {_default_of(cls, name)!r})")
+    return p
+
+
+def _assign(values: dict, dotted: str, value):
+    *path, last = dotted.split(".")
+    for part in path:
+        values = values.setdefault(part, {})
+    values[last] = value
+
+
+def _from_dict(cls, d: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in d.items():
+        if k not in names:
+            raise ValueError(f"{where}: unknown field {k!r} for {cls.__name__} (fields: {sorted(names)})")
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            if not isinstance(v, dict):
+                raise ValueError(f"{where}: field {k!r} must be a table of {t.__name__} fields")
+            base = dataclasses.asdict(getattr(cls(), k))
+            base.update(v)
+            kwargs[k] = _from_dict(t, base, f"{where}.{k}")
+        else:
+            kwargs[k] = v
+    return cls(**kwargs)
+
+
+def parse_config(cls, argv: list[str] | None, prog: str = "reasonrl"):
+    """A `cls` instance from defaults, an optional TOML file and command-line flags."""
+    args = build_parser(cls, prog).parse_args(argv)
+    values: dict = {}
+    if args.config:
+        with open(args.config, "rb") as f:
+            try:
+                values = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{args.config}: invalid TOML: {e}") from None
+    types = {name: t for name, _, t in _leaves(cls)}
+    for name, text in vars(args).items():
+        if name != "config":
+            _assign(values, name, _convert(types[name], text, name))
+    return _from_dict(cls, values, args.config or "config")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

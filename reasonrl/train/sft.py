@@ -1,0 +1,98 @@
+"""Supervised fine-tuning on worked examples: loss = mean over response tokens of -log p(token),
+from the fused LM-head op on packed sequences (no N x V logits)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import torch
+
+from reasonrl.ops import linear_token_logprobs
+from reasonrl.rl.tasks import get_task
+from reasonrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from reasonrl.train.common import (encode_prompt, encode_response, load_model_and_tokenizer, lr_at,
+                                   make_optimizer, pack, step_seed)
+from reasonrl.train.config import SFTConfig
+from reasonrl.train.logger import MetricsLogger, plot_metrics
+from reasonrl.models import save_model
+
+
+def sft_examples(cfg: SFTConfig):
+    """The fixed cold-start set: num_examples training-split problems with worked solutions."""
+    problems = get_task(cfg.task, cfg.difficulty).problems(cfg.num_examples, seed=cfg.seed, split="train")
+    missing = [p.question for p in problems if not p.solution]
+    if missing:
+        raise ValueError(f"SFTConfig.task {cfg.task!r}: {len(missing)} problems have no worked solution "
+                         f"(e.g. {missing[0]!r}); SFT needs one per example")
+    return problems
+
+
+def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str = "sft"):
+    """Train; returns (model, tokenizer, summary dict). Ctrl-C saves a checkpoint, then re-raises."""
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
+    examples = examples if examples is not None else sft_examples(cfg)
+    data = [(encode_prompt(tokenizer, cfg.prompt_template, p.question), encode_response(tokenizer, p.solution))
+            for p in examples]
+    model.train()
+    opt = make_optimizer(model, cfg)
+    step, elapsed = 0, 0.0
+    resume_from = latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        print(f"[{tag}] --resume: no checkpoint in {cfg.out_dir}; starting fresh")
+    if resume_from:
+        state = load_checkpoint(resume_from, model, opt)
+        step, elapsed = state["step"], state["elapsed"]
+        print(f"[{tag}] resumed from {resume_from} at step {step}")
+    logger = MetricsLogger(cfg.out_dir, resume_step=step if resume_from else None)
+
+    def save():
+        state = {"step": step, "elapsed": elapsed, "config": dataclasses.asdict(cfg), "stage": tag}
+        return save_checkpoint(cfg.out_dir, model, opt, state, tokenizer)
+
+    start = time.perf_counter() - elapsed
+    bar = _bar(cfg.steps, step, tag)
+    try:
+        while step < cfg.steps and not (cfg.max_seconds and elapsed >= cfg.max_seconds):
+            t0 = time.perf_counter()
+            g = torch.Generator().manual_seed(step_seed(cfg.seed, tag, step))
+            idx = torch.randint(len(data), (cfg.batch_size,), generator=g).tolist()
+            progress = max(step / cfg.steps, elapsed / cfg.max_seconds if cfg.max_seconds else 0.0)
+            lr = lr_at(step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            ids, pos, ctx, targets, _ = pack([data[i][0] for i in idx], [data[i][1] for i in idx])
+            hidden = model(ids, pos, ctx)  # (total, H)
+            logp = linear_token_logprobs(hidden, model.lm_head_weight, targets)  # (total,), 0 where ignored
+            n = int((targets != -100).sum())
+            loss = -logp.sum() / n
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - start
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                dt = time.perf_counter() - t0
+                line = logger.log({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": gnorm.item(),
+                                   "tokens": n, "train_tok_s": ids.numel() / dt, "elapsed": elapsed})
+                bar.write(f"[{tag}] {line}")
+            if cfg.save_every and step % cfg.save_every == 0:
+                save()
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"[{tag}] interrupted: saved {save()}")
+        raise
+    bar.close()
+    save()
+    save_model(model, os.path.join(cfg.out_dir, "final"), tokenizer=tokenizer)
+    plot_metrics(logger.path, os.path.join(cfg.out_dir, "metrics.png"))
+    return model, tokenizer, {"steps": step, "seconds": elapsed}
+
+
+def _bar(total, initial, tag):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=tag, dynamic_ncols=True, leave=False,
+                disable=not os.isatty(2))
