@@ -1,0 +1,144 @@
+"""Rollout throughput and KV memory: reasonrl's paged engine beside transformers' generate.
+
+    python benchmarks/bench_rollout.py           # CPU: the built-in tiny model, 8 prompts x 8 samples
+    python benchmarks/bench_rollout.py --gpu     # Qwen2.5-0.5B shape, random bf16 weights, prompt 128, 256 new
+
+Both sides get the same weights, batch (P prompts x G samples), prompt lengths, number of new tokens
+(EOS ignored, so every sample generates exactly --new tokens) and sampling (temperature 1, no
+top-k / top-p). Throughput = generated tokens / wall time of one whole generate call (median of
+--rep calls after a warm-up call), KV allocation and CUDA-graph capture included.
+KV memory: ours = the peak of blocks in use x bytes per block; transformers' = its dense cache of
+P*G rows x (prompt + new - 1) positions (computed from the shapes). The per-group ratio divides the
+token slots we held at the peak by the tokens of one prompt plus its G completions, per group.
+Floor (GPU): every decode step reads all weights once: steps x weight bytes / copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ceilings, device_name, emit_json, print_table  # noqa: E402
+
+from reasonrl.engine import LLMEngine, SamplingParams  # noqa: E402
+from reasonrl.models import builtin_path, init_model, save_model  # noqa: E402
+
+QWEN25_05B = {  # Qwen2.5-0.5B's config.json (architecture only)
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896,
+    "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+    "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151643, "torch_dtype": "bfloat16",
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, rep):
+    fn()  # warm-up (and CUDA-graph / Triton compilation)
+    ts = []
+    for _ in range(rep):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def build_models(args, device, dtype, folder):
+    if args.gpu:
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(QWEN25_05B, f)
+        model = init_model(folder, seed=0, dtype=dtype, device=device)
+    else:
+        model = init_model(builtin_path("tiny"), seed=0, dtype=dtype, device=device)
+    save_model(model, folder)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    return model, hf
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=None)
+    ap.add_argument("--new", type=int, default=None)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--rep", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (default: torch's)")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.gpu else "cpu")
+    dtype = torch.bfloat16 if args.gpu else torch.float32
+    P, G = args.prompts, args.samples
+    plen = args.prompt_len or (128 if args.gpu else 16)
+    new = args.new or (256 if args.gpu else 64)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        model, hf = build_models(args, device, dtype, folder)
+    cfg = model.config
+    prompts = torch.randint(10, min(cfg.vocab_size, 30000), (P, plen))
+    gen_tokens = P * G * new
+    rows = []
+
+    eng = LLMEngine(model, block_size=args.block_size, max_num_seqs=max(256, P * G))
+    params = SamplingParams(temperature=1.0, max_tokens=new, ignore_eos=True, seed=0)
+    t_ours = timed(lambda: eng.generate(prompts.tolist(), params, n=G), device, args.rep)
+    st = eng.stats
+    bytes_per_block = st["kv_bytes_allocated"] // st["num_blocks"]
+    group_ratio = st["peak_blocks_used"] * args.block_size / (P * (plen + G * new))
+    rows.append({"impl": "reasonrl LLMEngine (paged)", "tok/s": gen_tokens / t_ours, "seconds": t_ours,
+                 "peak KV MiB": st["peak_kv_bytes"] / 2**20, "KV / ideal": group_ratio})
+
+    kv_hf = 2 * cfg.num_hidden_layers * P * G * (plen + new - 1) * cfg.num_key_value_heads * model.head_dim * dtype.itemsize
+    if not args.skip_hf:
+        ids = prompts.to(device)
+
+        def hf_generate():
+            with torch.inference_mode():
+                return hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=None,
+                                   top_p=None, num_return_sequences=G, max_new_tokens=new, min_new_tokens=new,
+                                   pad_token_id=0)
+
+        t_hf = timed(hf_generate, device, args.rep)
+        rows.append({"impl": "transformers generate (sdpa)", "tok/s": gen_tokens / t_hf, "seconds": t_hf,
+                     "peak KV MiB": kv_hf / 2**20, "KV / ideal": P * G * (plen + new - 1) / (P * (plen + G * new))})
+    speedup = rows[0]["tok/s"] / rows[1]["tok/s"] if len(rows) > 1 else None
+
+    floor = None
+    if args.gpu:
+        wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        floor = gen_tokens / (new * wbytes / ceilings(device)["copy_Bps"])
+    print(f"device: {device_name(device)}; model {cfg.arch} H={cfg.hidden_size} L={cfg.num_hidden_layers} "
+          f"V={cfg.vocab_size} {str(dtype).replace('torch.', '')}; {P} prompts x {G} samples, prompt {plen}, "
+          f"{new} new tokens, block size {args.block_size}")
+    print_table(rows, ["impl", "tok/s", "seconds", "peak KV MiB", "KV / ideal"])
+    print(f"speedup vs transformers: {speedup:.2f}x" if speedup else "speedup: transformers skipped")
+    print(f"peak blocks {st['peak_blocks_used']} of {st['num_blocks']} ({bytes_per_block} B each), "
+          f"preemptions {st['preemptions']}, steps {st['steps']}"
+          + (f"; weight-read floor {floor:.0f} tok/s" if floor else ""))
+    emit_json({"bench": "rollout", "device": device_name(device), "prompts": P, "samples": G, "prompt_len": plen,
+               "new_tokens": new, "block_size": args.block_size, "ours_tok_s": rows[0]["tok/s"],
+               "hf_tok_s": rows[1]["tok/s"] if len(rows) > 1 else None, "speedup": speedup,
+               "ours_peak_kv_bytes": st["peak_kv_bytes"], "hf_kv_bytes": kv_hf, "group_kv_ratio": group_ratio,
+               "floor_tok_s": floor, "threads": torch.get_num_threads()}, args.json)
+
+
+if __name__ == "__main__":
+    main()
