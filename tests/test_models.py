@@ -70,16 +70,30 @@ def test_logits_parity_padded_and_packed(family, tie, rope, bias, tmp_path):
     assert (out - ref).abs().max().item() <= 1e-4
 
 
-def test_equal_lengths_batched_path_matches_per_sequence():
+@pytest.mark.parametrize("lens", [[9, 9, 9], [30, 25, 28, 22, 30, 27, 1]])
+def test_batched_attention_paths_match_per_sequence(lens, monkeypatch):
+    """Equal lengths (one batched SDPA) and similar lengths (one right-padded SDPA) against one
+    forward per sequence; the padded path's gradients against the per-sequence loop's."""
+    import reasonrl.models.model as mm
     cfg = ModelConfig(arch="qwen3", vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False)
-    model = init_model(cfg, seed=3).double().eval()
-    ids = torch.randint(0, 50, (3 * 9,))
-    pos = torch.arange(9).repeat(3)
+    model = init_model(cfg, seed=3).double()
+    ids = torch.randint(0, 50, (sum(lens),))
+    pos = torch.cat([torch.arange(n) for n in lens])
+    assert (mm.pad_plan(lens, "cpu") is not None) == (len(set(lens)) > 1)
     with torch.no_grad():
-        batched = model(ids, pos, AttnContext.from_lengths([9, 9, 9]))
-        single = torch.cat([model(ids[i * 9:(i + 1) * 9], pos[:9], AttnContext.from_lengths([9])) for i in range(3)])
-    assert (batched - single).abs().max().item() < 1e-12
+        single = torch.cat([model(i, p, AttnContext.from_lengths([len(i)]))
+                            for i, p in zip(ids.split(lens), pos.split(lens))])
+    grads = []
+    for plan in (mm.pad_plan, lambda lengths, device: None):
+        monkeypatch.setattr(mm, "pad_plan", plan)
+        model.zero_grad()
+        h = model(ids, pos, AttnContext.from_lengths(lens))
+        assert (h - single).abs().max().item() < 1e-12
+        (h * torch.linspace(-1, 1, h.numel(), dtype=h.dtype).view(h.shape)).sum().backward()
+        grads.append([p.grad.clone() for n, p in model.named_parameters() if n != "lm_head.weight"])
+    for a, b in zip(*grads):
+        assert (a - b).abs().max().item() < 1e-12
 
 
 def _paged_setup(model, n_blocks, bs, max_blocks, B, dtype):
@@ -95,14 +109,15 @@ def _slots(tables, b, start, n, bs):
     return tables[b, p // bs].long() * bs + p % bs
 
 
+# float32: the compiled paged kernels (backend "auto") take float32/bf16/fp16 caches, not float64.
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_paged_prefill_then_decode_matches_packed_forward(family):
     cfg = ModelConfig(arch=family, vocab_size=61, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=family == "llama")
-    model = init_model(cfg, seed=int(torch.randint(0, 1000, ()))).double().eval()
+    model = init_model(cfg, seed=int(torch.randint(0, 1000, ()))).eval()
     lens, prompt = [13, 6, 9], [4, 6, 1]  # full length, prompt length per sequence
     bs, B = 4, len(lens)
-    caches, tables = _paged_setup(model, 16, bs, 4, B, torch.float64)
+    caches, tables = _paged_setup(model, 16, bs, 4, B, torch.float32)
     seqs = [torch.randint(0, 61, (n,)) for n in lens]
     with torch.no_grad():
         full = model(torch.cat(seqs), torch.cat([torch.arange(n) for n in lens]), AttnContext.from_lengths(lens))
@@ -125,16 +140,16 @@ def test_paged_prefill_then_decode_matches_packed_forward(family):
             for i, b in enumerate(live):
                 got[b].append(h[i:i + 1])
     for b in range(B):
-        assert (torch.cat(got[b]) - ref[b]).abs().max().item() < 1e-10, f"sequence {b}"
+        assert (torch.cat(got[b]) - ref[b]).abs().max().item() < 1e-4, f"sequence {b}"
 
 
 def test_prefill_with_cached_prefix_matches_packed_forward():
     cfg = ModelConfig(arch="qwen2", vocab_size=40, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
-    model = init_model(cfg, seed=5).double().eval()
+    model = init_model(cfg, seed=5).eval()
     lens, first = [11, 7], [5, 7]  # sequence 1 has nothing left for the second chunk -> only seq 0 continues
     bs = 4
-    caches, tables = _paged_setup(model, 12, bs, 3, 2, torch.float64)
+    caches, tables = _paged_setup(model, 12, bs, 3, 2, torch.float32)
     seqs = [torch.randint(0, 40, (n,)) for n in lens]
     with torch.no_grad():
         ref = model(seqs[0], torch.arange(11), AttnContext.from_lengths([11]))
@@ -144,7 +159,7 @@ def test_prefill_with_cached_prefix_matches_packed_forward():
         ctx = AttnContext.from_lengths([6], slot_mapping=_slots(tables, 0, 5, 6, bs), kv_caches=caches,
                                        block_tables=tables[:1], context_lens=torch.tensor([11], dtype=torch.int32))
         h2 = model(seqs[0][5:], torch.arange(5, 11), ctx)
-    assert (torch.cat([h1[:5], h2]) - ref).abs().max().item() < 1e-10
+    assert (torch.cat([h1[:5], h2]) - ref).abs().max().item() < 1e-4
 
 
 def test_gradient_checkpointing_same_grads():

@@ -52,10 +52,32 @@ def _sdpa(q, k, v, causal, scale, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
+def pad_plan(lengths, device):
+    """Gather indices for one right-padded SDPA call over many packed sequences, or None.
+
+    Right padding is exact under a causal mask: a real query at position i only sees keys 0..i,
+    which are all real; the pad rows are computed and dropped. The price is attention on the
+    padding, B * max(L)^2 against sum(L^2), so it is used only while that stays under 2x. Why at
+    all: one call instead of B small ones (64 sequences of 32-64 tokens on 2 CPU cores: about
+    4x less attention time in a tiny-model training step).
+    """
+    B, L = len(lengths), max(lengths)
+    if B < 4 or len(set(lengths)) == 1 or B * L * L > 2 * sum(n * n for n in lengths):
+        return None
+    starts = torch.tensor([0] + lengths[:-1]).cumsum(0)  # (B,)
+    lens = torch.tensor(lengths)
+    j = torch.arange(L)
+    real = j[None, :] < lens[:, None]  # (B, L)
+    src = torch.where(real, starts[:, None] + j[None, :], starts[:, None])  # pad rows repeat row 0 of the sequence
+    dst = (torch.arange(B)[:, None] * L + j[None, :])[real]  # (T,), in packed order
+    return src.reshape(-1).to(device), dst.to(device)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, lengths, scale, pad=None):
     """q (T, Hq, D), k/v (T, Hkv, D), causal within each sequence -> (T, Hq, D).
 
     lengths: the sequence lengths as a Python list (read once per forward, not per layer).
+    pad: pad_plan(lengths) (also made once per forward), or None for one SDPA call per sequence.
     """
     flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
     if flash is not None:
@@ -64,14 +86,20 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, lengths, scale):
         B, L = len(lengths), lengths[0]
         qb, kb, vb = (t.view(B, L, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
         return _sdpa(qb, kb, vb, True, scale).transpose(1, 2).reshape(q.shape)
-    out = torch.empty_like(q)
-    start = 0
-    for n in lengths:
-        sl = slice(start, start + n)
-        o = _sdpa(q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None], v[sl].transpose(0, 1)[None], True, scale)
-        out[sl] = o[0].transpose(0, 1)
-        start += n
-    return out
+    if pad is not None:  # many sequences of similar length: one right-padded batched call
+        src, dst = pad  # (B * L,) rows of q to gather, (T,) rows of the padded output to keep
+        B, L = len(lengths), max(lengths)
+        qb, kb, vb = (t[src].view(B, L, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        o = _sdpa(qb, kb, vb, True, scale).transpose(1, 2).reshape(B * L, q.shape[1], q.shape[2])
+        return o[dst]
+    # NOTE: torch.cat, not writes into slices of one output: the backward of B slice-writes zero-fills
+    # and adds a full (T, Hq, D) gradient per sequence (O(B * T)); it took 2.4 of 4.7 s per tiny-model
+    # step at 64 sequences on 2 CPU cores.
+    outs = []
+    for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
+        o = _sdpa(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], True, scale)
+        outs.append(o[0].transpose(0, 1))  # (n, Hq, D)
+    return torch.cat(outs)
 
 
 def _gather_cache(cache, table, n):
@@ -83,7 +111,7 @@ def _gather_cache(cache, table, n):
 
 def prefix_prefill_attention(q, k_cache, v_cache, ctx, lengths, ctx_lens, scale):
     """Prefill where part of each sequence is already cached: q (T, Hq, D) of the new tokens."""
-    out = torch.empty_like(q)
+    outs = []
     start = 0
     for b, (n, c) in enumerate(zip(lengths, ctx_lens)):
         kb = _gather_cache(k_cache, ctx.block_tables[b], c).to(q.dtype)  # (c, Hkv, D)
@@ -92,9 +120,9 @@ def prefix_prefill_attention(q, k_cache, v_cache, ctx, lengths, ctx_lens, scale)
         mask = torch.arange(c, device=q.device)[None, :] <= (c - n + torch.arange(n, device=q.device))[:, None]
         o = _sdpa(q[start:start + n].transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
                   False, scale, mask[None, None])
-        out[start:start + n] = o[0].transpose(0, 1)
+        outs.append(o[0].transpose(0, 1))
         start += n
-    return out
+    return torch.cat(outs)
 
 
 def paged_ops():

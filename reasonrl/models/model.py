@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import paged_ops, prefix_prefill_attention, varlen_attention
+from .attention import _flash_varlen, pad_plan, paged_ops, prefix_prefill_attention, varlen_attention
 from .config import ModelConfig
 from .context import AttnContext
 from .rope import RotaryEmbedding, apply_rope
@@ -67,7 +67,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx.kv_caches is None:
-            o = varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, plan["lengths"], self.scale)
+            o = varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, plan["lengths"], self.scale, plan["pad"])
         else:
             store_kv, decode = paged_ops()
             k_cache, v_cache = ctx.kv_caches[layer]
@@ -77,7 +77,7 @@ class Attention(nn.Module):
             elif plan["prefix"]:
                 o = prefix_prefill_attention(q, k_cache, v_cache, ctx, plan["lengths"], plan["ctx_lens"], self.scale)
             else:
-                o = varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, plan["lengths"], self.scale)
+                o = varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, plan["lengths"], self.scale, plan["pad"])
         return self.o_proj(o.reshape(T, self.nh * self.hd))
 
 
@@ -170,7 +170,8 @@ class CausalLM(nn.Module):
         if int(ctx.cu_seqlens[-1]) != total or ctx.cu_seqlens[0] != 0 or min(lengths, default=0) < 1:
             raise ValueError(f"AttnContext.cu_seqlens must rise from 0 to total={total} with every sequence "
                              f"non-empty, got {ctx.cu_seqlens.tolist()}")
-        plan = {"lengths": lengths, "prefix": False}
+        flash = input_ids.is_cuda and _flash_varlen() is not None
+        plan = {"lengths": lengths, "prefix": False, "pad": None if flash else pad_plan(lengths, input_ids.device)}
         if ctx.kv_caches is not None and ctx.context_lens is not None and ctx.block_tables is not None:
             ctx_lens = ctx.context_lens.tolist()
             if len(ctx_lens) != B or any(c < n for c, n in zip(ctx_lens, lengths)):
