@@ -1,0 +1,141 @@
+"""The `reasonrl` console script.
+
+    reasonrl train [--sft.steps N --grpo.lr X ...]   the whole pipeline (no arguments: the default run)
+    reasonrl sft | grpo [--field value ...]          one stage
+    reasonrl generate [--model DIR --prompt TEXT]    sample from a model
+    reasonrl bench [NAME [args...]]                  run benchmarks/bench_NAME.py (no NAME: list them)
+    reasonrl convert-gguf MODEL_DIR OUT.gguf         export through reasonrl.models.gguf
+    reasonrl sample | eval                           not implemented yet (they say so and exit 2)
+
+Every config field is a flag (`reasonrl grpo --help` lists them with defaults); `--config run.toml`
+reads a TOML file first. `--threads N` (before or after the command) sets torch's CPU threads:
+on a shared machine, 1 thread per process avoids OpenMP threads spinning against each other.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+COMMANDS = ("train", "sft", "grpo", "generate", "bench", "convert-gguf", "sample", "eval")
+
+
+def _threads(argv: list[str]) -> list[str]:
+    if "--threads" in argv:
+        i = argv.index("--threads")
+        if i + 1 >= len(argv) or not argv[i + 1].isdigit() or int(argv[i + 1]) < 1:
+            raise SystemExit("reasonrl: --threads needs a positive integer")
+        import torch
+        torch.set_num_threads(int(argv[i + 1]))
+        argv = argv[:i] + argv[i + 2:]
+    return argv
+
+
+def _usage() -> str:
+    return __doc__.strip()
+
+
+def cmd_train(argv):
+    from reasonrl.train.config import TrainConfig, parse_config
+    from reasonrl.train.pipeline import run_train
+    run_train(parse_config(TrainConfig, argv, "reasonrl train"))
+
+
+def cmd_sft(argv):
+    from reasonrl.train.config import SFTConfig, parse_config
+    from reasonrl.train.sft import run_sft
+    run_sft(parse_config(SFTConfig, argv, "reasonrl sft"))
+
+
+def cmd_grpo(argv):
+    from reasonrl.train.config import GRPOConfig, parse_config
+    from reasonrl.train.grpo import run_grpo
+    run_grpo(parse_config(GRPOConfig, argv, "reasonrl grpo"))
+
+
+def cmd_generate(argv):
+    import torch
+
+    from reasonrl.engine import LLMEngine, SamplingParams
+    from reasonrl.rl.tasks import get_task
+    from reasonrl.train.common import encode_prompt, load_model_and_tokenizer
+    from reasonrl.train.config import GenerateConfig, parse_config
+
+    cfg = parse_config(GenerateConfig, argv, "reasonrl generate")
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.seed)
+    questions = [cfg.prompt] if cfg.prompt else [p.question for p in get_task(cfg.task).problems(cfg.num, cfg.seed, "test")]
+    torch.manual_seed(cfg.seed)
+    engine = LLMEngine(model.eval(), tokenizer=tok)
+    outs = engine.generate([encode_prompt(tok, cfg.prompt_template, q) for q in questions],
+                           SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens), n=cfg.n)
+    for q, group in zip(questions, outs):
+        for c in group:
+            print(f"{q!r} -> {c.text!r} ({c.finish_reason}, {c.length} tokens)")
+
+
+def benchmarks_dir() -> str:
+    """benchmarks/ of the source checkout (the package is installed editable from it)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.environ.get("REASONRL_BENCHMARKS", os.path.join(here, "benchmarks"))
+
+
+def cmd_bench(argv):
+    d = benchmarks_dir()
+    if not os.path.isdir(d):
+        raise SystemExit(f"reasonrl bench: no benchmarks folder at {d}; the benchmarks ship with the source "
+                         "checkout, not the wheel: run from a clone, or set REASONRL_BENCHMARKS=/path/to/benchmarks")
+    scripts = sorted(f[len("bench_"):-3] for f in os.listdir(d) if f.startswith("bench_") and f.endswith(".py"))
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: reasonrl bench NAME [script args]\nbenchmarks in {d}:\n  " + "\n  ".join(scripts))
+        return
+    name = argv[0][len("bench_"):] if argv[0].startswith("bench_") else argv[0]
+    name = name[:-3] if name.endswith(".py") else name
+    if name not in scripts:
+        raise SystemExit(f"reasonrl bench: unknown benchmark {argv[0]!r}; available: {', '.join(scripts)}")
+    raise SystemExit(subprocess.call([sys.executable, os.path.join(d, f"bench_{name}.py"), *argv[1:]]))
+
+
+def cmd_convert_gguf(argv):
+    import argparse
+    p = argparse.ArgumentParser(prog="reasonrl convert-gguf", description="Export a model folder to GGUF.")
+    p.add_argument("model", help="a local Hugging Face model folder")
+    p.add_argument("out", help="the .gguf file to write")
+    args = p.parse_args(argv)
+    try:
+        from reasonrl.models.gguf import convert_gguf
+    except ImportError as e:
+        raise SystemExit(f"reasonrl convert-gguf: reasonrl.models.gguf is not available ({e}); "
+                         "install the gguf extra: pip install 'reasonrl[gguf]'")
+    convert_gguf(args.model, args.out)
+
+
+def cmd_not_implemented(name):
+    def run(argv):
+        print(f"reasonrl {name}: not implemented yet", file=sys.stderr)
+        raise SystemExit(2)
+    return run
+
+
+HANDLERS = {"train": cmd_train, "sft": cmd_sft, "grpo": cmd_grpo, "generate": cmd_generate,
+            "bench": cmd_bench, "convert-gguf": cmd_convert_gguf,
+            "sample": cmd_not_implemented("sample"), "eval": cmd_not_implemented("eval")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = _threads(list(sys.argv[1:] if argv is None else argv))
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in HANDLERS:
+        raise SystemExit(f"reasonrl: unknown command {cmd!r}; commands: {', '.join(COMMANDS)}")
+    try:
+        HANDLERS[cmd](rest)
+    except ValueError as e:  # config and data errors: one clear line, no traceback
+        raise SystemExit(f"reasonrl {cmd}: error: {e}")
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The GRPO loop: rollout -> rewards -> (dynamic sampling) -> micro-batched grpo_loss -> AdamW -> log.
+
+Each step: P prompts x G samples from the engine (the model's own weights, no copy), rewards per
+completion, groups whose rewards are all equal dropped and refilled with new prompts (DAPO's
+dynamic sampling), truncated completions masked (or penalized), then micro-batches of whole groups
+within a token budget, each a packed forward -> ops.grpo_loss on hidden states + the LM-head weight
+(advantages are computed inside the op from the raw rewards), backward; one AdamW step per pass.
+With mu > 1 the batch is reused, and the old policy's log-probs come from the no-grad fused op.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+
+import torch
+
+from reasonrl.engine import LLMEngine, SamplingParams
+from reasonrl.ops import linear_token_logprobs
+from reasonrl.ops.grpo import GRPOLossConfig, grpo_loss
+from reasonrl.rl.rewards import compute_rewards, format_reward, parse_reward_spec
+from reasonrl.rl.tasks import get_task
+from reasonrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from reasonrl.train.common import (encode_prompt, load_model_and_tokenizer, lr_at, make_optimizer, pack,
+                                   step_seed, token_budget_batches)
+from reasonrl.train.config import GRPOConfig
+from reasonrl.train.logger import MetricsLogger, plot_metrics
+from reasonrl.models import save_model
+
+LOG_KEYS = ("step", "reward", "accuracy", "format", "length", "kl", "clip_frac", "entropy", "groups",
+            "rollout_tok_s", "train_tok_s")
+
+
+def rollout(engine, tokenizer, task, cfg: GRPOConfig, step: int, spec, exclude):
+    """Sample groups until prompts_per_step groups with reward variance (or refills run out)."""
+    kept, stats = [], {"rollout_tokens": 0, "rollout_s": 0.0, "all": []}
+    for refill in range(cfg.max_refills + 1 if cfg.dynamic_sampling else 1):
+        need = cfg.prompts_per_step - len(kept)
+        problems = task.problems(need, seed=step_seed(cfg.seed, "grpo", step, refill), exclude=exclude)
+        prompts = [encode_prompt(tokenizer, cfg.prompt_template, p.question) for p in problems]
+        torch.manual_seed(step_seed(cfg.seed, "sample", step, refill))  # the engine's per-sample seeds
+        t0 = time.perf_counter()
+        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
+        outs = engine.generate(prompts, params, n=cfg.group_size)
+        stats["rollout_s"] += time.perf_counter() - t0
+        for prob, prompt, group in zip(problems, prompts, outs):
+            texts = [c.text or "" for c in group]
+            total, parts = compute_rewards(texts, [prob] * len(group), spec)
+            if cfg.truncation == "penalize":
+                total = [cfg.truncation_reward if c.finish_reason == "length" else r for c, r in zip(group, total)]
+            g = {"prompt": prompt, "completions": group, "rewards": total, "parts": parts, "texts": texts}
+            stats["rollout_tokens"] += sum(c.length for c in group)
+            stats["all"].append(g)
+            if not cfg.dynamic_sampling or max(total) > min(total):
+                kept.append(g)
+        if len(kept) >= cfg.prompts_per_step:
+            break
+    return kept[:cfg.prompts_per_step], stats
+
+
+def train_on_groups(model, ref_model, opt, groups, cfg: GRPOConfig, loss_cfg: GRPOLossConfig):
+    """mu optimizer passes over the batch, micro-batched by token budget; returns metric sums."""
+    prompts = [g["prompt"] for g in groups for _ in g["completions"]]
+    comps = [c for g in groups for c in g["completions"]]
+    responses = [c.token_ids for c in comps]
+    rewards = torch.tensor([r for g in groups for r in g["rewards"]], dtype=torch.float32)
+    truncated = torch.tensor([c.finish_reason == "length" for c in comps])
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    chunks = token_budget_batches(lengths, cfg.micro_batch_tokens, unit=cfg.group_size)
+    W = model.lm_head_weight
+    active = sum(len(r) for r, t in zip(responses, truncated) if not (t and cfg.truncation == "mask"))
+    cache = {}  # micro-batch index -> (old, ref) log-probs, fixed before the first update
+
+    def batch(idx):
+        ids, pos, ctx, _, rows = pack([prompts[i] for i in idx], [responses[i] for i in idx])
+        T = rows.shape[1]
+        lens = torch.tensor([len(responses[i]) for i in idx])
+        mask = (torch.arange(T)[None, :] < lens[:, None]).float()  # (B, T)
+        if cfg.truncation == "mask":
+            mask *= (~truncated[idx]).float()[:, None]
+        resp_ids = torch.tensor([responses[i] + [0] * (T - len(responses[i])) for i in idx])  # (B, T)
+        return ids, pos, ctx, rows, resp_ids, mask
+
+    sums = {"kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "tokens": 0, "loss": 0.0}
+    for epoch in range(cfg.mu):
+        for j, idx in enumerate(chunks):
+            ids, pos, ctx, rows, resp_ids, mask = batch(idx)
+            if j not in cache:
+                cache[j] = _old_and_ref(model, ref_model, ids, pos, ctx, rows, resp_ids, mask, cfg)
+            old, ref = cache[j]
+            hidden = model(ids, pos, ctx)[rows.view(-1)]  # (B*T, H) rows predicting response tokens
+            frac = _micro_weight(cfg.loss_type, len(idx), len(comps), mask, active)
+            loss, m = grpo_loss(hidden=hidden, weight=W, ids=resp_ids, mask=mask, rewards=rewards[idx],
+                                group_size=cfg.group_size, old_logprobs=old, ref_logprobs=ref,
+                                temperature=cfg.temperature, config=loss_cfg,
+                                num_items_in_batch=max(active, 1) if cfg.loss_type == "dapo" else None)
+            (loss * frac).backward()
+            if epoch == 0:
+                n = float(m["num_tokens"])
+                sums["tokens"] += n
+                sums["loss"] += float(loss) * frac
+                sums["kl"] += float(m["kl"]) * n
+                sums["clip_frac"] += float(m["clip_frac_low"] + m["clip_frac_high"]) * n
+                sums["entropy"] += float(m.get("entropy", 0.0)) * n
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sums["grad_norm"] = float(gnorm)
+    sums["train_tokens"] = sum(lengths) * cfg.mu
+    return sums
+
+
+def _micro_weight(loss_type, rows, total_rows, mask, active):
+    """Scale of a micro-batch's loss so that the micro-batches sum to the whole batch's loss."""
+    if loss_type == "dapo":
+        return 1.0  # num_items_in_batch already normalizes by the global token count
+    if loss_type == "bnpo":
+        return float(mask.sum()) / max(active, 1)
+    return rows / total_rows  # "grpo", "dr_grpo": means over rows
+
+
+@torch.no_grad()
+def _old_and_ref(model, ref_model, ids, pos, ctx, rows, resp_ids, mask, cfg):
+    ids_eff = torch.where(mask.bool(), resp_ids, torch.full_like(resp_ids, -100)).view(-1)
+
+    def logp(m):
+        h = m(ids, pos, ctx)[rows.view(-1)]
+        return linear_token_logprobs(h, m.lm_head_weight, ids_eff, cfg.temperature).view(resp_ids.shape)
+
+    old = logp(model) if cfg.mu > 1 else None  # on-policy (mu == 1): the op uses sg(logp), ratio 1
+    ref = logp(ref_model) if ref_model is not None else None
+    return old, ref
+
+
+def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str = "grpo"):
+    """Train; returns (model, tokenizer, summary). Ctrl-C saves a checkpoint, then re-raises."""
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
+    task, spec = get_task(cfg.task, cfg.difficulty), parse_reward_spec(cfg.rewards)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
+    loss_cfg = GRPOLossConfig(advantage=cfg.advantage, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+                              beta=cfg.beta, loss_type=cfg.loss_type, max_completion_length=cfg.max_tokens)
+    opt = make_optimizer(model, cfg)
+    engine = LLMEngine(model, tokenizer=tokenizer, max_num_seqs=cfg.prompts_per_step * cfg.group_size)
+    step, elapsed = 0, 0.0
+    resume_from = latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if resume_from:
+        state = load_checkpoint(resume_from, model, opt)
+        step, elapsed = state["step"], state["elapsed"]
+        print(f"[{tag}] resumed from {resume_from} at step {step}")
+    logger = MetricsLogger(cfg.out_dir, resume_step=step if resume_from else None)
+
+    def save():
+        state = {"step": step, "elapsed": elapsed, "config": dataclasses.asdict(cfg), "stage": tag}
+        return save_checkpoint(cfg.out_dir, model, opt, state, tokenizer)
+
+    exclude, start = set(exclude), time.perf_counter() - elapsed
+    model.train()
+    try:
+        while step < cfg.steps and not (cfg.max_seconds and elapsed >= cfg.max_seconds):
+            progress = max(step / cfg.steps, elapsed / cfg.max_seconds if cfg.max_seconds else 0.0)
+            lr = lr_at(step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            groups, rs = rollout(engine, tokenizer, task, cfg, step, spec, exclude)
+            t0 = time.perf_counter()
+            ts = train_on_groups(model, ref_model, opt, groups, cfg, loss_cfg) if groups else None
+            train_s = time.perf_counter() - t0
+            step += 1
+            elapsed = time.perf_counter() - start
+            row = _row(step, lr, rs, ts, train_s, elapsed, len(groups))
+            line = logger.log(row, LOG_KEYS)
+            if step % cfg.log_every == 0:
+                print(f"[{tag}] {line}", flush=True)
+            if cfg.save_every and step % cfg.save_every == 0:
+                save()
+    except KeyboardInterrupt:
+        print(f"[{tag}] interrupted: saved {save()}")
+        raise
+    save()
+    save_model(model, os.path.join(cfg.out_dir, "final"), tokenizer=tokenizer)
+    plot_metrics(logger.path, os.path.join(cfg.out_dir, "metrics.png"),
+                 ["reward", "accuracy", "format", "length", "kl", "clip_frac", "entropy", "groups", "lr"])
+    return model, tokenizer, {"steps": step, "seconds": elapsed}
+
+
+def _row(step, lr, rs, ts, train_s, elapsed, kept):
+    """One log line: reward stats over every sampled completion, loss stats over the kept batch."""
+    all_rewards = [r for g in rs["all"] for r in g["rewards"]]
+    acc = [a for g in rs["all"] for a in g["parts"].get("accuracy", [])]
+    fmt = [format_reward(t) for g in rs["all"] for t in g["texts"]]
+    lens = [c.length for g in rs["all"] for c in g["completions"]]
+    n = max(ts["tokens"], 1) if ts else 1
+    return {"step": step, "lr": lr, "reward": sum(all_rewards) / len(all_rewards),
+            "accuracy": sum(acc) / len(acc) if acc else float("nan"), "format": sum(fmt) / len(fmt),
+            "length": sum(lens) / len(lens), "groups": kept,
+            "truncated": sum(c.finish_reason == "length" for g in rs["all"] for c in g["completions"]) / len(lens),
+            "loss": ts["loss"] if ts else 0.0, "kl": ts["kl"] / n if ts else 0.0,
+            "clip_frac": ts["clip_frac"] / n if ts else 0.0, "entropy": ts["entropy"] / n if ts else 0.0,
+            "grad_norm": ts["grad_norm"] if ts else 0.0,
+            "rollout_tok_s": rs["rollout_tokens"] / max(rs["rollout_s"], 1e-9),
+            "train_tok_s": ts["train_tokens"] / max(train_s, 1e-9) if ts else 0.0, "elapsed": elapsed}
