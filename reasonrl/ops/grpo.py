@@ -241,8 +241,15 @@ def grpo_loss_from_logprobs_reference(logp, entropy=None, *, mask, rewards, grou
     dtype = logp.dtype
     B, T = logp.shape
     m = mask.to(dtype)  # (B, T)
+    live = m != 0
+
+    def unread(x):  # masked positions are never read: garbage there (NaN, inf) changes nothing
+        return None if x is None else torch.where(live, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
+
+    logp, entropy, old_logprobs, ref_logprobs = unread(logp), unread(entropy), unread(old_logprobs), unread(
+        ref_logprobs if config.beta != 0 else None)
     C = config.log_ratio_clamp
-    old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
+    old = logp.detach() if old_logprobs is None else old_logprobs
     lr = torch.clamp(logp - old, -C, C)
     if config.importance_sampling == "sequence":
         s = (lr * m).sum(-1) / m.sum(-1).clamp(min=1.0)  # (B,)
@@ -258,7 +265,7 @@ def grpo_loss_from_logprobs_reference(logp, entropy=None, *, mask, rewards, grou
         pg = torch.where(A < 0, torch.minimum(pg, -config.dual_clip * A), pg)
     per_token = pg
     if config.beta != 0:
-        d = torch.clamp(ref_logprobs.to(dtype) - logp, -C, C)
+        d = torch.clamp(ref_logprobs - logp, -C, C)
         kl = torch.exp(d) - d - 1
         per_token = per_token + config.beta * kl
     if entropy is not None and config.entropy_coef != 0:

@@ -1,0 +1,473 @@
+"""grpo_loss: every backend against the float64 reference (values, metrics, gradients), the numerics
+cases, argument errors, and agreement with TRL's loss as its documentation writes it."""
+import itertools
+
+import pytest
+import torch
+
+from reasonrl.ops import _backend
+from reasonrl.ops.grpo import (GRPOLossConfig, grpo_loss, grpo_loss_from_logprobs,
+                               grpo_loss_from_logprobs_reference, grpo_loss_reference)
+from tolerance import assert_close_to_ref
+
+CPU_BACKENDS = [b for b in ("cpp", "triton") if _backend.why_unavailable(b, torch.device("cpu")) is None]
+
+# ---- options: the full product for the compiled backends, a pairwise cover for Triton (interpreter)
+OPTIONS = dict(
+    advantage=("grpo", "dr_grpo", "rloo"),
+    loss_type=("dapo", "grpo", "bnpo", "dr_grpo"),
+    importance_sampling=("token", "sequence"),
+    dual_clip=(None, 1.5),
+    beta=(0.0, 0.1),
+    entropy_coef=(0.0, 0.1),
+    on_policy=(False, True),
+)
+ALL_COMBOS = [dict(zip(OPTIONS, v)) for v in itertools.product(*OPTIONS.values())]
+
+
+def pairwise_cover(options):
+    """A small list of combinations that holds every pair of option values at least once (greedy)."""
+    keys = list(options)
+    todo = {(a, va, b, vb) for a, b in itertools.combinations(keys, 2) for va in options[a] for vb in options[b]}
+    chosen = []
+    while todo:
+        best = max(ALL_COMBOS, key=lambda c: sum((a, c[a], b, c[b]) in todo for a, b in itertools.combinations(keys, 2)))
+        chosen.append(best)
+        todo -= {(a, best[a], b, best[b]) for a, b in itertools.combinations(keys, 2)}
+    return chosen
+
+
+PAIRWISE = pairwise_cover(OPTIONS)
+
+
+def make_config(c, **kw):
+    args = {k: v for k, v in c.items() if k != "on_policy"}
+    return GRPOLossConfig(epsilon_low=0.2, epsilon_high=0.28, **args, **kw)
+
+
+def make_batch(B, T, G, V=None, dtype=torch.float32, device="cpu", temperature=1.0):
+    """Ragged masks (one row fully masked when B > 1), rewards with some zero-variance groups, old / ref
+    log-probs near the policy's so that both clip sides, the dual clip and the KL all engage."""
+    lengths = torch.randint(0, T + 1, (B,))
+    lengths[0] = T
+    if B > 1:
+        lengths[1] = 0
+    mask = torch.arange(T)[None, :] < lengths[:, None]  # (B, T) bool
+    rewards = torch.randint(0, 3, (B,)).float() * 0.5  # (B,)
+    if B // G > 1:
+        rewards[:G] = 1.0  # one zero-variance group
+    rewards[-G:] = torch.randn(G)  # one group with continuous rewards
+    out = dict(mask=mask, rewards=rewards)
+    if V is not None:
+        out["logits"] = (2 * torch.randn(B, T, V)).to(dtype)  # (B, T, V)
+        ids = torch.randint(0, V, (B, T))
+        lp = torch.log_softmax(out["logits"].double() / temperature, -1).gather(-1, ids[..., None])[..., 0]
+        out["old"], out["ref"] = near(lp, 0.3), near(lp, 0.5)
+        ids[~mask] = -7  # padding ids that are not valid: must be ignored
+        out["ids"] = ids
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def near(lp, sigma):
+    return (lp.double() + sigma * torch.randn_like(lp.double())).float()
+
+
+# ---- the GRPO kernels alone (log-probs given), every combination --------------------------------
+
+def run_from_logprobs(backend, c, lp, ent, b, G, up):
+    cfg = make_config(c)
+    old = None if c["on_policy"] else b["old"]
+    lp = lp.detach().clone().requires_grad_(True)
+    ent = ent.detach().clone().requires_grad_(True)
+    kw = dict(mask=b["mask"], rewards=b["rewards"], group_size=G, old_logprobs=old,
+              ref_logprobs=b["ref"], config=cfg)
+    if backend == "reference":
+        loss, met = grpo_loss_from_logprobs_reference(lp, ent, **kw)
+    else:
+        loss, met = grpo_loss_from_logprobs(lp, ent, backend=backend, **kw)
+    loss.backward(up.to(loss.dtype))
+    return loss.detach(), met, lp.grad, ent.grad if ent.grad is not None else torch.zeros_like(ent)
+
+
+def check_combos(backend, combos, B, T, G, device="cpu"):
+    b = make_batch(B, T, G)
+    lp = -3 * torch.rand(B, T)  # (B, T) float32 log-probs
+    ent = 2 * torch.rand(B, T)
+    b["old"], b["ref"] = near(lp, 0.3), near(lp, 0.5)
+    b, lp, ent = {k: v.to(device) for k, v in b.items()}, lp.to(device), ent.to(device)
+    up = torch.randn(()).to(device)  # one shared upstream gradient
+    for c in combos:
+        r64 = run_from_logprobs("reference", c, lp.double(), ent.double(), b, G, up)
+        r32 = run_from_logprobs("reference", c, lp, ent, b, G, up)
+        out = run_from_logprobs(backend, c, lp, ent, b, G, up)
+        for i, name in ((0, "loss"), (2, "grad_logp"), (3, "grad_entropy")):
+            assert_close_to_ref(out[i], r64[i], r32[i], torch.float32, f"{backend} {c} {name}")
+        assert set(out[1]) == set(r64[1]), f"{c}: metric keys {sorted(out[1])} != {sorted(r64[1])}"
+        for k in r64[1]:
+            assert out[1][k].dim() == 0 and not out[1][k].requires_grad
+            assert_close_to_ref(out[1][k], r64[1][k], r32[1][k], torch.float32, f"{backend} {c} metric {k}")
+        masked = ~b["mask"]
+        assert (out[2][masked] == 0).all(), f"{c}: masked positions got a gradient"
+
+
+@pytest.mark.parametrize("T,G,B", [(1, 2, 4), (37, 4, 12), (37, 16, 32)])
+def test_kernels_all_option_combinations_cpp(T, G, B):
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("reasonrl._C not built")
+    check_combos("cpp", ALL_COMBOS, B, T, G)
+
+
+@pytest.mark.parametrize("T,G,B", [(1, 2, 4), (37, 4, 8), (37, 16, 16)])
+def test_kernels_pairwise_options_triton(T, G, B):
+    if "triton" not in CPU_BACKENDS:
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    check_combos("triton", PAIRWISE, B, T, G)
+
+
+def test_pairwise_cover_is_complete():
+    keys = list(OPTIONS)
+    for a, bk in itertools.combinations(keys, 2):
+        for va, vb in itertools.product(OPTIONS[a], OPTIONS[bk]):
+            assert any(c[a] == va and c[bk] == vb for c in PAIRWISE), (a, va, bk, vb)
+
+
+# ---- the whole op from logits and from hidden + weight ------------------------------------------
+
+LOGIT_CASES = [  # (V, B, T, G, dtype)
+    (7, 8, 37, 2, torch.float32),
+    (1000, 8, 37, 4, torch.float32),
+    (1000, 16, 5, 16, torch.bfloat16),
+    (151936, 4, 1, 2, torch.float32),
+    (151936, 4, 2, 4, torch.bfloat16),
+]
+LOGIT_CONFIGS = [
+    dict(advantage="grpo", loss_type="dapo", importance_sampling="token", dual_clip=None, beta=0.1,
+         entropy_coef=0.1, on_policy=False),
+    dict(advantage="rloo", loss_type="grpo", importance_sampling="sequence", dual_clip=1.5, beta=0.0,
+         entropy_coef=0.0, on_policy=False),
+    dict(advantage="dr_grpo", loss_type="dr_grpo", importance_sampling="token", dual_clip=None, beta=0.0,
+         entropy_coef=0.0, on_policy=True),
+]
+
+
+def run_logits(backend, c, b, G, up, logits, temperature=0.7):
+    x = logits.detach().clone().requires_grad_(True)
+    old = None if c["on_policy"] else b["old"]
+    kw = dict(ids=b["ids"], mask=b["mask"], rewards=b["rewards"], group_size=G, old_logprobs=old,
+              ref_logprobs=b["ref"], temperature=temperature, config=make_config(c))
+    loss, met = grpo_loss(x, backend=backend, **kw) if backend != "reference" else grpo_loss_reference(x, **kw)
+    loss.backward(up.to(loss.dtype))
+    return loss.detach(), met, x.grad
+
+
+@pytest.mark.parametrize("V,B,T,G,dtype", LOGIT_CASES)
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_logits_form_against_reference(backend, V, B, T, G, dtype):
+    if backend not in CPU_BACKENDS:
+        pytest.skip(f"{backend} not available on CPU here")
+    if backend == "triton" and V * B * T > 40000:
+        pytest.skip("Triton's interpreter is too slow for this shape on CPU (runs on the GPU tests)")
+    b = make_batch(B, T, G, V, dtype, temperature=0.7)
+    up = torch.randn(())
+    configs = LOGIT_CONFIGS if V * B * T <= 40000 else LOGIT_CONFIGS[:1]
+    for c in configs:
+        r64 = run_logits("reference", c, b, G, up, b["logits"].double())
+        r_same = run_logits("reference", c, b, G, up, b["logits"])
+        out = run_logits(backend, c, b, G, up, b["logits"])
+        assert_close_to_ref(out[0], r64[0], r_same[0], torch.float32, f"{c} loss")
+        assert out[2].dtype == dtype
+        assert_close_to_ref(out[2], r64[2], r_same[2], dtype, f"{c} grad_logits")
+        for k in r64[1]:
+            assert_close_to_ref(out[1][k], r64[1][k], r_same[1][k], torch.float32, f"{c} metric {k}")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_inplace_backward_overwrites_logits(backend):
+    if backend not in CPU_BACKENDS:
+        pytest.skip(f"{backend} not available on CPU here")
+    B, T, V, G = 4, 9, 300, 2
+    b = make_batch(B, T, G, V, temperature=0.7)
+    c = LOGIT_CONFIGS[0]
+    up = torch.randn(())
+    ref = run_logits(backend, c, b, G, up, b["logits"])
+    x = b["logits"].clone().requires_grad_(True)
+    kw = dict(ids=b["ids"], mask=b["mask"], rewards=b["rewards"], group_size=G, old_logprobs=b["old"],
+              ref_logprobs=b["ref"], temperature=0.7, config=make_config(c, inplace_backward=True))
+    loss, _ = grpo_loss(x, backend=backend, **kw)
+    loss.backward(up)
+    assert torch.equal(loss.detach(), ref[0])
+    torch.testing.assert_close(x.grad, ref[2], rtol=0, atol=1e-6)
+    assert x.grad.data_ptr() == x.data_ptr(), "in-place backward should reuse the logits' buffer"
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_fused_hidden_weight_form(backend):
+    if backend not in CPU_BACKENDS:
+        pytest.skip(f"{backend} not available on CPU here")
+    B, T, H, V, G = 4, 7, 16, 300, 2
+    b = make_batch(B, T, G)
+    hidden, weight = torch.randn(B * T, H), torch.randn(V, H) / 2
+    ids = torch.randint(0, V, (B, T))
+    with torch.no_grad():
+        lp = torch.log_softmax((hidden @ weight.T).double(), -1).gather(-1, ids.view(-1, 1)).view(B, T)
+    old, ref = near(lp, 0.3), near(lp, 0.5)
+    up = torch.randn(())
+    cfg = make_config(LOGIT_CONFIGS[0])
+
+    def run(bk, dt):
+        h, w = hidden.to(dt).requires_grad_(True), weight.to(dt).requires_grad_(True)
+        kw = dict(hidden=h, weight=w, ids=ids, mask=b["mask"], rewards=b["rewards"], group_size=G,
+                  old_logprobs=old, ref_logprobs=ref, config=cfg)
+        loss, met = grpo_loss(backend=bk, **kw) if bk != "reference" else grpo_loss_reference(**kw)
+        loss.backward(up.to(loss.dtype))
+        return loss.detach(), h.grad, w.grad, met
+
+    r64, r32, out = run("reference", torch.float64), run("reference", torch.float32), run(backend, torch.float32)
+    for i, name in ((0, "loss"), (1, "grad_hidden"), (2, "grad_weight")):
+        assert_close_to_ref(out[i], r64[i], r32[i], torch.float32, name)
+    for k in r64[3]:
+        assert_close_to_ref(out[3][k], r64[3][k], r32[3][k], torch.float32, f"metric {k}")
+
+
+# ---- numerics --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_zero_variance_groups_give_zero_advantage(backend):
+    B, T, G = 8, 6, 4
+    rewards = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.7, 0.7, 0.7, 0.7])  # mean(0.1 x4) != 0.1 in floats
+    lp = (-torch.rand(B, T)).requires_grad_(True)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    for adv in ("grpo", "dr_grpo", "rloo"):
+        cfg = GRPOLossConfig(advantage=adv, compute_entropy=False)
+        loss, met = grpo_loss_from_logprobs(lp, mask=mask, rewards=rewards, group_size=G,
+                                            old_logprobs=near(lp.detach(), 0.3), config=cfg, backend=backend)
+        loss.backward()
+        assert loss.item() == 0.0 and (lp.grad == 0).all(), adv
+        assert met["zero_std_frac"].item() == 1.0 and met["advantage_mean"].item() == 0.0
+        lp.grad = None
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_extreme_log_ratios_are_clamped(backend):
+    B, T, G = 4, 5, 2
+    lp = (-torch.rand(B, T)).requires_grad_(True)
+    old = lp.detach().clone()
+    old[0] -= 200.0  # ratio e^200 -> clamped to e^20
+    old[1] += 200.0
+    ref = lp.detach() + 300.0  # exp(300) overflows float32 without the clamp
+    cfg = GRPOLossConfig(beta=0.5, dual_clip=3.0, loss_type="bnpo", compute_entropy=False)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 2.0])
+    loss, met = grpo_loss_from_logprobs(lp, mask=torch.ones(B, T), rewards=rewards, group_size=G,
+                                        old_logprobs=old, ref_logprobs=ref, config=cfg, backend=backend)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
+    assert all(torch.isfinite(v) for v in met.values())
+    # outside the clamp the log-ratio is flat: no surrogate gradient, and the KL's d is clamped too
+    assert (lp.grad[:2] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_fully_masked_rows_contribute_nothing(backend):
+    B, T, G = 6, 8, 3
+    lp = (-torch.rand(B, T)).requires_grad_(True)
+    ent = torch.rand(B, T).requires_grad_(True)
+    old, ref = near(lp.detach(), 0.3), near(lp.detach(), 0.3)
+    rewards = torch.tensor([1.0, 0.0, 2.0, 1.0, 3.0, 0.0])
+    mask = torch.rand(B, T) > 0.3
+    mask[:, 0] = True
+    mask[4] = False
+    cfg = GRPOLossConfig(beta=0.1, entropy_coef=0.1, loss_type="bnpo")
+    kw = dict(rewards=rewards, group_size=G, old_logprobs=old, ref_logprobs=ref, config=cfg, backend=backend)
+    loss, met = grpo_loss_from_logprobs(lp, ent, mask=mask, **kw)
+    loss.backward()
+    assert (lp.grad[4] == 0).all() and (ent.grad[4] == 0).all()
+    # garbage in the masked row changes nothing
+    lp2 = lp.detach().clone()
+    lp2[4] = float("nan")
+    ent2 = ent.detach().clone()
+    ent2[4] = float("inf")
+    loss2, met2 = grpo_loss_from_logprobs(lp2, ent2, mask=mask, **kw)
+    assert torch.equal(loss.detach(), loss2) and all(torch.equal(met[k], met2[k]) for k in met)
+    # an all-masked batch: zero loss, zero grads, no NaN
+    lp.grad = None
+    loss3, met3 = grpo_loss_from_logprobs(lp, ent, mask=torch.zeros(B, T), **kw)
+    loss3.backward()
+    assert loss3.item() == 0.0 and (lp.grad == 0).all() and all(torch.isfinite(v) for v in met3.values())
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_on_policy_gradient_is_minus_advantage(backend):
+    """old = None: ratio 1, d loss / d logp_t = -A_b / (token count) for "bnpo"."""
+    B, T, G = 4, 3, 2
+    lp = (-torch.rand(B, T)).requires_grad_(True)
+    rewards = torch.tensor([1.0, 0.0, 3.0, 1.0])
+    cfg = GRPOLossConfig(loss_type="bnpo", compute_entropy=False)
+    loss, _ = grpo_loss_from_logprobs(lp, mask=torch.ones(B, T), rewards=rewards, group_size=G,
+                                      config=cfg, backend=backend)
+    loss.backward()
+    r = rewards.view(-1, G)
+    A = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1)
+    torch.testing.assert_close(lp.grad, (-A / (B * T))[:, None].expand(B, T), rtol=1e-5, atol=1e-7)
+    assert abs(loss.item()) < 1e-6  # sum of A over a group is 0
+
+
+def test_dapo_with_global_token_count_and_dr_grpo_constant():
+    B, T, G = 4, 6, 2
+    lp = (-torch.rand(B, T)).double()
+    kw = dict(mask=torch.ones(B, T), rewards=torch.tensor([1.0, 0.0, 0.0, 2.0]), group_size=G,
+              old_logprobs=near(lp, 0.3).double())
+    bn, _ = grpo_loss_from_logprobs_reference(lp, config=GRPOLossConfig(loss_type="bnpo"), **kw)
+    da, _ = grpo_loss_from_logprobs_reference(lp, config=GRPOLossConfig(loss_type="dapo"),
+                                              num_items_in_batch=3 * B * T, **kw)
+    dr, _ = grpo_loss_from_logprobs_reference(lp, config=GRPOLossConfig(loss_type="dr_grpo", max_completion_length=4 * T), **kw)
+    torch.testing.assert_close(da * 3, bn)
+    torch.testing.assert_close(dr * 4, bn)  # full mask: B*T tokens
+    for backend in CPU_BACKENDS:
+        out, _ = grpo_loss_from_logprobs(lp.float(), config=GRPOLossConfig(loss_type="dapo"),
+                                         num_items_in_batch=3 * B * T, backend=backend, **kw)
+        torch.testing.assert_close(out.double(), da, rtol=1e-5, atol=1e-6)
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+def _args(B=4, T=3, V=5, G=2):
+    return dict(logits=torch.randn(B, T, V), ids=torch.randint(0, V, (B, T)), mask=torch.ones(B, T),
+                rewards=torch.rand(B), group_size=G)
+
+
+@pytest.mark.parametrize("change,err,match", [
+    (dict(group_size=3), ValueError, "not a multiple of group_size"),
+    (dict(group_size=1), ValueError, "group_size 1"),
+    (dict(group_size=0), ValueError, "group_size must be a positive int"),
+    (dict(rewards=torch.rand(5)), ValueError, "rewards must be a"),
+    (dict(rewards=torch.tensor([1.0, float("nan"), 0.0, 1.0])), ValueError, "NaN"),
+    (dict(mask=torch.ones(4, 2)), ValueError, "mask must have shape"),
+    (dict(old_logprobs=torch.ones(4, 2)), ValueError, "old_logprobs must have shape"),
+    (dict(config=GRPOLossConfig(beta=0.1)), ValueError, "needs ref_logprobs"),
+    (dict(logits=torch.randn(4, 2, 5)), ValueError, "logits must have shape"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(num_items_in_batch=10, config=GRPOLossConfig(loss_type="bnpo")), ValueError, "num_items_in_batch"),
+    (dict(backend="nope"), ValueError, "backend must be one of"),
+    (dict(config="dapo"), TypeError, "GRPOLossConfig"),
+])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_bad_arguments_raise_clearly(backend, change, err, match):
+    kw = {**_args(), "backend": backend, **change}
+    with pytest.raises(err, match=match):
+        grpo_loss(**kw)
+
+
+def test_group_size_one_is_fine_for_dr_grpo_advantages():
+    kw = {**_args(G=1), "config": GRPOLossConfig(advantage="dr_grpo")}
+    loss, met = grpo_loss(**kw, backend="reference")
+    assert loss.item() == 0.0 and met["zero_std_frac"].item() == 1.0
+
+
+@pytest.mark.parametrize("field,value", [
+    ("advantage", "ppo"), ("loss_type", "sum"), ("importance_sampling", "token_seq"), ("epsilon_low", 1.0),
+    ("epsilon_high", -0.1), ("dual_clip", 1.0), ("beta", -1.0), ("log_ratio_clamp", 0.0), ("std_eps", -1.0),
+    ("max_completion_length", 0),
+])
+def test_config_validation(field, value):
+    with pytest.raises(ValueError, match=field):
+        GRPOLossConfig(**{field: value})
+
+
+def test_unavailable_backend_names_the_reason():
+    if _backend.why_unavailable("cuda", torch.device("cpu")) is None:
+        pytest.skip("cuda runs CPU tensors here?")
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
+        grpo_loss(**_args(), backend="cuda")
+
+
+# ---- agreement with TRL's GRPOTrainer loss, transcribed from its documentation ------------------
+
+def trl_loss(logits, ids, mask, rewards, G, old, ref, temperature, beta, eps_low, eps_high, loss_type,
+             scale_rewards, level, max_completion_length):
+    """TRL GRPOTrainer (docs "GRPO Trainer" -> "Computing the loss", trl >= 0.20), written as there:
+    A_i = (r_i - mean(r)) / std(r) (scale_rewards) or r_i - mean(r); std with Bessel, + 1e-4;
+    log_ratio = logp - old; token: w = log_ratio; sequence (GSPO): w = sum(log_ratio m) / max(sum m, 1);
+    coef_1 = exp(w), coef_2 = clamp(coef_1, 1 - eps_low, 1 + eps_high);
+    per_token_loss = -min(coef_1 A, coef_2 A) + beta (exp(ref - logp) - (ref - logp) - 1)."""
+    logps = torch.log_softmax(logits / temperature, -1).gather(-1, ids.clamp(min=0)[..., None])[..., 0]
+    r = rewards.view(-1, G)
+    mean = r.mean(1).repeat_interleave(G)
+    A = rewards - mean
+    if scale_rewards:
+        A = A / (r.std(1).repeat_interleave(G) + 1e-4)
+    old = logps.detach() if old is None else old
+    log_ratio = logps - old
+    if level == "token":
+        w = log_ratio
+    else:
+        w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(w)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    per_token_loss = -torch.min(coef_1 * A.unsqueeze(1), coef_2 * A.unsqueeze(1))
+    if beta != 0.0:
+        per_token_loss = per_token_loss + beta * (torch.exp(ref - logps) - (ref - logps) - 1)
+    if loss_type == "grpo":
+        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type in ("bnpo", "dapo"):  # dapo: / global active tokens; one process: the same
+        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    return (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_agrees_with_trl_formula(loss_type, level):
+    B, T, V, G = 8, 11, 13, 4
+    logits = torch.randn(B, T, V, dtype=torch.float64)
+    ids = torch.randint(0, V, (B, T))
+    mask = (torch.arange(T)[None] < torch.randint(1, T + 1, (B, 1))).double()
+    rewards = torch.randint(0, 3, (B,)).double()
+    rewards[:G] = 2.0  # an equal-rewards group: exact mean, so TRL's advantage is exactly 0 as well
+    with torch.no_grad():
+        lp = torch.log_softmax(logits / 0.9, -1).gather(-1, ids[..., None])[..., 0]
+    old, ref = lp + 0.3 * torch.randn(B, T, dtype=torch.float64), lp + 0.3 * torch.randn(B, T, dtype=torch.float64)
+    for scale, beta, on_policy in itertools.product((True, False), (0.0, 0.04), (False, True)):
+        o = None if on_policy else old
+        x1 = logits.clone().requires_grad_(True)
+        want = trl_loss(x1, ids, mask, rewards, G, o, ref, 0.9, beta, 0.2, 0.28, loss_type, scale, level, 2 * T)
+        want.backward()
+        cfg = GRPOLossConfig(advantage="grpo" if scale else "dr_grpo", beta=beta, epsilon_low=0.2,
+                             epsilon_high=0.28, loss_type=loss_type, importance_sampling=level,
+                             max_completion_length=2 * T, compute_entropy=False)
+        for backend in ["reference"] + CPU_BACKENDS[:1]:
+            x2 = (logits if backend == "reference" else logits.float()).clone().requires_grad_(True)
+            got, _ = grpo_loss(x2, ids=ids, mask=mask, rewards=rewards, group_size=G, old_logprobs=o,
+                               ref_logprobs=ref, temperature=0.9, config=cfg, backend=backend)
+            got.backward()
+            tol = 1e-12 if backend == "reference" else 2e-5
+            torch.testing.assert_close(got.double(), want.detach(), rtol=tol, atol=tol)
+            torch.testing.assert_close(x2.grad.double(), x1.grad, rtol=tol, atol=tol)
+
+
+# ---- GPU ---------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_kernels_all_option_combinations(backend):
+    dev = torch.device("cuda")
+    if _backend.why_unavailable(backend, dev) is not None:
+        pytest.skip(_backend.why_unavailable(backend, dev))
+    for T, G, B in [(1, 2, 4), (37, 4, 12), (37, 16, 32), (2048, 8, 16)]:
+        check_combos(backend, ALL_COMBOS if backend == "cuda" else PAIRWISE, B, T, G, device=dev)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_logits_form(backend, dtype):
+    dev = torch.device("cuda")
+    if _backend.why_unavailable(backend, dev) is not None:
+        pytest.skip(_backend.why_unavailable(backend, dev))
+    for V, B, T, G in [(7, 8, 37, 2), (1000, 16, 37, 4), (151936, 8, 64, 4)]:
+        b = make_batch(B, T, G, V, dtype, device=dev, temperature=0.7)
+        up = torch.randn((), device=dev)
+        for c in LOGIT_CONFIGS:
+            r64 = run_logits("reference", c, b, G, up, b["logits"].double())
+            r_same = run_logits("reference", c, b, G, up, b["logits"])
+            out = run_logits(backend, c, b, G, up, b["logits"])
+            assert_close_to_ref(out[0], r64[0], r_same[0], torch.float32, f"{c} loss")
+            assert_close_to_ref(out[2], r64[2], r_same[2], dtype, f"{c} grad_logits")
