@@ -6,7 +6,8 @@ slot -1 writes nothing.
 Decode attention (flash-decoding): one query token per sequence b. The context 0..n-1
 (n = context_lens[b]) is cut into S splits; program (b, h, s) handles kv head h, its G = Hq / Hkv
 query heads together (each key/value row is read once for the whole group: grouped-query
-attention's bandwidth saving) and the keys of split s, with an online softmax in float32:
+attention's bandwidth saving; the G heads are padded to 16 rows so both products run as tl.dot on
+tensor cores) and the keys of split s, with an online softmax in float32:
     m = max_j s_j,  l = sum_j exp(s_j - m),  o = sum_j exp(s_j - m) v_j / l,  lse = m + log l
 A second pass merges the splits of each (b, head):
     out = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M),   M = max_s lse_s
@@ -17,6 +18,8 @@ context_lens values, so the launch is CUDA-graph safe.
 Materialized: float32 partials (B, Hq, S, D) and (B, Hq, S); nothing of size context x heads.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -46,7 +49,8 @@ def _paged_decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, mid_o
                                stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb,
                                split_len, BS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                                S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                               BLOCK_N: tl.constexpr):
+                               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                               UPCAST: tl.constexpr):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tl.load(lens_ptr + b)
     g = tl.arange(0, BLOCK_G)
@@ -54,7 +58,9 @@ def _paged_decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, mid_o
     gmask, dmask = g < G, d < D
     heads = h * G + g  # query heads of this kv head
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * scale  # (BG, BD)
+                mask=gmask[:, None] & dmask[None, :], other=0.0)  # (BG, BD), the cache's dtype
+    if UPCAST:
+        q = q.to(tl.float32)
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
@@ -66,15 +72,18 @@ def _paged_decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, mid_o
         blk = tl.load(table_ptr + b * stride_tb + j // BS, mask=jmask, other=0).to(tl.int64)
         row = blk * stride_cb + (j % BS) * stride_cs + h * stride_ch  # (BN,)
         kv_mask = jmask[:, None] & dmask[None, :]
-        k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)  # (BN, BD)
-        v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        sc = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (BG, BN)
+        k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # (BN, BD)
+        v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:  # Triton 3.9's interpreter gets bf16 tl.dot wrong: run it in float32 there
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BG, BN) float32
         sc = tl.where(jmask[None, :], sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(sc - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        # p rounded to the values' dtype for the tensor-core product, as flash attention does
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     has = l > 0  # an empty split (start >= n) reports lse = -inf and o = 0
     o = acc / tl.where(has, l, 1.0)[:, None]
@@ -135,15 +144,17 @@ def paged_attention_decode_fwd(q, k_cache, v_cache, block_tables, context_lens, 
     block_tables = block_tables.contiguous()
     max_len = block_tables.shape[1] * bs
     S = num_splits or num_splits_for(B, Hkv, max_len)
-    BLOCK_N = 16
+    BLOCK_N = 32
+    upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
     split_len = triton.cdiv(triton.cdiv(max_len, S), BLOCK_N) * BLOCK_N
     mid_o = torch.empty(B, Hq, S, D, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
     _paged_decode_split_kernel[(B, Hkv, S)](
         q, k_cache, v_cache, block_tables, context_lens.contiguous(), mid_o, mid_lse, float(scale),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        split_len, BS=bs, G=G, D=D, S=S, BLOCK_G=max(2, triton.next_power_of_2(G)),
-        BLOCK_D=triton.next_power_of_2(D), BLOCK_N=BLOCK_N)
+        split_len, BS=bs, G=G, D=D, S=S, BLOCK_G=max(16, triton.next_power_of_2(G)),
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=BLOCK_N,
+        PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)
     out = torch.empty_like(q)
     _paged_decode_reduce_kernel[(B, Hq)](mid_o, mid_lse, out, out.stride(0), out.stride(1), Hq,
                                          S=S, D=D, BLOCK_S=max(2, triton.next_power_of_2(S)),

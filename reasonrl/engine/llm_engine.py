@@ -178,17 +178,17 @@ class LLMEngine:
 
     def _sample(self, seqs, logits):
         dev = logits.device
-
-        def col(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
-
         ps = [s.params for s in seqs]
-        forced = col([s.forced[0] if s.forced else -1 for s in seqs], torch.int64)
-        tokens, logprobs = self.sampler(
-            logits, col([p.temperature for p in ps], torch.float32), col([p.top_k for p in ps], torch.int64),
-            col([p.top_p for p in ps], torch.float32), col([p.min_p for p in ps], torch.float32),
-            [s.generator for s in seqs], forced)
-        return tokens.tolist(), logprobs.tolist()
+        cols = torch.tensor([[p.temperature, p.top_p, p.min_p, p.top_k, s.forced[0] if s.forced else -1]
+                             for s, p in zip(seqs, ps)], dtype=torch.float64).to(dev, non_blocking=True)  # (B, 5)
+        temp, top_p, min_p = (cols[:, i].float() for i in range(3))
+        top_k, forced = cols[:, 3].long(), cols[:, 4].long()
+        any_sample = any(p.temperature > 0 for p in ps)
+        any_filter = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in ps if p.temperature > 0)
+        tokens, logprobs = self.sampler(logits, temp, top_k, top_p, min_p, [s.generator for s in seqs], forced,
+                                        any_sample=any_sample, any_filter=any_filter)
+        out = torch.stack([tokens.double(), logprobs.double()]).cpu()  # one device -> host copy
+        return [int(t) for t in out[0].tolist()], out[1].tolist()
 
     # -- thinking control and stopping -------------------------------------------------------
     def _enter_think_from_prompt(self, s: Sequence):

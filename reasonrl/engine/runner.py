@@ -53,8 +53,12 @@ class Runner:
             dst = torch.tensor([c[1] for c in copies], device=self.device)
             self.kv[:, :, dst] = self.kv[:, :, src]
 
-    def _t(self, data, dtype):
-        return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+    def _upload(self, *cols):
+        """Host int lists -> device int64 tensors with one host -> device copy."""
+        flat = torch.tensor([x for c in cols for x in c], dtype=torch.int64)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        return flat.split([len(c) for c in cols])
 
     # -- prefill -----------------------------------------------------------------------------
     def prefill(self, seqs: list[Sequence], bm: BlockManager) -> torch.Tensor:
@@ -67,22 +71,25 @@ class Runner:
             slots.extend(bm.slot(seq, p) for p in range(n))
             cu.append(cu[-1] + n)
             last.append(cu[-1] - 1)
-        ctx = AttnContext(cu_seqlens=self._t(cu, torch.int32), max_seqlen=max(len(s) for s in seqs), is_prefill=True,
-                          slot_mapping=self._t(slots, torch.int64), kv_caches=self.kv_caches)
-        hidden = self.model(self._t(ids, torch.int64), self._t(pos, torch.int64), ctx)  # (total, H)
-        return self.model.compute_logits(hidden[self._t(last, torch.int64)]).float()
+        ids, pos, slots, cu, last = self._upload(ids, pos, slots, cu, last)
+        ctx = AttnContext(cu_seqlens=cu.int(), max_seqlen=max(len(s) for s in seqs), is_prefill=True,
+                          slot_mapping=slots, kv_caches=self.kv_caches)
+        hidden = self.model(ids, pos, ctx)  # (total, H)
+        return self.model.compute_logits(hidden[last]).float()
 
     # -- decode ------------------------------------------------------------------------------
     def _decode_inputs(self, seqs: list[Sequence], bm: BlockManager, rows: int):
-        """Host-side lists padded to `rows`: padding rows write nowhere and read one slot of block 0."""
+        """Device tensors padded to `rows`: padding rows write nowhere and read one slot of block 0."""
         n = len(seqs)
-        ids = [s.token_ids[-1] for s in seqs] + [0] * (rows - n)
-        pos = [len(s) - 1 for s in seqs] + [0] * (rows - n)
-        slots = [bm.slot(s, len(s) - 1) for s in seqs] + [-1] * (rows - n)
-        lens = [len(s) for s in seqs] + [1] * (rows - n)
+        pad = rows - n
+        ids = [s.token_ids[-1] for s in seqs] + [0] * pad
+        pos = [len(s) - 1 for s in seqs] + [0] * pad
+        slots = [bm.slot(s, len(s) - 1) for s in seqs] + [-1] * pad
+        lens = [len(s) for s in seqs] + [1] * pad
         width = self.max_blocks if self.use_graphs else max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs] + [[0] * width] * (rows - n)
-        return ids, pos, slots, lens, tables
+        tables = [b for s in seqs for b in s.block_table + [0] * (width - len(s.block_table))] + [0] * (width * pad)
+        ids, pos, slots, lens, tables = self._upload(ids, pos, slots, lens, tables)
+        return ids, pos, slots, lens.int(), tables.view(rows, width).int()
 
     def decode(self, seqs: list[Sequence], bm: BlockManager) -> torch.Tensor:
         n = len(seqs)
@@ -90,10 +97,9 @@ class Runner:
             return self._decode_graph(seqs, bm)
         ids, pos, slots, lens, tables = self._decode_inputs(seqs, bm, n)
         ctx = AttnContext(cu_seqlens=torch.arange(n + 1, dtype=torch.int32, device=self.device), max_seqlen=1,
-                          is_prefill=False, slot_mapping=self._t(slots, torch.int64),
-                          block_tables=self._t(tables, torch.int32), context_lens=self._t(lens, torch.int32),
+                          is_prefill=False, slot_mapping=slots, block_tables=tables, context_lens=lens,
                           kv_caches=self.kv_caches)
-        hidden = self.model(self._t(ids, torch.int64), self._t(pos, torch.int64), ctx)  # (B, H)
+        hidden = self.model(ids, pos, ctx)  # (B, H)
         return self.model.compute_logits(hidden).float()
 
     def _decode_graph(self, seqs: list[Sequence], bm: BlockManager) -> torch.Tensor:
@@ -101,10 +107,8 @@ class Runner:
         if rows not in self.graphs:
             self._capture(rows)
         graph, buf, out = self.graphs[rows]
-        ids, pos, slots, lens, tables = self._decode_inputs(seqs, bm, rows)
-        for name, data, dtype in (("ids", ids, torch.int64), ("pos", pos, torch.int64), ("slots", slots, torch.int64),
-                                  ("lens", lens, torch.int32), ("tables", tables, torch.int32)):
-            buf[name].copy_(self._t(data, dtype), non_blocking=True)
+        for name, t in zip(("ids", "pos", "slots", "lens", "tables"), self._decode_inputs(seqs, bm, rows)):
+            buf[name].copy_(t)
         graph.replay()
         return out[: len(seqs)].float()
 

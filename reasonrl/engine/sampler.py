@@ -10,6 +10,8 @@ Returned log-probs: log_softmax(logits / T)[token] of the UNFILTERED temperature
 distribution (T = 1 for greedy rows), which is what the training path computes for the same
 tokens at the same temperature (reasonrl.ops.token_logprobs(logits, ids, temperature=T)).
 Forced tokens (thinking control) get their log-prob under the same distribution.
+Host-side flags (any row sampling, any filter) come from the parameters, so the only device sync
+per step is the final copy of tokens and log-probs to the host.
 """
 from __future__ import annotations
 
@@ -29,29 +31,30 @@ def _filter(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Index i with cdf[i-1] <= u * total < cdf[i]; never an index of zero probability."""
+    """Index i with cdf[i-1] <= x < cdf[i], x = u * total; never an index of zero probability."""
     cdf = probs.cumsum(-1)  # (B, V)
-    x = (u * cdf[:, -1]).unsqueeze(1)
-    i = torch.searchsorted(cdf, x, right=True).squeeze(1)
-    last = (probs > 0).int().cumsum(-1).argmax(-1)  # last nonzero (rounding of u * total at the top)
-    return torch.minimum(i, last)
+    total = cdf[:, -1]
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # x < total: i < V
+    return torch.searchsorted(cdf, x.unsqueeze(1), right=True).squeeze(1)
 
 
 class Sampler:
-    def __call__(self, logits, temperatures, top_k, top_p, min_p, generators, forced=None):
-        """logits (B, V) float; temperatures/top_p/min_p (B,) float, top_k (B,) int64 on logits' device;
-        generators: B CPU torch.Generators; forced (B,) int64 with -1 = sample.
+    def __call__(self, logits, temperatures, top_k, top_p, min_p, generators, forced=None, *,
+                 any_sample=True, any_filter=True):
+        """logits (B, V); temperatures/top_p/min_p (B,) float32, top_k (B,) int64, forced (B,) int64
+        (-1 = sample), all on logits' device; generators: B CPU torch.Generators.
+        any_sample / any_filter: host-side facts about the rows (False skips that work).
         -> tokens (B,) int64, logprobs (B,) float32."""
         logits = logits.float()
-        B = logits.shape[0]
         greedy = temperatures == 0
         t = torch.where(greedy, torch.ones_like(temperatures), temperatures)
-        logp = torch.log_softmax(logits / t[:, None], dim=-1)  # (B, V)
+        z = logits / t[:, None]  # (B, V)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
         tokens = logits.argmax(-1)
-        if not bool(greedy.all()):
-            u = torch.stack([torch.rand((), generator=g) for g in generators]).to(logits.device)
-            probs = logp.exp()
-            if bool(((top_k > 0) | (top_p < 1) | (min_p > 0)).any()):
+        if any_sample:
+            u = torch.stack([torch.rand((), generator=g) for g in generators]).to(logits.device, non_blocking=True)
+            probs = (z - lse).exp_()
+            if any_filter:
                 sp, idx = _filter(probs, top_k, top_p, min_p)
                 drawn = idx.gather(1, _inverse_cdf(sp, u)[:, None]).squeeze(1)
             else:
@@ -59,4 +62,4 @@ class Sampler:
             tokens = torch.where(greedy, tokens, drawn)
         if forced is not None:
             tokens = torch.where(forced >= 0, forced, tokens)
-        return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+        return tokens, (z.gather(1, tokens[:, None]) - lse).squeeze(1)
