@@ -80,6 +80,7 @@ def main():
     ap.add_argument("--rep", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (default: torch's)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--no-graphs", action="store_true", help="eager decode steps on GPU (no CUDA graphs)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -97,7 +98,7 @@ def main():
     gen_tokens = P * G * new
     rows = []
 
-    eng = LLMEngine(model, block_size=args.block_size, max_num_seqs=max(256, P * G))
+    eng = LLMEngine(model, block_size=args.block_size, max_num_seqs=max(256, P * G), use_cuda_graphs=not args.no_graphs)
     params = SamplingParams(temperature=1.0, max_tokens=new, ignore_eos=True, seed=0)
     t_ours = timed(lambda: eng.generate(prompts.tolist(), params, n=G), device, args.rep)
     st = eng.stats
