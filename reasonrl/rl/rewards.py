@@ -88,7 +88,6 @@ _FRAC = re.compile(r"\(?([+-]?\d+)\)?/\(?([+-]?\d+)\)?")
 
 def _to_number(s: str) -> Fraction | str | None:
     """Exact value of a plain number (int, decimal, a/b), a digit string for huge ints, else None."""
-    s = s.replace(" ", "")
     if _INT.fullmatch(s):
         if len(s) > _MAX_INT_DIGITS:  # int() would refuse; compare canonical digit strings instead
             sign = "-" if s[0] == "-" else ""

@@ -99,7 +99,7 @@ def train_on_groups(model, ref_model, opt, groups, cfg: GRPOConfig, loss_cfg: GR
             if epoch == 0:
                 n = float(m["num_tokens"])
                 sums["tokens"] += n
-                sums["loss"] += float(loss) * frac
+                sums["loss"] += float(loss.detach()) * frac
                 sums["kl"] += float(m["kl"]) * n
                 sums["clip_frac"] += float(m["clip_frac_low"] + m["clip_frac_high"]) * n
                 sums["entropy"] += float(m.get("entropy", 0.0)) * n

@@ -1,0 +1,120 @@
+"""Rewards on adversarial outputs: tags missing/nested/repeated, several answers, huge numbers,
+unicode digits, empty output, expressions; custom reward functions by import path."""
+import random
+import time
+
+import pytest
+
+from reasonrl.rl.rewards import (accuracy_reward, answers_equal, compute_rewards, countdown_check,
+                                 extract_answer, format_reward, load_reward_fn, parse_reward_spec)
+from reasonrl.rl.tasks import Problem
+
+
+@pytest.mark.parametrize("text, want", [
+    ("<think>x</think><answer>42</answer>", "42"),
+    ("<answer>1</answer> then <answer>2</answer>", "2"),             # last one wins
+    ("<answer><answer>5</answer></answer>", "5"),                    # nested: innermost
+    ("<answer>7</answer><answer>8", "7"),                            # unclosed last tag ignored
+    ("<answer>\\boxed{3/4}</answer>", "3/4"),
+    ("so \\boxed{\\frac{1}{2}} and \\boxed{12}", "12"),
+    ("\\boxed{{a}{b}}", "{a}{b}"),                                   # balanced braces
+    ("\\boxed{unclosed", None),
+    ("no answer at all", None),
+    ("", None),
+    (None, None),
+    ("</answer>9<answer>", None),
+])
+def test_extract_answer(text, want):
+    assert extract_answer(text) == want
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("42", "42"), ("  42. ", "42"), ("+42", "42"), ("042", "42"), ("1,234", "1234"), ("1234", "1,234"),
+    ("0.5", "1/2"), ("\\frac{1}{2}", "0.50"), ("\\dfrac{6}{4}", "1.5"), ("2.5e1", "25"),
+    ("$12$", "12"), ("\\text{12}", "12"), ("-3", "\u22123"),
+    ("٤٢", "42"), ("４２", "42"), ("४२", "42"),                         # Arabic-Indic, full-width, Devanagari
+    ("3+4", "7"), ("2*x + x", "3*x"), ("sqrt(2)/2", "1/sqrt(2)"), ("x^2", "x**2"),
+])
+def test_equal(pred, gold):
+    assert answers_equal(pred, gold), (pred, gold)
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("41", "42"), ("", "42"), (None, "42"), ("0.51", "1/2"), ("1/0", "0"), ("x", "y"),
+    ("٤٣", "42"), ("42abc", "42"), ("4 2", "42"), ("2*x", "3*x"), ("inf", "1"), ("nan", "nan0"),
+])
+def test_not_equal(pred, gold):
+    assert not answers_equal(pred, gold), (pred, gold)
+
+
+@pytest.mark.parametrize("pred", ["9**9**9**9", "9^9^9^9", "10**100000000", "1e999999999", "1e-999999999",
+                                  "(" * 500 + "1" + ")" * 500, "1" * 100_000, "x**99999999"])
+def test_huge_inputs_do_not_hang(pred):
+    t = time.perf_counter()
+    assert not answers_equal(pred, "1")
+    assert time.perf_counter() - t < 3.0
+
+
+def test_huge_integers_compare_exactly():
+    digits = "".join(random.choice("0123456789") for _ in range(6000)).lstrip("0") or "1"
+    assert answers_equal(digits, digits)
+    assert answers_equal("000" + digits, digits)
+    other = digits[:-1] + str((int(digits[-1]) + 1) % 10)
+    assert not answers_equal(other, digits)
+
+
+def test_format_reward():
+    assert format_reward("<think>a</think><answer>1</answer>") == 1.0
+    assert format_reward("  <think>\nlong\n</think>\n<answer> 1 </answer>\n") == 1.0
+    for bad in ["", "<answer>1</answer>", "<think>a</think>", "<think>a</think><answer></answer>",
+                "<think>a</think><answer>1</answer><answer>2</answer>", "<think><think>a</think><answer>1</answer>",
+                "<answer>1</answer><think>a</think>", "x<think>a</think><answer>1</answer>",
+                "<think>a</think><answer>1</answer>trailing"]:
+        assert format_reward(bad) == 0.0, bad
+
+
+def test_countdown_check():
+    assert countdown_check("(25-3)*4+7", [25, 3, 4, 7], 95)
+    assert countdown_check("7 + 4*(25 - 3)", [7, 4, 25, 3], 95)
+    assert countdown_check("6/4*2", [6, 4, 2], 3)                   # exact fractions, not floats
+    assert not countdown_check("25*3", [25, 3, 4, 7], 75)           # must use every number
+    assert not countdown_check("25*3*3", [25, 3], 225)              # each number once
+    assert not countdown_check("(25-3)*4+7", [25, 3, 4, 7], 96)     # wrong value
+    assert not countdown_check("2**10", [2, 10], 1024)              # no powers
+    assert not countdown_check("-3+5", [3, 5], 2)                   # no unary minus
+    assert not countdown_check("1/(2-2)", [1, 2, 2], 0)             # division by zero
+    assert not countdown_check("__import__('os').system('true')", [1], 1)
+    assert not countdown_check("(" * 300 + "1" + ")" * 300, [1], 1)
+    assert not countdown_check(None, [1], 1)
+
+
+def test_accuracy_reward_dispatch():
+    p = Problem("2+2", "4")
+    assert accuracy_reward("<think>.</think><answer>4</answer>", p) == 1.0
+    assert accuracy_reward("<think>.</think><answer>5</answer>", p) == 0.0
+    assert accuracy_reward("4", p) == 0.0  # not string-matched against the whole text
+    c = Problem("Use 2 3 to make 6", "2*3", checker="countdown", meta={"numbers": [2, 3], "target": 6})
+    assert accuracy_reward("<answer>3*2</answer>", c) == 1.0
+    assert accuracy_reward("<answer>3+3</answer>", c) == 0.0
+
+
+def my_reward(response, problem):
+    return float(len(response))
+
+
+def test_custom_reward_by_import_path():
+    fn = load_reward_fn("test_rewards:my_reward")
+    assert fn("abc", None) == 3.0
+    spec = parse_reward_spec("accuracy:1.0, format:0.1, test_rewards:my_reward:0.5")
+    assert [(n, w) for n, _, w in spec] == [("accuracy", 1.0), ("format", 0.1), ("test_rewards:my_reward", 0.5)]
+    total, parts = compute_rewards(["<think>a</think><answer>4</answer>"], [Problem("2+2", "4")], spec)
+    assert total[0] == pytest.approx(1.0 + 0.1 + 0.5 * 34)
+    assert parts["accuracy"] == [1.0] and parts["format"] == [1.0]
+
+
+@pytest.mark.parametrize("spec, msg", [("nope", "built-in name"), ("no_such_mod_xyz:f", "cannot import"),
+                                       ("test_rewards:missing_fn", "no callable"), ("", "no reward"),
+                                       ("accuracy:inf", "finite")])
+def test_bad_reward_specs(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_reward_spec(spec)
