@@ -1,0 +1,128 @@
+"""Task generators: determinism, disjoint held-out splits, worked solutions that verify, the
+difficulty knob, JSONL datasets (GSM8K / MATH shapes) and their errors."""
+import json
+import random
+
+import pytest
+
+from reasonrl.rl.rewards import accuracy_reward, format_reward
+from reasonrl.rl.tasks import (AddTask, CountdownTask, MultiplyTask, Problem, get_task, load_jsonl,
+                               split_of)
+
+TASKS = [MultiplyTask(), AddTask(), CountdownTask(), MultiplyTask(digits=(6, 8), b_digits=(2, 3)),
+         CountdownTask(count=3, max_number=9)]
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
+def test_deterministic_and_verified(task):
+    seed = random.randrange(10**6)
+    a, b = task.problems(60, seed), task.problems(60, seed)
+    assert [(p.question, p.answer, p.solution) for p in a] == [(p.question, p.answer, p.solution) for p in b]
+    assert len({p.question for p in a}) == 60
+    assert [p.question for p in task.problems(60, seed + 1)] != [p.question for p in a]
+    for p in a:  # the worked solution is a correct, well-formatted response
+        assert format_reward(p.solution) == 1.0, p.solution
+        assert accuracy_reward(p.solution, p) == 1.0, (p.question, p.solution)
+        wrong = p.solution.replace(f"<answer>{p.answer}</answer>", "<answer>-1</answer>")
+        assert accuracy_reward(wrong, p) == 0.0
+
+
+@pytest.mark.parametrize("task", TASKS[:3], ids=lambda t: t.name)
+def test_splits_never_overlap(task):
+    train = {p.question for s in range(3) for p in task.problems(300, seed=s, split="train")}
+    test = {p.question for s in range(3) for p in task.problems(100, seed=s, split="test")}
+    assert not train & test
+    assert all(split_of(q) == "test" for q in test)
+    excl = task.problems(50, seed=7)
+    again = task.problems(200, seed=7, exclude={p.question for p in excl})
+    assert not {p.question for p in again} & {p.question for p in excl}
+
+
+def test_multiply_chain_of_thought():
+    p = MultiplyTask().sample(random.Random(0))
+    a, b = map(int, p.question.split("*"))
+    assert int(p.answer) == a * b and 2 <= b <= 9 and 10 <= a < 10**5
+    steps = p.solution.split("<think>")[1].split("</think>")[0].split(",")
+    assert len(steps) == len(str(a))  # one partial product (and carry) per digit, right to left
+    carry = 0
+    for d, step in zip(reversed(str(a)), steps):
+        lhs, rhs = step.split("=")
+        assert lhs.startswith(f"{d}*{b}") and int(rhs) == int(d) * b + carry
+        carry = int(rhs) // 10
+    # about 35 tokens with the character tokenizer (each tag is one token)
+    lens = [len(q.solution) - sum(len(t) - 1 for t in ("<think>", "</think>", "<answer>", "</answer>"))
+            for q in MultiplyTask().problems(400, seed=1)]
+    assert 28 <= sum(lens) / len(lens) <= 42
+
+
+def test_difficulty_knob():
+    easy, hard = get_task("multiply", difficulty=2), get_task("multiply", difficulty=6)
+    assert max(len(p.question.split("*")[0]) for p in easy.problems(50, 0)) == 2
+    assert max(len(p.question.split("*")[0]) for p in hard.problems(200, 0)) == 6
+    assert all(len(p.meta["numbers"]) == 5 for p in get_task("countdown", difficulty=5).problems(10, 0))
+    with pytest.raises(ValueError, match="difficulty"):
+        get_task("add", difficulty=0)
+    with pytest.raises(ValueError, match="digits"):
+        MultiplyTask(digits=(3, 2))
+    with pytest.raises(ValueError, match="unknown-task|expected one of"):
+        get_task("unknown-task")
+    with pytest.raises(ValueError, match="could not find"):
+        MultiplyTask(digits=(1, 1)).problems(1000, 0)  # only 72 distinct questions exist
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_jsonl_shapes(tmp_path):
+    f = _write(tmp_path / "d.jsonl", [
+        json.dumps({"question": "What is 2+2?", "answer": "4"}),
+        "",
+        json.dumps({"question": "Tom has 3 apples and buys 4. How many?",
+                    "answer": "He has 3+4=<<3+4=7>>7 apples.\n#### 7"}),
+        json.dumps({"problem": "Compute 1/2 + 1/4.", "solution": "We get $\\boxed{\\frac{3}{4}}$."}),
+        json.dumps({"question": "n?", "answer": 12}),
+    ])
+    ps = load_jsonl(f)
+    assert [p.answer for p in ps] == ["4", "7", "\\frac{3}{4}", "12"]
+    assert ps[1].solution == "<think>He has 3+4=3+4=77 apples.</think><answer>7</answer>"
+    assert accuracy_reward("<answer>0.75</answer>", ps[2]) == 1.0
+    task = get_task("jsonl:" + f)
+    n_train = sum(split_of(p.question) == "train" for p in ps)
+    assert len(task.problems(n_train, seed=0)) == n_train
+    with pytest.raises(ValueError, match="asked for"):
+        task.problems(n_train + 1, seed=0)
+
+
+@pytest.mark.parametrize("line, msg", [
+    ('{"question": "a", "answer": "1"', "invalid JSON"),
+    ('["question", "answer"]', "expected a JSON object"),
+    ('{"answer": "1"}', "missing or empty 'question'"),
+    ('{"question": "a"}', "missing 'answer'"),
+    ('{"question": "a", "answer": ""}', "missing 'answer'"),
+    ('{"problem": "a", "solution": "no box here"}', "missing 'answer'"),
+])
+def test_jsonl_errors_name_file_and_line(tmp_path, line, msg):
+    f = _write(tmp_path / "bad.jsonl", ['{"question": "ok", "answer": "1"}', "", line])
+    with pytest.raises(ValueError, match=msg) as e:
+        load_jsonl(f)
+    assert f"{f}:3:" in str(e.value)
+
+
+def test_jsonl_missing_and_empty(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        load_jsonl(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(ValueError, match="empty"):
+        load_jsonl(_write(tmp_path / "e.jsonl", [""]))
+
+
+def test_reasoning_gym_optional():
+    try:
+        import reasoning_gym  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="reasoning-gym"):
+            get_task("rg:basic_arithmetic")
+        return
+    ps = get_task("rg:basic_arithmetic").problems(5, seed=0)
+    assert len(ps) == 5 and all(isinstance(p, Problem) for p in ps)
