@@ -1,0 +1,253 @@
+"""The trainer: schedule, packing, checkpoints, configs, SFT and a few-step end-to-end GRPO on CPU,
+resume equivalence (interrupted by Ctrl-C, resumed, same metrics as an uninterrupted run)."""
+import dataclasses
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import reasonrl.train.grpo as grpo_mod
+import reasonrl.train.sft as sft_mod
+from reasonrl.models import ModelConfig, init_model, load_model, load_tokenizer, builtin_path
+from reasonrl.ops import linear_token_logprobs
+from reasonrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from reasonrl.train.common import lr_at, make_optimizer, pack, token_budget_batches
+from reasonrl.train.config import GRPOConfig, SFTConfig, TrainConfig, parse_config
+from reasonrl.train.grpo import run_grpo
+from reasonrl.train.pipeline import run_train
+from reasonrl.train.sft import run_sft
+
+
+def micro_model(seed=0):
+    """The tiny tokenizer with a much smaller decoder, so that CPU tests take seconds."""
+    cfg = ModelConfig.from_json(builtin_path("tiny"))
+    cfg = dataclasses.replace(cfg, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+    return init_model(cfg, seed=seed), load_tokenizer(builtin_path("tiny"))
+
+
+def test_lr_schedule():
+    assert lr_at(0, 0.0, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 0.0, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert lr_at(10, 0.0, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert lr_at(50, 0.5, 1.0, 10, 0.1) == pytest.approx(0.55)
+    assert lr_at(99, 1.0, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert lr_at(99, 2.0, 1.0, 10, 0.0) == pytest.approx(0.0)
+
+
+def test_pack_targets_align():
+    prompts, responses = [[1, 5, 6], [1, 7]], [[8, 9, 2], [3, 2]]
+    ids, pos, ctx, targets, rows = pack(prompts, responses)
+    assert ids.tolist() == [1, 5, 6, 8, 9, 2, 1, 7, 3, 2]
+    assert pos.tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]
+    assert ctx.cu_seqlens.tolist() == [0, 6, 10] and ctx.max_seqlen == 6
+    assert targets.tolist() == [-100, -100, 8, 9, 2, -100, -100, 3, 2, -100]
+    assert rows.tolist() == [[2, 3, 4], [7, 8, 0]]
+    assert [targets[r].tolist() for r in rows[0]] == [8, 9, 2]
+
+
+def test_token_budget_batches():
+    assert token_budget_batches([5, 5, 5, 5], 10) == [[0, 1], [2, 3]]
+    assert token_budget_batches([5, 5, 5, 5], 10, unit=2) == [[0, 1], [2, 3]]
+    assert token_budget_batches([5, 5, 5, 5], 9, unit=2) == [[0, 1], [2, 3]]  # oversized unit alone
+    assert token_budget_batches([1] * 6, 100, unit=3) == [[0, 1, 2, 3, 4, 5]]
+
+
+def test_sft_loss_matches_reference_and_learns():
+    """The SFT loss is the mean over response tokens of -log p, as a float64 reference computes it."""
+    model, tok = micro_model()
+    ids, pos, ctx, targets, _ = pack([[1, 11, 12], [1, 13]], [[4, 20, 2], [5, 2]])
+    hidden = model(ids, pos, ctx)
+    logp = linear_token_logprobs(hidden, model.lm_head_weight, targets)
+    logits = (hidden.double() @ model.lm_head_weight.double().T).log_softmax(-1)
+    keep = targets != -100
+    ref = logits[keep].gather(1, targets[keep][:, None]).squeeze(1)
+    torch.testing.assert_close(logp[keep].double(), ref, rtol=1e-4, atol=1e-5)
+    assert (logp[~keep] == 0).all()
+
+
+def _sft_cfg(tmp_path, **kw):
+    base = dict(num_examples=32, steps=8, batch_size=8, lr=3e-3, warmup_steps=2, log_every=1,
+                out_dir=str(tmp_path / "sft"), seed=3)
+    return SFTConfig(**{**base, **kw})
+
+
+def test_sft_runs_and_saves(tmp_path):
+    model, tok = micro_model()
+    cfg = _sft_cfg(tmp_path, steps=25)
+    model, tok, summary = run_sft(cfg, model=model, tokenizer=tok)
+    rows = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 26))
+    assert sum(r["loss"] for r in rows[-5:]) < sum(r["loss"] for r in rows[:5])  # it learns
+    assert os.path.isfile(tmp_path / "sft" / "metrics.png")
+    reloaded = load_model(str(tmp_path / "sft" / "final"))
+    for (n, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def _interrupt_after(monkeypatch, module, name, calls):
+    real, count = getattr(module, name), [0]
+
+    def wrapper(*a, **k):
+        count[0] += 1
+        if count[0] > calls:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, wrapper)
+
+
+def test_sft_resume_matches_uninterrupted(tmp_path, monkeypatch):
+    cfg_a = _sft_cfg(tmp_path, out_dir=str(tmp_path / "a"))
+    run_sft(cfg_a, *micro_model()[:2])
+    cfg_b = _sft_cfg(tmp_path, out_dir=str(tmp_path / "b"))
+    with monkeypatch.context() as m:
+        _interrupt_after(m, sft_mod, "linear_token_logprobs", 5)
+        with pytest.raises(KeyboardInterrupt):
+            run_sft(cfg_b, *micro_model()[:2])
+    ckpt = latest_checkpoint(str(tmp_path / "b"))
+    assert ckpt is not None and ckpt.endswith("step-0000005")  # Ctrl-C saved before exit
+    run_sft(dataclasses.replace(cfg_b, resume=True), *micro_model(seed=99)[:2])  # other init: overwritten
+    a = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    b = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["step"] for r in b] == list(range(1, 9))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    ma, mb = load_model(str(tmp_path / "a" / "final")), load_model(str(tmp_path / "b" / "final"))
+    assert all(torch.equal(x, y) for x, y in zip(ma.parameters(), mb.parameters()))
+
+
+def test_checkpoint_round_trip_and_atomic(tmp_path):
+    model, tok = micro_model()
+    opt = make_optimizer(model, SFTConfig())
+    model(torch.tensor([1, 2, 3]), torch.arange(3), pack([[1]], [[2, 3]])[2]).sum().backward()
+    opt.step()
+    torch.manual_seed(1234)
+    path = save_checkpoint(str(tmp_path), model, opt, {"step": 7, "note": "x"}, tok)
+    expect_next = torch.rand(3)
+    save_checkpoint(str(tmp_path), model, opt, {"step": 8}, tok)
+    save_checkpoint(str(tmp_path), model, opt, {"step": 9}, tok)
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["latest", "step-0000008", "step-0000009"]  # keep=2, no temporaries left
+    assert latest_checkpoint(str(tmp_path)).endswith("step-0000009")
+    assert not os.path.exists(path)  # step 7 rotated out
+    m2, _ = micro_model(seed=5)
+    o2 = make_optimizer(m2, SFTConfig())
+    state = load_checkpoint(str(tmp_path / "step-0000009"), m2, o2)
+    assert state["step"] == 9
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), m2.parameters()))
+    s1, s2 = opt.state_dict()["state"], o2.state_dict()["state"]
+    assert all(torch.equal(s1[k]["exp_avg_sq"], s2[k]["exp_avg_sq"]) for k in s1)
+    torch.manual_seed(1234)
+    save_checkpoint(str(tmp_path / "r"), model, opt, {"step": 1})
+    torch.rand(5)
+    load_checkpoint(latest_checkpoint(str(tmp_path / "r")), model)
+    assert torch.equal(torch.rand(3), expect_next)  # RNG state restored
+    with open(tmp_path / "latest", "w") as f:
+        f.write("step-0000123")
+    with pytest.raises(FileNotFoundError, match="incomplete or missing"):
+        latest_checkpoint(str(tmp_path))
+
+
+def _grpo_cfg(tmp_path, **kw):
+    base = dict(steps=3, prompts_per_step=2, group_size=4, max_tokens=12, lr=1e-3, warmup_steps=1,
+                micro_batch_tokens=80, out_dir=str(tmp_path / "grpo"), seed=1, max_refills=1,
+                rewards="accuracy:1.0,format:0.1,test_train:length_reward:0.01")
+    return GRPOConfig(**{**base, **kw})
+
+
+def length_reward(response, problem):
+    return float(len(response))  # gives every group reward variance, so every step trains
+
+
+def test_grpo_end_to_end(tmp_path):
+    model, tok = micro_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = _grpo_cfg(tmp_path, mu=2, beta=0.05, truncation="keep")
+    model, _, summary = run_grpo(cfg, model=model, tokenizer=tok)
+    rows = [json.loads(x) for x in open(tmp_path / "grpo" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3] and summary["steps"] == 3
+    for key in ("reward", "accuracy", "format", "length", "kl", "clip_frac", "entropy", "rollout_tok_s",
+                "train_tok_s", "groups", "truncated"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    assert all(r["groups"] == 2 for r in rows) and all(r["entropy"] > 0 for r in rows)
+    assert any(r["kl"] > 0 for r in rows[1:])  # the policy moved away from the frozen reference
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert os.path.isfile(tmp_path / "grpo" / "metrics.png")
+    assert latest_checkpoint(str(tmp_path / "grpo")).endswith("step-0000003")
+
+
+def test_grpo_resume_matches_uninterrupted(tmp_path, monkeypatch):
+    cfg_a = _grpo_cfg(tmp_path, out_dir=str(tmp_path / "a"))
+    run_grpo(cfg_a, *micro_model()[:2])
+    cfg_b = _grpo_cfg(tmp_path, out_dir=str(tmp_path / "b"))
+    with monkeypatch.context() as m:
+        _interrupt_after(m, grpo_mod, "train_on_groups", 2)
+        with pytest.raises(KeyboardInterrupt):
+            run_grpo(cfg_b, *micro_model()[:2])
+    assert latest_checkpoint(str(tmp_path / "b")).endswith("step-0000002")
+    run_grpo(dataclasses.replace(cfg_b, resume=True), *micro_model(seed=7)[:2])
+    a = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    b = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    drop = ("rollout_tok_s", "train_tok_s", "elapsed")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in b]
+
+
+def test_dynamic_sampling_drops_zero_variance_groups(tmp_path):
+    model, tok = micro_model()
+    cfg = _grpo_cfg(tmp_path, steps=1, rewards="accuracy", max_refills=1)  # untrained: all rewards 0
+    run_grpo(cfg, model=model, tokenizer=tok)
+    row = json.loads(open(tmp_path / "grpo" / "metrics.jsonl").readline())
+    assert row["groups"] == 0 and row["loss"] == 0.0
+    # every completion truncated at 2 tokens and penalized: equal rewards again, nothing kept
+    cfg = _grpo_cfg(tmp_path, steps=1, max_tokens=2, truncation="penalize", truncation_reward=-1.0,
+                    out_dir=str(tmp_path / "pen"))
+    run_grpo(cfg, model=model, tokenizer=tok)
+    row = json.loads(open(tmp_path / "pen" / "metrics.jsonl").readline())
+    assert row["truncated"] == 1.0 and row["groups"] == 0 and row["reward"] == -1.0
+
+
+def test_pipeline_few_steps(tmp_path, capsys):
+    cfg = TrainConfig(sft=_sft_cfg(tmp_path, steps=4, model="tiny"), grpo=_grpo_cfg(tmp_path, steps=1),
+                      eval_problems=8, out_dir=str(tmp_path / "run"))
+    res = run_train(cfg)
+    assert set(res) >= {"sft", "grpo", "control"}
+    for k in ("sft", "grpo", "control"):
+        assert 0 <= res[k]["accuracy"] <= 1 and res[k]["n"] == 8
+    assert res["control"]["steps"] >= 1
+    out = capsys.readouterr().out
+    assert "held-out accuracy" in out and "SFT control" in out
+    assert os.path.isfile(tmp_path / "run" / "results.json")
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match=r"GRPOConfig\.group_size"):
+        GRPOConfig(group_size=1)
+    with pytest.raises(ValueError, match=r"GRPOConfig\.truncation"):
+        GRPOConfig(truncation="drop")
+    with pytest.raises(ValueError, match=r"SFTConfig\.lr"):
+        SFTConfig(lr=0)
+    with pytest.raises(ValueError, match=r"GRPOConfig\.loss_type"):
+        GRPOConfig(loss_type="nope")
+    with pytest.raises(ValueError, match=r"no_such_module"):
+        GRPOConfig(rewards="no_such_module:f")
+    with pytest.raises(ValueError, match=r"SFTConfig\.prompt_template"):
+        SFTConfig(prompt_template="no placeholder")
+
+
+def test_config_from_flags_and_toml(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('control_lr = 0.0003\n[grpo]\nlr = 5e-5\ngroup_size = 4\n[sft]\nsteps = 10\n')
+    cfg = parse_config(TrainConfig, ["--config", str(toml), "--grpo.lr", "1e-4", "--batch_size", "8",
+                                     "--sft.resume", "--grpo.difficulty", "none"])
+    assert cfg.grpo.lr == 1e-4 and cfg.grpo.group_size == 4 and cfg.sft.steps == 10
+    assert cfg.sft.batch_size == 8 and cfg.sft.resume is True and cfg.control_lr == 3e-4
+    assert cfg.grpo.max_seconds == TrainConfig().grpo.max_seconds  # untouched nested defaults kept
+    toml.write_text("[grpo]\nlearning_rate = 1\n")
+    with pytest.raises(ValueError, match="unknown field 'learning_rate'"):
+        parse_config(TrainConfig, ["--config", str(toml)])
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--lr", "1"])  # ambiguous: sft.lr or grpo.lr
+    with pytest.raises(ValueError, match="--steps: expected int"):
+        parse_config(SFTConfig, ["--steps", "many"])
