@@ -85,9 +85,10 @@ at::Tensor grpo_fwd(const at::Tensor& logp, const OptT& old, const OptT& ref, co
   } else {
 #ifdef REASONRL_WITH_CUDA
     const c10::cuda::CUDAGuard guard(dev);
-    grpo_fwd_cuda(stats.data_ptr<float>(), logp.data_ptr<float>(), old_p, ref_p, ent_p,
-                  mask.data_ptr<float>(), rewards.data_ptr<float>(), p,
-                  at::cuda::getCurrentCUDAStream());
+    const cudaError_t err = grpo_fwd_cuda(stats.data_ptr<float>(), logp.data_ptr<float>(), old_p,
+                                          ref_p, ent_p, mask.data_ptr<float>(),
+                                          rewards.data_ptr<float>(), p, at::cuda::getCurrentCUDAStream());
+    GRPO_CHECK(err == cudaSuccess, "grpo_fwd_cuda launch failed: ", cudaGetErrorString(err));
 #else
     GRPO_CHECK(false, "reasonrl._C was built without CUDA; got a tensor on ", dev);
 #endif
@@ -122,9 +123,10 @@ std::tuple<at::Tensor, at::Tensor> grpo_bwd(const at::Tensor& scale, const at::T
   } else {
 #ifdef REASONRL_WITH_CUDA
     const c10::cuda::CUDAGuard guard(dev);
-    grpo_bwd_cuda(grad_logp.data_ptr<float>(), ge, scale.data_ptr<float>(), logp.data_ptr<float>(),
-                  old_p, ref_p, mask.data_ptr<float>(), rewards.data_ptr<float>(), p,
-                  at::cuda::getCurrentCUDAStream());
+    const cudaError_t err = grpo_bwd_cuda(grad_logp.data_ptr<float>(), ge, scale.data_ptr<float>(),
+                                          logp.data_ptr<float>(), old_p, ref_p, mask.data_ptr<float>(),
+                                          rewards.data_ptr<float>(), p, at::cuda::getCurrentCUDAStream());
+    GRPO_CHECK(err == cudaSuccess, "grpo_bwd_cuda launch failed: ", cudaGetErrorString(err));
 #else
     GRPO_CHECK(false, "reasonrl._C was built without CUDA; got a tensor on ", dev);
 #endif

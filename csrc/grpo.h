@@ -116,11 +116,12 @@ void grpo_bwd_cpu(float* grad_logp, float* grad_entropy, const float* scale, con
 #ifdef REASONRL_WITH_CUDA
 #include <cuda_runtime.h>
 namespace reasonrl {
-void grpo_fwd_cuda(float* stats, const float* logp, const float* old, const float* ref,
-                   const float* entropy, const float* mask, const float* rewards, const GRPOParams& p,
-                   cudaStream_t stream);
-void grpo_bwd_cuda(float* grad_logp, float* grad_entropy, const float* scale, const float* logp,
-                   const float* old, const float* ref, const float* mask, const float* rewards,
-                   const GRPOParams& p, cudaStream_t stream);
+// Launchers return the launch's error (cudaGetLastError) for the glue to report.
+cudaError_t grpo_fwd_cuda(float* stats, const float* logp, const float* old, const float* ref,
+                          const float* entropy, const float* mask, const float* rewards,
+                          const GRPOParams& p, cudaStream_t stream);
+cudaError_t grpo_bwd_cuda(float* grad_logp, float* grad_entropy, const float* scale,
+                          const float* logp, const float* old, const float* ref, const float* mask,
+                          const float* rewards, const GRPOParams& p, cudaStream_t stream);
 }  // namespace reasonrl
 #endif
