@@ -3,6 +3,7 @@
 // a dtype code for the element type, and (CUDA) the stream passed in.
 #pragma once
 #include <cstdint>
+#include <string>
 
 namespace reasonrl {
 
@@ -25,6 +26,11 @@ void logprob_bwd_cpu(void* grad_x, int64_t stride_g, const void* x, DType dtype,
                      const float* grad_logp, const float* grad_entropy, int64_t row_begin,
                      int64_t row_end, int64_t V, int64_t vocab_start, float inv_t,
                      int64_t ignore_index);
+
+// The instruction set the CPU log-prob kernels run with: "x86-64-v4" (AVX-512), "x86-64-v3" (AVX2)
+// or "x86-64". `force` = "" only reports; "best" or one of the names switches (tests use it to reach
+// every compiled path); an unknown name or one the CPU lacks throws std::invalid_argument.
+std::string logprob_cpu_isa(const std::string& force);
 
 #ifdef REASONRL_WITH_CUDA
 }  // namespace reasonrl

@@ -1,0 +1,253 @@
+// Torch glue of the log-prob family: argument checks with messages that name the argument, then the
+// CPU kernels (rows split over threads) or the CUDA launchers (csrc/cuda/logprob.cu). Registers
+//   reasonrl::logprob_fwd(logits (N, V), ids (N,), temperature, ignore_index, with_entropy)
+//       -> (logp (N,), lse (N,), entropy (N,) or (0,))                      all float32
+//   reasonrl::logprob_bwd(logits (N, Vc), ids, lse, entropy?, grad_logp, grad_entropy?,
+//       temperature, ignore_index, vocab_start, grad_logits (N, Vc) mutated; may be logits itself)
+//   reasonrl::logprob_cpu_isa(force="") -> the CPU kernels' instruction set (tests force each one)
+// Math and layout: csrc/cpu/logprob.cpp, csrc/reasonrl.h.
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <utility>
+
+#include "reasonrl.h"
+
+#ifdef REASONRL_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace reasonrl {
+namespace {
+
+DType dtype_code(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kBFloat16: return DType::bf16;
+    case at::kHalf: return DType::f16;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+void check_logits(const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be 2-D (N, V), got shape ", x.sizes());
+  TORCH_CHECK(x.size(1) > 0, op, ": ", name, " must have at least one column, got shape ", x.sizes());
+  TORCH_CHECK(x.size(1) <= INT32_MAX, op, ": ", name, " has ", x.size(1),
+              " columns; at most 2^31 - 1 are supported");
+  TORCH_CHECK(x.stride(1) == 1 || x.size(1) == 1, op, ": ", name,
+              " must have a contiguous last dim (stride(1) == 1), got strides ", x.strides());
+}
+
+// A per-row vector: shape (N,), dtype, and the device of the logits.
+void check_row_vec(const at::Tensor& t, const char* op, const char* name, int64_t N,
+                   at::ScalarType dtype, const at::Tensor& logits) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == N, op, ": ", name, " must have shape (N,) = (", N,
+              ",) to match logits of shape ", logits.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " is on ", t.device(),
+              " but logits is on ", logits.device(), "; all tensors must be on one device");
+}
+
+float inv_temperature(double temperature, const char* op) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op,
+              ": temperature must be a finite number > 0, got ", temperature);
+  return static_cast<float>(1.0 / temperature);
+}
+
+// In-place backward is fine only over the very same elements (each is read before it is written);
+// any other sharing of memory between the two (N, V) row ranges is refused.
+bool partially_overlaps(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  auto span = [](const at::Tensor& t) {
+    const char* p = static_cast<const char*>(t.data_ptr());
+    const int64_t n = (t.size(0) - 1) * t.stride(0) + t.size(1);
+    return std::make_pair(p, p + n * static_cast<int64_t>(t.element_size()));
+  };
+  auto [a0, a1] = span(a);
+  auto [b0, b1] = span(b);
+  const bool same = a0 == b0 && a.stride(0) == b.stride(0);
+  return !same && a0 < b1 && b0 < a1;
+}
+
+// NOTE: ~64k elements per task keeps the parallel_for overhead (~us) far below a task's work.
+int64_t row_grain(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 16) / V); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_fwd(const at::Tensor& logits,
+                                                           const at::Tensor& ids, double temperature,
+                                                           int64_t ignore_index, bool with_entropy) {
+  const char* op = "logprob_fwd";
+  check_logits(logits, op, "logits");
+  const DType dt = dtype_code(logits, op, "logits");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  check_row_vec(ids, op, "ids", N, at::kLong, logits);
+  const float inv_t = inv_temperature(temperature, op);
+
+  auto opts = logits.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts);  // (N,)
+  at::Tensor ent = at::empty({with_entropy ? N : 0}, opts);
+  if (N == 0) return {logp, lse, ent};
+  const at::Tensor idc = ids.contiguous();
+  float* ent_ptr = with_entropy ? ent.data_ptr<float>() : nullptr;
+
+  if (logits.is_cuda()) {
+#ifdef REASONRL_WITH_CUDA
+    const at::cuda::OptionalCUDAGuard guard(logits.device());
+    try {
+      logprob_fwd_cuda(logp.data_ptr<float>(), lse.data_ptr<float>(), ent_ptr, logits.data_ptr(), dt,
+                       logits.stride(0), idc.data_ptr<int64_t>(), N, V, inv_t, ignore_index,
+                       at::cuda::getCurrentCUDAStream());
+    } catch (const std::exception& e) {
+      TORCH_CHECK(false, op, " (cuda): ", e.what());
+    }
+#else
+    TORCH_CHECK(false, op, ": reasonrl._C was built without CUDA");
+#endif
+    return {logp, lse, ent};
+  }
+  TORCH_CHECK(logits.is_cpu(), op, ": logits must be a CPU or CUDA tensor, got ", logits.device());
+  const void* x = logits.data_ptr();
+  const int64_t stride_x = logits.stride(0);
+  float *lp = logp.data_ptr<float>(), *ls = lse.data_ptr<float>();
+  const int64_t* idp = idc.data_ptr<int64_t>();
+  at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
+    logprob_fwd_cpu(lp, ls, ent_ptr, x, dt, stride_x, idp, r0, r1, V, inv_t, ignore_index);
+  });
+  return {logp, lse, ent};
+}
+
+void logprob_bwd(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& lse,
+                 const std::optional<at::Tensor>& entropy, const at::Tensor& grad_logp,
+                 const std::optional<at::Tensor>& grad_entropy, double temperature,
+                 int64_t ignore_index, int64_t vocab_start, at::Tensor& grad_logits) {
+  const char* op = "logprob_bwd";
+  check_logits(logits, op, "logits");
+  const DType dt = dtype_code(logits, op, "logits");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(grad_logits.sizes() == logits.sizes(), op, ": grad_logits must have the shape of logits ",
+              logits.sizes(), ", got ", grad_logits.sizes());
+  TORCH_CHECK(grad_logits.scalar_type() == logits.scalar_type(), op,
+              ": grad_logits must have the dtype of logits (", logits.scalar_type(), "), got ",
+              grad_logits.scalar_type());
+  TORCH_CHECK(grad_logits.device() == logits.device(), op, ": grad_logits is on ", grad_logits.device(),
+              " but logits is on ", logits.device(), "; all tensors must be on one device");
+  check_logits(grad_logits, op, "grad_logits");
+  TORCH_CHECK(at::has_internal_overlap(grad_logits) != at::MemOverlap::Yes, op,
+              ": grad_logits has elements that share memory (an expanded tensor?); pass a tensor with "
+              "its own storage");
+  TORCH_CHECK(!partially_overlaps(grad_logits, logits), op,
+              ": grad_logits overlaps logits without being logits itself; pass logits (in place) or a "
+              "separate buffer");
+  check_row_vec(ids, op, "ids", N, at::kLong, logits);
+  check_row_vec(lse, op, "lse", N, at::kFloat, logits);
+  check_row_vec(grad_logp, op, "grad_logp", N, at::kFloat, logits);
+  const bool with_ent = grad_entropy.has_value() && grad_entropy->defined();
+  if (with_ent) {
+    TORCH_CHECK(entropy.has_value() && entropy->defined(), op,
+                ": grad_entropy was given but entropy is None; the entropy term needs both");
+    check_row_vec(*entropy, op, "entropy", N, at::kFloat, logits);
+    check_row_vec(*grad_entropy, op, "grad_entropy", N, at::kFloat, logits);
+  }
+  TORCH_CHECK(vocab_start >= 0, op, ": vocab_start must be >= 0, got ", vocab_start);
+  const float inv_t = inv_temperature(temperature, op);
+  if (N == 0) return;
+
+  // (N,) vectors: autograd may hand in expanded (stride-0) gradients; copies are N floats.
+  const at::Tensor idc = ids.contiguous(), lsec = lse.contiguous(), gc = grad_logp.contiguous();
+  at::Tensor entc, ghc;
+  if (with_ent) {
+    entc = entropy->contiguous();
+    ghc = grad_entropy->contiguous();
+  }
+  const float* ent_ptr = with_ent ? entc.data_ptr<float>() : nullptr;
+  const float* gh_ptr = with_ent ? ghc.data_ptr<float>() : nullptr;
+  void* gx = grad_logits.data_ptr();
+  const void* x = logits.data_ptr();
+  const int64_t stride_g = grad_logits.stride(0), stride_x = logits.stride(0);
+  const int64_t* idp = idc.data_ptr<int64_t>();
+  const float *lp = lsec.data_ptr<float>(), *gp = gc.data_ptr<float>();
+
+  if (logits.is_cuda()) {
+#ifdef REASONRL_WITH_CUDA
+    const at::cuda::OptionalCUDAGuard guard(logits.device());
+    try {
+      logprob_bwd_cuda(gx, stride_g, x, dt, stride_x, idp, lp, ent_ptr, gp, gh_ptr, N, V, vocab_start,
+                       inv_t, ignore_index, at::cuda::getCurrentCUDAStream());
+    } catch (const std::exception& e) {
+      TORCH_CHECK(false, op, " (cuda): ", e.what());
+    }
+#else
+    TORCH_CHECK(false, op, ": reasonrl._C was built without CUDA");
+#endif
+    return;
+  }
+  TORCH_CHECK(logits.is_cpu(), op, ": logits must be a CPU or CUDA tensor, got ", logits.device());
+  at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
+    logprob_bwd_cpu(gx, stride_g, x, dt, stride_x, idp, lp, ent_ptr, gp, gh_ptr, r0, r1, V,
+                    vocab_start, inv_t, ignore_index);
+  });
+}
+
+// Shapes only, for torch.compile / opcheck (FakeTensor).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_fwd_meta(const at::Tensor& logits,
+                                                                const at::Tensor& ids, double,
+                                                                int64_t, bool with_entropy) {
+  TORCH_CHECK(logits.dim() == 2, "logprob_fwd: logits must be 2-D (N, V), got shape ", logits.sizes());
+  const int64_t N = logits.size(0);
+  auto opts = logits.options().dtype(at::kFloat);
+  return {at::empty({N}, opts), at::empty({N}, opts), at::empty({with_entropy ? N : 0}, opts)};
+}
+
+void logprob_bwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const std::optional<at::Tensor>&, const at::Tensor&,
+                      const std::optional<at::Tensor>&, double, int64_t, int64_t, at::Tensor&) {}
+
+std::string cpu_isa(const std::string& force) {
+  try {
+    return logprob_cpu_isa(force);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+}  // namespace
+}  // namespace reasonrl
+
+TORCH_LIBRARY_FRAGMENT(reasonrl, m) {
+  m.def(
+      "logprob_fwd(Tensor logits, Tensor ids, float temperature, int ignore_index, bool with_entropy)"
+      " -> (Tensor logp, Tensor lse, Tensor entropy)");
+  m.def(
+      "logprob_bwd(Tensor logits, Tensor ids, Tensor lse, Tensor? entropy, Tensor grad_logp,"
+      " Tensor? grad_entropy, float temperature, int ignore_index, int vocab_start,"
+      " Tensor(a!) grad_logits) -> ()");
+  m.def("logprob_cpu_isa(str force=\"\") -> str", &reasonrl::cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(reasonrl, CPU, m) {
+  m.impl("logprob_fwd", &reasonrl::logprob_fwd);
+  m.impl("logprob_bwd", &reasonrl::logprob_bwd);
+}
+
+TORCH_LIBRARY_IMPL(reasonrl, Meta, m) {
+  m.impl("logprob_fwd", &reasonrl::logprob_fwd_meta);
+  m.impl("logprob_bwd", &reasonrl::logprob_bwd_meta);
+}
+
+#ifdef REASONRL_WITH_CUDA
+TORCH_LIBRARY_IMPL(reasonrl, CUDA, m) {
+  m.impl("logprob_fwd", &reasonrl::logprob_fwd);
+  m.impl("logprob_bwd", &reasonrl::logprob_bwd);
+}
+#endif
