@@ -1,0 +1,175 @@
+"""One GRPO configuration in reasonrl and in TRL's GRPOTrainer: seconds per step and peak memory.
+
+Same model (the built-in tiny config, random init by seed, saved as a Hugging Face folder that both
+load), same prompts (multiply task), P prompts x G samples at temperature 1, same max completion
+length, beta 0, one optimizer pass per batch (mu / num_iterations = 1), token-level "dapo" loss,
+AdamW at the same lr, grad clipping 1, no gradient checkpointing, no dynamic sampling. A random
+model never emits EOS, so both sides generate exactly max_tokens per completion: equal work.
+
+Each backend runs in its own subprocess so that peak memory (ru_maxrss: CPU resident set, or
+torch.cuda.max_memory_allocated on GPU) is its own. TRL is an optional extra (pip install trl).
+
+    python benchmarks/bench_trl.py [--steps 3] [--prompts 16] [--group 8] [--max-tokens 48]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _setup(args):
+    import torch
+
+    from reasonrl.models import builtin_path, init_model, load_tokenizer, save_model
+    from reasonrl.rl.tasks import get_task
+
+    torch.manual_seed(args.seed)
+    path = os.path.join(args.workdir, "model")
+    if not os.path.isdir(path):
+        save_model(init_model(builtin_path("tiny"), seed=args.seed), path, tokenizer=load_tokenizer(builtin_path("tiny")))
+    problems = get_task("multiply").problems(args.prompts * (args.steps + 1), seed=args.seed)
+    return path, problems
+
+
+def run_reasonrl(args):
+    import torch
+
+    from reasonrl.engine import LLMEngine
+    from reasonrl.ops.grpo import GRPOLossConfig
+    from reasonrl.rl.rewards import parse_reward_spec
+    from reasonrl.train.common import load_model_and_tokenizer, make_optimizer
+    from reasonrl.train.config import GRPOConfig
+    from reasonrl.train.grpo import rollout, train_on_groups
+
+    path, problems = _setup(args)
+    model, tok = load_model_and_tokenizer(path)
+    cfg = GRPOConfig(prompts_per_step=args.prompts, group_size=args.group, max_tokens=args.max_tokens, lr=1e-4,
+                     dynamic_sampling=False, truncation="keep", loss_type="dapo", micro_batch_tokens=1 << 20)
+    loss_cfg = GRPOLossConfig(loss_type="dapo", max_completion_length=args.max_tokens)
+    opt, spec = make_optimizer(model, cfg), parse_reward_spec(cfg.rewards)
+    engine = LLMEngine(model, tokenizer=tok, max_num_seqs=args.prompts * args.group)
+    task = _FixedTask(problems, args.prompts)
+    times = []
+    for step in range(args.steps + 1):  # step 0 warms up
+        t0 = time.perf_counter()
+        groups, _ = rollout(engine, tok, task, cfg, step, spec, set())
+        train_on_groups(model, None, opt, groups, cfg, loss_cfg)
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+class _FixedTask:
+    """The benchmark's prompts in order, so that both trainers see the same questions."""
+    def __init__(self, problems, per_step):
+        self.problems_, self.per_step, self.i = problems, per_step, 0
+
+    def problems(self, n, seed, split="train", exclude=()):
+        out = self.problems_[self.i:self.i + n]
+        self.i += n
+        return out
+
+
+def run_trl(args):
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from reasonrl.rl.rewards import accuracy_reward, format_reward
+    from reasonrl.rl.tasks import Problem
+
+    path, problems = _setup(args)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)
+    data = Dataset.from_list([{"prompt": f"{p.question}\n", "answer": p.answer} for p in problems])
+
+    def reward(completions, answer, **kw):
+        return [accuracy_reward(c, Problem("", a)) + 0.1 * format_reward(c) for c, a in zip(completions, answer)]
+
+    times, t0 = [], [0.0]
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            t0[0] = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - t0[0])
+
+    n = args.prompts * args.group
+    cfg = GRPOConfig(output_dir=os.path.join(args.workdir, "trl"), per_device_train_batch_size=n,
+                     num_generations=args.group, max_completion_length=args.max_tokens, learning_rate=1e-4,
+                     beta=0.0, temperature=1.0, loss_type="dapo", num_iterations=1, max_steps=args.steps + 1,
+                     gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(), bf16=False,
+                     report_to="none", save_strategy="no", logging_steps=1, shuffle_dataset=False,
+                     max_grad_norm=1.0, warmup_steps=0, lr_scheduler_type="constant", seed=args.seed,
+                     disable_tqdm=True)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
+                          callbacks=[Timer()])
+    trainer.train()
+    return times[1:]
+
+
+def child(args):
+    import torch
+    torch.set_num_threads(args.threads)
+    times = (run_reasonrl if args.backend == "reasonrl" else run_trl)(args)
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        kind = "cuda_allocated"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        kind = "cpu_max_rss"
+    print(json.dumps({"backend": args.backend, "s_per_step": statistics.median(times), "steps": times,
+                      "peak_mib": peak, "peak_kind": kind}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=["both", "reasonrl", "trl"], default="both")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench-trl-")
+    results = []
+    for backend in (["reasonrl", "trl"] if args.backend == "both" else [args.backend]):
+        cmd = [sys.executable, __file__, "--child", "--backend", backend, "--workdir", workdir] + \
+              [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+               if k in ("steps", "prompts", "group", "max_tokens", "threads", "seed")]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            tail = r.stderr.strip().splitlines()[-3:]
+            print(f"{backend}: failed ({' | '.join(tail)})")
+            continue
+        results.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    print(f"\nGRPO step, tiny model, {args.prompts} prompts x {args.group} samples, {args.max_tokens} new tokens, "
+          f"{args.threads} thread(s)")
+    print(f"{'backend':<10} {'s/step (median)':>16} {'peak MiB':>10}  steps")
+    for r in results:
+        print(f"{r['backend']:<10} {r['s_per_step']:>16.3f} {r['peak_mib']:>10.0f}  "
+              + " ".join(f"{t:.2f}" for t in r["steps"]))
+    by = {r["backend"]: r for r in results}
+    summary = {"results": results}
+    if len(by) == 2:
+        summary["speedup"] = by["trl"]["s_per_step"] / by["reasonrl"]["s_per_step"]
+        summary["memory_ratio"] = by["reasonrl"]["peak_mib"] / by["trl"]["peak_mib"]
+        print(f"speed-up vs TRL: {summary['speedup']:.2f}x; memory reasonrl/TRL: {summary['memory_ratio']:.2f}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
