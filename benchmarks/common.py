@@ -2,8 +2,8 @@
 
 Timing: CUDA events around each call after warm-up (median of `rep`); on CPU, perf_counter.
 Peak memory: extra bytes above what was allocated before the call (inputs excluded, outputs and
-gradients included): torch.cuda.max_memory_allocated on GPU; on CPU, the allocator's own
-allocation events recorded by torch.profiler (profile_memory=True), summed in time order.
+gradients included): torch.cuda.max_memory_allocated on GPU; on CPU, the process's peak resident
+set (VmHWM, reset through /proc/self/clear_refs) above its resident set before the call.
 """
 from __future__ import annotations
 
@@ -53,17 +53,31 @@ def peak_extra_bytes(fn, device):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
+    return _cpu_peak_rss_delta(fn)
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.events() if e.name == "[memory]"]
-    events.sort(key=lambda e: e.time_range.start)
-    cur = peak = 0
-    for e in events:
-        cur += e.cpu_memory_usage
-        peak = max(peak, cur)
-    return peak
+
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _cpu_peak_rss_delta(fn):
+    """CPU: reset the kernel's peak-RSS mark (Linux clear_refs 5), run, read VmHWM - VmRSS before.
+
+    Counts every page the call touches (torch, the C++ extension, Triton), not just tensors; large
+    allocations come from mmap and go back to the OS when freed, so the mark before is the baseline.
+    """
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss_kib("VmRSS")
+    fn()
+    return max(0, _rss_kib("VmHWM") - before) * 1024
 
 
 _CEIL = {}
