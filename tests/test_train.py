@@ -209,7 +209,7 @@ def test_dynamic_sampling_drops_zero_variance_groups(tmp_path):
 
 
 def test_pipeline_few_steps(tmp_path, capsys):
-    cfg = TrainConfig(sft=_sft_cfg(tmp_path, steps=4, model="tiny"), grpo=_grpo_cfg(tmp_path, steps=1),
+    cfg = TrainConfig(sft=_sft_cfg(tmp_path, steps=4, model="tiny", log_every=100), grpo=_grpo_cfg(tmp_path, steps=1),
                       eval_problems=8, out_dir=str(tmp_path / "run"))
     res = run_train(cfg)
     assert set(res) >= {"sft", "grpo", "control"}

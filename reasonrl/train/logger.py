@@ -37,6 +37,8 @@ def _fmt(v):
 
 def plot_metrics(jsonl: str, png: str, keys: list[str] | None = None) -> str | None:
     """Curves of the numeric columns of a metrics.jsonl against step; None if nothing to plot."""
+    if not os.path.isfile(jsonl):
+        return None
     with open(jsonl) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     if not rows:

@@ -74,7 +74,8 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
             step += 1
             elapsed = time.perf_counter() - start
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            last = step == cfg.steps or (cfg.max_seconds and elapsed >= cfg.max_seconds)
+            if step % cfg.log_every == 0 or last:
                 dt = time.perf_counter() - t0
                 line = logger.log({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": gnorm.item(),
                                    "tokens": n, "train_tok_s": ids.numel() / dt, "elapsed": elapsed})
