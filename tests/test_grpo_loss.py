@@ -133,12 +133,15 @@ def test_pairwise_cover_is_complete():
 
 # ---- the whole op from logits and from hidden + weight ------------------------------------------
 
-LOGIT_CASES = [  # (V, B, T, G, dtype)
-    (7, 8, 37, 2, torch.float32),
-    (1000, 8, 37, 4, torch.float32),
-    (1000, 16, 5, 16, torch.bfloat16),
-    (151936, 4, 1, 2, torch.float32),
-    (151936, 4, 2, 4, torch.bfloat16),
+LOGIT_CASES = [  # (backend, V, B, T, G, dtype); Triton's interpreter gets the small ones
+    ("cpp", 7, 8, 37, 2, torch.float32),
+    ("cpp", 1000, 8, 37, 4, torch.float32),
+    ("cpp", 1000, 16, 5, 16, torch.bfloat16),
+    ("cpp", 151936, 4, 1, 2, torch.float32),
+    ("cpp", 151936, 4, 2, 4, torch.bfloat16),
+    ("triton", 7, 8, 37, 2, torch.float32),
+    ("triton", 1000, 4, 3, 2, torch.bfloat16),
+    ("triton", 151936, 2, 1, 2, torch.float32),
 ]
 LOGIT_CONFIGS = [
     dict(advantage="grpo", loss_type="dapo", importance_sampling="token", dual_clip=None, beta=0.1,
@@ -160,16 +163,13 @@ def run_logits(backend, c, b, G, up, logits, temperature=0.7):
     return loss.detach(), met, x.grad
 
 
-@pytest.mark.parametrize("V,B,T,G,dtype", LOGIT_CASES)
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend,V,B,T,G,dtype", LOGIT_CASES)
 def test_logits_form_against_reference(backend, V, B, T, G, dtype):
     if backend not in CPU_BACKENDS:
         pytest.skip(f"{backend} not available on CPU here")
-    if backend == "triton" and V * B * T > 40000:
-        pytest.skip("Triton's interpreter is too slow for this shape on CPU (runs on the GPU tests)")
     b = make_batch(B, T, G, V, dtype, temperature=0.7)
     up = torch.randn(())
-    configs = LOGIT_CONFIGS if V * B * T <= 40000 else LOGIT_CONFIGS[:1]
+    configs = LOGIT_CONFIGS if V * B * T <= 40000 or backend == "cpp" else LOGIT_CONFIGS[:1]
     for c in configs:
         r64 = run_logits("reference", c, b, G, up, b["logits"].double())
         r_same = run_logits("reference", c, b, G, up, b["logits"])
@@ -266,6 +266,7 @@ def test_extreme_log_ratios_are_clamped(backend):
     assert (lp.grad[:2] == 0).all()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # Triton's interpreter: NaN * 0, masked
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
 def test_fully_masked_rows_contribute_nothing(backend):
     B, T, G = 6, 8, 3
