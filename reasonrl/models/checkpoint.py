@@ -119,6 +119,7 @@ def save_model(model: CausalLM, path: str, max_shard_size=None, tokenizer=None) 
     for name, shard in zip(names, shards):
         tmp = os.path.join(path, name + ".tmp")
         save_file(shard, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; give the usual mode
         os.replace(tmp, os.path.join(path, name))
     for stale in os.listdir(path):
         if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", stale) and stale not in names:
@@ -133,6 +134,12 @@ def save_model(model: CausalLM, path: str, max_shard_size=None, tokenizer=None) 
     _write_json(os.path.join(path, "config.json"), d)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_json(file: str, obj) -> None:
