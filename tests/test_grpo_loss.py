@@ -229,6 +229,38 @@ def test_fused_hidden_weight_form(backend):
         assert_close_to_ref(out[3][k], r64[3][k], r32[3][k], torch.float32, f"metric {k}")
 
 
+@pytest.mark.parametrize("sequence,beta", [(False, 0.1), (True, 0.0)])
+def test_compiled_ops_pass_opcheck(sequence, beta):
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("reasonrl._C not built")
+    from reasonrl.ops.grpo import _register_fakes
+
+    _register_fakes()
+    B, T, G = 4, 5, 2
+    lp, mask, rewards = -torch.rand(B, T), (torch.rand(B, T) > 0.3).float(), torch.rand(B)
+    old, ref, ent = near(lp, 0.3), near(lp, 0.3), torch.rand(B, T)
+    opts = (G, 0, 1e-4, 0.2, 0.28, 1.5, beta, 0.1, 20.0, sequence)
+    torch.library.opcheck(torch.ops.reasonrl.grpo_fwd, (lp, old, ref if beta else None, ent, mask, rewards, *opts))
+    torch.library.opcheck(torch.ops.reasonrl.grpo_bwd,
+                          (torch.randn(B), lp, old, ref if beta else None, mask, rewards, *opts, True))
+
+
+def test_compiled_op_rejects_bad_tensors():
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("reasonrl._C not built")
+    B, T = 4, 5
+    opts = (2, 0, 1e-4, 0.2, 0.28, 0.0, 0.0, 0.0, 20.0, False)
+    good = dict(lp=torch.zeros(B, T), mask=torch.ones(B, T), rewards=torch.zeros(B))
+    with pytest.raises(RuntimeError, match="mask must be float32"):
+        torch.ops.reasonrl.grpo_fwd(good["lp"], None, None, None, good["mask"].double(), good["rewards"], *opts)
+    with pytest.raises(RuntimeError, match="rewards must have shape"):
+        torch.ops.reasonrl.grpo_fwd(good["lp"], None, None, None, good["mask"], torch.zeros(B + 1), *opts)
+    with pytest.raises(RuntimeError, match="logp must be contiguous"):
+        torch.ops.reasonrl.grpo_fwd(torch.zeros(T, B).t(), None, None, None, good["mask"], good["rewards"], *opts)
+    with pytest.raises(RuntimeError, match="group_size 3 must be >= 1 and divide B"):
+        torch.ops.reasonrl.grpo_fwd(good["lp"], None, None, None, good["mask"], good["rewards"], 3, *opts[1:])
+
+
 # ---- numerics --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)

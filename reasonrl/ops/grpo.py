@@ -317,10 +317,31 @@ def _cpp_args(p):
             p["beta"], p["entropy_coef"], p["clamp"], p["sequence"])
 
 
+_FAKES_REGISTERED = False
+
+
+def _register_fakes():
+    """Shape functions of the compiled ops, so that torch.compile / opcheck can trace them."""
+    global _FAKES_REGISTERED
+    if _FAKES_REGISTERED:
+        return
+    _FAKES_REGISTERED = True
+
+    @torch.library.register_fake("reasonrl::grpo_fwd")
+    def _fwd_fake(logp, old, ref, entropy, mask, rewards, *args):
+        return logp.new_empty(logp.shape[0], 8)  # (B, 8)
+
+    @torch.library.register_fake("reasonrl::grpo_bwd")
+    def _bwd_fake(scale, logp, old, ref, mask, rewards, *args):
+        with_entropy = args[-1]
+        return logp.new_empty(logp.shape), logp.new_empty(logp.shape if with_entropy else (0,))
+
+
 def _fwd(backend, logp, entropy, mask, rewards, p):
     if backend == "triton":
         from reasonrl.kernels.grpo import grpo_fwd
         return grpo_fwd(logp, entropy, mask, rewards, p["G"], p)
+    _register_fakes()
     return torch.ops.reasonrl.grpo_fwd(logp, p["old"], p["ref"], entropy, mask, rewards, *_cpp_args(p))
 
 
