@@ -96,44 +96,47 @@ def test_batched_attention_paths_match_per_sequence(lens, monkeypatch):
         assert (a - b).abs().max().item() < 1e-12
 
 
-def _paged_setup(model, n_blocks, bs, max_blocks, B, dtype):
-    caches = [(torch.zeros(n_blocks, bs, model.num_kv_heads, model.head_dim, dtype=dtype),
-               torch.zeros(n_blocks, bs, model.num_kv_heads, model.head_dim, dtype=dtype))
+def _paged_setup(model, n_blocks, bs, max_blocks, B, dtype, device="cpu"):
+    caches = [(torch.zeros(n_blocks, bs, model.num_kv_heads, model.head_dim, dtype=dtype, device=device),
+               torch.zeros(n_blocks, bs, model.num_kv_heads, model.head_dim, dtype=dtype, device=device))
               for _ in range(model.num_layers)]
     tables = torch.randperm(n_blocks)[: B * max_blocks].view(B, max_blocks).int()  # scattered blocks
-    return caches, tables
+    return caches, tables.to(device)
 
 
 def _slots(tables, b, start, n, bs):
-    p = torch.arange(start, start + n)
+    p = torch.arange(start, start + n, device=tables.device)
     return tables[b, p // bs].long() * bs + p % bs
 
 
 # float32: the compiled paged kernels (backend "auto") take float32/bf16/fp16 caches, not float64.
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_paged_prefill_then_decode_matches_packed_forward(family):
+@pytest.mark.parametrize("family,device", [("llama", "cpu"), ("qwen2", "cpu"), ("qwen3", "cpu"),
+                                           pytest.param("qwen3", "cuda", marks=pytest.mark.gpu)])
+def test_paged_prefill_then_decode_matches_packed_forward(family, device):
     cfg = ModelConfig(arch=family, vocab_size=61, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=family == "llama")
-    model = init_model(cfg, seed=int(torch.randint(0, 1000, ()))).eval()
+    model = init_model(cfg, seed=int(torch.randint(0, 1000, ())), device=device).eval()
     lens, prompt = [13, 6, 9], [4, 6, 1]  # full length, prompt length per sequence
     bs, B = 4, len(lens)
-    caches, tables = _paged_setup(model, 16, bs, 4, B, torch.float32)
-    seqs = [torch.randint(0, 61, (n,)) for n in lens]
+    caches, tables = _paged_setup(model, 16, bs, 4, B, torch.float32, device)
+    seqs = [torch.randint(0, 61, (n,), device=device) for n in lens]
+    ar = lambda *a: torch.arange(*a, device=device)  # noqa: E731
     with torch.no_grad():
-        full = model(torch.cat(seqs), torch.cat([torch.arange(n) for n in lens]), AttnContext.from_lengths(lens))
+        full = model(torch.cat(seqs), torch.cat([ar(n) for n in lens]), AttnContext.from_lengths(lens, device))
         ref = list(full.split(lens))
         # prefill the prompts into the cache
-        ctx = AttnContext.from_lengths(prompt, slot_mapping=torch.cat([_slots(tables, b, 0, p, bs) for b, p in enumerate(prompt)]),
-                                       kv_caches=caches, block_tables=tables, context_lens=torch.tensor(prompt, dtype=torch.int32))
-        h = model(torch.cat([s[:p] for s, p in zip(seqs, prompt)]), torch.cat([torch.arange(p) for p in prompt]), ctx)
+        ctx = AttnContext.from_lengths(prompt, device, slot_mapping=torch.cat([_slots(tables, b, 0, p, bs) for b, p in enumerate(prompt)]),
+                                       kv_caches=caches, block_tables=tables,
+                                       context_lens=torch.tensor(prompt, dtype=torch.int32, device=device))
+        h = model(torch.cat([s[:p] for s, p in zip(seqs, prompt)]), torch.cat([ar(p) for p in prompt]), ctx)
         got = [[x] for x in h.split(prompt)]
         # decode the rest one token at a time; sequences that are done drop out of the batch
         for t in range(max(lens)):
             live = [b for b in range(B) if prompt[b] + t < lens[b]]
             if not live:
                 break
-            pos = torch.tensor([prompt[b] + t for b in live])
-            ctx = AttnContext(cu_seqlens=torch.arange(len(live) + 1, dtype=torch.int32), max_seqlen=1, is_prefill=False,
+            pos = torch.tensor([prompt[b] + t for b in live], device=device)
+            ctx = AttnContext(cu_seqlens=ar(len(live) + 1).int(), max_seqlen=1, is_prefill=False,
                               slot_mapping=torch.cat([_slots(tables, b, prompt[b] + t, 1, bs) for b in live]),
                               block_tables=tables[live], context_lens=(pos + 1).int(), kv_caches=caches)
             h = model(torch.stack([seqs[b][prompt[b] + t] for b in live]), pos, ctx)
@@ -141,6 +144,33 @@ def test_paged_prefill_then_decode_matches_packed_forward(family):
                 got[b].append(h[i:i + 1])
     for b in range(B):
         assert (torch.cat(got[b]) - ref[b]).abs().max().item() < 1e-4, f"sequence {b}"
+
+
+@pytest.mark.gpu
+def test_cuda_forward_fp32_and_bf16_autocast_match_cpu_float64():
+    cfg = ModelConfig(arch="qwen3", vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    model = init_model(cfg, seed=7)
+    lens = [200, 37, 150, 180, 199, 1]  # the right-padded batched path and the per-sequence one
+    ids = torch.randint(0, 300, (sum(lens),))
+    pos = torch.cat([torch.arange(n) for n in lens])
+    with torch.no_grad():
+        ref = model.double()(ids, pos, AttnContext.from_lengths(lens)).float()
+        model = model.float().cuda()
+        ctx = AttnContext.from_lengths(lens, "cuda")
+        out32 = model(ids.cuda(), pos.cuda(), ctx).cpu()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out16 = model(ids.cuda(), pos.cuda(), ctx).float().cpu()
+    scale = ref.abs().max().item()
+    assert (out32 - ref).abs().max().item() < 1e-3 * scale  # TF32 matmuls may be on
+    assert (out16 - ref).abs().max().item() < 5e-2 * scale
+    # gradients flow through the bf16 path into the fp32 master weights
+    model.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        h = model(ids.cuda(), pos.cuda(), ctx)
+    h.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for n, p in model.named_parameters() if n != "lm_head.weight")
 
 
 def test_prefill_with_cached_prefix_matches_packed_forward():
