@@ -261,6 +261,33 @@ def test_compiled_op_rejects_bad_tensors():
         torch.ops.reasonrl.grpo_fwd(good["lp"], None, None, None, good["mask"], good["rewards"], 3, *opts[1:])
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_strided_inputs_and_other_dtypes(backend):
+    """logits as the model's shifted output (B, T + 1, V)[:, :-1], old / ref as transposed views,
+    int32 ids, an int64 mask, float64 rewards."""
+    if backend not in CPU_BACKENDS:
+        pytest.skip(f"{backend} not available on CPU here")
+    B, T, V, G = 4, 6, 33, 2
+    b = make_batch(B, T, G, V, temperature=0.7)
+    big = torch.randn(B, T + 1, V)
+    big[:, :-1] = b["logits"]
+    old_t, ref_t = b["old"].t().contiguous().t(), b["ref"].t().contiguous().t()  # (B, T), strides (1, B)
+    assert not old_t.is_contiguous()
+    c = LOGIT_CONFIGS[0]
+    cfg = make_config(c)
+    up = torch.randn(())
+    kw = dict(rewards=b["rewards"], group_size=G, temperature=0.7, config=cfg)
+    x = big.clone().requires_grad_(True)
+    loss, met = grpo_loss(x[:, :-1], ids=b["ids"].int(), mask=b["mask"].long(), old_logprobs=old_t,
+                          ref_logprobs=ref_t, backend=backend, **{**kw, "rewards": b["rewards"].double()})
+    loss.backward(up)
+    want = run_logits("reference", c, b, G, up, b["logits"].double())
+    same = run_logits("reference", c, b, G, up, b["logits"])
+    assert_close_to_ref(loss.detach(), want[0], same[0], torch.float32, "loss")
+    assert_close_to_ref(x.grad[:, :-1], want[2], same[2], torch.float32, "grad_logits")
+    assert (x.grad[:, -1] == 0).all()
+
+
 # ---- numerics --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
