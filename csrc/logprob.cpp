@@ -24,12 +24,28 @@
 #include "reasonrl.h"
 
 #ifdef REASONRL_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
 namespace reasonrl {
 namespace {
+
+// Messages are built from plain strings: on the GPU machine (torch 2.11+cu130, g++ 13.3) streaming
+// t.sizes() into TORCH_CHECK segfaulted (for this op and for store_kv_fwd alike), so shapes,
+// strides, devices and numbers are formatted here.
+std::string shape_str(c10::IntArrayRef a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + "]";
+}
+
+std::string dev_str(const at::Tensor& t) {
+  if (t.is_cuda()) return "cuda:" + std::to_string(t.get_device());
+  return t.is_cpu() ? "cpu" : t.is_meta() ? "meta" : "a non-CPU, non-CUDA device";
+}
+
+std::string num(int64_t v) { return std::to_string(v); }
 
 DType dtype_code(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
@@ -42,27 +58,27 @@ DType dtype_code(const at::Tensor& t, const char* op, const char* name) {
 }
 
 void check_logits(const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be 2-D (N, V), got shape ", x.sizes());
-  TORCH_CHECK(x.size(1) > 0, op, ": ", name, " must have at least one column, got shape ", x.sizes());
-  TORCH_CHECK(x.size(1) <= INT32_MAX, op, ": ", name, " has ", x.size(1),
+  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be 2-D (N, V), got shape ", shape_str(x.sizes()));
+  TORCH_CHECK(x.size(1) > 0, op, ": ", name, " must have at least one column, got shape ", shape_str(x.sizes()));
+  TORCH_CHECK(x.size(1) <= INT32_MAX, op, ": ", name, " has ", num(x.size(1)),
               " columns; at most 2^31 - 1 are supported");
   TORCH_CHECK(x.stride(1) == 1 || x.size(1) == 1, op, ": ", name,
-              " must have a contiguous last dim (stride(1) == 1), got strides ", x.strides());
+              " must have a contiguous last dim (stride(1) == 1), got strides ", shape_str(x.strides()));
 }
 
 // A per-row vector: shape (N,), dtype, and the device of the logits.
 void check_row_vec(const at::Tensor& t, const char* op, const char* name, int64_t N,
                    at::ScalarType dtype, const at::Tensor& logits) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == N, op, ": ", name, " must have shape (N,) = (", N,
-              ",) to match logits of shape ", logits.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == N, op, ": ", name, " must have shape (N,) = (", num(N),
+              ",) to match logits of shape ", shape_str(logits.sizes()), ", got ", shape_str(t.sizes()));
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " is on ", t.device(),
-              " but logits is on ", logits.device(), "; all tensors must be on one device");
+  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " is on ", dev_str(t),
+              " but logits is on ", dev_str(logits), "; all tensors must be on one device");
 }
 
 float inv_temperature(double temperature, const char* op) {
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op,
-              ": temperature must be a finite number > 0, got ", temperature);
+              ": temperature must be a finite number > 0, got ", std::to_string(temperature));
   return static_cast<float>(1.0 / temperature);
 }
 
@@ -103,11 +119,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_fwd(const at::Tensor& log
 
   if (logits.is_cuda()) {
 #ifdef REASONRL_WITH_CUDA
-    const at::cuda::OptionalCUDAGuard guard(logits.device());
+    const c10::cuda::OptionalCUDAGuard guard(logits.device());
     try {
       logprob_fwd_cuda(logp.data_ptr<float>(), lse.data_ptr<float>(), ent_ptr, logits.data_ptr(), dt,
                        logits.stride(0), idc.data_ptr<int64_t>(), N, V, inv_t, ignore_index,
-                       at::cuda::getCurrentCUDAStream());
+                       c10::cuda::getCurrentCUDAStream());
     } catch (const std::exception& e) {
       TORCH_CHECK(false, op, " (cuda): ", e.what());
     }
@@ -116,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_fwd(const at::Tensor& log
 #endif
     return {logp, lse, ent};
   }
-  TORCH_CHECK(logits.is_cpu(), op, ": logits must be a CPU or CUDA tensor, got ", logits.device());
+  TORCH_CHECK(logits.is_cpu(), op, ": logits must be a CPU or CUDA tensor, got one on ", dev_str(logits));
   const void* x = logits.data_ptr();
   const int64_t stride_x = logits.stride(0);
   float *lp = logp.data_ptr<float>(), *ls = lse.data_ptr<float>();
@@ -136,12 +152,12 @@ void logprob_bwd(const at::Tensor& logits, const at::Tensor& ids, const at::Tens
   const DType dt = dtype_code(logits, op, "logits");
   const int64_t N = logits.size(0), V = logits.size(1);
   TORCH_CHECK(grad_logits.sizes() == logits.sizes(), op, ": grad_logits must have the shape of logits ",
-              logits.sizes(), ", got ", grad_logits.sizes());
+              shape_str(logits.sizes()), ", got ", shape_str(grad_logits.sizes()));
   TORCH_CHECK(grad_logits.scalar_type() == logits.scalar_type(), op,
               ": grad_logits must have the dtype of logits (", logits.scalar_type(), "), got ",
               grad_logits.scalar_type());
-  TORCH_CHECK(grad_logits.device() == logits.device(), op, ": grad_logits is on ", grad_logits.device(),
-              " but logits is on ", logits.device(), "; all tensors must be on one device");
+  TORCH_CHECK(grad_logits.device() == logits.device(), op, ": grad_logits is on ", dev_str(grad_logits),
+              " but logits is on ", dev_str(logits), "; all tensors must be on one device");
   check_logits(grad_logits, op, "grad_logits");
   TORCH_CHECK(at::has_internal_overlap(grad_logits) != at::MemOverlap::Yes, op,
               ": grad_logits has elements that share memory (an expanded tensor?); pass a tensor with "
@@ -159,7 +175,7 @@ void logprob_bwd(const at::Tensor& logits, const at::Tensor& ids, const at::Tens
     check_row_vec(*entropy, op, "entropy", N, at::kFloat, logits);
     check_row_vec(*grad_entropy, op, "grad_entropy", N, at::kFloat, logits);
   }
-  TORCH_CHECK(vocab_start >= 0, op, ": vocab_start must be >= 0, got ", vocab_start);
+  TORCH_CHECK(vocab_start >= 0, op, ": vocab_start must be >= 0, got ", num(vocab_start));
   const float inv_t = inv_temperature(temperature, op);
   if (N == 0) return;
 
@@ -180,10 +196,10 @@ void logprob_bwd(const at::Tensor& logits, const at::Tensor& ids, const at::Tens
 
   if (logits.is_cuda()) {
 #ifdef REASONRL_WITH_CUDA
-    const at::cuda::OptionalCUDAGuard guard(logits.device());
+    const c10::cuda::OptionalCUDAGuard guard(logits.device());
     try {
       logprob_bwd_cuda(gx, stride_g, x, dt, stride_x, idp, lp, ent_ptr, gp, gh_ptr, N, V, vocab_start,
-                       inv_t, ignore_index, at::cuda::getCurrentCUDAStream());
+                       inv_t, ignore_index, c10::cuda::getCurrentCUDAStream());
     } catch (const std::exception& e) {
       TORCH_CHECK(false, op, " (cuda): ", e.what());
     }
@@ -192,7 +208,7 @@ void logprob_bwd(const at::Tensor& logits, const at::Tensor& ids, const at::Tens
 #endif
     return;
   }
-  TORCH_CHECK(logits.is_cpu(), op, ": logits must be a CPU or CUDA tensor, got ", logits.device());
+  TORCH_CHECK(logits.is_cpu(), op, ": logits must be a CPU or CUDA tensor, got one on ", dev_str(logits));
   at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
     logprob_bwd_cpu(gx, stride_g, x, dt, stride_x, idp, lp, ent_ptr, gp, gh_ptr, r0, r1, V,
                     vocab_start, inv_t, ignore_index);
@@ -203,7 +219,7 @@ void logprob_bwd(const at::Tensor& logits, const at::Tensor& ids, const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_fwd_meta(const at::Tensor& logits,
                                                                 const at::Tensor& ids, double,
                                                                 int64_t, bool with_entropy) {
-  TORCH_CHECK(logits.dim() == 2, "logprob_fwd: logits must be 2-D (N, V), got shape ", logits.sizes());
+  TORCH_CHECK(logits.dim() == 2, "logprob_fwd: logits must be 2-D (N, V), got shape ", shape_str(logits.sizes()));
   const int64_t N = logits.size(0);
   auto opts = logits.options().dtype(at::kFloat);
   return {at::empty({N}, opts), at::empty({N}, opts), at::empty({with_entropy ? N : 0}, opts)};

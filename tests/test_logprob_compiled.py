@@ -302,6 +302,97 @@ def test_isa_switch_errors():
     assert ops.logprob_cpu_isa("") in ("x86-64", "x86-64-v3", "x86-64-v4")
 
 
+# ---- CUDA kernels (csrc/cuda/logprob.cu) through the same ops ----------------------------------------
+def _cuda_built():
+    return bool(C.built_with_cuda())
+
+
+def make_cuda(N, V, dtype, scale=3.0, pad=0, offset=0):
+    """Like make(), on the GPU; offset shifts each row's start off the 16-byte grid."""
+    base = (torch.randn(N, V + pad + offset, device="cuda") * scale).to(dtype)
+    x = base[:, offset:offset + V]
+    ids = torch.randint(0, V, (N,), device="cuda")
+    if N > 2:
+        ids[torch.randperm(N, device="cuda")[: N // 4]] = IGNORE
+    return x, ids
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N, V, pad, offset", [(37, 7, 0, 0), (37, 1000, 3, 1), (37, 32000, 0, 0),
+                                               (5, 32000, 8, 3), (8, 151936, 0, 0), (1, 151936, 0, 5),
+                                               (2048, 1000, 0, 0)])
+def test_cuda_matches_float64_reference(dtype, N, V, pad, offset):
+    if not _cuda_built():
+        pytest.skip("reasonrl._C built without CUDA")
+    T = 0.7
+    x, ids = make_cuda(N, V, dtype, pad=pad, offset=offset)
+    gl, ge = torch.randn(N, device="cuda"), torch.randn(N, device="cuda")
+    logp, lse, ent, grad = run(x, ids, T, gl, ge)
+    r = reference(x, ids, T, gl, ge)
+    s = same_dtype(x, ids, T, gl, ge)
+    for name, out, ref, ref_s in zip(("logp", "lse", "entropy"), (logp, lse, ent), r, s):
+        assert_close_to_ref(out, ref, ref_s, torch.float32, f"cuda {dtype} V={V} {name}")
+    assert_close_to_ref(grad, r[3], s[3], dtype, f"cuda {dtype} V={V} grad")
+    assert (grad[ids == IGNORE] == 0).all()
+    # the C++ CPU kernels agree
+    cpu = run(x.cpu(), ids.cpu(), T, gl.cpu(), ge.cpu())
+    for a, b in zip((logp, lse, ent, grad), cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4 if a.dtype == torch.float32 else None,
+                                   atol=1e-4 if a.dtype == torch.float32 else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_inplace_chunks_and_mixed_alignment(dtype):
+    if not _cuda_built():
+        pytest.skip("reasonrl._C built without CUDA")
+    N, V, T = 19, 5003, 1.1
+    x, ids = make_cuda(N, V, dtype, pad=1)
+    ids[0], ids[1] = 0, V - 1
+    gl, ge = torch.randn(N, device="cuda"), torch.randn(N, device="cuda")
+    logp, lse, ent, full = run(x, ids, T, gl, ge)
+    buf = x.clone()
+    ops.logprob_bwd(buf, ids, lse, ent, gl, ge, T, IGNORE, 0, buf)  # in place
+    torch.testing.assert_close(buf, full, rtol=0, atol=0)
+    parts = []
+    for lo, hi in ((0, 3), (3, 2050), (2050, 4999), (4999, V)):  # odd chunk starts: scalar heads
+        g = torch.full((N, hi - lo), float("nan"), device="cuda", dtype=dtype)
+        ops.logprob_bwd(x[:, lo:hi], ids, lse, ent, gl, ge, T, IGNORE, lo, g)
+        parts.append(g)
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=0)
+    gbig = torch.full((N, V + 7), 5.0, device="cuda", dtype=dtype)  # grad misaligned vs logits
+    g = gbig[:, 1:1 + V]
+    ops.logprob_bwd(x, ids, lse, ent, gl, ge, T, IGNORE, 0, g)
+    torch.testing.assert_close(g, full, rtol=0, atol=0)
+    assert (gbig[:, 0] == 5).all() and (gbig[:, 1 + V:] == 5).all()
+
+
+@pytest.mark.gpu
+def test_cuda_special_values():
+    if not _cuda_built():
+        pytest.skip("reasonrl._C built without CUDA")
+    N, V = 5, 3000
+    x = torch.randn(N, V, device="cuda") * 2
+    x[:, 1000:2000] = float("-inf")
+    x[1] = x[1] * 1e4
+    x[2, :] = float("-inf")
+    ids = torch.randint(0, 1000, (N,), device="cuda")
+    ids[2] = IGNORE
+    gl, ge = torch.randn(N, device="cuda"), torch.randn(N, device="cuda")
+    logp, lse, ent, grad = run(x, ids, 1.0, gl, ge)
+    keep = [0, 1, 3, 4]
+    r = reference(x[keep], ids[keep], 1.0, gl[keep], ge[keep])
+    s = same_dtype(x[keep], ids[keep], 1.0, gl[keep], ge[keep])
+    for name, out, ref, ref_s in zip(("logp", "entropy", "grad"), (logp, ent, grad), (r[0], r[2], r[3]),
+                                     (s[0], s[2], s[3])):
+        assert_close_to_ref(out[keep], ref, ref_s, torch.float32, f"cuda {name}")
+    assert (grad[:, 1000:2000] == 0).all() and (grad[2] == 0).all()
+    x[3, 17] = float("nan")
+    logp, lse, ent, grad = run(x, ids, 1.0, gl, ge)
+    assert lse[3].isnan() and logp[3].isnan() and ent[3].isnan() and torch.isfinite(lse[[0, 1, 4]]).all()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_mixed_devices_are_refused():
     x = torch.randn(4, 10, device="cuda")
