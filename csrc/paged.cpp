@@ -95,9 +95,9 @@ at::Tensor paged_attention_decode_fwd(const at::Tensor& q, const at::Tensor& k_c
   }
   at::Tensor out = at::empty_like(q);
   const DType dt = paged_dtype(q, op, "q");
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t w0, int64_t w1) {
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     paged_attention_decode_fwd_cpu(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), dt, bt,
-                                   cl, Hq, Hkv, D, bs, M, static_cast<float>(scale), w0, w1);
+                                   cl, Hq, Hkv, D, bs, M, static_cast<float>(scale), b0, b1);
   });
   return out;
 }

@@ -12,13 +12,13 @@ namespace reasonrl {
 void store_kv_fwd_cpu(void* k_cache, void* v_cache, const void* k, const void* v, int64_t elem_bytes,
                       const int64_t* slots, int64_t T, int64_t row_elems);
 
-// Decode attention for work items w in [w_begin, w_end), w = b * Hkv + kv_head. Query heads
-// kv_head * G .. kv_head * G + G - 1 (G = Hq / Hkv) read kv head kv_head. out, q: (B, Hq, D).
+// Decode attention for sequences b in [b_begin, b_end). Query head hq reads kv head hq / G
+// (G = Hq / Hkv). out, q: (B, Hq, D).
 // block_tables (B, max_blocks), context_lens (B,) checked by the caller.
 void paged_attention_decode_fwd_cpu(void* out, const void* q, const void* k_cache, const void* v_cache,
                                     DType dtype, const int32_t* block_tables,
                                     const int32_t* context_lens, int64_t Hq, int64_t Hkv, int64_t D,
                                     int64_t block_size, int64_t max_blocks, float scale,
-                                    int64_t w_begin, int64_t w_end);
+                                    int64_t b_begin, int64_t b_end);
 
 }  // namespace reasonrl
