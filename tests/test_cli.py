@@ -63,3 +63,8 @@ def test_bench_lists_and_rejects(capsys):
     assert "benchmarks in" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown benchmark"):
         main(["bench", "no_such_bench"])
+
+
+def test_convert_gguf_errors_cleanly(tmp_path):
+    r = run("convert-gguf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "out"))
+    assert r.returncode != 0 and "convert-gguf" in r.stderr and "Traceback" not in r.stderr
