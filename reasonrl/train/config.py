@@ -101,6 +101,7 @@ class GRPOConfig:
     epsilon_high: float = 0.2
     loss_type: str = "dapo"        # token-level mean (DEFAULT_RUN.md); grpo | bnpo | dapo | dr_grpo
     advantage: str = "grpo"        # grpo | dr_grpo | rloo
+    backend: str = "auto"          # grpo_loss backend: auto | reference | triton | cpp | cuda
     prompt_template: str = "{question}\n"
     seed: int = 0
     out_dir: str = "runs/grpo"
@@ -137,6 +138,9 @@ class GRPOConfig:
             _bad(self, "loss_type", f"must be one of {LOSS_TYPES}")
         if self.advantage not in ADVANTAGES:
             _bad(self, "advantage", f"must be one of {ADVANTAGES}")
+        from reasonrl.ops._backend import BACKENDS
+        if self.backend not in BACKENDS:
+            _bad(self, "backend", f"must be one of {BACKENDS}")
         from reasonrl.rl.rewards import parse_reward_spec
         parse_reward_spec(self.rewards)  # raises naming the bad reward
 

@@ -94,7 +94,8 @@ def train_on_groups(model, ref_model, opt, groups, cfg: GRPOConfig, loss_cfg: GR
             loss, m = grpo_loss(hidden=hidden, weight=W, ids=resp_ids, mask=mask, rewards=rewards[idx],
                                 group_size=cfg.group_size, old_logprobs=old, ref_logprobs=ref,
                                 temperature=cfg.temperature, config=loss_cfg,
-                                num_items_in_batch=max(active, 1) if cfg.loss_type == "dapo" else None)
+                                num_items_in_batch=max(active, 1) if cfg.loss_type == "dapo" else None,
+                                backend=cfg.backend)
             (loss * frac).backward()
             if epoch == 0:
                 n = float(m["num_tokens"])
@@ -104,6 +105,8 @@ def train_on_groups(model, ref_model, opt, groups, cfg: GRPOConfig, loss_cfg: GR
                 sums["clip_frac"] += float(m["clip_frac_low"] + m["clip_frac_high"]) * n
                 sums["entropy"] += float(m.get("entropy", 0.0)) * n
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        if not torch.isfinite(gnorm):  # never step on NaN/inf: the weights would be lost silently
+            raise FloatingPointError(f"GRPO: non-finite gradient norm ({float(gnorm)}); weights left unchanged")
         opt.step()
         opt.zero_grad(set_to_none=True)
     sums["grad_norm"] = float(gnorm)

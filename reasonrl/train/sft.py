@@ -69,6 +69,8 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
             loss = -logp.sum() / n
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            if not torch.isfinite(gnorm):  # never step on NaN/inf: the weights would be lost silently
+                raise FloatingPointError(f"SFT: non-finite gradient norm ({float(gnorm)}) at step {step}")
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
