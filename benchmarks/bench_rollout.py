@@ -25,9 +25,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ceilings, device_name, emit_json, print_table  # noqa: E402
+from common import ceilings, device_name, emit_json, print_table, time_ms  # noqa: E402
 
 from reasonrl.engine import LLMEngine, SamplingParams  # noqa: E402
+from reasonrl.ops import _backend  # noqa: E402
+from reasonrl.ops.paged import paged_attention_decode  # noqa: E402
 from reasonrl.models import builtin_path, init_model, save_model  # noqa: E402
 
 QWEN25_05B = {  # Qwen2.5-0.5B's config.json (architecture only)
@@ -67,6 +69,27 @@ def build_models(args, device, dtype, folder):
 
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     return model, hf
+
+
+def bench_decode_op(cfg, head_dim, B, ctx, block_size, device, dtype):
+    """The paged decode op alone, every available backend, at one decode step of the rollout."""
+    Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, head_dim
+    M = (ctx + block_size - 1) // block_size
+    kc = torch.randn(B * M + 1, block_size, Hkv, D, device=device, dtype=dtype)
+    vc = torch.randn_like(kc)
+    q = torch.randn(B, Hq, D, device=device, dtype=dtype)
+    tables = torch.randperm(B * M + 1, device=device)[: B * M].view(B, M).int()
+    lens = torch.full((B,), ctx, dtype=torch.int32, device=device)
+    rows, ref_ms = [], None
+    for b in ("reference", "cpp", "triton"):
+        if _backend.why_unavailable(b, device) is not None or (b == "triton" and device.type == "cpu"):
+            continue
+        ms = time_ms(lambda: paged_attention_decode(q, kc, vc, tables, lens, D ** -0.5, backend=b), device, 3, 20)
+        ref_ms = ms if b == "reference" else ref_ms
+        kv_bytes = 2 * B * ctx * Hkv * D * dtype.itemsize
+        rows.append({"op": f"paged_attention_decode[{b}]", "shape": f"B={B} Hq={Hq} Hkv={Hkv} D={D} ctx={ctx}",
+                     "ms": ms, "GB/s": kv_bytes / ms / 1e6, "vs reference": ref_ms / ms})
+    return rows
 
 
 def main():
@@ -126,6 +149,7 @@ def main():
     if args.gpu:
         wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         floor = gen_tokens / (new * wbytes / ceilings(device)["copy_Bps"])
+    op_rows = bench_decode_op(cfg, model.head_dim, P * G, plen + new, args.block_size, device, dtype)
     print(f"device: {device_name(device)}; model {cfg.arch} H={cfg.hidden_size} L={cfg.num_hidden_layers} "
           f"V={cfg.vocab_size} {str(dtype).replace('torch.', '')}; {P} prompts x {G} samples, prompt {plen}, "
           f"{new} new tokens, block size {args.block_size}")
@@ -134,7 +158,8 @@ def main():
     print(f"peak blocks {st['peak_blocks_used']} of {st['num_blocks']} ({bytes_per_block} B each), "
           f"preemptions {st['preemptions']}, steps {st['steps']}"
           + (f"; weight-read floor {floor:.0f} tok/s" if floor else ""))
-    emit_json({"bench": "rollout", "device": device_name(device), "prompts": P, "samples": G, "prompt_len": plen,
+    print_table(op_rows, ["op", "shape", "ms", "GB/s", "vs reference"])
+    emit_json({"ops": op_rows, "bench": "rollout", "device": device_name(device), "prompts": P, "samples": G, "prompt_len": plen,
                "new_tokens": new, "block_size": args.block_size, "ours_tok_s": rows[0]["tok/s"],
                "hf_tok_s": rows[1]["tok/s"] if len(rows) > 1 else None, "speedup": speedup,
                "ours_peak_kv_bytes": st["peak_kv_bytes"], "hf_kv_bytes": kv_hf, "group_kv_ratio": group_ratio,
