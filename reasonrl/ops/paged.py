@@ -17,6 +17,8 @@ Backends: "reference" (plain PyTorch, gathers the blocks into a padded (B, L, Hk
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from reasonrl.ops._backend import check_same_device, cpp_available, resolve
@@ -49,7 +51,9 @@ def _check_store(k, v, k_cache, v_cache, slot_mapping):
         raise ValueError(f"store_kv: slot_mapping must be (T,) = ({k.shape[0]},), got {tuple(slot_mapping.shape)}")
     if slot_mapping.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"store_kv: slot_mapping must be int64 (or int32), got {slot_mapping.dtype}")
-    check_same_device(op, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    dev = k_cache.device
+    if not (k.device == v.device == v_cache.device == slot_mapping.device == dev):
+        check_same_device(op, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
 
 
 def _check_store_values(k_cache, slot_mapping):
@@ -76,7 +80,9 @@ def _check_decode(q, k_cache, v_cache, block_tables, context_lens):
     for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
         if t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{op}: {name} must be int32, got {t.dtype}")
-    check_same_device(op, q=q, k_cache=k_cache, block_tables=block_tables, context_lens=context_lens)
+    if not (q.device == v_cache.device == block_tables.device == context_lens.device == k_cache.device):
+        check_same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+                          context_lens=context_lens)
 
 
 def _check_decode_values(q, k_cache, block_tables, context_lens):
@@ -135,8 +141,10 @@ def _cpp_has(name):
     return cpp_available() and hasattr(torch.ops.reasonrl, name)
 
 
+@functools.lru_cache(maxsize=None)
 def _resolve(backend, device, op, cpp_name):
-    """The concrete backend; "cpp" needs this op in reasonrl._C, and there is no CUDA C++ version."""
+    """The concrete backend; "cpp" needs this op in reasonrl._C, and there is no CUDA C++ version.
+    Cached: it runs per layer per decode step, and its answer depends only on its arguments."""
     if backend == "cuda":
         raise RuntimeError(f"{op}: backend='cuda' is not available: paged ops have no CUDA C++ kernel (use 'triton')")
     b = resolve(backend, device, op, prefer_cuda=("triton",))
