@@ -95,6 +95,30 @@ def test_matches_float64_reference(isa, dtype, V):
     assert (logp[ids == IGNORE] == 0).all() and (ent[ids == IGNORE] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qwen_vocab(dtype):
+    N, V, T = 4, 151936, 1.0
+    x, ids = make(N, V, dtype, pad=3)
+    gl, ge = torch.randn(N), torch.randn(N)
+    out = run(x, ids, T, gl, ge)
+    r = reference(x, ids, T, gl, ge)
+    s = same_dtype(x, ids, T, gl, ge)
+    for name, o, ref, ref_s, dt in zip(("logp", "lse", "entropy", "grad"), out, r, s,
+                                      (torch.float32,) * 3 + (dtype,)):
+        assert_close_to_ref(o, ref, ref_s, dt, f"{dtype} V={V} {name}")
+
+
+def test_opcheck():
+    """Schema, fake (Meta) kernels and aliasing as torch.compile sees them."""
+    x, ids = make(5, 33, torch.bfloat16)
+    g = torch.randn(5)
+    torch.library.opcheck(ops.logprob_fwd.default, (x, ids, 0.9, IGNORE, True))
+    torch.library.opcheck(ops.logprob_fwd.default, (x, ids, 0.9, IGNORE, False))
+    logp, lse, e = ops.logprob_fwd(x, ids, 0.9, IGNORE, True)
+    torch.library.opcheck(ops.logprob_bwd.default, (x, ids, lse, e, g, g, 0.9, IGNORE, 0, torch.empty_like(x)))
+    torch.library.opcheck(ops.logprob_bwd.default, (x, ids, lse, None, g, None, 0.9, IGNORE, 0, torch.empty_like(x)))
+
+
 def test_without_entropy_and_entropy_grad_only(isa):
     N, V, T = 20, 513, 1.3
     x, ids = make(N, V, torch.float32)
