@@ -339,3 +339,19 @@ def test_gpu_greedy_matches_transformers(hf_and_ours, graphs):
 def load_model_like(model, device):
     import copy
     return copy.deepcopy(model).to(device)
+
+
+def test_two_level_inverse_cdf_matches_flat():
+    from reasonrl.engine.sampler import _inverse_cdf, _inverse_cdf_flat
+
+    B, V = 64, 20_011
+    logits = torch.randn(B, V, dtype=torch.float64) * 3
+    logits[:, torch.randint(0, V, (500,))] = float("-inf")  # zero-probability tokens
+    probs = torch.softmax(logits, -1)
+    u = torch.rand(B, dtype=torch.float64)
+    u[0], u[1] = 0.0, 1.0 - 1e-16  # the ends
+    got, ref = _inverse_cdf(probs, u), _inverse_cdf_flat(probs, u)
+    assert torch.equal(got, ref)
+    assert (probs.gather(1, got[:, None]) > 0).all()
+    got32 = _inverse_cdf(probs.float(), u.float())
+    assert (probs.gather(1, got32[:, None]) > 0).all() and (got32 != ref).float().mean() < 0.05
