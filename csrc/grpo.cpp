@@ -1,9 +1,11 @@
 // Torch glue of the GRPO loss family: checks with messages that name the argument, then the CPU
 // kernel (csrc/cpu/grpo.cpp) or the CUDA launcher (csrc/cuda/grpo.cu).
 //
-//   reasonrl::grpo_fwd(logp, old?, ref?, entropy?, mask, rewards, ...) -> stats (B, 8)
-//   reasonrl::grpo_bwd(scale, logp, old?, ref?, mask, rewards, ..., with_entropy) ->
+//   reasonrl::grpo_fwd(logp, old?, ref?, entropy?, mask, rewards, ..., row0) -> stats (B, 8)
+//   reasonrl::grpo_bwd(scale, logp, old?, ref?, mask, rewards, ..., with_entropy, row0) ->
 //       (grad_logp (B, T), grad_entropy (B, T), or (0,) when with_entropy is false)
+// The (B, T) tensors may be rows [row0, row0 + B) of a larger batch whose rewards are all given
+// (the fused LM-head path runs a chunk of whole sequences at a time).
 // Every tensor is float32 and contiguous; the Python side (reasonrl/ops/grpo.py) converts.
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -38,12 +40,18 @@ const float* opt_ptr(const OptT& t, const char* name, at::IntArrayRef shape, con
   return t->data_ptr<float>();
 }
 
-GRPOParams make_params(const at::Tensor& logp, int64_t G, int64_t advantage, double std_eps,
-                       double eps_low, double eps_high, double dual_clip, double beta,
-                       double entropy_coef, double clamp, bool sequence) {
+GRPOParams make_params(const at::Tensor& logp, const at::Tensor& rewards, int64_t G, int64_t advantage,
+                       double std_eps, double eps_low, double eps_high, double dual_clip, double beta,
+                       double entropy_coef, double clamp, bool sequence, int64_t row0) {
   GRPO_CHECK(logp.dim() == 2, "logp must be (B, T), got ", logp.sizes());
   const int64_t B = logp.size(0), T = logp.size(1);
-  GRPO_CHECK(G >= 1 && B % G == 0, "group_size ", G, " must be >= 1 and divide B = ", B);
+  GRPO_CHECK(rewards.scalar_type() == at::kFloat && rewards.dim() == 1 && rewards.is_contiguous(),
+             "rewards must be a contiguous float32 vector, got ", rewards.scalar_type(), " ", rewards.sizes());
+  GRPO_CHECK(rewards.device() == logp.device(), "rewards must be on ", logp.device(), " like logp");
+  const int64_t total = rewards.size(0);
+  GRPO_CHECK(row0 >= 0 && row0 + B <= total, "rows [", row0, ", ", row0 + B,
+             ") must lie within rewards of shape (", total, ",)");
+  GRPO_CHECK(G >= 1 && total % G == 0, "group_size ", G, " must be >= 1 and divide B = ", total);
   GRPO_CHECK(advantage >= 0 && advantage <= 2, "advantage code must be 0, 1 or 2, got ", advantage);
   GRPO_CHECK(G >= 2 || advantage == kAdvDrGrpo, "group_size 1 needs advantage dr_grpo");
   GRPO_CHECK(clamp > 0, "clamp must be > 0, got ", clamp);
@@ -51,6 +59,7 @@ GRPOParams make_params(const at::Tensor& logp, int64_t G, int64_t advantage, dou
   p.B = B;
   p.T = T;
   p.G = G;
+  p.row0 = row0;
   p.advantage = (int)advantage;
   p.std_eps = (float)std_eps;
   p.lo = (float)(1.0 - eps_low);
@@ -66,13 +75,13 @@ GRPOParams make_params(const at::Tensor& logp, int64_t G, int64_t advantage, dou
 at::Tensor grpo_fwd(const at::Tensor& logp, const OptT& old, const OptT& ref, const OptT& entropy,
                     const at::Tensor& mask, const at::Tensor& rewards, int64_t group_size,
                     int64_t advantage, double std_eps, double eps_low, double eps_high,
-                    double dual_clip, double beta, double entropy_coef, double clamp, bool sequence) {
-  const GRPOParams p = make_params(logp, group_size, advantage, std_eps, eps_low, eps_high, dual_clip,
-                                   beta, entropy_coef, clamp, sequence);
+                    double dual_clip, double beta, double entropy_coef, double clamp, bool sequence,
+                    int64_t row0) {
+  const GRPOParams p = make_params(logp, rewards, group_size, advantage, std_eps, eps_low, eps_high,
+                                   dual_clip, beta, entropy_coef, clamp, sequence, row0);
   const auto dev = logp.device();
   check_f32(logp, "logp", {p.B, p.T}, dev);
   check_f32(mask, "mask", {p.B, p.T}, dev);
-  check_f32(rewards, "rewards", {p.B}, dev);
   const float* old_p = opt_ptr(old, "old_logprobs", {p.B, p.T}, dev);
   const float* ref_p = opt_ptr(ref, "ref_logprobs", {p.B, p.T}, dev);
   GRPO_CHECK(p.beta == 0.f || ref_p, "beta != 0 needs ref_logprobs");
@@ -102,13 +111,12 @@ std::tuple<at::Tensor, at::Tensor> grpo_bwd(const at::Tensor& scale, const at::T
                                             int64_t advantage, double std_eps, double eps_low,
                                             double eps_high, double dual_clip, double beta,
                                             double entropy_coef, double clamp, bool sequence,
-                                            bool with_entropy) {
-  const GRPOParams p = make_params(logp, group_size, advantage, std_eps, eps_low, eps_high, dual_clip,
-                                   beta, entropy_coef, clamp, sequence);
+                                            bool with_entropy, int64_t row0) {
+  const GRPOParams p = make_params(logp, rewards, group_size, advantage, std_eps, eps_low, eps_high,
+                                   dual_clip, beta, entropy_coef, clamp, sequence, row0);
   const auto dev = logp.device();
   check_f32(logp, "logp", {p.B, p.T}, dev);
   check_f32(mask, "mask", {p.B, p.T}, dev);
-  check_f32(rewards, "rewards", {p.B}, dev);
   check_f32(scale, "scale", {p.B}, dev);
   const float* old_p = opt_ptr(old, "old_logprobs", {p.B, p.T}, dev);
   const float* ref_p = opt_ptr(ref, "ref_logprobs", {p.B, p.T}, dev);
@@ -141,11 +149,12 @@ TORCH_LIBRARY_FRAGMENT(reasonrl, m) {
   m.def(
       "grpo_fwd(Tensor logp, Tensor? old, Tensor? ref, Tensor? entropy, Tensor mask, Tensor rewards, "
       "int group_size, int advantage, float std_eps, float eps_low, float eps_high, float dual_clip, "
-      "float beta, float entropy_coef, float clamp, bool sequence) -> Tensor");
+      "float beta, float entropy_coef, float clamp, bool sequence, int row0=0) -> Tensor");
   m.def(
       "grpo_bwd(Tensor scale, Tensor logp, Tensor? old, Tensor? ref, Tensor mask, Tensor rewards, "
       "int group_size, int advantage, float std_eps, float eps_low, float eps_high, float dual_clip, "
-      "float beta, float entropy_coef, float clamp, bool sequence, bool with_entropy) -> (Tensor, Tensor)");
+      "float beta, float entropy_coef, float clamp, bool sequence, bool with_entropy, int row0=0) -> "
+      "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(reasonrl, CPU, m) {

@@ -34,6 +34,7 @@ enum GRPOAdvantage : int { kAdvGrpo = 0, kAdvDrGrpo = 1, kAdvRloo = 2 };
 
 struct GRPOParams {
   int64_t B, T, G;
+  int64_t row0;        // rows are rows [row0, row0 + B) of the batch that `rewards` covers
   int advantage;       // GRPOAdvantage
   float std_eps;
   float lo, hi;        // 1 - eps_low, 1 + eps_high
@@ -44,7 +45,7 @@ struct GRPOParams {
   bool sequence;       // GSPO sequence-level ratio
 };
 
-// Group advantage of row b (double: G additions, exact enough to detect equal rewards).
+// Group advantage of (global) row b (double: G additions, exact enough to detect equal rewards).
 GRPO_HD float grpo_advantage(const float* rewards, int64_t b, const GRPOParams& p, bool* zero_std) {
   const int64_t g0 = (b / p.G) * p.G;
   double sum = 0.0, mn = rewards[g0], mx = rewards[g0];

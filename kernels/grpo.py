@@ -89,14 +89,14 @@ def _sequence_ratio(LOGP, OLD, MASK, base, T, C, HAS_OLD: tl.constexpr, BLOCK_T:
 
 @triton.jit
 def _grpo_fwd_kernel(
-    STATS, LOGP, OLD, REF, ENT, MASK, R,
+    STATS, LOGP, OLD, REF, ENT, MASK, R, row0,
     T, G, std_eps, lo, hi, dual, beta, ent_coef, C,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, SEQ: tl.constexpr,
     DUAL: tl.constexpr, ADV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * T
-    A, zero = _advantage(R, row, G, std_eps, ADV, BLOCK_G)
+    A, zero = _advantage(R, row0 + row, G, std_eps, ADV, BLOCK_G)
     rho_seq = 1.0
     if SEQ:
         rho_seq, _ = _sequence_ratio(LOGP, OLD, MASK, base, T, C, HAS_OLD, BLOCK_T)
@@ -147,14 +147,14 @@ def _grpo_fwd_kernel(
 
 @triton.jit
 def _grpo_bwd_kernel(
-    GRAD_LOGP, GRAD_ENT, SCALE, LOGP, OLD, REF, MASK, R,
+    GRAD_LOGP, GRAD_ENT, SCALE, LOGP, OLD, REF, MASK, R, row0,
     T, G, std_eps, lo, hi, dual, beta, ent_coef, C,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, WITH_ENT: tl.constexpr, SEQ: tl.constexpr,
     DUAL: tl.constexpr, ADV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * T
-    A, _ = _advantage(R, row, G, std_eps, ADV, BLOCK_G)
+    A, _ = _advantage(R, row0 + row, G, std_eps, ADV, BLOCK_G)
     scale = tl.load(SCALE + row)
     seq_coef = 0.0
     if SEQ:
@@ -198,9 +198,10 @@ def _scalars(p):
             p["entropy_coef"], p["clamp"])
 
 
-def grpo_fwd(logp, entropy, mask, rewards, G, p):
-    """logp, mask, entropy (or None) (B, T) float32 contiguous; rewards (B,); p: the options dict
-    (with old / ref tensors or None). Returns stats (B, 8) float32."""
+def grpo_fwd(logp, entropy, mask, rewards, G, p, row0=0):
+    """logp, mask, entropy (or None) (B, T) float32 contiguous, rows [row0, row0 + B) of the batch
+    whose rewards (B_total,) are given; p: the options dict (with old / ref tensors (B, T) or None).
+    Returns stats (B, 8) float32."""
     B, T = logp.shape
     stats = logp.new_empty(B, NSTATS)
     if B == 0:
@@ -208,14 +209,14 @@ def grpo_fwd(logp, entropy, mask, rewards, G, p):
     old, ref = p["old"], p["ref"]
     _grpo_fwd_kernel[(B,)](
         stats, logp, old if old is not None else logp, ref if ref is not None else logp,
-        entropy if entropy is not None else logp, mask, rewards,
+        entropy if entropy is not None else logp, mask, rewards, row0,
         T, G, *_scalars(p),
         HAS_REF=p["beta"] != 0, HAS_ENT=entropy is not None, **_meta(B, T, G, p),
     )
     return stats
 
 
-def grpo_bwd(scale, logp, mask, rewards, G, p, with_entropy):
+def grpo_bwd(scale, logp, mask, rewards, G, p, with_entropy, row0=0):
     """Returns grad_logp (B, T) and grad_entropy (B, T) (None unless with_entropy)."""
     B, T = logp.shape
     grad_logp = logp.new_empty(B, T)
@@ -225,7 +226,7 @@ def grpo_bwd(scale, logp, mask, rewards, G, p, with_entropy):
     old, ref = p["old"], p["ref"]
     _grpo_bwd_kernel[(B,)](
         grad_logp, grad_ent if with_entropy else grad_logp, scale, logp,
-        old if old is not None else logp, ref if ref is not None else logp, mask, rewards,
+        old if old is not None else logp, ref if ref is not None else logp, mask, rewards, row0,
         T, G, *_scalars(p),
         HAS_REF=p["beta"] != 0, WITH_ENT=with_entropy, **_meta(B, T, G, p),
     )

@@ -200,11 +200,12 @@ def test_inplace_backward_overwrites_logits(backend):
     assert x.grad.data_ptr() == x.data_ptr(), "in-place backward should reuse the logits' buffer"
 
 
+@pytest.mark.parametrize("single_pass,config", [(True, 0), (True, 1), (False, 0)])
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_fused_hidden_weight_form(backend):
+def test_fused_hidden_weight_form(backend, single_pass, config):
     if backend not in CPU_BACKENDS:
         pytest.skip(f"{backend} not available on CPU here")
-    B, T, H, V, G = 4, 7, 16, 300, 2
+    B, T, H, V, G = 6, 7, 16, 300, 3
     b = make_batch(B, T, G)
     hidden, weight = torch.randn(B * T, H), torch.randn(V, H) / 2
     ids = torch.randint(0, V, (B, T))
@@ -212,21 +213,37 @@ def test_fused_hidden_weight_form(backend):
         lp = torch.log_softmax((hidden @ weight.T).double(), -1).gather(-1, ids.view(-1, 1)).view(B, T)
     old, ref = near(lp, 0.3), near(lp, 0.5)
     up = torch.randn(())
-    cfg = make_config(LOGIT_CONFIGS[0])
+    cfg = make_config(LOGIT_CONFIGS[config], linear_single_pass=single_pass)
+    if single_pass:  # several chunks of whole sequences, groups split across chunks
+        monkeypatch_chunk = pytest.MonkeyPatch()
+        monkeypatch_chunk.setattr("reasonrl.ops.logprobs._default_chunk_bytes", lambda d: 2 * T * V * 4 + 5)
+    else:
+        monkeypatch_chunk = None
 
     def run(bk, dt):
-        h, w = hidden.to(dt).requires_grad_(True), weight.to(dt).requires_grad_(True)
+        h = hidden.detach().clone().to(dt).requires_grad_(True)
+        w = weight.detach().clone().to(dt).requires_grad_(True)
         kw = dict(hidden=h, weight=w, ids=ids, mask=b["mask"], rewards=b["rewards"], group_size=G,
                   old_logprobs=old, ref_logprobs=ref, config=cfg)
         loss, met = grpo_loss(backend=bk, **kw) if bk != "reference" else grpo_loss_reference(**kw)
         loss.backward(up.to(loss.dtype))
         return loss.detach(), h.grad, w.grad, met
 
-    r64, r32, out = run("reference", torch.float64), run("reference", torch.float32), run(backend, torch.float32)
+    try:
+        r64, r32, out = run("reference", torch.float64), run("reference", torch.float32), run(backend, torch.float32)
+        r16, out16 = run("reference", torch.bfloat16), run(backend, torch.bfloat16)
+    finally:
+        if monkeypatch_chunk is not None:
+            monkeypatch_chunk.undo()
     for i, name in ((0, "loss"), (1, "grad_hidden"), (2, "grad_weight")):
         assert_close_to_ref(out[i], r64[i], r32[i], torch.float32, name)
+        assert_close_to_ref(out16[i], r64[i], r16[i], torch.bfloat16, f"bf16 {name}")
     for k in r64[3]:
         assert_close_to_ref(out[3][k], r64[3][k], r32[3][k], torch.float32, f"metric {k}")
+    with torch.no_grad():  # the no-grad path (old / ref log-probs, evaluation) gives the same loss
+        loss_ng, _ = grpo_loss(hidden=hidden, weight=weight, ids=ids, mask=b["mask"], rewards=b["rewards"],
+                               group_size=G, old_logprobs=old, ref_logprobs=ref, config=cfg, backend=backend)
+    assert_close_to_ref(loss_ng, r64[0], r32[0], torch.float32, "no-grad loss")
 
 
 @pytest.mark.parametrize("sequence,beta", [(False, 0.1), (True, 0.0)])
@@ -253,8 +270,10 @@ def test_compiled_op_rejects_bad_tensors():
     good = dict(lp=torch.zeros(B, T), mask=torch.ones(B, T), rewards=torch.zeros(B))
     with pytest.raises(RuntimeError, match="mask must be float32"):
         torch.ops.reasonrl.grpo_fwd(good["lp"], None, None, None, good["mask"].double(), good["rewards"], *opts)
-    with pytest.raises(RuntimeError, match="rewards must have shape"):
-        torch.ops.reasonrl.grpo_fwd(good["lp"], None, None, None, good["mask"], torch.zeros(B + 1), *opts)
+    with pytest.raises(RuntimeError, match=r"rows \[0, 4\) must lie within rewards of shape \(2,\)"):
+        torch.ops.reasonrl.grpo_fwd(good["lp"], None, None, None, good["mask"], torch.zeros(B - 2), *opts)
+    with pytest.raises(RuntimeError, match="rewards must be a contiguous float32"):
+        torch.ops.reasonrl.grpo_fwd(good["lp"], None, None, None, good["mask"], torch.zeros(B).long(), *opts)
     with pytest.raises(RuntimeError, match="logp must be contiguous"):
         torch.ops.reasonrl.grpo_fwd(torch.zeros(T, B).t(), None, None, None, good["mask"], good["rewards"], *opts)
     with pytest.raises(RuntimeError, match="group_size 3 must be >= 1 and divide B"):

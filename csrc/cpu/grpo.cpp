@@ -110,7 +110,7 @@ void grpo_fwd_cpu(float* stats, const float* logp, const float* old, const float
 #pragma omp parallel for schedule(static) if (p.B * p.T >= 32768)
   for (int64_t b = 0; b < p.B; ++b) {
     bool zero_std;
-    const float A = grpo_advantage(rewards, b, p, &zero_std);
+    const float A = grpo_advantage(rewards, p.row0 + b, p, &zero_std);
     float* st = stats + b * GRPO_NSTATS;
     fwd_row(st, logp + b * p.T, row_of(old, b, p.T), row_of(ref, b, p.T), row_of(entropy, b, p.T),
             mask + b * p.T, A, p);
@@ -125,7 +125,7 @@ void grpo_bwd_cpu(float* grad_logp, float* grad_entropy, const float* scale, con
 #pragma omp parallel for schedule(static) if (p.B * p.T >= 32768)
   for (int64_t b = 0; b < p.B; ++b) {
     bool zero_std;
-    const float A = grpo_advantage(rewards, b, p, &zero_std);
+    const float A = grpo_advantage(rewards, p.row0 + b, p, &zero_std);
     bwd_row(grad_logp + b * p.T, grad_entropy ? grad_entropy + b * p.T : nullptr, scale[b],
             logp + b * p.T, row_of(old, b, p.T), row_of(ref, b, p.T), mask + b * p.T, A, p);
   }

@@ -57,7 +57,7 @@ __global__ void grpo_fwd_kernel(float* __restrict__ stats, const float* __restri
   __shared__ float smem[6 * 32];
   const int64_t b = blockIdx.x, base = b * p.T;
   bool zero_std;
-  const float A = grpo_advantage(rewards, b, p, &zero_std);
+  const float A = grpo_advantage(rewards, p.row0 + b, p, &zero_std);
   logp += base;
   mask += base;
   old = old ? old + base : nullptr;
@@ -108,7 +108,7 @@ __global__ void grpo_bwd_kernel(float* __restrict__ grad_logp, float* __restrict
   __shared__ float smem[2 * 32];
   const int64_t b = blockIdx.x, base = b * p.T;
   bool zero_std;
-  const float A = grpo_advantage(rewards, b, p, &zero_std);
+  const float A = grpo_advantage(rewards, p.row0 + b, p, &zero_std);
   const float s = scale[b];
   logp += base;
   mask += base;

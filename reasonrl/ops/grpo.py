@@ -77,6 +77,8 @@ class GRPOLossConfig:
     compute_entropy: bool = True             # entropy metric even when entropy_coef == 0
     log_ratio_clamp: float = 20.0            # C: log-ratios clamped to [-C, C]
     inplace_backward: bool = False           # logits form: the logits' grad overwrites the logits
+    linear_single_pass: bool = True          # fused form: gradients in the forward pass (6NHV FLOPs);
+                                             # False: linear_token_logprobs' backward recomputes (8NHV)
 
     def __post_init__(self):
         def bad(name, why):
@@ -328,29 +330,32 @@ def _register_fakes():
     _FAKES_REGISTERED = True
 
     @torch.library.register_fake("reasonrl::grpo_fwd")
-    def _fwd_fake(logp, old, ref, entropy, mask, rewards, *args):
+    def _fwd_fake(logp, old, ref, entropy, mask, rewards, group_size, advantage, std_eps, eps_low,
+                  eps_high, dual_clip, beta, entropy_coef, clamp, sequence, row0=0):
         return logp.new_empty(logp.shape[0], 8)  # (B, 8)
 
     @torch.library.register_fake("reasonrl::grpo_bwd")
-    def _bwd_fake(scale, logp, old, ref, mask, rewards, *args):
-        with_entropy = args[-1]
+    def _bwd_fake(scale, logp, old, ref, mask, rewards, group_size, advantage, std_eps, eps_low,
+                  eps_high, dual_clip, beta, entropy_coef, clamp, sequence, with_entropy, row0=0):
         return logp.new_empty(logp.shape), logp.new_empty(logp.shape if with_entropy else (0,))
 
 
-def _fwd(backend, logp, entropy, mask, rewards, p):
+def _fwd(backend, logp, entropy, mask, rewards, p, row0=0):
+    """Per-row stats (B, 8) of rows [row0, row0 + B) of the batch that `rewards` covers."""
     if backend == "triton":
         from reasonrl.kernels.grpo import grpo_fwd
-        return grpo_fwd(logp, entropy, mask, rewards, p["G"], p)
+        return grpo_fwd(logp, entropy, mask, rewards, p["G"], p, row0)
     _register_fakes()
-    return torch.ops.reasonrl.grpo_fwd(logp, p["old"], p["ref"], entropy, mask, rewards, *_cpp_args(p))
+    return torch.ops.reasonrl.grpo_fwd(logp, p["old"], p["ref"], entropy, mask, rewards, *_cpp_args(p),
+                                       row0)
 
 
-def _bwd(backend, scale, logp, mask, rewards, p, with_entropy):
+def _bwd(backend, scale, logp, mask, rewards, p, with_entropy, row0=0):
     if backend == "triton":
         from reasonrl.kernels.grpo import grpo_bwd
-        return grpo_bwd(scale, logp, mask, rewards, p["G"], p, with_entropy)
+        return grpo_bwd(scale, logp, mask, rewards, p["G"], p, with_entropy, row0)
     gl, ge = torch.ops.reasonrl.grpo_bwd(scale, logp, p["old"], p["ref"], mask, rewards, *_cpp_args(p),
-                                         with_entropy)
+                                         with_entropy, row0)
     return gl, (ge if with_entropy else None)
 
 
@@ -386,6 +391,67 @@ class GRPOLossFunction(torch.autograd.Function):
         scale = (grad_loss.float() * w).contiguous()  # (B,)
         gl, ge = _bwd(backend, scale, logp, mask, rewards, p, with_entropy and ctx.needs_input_grad[1])
         return gl, ge, None, None, None, None, None, None
+
+
+class LinearGRPOLossFunction(torch.autograd.Function):
+    """hidden (N, H), weight (V, H) -> (loss, per-row stats (B, 8)), gradients computed in forward.
+
+    The loss is a scalar and a token's gradient depends only on its own sequence, so one pass over
+    chunks of whole sequences does everything: z = h W^T (2NHV FLOPs), the row kernels' logp / lse
+    / entropy, the GRPO row kernels' d loss / d logp, z overwritten by d loss / d z, then
+    grad_h = dz W and grad_W += dz^T h (4NHV): 6NHV in all, where a forward plus a backward that
+    recomputes the logits costs 8NHV. Backward only scales the stored gradients by the upstream
+    gradient. One chunk of logits is alive at a time. grad_W accumulates across chunks in the
+    weight's dtype (addmm: float32 inside each GEMM, one rounding per chunk in bf16)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, mask, rewards, p, config, num_items_in_batch, temperature,
+                need_ent, chunk_bytes, backend):
+        from reasonrl.ops.logprobs import _rows_bwd, _rows_fwd
+
+        B, T = mask.shape
+        V = weight.shape[0]
+        inv_t = 1.0 / temperature
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = _row_weights(mask.sum(1), config, T, num_items_in_batch)  # (B,): known before any logit
+        ent_grad = need_ent and config.entropy_coef != 0
+        stats = torch.empty(B, 8, dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        seqs = max(1, chunk_bytes // max(1, T * V * hidden.element_size()))
+        for s0 in range(0, B, seqs):
+            s1 = min(B, s0 + seqs)
+            r0, r1 = s0 * T, s1 * T
+            h = hidden[r0:r1]
+            z = h @ weight.T  # (rows, V), the only logits alive
+            lp, lse, ent = _rows_fwd(backend, z, ids[r0:r1], inv_t, -100, need_ent)
+            pc = {**p, "old": _rows(p["old"], s0, s1), "ref": _rows(p["ref"], s0, s1)}
+            lp2 = lp.view(s1 - s0, T)
+            ent2 = ent.view(s1 - s0, T) if ent is not None else None
+            stats[s0:s1] = _fwd(backend, lp2, ent2, mask[s0:s1], rewards, pc, row0=s0)
+            if not (need_h or need_w):
+                continue
+            gl, ge = _bwd(backend, w[s0:s1].contiguous(), lp2, mask[s0:s1], rewards, pc, ent_grad, row0=s0)
+            _rows_bwd(backend, z, z, ids[r0:r1], lse, ent, gl.view(-1),
+                      ge.reshape(-1) if ge is not None else None, inv_t, -100)  # z := dz, in place
+            if need_h:
+                torch.mm(z, weight, out=grad_h[r0:r1])
+            if need_w:
+                grad_w.addmm_(z.T, h)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.mark_non_differentiable(stats)
+        return (stats[:, 0] * w).sum(), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+        gw = grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None, None, None, None, None, None
+
+
+def _rows(t, s0, s1):
+    return None if t is None else t[s0:s1]
 
 
 def _metrics(stats, B, G):
@@ -434,20 +500,25 @@ def grpo_loss_from_logprobs(logp, entropy=None, *, mask, rewards, group_size, ol
 
 def _from_logprobs(b, logp, entropy, mask, rewards, G, old_logprobs, ref_logprobs, config,
                    num_items_in_batch):
-    def f32(t):
-        return None if t is None else t.detach().to(torch.float32).contiguous()
-
     B = logp.shape[0]
-    p = _kernel_params(config, f32(old_logprobs), f32(ref_logprobs) if config.beta != 0 else None, G)
+    p = _kernel_params(config, _f32(old_logprobs), _f32(ref_logprobs) if config.beta != 0 else None, G)
     lp = logp.float().contiguous()
     ent = entropy.float().contiguous() if entropy is not None else None
-    loss, stats = GRPOLossFunction.apply(lp, ent, f32(mask), f32(rewards), p, config,
+    loss, stats = GRPOLossFunction.apply(lp, ent, _f32(mask), _f32(rewards), p, config,
                                          num_items_in_batch, b)
+    return loss, _all_metrics(stats, B, G, entropy is not None)
+
+
+def _f32(t):
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def _all_metrics(stats, B, G, with_entropy):
     with torch.no_grad():
         metrics = _metrics(stats, B, G)
-        if entropy is not None:
+        if with_entropy:
             metrics["entropy"] = stats[:, 5].sum() / stats[:, 1].sum().clamp(min=1.0)
-    return loss, metrics
+    return metrics
 
 
 # ---- public op --------------------------------------------------------------------------------------
@@ -483,6 +554,19 @@ def grpo_loss(logits=None, *, hidden=None, weight=None, ids, mask, rewards, grou
     # Masked positions become ignore_index: the log-prob kernels skip them (zero logp, zero grad),
     # and whatever id padding carries there is never range-checked or gathered.
     ids_eff = torch.where(mask.bool(), ids.long(), torch.full_like(ids, -100, dtype=torch.long))
+    if logits is None and config.linear_single_pass and torch.is_grad_enabled() and (
+            hidden.requires_grad or weight.requires_grad):
+        from reasonrl.ops.logprobs import KERNEL_DTYPES, _check_ids, _default_chunk_bytes
+
+        if hidden.dtype != weight.dtype or hidden.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"grpo_loss: backend={b!r} takes hidden and weight of one dtype among "
+                            f"{KERNEL_DTYPES}, got {hidden.dtype} and {weight.dtype}")
+        _check_ids("grpo_loss", ids_eff, (B, T), weight.shape[0], -100, True)
+        p = _kernel_params(config, _f32(old_logprobs), _f32(ref_logprobs) if config.beta != 0 else None, G)
+        loss, stats = LinearGRPOLossFunction.apply(
+            hidden.contiguous(), weight, ids_eff.view(-1), _f32(mask), _f32(rewards), p, config,
+            num_items_in_batch, float(temperature), need_ent, _default_chunk_bytes(hidden.device), b)
+        return loss, _all_metrics(stats, B, G, need_ent)
     if logits is not None:
         out = token_logprobs(logits, ids_eff, temperature, ignore_index=-100, return_entropy=need_ent,
                              inplace_backward=config.inplace_backward, backend=b)  # (B, T)
