@@ -91,6 +91,10 @@ def test_sequence_that_can_never_fit_is_refused(hf_and_ours):
         eng.generate([[1, V]], SamplingParams(max_tokens=1))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="stop_strings need"):
+        eng.generate([[1, 2]], SamplingParams(max_tokens=2, stop_strings=("x",)))
+    with pytest.raises(ValueError, match="think_budget"):
+        eng.generate([[1, 2]], SamplingParams(max_tokens=2, think_budget=3))
 
 
 # ---- prefix sharing ------------------------------------------------------------------------------

@@ -113,6 +113,8 @@ class LLMEngine:
     # -- the loop ----------------------------------------------------------------------------
     def _run(self, seqs, groups, use_tqdm):
         params = seqs[0].params
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("generate: stop_strings need the engine's tokenizer (LLMEngine(model, tokenizer=...))")
         self.think_ids = self._think_ids(params)
         max_len = max(s.num_prompt_tokens + s.params.max_tokens for s in seqs)
         max_blocks = (max_len + self.block_size - 1) // self.block_size
