@@ -177,13 +177,13 @@ def run_case(form, B, T, V, G, dtype, dev, H, warmup, reps, with_compile, only):
     trl = trl_loss_from_logits if form == "logits" else trl_loss_fused
     args = (lambda: (leaves["logits"],)) if form == "logits" else (lambda: (leaves["hidden"], leaves["weight"]))
     fns["eager-trl"] = lambda: trl(*args(), ids, mask, rewards, G, old, ref)
-    if with_compile:
-        compiled = torch.compile(trl, dynamic=False)
-        fns["compile-trl"] = lambda: compiled(*args(), ids, mask, rewards, G, old, ref)
     fns.update(liger_fns(form, leaves, ids, mask, rewards, G, old, ref, B, T))
-    if form == "logits":  # last: the in-place backward leaves gradients in the logits' buffer
+    if form == "logits":  # after the others: the in-place backward leaves gradients in the logits
         for b in backends_for(dev):
             fns[f"reasonrl-{b}-inplace"] = (lambda b=b: grpo_loss(leaves["logits"], config=inplace, backend=b, **kw)[0])
+    if with_compile:  # last: compiling takes longest, and a timeout should cut only this
+        compiled = torch.compile(trl, dynamic=False)
+        fns["compile-trl"] = lambda: compiled(*args(), ids, mask, rewards, G, old, ref)
     if only:
         fns = {k: v for k, v in fns.items() if any(o in k for o in only)}
 
@@ -197,14 +197,20 @@ def run_case(form, B, T, V, G, dtype, dev, H, warmup, reps, with_compile, only):
     rows = []
     for name, f in fns.items():
         try:
-            with torch.no_grad():
-                ms_fwd_ng, _ = measure(f, dev, warmup, reps)
-            ms_fwd, _ = measure(f, dev, warmup, reps)
+            ms_fwd_ng = ms_fwd = float("nan")
+            if not name.startswith("compile"):  # each grad mode is another compilation: time fwd+bwd only
+                with torch.no_grad():
+                    ms_fwd_ng, _ = measure(f, dev, warmup, reps)
+                ms_fwd, _ = measure(f, dev, warmup, reps)
             ms, peak = measure(fwd_bwd(f), dev, warmup, reps)
             rows.append(dict(form=form, backend=name, fwd_nograd_ms=ms_fwd_ng, fwd_ms=ms_fwd, fwd_bwd_ms=ms,
                              peak_extra_GiB=peak))
         except Exception as ex:  # a missing or failing baseline is reported, not fatal
             rows.append(dict(form=form, backend=name, error=repr(ex)[:200]))
+        # one line as soon as it is measured: a run cut short by a timeout keeps what it had
+        print(f"# measured {json.dumps(rows[-1])}", flush=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
