@@ -45,8 +45,13 @@ The fast backends split the op in two: log-probs (and entropies) from reasonrl.o
 optionally with an in-place backward; or hidden + LM-head weight without ever materializing N x V),
 then one per-row GRPO kernel (kernels/grpo.py, csrc/cpu/grpo.cpp, csrc/cuda/grpo.cu) that owns a
 whole completion, so that GSPO's sequence ratio and the per-sequence aggregation need no second
-launch. The reference below is an independent transcription of the formulas above in plain
-PyTorch (float64 capable), on the whole (B, T) tensors at once: the ground truth for tests.
+launch. The fused form with grad (config.linear_single_pass) goes further: a token's gradient
+depends only on its own sequence and the row weights only on the mask, so one pass over chunks of
+whole sequences computes logits, loss and the gradients to hidden and weight (6NHV FLOPs instead of
+the 8NHV of a forward plus a backward that recomputes the logits; backward only scales them).
+NOTE (CPU, 2 cores, N=1024 H=512 V=32000 fp32, loaded machine): 3.37 s fwd+bwd single pass,
+5.25 s two passes, 5.13 s eager TRL-style. The reference below is an independent transcription of
+the formulas above in plain PyTorch (float64 capable), on whole (B, T) tensors: the ground truth.
 """
 from __future__ import annotations
 
