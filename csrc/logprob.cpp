@@ -133,10 +133,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_fwd(const at::Tensor& log
     return {logp, lse, ent};
   }
   TORCH_CHECK(logits.is_cpu(), op, ": logits must be a CPU or CUDA tensor, got one on ", dev_str(logits));
+  const int64_t* idp = idc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {  // N reads next to N x V: free on the CPU (on CUDA: Python's job)
+    const int64_t id = idp[i];
+    TORCH_CHECK(id == ignore_index || (id >= 0 && id < V), op, ": ids[", num(i), "] = ", num(id),
+                " is out of range [0, ", num(V), ") and is not ignore_index (", num(ignore_index), ")");
+  }
   const void* x = logits.data_ptr();
   const int64_t stride_x = logits.stride(0);
   float *lp = logp.data_ptr<float>(), *ls = lse.data_ptr<float>();
-  const int64_t* idp = idc.data_ptr<int64_t>();
   at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
     logprob_fwd_cpu(lp, ls, ent_ptr, x, dt, stride_x, idp, r0, r1, V, inv_t, ignore_index);
   });

@@ -276,6 +276,8 @@ def _args(N=4, V=10):
         (lambda a: {"x": a["x"][:, :0]}, "at least one column"),
         (lambda a: {"ids": a["ids"].int()}, "ids must be Long"),
         (lambda a: {"ids": a["ids"][:3]}, r"ids must have shape \(N,\)"),
+        (lambda a: {"ids": torch.tensor([0, 1, 10, 2])}, r"ids\[2\] = 10 is out of range \[0, 10\)"),
+        (lambda a: {"ids": torch.tensor([0, -1, 3, 2])}, r"ids\[1\] = -1 is out of range"),
         (lambda a: {"T": 0.0}, "temperature must be a finite number > 0"),
         (lambda a: {"T": float("inf")}, "temperature"),
     ],

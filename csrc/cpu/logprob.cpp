@@ -101,8 +101,9 @@ RR_INLINE void fwd_rows(float* logp, float* lse, float* entropy, const void* x, 
     lse[r] = static_cast<float>(static_cast<double>(m) * inv_t + log_s);
     const int64_t id = ids[r];
     const bool keep = id != ignore_index;
-    const double d_id = (static_cast<double>(E::load(row[keep ? id : 0])) - m) * inv_t;
-    logp[r] = keep ? static_cast<float>(d_id - log_s) : 0.f;
+    const bool in_range = id >= 0 && id < V;  // the glue checks; never read outside the row
+    const double d_id = (static_cast<double>(E::load(row[in_range ? id : 0])) - m) * inv_t;
+    logp[r] = keep ? (in_range ? static_cast<float>(d_id - log_s) : NAN) : 0.f;
     if (Ent) entropy[r] = keep ? static_cast<float>(log_s - t / s) : 0.f;
   }
 }

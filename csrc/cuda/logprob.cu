@@ -195,7 +195,9 @@ __global__ void logprob_fwd_kernel(float* __restrict__ logp, float* __restrict__
   lse[r] = st.m * inv_t + kLn2 * log2s;
   const int64_t id = ids[r];
   const bool keep = id != ignore_index;
-  logp[r] = keep ? (Tr::to_f(row[id]) - st.m) * inv_t - kLn2 * log2s : 0.f;
+  // ids are checked on the host side (Python); an id out of range still never reads outside the row
+  const bool in_range = id >= 0 && id < V;
+  logp[r] = keep ? (in_range ? (Tr::to_f(row[id]) - st.m) * inv_t - kLn2 * log2s : NAN) : 0.f;
   if (Ent) entropy[r] = keep ? kLn2 * (log2s - st.t / st.s) : 0.f;
 }
 
