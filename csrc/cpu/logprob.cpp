@@ -13,6 +13,12 @@
 // 32000-wide f32 row is 125 KiB), backward reads it once and writes the gradient once, possibly
 // over the logits themselves (each element is loaded before the same iteration stores it).
 //
+// NOTE: N=2048, V=32000, fp32, 2 cores (AMD EPYC, AVX-512 path, a shared and busy machine), through
+// token_logprobs(backend="cpp") fwd+bwd: 354 ms (150 ms with inplace_backward) vs eager PyTorch
+// 1811 ms in the same run; peak extra memory 286 MiB (36 MiB in place) vs 788 MiB. Most of the
+// out-of-place time is first-touch page faults of the new 250 MiB gradient, not the kernel
+// (fwd 41 ms, bwd into a warm buffer 48 ms when the machine was quiet).
+//
 // The loops are `#pragma omp simd` over branchless code (csrc/cpu/simd.h: polynomial exp, bf16/f16
 // conversions), compiled three times: for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and plain
 // x86-64 (SSE2); a dispatcher picks the best the CPU supports once. We dispatch by hand rather than

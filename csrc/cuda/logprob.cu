@@ -14,6 +14,9 @@
 // The logits are read once by the forward and once by the backward, the gradient written once
 // (possibly over the logits: each thread loads its 16 bytes before it stores them): the byte floor
 // of three passes. Nothing of size V is materialized.
+// NOTE: H200, N=16384, V=151936, bf16: fwd 1.08 ms (4.6 TB/s read), bwd 2.51 ms (4.0 TB/s), fwd+bwd
+// in place 3.62 ms vs a 3.54 ms floor (three passes at the 4.22 TB/s device copy rate measured in
+// the same run); eager PyTorch 32.0 ms with 27.8 GiB extra.
 // Loads/stores are 16 bytes wide from the first 16-byte boundary of each row (a few scalar elements
 // before it and after the last full vector), so any row stride and offset works.
 #include <cuda_bf16.h>
