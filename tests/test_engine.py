@@ -359,3 +359,85 @@ def test_two_level_inverse_cdf_matches_flat():
     assert (probs.gather(1, got[:, None]) > 0).all()
     got32 = _inverse_cdf(probs.float(), u.float())
     assert (probs.gather(1, got32[:, None]) > 0).all() and (got32 != ref).float().mean() < 0.05
+
+
+class CharTokenizer:
+    """A tokenizer whose "</think>" and "Wait" are two tokens each (the tiny one has them as one)."""
+
+    def __init__(self):
+        self.pieces = ["<pad>", "<eos>", "<think>", "</th", "ink>", "Wa", "it", "a", "b", "c", "x", "q"]
+        self.eos_token_id = 1
+
+    def __len__(self):
+        return len(self.pieces)
+
+    def encode(self, s, add_special_tokens=False):
+        ids = []
+        while s:
+            i = max((i for i, p in enumerate(self.pieces) if s.startswith(p)), key=lambda i: len(self.pieces[i]))
+            ids.append(i)
+            s = s[len(self.pieces[i]):]
+        return ids
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+    def convert_tokens_to_ids(self, s):
+        return self.pieces.index(s)
+
+
+def test_think_extend_with_multi_token_tags():
+    tok = CharTokenizer()
+    assert tok.encode("</think>") == [3, 4] and tok.encode("Wait") == [5, 6]
+    pairs = [("a", "b"), ("b", "c"), ("c", "</th"), ("</th", "ink>"), ("ink>", "x"), ("x", "<eos>")]
+    model = scripted(tok, pairs, "a")
+    eng = LLMEngine(model, tokenizer=tok, block_size=2)
+    prompt = tok.encode("q<think>")
+    c = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=60, think_extend=2), n=3)[0]
+    assert [x.text for x in c] == ["abcWaitabcWaitabc</think>x"] * 3
+    assert all(len(x.logprobs) == x.length for x in c)
+    c = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=60, think_budget=4))[0][0]
+    assert c.text == "abc</think>x"  # the model's own end came first: 3 thinking tokens
+    c = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=60, think_budget=2))[0][0]
+    assert c.text == "ab</think>x"
+
+
+class PositionBiased(nn.Module):
+    """A real model whose "</think>" logit gets +40 at every 5th position: it ends thinking often,
+    so think_extend rolls sequences back; the log-prob check then proves the cache stayed right."""
+
+    def __init__(self, inner, end_id):
+        super().__init__()
+        self.inner, self.end_id = inner, end_id
+        self.config, self.head_dim = inner.config, inner.head_dim
+
+    def forward(self, input_ids, positions, ctx):
+        h = self.inner(input_ids, positions, ctx)
+        bias = ((positions % 5) == 4).to(h.dtype) * 40.0
+        return torch.cat([h, bias[:, None]], 1)  # the bias rides along as one more column
+
+    def compute_logits(self, hidden):
+        logits = self.inner.compute_logits(hidden[:, :-1])
+        return logits.index_add(1, torch.tensor([self.end_id]), hidden[:, -1:])
+
+
+def test_think_extend_rollback_keeps_cache_consistent(tok):
+    end = tok.convert_tokens_to_ids("</think>")
+    model = PositionBiased(init_model(builtin_path("tiny"), seed=random.randint(0, 1000)), end)
+    eng = LLMEngine(model, tokenizer=tok, block_size=3)
+    prompts = [tok.encode(s, add_special_tokens=False) for s in ("1+2=<think>", "35*4=<think>")]
+    out = eng.generate(prompts, SamplingParams(temperature=1.0, max_tokens=40, think_extend=3, ignore_eos=True), n=4)
+    wait = tok.encode("Wait", add_special_tokens=False)
+    n_ext = 0
+    for p, group in zip(prompts, out):
+        for c in group:
+            ids = p + c.token_ids
+            n_ext += sum(ids[i:i + len(wait)] == wait for i in range(len(ids)))
+            x = torch.tensor(ids)
+            with torch.no_grad():
+                h = model(x, torch.arange(len(x)), AttnContext.from_lengths([len(x)]))
+                ref = torch.log_softmax(model.compute_logits(h)[len(p) - 1:-1].double(), -1)
+            ref = ref.gather(1, x[len(p):, None]).squeeze(1)
+            assert (torch.tensor(c.logprobs, dtype=torch.float64) - ref).abs().max() < 1e-4
+    assert n_ext > 0
+    eng.bm.check([])

@@ -229,7 +229,10 @@ class LLMEngine:
             self._close_think(s)
 
     def _close_think(self, s: Sequence):
-        s.forced, s.think.closing = list(self.think_ids["end"]), True
+        """Force "</think>"; if the model already started the tag (multi-token tags), complete it."""
+        end = self.think_ids["end"]
+        done = next((k for k in range(len(end) - 1, 0, -1) if _ends_with(s.completion_ids, end[:k])), 0)
+        s.forced, s.think.closing = list(end[done:]), True
 
     def _stop_reason(self, s: Sequence) -> str | None:
         t, p = s.token_ids[-1], s.params
