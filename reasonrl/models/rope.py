@@ -89,10 +89,3 @@ class RotaryEmbedding(torch.nn.Module):
         """positions (T,) int64 -> cos, sin (T, 1, D/2) float32"""
         ang = positions.float()[:, None] * self.inv_freq[None, :]  # (T, D/2)
         return (ang.cos() * self.attention_factor)[:, None], (ang.sin() * self.attention_factor)[:, None]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, H, D), cos/sin (T, 1, D/2) -> (T, H, D) in x's dtype"""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
