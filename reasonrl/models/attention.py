@@ -58,8 +58,8 @@ def pad_plan(lengths, device):
     Right padding is exact under a causal mask: a real query at position i only sees keys 0..i,
     which are all real; the pad rows are computed and dropped. The price is attention on the
     padding, B * max(L)^2 against sum(L^2), so it is used only while that stays under 2x. Why at
-    all: one call instead of B small ones (64 sequences of 32-64 tokens on 2 CPU cores: about
-    4x less attention time in a tiny-model training step).
+    all: one call instead of B small ones. NOTE: 64 sequences of 32-64 tokens, 4 heads of 32, fwd+bwd
+    of one layer on 2 (shared, loaded) CPU cores: 291 ms padded vs 641 ms one call per sequence.
     """
     B, L = len(lengths), max(lengths)
     if B < 4 or len(set(lengths)) == 1 or B * L * L > 2 * sum(n * n for n in lengths):

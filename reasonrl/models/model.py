@@ -158,10 +158,12 @@ class CausalLM(nn.Module):
                              f"{input_ids.dtype}, {positions.dtype}")
         total, B = input_ids.shape[0], ctx.cu_seqlens.shape[0] - 1
         if ctx.kv_caches is not None and len(ctx.kv_caches) != self.num_layers:
-            raise ValueError(f"AttnContext.kv_caches: need one (k, v) per layer ({self.num_layers}), got {len(ctx.kv_caches)}")
+            raise ValueError(f"AttnContext.kv_caches: need one (k, v) per layer ({self.num_layers}), "
+                             f"got {len(ctx.kv_caches)}")
         if not ctx.is_prefill:
-            if ctx.kv_caches is None or ctx.block_tables is None or ctx.context_lens is None or ctx.slot_mapping is None:
-                raise ValueError("AttnContext: decode (is_prefill=False) needs kv_caches, slot_mapping, block_tables, context_lens")
+            if any(t is None for t in (ctx.kv_caches, ctx.block_tables, ctx.context_lens, ctx.slot_mapping)):
+                raise ValueError("AttnContext: decode (is_prefill=False) needs kv_caches, slot_mapping, "
+                                 "block_tables and context_lens")
             if total != ctx.block_tables.shape[0]:
                 raise ValueError(f"AttnContext: decode takes one token per sequence; got {total} tokens for "
                                  f"{ctx.block_tables.shape[0]} block-table rows")
