@@ -243,7 +243,13 @@ std::atomic<int>& isa_in_use() {
   return isa;
 }
 
-const char* isa_name(int isa) { return isa == kV4 ? "x86-64-v4" : isa == kV3 ? "x86-64-v3" : "x86-64"; }
+#if defined(__x86_64__)
+constexpr const char* kBaseName = "x86-64";
+#else
+constexpr const char* kBaseName = "generic";  // other CPUs: one build, the compiler's default target
+#endif
+
+const char* isa_name(int isa) { return isa == kV4 ? "x86-64-v4" : isa == kV3 ? "x86-64-v3" : kBaseName; }
 
 }  // namespace
 
@@ -290,11 +296,11 @@ std::string logprob_cpu_isa(const std::string& force) {
     int want = force == "best"        ? best_isa()
                : force == "x86-64-v4" ? kV4
                : force == "x86-64-v3" ? kV3
-               : force == "x86-64"    ? kBase
+               : force == kBaseName   ? kBase
                                       : -1;
     if (want < 0)
-      throw std::invalid_argument("logprob_cpu_isa: isa must be '', 'best', 'x86-64', 'x86-64-v3' or "
-                                  "'x86-64-v4', got '" + force + "'");
+      throw std::invalid_argument(std::string("logprob_cpu_isa: isa must be '', 'best', '") + kBaseName +
+                                  "', 'x86-64-v3' or 'x86-64-v4', got '" + force + "'");
     if (want > best_isa())
       throw std::invalid_argument(std::string("logprob_cpu_isa: this CPU does not support ") +
                                   force + " (best: " + isa_name(best_isa()) + ")");
