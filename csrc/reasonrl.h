@@ -28,8 +28,9 @@ void logprob_bwd_cpu(void* grad_x, int64_t stride_g, const void* x, DType dtype,
                      int64_t ignore_index);
 
 // The instruction set the CPU log-prob kernels run with: "x86-64-v4" (AVX-512), "x86-64-v3" (AVX2)
-// or "x86-64" ("generic" off x86). `force` = "" only reports; "best" or one of the names switches (tests use it to reach
-// every compiled path); an unknown name or one the CPU lacks throws std::invalid_argument.
+// or "x86-64" ("generic" off x86). `force` = "" only reports; "best" or one of the names switches
+// (tests use it to reach every compiled path); an unknown name or one the CPU lacks throws
+// std::invalid_argument.
 std::string logprob_cpu_isa(const std::string& force);
 
 #ifdef REASONRL_WITH_CUDA
