@@ -15,6 +15,12 @@ machine hits both alike; the table gives medians.
 Floor: model FLOPs (6 x matmul params x tokens + causal attention 6 x L x Hq x D x sum(len^2))
 over the measured matmul rate.
 
+NOTE: measured on an H200 (torch 2.11, transformers 5.17, no flash-attn), 2 x 4096 tokens, bf16
+autocast, at commit 2b5fd1c (before the SwiGLU/RoPE autograd Functions, not re-measured since):
+    Qwen2.5-0.5B: 122.8 ms, 13.1 GiB  vs transformers 131.1 ms, 27.5 GiB  (1.07x, 0.48x memory)
+    Qwen2.5-1.5B: 230.1 ms, 25.2 GiB  vs transformers 241.3 ms, 38.9 GiB  (1.05x, 0.65x memory)
+    Qwen2.5-1.5B --ckpt: 284.7 ms, 1.67 GiB                           (0.85x, 0.04x memory)
+
     python benchmarks/bench_model.py                 # CPU: the built-in tiny model, 64 seqs of 32-64 tokens
     python benchmarks/bench_model.py --gpu           # Qwen2.5-0.5B and 1.5B shapes, 2 x 4096 tokens
     python benchmarks/bench_model.py --preset qwen2.5-1.5b --batch 4 --seq 4096 --ckpt

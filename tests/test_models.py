@@ -237,6 +237,22 @@ def test_bf16_autocast_close_to_fp32():
     assert torch.isfinite(out).all() and (out.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item()
 
 
+def test_bf16_weights_model_close_to_fp32():
+    """A bf16 model (load_model(dtype=torch.bfloat16), e.g. for rollouts) against its fp32 self."""
+    model = init_model(builtin_path("tiny"), seed=8)
+    lens = [17, 30, 5]
+    ids = torch.randint(0, 85, (sum(lens),))
+    pos = torch.cat([torch.arange(n) for n in lens])
+    ctx = AttnContext.from_lengths(lens)
+    with torch.no_grad():
+        ref = model.double()(ids, pos, ctx)
+        same = model.float()(ids, pos, ctx)
+        out = model.bfloat16()(ids, pos, ctx)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    err, base = (out.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
+    assert err < 0.05 * ref.abs().max().item() and base < 1e-4 * ref.abs().max().item()
+
+
 def test_fused_logprobs_from_hidden_match_logits():
     ops = pytest.importorskip("reasonrl.ops")
     if not hasattr(ops, "linear_token_logprobs"):
