@@ -31,27 +31,30 @@ def _logprob_fwd_kernel(
     cols = tl.arange(0, BLOCK)
     m = float("-inf")  # running max (scalar: one exp per element, one rescale per tile)
     s = tl.zeros([BLOCK], tl.float32)  # per-lane sum of exp(z - m)
-    t = tl.zeros([BLOCK], tl.float32)  # per-lane sum of exp(z - m) * z
+    t = tl.zeros([BLOCK], tl.float32)  # per-lane sum of exp(z - m) * (z - m)
     for start in range(0, V, BLOCK):
         c = start + cols
         z = tl.load(x_row + c, mask=c < V, other=float("-inf")).to(tl.float32) * inv_t
         m_new = tl.maximum(m, tl.max(z, 0))
         alpha = tl.exp(m - m_new)  # exp(-inf) = 0 on the first tile
         e = tl.exp(z - m_new)  # masked lanes: exp(-inf) = 0
-        s = s * alpha + e
         if WITH_ENT:
-            t = t * alpha + e * tl.where(c < V, z, 0.0)  # e = 0 there; avoid 0 * -inf
+            # t is kept relative to the running max so that no terms of size |z| cancel later
+            # (at logits near 1e4 a plain sum of e * z loses three digits of the entropy).
+            d = tl.maximum(m - m_new, -3.0e38)  # first tile: s = 0, keep 0 * d finite
+            t = alpha * (t + d * s) + e * tl.where(c < V, z - m_new, 0.0)
+        s = s * alpha + e
         m = m_new
     s_tot = tl.sum(s, 0)
-    lse = m + tl.log(s_tot)
+    log_s = tl.log(s_tot)
+    lse = m + log_s
     keep = tid != ignore_index
     safe = tl.where(keep, tid, 0)
     zt = tl.load(x_row + safe).to(tl.float32) * inv_t
     tl.store(LSE + row, lse)
-    tl.store(LOGP + row, tl.where(keep, zt - lse, 0.0))
+    tl.store(LOGP + row, tl.where(keep, (zt - m) - log_s, 0.0))  # not zt - lse: lse rounds at 1e4
     if WITH_ENT:
-        S = tl.sum(t, 0) / s_tot
-        tl.store(ENT + row, tl.where(keep, lse - S, 0.0))
+        tl.store(ENT + row, tl.where(keep, log_s - tl.sum(t, 0) / s_tot, 0.0))
 
 
 @triton.jit
