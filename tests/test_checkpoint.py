@@ -73,6 +73,17 @@ def test_bf16_save_and_load_dtype(tmp_path):
     assert len(load_tokenizer(str(tmp_path))) == back.config.vocab_size
 
 
+def test_save_unwraps_ddp_style_wrapper(tmp_path):
+    model = init_model(_cfg("qwen3", True), seed=3)
+    wrapped = torch.nn.Module()
+    wrapped.module = model  # what DistributedDataParallel looks like
+    save_model(wrapped, str(tmp_path))
+    ids = torch.randint(0, 77, (11,))
+    assert torch.equal(_logits(load_model(str(tmp_path)), ids), _logits(model, ids))
+    with pytest.raises(TypeError, match="CausalLM"):
+        save_model(torch.nn.Linear(2, 2), str(tmp_path / "x"))
+
+
 def _saved(tmp_path, max_shard_size=None):
     model = init_model(_cfg("llama", False), seed=0)
     save_model(model, str(tmp_path), max_shard_size=max_shard_size)

@@ -111,6 +111,10 @@ def save_model(model: CausalLM, path: str, max_shard_size=None, tokenizer=None) 
     """
     from safetensors.torch import save_file
 
+    for wrapper in ("_orig_mod", "module"):  # torch.compile, DDP: save the model inside
+        model = getattr(model, wrapper, model)
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"save_model: model must be a reasonrl CausalLM, got {type(model).__name__}")
     os.makedirs(path, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     shards = _shards(tensors, None if max_shard_size is None else _parse_size(max_shard_size))
