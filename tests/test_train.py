@@ -151,7 +151,7 @@ def test_checkpoint_round_trip_and_atomic(tmp_path):
 
 def _grpo_cfg(tmp_path, **kw):
     base = dict(steps=3, prompts_per_step=2, group_size=4, max_tokens=12, lr=1e-3, warmup_steps=1,
-                micro_batch_tokens=80, out_dir=str(tmp_path / "grpo"), seed=1, max_refills=1,
+                micro_batch_tokens=80, out_dir=str(tmp_path / "grpo"), seed=1, max_refills=1, filter_on="reward",
                 rewards="accuracy:1.0,format:0.1,test_train:length_reward:0.01")
     return GRPOConfig(**{**base, **kw})
 
@@ -200,6 +200,14 @@ def test_dynamic_sampling_drops_zero_variance_groups(tmp_path):
     run_grpo(cfg, model=model, tokenizer=tok)
     row = json.loads(open(tmp_path / "grpo" / "metrics.jsonl").readline())
     assert row["groups"] == 0 and row["loss"] == 0.0
+    # the accuracy filter (the default) drops groups whose only variance is in other rewards
+    spec = "accuracy:1.0,test_train:length_reward:0.01"
+    run_grpo(_grpo_cfg(tmp_path, steps=1, rewards=spec, filter_on="accuracy", out_dir=str(tmp_path / "acc")),
+             model=model, tokenizer=tok)
+    assert json.loads(open(tmp_path / "acc" / "metrics.jsonl").readline())["groups"] == 0
+    run_grpo(_grpo_cfg(tmp_path, steps=1, rewards=spec, filter_on="reward", out_dir=str(tmp_path / "rew")),
+             model=model, tokenizer=tok)
+    assert json.loads(open(tmp_path / "rew" / "metrics.jsonl").readline())["groups"] == 2
     # every completion truncated at 2 tokens and penalized: equal rewards again, nothing kept
     cfg = _grpo_cfg(tmp_path, steps=1, max_tokens=2, truncation="penalize", truncation_reward=-1.0,
                     out_dir=str(tmp_path / "pen"))
@@ -224,6 +232,8 @@ def test_pipeline_few_steps(tmp_path, capsys):
 def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"GRPOConfig\.group_size"):
         GRPOConfig(group_size=1)
+    with pytest.raises(ValueError, match=r"GRPOConfig\.filter_on"):
+        GRPOConfig(filter_on="format")
     with pytest.raises(ValueError, match=r"GRPOConfig\.truncation"):
         GRPOConfig(truncation="drop")
     with pytest.raises(ValueError, match=r"SFTConfig\.lr"):

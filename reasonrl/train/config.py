@@ -86,6 +86,7 @@ class GRPOConfig:
     max_tokens: int = 64           # completion length cap; longer completions are truncated
     rewards: str = "accuracy:1.0,format:0.1"  # name or pkg.module:function, with :weight
     dynamic_sampling: bool = True  # drop zero-variance groups and refill the batch
+    filter_on: str = "accuracy"    # variance of what decides a group is dropped: accuracy | reward
     max_refills: int = 2           # extra rollout rounds per step when refilling
     truncation: str = "mask"       # mask | penalize | keep: what happens to truncated completions
     truncation_reward: float = 0.0  # their reward under "penalize"
@@ -125,6 +126,8 @@ class GRPOConfig:
             _bad(self, "truncation", "must be mask | penalize | keep")
         if self.mu < 1:
             _bad(self, "mu", "must be >= 1")
+        if self.filter_on not in ("accuracy", "reward"):
+            _bad(self, "filter_on", "must be accuracy | reward")
         if self.max_refills < 0:
             _bad(self, "max_refills", "must be >= 0")
         if self.micro_batch_tokens < 1:

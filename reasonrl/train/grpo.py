@@ -33,7 +33,12 @@ LOG_KEYS = ("step", "reward", "accuracy", "format", "length", "kl", "clip_frac",
 
 
 def rollout(engine, tokenizer, task, cfg: GRPOConfig, step: int, spec, exclude):
-    """Sample groups until prompts_per_step groups with reward variance (or refills run out)."""
+    """Sample groups until prompts_per_step groups with reward variance (or refills run out).
+
+    filter_on="accuracy" (DAPO) keeps a group only when its accuracy varies: a group that is all
+    wrong but differs in format would otherwise get full-size advantages (std-normalized) for
+    format alone. Measured on this machine (2026-11-26): from a 16%-accurate SFT model, filtering
+    on the total reward drove held-out accuracy to 0% in 67 steps (format-only answers)."""
     kept, stats = [], {"rollout_tokens": 0, "rollout_s": 0.0, "all": []}
     for refill in range(cfg.max_refills + 1 if cfg.dynamic_sampling else 1):
         need = cfg.prompts_per_step - len(kept)
@@ -52,7 +57,8 @@ def rollout(engine, tokenizer, task, cfg: GRPOConfig, step: int, spec, exclude):
             g = {"prompt": prompt, "completions": group, "rewards": total, "parts": parts, "texts": texts}
             stats["rollout_tokens"] += sum(c.length for c in group)
             stats["all"].append(g)
-            if not cfg.dynamic_sampling or max(total) > min(total):
+            key = parts["accuracy"] if cfg.filter_on == "accuracy" and "accuracy" in parts else total
+            if not cfg.dynamic_sampling or max(key) > min(key):
                 kept.append(g)
         if len(kept) >= cfg.prompts_per_step:
             break
