@@ -11,11 +11,24 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <string>
 
 #include "paged.h"
 
 namespace reasonrl {
 namespace {
+
+// Messages are built from plain strings: streaming sizes() into TORCH_CHECK segfaulted on the GPU
+// machine (torch 2.11+cu130, g++ 13.3; seen by the log-prob family for store_kv_fwd too).
+std::string shape(c10::IntArrayRef a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + "]";
+}
+
+std::string num(int64_t v) { return std::to_string(v); }
+
+const char* dt_name(const at::Tensor& t) { return c10::toString(t.scalar_type()); }
 
 DType paged_dtype(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
@@ -23,26 +36,27 @@ DType paged_dtype(const at::Tensor& t, const char* op, const char* name) {
     case at::kBFloat16: return DType::bf16;
     case at::kHalf: return DType::f16;
     default:
-      TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+      TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", dt_name(t));
   }
 }
 
 void check_caches(const at::Tensor& kc, const at::Tensor& vc, const char* op) {
-  TORCH_CHECK(kc.dim() == 4, op, ": k_cache must be (num_blocks, block_size, Hkv, D), got ", kc.sizes());
-  TORCH_CHECK(vc.sizes() == kc.sizes(), op, ": v_cache shape ", vc.sizes(), " != k_cache shape ", kc.sizes());
-  TORCH_CHECK(vc.scalar_type() == kc.scalar_type(), op, ": v_cache dtype ", vc.scalar_type(),
-              " != k_cache dtype ", kc.scalar_type());
+  TORCH_CHECK(kc.dim() == 4, op, ": k_cache must be (num_blocks, block_size, Hkv, D), got ", shape(kc.sizes()));
+  TORCH_CHECK(vc.sizes() == kc.sizes(), op, ": v_cache shape ", shape(vc.sizes()), " != k_cache shape ",
+              shape(kc.sizes()));
+  TORCH_CHECK(vc.scalar_type() == kc.scalar_type(), op, ": v_cache dtype ", dt_name(vc), " != k_cache dtype ",
+              dt_name(kc));
   TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous(), op, ": k_cache and v_cache must be contiguous");
   TORCH_CHECK(kc.device().is_cpu() && vc.device().is_cpu(), op, ": the cpp backend takes CPU tensors");
   paged_dtype(kc, op, "k_cache");
 }
 
 void check_vec(const at::Tensor& t, const char* op, const char* name, at::ScalarType dt, int64_t n) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dt, op, ": ", name, " must be ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dt, op, ": ", name, " must be ", c10::toString(dt), ", got ", dt_name(t));
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  TORCH_CHECK(t.dim() >= 1 && t.size(0) == n, op, ": ", name, " must have ", n, " rows, got shape ",
-              t.sizes());
+  TORCH_CHECK(t.dim() >= 1 && t.size(0) == n, op, ": ", name, " must have ", num(n), " rows, got shape ",
+              shape(t.sizes()));
 }
 
 void store_kv_fwd(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
@@ -52,17 +66,17 @@ void store_kv_fwd(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, c
   const int64_t T = k.size(0), row = k_cache.size(2) * k_cache.size(3);
   const int64_t n_slots = k_cache.size(0) * k_cache.size(1);
   TORCH_CHECK(k.dim() == 3 && k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3), op,
-              ": k must be (T, Hkv, D) matching the cache, got ", k.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v shape ", v.sizes(), " != k shape ", k.sizes());
+              ": k must be (T, Hkv, D) matching the cache, got ", shape(k.sizes()));
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v shape ", shape(v.sizes()), " != k shape ", shape(k.sizes()));
   for (const auto* t : {&k, &v}) {
     TORCH_CHECK(t->scalar_type() == k_cache.scalar_type() && t->is_contiguous() && t->device().is_cpu(), op,
-                ": k and v must be contiguous CPU tensors in the cache's dtype ", k_cache.scalar_type());
+                ": k and v must be contiguous CPU tensors in the cache's dtype ", dt_name(k_cache));
   }
   check_vec(slots, op, "slot_mapping", at::kLong, T);
   const int64_t* s = slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK(s[t] >= -1 && s[t] < n_slots, op, ": slot_mapping[", t, "] = ", s[t],
-                " is outside [-1, ", n_slots, ")");
+    TORCH_CHECK(s[t] >= -1 && s[t] < n_slots, op, ": slot_mapping[", num(t), "] = ", num(s[t]),
+                " is outside [-1, ", num(n_slots), ")");
   }
   store_kv_fwd_cpu(k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(), v.data_ptr(), k.element_size(), s, T,
                    row);
@@ -74,23 +88,24 @@ at::Tensor paged_attention_decode_fwd(const at::Tensor& q, const at::Tensor& k_c
   const char* op = "paged_attention_decode_fwd";
   check_caches(k_cache, v_cache, op);
   const int64_t NB = k_cache.size(0), bs = k_cache.size(1), Hkv = k_cache.size(2), D = k_cache.size(3);
-  TORCH_CHECK(q.dim() == 3 && q.size(2) == D, op, ": q must be (B, Hq, ", D, "), got ", q.sizes());
+  TORCH_CHECK(q.dim() == 3 && q.size(2) == D, op, ": q must be (B, Hq, ", num(D), "), got ", shape(q.sizes()));
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.is_contiguous() && q.device().is_cpu(), op,
-              ": q must be a contiguous CPU tensor in the cache's dtype ", k_cache.scalar_type());
+              ": q must be a contiguous CPU tensor in the cache's dtype ", dt_name(k_cache));
   const int64_t B = q.size(0), Hq = q.size(1);
-  TORCH_CHECK(Hq % Hkv == 0, op, ": query heads ", Hq, " must be a multiple of kv heads ", Hkv);
+  TORCH_CHECK(Hq % Hkv == 0, op, ": query heads ", num(Hq), " must be a multiple of kv heads ", num(Hkv));
   check_vec(block_tables, op, "block_tables", at::kInt, B);
-  TORCH_CHECK(block_tables.dim() == 2, op, ": block_tables must be (B, max_blocks), got ", block_tables.sizes());
+  TORCH_CHECK(block_tables.dim() == 2, op, ": block_tables must be (B, max_blocks), got ",
+              shape(block_tables.sizes()));
   check_vec(context_lens, op, "context_lens", at::kInt, B);
   const int64_t M = block_tables.size(1);
   const int32_t* bt = block_tables.data_ptr<int32_t>();
   const int32_t* cl = context_lens.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(cl[b] >= 1 && cl[b] <= M * bs, op, ": context_lens[", b, "] = ", cl[b],
-                " is outside [1, max_blocks * block_size = ", M * bs, "]");
+    TORCH_CHECK(cl[b] >= 1 && cl[b] <= M * bs, op, ": context_lens[", num(b), "] = ", num(cl[b]),
+                " is outside [1, max_blocks * block_size = ", num(M * bs), "]");
     for (int64_t i = 0; i < (cl[b] + bs - 1) / bs; ++i) {
-      TORCH_CHECK(bt[b * M + i] >= 0 && bt[b * M + i] < NB, op, ": block_tables[", b, ", ", i, "] = ",
-                  bt[b * M + i], " is outside [0, ", NB, ")");
+      TORCH_CHECK(bt[b * M + i] >= 0 && bt[b * M + i] < NB, op, ": block_tables[", num(b), ", ", num(i),
+                  "] = ", num(bt[b * M + i]), " is outside [0, ", num(NB), ")");
     }
   }
   at::Tensor out = at::empty_like(q);
