@@ -16,6 +16,9 @@ A row is whole inside one program, so GSPO's ratio (a mean over the row) and the
 aggregation take no second launch. The bytes are B*T floats: noise beside the B*T*V logits pass of
 the log-prob kernels that produce logp, so these kernels aim at clarity, not bandwidth.
 The full formulas: reasonrl/ops/grpo.py.
+
+Names: no `_` for unused results inside the kernels: compiled Triton treats a name assigned before
+and inside a loop as loop-carried, and `_` would change type (the interpreter does not mind).
 """
 import triton
 import triton.language as tl
@@ -79,7 +82,7 @@ def _sequence_ratio(LOGP, OLD, MASK, base, T, C, HAS_OLD: tl.constexpr, BLOCK_T:
         ok = t < T
         m = tl.load(MASK + base + t, mask=ok, other=0.0)
         if HAS_OLD:
-            lr, _ = _clamp(tl.load(LOGP + base + t, mask=ok, other=0.0)
+            lr, in_lr = _clamp(tl.load(LOGP + base + t, mask=ok, other=0.0)
                            - tl.load(OLD + base + t, mask=ok, other=0.0), C)
             acc_s += tl.where(m != 0, m * lr, 0.0)
         acc_m += m
@@ -99,7 +102,7 @@ def _grpo_fwd_kernel(
     A, zero = _advantage(R, row0 + row, G, std_eps, ADV, BLOCK_G)
     rho_seq = 1.0
     if SEQ:
-        rho_seq, _ = _sequence_ratio(LOGP, OLD, MASK, base, T, C, HAS_OLD, BLOCK_T)
+        rho_seq, msum_seq = _sequence_ratio(LOGP, OLD, MASK, base, T, C, HAS_OLD, BLOCK_T)
     offs = tl.arange(0, BLOCK_T)
     acc_loss = tl.zeros([BLOCK_T], tl.float32)
     acc_m = tl.zeros([BLOCK_T], tl.float32)
@@ -116,13 +119,13 @@ def _grpo_fwd_kernel(
         if SEQ:
             rho = rho_seq + tl.zeros([BLOCK_T], tl.float32)
         elif HAS_OLD:
-            lr, _ = _clamp(lp - tl.load(OLD + base + t, mask=ok, other=0.0), C)
+            lr, in_lr = _clamp(lp - tl.load(OLD + base + t, mask=ok, other=0.0), C)
             rho = tl.exp(lr)
         else:
             rho = tl.full([BLOCK_T], 1.0, tl.float32)
-        l, _ = _surrogate(rho, A, lo, hi, dual, DUAL)
+        l, dpg = _surrogate(rho, A, lo, hi, dual, DUAL)
         if HAS_REF:
-            d, _ = _clamp(tl.load(REF + base + t, mask=ok, other=0.0) - lp, C)
+            d, in_d = _clamp(tl.load(REF + base + t, mask=ok, other=0.0) - lp, C)
             kl = tl.exp(d) - d - 1.0
             l += beta * kl
             acc_kl += tl.where(live, m * kl, 0.0)
@@ -154,12 +157,12 @@ def _grpo_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * T
-    A, _ = _advantage(R, row0 + row, G, std_eps, ADV, BLOCK_G)
+    A, zero = _advantage(R, row0 + row, G, std_eps, ADV, BLOCK_G)
     scale = tl.load(SCALE + row)
     seq_coef = 0.0
     if SEQ:
         rho_seq, msum = _sequence_ratio(LOGP, OLD, MASK, base, T, C, HAS_OLD, BLOCK_T)
-        _, dpg_seq = _surrogate(rho_seq, A, lo, hi, dual, DUAL)
+        pg_seq, dpg_seq = _surrogate(rho_seq, A, lo, hi, dual, DUAL)
         seq_coef = dpg_seq * rho_seq * msum / tl.maximum(msum, 1.0)
     offs = tl.arange(0, BLOCK_T)
     for t0 in range(0, T, BLOCK_T):
@@ -176,7 +179,7 @@ def _grpo_bwd_kernel(
             g = seq_coef * inside
         else:
             rho = tl.exp(lr)
-            _, dpg = _surrogate(rho, A, lo, hi, dual, DUAL)
+            pg, dpg = _surrogate(rho, A, lo, hi, dual, DUAL)
             g = dpg * rho * inside
         if HAS_REF:
             d, in_d = _clamp(tl.load(REF + base + t, mask=ok, other=0.0) - lp, C)
