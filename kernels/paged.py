@@ -141,6 +141,8 @@ def paged_attention_decode_fwd(q, k_cache, v_cache, block_tables, context_lens, 
         _last_dim_contiguous(name, t)
     if k_cache.stride() != v_cache.stride():
         raise ValueError("paged_attention_decode (triton): k_cache and v_cache need the same strides")
+    out = torch.empty_like(q)  # in q's dtype; q itself runs in the cache's dtype (e.g. under autocast)
+    q = q.to(k_cache.dtype)
     block_tables = block_tables.contiguous()
     max_len = block_tables.shape[1] * bs
     S = num_splits or num_splits_for(B, Hkv, max_len)
@@ -155,7 +157,6 @@ def paged_attention_decode_fwd(q, k_cache, v_cache, block_tables, context_lens, 
         split_len, BS=bs, G=G, D=D, S=S, BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=BLOCK_N,
         PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)
-    out = torch.empty_like(q)
     _paged_decode_reduce_kernel[(B, Hq)](mid_o, mid_lse, out, out.stride(0), out.stride(1), Hq,
                                          S=S, D=D, BLOCK_S=max(2, triton.next_power_of_2(S)),
                                          BLOCK_D=triton.next_power_of_2(D))

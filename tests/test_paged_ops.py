@@ -142,3 +142,23 @@ def test_triton_on_gpu(dtype):
     slots = torch.randperm(kc.shape[0] * 16, device=dev)[:40]
     store_kv(k, v, kc2, vc2, slots, backend="triton")
     assert torch.equal(kc2.view(-1, 2, 64)[slots], k) and torch.equal(vc2.view(-1, 2, 64)[slots], v)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_decode_query_dtype_differs_from_cache(backend):
+    """fp32 queries over a bf16 cache (a forward under autocast with fp32 master weights)."""
+    q, kc, vc, tables, lens = make_case(3, 4, 2, 16, 5, 21, torch.bfloat16)
+    q = torch.randn(q.shape)
+    out = paged_attention_decode(q, kc, vc, tables, lens, 0.25, backend=backend)
+    ref64 = loop_decode(q, kc, vc, tables, lens, 0.25)
+    assert out.dtype == torch.float32 and (out.double() - ref64).abs().max() < 2e-2
+
+
+def test_auto_backend_float64_cache():
+    """float64 (a test or reference model) has no compiled kernel: auto falls back to the reference."""
+    q, kc, vc, tables, lens = make_case(2, 4, 2, 8, 4, 11, torch.float64)
+    out = paged_attention_decode(q, kc, vc, tables, lens, 0.5)
+    assert (out - loop_decode(q, kc, vc, tables, lens, 0.5)).abs().max() < 1e-12
+    kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+    store_kv(q[:, :2], q[:, 2:], kc2, vc2, torch.tensor([5, 0]))
+    assert torch.equal(kc2.view(-1, 2, 8)[5], q[0, :2]) and torch.equal(vc2.view(-1, 2, 8)[0], q[1, 2:])

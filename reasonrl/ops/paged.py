@@ -141,6 +141,11 @@ def _cpp_has(name):
     return cpp_available() and hasattr(torch.ops.reasonrl, name)
 
 
+def _cpp_fits(k_cache, v_cache):
+    """The C++ kernels take contiguous f32/bf16/f16 caches; anything else runs the reference."""
+    return k_cache.dtype != torch.float64 and k_cache.is_contiguous() and v_cache.is_contiguous()
+
+
 @functools.lru_cache(maxsize=None)
 def _resolve(backend, device, op, cpp_name):
     """The concrete backend; "cpp" needs this op in reasonrl._C, and there is no CUDA C++ version.
@@ -162,7 +167,7 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping, *, backend="auto"):
     if k.shape[0] == 0:
         return
     b = _resolve(backend, k.device, "store_kv", "store_kv_fwd")
-    if b == "cpp" and k_cache.is_contiguous() and v_cache.is_contiguous():  # checks slot values itself
+    if b == "cpp" and _cpp_fits(k_cache, v_cache):  # checks slot values itself
         k, v = (t.to(k_cache.dtype).contiguous() for t in (k, v))
         torch.ops.reasonrl.store_kv_fwd(k_cache, v_cache, k, v, slot_mapping.long().contiguous())
         return
@@ -181,14 +186,14 @@ def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scal
     if q.shape[0] == 0:
         return q.new_empty(q.shape)
     b = _resolve(backend, q.device, "paged_attention_decode", "paged_attention_decode_fwd")
-    if b == "cpp":  # checks context lengths and block ids itself
-        if q.dtype == k_cache.dtype and k_cache.is_contiguous() and v_cache.is_contiguous():
+    if b == "cpp":  # checks context lengths and block ids itself; q runs in the cache's dtype
+        if _cpp_fits(k_cache, v_cache):
             return torch.ops.reasonrl.paged_attention_decode_fwd(
-                q.contiguous(), k_cache, v_cache, block_tables.int().contiguous(), context_lens.int().contiguous(),
-                float(scale))
+                q.to(k_cache.dtype).contiguous(), k_cache, v_cache, block_tables.int().contiguous(),
+                context_lens.int().contiguous(), float(scale)).to(q.dtype)
         if backend == "cpp":
-            raise ValueError("paged_attention_decode: backend='cpp' needs q in the cache's dtype and contiguous "
-                             f"caches, got q {q.dtype}, cache {k_cache.dtype}")
+            raise ValueError("paged_attention_decode: backend='cpp' needs contiguous float32/bfloat16/float16 "
+                             f"caches, got {k_cache.dtype}")
     _check_decode_values(q, k_cache, block_tables, context_lens)
     if b == "triton":
         from reasonrl.kernels.paged import paged_attention_decode_fwd
