@@ -29,7 +29,7 @@ run_bench() {  # name, timeout, command...
 }
 [ -f benchmarks/bench_logprobs.py ] && run_bench logprobs ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_logprobs.py --gpu
 [ -f benchmarks/bench_grpo.py ] && run_bench grpo 120 python3 benchmarks/bench_grpo.py --gpu
-[ -f benchmarks/bench_rollout.py ] && run_bench rollout 90 python3 benchmarks/bench_rollout.py --gpu
+[ -f benchmarks/bench_rollout.py ] && run_bench rollout 150 python3 benchmarks/bench_rollout.py --gpu --rep 2
 [ -f benchmarks/bench_model.py ] && run_bench model 90 python3 benchmarks/bench_model.py --gpu
 stamp "summary"
 for f in "$OUT"/*.log; do
