@@ -27,11 +27,27 @@ using OptT = std::optional<at::Tensor>;
 
 #define GRPO_CHECK(cond, ...) TORCH_CHECK(cond, "reasonrl::grpo: ", __VA_ARGS__)
 
+// Messages are built from plain strings: on the GPU machine (torch 2.11+cu130) streaming sizes()
+// into TORCH_CHECK segfaulted in the other families' glue, so nothing but strings is streamed here.
+std::string shape_str(at::IntArrayRef a) {
+  std::string s = "(";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + (a.size() == 1 ? ",)" : ")");
+}
+
+std::string dev_str(const at::Device& d) {
+  if (d.is_cuda()) return "cuda:" + std::to_string((int)d.index());
+  return d.is_cpu() ? "cpu" : "a device other than cpu and cuda";
+}
+
+std::string num(int64_t v) { return std::to_string(v); }
+
 void check_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Device& dev) {
-  GRPO_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
-  GRPO_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  GRPO_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ",
+             std::string(c10::toString(t.scalar_type())));
+  GRPO_CHECK(t.sizes() == shape, name, " must have shape ", shape_str(shape), ", got ", shape_str(t.sizes()));
   GRPO_CHECK(t.is_contiguous(), name, " must be contiguous");
-  GRPO_CHECK(t.device() == dev, name, " must be on ", dev, " like logp, got ", t.device());
+  GRPO_CHECK(t.device() == dev, name, " must be on ", dev_str(dev), " like logp, got ", dev_str(t.device()));
 }
 
 const float* opt_ptr(const OptT& t, const char* name, at::IntArrayRef shape, const at::Device& dev) {
@@ -43,18 +59,19 @@ const float* opt_ptr(const OptT& t, const char* name, at::IntArrayRef shape, con
 GRPOParams make_params(const at::Tensor& logp, const at::Tensor& rewards, int64_t G, int64_t advantage,
                        double std_eps, double eps_low, double eps_high, double dual_clip, double beta,
                        double entropy_coef, double clamp, bool sequence, int64_t row0) {
-  GRPO_CHECK(logp.dim() == 2, "logp must be (B, T), got ", logp.sizes());
+  GRPO_CHECK(logp.dim() == 2, "logp must be (B, T), got shape ", shape_str(logp.sizes()));
   const int64_t B = logp.size(0), T = logp.size(1);
   GRPO_CHECK(rewards.scalar_type() == at::kFloat && rewards.dim() == 1 && rewards.is_contiguous(),
-             "rewards must be a contiguous float32 vector, got ", rewards.scalar_type(), " ", rewards.sizes());
-  GRPO_CHECK(rewards.device() == logp.device(), "rewards must be on ", logp.device(), " like logp");
+             "rewards must be a contiguous float32 vector, got ", std::string(c10::toString(rewards.scalar_type())),
+             " of shape ", shape_str(rewards.sizes()));
+  GRPO_CHECK(rewards.device() == logp.device(), "rewards must be on ", dev_str(logp.device()), " like logp");
   const int64_t total = rewards.size(0);
-  GRPO_CHECK(row0 >= 0 && row0 + B <= total, "rows [", row0, ", ", row0 + B,
-             ") must lie within rewards of shape (", total, ",)");
-  GRPO_CHECK(G >= 1 && total % G == 0, "group_size ", G, " must be >= 1 and divide B = ", total);
-  GRPO_CHECK(advantage >= 0 && advantage <= 2, "advantage code must be 0, 1 or 2, got ", advantage);
+  GRPO_CHECK(row0 >= 0 && row0 + B <= total, "rows [", num(row0), ", ", num(row0 + B),
+             ") must lie within rewards of shape (", num(total), ",)");
+  GRPO_CHECK(G >= 1 && total % G == 0, "group_size ", num(G), " must be >= 1 and divide B = ", num(total));
+  GRPO_CHECK(advantage >= 0 && advantage <= 2, "advantage code must be 0, 1 or 2, got ", num(advantage));
   GRPO_CHECK(G >= 2 || advantage == kAdvDrGrpo, "group_size 1 needs advantage dr_grpo");
-  GRPO_CHECK(clamp > 0, "clamp must be > 0, got ", clamp);
+  GRPO_CHECK(clamp > 0, "clamp must be > 0, got ", std::to_string(clamp));
   GRPOParams p;
   p.B = B;
   p.T = T;
@@ -97,9 +114,9 @@ at::Tensor grpo_fwd(const at::Tensor& logp, const OptT& old, const OptT& ref, co
     const cudaError_t err = grpo_fwd_cuda(stats.data_ptr<float>(), logp.data_ptr<float>(), old_p,
                                           ref_p, ent_p, mask.data_ptr<float>(),
                                           rewards.data_ptr<float>(), p, at::cuda::getCurrentCUDAStream());
-    GRPO_CHECK(err == cudaSuccess, "grpo_fwd_cuda launch failed: ", cudaGetErrorString(err));
+    GRPO_CHECK(err == cudaSuccess, "grpo_fwd_cuda launch failed: ", std::string(cudaGetErrorString(err)));
 #else
-    GRPO_CHECK(false, "reasonrl._C was built without CUDA; got a tensor on ", dev);
+    GRPO_CHECK(false, "reasonrl._C was built without CUDA; got a tensor on ", dev_str(dev));
 #endif
   }
   return stats;
@@ -134,9 +151,9 @@ std::tuple<at::Tensor, at::Tensor> grpo_bwd(const at::Tensor& scale, const at::T
     const cudaError_t err = grpo_bwd_cuda(grad_logp.data_ptr<float>(), ge, scale.data_ptr<float>(),
                                           logp.data_ptr<float>(), old_p, ref_p, mask.data_ptr<float>(),
                                           rewards.data_ptr<float>(), p, at::cuda::getCurrentCUDAStream());
-    GRPO_CHECK(err == cudaSuccess, "grpo_bwd_cuda launch failed: ", cudaGetErrorString(err));
+    GRPO_CHECK(err == cudaSuccess, "grpo_bwd_cuda launch failed: ", std::string(cudaGetErrorString(err)));
 #else
-    GRPO_CHECK(false, "reasonrl._C was built without CUDA; got a tensor on ", dev);
+    GRPO_CHECK(false, "reasonrl._C was built without CUDA; got a tensor on ", dev_str(dev));
 #endif
   }
   return {grad_logp, grad_ent};
