@@ -28,7 +28,7 @@ run_bench() {  # name, timeout, command...
   timeout "$lim" "$@" --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1 || echo "bench $name exit $?"
 }
 [ -f benchmarks/bench_logprobs.py ] && run_bench logprobs ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_logprobs.py --gpu
-[ -f benchmarks/bench_grpo.py ] && run_bench grpo 120 python3 benchmarks/bench_grpo.py --gpu
+[ -f benchmarks/bench_grpo.py ] && run_bench grpo 180 python3 benchmarks/bench_grpo.py --gpu
 [ -f benchmarks/bench_rollout.py ] && run_bench rollout 150 python3 benchmarks/bench_rollout.py --gpu --rep 2
 [ -f benchmarks/bench_model.py ] && run_bench model 90 python3 benchmarks/bench_model.py --gpu
 stamp "summary"

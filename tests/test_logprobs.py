@@ -76,6 +76,22 @@ def test_noncontiguous_and_inplace(backend, inplace):
     _check(backend, x, ids, temperature=1.0, inplace=inplace)
     xt = _logits(37, 6 * 1000, torch.float32).view(37, 6, 1000).transpose(0, 1)  # (6, 37, 1000) permuted
     _check(backend, xt, ids, temperature=2.0, inplace=inplace)
+    xs = _logits(6 * 38, 1000, torch.bfloat16).view(6, 38, 1000)[:, :-1]  # the usual logits[:, :-1]
+    _check(backend, xs, ids, temperature=1.0, inplace=inplace)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_sliced_batch_is_not_copied(backend):
+    """(B, T+1, V)[:, :-1] runs per batch row: the in-place gradient lands in the model's buffer."""
+    full = _logits(3 * 9, 50, torch.float32).view(3, 9, 50)
+    leaf = full.clone().requires_grad_(True)
+    y = leaf * 1.0
+    ids = _ids(3 * 8, 50).view(3, 8)
+    token_logprobs(y[:, :-1], ids, backend=backend, inplace_backward=True).sum().backward()
+    ref = full.double().requires_grad_(True)
+    token_logprobs_reference(ref[:, :-1], ids).sum().backward()
+    assert torch.allclose(leaf.grad.double(), ref.grad, atol=1e-6)
+    assert torch.equal(y.detach()[:, :-1], leaf.grad[:, :-1])  # written over y's own storage
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

@@ -1,5 +1,5 @@
 """Public ops. Every op takes backend="auto" | "reference" | "triton" | "cpp" | "cuda"."""
-from .grpo import GRPOLossConfig, grpo_loss, grpo_loss_reference  # noqa: F401
+from .grpo import GRPOLossConfig, grpo_loss, grpo_loss_from_logprobs, grpo_loss_reference  # noqa: F401
 from .logprobs import (  # noqa: F401
     linear_token_logprobs,
     linear_token_logprobs_reference,

@@ -88,10 +88,17 @@ def _grads(grad_logp, grad_ent, n, device, with_entropy):
 
 # ----------------------------------------------------------------------------- autograd
 class TokenLogprobsFunction(torch.autograd.Function):
+    """logits (N, V), or (B, T, V) whose rows are not one uniform stride apart (the usual
+    `logits[:, :-1]` slice): then each batch row goes through the kernels as its own (T, V) view,
+    instead of copying the whole tensor to make it flat."""
+
     @staticmethod
     def forward(ctx, logits, ids, temperature, ignore_index, with_entropy, inplace, backend):
-        # logits (N, V), unit last stride; ids (N,) int64
-        logp, lse, ent = _rows_fwd(backend, logits, ids, 1.0 / temperature, ignore_index, with_entropy)
+        ctx.set_materialize_grads(False)
+        inv_t = 1.0 / temperature
+        parts = [_rows_fwd(backend, x, i, inv_t, ignore_index, with_entropy) for x, i in _row_views(logits, ids)]
+        logp, lse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        ent = torch.cat([p[2] for p in parts]) if with_entropy else None
         ctx.save_for_backward(logits, ids, lse, ent)
         ctx.cfg = (temperature, ignore_index, with_entropy, inplace, backend)
         if with_entropy:
@@ -104,13 +111,27 @@ class TokenLogprobsFunction(torch.autograd.Function):
         temperature, ignore_index, with_entropy, inplace, backend = ctx.cfg
         g, gh = _grads(grad_logp, grad_ent, ids.shape[0], logits.device, with_entropy)
         grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
-        _rows_bwd(backend, grad, logits, ids, lse, ent, g, gh, 1.0 / temperature, ignore_index)
+        r0 = 0
+        for (x, i), (gx, _) in zip(_row_views(logits, ids), _row_views(grad, ids)):
+            r1 = r0 + x.shape[0]
+            _rows_bwd(backend, gx, x, i, lse[r0:r1], None if ent is None else ent[r0:r1], g[r0:r1],
+                      None if gh is None else gh[r0:r1], 1.0 / temperature, ignore_index)
+            r0 = r1
         return grad, None, None, None, None, None, None
+
+
+def _row_views(x, ids):
+    """(2-D view, ids) pairs with unit last stride: one for (N, V), one per batch row for (B, T, V)."""
+    if x.dim() == 2:
+        return [(x, ids)]
+    T = x.shape[1]
+    return [(x[b], ids[b * T:(b + 1) * T]) for b in range(x.shape[0])]
 
 
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, ids, temperature, ignore_index, with_entropy, chunk_bytes, backend):
+        ctx.set_materialize_grads(False)
         logp, lse, ent = _linear_fwd(hidden, weight, ids, temperature, ignore_index, with_entropy,
                                      chunk_bytes, backend)
         ctx.save_for_backward(hidden, weight, ids, lse, ent)
@@ -138,6 +159,25 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         if need_h:
             grad_h = grad_h.to(hidden.dtype)
         return grad_h, grad_w, None, None, None, None, None, None
+
+
+def _flat_rows(logits):
+    """logits as (N, V) with unit last stride and one row stride, without copying where possible;
+    else (B, T, V) with unit last stride (each batch row uniform); else a contiguous copy."""
+    V = logits.shape[-1]
+    if logits.stride(-1) == 1:
+        try:
+            return logits.view(-1, V)
+        except RuntimeError:
+            pass
+        if logits.dim() == 3:
+            return logits
+        if logits.dim() > 3:
+            try:
+                return logits.view(-1, *logits.shape[-2:])  # merge the leading dims only
+            except RuntimeError:
+                pass
+    return logits.contiguous().view(-1, V)
 
 
 def _chunk(chunk_bytes, rows, cols, elt, align):
@@ -217,9 +257,7 @@ def token_logprobs(logits, ids, temperature=1.0, *, ignore_index=-100, return_en
     if name == "reference":
         return token_logprobs_reference(logits, ids, temperature, ignore_index, return_entropy)
     lead = ids.shape
-    x = logits.reshape(-1, V)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = _flat_rows(logits)
     flat_ids = ids.reshape(-1).to(torch.int64).contiguous()
     out = TokenLogprobsFunction.apply(x, flat_ids, float(temperature), int(ignore_index),
                                       bool(return_entropy), bool(inplace_backward), name)
