@@ -16,7 +16,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ceilings, device_name, emit_json, peak_extra_bytes, print_table, time_ms  # noqa: E402
+from common import (  # noqa: E402
+    ceilings, device_name, emit_json, exec_with_fixed_mmap_threshold, peak_extra_bytes, print_table, time_ms,
+)
 
 from reasonrl.ops import _backend, linear_token_logprobs, token_logprobs  # noqa: E402
 
@@ -152,6 +154,8 @@ def main():
     p.add_argument("--rep", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the JSON line to this file")
     a = p.parse_args()
+    if not a.gpu:
+        exec_with_fixed_mmap_threshold()
     device = torch.device("cuda" if a.gpu else "cpu")
     if a.gpu and not torch.cuda.is_available():
         sys.exit("--gpu asked for, but torch sees no CUDA device")

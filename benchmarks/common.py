@@ -56,6 +56,20 @@ def peak_extra_bytes(fn, device):
     return _cpu_peak_rss_delta(fn)
 
 
+def exec_with_fixed_mmap_threshold():
+    """Re-run this process with glibc's mmap threshold pinned at 64 KiB (CPU peak memory only).
+
+    glibc raises its threshold after large frees, up to 32 MiB, so later allocations come from the
+    heap and stay resident after free: the peak-RSS mark would then miss them. Pinned, every large
+    tensor is its own mapping and the resident set follows the live bytes.
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        import sys
+
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
 def _rss_kib(field):
     with open("/proc/self/status") as f:
         for line in f:
