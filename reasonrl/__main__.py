@@ -1,0 +1,4 @@
+"""`python -m reasonrl ...` is the `reasonrl` console script."""
+from reasonrl.cli import main
+
+main()
