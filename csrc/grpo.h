@@ -104,6 +104,26 @@ GRPO_HD float grpo_kl(float logp, float ref, float C, float* dkl) {
   return e - d - 1.f;
 }
 
+// d loss / d logp[t] of one unmasked token, before the row's scale. seq_coef is the sequence-level
+// (GSPO) coefficient of the row, used when p.sequence; old / ref may be null.
+GRPO_HD float grpo_token_grad(float logp, const float* old, const float* ref, float A, float seq_coef,
+                              const GRPOParams& p) {
+  float in = 1.f, dpg, dkl, g;
+  const float lr = old ? grpo_clamp(logp - *old, p.clamp, &in) : 0.f;
+  if (p.sequence) {
+    g = seq_coef * in;
+  } else {
+    const float rho = expf(lr);
+    grpo_surrogate(rho, A, p, &dpg);
+    g = dpg * rho * in;
+  }
+  if (p.beta != 0.f) {
+    grpo_kl(logp, *ref, p.clamp, &dkl);
+    g += p.beta * dkl;
+  }
+  return g;
+}
+
 // CPU kernels (csrc/cpu/grpo.cpp). old / ref / entropy may be null (on-policy / beta 0 / none).
 void grpo_fwd_cpu(float* stats, const float* logp, const float* old, const float* ref,
                   const float* entropy, const float* mask, const float* rewards, const GRPOParams& p);

@@ -81,22 +81,9 @@ void bwd_row(float* gl, float* ge, float scale, const float* logp, const float* 
   }
   for (int64_t t = 0; t < p.T; ++t) {
     const float m = mask[t];
-    float g = 0.f;
-    if (m != 0.f) {
-      float in = 1.f, dpg, dkl;
-      const float lr = old ? grpo_clamp(logp[t] - old[t], p.clamp, &in) : 0.f;
-      if (p.sequence) {
-        g = seq_coef * in;
-      } else {
-        const float rho = expf(lr);
-        grpo_surrogate(rho, A, p, &dpg);
-        g = dpg * rho * in;
-      }
-      if (p.beta != 0.f) {
-        grpo_kl(logp[t], ref[t], p.clamp, &dkl);
-        g += p.beta * dkl;
-      }
-    }
+    const float g = m != 0.f ? grpo_token_grad(logp[t], old ? old + t : nullptr, ref ? ref + t : nullptr, A,
+                                               seq_coef, p)
+                             : 0.f;
     gl[t] = scale * m * g;
     if (ge) ge[t] = -p.entropy_coef * scale * m;
   }

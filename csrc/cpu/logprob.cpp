@@ -43,26 +43,6 @@ namespace {
 
 using simd::fast_exp;
 
-template <DType D>
-struct Elem;
-template <>
-struct Elem<DType::f32> {
-  using T = float;
-  static RR_INLINE float load(float v) { return v; }
-  static RR_INLINE float store(float f) { return f; }
-};
-template <>
-struct Elem<DType::bf16> {
-  using T = uint16_t;
-  static RR_INLINE float load(uint16_t v) { return simd::bf16_to_float(v); }
-  static RR_INLINE uint16_t store(float f) { return simd::float_to_bf16(f); }
-};
-template <>
-struct Elem<DType::f16> {
-  using T = uint16_t;
-  static RR_INLINE float load(uint16_t v) { return simd::f16_to_float(v); }
-  static RR_INLINE uint16_t store(float f) { return simd::float_to_f16(f); }
-};
 
 constexpr int64_t kBlock = 512;
 

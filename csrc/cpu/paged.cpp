@@ -28,26 +28,6 @@
 namespace reasonrl {
 namespace {
 
-template <DType DT>
-struct Elem;
-template <>
-struct Elem<DType::f32> {
-  using T = float;
-  static RR_INLINE float load(float v) { return v; }
-  static RR_INLINE float store(float f) { return f; }
-};
-template <>
-struct Elem<DType::bf16> {
-  using T = uint16_t;
-  static RR_INLINE float load(uint16_t v) { return simd::bf16_to_float(v); }
-  static RR_INLINE uint16_t store(float f) { return simd::float_to_bf16(f); }
-};
-template <>
-struct Elem<DType::f16> {
-  using T = uint16_t;
-  static RR_INLINE float load(uint16_t v) { return simd::f16_to_float(v); }
-  static RR_INLINE uint16_t store(float f) { return simd::float_to_f16(f); }
-};
 
 template <DType DT>
 RR_INLINE void decode_range(void* out_, const void* q_, const void* kc_, const void* vc_, const int32_t* tables,

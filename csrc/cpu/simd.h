@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "reasonrl.h"
+
 #if defined(__GNUC__)
 #define RR_INLINE inline __attribute__((always_inline))
 #else
@@ -97,4 +99,27 @@ RR_INLINE uint16_t float_to_f16(float f) {
 }
 
 }  // namespace simd
+
+// Element traits: the storage type of a DType and its float32 load / store.
+template <DType D>
+struct Elem;
+template <>
+struct Elem<DType::f32> {
+  using T = float;
+  static RR_INLINE float load(float v) { return v; }
+  static RR_INLINE float store(float f) { return f; }
+};
+template <>
+struct Elem<DType::bf16> {
+  using T = uint16_t;
+  static RR_INLINE float load(uint16_t v) { return simd::bf16_to_float(v); }
+  static RR_INLINE uint16_t store(float f) { return simd::float_to_bf16(f); }
+};
+template <>
+struct Elem<DType::f16> {
+  using T = uint16_t;
+  static RR_INLINE float load(uint16_t v) { return simd::f16_to_float(v); }
+  static RR_INLINE uint16_t store(float f) { return simd::float_to_f16(f); }
+};
+
 }  // namespace reasonrl

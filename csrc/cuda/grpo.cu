@@ -125,22 +125,9 @@ __global__ void grpo_bwd_kernel(float* __restrict__ grad_logp, float* __restrict
   }
   for (int64_t t = threadIdx.x; t < p.T; t += blockDim.x) {
     const float m = mask[t];
-    float g = 0.f;
-    if (m != 0.f) {
-      float in = 1.f, dpg, dkl;
-      const float lr = old ? grpo_clamp(logp[t] - old[t], p.clamp, &in) : 0.f;
-      if (p.sequence) {
-        g = seq_coef * in;
-      } else {
-        const float rho = expf(lr);
-        grpo_surrogate(rho, A, p, &dpg);
-        g = dpg * rho * in;
-      }
-      if (p.beta != 0.f) {
-        grpo_kl(logp[t], ref[t], p.clamp, &dkl);
-        g += p.beta * dkl;
-      }
-    }
+    const float g = m != 0.f ? grpo_token_grad(logp[t], old ? old + t : nullptr, ref ? ref + t : nullptr, A,
+                                               seq_coef, p)
+                             : 0.f;
     grad_logp[t] = s * m * g;
     if (grad_ent) grad_ent[t] = -p.entropy_coef * s * m;
   }
