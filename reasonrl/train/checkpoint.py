@@ -142,3 +142,18 @@ def load_checkpoint(path: str, model, optimizer=None) -> dict:
         state = json.load(f)
     set_rng_state(state.pop("rng"))
     return state
+
+
+def resume_or_start(cfg, model, opt, tag):
+    """(step, elapsed, logger) of a stage: from its latest checkpoint under --resume, else fresh."""
+    from reasonrl.train.logger import MetricsLogger
+
+    step, elapsed = 0, 0.0
+    resume_from = latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        print(f"[{tag}] --resume: no checkpoint in {cfg.out_dir}; starting fresh")
+    if resume_from:
+        state = load_checkpoint(resume_from, model, opt)
+        step, elapsed = state["step"], state["elapsed"]
+        print(f"[{tag}] resumed from {resume_from} at step {step}")
+    return step, elapsed, MetricsLogger(cfg.out_dir, resume_step=step if resume_from else None)

@@ -21,11 +21,11 @@ from reasonrl.ops import linear_token_logprobs
 from reasonrl.ops.grpo import GRPOLossConfig, grpo_loss
 from reasonrl.rl.rewards import compute_rewards, format_reward, parse_reward_spec
 from reasonrl.rl.tasks import get_task
-from reasonrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from reasonrl.train.checkpoint import resume_or_start, save_checkpoint
 from reasonrl.train.common import (encode_prompt, load_model_and_tokenizer, lr_at, make_optimizer, pack,
                                    step_seed, token_budget_batches)
 from reasonrl.train.config import GRPOConfig
-from reasonrl.train.logger import MetricsLogger, plot_metrics
+from reasonrl.train.logger import plot_metrics
 from reasonrl.models import save_model
 
 LOG_KEYS = ("step", "reward", "accuracy", "format", "length", "kl", "clip_frac", "entropy", "groups",
@@ -152,13 +152,7 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
                               beta=cfg.beta, loss_type=cfg.loss_type, max_completion_length=cfg.max_tokens)
     opt = make_optimizer(model, cfg)
     engine = LLMEngine(model, tokenizer=tokenizer, max_num_seqs=cfg.prompts_per_step * cfg.group_size)
-    step, elapsed = 0, 0.0
-    resume_from = latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    if resume_from:
-        state = load_checkpoint(resume_from, model, opt)
-        step, elapsed = state["step"], state["elapsed"]
-        print(f"[{tag}] resumed from {resume_from} at step {step}")
-    logger = MetricsLogger(cfg.out_dir, resume_step=step if resume_from else None)
+    step, elapsed, logger = resume_or_start(cfg, model, opt, tag)
 
     def save():
         state = {"step": step, "elapsed": elapsed, "config": dataclasses.asdict(cfg), "stage": tag}

@@ -10,11 +10,11 @@ import torch
 
 from reasonrl.ops import linear_token_logprobs
 from reasonrl.rl.tasks import get_task
-from reasonrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from reasonrl.train.checkpoint import resume_or_start, save_checkpoint
 from reasonrl.train.common import (encode_prompt, encode_response, load_model_and_tokenizer, lr_at,
                                    make_optimizer, pack, step_seed)
 from reasonrl.train.config import SFTConfig
-from reasonrl.train.logger import MetricsLogger, plot_metrics
+from reasonrl.train.logger import plot_metrics
 from reasonrl.models import save_model
 
 
@@ -37,15 +37,7 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
             for p in examples]
     model.train()
     opt = make_optimizer(model, cfg)
-    step, elapsed = 0, 0.0
-    resume_from = latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        print(f"[{tag}] --resume: no checkpoint in {cfg.out_dir}; starting fresh")
-    if resume_from:
-        state = load_checkpoint(resume_from, model, opt)
-        step, elapsed = state["step"], state["elapsed"]
-        print(f"[{tag}] resumed from {resume_from} at step {step}")
-    logger = MetricsLogger(cfg.out_dir, resume_step=step if resume_from else None)
+    step, elapsed, logger = resume_or_start(cfg, model, opt, tag)
 
     def save():
         state = {"step": step, "elapsed": elapsed, "config": dataclasses.asdict(cfg), "stage": tag}
