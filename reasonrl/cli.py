@@ -121,7 +121,12 @@ def cmd_convert_gguf(argv):
     except ImportError as e:
         raise SystemExit(f"reasonrl convert-gguf: reasonrl.models.gguf is not available ({e}); "
                          "install the gguf extra: pip install 'reasonrl[gguf]'")
-    print(convert_gguf(args.gguf, args.out, dtype=getattr(torch, args.dtype)))
+    if args.gguf is not None and not os.path.isfile(args.gguf):
+        raise SystemExit(f"reasonrl convert-gguf: no such file: {args.gguf}")
+    try:
+        print(convert_gguf(args.gguf, args.out, dtype=getattr(torch, args.dtype)))
+    except (ImportError, FileNotFoundError, ValueError) as e:  # a missing optional package or file
+        raise SystemExit(f"reasonrl convert-gguf: {e}")
 
 
 def cmd_not_implemented(name):
