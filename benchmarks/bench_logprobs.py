@@ -73,6 +73,18 @@ def backends_for(device):
     return [b for b in names if _backend.why_unavailable(b, device) is None]
 
 
+def measure(fwd, g, leaves, device, args):
+    """(forward ms, forward+backward ms, peak extra bytes of one forward+backward)."""
+    def fb():
+        (fwd() * g).sum().backward()
+        for t in leaves:
+            t.grad = None
+    with torch.no_grad():
+        t_f = time_ms(fwd, device, args.warmup, args.rep)
+    t_fb = time_ms(fb, device, args.warmup, args.rep)
+    return t_f, t_fb, peak_extra_bytes(fb, device)
+
+
 def bench_token(args, device, ceil, rows):
     N, V, dtype, T = args.N, args.V, getattr(torch, args.dtype), 1.0
     x = (torch.randn(N, V, device=device, dtype=torch.float32) * 2).to(dtype).requires_grad_(True)
@@ -93,13 +105,7 @@ def bench_token(args, device, ceil, rows):
                       lambda b=b: token_logprobs(x, ids, T, backend=b, check_ids=False, inplace_backward=True)))
     base = None
     for name, fwd in impls:
-        def fb():
-            (fwd() * g).sum().backward()
-            x.grad = None
-        with torch.no_grad():
-            t_f = time_ms(fwd, device, args.warmup, args.rep)
-        t_fb = time_ms(fb, device, args.warmup, args.rep)
-        peak = peak_extra_bytes(fb, device)
+        t_f, t_fb, peak = measure(fwd, g, [x], device, args)
         base = base or t_fb
         rows.append({"op": "token_logprobs", "impl": name, "shape": f"N={N} V={V} {args.dtype}",
                      "fwd_ms": t_f, "fwd+bwd_ms": t_fb, "bwd_ms": t_fb - t_f,
@@ -124,13 +130,7 @@ def bench_linear(args, device, ceil, rows):
         impls.append((f"reasonrl {b}", lambda b=b: linear_token_logprobs(h, w, ids, T, backend=b, check_ids=False)))
     base = None
     for name, fwd in impls:
-        def fb():
-            (fwd() * g).sum().backward()
-            h.grad = w.grad = None
-        with torch.no_grad():
-            t_f = time_ms(fwd, device, args.warmup, args.rep)
-        t_fb = time_ms(fb, device, args.warmup, args.rep)
-        peak = peak_extra_bytes(fb, device)
+        t_f, t_fb, peak = measure(fwd, g, [h, w], device, args)
         base = base or t_fb
         rows.append({"op": "linear_token_logprobs", "impl": name, "shape": f"N={N} H={H} V={V} {args.dtype}",
                      "fwd_ms": t_f, "fwd+bwd_ms": t_fb, "bwd_ms": t_fb - t_f,
