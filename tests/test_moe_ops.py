@@ -1,0 +1,361 @@
+"""MoE ops (reasonrl.ops.moe): every backend against float64 ground truths written independently of
+the per-expert loop (a dense all-experts einsum, a brute-force router and dispatch), values and
+gradients, balanced and badly imbalanced routing, odd sizes, argument errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reasonrl.ops import _backend
+from reasonrl.ops.moe import (load_balancing_loss, moe_block, moe_dispatch, moe_experts, moe_experts_reference,
+                              moe_router)
+from tolerance import assert_close_to_ref
+
+CPU = torch.device("cpu")
+
+
+def _has_cpp(op):
+    return _backend.cpp_available() and hasattr(torch.ops.reasonrl, op)
+
+
+def backends(op):
+    """reference always; cpp as a case that skips (with the reason) where reasonrl._C lacks the op."""
+    cpp = pytest.param("cpp", marks=pytest.mark.skipif(not _has_cpp(op), reason=f"reasonrl._C has no {op}"))
+    return ["reference", cpp]
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and independent float64 ground truths
+# ---------------------------------------------------------------------------------------------
+def make_ids(T, E, K, routing):
+    """(T, K) int64 expert ids, distinct within a token.
+    balanced: uniform; skewed: every token in experts [0, K) (the rest empty);
+    one: every token's first choice is expert E-1 (it gets all T tokens)."""
+    if routing == "balanced":
+        return torch.rand(T, E).argsort(1)[:, :K]
+    if routing == "skewed":
+        return torch.rand(T, K).argsort(1)
+    if routing == "one":
+        rest = torch.rand(T, E - 1).argsort(1)[:, : K - 1]
+        return torch.cat([torch.full((T, 1), E - 1), rest], 1)
+    raise ValueError(routing)
+
+
+def make_experts(T, H, I, E, K, routing, dtype):
+    x = torch.randn(T, H).to(dtype)
+    w_gate_up = (torch.randn(E, 2 * I, H) / H**0.5).to(dtype)  # (E, 2I, H)
+    w_down = (torch.randn(E, H, I) / I**0.5).to(dtype)  # (E, H, I)
+    ids = make_ids(T, E, K, routing)
+    w = torch.softmax(torch.randn(T, K), -1)  # (T, K) float32, as the router gives
+    return x, ids, w, w_gate_up, w_down
+
+
+def experts_dense64(x, ids, w, w_gate_up, w_down):
+    """Every expert on every token, then pick: no dispatch, no loop."""
+    x, w, gu, wd = (t.double() for t in (x, w, w_gate_up, w_down))
+    I = gu.shape[1] // 2
+    h = torch.einsum("th,eih->tei", x, gu)  # (T, E, 2I)
+    y = torch.einsum("tei,ehi->teh", F.silu(h[..., :I]) * h[..., I:], wd)  # (T, E, H)
+    sel = y.gather(1, ids.long()[..., None].expand(-1, -1, y.shape[2]))  # (T, K, H)
+    return (w[..., None] * sel).sum(1)
+
+
+def grads(fn, inputs, g):
+    """Gradients of <fn(*inputs), g> w.r.t. the float inputs (ids excluded)."""
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fn(*leaves)
+    out.backward(g.to(out.dtype))
+    return out.detach(), [t.grad for t in leaves if t.is_floating_point()]
+
+
+# ---------------------------------------------------------------------------------------------
+# moe_experts
+# ---------------------------------------------------------------------------------------------
+EXPERT_CASES = [  # (T, H, I, E, K, routing)
+    (37, 16, 8, 6, 2, "balanced"),
+    (37, 16, 8, 6, 2, "skewed"),  # experts 2..5 empty
+    (29, 7, 5, 5, 3, "one"),  # odd sizes, one expert takes every token
+    (11, 8, 4, 1, 1, "balanced"),  # E = 1
+    (13, 8, 6, 4, 4, "balanced"),  # top_k = E
+    (1, 9, 3, 8, 2, "balanced"),  # T = 1
+]
+NAMES = ["x", "topk_weights", "w_gate_up", "w_down"]
+
+
+@pytest.mark.parametrize("case", EXPERT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_experts_reference_float64(case):
+    T, H, I, E, K, routing = case
+    inputs = make_experts(T, H, I, E, K, routing, torch.float64)
+    g = torch.randn(T, H, dtype=torch.float64)
+    out, gs = grads(moe_experts_reference, inputs, g)
+    out64, gs64 = grads(experts_dense64, inputs, g)
+    torch.testing.assert_close(out, out64, rtol=1e-10, atol=1e-10)
+    for name, a, b in zip(NAMES, gs, gs64):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("backend", backends("moe_experts_fwd"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", EXPERT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_experts_fwd_bwd(case, dtype, backend):
+    T, H, I, E, K, routing = case
+    inputs = make_experts(T, H, I, E, K, routing, dtype)
+    g = torch.randn(T, H)
+    run = lambda *a: moe_experts(*a, backend=backend)  # noqa: E731
+    out, gs = grads(run, inputs, g.to(dtype))
+    ref, gs_ref = grads(moe_experts_reference, inputs, g.to(dtype))
+    out64, gs64 = grads(experts_dense64, inputs, g.double())
+    assert out.dtype == dtype
+    assert_close_to_ref(out, out64, ref, dtype, name="out")
+    for name, a, r, b in zip(NAMES, gs, gs_ref, gs64):
+        assert a.dtype == r.dtype, name
+        assert_close_to_ref(a, b, r, dtype, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", backends("moe_experts_fwd"))
+def test_experts_noncontiguous_and_int32_ids(backend):
+    T, H, I, E, K = 21, 12, 6, 5, 2
+    x, ids, w, gu, wd = make_experts(T, H, I, E, K, "balanced", torch.float32)
+    x_nc = x.T.contiguous().T  # (T, H) with strides (1, T)
+    gu_nc = gu.transpose(1, 2).contiguous().transpose(1, 2)
+    out = moe_experts(x_nc, ids.int(), w, gu_nc, wd, backend=backend)
+    out64 = experts_dense64(x, ids, w, gu, wd)
+    assert_close_to_ref(out, out64, moe_experts_reference(x, ids, w, gu, wd), torch.float32, name="out")
+
+
+@pytest.mark.parametrize("backend", backends("moe_experts_fwd"))
+def test_experts_empty_tokens(backend):
+    x, ids, w, gu, wd = make_experts(0, 8, 4, 3, 2, "balanced", torch.float32)
+    x.requires_grad_(True)
+    out = moe_experts(x, ids, w, gu, wd, backend=backend)
+    assert out.shape == (0, 8)
+    out.sum().backward()
+    assert x.grad.shape == (0, 8)
+
+
+@pytest.mark.parametrize("backend", backends("moe_experts_fwd"))
+def test_experts_errors(backend):
+    x, ids, w, gu, wd = make_experts(5, 8, 4, 3, 2, "balanced", torch.float32)
+    bad = ids.clone()
+    bad[2, 1] = 3
+    with pytest.raises(ValueError, match="topk_ids"):
+        moe_experts(x, bad, w, gu, wd, backend=backend)
+    bad[2, 1] = -1
+    with pytest.raises(ValueError, match="topk_ids"):
+        moe_experts(x, bad, w, gu, wd, backend=backend)
+    with pytest.raises(ValueError, match="w_down"):
+        moe_experts(x, ids, w, gu, wd[:, :, :3], backend=backend)
+    with pytest.raises(ValueError, match="w_gate_up"):
+        moe_experts(x, ids, w, gu[:, :, :5], wd, backend=backend)
+    with pytest.raises(ValueError, match="w_gate_up"):
+        moe_experts(x, ids, w, gu.double(), wd, backend=backend)
+    with pytest.raises(ValueError, match="topk_weights"):
+        moe_experts(x, ids, w[:, :1], gu, wd, backend=backend)
+    with pytest.raises(ValueError, match="topk_ids"):
+        moe_experts(x, ids[:4], w[:4], gu, wd, backend=backend)
+
+
+def test_experts_backend_errors():
+    x, ids, w, gu, wd = make_experts(5, 8, 4, 3, 2, "balanced", torch.float32)
+    with pytest.raises(ValueError, match="backend"):
+        moe_experts(x, ids, w, gu, wd, backend="fast")
+    with pytest.raises(RuntimeError, match="cuda"):
+        moe_experts(x, ids, w, gu, wd, backend="cuda")
+    if _has_cpp("moe_experts_fwd"):
+        with pytest.raises(ValueError, match="float64"):
+            moe_experts(x.double(), ids, w, gu.double(), wd.double(), backend="cpp")
+
+
+# ---------------------------------------------------------------------------------------------
+# moe_router
+# ---------------------------------------------------------------------------------------------
+def router_brute(logits, K, scoring, renormalize, bias):
+    """Per token: scores in float32, ids by (score + bias) descending, lower id first on ties."""
+    s = torch.softmax(logits.float(), -1) if scoring == "softmax" else torch.sigmoid(logits.float())
+    sel = s if bias is None else s + bias.float()
+    ids = torch.tensor([sorted(range(s.shape[1]), key=lambda e: (-sel[t, e].item(), e))[:K] for t in range(s.shape[0])],
+                       dtype=torch.int64).reshape(s.shape[0], K)
+    w = s.double().gather(1, ids)
+    return (w / w.sum(1, keepdim=True) if renormalize else w), ids
+
+
+ROUTER_CASES = [(33, 8, 2), (17, 5, 5), (9, 1, 1), (1, 16, 4), (40, 64, 8)]  # (T, E, K)
+
+
+@pytest.mark.parametrize("backend", backends("moe_router_fwd"))
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("ties", [False, True])
+def test_router(backend, scoring, renormalize, with_bias, ties):
+    for T, E, K in ROUTER_CASES:
+        logits = torch.randint(-2, 3, (T, E)).float() if ties else 3 * torch.randn(T, E)
+        bias = None
+        if with_bias:
+            bias = (torch.randint(0, 2, (E,)) * 0.25).float() if ties else 0.1 * torch.randn(E)
+        w, ids = moe_router(logits, K, scoring=scoring, renormalize=renormalize, bias=bias, backend=backend)
+        w64, ids64 = router_brute(logits, K, scoring, renormalize, bias)
+        assert ids.dtype == torch.int64 and w.dtype == torch.float32
+        assert torch.equal(ids, ids64), f"T={T} E={E} K={K}"
+        torch.testing.assert_close(w.double(), w64, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backends("moe_router_fwd"))
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_router_grad(backend, scoring):
+    T, E, K = 23, 8, 3
+    logits = 2 * torch.randn(T, E)
+    g = torch.randn(T, K)
+    lg = logits.clone().requires_grad_(True)
+    w, ids = moe_router(lg, K, scoring=scoring, backend=backend)
+    w.backward(g)
+    lg64 = logits.double().requires_grad_(True)
+    w64, ids64 = moe_router(lg64, K, scoring=scoring, backend="reference")
+    w64.backward(g.double())
+    assert torch.equal(ids, ids64)
+    torch.testing.assert_close(lg.grad.double(), lg64.grad, rtol=1e-5, atol=1e-6)
+    # and the float64 reference itself by finite differences (ids fixed by the random logits' gaps)
+    f = lambda z: moe_router(z, K, scoring=scoring, backend="reference")[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (logits[:5].double().requires_grad_(True),))
+
+
+def test_router_errors():
+    logits = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="top_k"):
+        moe_router(logits, 7)
+    with pytest.raises(ValueError, match="top_k"):
+        moe_router(logits, 0)
+    with pytest.raises(ValueError, match="scoring"):
+        moe_router(logits, 2, scoring="relu")
+    with pytest.raises(ValueError, match="bias"):
+        moe_router(logits, 2, bias=torch.zeros(5))
+    with pytest.raises(ValueError, match="router_logits"):
+        moe_router(logits[0], 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# load_balancing_loss
+# ---------------------------------------------------------------------------------------------
+def lb_brute(logits, ids, E, K, mask):
+    keep = [t for t in range(logits.shape[0]) if mask is None or mask[t]]
+    p = torch.softmax(logits.double(), -1)
+    f = [sum(int(ids[t, k]) == e for t in keep for k in range(K)) / (len(keep) * K) for e in range(E)]
+    P = [sum(p[t, e] for t in keep) / len(keep) for e in range(E)]
+    return E * sum(fe * Pe for fe, Pe in zip(f, P))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_load_balancing_loss(masked):
+    T, E, K = 19, 6, 2
+    logits = torch.randn(T, E, dtype=torch.float64, requires_grad=True)
+    _, ids = moe_router(logits, K)
+    mask = torch.rand(T) < 0.6 if masked else None
+    if masked:
+        mask[0] = True
+    loss = load_balancing_loss(logits, ids, E, K, mask)
+    torch.testing.assert_close(loss, lb_brute(logits.detach(), ids, E, K, mask), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda z: load_balancing_loss(z, ids, E, K, mask), (logits,))
+    # perfectly uniform routing and probabilities give exactly 1
+    uni = torch.zeros(E, E, dtype=torch.float64)
+    ids_uni = torch.arange(E)[:, None]
+    torch.testing.assert_close(load_balancing_loss(uni, ids_uni, E, 1), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_load_balancing_loss_all_masked_and_errors():
+    logits = torch.randn(5, 4, requires_grad=True)
+    _, ids = moe_router(logits, 2)
+    loss = load_balancing_loss(logits, ids, 4, 2, torch.zeros(5, dtype=torch.bool))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+    with pytest.raises(ValueError, match="num_experts"):
+        load_balancing_loss(logits, ids, 5, 2)
+    with pytest.raises(ValueError, match="topk_ids"):
+        load_balancing_loss(logits, ids, 4, 3)
+    with pytest.raises(ValueError, match="mask"):
+        load_balancing_loss(logits, ids, 4, 2, torch.ones(4, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# moe_dispatch
+# ---------------------------------------------------------------------------------------------
+def check_dispatch(d, ids, E, bs):
+    flat = ids.reshape(-1).tolist()
+    want = [[a for a, e in enumerate(flat) if e == ex] for ex in range(E)]  # stable by construction
+    counts = [len(s) for s in want]
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    for name in ("counts", "offsets", "sorted_idx"):
+        assert getattr(d, name).dtype == torch.int32, name
+    assert d.counts.tolist() == counts
+    assert d.offsets.tolist() == offsets
+    assert d.sorted_idx.tolist() == [a for s in want for a in s]
+    if bs == 0:
+        assert d.padded_offsets is None and d.padded_idx is None and d.block_expert is None
+        return
+    padded = [(c + bs - 1) // bs * bs for c in counts]
+    pidx, blocks, poff = [], [], [0]
+    for ex, (s, p) in enumerate(zip(want, padded)):
+        pidx += s + [-1] * (p - len(s))
+        blocks += [ex] * (p // bs)
+        poff.append(poff[-1] + p)
+    assert d.padded_offsets.dtype == d.padded_idx.dtype == d.block_expert.dtype == torch.int32
+    assert d.padded_offsets.tolist() == poff
+    assert d.padded_idx.tolist() == pidx
+    assert d.block_expert.tolist() == blocks
+
+
+@pytest.mark.parametrize("backend", backends("moe_dispatch_fwd"))
+@pytest.mark.parametrize("bs", [0, 1, 4, 16])
+def test_dispatch(backend, bs):
+    for T, E, K, routing in [(37, 6, 2, "balanced"), (37, 6, 2, "skewed"), (29, 5, 3, "one"), (7, 1, 1, "balanced"),
+                             (1, 8, 2, "balanced"), (0, 4, 2, "balanced"), (50, 4, 4, "balanced")]:
+        ids = make_ids(T, E, K, routing)
+        for t in (ids, ids.int()):
+            check_dispatch(moe_dispatch(t, E, bs, backend=backend), ids, E, bs)
+
+
+@pytest.mark.parametrize("backend", backends("moe_dispatch_fwd"))
+def test_dispatch_errors(backend):
+    ids = make_ids(9, 4, 2, "balanced")
+    for v in (4, -1):
+        bad = ids.clone()
+        bad[3, 0] = v
+        with pytest.raises(ValueError, match="topk_ids"):
+            moe_dispatch(bad, 4, backend=backend)
+    with pytest.raises(ValueError, match="topk_ids"):
+        moe_dispatch(ids.float(), 4, backend=backend)
+    with pytest.raises(ValueError, match="block_size"):
+        moe_dispatch(ids, 4, -2, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# moe_block
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_block_grads_to_router(backend, scoring):
+    T, H, I, E, K = 25, 12, 6, 5, 2
+    x = torch.randn(T, H)
+    rw = torch.randn(E, H) / H**0.5
+    gu = torch.randn(E, 2 * I, H) / H**0.5
+    wd = torch.randn(E, H, I) / I**0.5
+    g = torch.randn(T, H)
+
+    def run(x, rw, gu, wd, dtype, b):
+        out, logits = moe_block(x, rw, gu, wd, K, scoring=scoring, backend=b)
+        return out.to(dtype), logits
+
+    def dense(x, rw, gu, wd):
+        logits = x @ rw.T
+        w, ids = moe_router(logits, K, scoring=scoring, backend="reference")
+        return experts_dense64(x, ids, w, gu, wd)
+
+    res = {}
+    for key, dtype, b in (("out", torch.float32, backend), ("ref", torch.float32, "reference"), ("64", torch.float64, None)):
+        leaves = [t.to(dtype).clone().requires_grad_(True) for t in (x, rw, gu, wd)]
+        y = dense(*leaves) if b is None else run(*leaves, dtype, b)[0]
+        y.backward(g.to(dtype))
+        res[key] = [y.detach()] + [t.grad for t in leaves]
+    for i, name in enumerate(["out", "x", "router_weight", "w_gate_up", "w_down"]):
+        assert_close_to_ref(res["out"][i], res["64"][i], res["ref"][i], torch.float32, name=name)
