@@ -1,0 +1,368 @@
+"""`reasonrl eval`: what RL did to reasoning, measured at test time on held-out problems.
+
+For each model (a checkpoint folder, "tiny", or a run folder whose step-*/ checkpoints and final/
+are evaluated in training order) on the task's held-out split:
+- passk: n samples per problem at `temperature`: pass@1, pass@k (unbiased), maj@k (metrics.py);
+- budget: accuracy against thinking tokens. Thinking capped at each of `budgets` (the engine forces
+  "</think>" and the answer follows), the model's own length ("natural"), and thinking extended
+  `extends` times by replacing the model's "</think>" with "Wait" (s1's budget forcing). The x axis
+  is measured, not requested: the tokens actually inside <think>...</think> of each completion;
+- difficulty: accuracy, response length and thinking tokens at each of `difficulties`;
+- markers: self-verification / backtracking words per response and per 1k tokens, from the passk
+  samples (natural generation: the forced "Wait"s of the budget section would inflate them).
+Every request carries SamplingParams.seed = seed: the same seed gives the same JSON, and all
+models and settings draw the same random numbers (common random numbers: differences between
+them are less noisy). One LLMEngine.generate call per (model, setting), over all problems x samples.
+Output: out_dir/eval.json, summary.md (the printed table) and passk/budget/difficulty/markers.png,
+one curve per model.
+
+Regenerate the README curves from a default run's output folder (runs/train):
+
+    reasonrl eval --models runs/train/sft/final,runs/train/grpo,runs/train/control/final \\
+        --labels sft,grpo,control --out_dir runs/eval/default
+
+(runs/train/grpo is a run folder: its saved step checkpoints, if any besides the last, become
+extra points "grpo@step-N" of response length against difficulty over training.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import filecmp
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from reasonrl.eval.metrics import DEFAULT_MARKERS, maj_at_k, marker_counts, pass_at_k, think_spans
+
+SECTIONS = ("passk", "budget", "difficulty", "markers")
+
+
+@dataclass
+class EvalConfig:
+    """Test-time-compute evaluation: pass@k / maj@k, accuracy against thinking budget, accuracy and
+    length by difficulty, reasoning-marker frequencies; JSON + PNG, several models on one plot."""
+    models: str = "tiny"           # comma-separated: "tiny", model folders, or run folders (step-*/ + final/)
+    labels: str = ""               # comma-separated, one per --models entry (default: folder names)
+    task: str = "multiply"         # multiply | add | countdown | jsonl:PATH | rg:DATASET
+    difficulty: int | None = None  # the task's knob for passk/budget/markers (None = its default)
+    num_problems: int = 100        # held-out problems (test split)
+    n: int = 8                     # samples per problem for pass@k / maj@k / markers
+    k: str = "1,4,8"               # k values of pass@k and maj@k (each <= n; pass@1 always reported)
+    temperature: float = 1.0       # sampling temperature of the passk samples
+    top_p: float = 1.0
+    max_tokens: int = 128          # completion cap (room for "Wait" extensions)
+    budgets: str = "4,8,16,24,32"  # thinking-token caps ("" = none)
+    extends: str = "1,2"           # "Wait" extensions ("" = none)
+    extend_text: str = "Wait"
+    difficulties: str = "2,3,4,5,6"  # task difficulty levels ("" = skip; built-in tasks only)
+    curve_temperature: float = 0.0  # budget and difficulty curves (0 = greedy)
+    curve_samples: int = 1         # samples per problem for those curves (> 1 needs temperature > 0)
+    markers: str = ",".join(DEFAULT_MARKERS)
+    sections: str = ",".join(SECTIONS)
+    prompt_template: str = "{question}\n"
+    seed: int = 0
+    device: str = "auto"           # auto | cpu | cuda
+    batch: int = 256               # engine max_num_seqs
+    plots: bool = True
+    out_dir: str = "runs/eval"
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"--{name}: {why}, got {getattr(self, name)!r}")
+        if self.num_problems < 1:
+            bad("num_problems", "must be >= 1")
+        if self.n < 1:
+            bad("n", "must be >= 1")
+        if any(k > self.n for k in self.ks):
+            bad("k", f"every k must be <= n={self.n} (samples per problem)")
+        if not self.temperature > 0:
+            bad("temperature", "must be > 0 (pass@k needs different samples)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if self.max_tokens < 1:
+            bad("max_tokens", "must be >= 1")
+        if self.budget_list and max(self.budget_list) >= self.max_tokens:
+            bad("budgets", f"every budget must be < max_tokens={self.max_tokens} (room for the answer)")
+        if not self.curve_temperature >= 0:
+            bad("curve_temperature", "must be >= 0")
+        if self.curve_samples < 1:
+            bad("curve_samples", "must be >= 1")
+        if self.curve_samples > 1 and self.curve_temperature == 0:
+            bad("curve_samples", "> 1 needs --curve_temperature > 0 (greedy samples are identical)")
+        if not self.extend_text.strip() and self.extend_list:
+            bad("extend_text", "must be non-empty")
+        if self.batch < 1:
+            bad("batch", "must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            bad("device", "must be auto | cpu | cuda")
+        if "{question}" not in self.prompt_template:
+            bad("prompt_template", "must contain {question}")
+        unknown = set(self.section_list) - set(SECTIONS)
+        if unknown or not self.section_list:
+            bad("sections", f"must be a non-empty comma-separated subset of {','.join(SECTIONS)}")
+        if not self.marker_list and "markers" in self.section_list:
+            bad("markers", "must name at least one marker (or drop 'markers' from --sections)")
+        self.difficulty_list  # noqa: B018 (parses and checks)
+
+    # comma-separated fields, parsed and checked
+    @property
+    def ks(self) -> list[int]:
+        return sorted(set([1] + _ints(self.k, "k", lo=1)))
+
+    @property
+    def budget_list(self) -> list[int]:
+        return _ints(self.budgets, "budgets", lo=0)
+
+    @property
+    def extend_list(self) -> list[int]:
+        return _ints(self.extends, "extends", lo=1)
+
+    @property
+    def difficulty_list(self) -> list[int]:
+        return _ints(self.difficulties, "difficulties", lo=1)
+
+    @property
+    def marker_list(self) -> list[str]:
+        return [m.strip() for m in self.markers.split(",") if m.strip()]
+
+    @property
+    def section_list(self) -> list[str]:
+        return [s.strip() for s in self.sections.split(",") if s.strip()]
+
+
+def _ints(text: str, name: str, lo: int) -> list[int]:
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            v = int(part)
+        except ValueError:
+            raise ValueError(f"--{name}: expected comma-separated integers, got {text!r}") from None
+        if v < lo:
+            raise ValueError(f"--{name}: every value must be >= {lo}, got {v} in {text!r}")
+        out.append(v)
+    return sorted(set(out))
+
+
+# ------------------------------------------------------------------------------------ models
+def run_checkpoints(run_dir: str) -> list[tuple[str, str]]:
+    """(name, folder) of a run folder's step-N checkpoints in step order, then final/. A step
+    checkpoint with the same weights as final/ (the stage's last save) is left out."""
+    steps = sorted((d for d in os.listdir(run_dir) if re.fullmatch(r"step-\d+", d)
+                    and os.path.isfile(os.path.join(run_dir, d, "config.json"))), key=lambda d: int(d[5:]))
+    out = [(f"step-{int(d[5:])}", os.path.join(run_dir, d)) for d in steps]
+    final = os.path.join(run_dir, "final")
+    if os.path.isfile(os.path.join(final, "config.json")):
+        w = lambda d: os.path.join(d, "model.safetensors")  # noqa: E731
+        out = [(n, p) for n, p in out if not (os.path.isfile(w(p)) and os.path.isfile(w(final))
+                                              and filecmp.cmp(w(p), w(final), shallow=False))]
+        out.append(("final", final))
+    return out
+
+
+def resolve_models(models: str, labels: str) -> list[tuple[str, str]]:
+    """(label, spec) per model to evaluate: run folders expanded, labels checked."""
+    specs = [m.strip() for m in models.split(",") if m.strip()]
+    if not specs:
+        raise ValueError("--models: no model given")
+    names = [x.strip() for x in labels.split(",")] if labels.strip() else []
+    if names and len(names) != len(specs):
+        raise ValueError(f"--labels: {len(names)} labels for {len(specs)} models ({labels!r})")
+    out = []
+    for i, spec in enumerate(specs):
+        if spec == "tiny":
+            out.append((names[i] if names else "tiny", spec))
+            continue
+        path = os.path.normpath(spec)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--models: no such checkpoint folder: {spec!r}")
+        base = os.path.basename(path)
+        label = names[i] if names else (os.path.basename(os.path.dirname(path)) if base == "final" else base)
+        if os.path.isfile(os.path.join(path, "config.json")):
+            out.append((label, path))
+            continue
+        ckpts = run_checkpoints(path)
+        if not ckpts:
+            raise FileNotFoundError(f"--models: {spec!r} is neither a model folder (config.json) nor a run "
+                                    "folder (step-*/ or final/ checkpoints)")
+        out += [(label if len(ckpts) == 1 else f"{label}@{n}", p) for n, p in ckpts]
+    seen = [lab for lab, _ in out]
+    dup = sorted({lab for lab in seen if seen.count(lab) > 1})
+    if dup:
+        raise ValueError(f"--labels: duplicate model labels {dup}; pass one distinct label per model")
+    return out
+
+
+def load_task_problems(task: str, difficulty: int | None, n: int, seed: int, arg: str = "task"):
+    from reasonrl.rl.tasks import get_task
+    try:
+        return get_task(task, difficulty).problems(n, seed, split="test")
+    except ImportError as e:
+        raise ValueError(f"--{arg}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"--{arg}: {e}") from None
+
+
+# ------------------------------------------------------------------------------- one setting
+def tag_ids(tok) -> tuple[list[int], list[int]]:
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    return enc("<think>"), enc("</think>")
+
+
+def generate_setting(engine, tok, prompts, problems, params, n: int) -> list[dict]:
+    """One generate call over all problems x n samples -> one record per completion, problem-major."""
+    from reasonrl.rl.rewards import accuracy_reward, extract_answer, format_reward
+    start, end = tag_ids(tok)
+    outs = engine.generate(prompts, params, n=n)
+    recs = []
+    for prompt, prob, group in zip(prompts, problems, outs):
+        inside = len(prompt) >= len(start) and prompt[-len(start):] == start
+        for c in group:
+            text = c.text or ""
+            spans = think_spans(c.token_ids, start, end, inside)
+            recs.append({"text": text, "answer": extract_answer(text), "correct": accuracy_reward(text, prob) > 0,
+                         "format": format_reward(text) > 0, "length": c.length, "think": sum(spans),
+                         "max_span": max(spans, default=0), "truncated": c.finish_reason == "length"})
+    return recs
+
+
+def summarize(recs: list[dict]) -> dict:
+    m = len(recs)
+    return {"accuracy": sum(r["correct"] for r in recs) / m,
+            "mean_thinking_tokens": sum(r["think"] for r in recs) / m,
+            "max_thinking_span": max(r["max_span"] for r in recs),
+            "mean_length": sum(r["length"] for r in recs) / m,
+            "format_rate": sum(r["format"] for r in recs) / m,
+            "truncated_rate": sum(r["truncated"] for r in recs) / m, "completions": m}
+
+
+def passk_metrics(recs: list[dict], n: int, ks: list[int]) -> dict:
+    groups = [recs[i:i + n] for i in range(0, len(recs), n)]
+    out = {}
+    for k in ks:
+        out[f"pass@{k}"] = sum(pass_at_k(n, sum(r["correct"] for r in g), k) for g in groups) / len(groups)
+    for k in ks:
+        out[f"maj@{k}"] = sum(maj_at_k([r["answer"] for r in g], [r["correct"] for r in g], k)
+                              for g in groups) / len(groups)
+    return out
+
+
+# ------------------------------------------------------------------------------- one model
+def budget_settings(cfg: EvalConfig) -> list[tuple[str, dict]]:
+    """(name, SamplingParams thinking fields) of the budget curve's points."""
+    return ([("natural", {})] + [(f"budget={b}", {"think_budget": b}) for b in cfg.budget_list]
+            + [(f"extend={e}", {"think_extend": e, "think_extend_text": cfg.extend_text}) for e in cfg.extend_list])
+
+
+def evaluate_model(model, tok, cfg: EvalConfig, problems, by_difficulty: dict, bar=None, label="") -> dict:
+    """Every section of the evaluation for one model; `by_difficulty` maps level -> problems."""
+    from reasonrl.engine import LLMEngine, SamplingParams
+    from reasonrl.train.common import encode_prompt
+
+    engine = LLMEngine(model, tokenizer=tok, max_num_seqs=cfg.batch)
+    enc = lambda probs: [encode_prompt(tok, cfg.prompt_template, p.question) for p in probs]  # noqa: E731
+    prompts, sections, out = enc(problems), cfg.section_list, {}
+
+    def run(name, probs, prompts_, n, **fields):
+        if bar is not None:
+            bar.set_postfix_str(f"{label} {name}")
+        temp = fields.pop("temperature", cfg.curve_temperature)
+        params = SamplingParams(temperature=temp, top_p=cfg.top_p if temp > 0 else 1.0,
+                                max_tokens=cfg.max_tokens, seed=cfg.seed, **fields)
+        recs = generate_setting(engine, tok, prompts_, probs, params, n)
+        if bar is not None:
+            bar.update(1)
+        return recs
+
+    if "passk" in sections or "markers" in sections:
+        recs = run("samples", problems, prompts, cfg.n, temperature=cfg.temperature)
+        if "passk" in sections:
+            out["passk"] = {"n": cfg.n, "temperature": cfg.temperature, **passk_metrics(recs, cfg.n, cfg.ks),
+                            **summarize(recs)}
+        if "markers" in sections:
+            tokens = sum(r["length"] for r in recs)
+            out["markers"] = {"responses": len(recs), "tokens": tokens,
+                              "markers": marker_counts([r["text"] for r in recs], cfg.marker_list, tokens)}
+    if "budget" in sections:
+        out["budget"] = []
+        for name, fields in budget_settings(cfg):
+            s = summarize(run(name, problems, prompts, cfg.curve_samples, **fields))
+            out["budget"].append({"setting": name, "think_budget": fields.get("think_budget"),
+                                  "think_extend": fields.get("think_extend", 0), **s})
+    if "difficulty" in sections:
+        out["difficulty"] = []
+        for d, probs in by_difficulty.items():
+            s = summarize(run(f"difficulty={d}", probs, enc(probs), cfg.curve_samples))
+            out["difficulty"].append({"difficulty": d, **s})
+    return out
+
+
+def num_jobs(cfg: EvalConfig) -> int:
+    s = cfg.section_list
+    return (("passk" in s or "markers" in s) + ("budget" in s) * len(budget_settings(cfg))
+            + ("difficulty" in s) * len(cfg.difficulty_list))
+
+
+# ------------------------------------------------------------------------------- driver
+def run_eval(cfg: EvalConfig, loaded: dict | None = None) -> dict:
+    """Evaluate every model of cfg.models; write eval.json, summary.md and the plots; return the dict.
+
+    loaded: optional {label: (model, tokenizer)} used instead of loading (tests, notebooks)."""
+    from reasonrl.rl.tasks import BUILTIN
+    from reasonrl.train.common import load_model_and_tokenizer
+
+    # Check everything that can fail before the first model loads or generates.
+    models = [(lab, "<given>") for lab in loaded] if loaded else resolve_models(cfg.models, cfg.labels)
+    problems = load_task_problems(cfg.task, cfg.difficulty, cfg.num_problems, cfg.seed)
+    by_difficulty = {}
+    if "difficulty" in cfg.section_list and cfg.difficulty_list:
+        if cfg.task not in BUILTIN:
+            raise ValueError(f"--difficulties: task {cfg.task!r} has no difficulty knob (built-ins: "
+                             f"{sorted(BUILTIN)}); pass --difficulties '' or drop 'difficulty' from --sections")
+        by_difficulty = {d: load_task_problems(cfg.task, d, cfg.num_problems, cfg.seed, "difficulties")
+                         for d in cfg.difficulty_list}
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda requested but torch sees no CUDA device")
+
+    results = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"},
+               "models": [{"label": lab, "path": spec} for lab, spec in models], "results": {}}
+    bar = _bar(len(models) * num_jobs(cfg))
+    try:
+        for label, spec in models:
+            model, tok = loaded[label] if loaded else load_model_and_tokenizer(spec, seed=cfg.seed)
+            model = model.to(device).eval()
+            results["results"][label] = evaluate_model(model, tok, cfg, problems, by_difficulty, bar, label)
+    finally:
+        bar.close()
+    write_outputs(results, cfg)
+    return results
+
+
+def write_outputs(results: dict, cfg: EvalConfig) -> None:
+    from reasonrl.eval.plots import plot_all
+    from reasonrl.eval.report import summary_table
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    table = summary_table(results)
+    with open(os.path.join(cfg.out_dir, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    print(table, flush=True)
+    if cfg.plots:
+        for png in plot_all(results, cfg.out_dir):
+            print(f"[eval] wrote {png}")
+    print(f"[eval] wrote {os.path.join(cfg.out_dir, 'eval.json')}", flush=True)
+
+
+def _bar(total: int):
+    from tqdm import tqdm
+    return tqdm(total=total, desc="eval", dynamic_ncols=True, leave=False, disable=not os.isatty(2))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from reasonrl.train.config import parse_config
+    return run_eval(parse_config(EvalConfig, argv, "reasonrl eval"))
