@@ -4,6 +4,15 @@ Only safetensors are read: no pickle (pytorch_model.bin), no remote code. Parame
 transformers' own, so what we save loads with AutoModelForCausalLM.from_pretrained and back.
 Every tensor is checked by name and shape before it is copied; a missing shard, a missing or
 unexpected tensor, or a wrong shape raises with the name of the culprit.
+
+MoE experts: our model holds each layer's experts stacked, as transformers 5.x does in memory
+(mlp.experts.gate_up_proj (E, 2I, H) = [gate; up], mlp.experts.down_proj (E, H, I)). Files come in
+two spellings and both load:
+  - per expert, as on the Hub and as transformers 5 writes (it converts back on save):
+      Qwen:    mlp.experts.{e}.gate_proj / up_proj / down_proj.weight
+      Mixtral: block_sparse_moe.experts.{e}.w1 (gate) / w3 (up) / w2 (down).weight, block_sparse_moe.gate.weight
+  - fused, as the in-memory names: mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.gate.weight.
+We save the per-expert spelling, which every transformers version loads.
 """
 from __future__ import annotations
 
@@ -20,6 +29,57 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # Saved by some older checkpoints; recomputed here, never loaded.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+# One expert's matrix in a file -> (stacked parameter, which rows): part "gate"/"up" of gate_up_proj, or "down".
+_EXPERT = re.compile(r"(?P<pre>model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?P<e>\d+)\."
+                     r"(?P<w>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight")
+_PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+_HUB_NAME = {"mixtral": {"gate": "w1", "up": "w3", "down": "w2"},
+             "qwen": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}}
+
+
+def _target(name: str, params: dict):
+    """A file's tensor name -> (our parameter name, piece) where piece is None (the whole tensor)
+    or (expert, part) for one expert's matrix of a stacked parameter."""
+    m = _EXPERT.fullmatch(name)
+    if m:
+        part = _PART[m["w"]]
+        stacked = f"{m['pre']}.mlp.experts.{'down_proj' if part == 'down' else 'gate_up_proj'}"
+        return stacked, (int(m["e"]), part)
+    if ".block_sparse_moe.gate." in name:
+        return name.replace(".block_sparse_moe.", ".mlp."), None
+    return name, None
+
+
+def _piece(p: torch.Tensor, piece):
+    """The view of stacked parameter p that one expert's matrix fills."""
+    if piece is None:
+        return p
+    e, part = piece
+    if e >= p.shape[0]:
+        return None
+    inter = p.shape[1] // 2
+    return {"gate": p[e, :inter], "up": p[e, inter:], "down": p[e]}[part]
+
+
+def _hub_state_dict(model) -> dict:
+    """Our state dict with stacked experts split into the Hub's per-expert tensors."""
+    fam = "mixtral" if model.config.arch == "mixtral" else "qwen"
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().to("cpu")
+        stacked = re.fullmatch(r"(model\.layers\.\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", k)
+        if fam == "mixtral" and re.fullmatch(r"model\.layers\.\d+\.mlp\.gate\.weight", k):
+            k = k.replace(".mlp.", ".block_sparse_moe.")
+        if not stacked:
+            out[k] = v.contiguous()
+            continue
+        pre = stacked[1] + (".block_sparse_moe" if fam == "mixtral" else ".mlp")
+        for e in range(v.shape[0]):
+            parts = {"down": v[e]} if stacked[2] == "down_proj" else dict(zip(("gate", "up"), v[e].chunk(2)))
+            for part, t in parts.items():
+                # clone: safetensors refuses tensors that share storage
+                out[f"{pre}.experts.{e}.{_HUB_NAME[fam][part]}.weight"] = t.clone()
+    return out
 
 
 def _weight_files(path: str) -> dict[str, list[str]]:
@@ -57,26 +117,37 @@ def load_model(path: str, dtype=torch.float32, device="cpu") -> CausalLM:
     model = model.to_empty(device=device).to(dtype)
     model.rotary.reset()
     params = dict(model.named_parameters())
-    seen = set()
+    seen = set()  # parameter names, or (name, expert, part) for one expert's piece of a stacked one
     for file, names in files.items():
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in names if names is not None else f.keys():
                 if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
                     continue
-                if name not in params:
+                target, piece = _target(name, params)
+                dst = _piece(params[target], piece) if target in params else None
+                if dst is None:
                     raise ValueError(f"load_model: unexpected tensor {name!r} in {os.path.basename(file)} for "
                                      f"a {config.arch} model (a different architecture or option?)")
                 t = f.get_tensor(name)
-                if tuple(t.shape) != tuple(params[name].shape):
+                if tuple(t.shape) != tuple(dst.shape):
                     raise ValueError(f"load_model: tensor {name!r} in {os.path.basename(file)} has shape "
-                                     f"{tuple(t.shape)}, expected {tuple(params[name].shape)} from config.json")
+                                     f"{tuple(t.shape)}, expected {tuple(dst.shape)} from config.json")
                 with torch.no_grad():
-                    params[name].copy_(t)
-                seen.add(name)
-    missing = sorted(set(params) - seen)
+                    dst.copy_(t)
+                seen.add(target if piece is None else (target, *piece))
+    missing = sorted(n for n in params if n not in seen and not _all_pieces(n, params[n], seen))
     if missing:
         raise ValueError(f"load_model: {len(missing)} tensor(s) missing from {path!r}, e.g. {missing[:3]}")
     return model
+
+
+def _all_pieces(name: str, p: torch.Tensor, seen: set) -> bool:
+    """Whether a stacked expert parameter was filled one expert at a time, every piece of it."""
+    if name.endswith(".experts.gate_up_proj"):
+        return all((name, e, part) in seen for e in range(p.shape[0]) for part in ("gate", "up"))
+    if name.endswith(".experts.down_proj"):
+        return all((name, e, "down") in seen for e in range(p.shape[0]))
+    return False
 
 
 def _parse_size(s) -> int:
@@ -116,7 +187,10 @@ def save_model(model: CausalLM, path: str, max_shard_size=None, tokenizer=None) 
     if not isinstance(model, CausalLM):
         raise TypeError(f"save_model: model must be a reasonrl CausalLM, got {type(model).__name__}")
     os.makedirs(path, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if model.config.is_moe:
+        tensors = _hub_state_dict(model)
+    else:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     shards = _shards(tensors, None if max_shard_size is None else _parse_size(max_shard_size))
     n = len(shards)
     names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]

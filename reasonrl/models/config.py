@@ -1,10 +1,16 @@
-"""ModelConfig: the few numbers a dense decoder needs, parsed from a Hugging Face config.json.
+"""ModelConfig: the few numbers a decoder needs, parsed from a Hugging Face config.json.
 
 We parse the JSON ourselves (not through transformers' config classes) so that both spellings of
 RoPE settings load: `rope_theta` + `rope_scaling` (transformers 4.x files) and `rope_parameters`
 (transformers 5.x files). Anything that would change the math and that we do not implement
 (sliding windows, MLP bias, other activations, unknown rope types) raises, naming the option:
 a silently different model is worse than no model.
+
+Mixture-of-experts families (Qwen2-MoE, Qwen3-MoE, Mixtral) add the expert count, top-k, the
+experts' width and which layers are sparse. transformers' rule for Qwen (decoder layer i):
+    sparse(i) = i not in mlp_only_layers and num_experts > 0 and (i + 1) % decoder_sparse_step == 0
+Mixtral: every layer sparse, and its `intermediate_size` is the experts' width. Router top-k
+weights are renormalized when norm_topk_prob (Qwen) and always for Mixtral.
 """
 from __future__ import annotations
 
@@ -14,13 +20,15 @@ import os
 from dataclasses import dataclass, field
 
 # model_type -> the architectures name transformers writes into config.json
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+MOE_ARCHS = ("qwen2_moe", "qwen3_moe", "mixtral")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "llama"  # "llama" | "qwen2" | "qwen3"
+    arch: str = "llama"  # "llama" | "qwen2" | "qwen3" | "qwen2_moe" | "qwen3_moe" | "mixtral"
     vocab_size: int = 85
     hidden_size: int = 128
     intermediate_size: int = 384
@@ -37,6 +45,16 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # mixture of experts (MOE_ARCHS only)
+    num_experts: int = 0  # E; Qwen2-MoE with 0 experts is all dense
+    num_experts_per_tok: int = 0  # top-k
+    moe_intermediate_size: int = 0  # I of each routed expert (Mixtral: = intermediate_size)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert, gated by sigmoid(x w_g)
+    norm_topk_prob: bool = False  # renormalize the top-k weights to sum 1 (Mixtral: always)
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    router_aux_loss_coef: float = 0.001
+    output_router_logits: bool = False  # transformers adds the aux loss to its LM loss only when set
     extra: dict = field(default_factory=dict, repr=False)  # other config.json keys, written back on save
 
     def __post_init__(self):
@@ -55,14 +73,54 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: head_dim must be even for RoPE, got {self.head_dim}")
         if self.arch == "qwen2":
             self.attention_bias = True
-        if self.arch == "qwen3":
+        if self.arch in ("qwen3", "qwen3_moe"):
             self.qk_norm = True
+        if self.arch == "mixtral":
+            self.attention_bias, self.norm_topk_prob = False, True
         self.rope_scaling = _check_rope_scaling(self.rope_scaling)
+        if self.is_moe:
+            self._check_moe()
+
+    def _check_moe(self):
+        if self.arch == "mixtral":
+            self.moe_intermediate_size = self.moe_intermediate_size or self.intermediate_size
+            if self.moe_intermediate_size != self.intermediate_size:
+                raise ValueError(f"ModelConfig: Mixtral's experts are intermediate_size ({self.intermediate_size}) "
+                                 f"wide, got moe_intermediate_size={self.moe_intermediate_size}")
+            if self.num_experts < 1:
+                raise ValueError(f"ModelConfig: mixtral needs num_experts >= 1, got {self.num_experts}")
+        if self.num_experts < 0:
+            raise ValueError(f"ModelConfig: num_experts must be >= 0, got {self.num_experts}")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"ModelConfig: num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
+                             f"got {self.num_experts_per_tok}")
+        if self.num_experts and self.moe_intermediate_size <= 0:
+            raise ValueError(f"ModelConfig: moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
+        if self.decoder_sparse_step < 1:
+            raise ValueError(f"ModelConfig: decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+        self.mlp_only_layers = sorted({int(i) for i in self.mlp_only_layers})
+        if self.arch == "qwen2_moe" and self.num_experts and self.shared_expert_intermediate_size <= 0:
+            raise ValueError("ModelConfig: qwen2_moe needs shared_expert_intermediate_size > 0 (its shared "
+                             f"expert), got {self.shared_expert_intermediate_size}")
+        if self.arch != "qwen2_moe" and self.shared_expert_intermediate_size:
+            raise ValueError(f"ModelConfig: shared_expert_intermediate_size is a qwen2_moe option, not {self.arch}'s")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.arch in MOE_ARCHS
+
+    def is_sparse_layer(self, i: int) -> bool:
+        """Whether decoder layer i has routed experts (transformers' rule, see the module docstring)."""
+        if not self.is_moe or self.num_experts == 0:
+            return False
+        if self.arch == "mixtral":
+            return True
+        return i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
 
     @property
     def o_bias(self) -> bool:
-        # Qwen2 puts biases on q/k/v only; Llama and Qwen3's attention_bias covers o_proj too.
-        return self.attention_bias and self.arch != "qwen2"
+        # Qwen2(-MoE) put biases on q/k/v only; Llama and Qwen3(-MoE)'s attention_bias covers o_proj too.
+        return self.attention_bias and self.arch not in ("qwen2", "qwen2_moe")
 
     # ---- Hugging Face config.json -------------------------------------------------------------
     @classmethod
@@ -93,6 +151,8 @@ class ModelConfig:
         n_heads = d["num_attention_heads"]
         known = {f.name for f in dataclasses.fields(cls)}
         extra = {k: v for k, v in d.items() if k not in known and k not in _DERIVED_KEYS}
+        moe = _moe_from_hf_dict(arch, d)
+        attention_bias = d.get("qkv_bias", True) if arch == "qwen2_moe" else d.get("attention_bias", arch == "qwen2")
         return cls(
             arch=arch, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
@@ -100,9 +160,9 @@ class ModelConfig:
             head_dim=d.get("head_dim") or d["hidden_size"] // n_heads, rope_theta=float(theta),
             rope_scaling=scaling, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=d.get("attention_bias", arch == "qwen2"), qk_norm=arch == "qwen3",
+            attention_bias=bool(attention_bias), qk_norm=arch in ("qwen3", "qwen3_moe"),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
-            bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), extra=extra,
+            bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), extra=extra, **moe,
         )
 
     def to_hf_dict(self) -> dict:
@@ -121,12 +181,27 @@ class ModelConfig:
             eos_token_id=self.eos_token_id, rope_theta=self.rope_theta, rope_parameters=rope,
             rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None,
         )
-        if self.arch != "qwen2":
+        if self.arch == "qwen2_moe":
+            d["qkv_bias"] = self.attention_bias
+        elif self.arch not in ("qwen2", "mixtral"):
             d["attention_bias"] = self.attention_bias
         if self.arch == "llama":
             d["mlp_bias"] = False
+        elif self.arch == "mixtral":
+            d.update(sliding_window=None, router_jitter_noise=0.0)
         else:
             d["use_sliding_window"] = False
+        if self.is_moe:
+            d.update(num_experts_per_tok=self.num_experts_per_tok, router_aux_loss_coef=self.router_aux_loss_coef,
+                     output_router_logits=self.output_router_logits)
+        if self.arch == "mixtral":
+            d["num_local_experts"] = self.num_experts
+        elif self.is_moe:
+            d.update(num_experts=self.num_experts, moe_intermediate_size=self.moe_intermediate_size,
+                     norm_topk_prob=self.norm_topk_prob, decoder_sparse_step=self.decoder_sparse_step,
+                     mlp_only_layers=list(self.mlp_only_layers))
+        if self.arch == "qwen2_moe":
+            d["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
         return d
 
     @classmethod
@@ -148,7 +223,34 @@ class ModelConfig:
 _DERIVED_KEYS = {"architectures", "model_type", "rope_parameters", "rope_scaling", "hidden_act", "mlp_bias",
                  "use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "dtype",
                  "torch_dtype", "transformers_version", "partial_rotary_factor",
-                 "original_max_position_embeddings"}
+                 "original_max_position_embeddings", "num_local_experts", "qkv_bias", "router_jitter_noise"}
+
+
+def _moe_from_hf_dict(arch: str, d: dict) -> dict:
+    """The MoE fields of a config.json (empty for dense archs); options we do not implement raise."""
+    if arch not in MOE_ARCHS:
+        return {}
+    spellings = {k: d[k] for k in ("num_experts", "num_local_experts") if d.get(k) is not None}
+    if len(set(spellings.values())) > 1:
+        raise ValueError(f"config.json: num_experts and num_local_experts disagree: {spellings}")
+    if not spellings:
+        raise ValueError(f"config.json: a {arch} config needs num_experts (or num_local_experts)")
+    if arch == "mixtral":
+        if d.get("sliding_window") is not None:
+            raise ValueError(f"config.json: sliding_window={d['sliding_window']} is not supported (full attention "
+                             "only; Mixtral applies a window whenever sliding_window is set)")
+        if d.get("router_jitter_noise") or 0.0:
+            raise ValueError(f"config.json: router_jitter_noise={d['router_jitter_noise']} is not supported (only 0)")
+    moe = dict(num_experts=int(next(iter(spellings.values()))), num_experts_per_tok=int(d["num_experts_per_tok"]),
+               router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
+               output_router_logits=bool(d.get("output_router_logits", False)))
+    if arch == "mixtral":
+        return moe
+    moe.update(moe_intermediate_size=int(d["moe_intermediate_size"]), norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+               decoder_sparse_step=int(d.get("decoder_sparse_step", 1)), mlp_only_layers=list(d.get("mlp_only_layers") or []))
+    if arch == "qwen2_moe":
+        moe["shared_expert_intermediate_size"] = int(d["shared_expert_intermediate_size"])
+    return moe
 
 
 def _arch_of(d: dict) -> str:

@@ -1,10 +1,14 @@
-"""The lean decoder: Llama, Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm), dense.
+"""The lean decoder: Llama, Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm), and their
+mixture-of-experts kin Qwen2-MoE, Qwen3-MoE, Mixtral (sparse MLPs in moe.py).
 
     h_0 = embed(ids)
     a_l = h_{l-1} + W_o Attn(RoPE(W_q n(h)), RoPE(W_k n(h)), W_v n(h)),  n = RMSNorm
     h_l = a_l + W_down(silu(W_gate n(a_l)) * W_up n(a_l))                 (SwiGLU)
     out = RMSNorm(h_L)                                 -> hidden states (total, H), not logits
 RMSNorm(x) = w * x / sqrt(mean(x^2) + eps), computed in float32.
+In MoE models the MLP of each sparse layer is the routed-experts block (moe.py). A forward with
+gradients enabled keeps every sparse layer's router logits and top-k ids (model.router_logits,
+model.router_topk_ids) for model.aux_loss(), the load-balancing term of the trainer's loss.
 
 Module and parameter names follow transformers' (model.layers.N.self_attn.q_proj.weight, ...), so
 a Hugging Face state dict loads with no renaming. Tokens are packed (total,) with cu_seqlens in
@@ -30,6 +34,7 @@ from .attention import _flash_varlen, pad_plan, paged_ops, prefix_prefill_attent
 from .config import ModelConfig
 from .context import AttnContext
 from .functional import apply_rope, swiglu
+from .moe import SparseMoeBlock, load_balancing_loss_hf
 from .rope import RotaryEmbedding
 
 
@@ -83,11 +88,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x):
         # swiglu keeps 2 fewer (N, I) tensors for backward than the three Linears would (functional.py)
@@ -95,23 +100,33 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, i: int):
         super().__init__()
         self.self_attn = Attention(c)
-        self.mlp = MLP(c)
+        self.sparse = c.is_sparse_layer(i)
+        if self.sparse:
+            shared = MLP(c.hidden_size, c.shared_expert_intermediate_size) if c.shared_expert_intermediate_size else None
+            self.mlp = SparseMoeBlock(c, shared)
+        else:
+            self.mlp = MLP(c.hidden_size, c.intermediate_size)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, x, cos, sin, ctx, plan, layer):
+        """-> x, or (x, router_logits (T, E), topk_ids (T, K)) in a sparse layer (returned, not
+        stashed, so that activation checkpointing's recompute does not record them twice)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, plan, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if not self.sparse:
+            return x + self.mlp(self.post_attention_layernorm(x))
+        y, logits, ids = self.mlp(self.post_attention_layernorm(x))
+        return x + y, logits, ids
 
 
 class DecoderModel(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 
@@ -125,6 +140,11 @@ class CausalLM(nn.Module):
         self.num_kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
         self.num_layers = config.num_hidden_layers
         self.gradient_checkpointing = False
+        self.router_logits: list[torch.Tensor] = []  # (T, E) per sparse layer, from the last forward with grad
+        self.router_topk_ids: list[torch.Tensor] = []  # (T, K) per sparse layer
+        # The expert ops read routing counts on the host (per-expert loop), which a CUDA graph
+        # cannot capture: the rollout engine should decode MoE models eagerly.
+        self.supports_cuda_graphs = not config.is_moe
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -141,12 +161,35 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (total, H)
         cos, sin = self.rotary(positions)  # (total, 1, D/2)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        record = torch.is_grad_enabled()  # rollouts and eval keep nothing
+        self.router_logits, self.router_topk_ids = [], []
         for i, layer in enumerate(self.model.layers):
             if ckpt:
                 x = checkpoint(layer, x, cos, sin, ctx, plan, i, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, ctx, plan, i)
+            if layer.sparse:
+                x, logits, ids = x
+                if record:
+                    self.router_logits.append(logits)
+                    self.router_topk_ids.append(ids)
         return self.model.norm(x)
+
+    def load_balancing_loss(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """transformers' `aux_loss` (no coefficient) over the sparse layers of the last forward with
+        gradients; mask (total,) bool drops tokens (e.g. padding). See moe.load_balancing_loss_hf."""
+        if not self.config.is_moe:
+            raise ValueError(f"load_balancing_loss: a {self.config.arch} model has no experts")
+        if not self.router_logits:
+            raise ValueError("load_balancing_loss: no router logits recorded; run a forward with gradients "
+                             "enabled first (none are kept under torch.no_grad / inference_mode)")
+        c = self.config
+        return load_balancing_loss_hf(self.router_logits, self.router_topk_ids, c.num_experts, c.num_experts_per_tok, mask)
+
+    def aux_loss(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """router_aux_loss_coef * load_balancing_loss(): what transformers adds to its LM loss (it does
+        so when config.output_router_logits is set); differentiable w.r.t. the router weights."""
+        return self.config.router_aux_loss_coef * self.load_balancing_loss(mask)
 
     def _plan(self, input_ids, positions, ctx) -> dict:
         """Checks, and the host-side facts every layer needs (read once: each .tolist() syncs a GPU)."""
