@@ -10,6 +10,9 @@ Rules (documented because model output is adversarial):
   Nothing found -> None (reward 0).
 - Unicode digits (any Unicode category Nd, e.g. Arabic-Indic "٤٢") are mapped to ASCII after NFKC
   normalization, so "٤٢" == "42" consistently on both sides.
+- A learned reward model ("rm:FOLDER" raw score, "rm_sigmoid:FOLDER" squashed to (0, 1)): a local
+  Hugging Face sequence-classification checkpoint scores "question\nresponse" (the logit of label 0,
+  the only one for a 1-label head), batched under no_grad, loaded once per folder (RewardModel).
 - Huge numbers never hang: integers compare exactly as digit strings past 4000 digits (Python's
   int() refuses > 4300), decimal exponents beyond +-1000 are rejected, and symbolic expressions go to
   sympy only after an AST check (no power with a non-literal or > 64 exponent, <= 200 characters)
@@ -20,6 +23,7 @@ from __future__ import annotations
 import ast
 import importlib
 import math
+import os
 import re
 import signal
 import threading
@@ -276,15 +280,76 @@ def _code_block(response: str) -> str | None:
 
 
 BUILTIN_REWARDS: dict[str, Callable] = {"accuracy": accuracy_reward, "format": format_reward}
+RM_PREFIXES = {"rm:": None, "rm_sigmoid:": "sigmoid"}  # reward-model reward names -> squash
+
+
+class RewardModel:
+    """A learned reward: AutoModelForSequenceClassification + AutoTokenizer from a local folder.
+
+    score = the logit of label 0 (the single logit of a 1-label head), sigmoid-squashed when asked.
+    The folder is checked when the reward spec is parsed (configs fail early); the weights load on
+    the first call and stay cached in _RM_CACHE (one copy per folder however many specs name it).
+    `batch` scores a list in chunks of `batch_size` (padded, under no_grad); __call__ scores one."""
+
+    def __init__(self, path: str, squash: str | None = None, batch_size: int = 32, max_length: int = 512):
+        if not os.path.isdir(path):
+            raise ValueError(f"reward model {path!r}: no such folder (expected a local Hugging Face "
+                             "sequence-classification checkpoint: config.json, weights, tokenizer)")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"reward model {path!r}: no config.json in the folder")
+        self.path, self.squash, self.batch_size, self.max_length = path, squash, batch_size, max_length
+        self.__name__ = f"rm:{path}"
+
+    def _load(self):
+        key = os.path.realpath(self.path)
+        if key not in _RM_CACHE:
+            import torch
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True, trust_remote_code=False)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                self.path, local_files_only=True, trust_remote_code=False).eval()
+            if tok.pad_token is None:  # batching needs a pad token; eos is the usual stand-in
+                tok.pad_token = tok.eos_token or tok.unk_token
+            if getattr(model.config, "pad_token_id", None) is None:  # decoder heads find the last token by it
+                model.config.pad_token_id = tok.pad_token_id
+            tok.padding_side = "right"
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            _RM_CACHE[key] = (model.to(device), tok, device)
+        return _RM_CACHE[key]
+
+    def batch(self, responses: list[str], problems: list) -> list[float]:
+        import torch
+        model, tok, device = self._load()
+        texts = [f"{getattr(p, 'question', '')}\n{r or ''}" for r, p in zip(responses, problems)]
+        out: list[float] = []
+        with torch.no_grad():
+            for i in range(0, len(texts), self.batch_size):
+                enc = tok(texts[i:i + self.batch_size], return_tensors="pt", padding=True, truncation=True,
+                          max_length=self.max_length, add_special_tokens=True).to(device)
+                logits = model(**enc).logits[:, 0].float()  # (B,) label 0's logit
+                if self.squash == "sigmoid":
+                    logits = torch.sigmoid(logits)
+                out += logits.tolist()
+        return out
+
+    def __call__(self, response: str, problem) -> float:
+        return self.batch([response], [problem])[0]
+
+
+_RM_CACHE: dict = {}
 
 
 def load_reward_fn(spec: str) -> Callable:
-    """A reward function by name ("accuracy", "format") or import path "pkg.module:function"."""
+    """A reward function by name ("accuracy", "format"), reward model ("rm:FOLDER",
+    "rm_sigmoid:FOLDER") or import path "pkg.module:function"."""
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
+    for prefix, squash in RM_PREFIXES.items():
+        if spec.startswith(prefix):
+            return RewardModel(spec[len(prefix):], squash)
     if ":" not in spec:
-        raise ValueError(f"reward {spec!r}: expected a built-in name {sorted(BUILTIN_REWARDS)} "
-                         "or an import path 'pkg.module:function'")
+        raise ValueError(f"reward {spec!r}: expected a built-in name {sorted(BUILTIN_REWARDS)}, "
+                         "'rm:FOLDER' or an import path 'pkg.module:function'")
     mod_name, fn_name = spec.split(":", 1)
     try:
         mod = importlib.import_module(mod_name)
@@ -317,7 +382,9 @@ def parse_reward_spec(spec: str) -> list[tuple[str, Callable, float]]:
 
 
 def compute_rewards(responses: list[str], problems: list, spec: list[tuple[str, Callable, float]]):
-    """Weighted sum per response, plus each component's list (for logging)."""
-    parts = {name: [float(fn(r, p)) for r, p in zip(responses, problems)] for name, fn, _ in spec}
+    """Weighted sum per response, plus each component's list (for logging). A function with a
+    `batch(responses, problems)` method (RewardModel) scores the whole list in one call."""
+    parts = {name: [float(x) for x in fn.batch(responses, problems)] if hasattr(fn, "batch") else
+             [float(fn(r, p)) for r, p in zip(responses, problems)] for name, fn, _ in spec}
     total = [sum(w * parts[name][i] for name, _, w in spec) for i in range(len(responses))]
     return total, parts

@@ -159,7 +159,9 @@ class JsonlTask(Task):
     """A local JSONL dataset, one problem per line. Accepted shapes:
     {"question", "answer"}; GSM8K {"question", "answer": "... #### 42"}; MATH {"problem",
     "solution" with \\boxed{}} (or an explicit "answer"). An optional "response" in the training
-    format is used as the worked solution for SFT."""
+    format is used as the worked solution for SFT (what `reasonrl sample` writes); optional
+    "checker" ("math" | "countdown") and "meta" (e.g. countdown's numbers and target) say how
+    rewards.accuracy_reward verifies an answer (default: math equivalence)."""
 
     def __init__(self, path: str):
         self.path, self.name = path, f"jsonl:{os.path.basename(path)}"
@@ -194,7 +196,19 @@ def _jsonl_problem(obj, where: str) -> Problem:
     solution = obj.get("response")
     if solution is None and rationale is not None:
         solution = format_response(rationale.strip(), answer)
-    return Problem(question.strip(), answer, solution)
+    if solution is not None and not isinstance(solution, str):
+        raise ValueError(f"{where}: 'response' must be a string")
+    checker, meta = obj.get("checker", "math"), obj.get("meta", {})
+    if checker not in JSONL_CHECKERS:
+        raise ValueError(f"{where}: 'checker' must be one of {JSONL_CHECKERS}, got {checker!r}")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: 'meta' must be a JSON object")
+    if checker == "countdown" and not (isinstance(meta.get("numbers"), list) and isinstance(meta.get("target"), int)):
+        raise ValueError(f"{where}: checker 'countdown' needs meta.numbers (a list) and meta.target (an int)")
+    return Problem(question.strip(), answer, solution, checker, meta)
+
+
+JSONL_CHECKERS = ("math", "countdown")  # the checkers whose inputs are plain JSON
 
 
 def load_jsonl(path: str) -> list[Problem]:
@@ -265,3 +279,33 @@ def get_task(name: str, difficulty: int | None = None) -> Task:
     if name == "countdown":
         return CountdownTask(count=max(2, difficulty))
     return BUILTIN[name](digits=(min(2, difficulty), difficulty))
+
+
+def parse_task_mix(spec: str) -> list[tuple[str, float, str | None]]:
+    """A multi-task mix: "TASK=WEIGHT[|REWARDS]" entries joined by ';' -> [(task, weight, rewards)].
+
+    e.g. "multiply=0.6;countdown=0.4|accuracy:1.0,format:0.1;jsonl:help.jsonl=0.2|rm:/models/rm:0.5".
+    '=' and ';' keep clear of the ':' inside task names (jsonl:PATH, rg:NAME) and reward specs, and
+    '|' of the ',' between rewards. Weights are relative (normalized over the mix); rewards None
+    means the run's default spec. Task names are checked here (get_task), so a typo fails early."""
+    out, seen = [], set()
+    for entry in filter(None, (e.strip() for e in spec.split(";"))):
+        head, _, rewards = entry.partition("|")
+        name, eq, weight = head.strip().rpartition("=")
+        if not eq or not name.strip():
+            raise ValueError(f"task mix entry {entry!r}: expected TASK=WEIGHT (optionally |REWARDS)")
+        name = name.strip()
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ValueError(f"task mix entry {entry!r}: weight {weight.strip()!r} is not a number") from None
+        if not (w > 0 and w < float("inf")):
+            raise ValueError(f"task mix entry {entry!r}: weight must be a finite number > 0, got {w}")
+        if name in seen:
+            raise ValueError(f"task mix: task {name!r} appears twice")
+        seen.add(name)
+        get_task(name)  # raises naming the unknown task or the missing file
+        out.append((name, w, rewards.strip() or None))
+    if not out:
+        raise ValueError(f"task mix {spec!r}: no tasks given (expected e.g. 'multiply=0.6;countdown=0.4')")
+    return out

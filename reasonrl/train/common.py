@@ -10,13 +10,18 @@ import torch
 from reasonrl.models import AttnContext, builtin_path, init_model, load_model, load_tokenizer
 
 
+BUILTIN_MODELS = ("tiny", "tiny-s")  # reasonrl/assets/<name>: config + tokenizer, no weights
+
+
 def load_model_and_tokenizer(spec: str, seed: int = 0):
-    """"tiny" (the built-in config, random init by seed) or a local Hugging Face folder."""
-    if spec == "tiny":
-        path = builtin_path("tiny")
+    """A built-in name ("tiny", or the smaller student "tiny-s": random init by seed) or a local
+    Hugging Face folder."""
+    if spec in BUILTIN_MODELS:
+        path = builtin_path(spec)
         return init_model(path, seed=seed), load_tokenizer(path)
     if not os.path.isdir(spec):
-        raise ValueError(f"model {spec!r}: expected 'tiny' or a local model folder (config.json + safetensors)")
+        raise ValueError(f"model {spec!r}: expected one of {BUILTIN_MODELS} or a local model folder "
+                         "(config.json + safetensors)")
     return load_model(spec), load_tokenizer(spec)
 
 

@@ -43,7 +43,7 @@ def _check_optim(c):
 class SFTConfig:
     """Cold-start SFT: cross-entropy on the response tokens of worked examples."""
     model: str = "tiny"            # "tiny" (built-in, random init), or a local Hugging Face folder
-    task: str = "multiply"         # multiply | add | countdown | jsonl:PATH | rg:DATASET
+    task: str = "multiply"         # multiply | add | countdown | jsonl:PATH | rg:DATASET | a mix "multiply=0.7;add=0.3"
     difficulty: int | None = None  # the task's knob (None = the task's default)
     num_examples: int = 500        # size of the fixed cold-start set
     steps: int = 2000
@@ -69,6 +69,22 @@ class SFTConfig:
             _bad(self, "batch_size", "must be >= 1")
         if "{question}" not in self.prompt_template:
             _bad(self, "prompt_template", "must contain {question}")
+        if "=" in self.task:
+            _check_mix(self, "task", rewards=False)
+
+
+def _check_mix(cfg, name, rewards=True):
+    """Validate a task mix field (rl.tasks.parse_task_mix syntax); errors name the field."""
+    from reasonrl.rl.rewards import parse_reward_spec
+    from reasonrl.rl.tasks import parse_task_mix
+    try:
+        for _, _, spec in parse_task_mix(getattr(cfg, name)):
+            if spec is not None and not rewards:
+                raise ValueError("per-task rewards ('|REWARDS') only apply to GRPO")
+            if spec is not None:
+                parse_reward_spec(spec)
+    except (ValueError, ImportError) as e:
+        _bad(cfg, name, str(e))
 
 
 @dataclass
@@ -76,6 +92,7 @@ class GRPOConfig:
     """GRPO: rollouts from the engine, verified rewards, grpo_loss, AdamW."""
     model: str = "tiny"            # a folder (e.g. the SFT stage's out_dir/final) or "tiny"
     task: str = "multiply"
+    tasks: str = ""                # multi-task mix "TASK=WEIGHT[|REWARDS];..." (rl/tasks.py parse_task_mix); "" = task
     difficulty: int | None = None
     steps: int = 200
     max_seconds: float = 0.0
@@ -146,6 +163,8 @@ class GRPOConfig:
             _bad(self, "backend", f"must be one of {BACKENDS}")
         from reasonrl.rl.rewards import parse_reward_spec
         parse_reward_spec(self.rewards)  # raises naming the bad reward
+        if self.tasks:
+            _check_mix(self, "tasks")
 
 
 @dataclass
@@ -165,6 +184,125 @@ class TrainConfig:
             _bad(self, "control_lr", "must be > 0")
         if self.eval_problems < 1:
             _bad(self, "eval_problems", "must be >= 1")
+
+
+STAGES = ("sft", "grpo", "sample", "rs_sft", "mt_grpo")
+
+
+@dataclass
+class SampleConfig:
+    """Rejection sampling: n samples per training-split prompt, keep the verified-correct ones."""
+    model: str = "tiny"            # a model folder (e.g. runs/train/grpo/final), or a built-in name
+    task: str = "multiply"
+    difficulty: int | None = None
+    num_prompts: int = 512         # training-split prompts
+    n: int = 8                     # samples per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    shortest: bool = False         # keep only the shortest correct response per prompt
+    require_format: bool = True    # also require the exact <think>..</think><answer>..</answer> format
+    chunk_prompts: int = 64        # prompts per engine call (one progress-bar tick)
+    prompt_template: str = "{question}\n"
+    seed: int = 0
+    out: str = "runs/sample/samples.jsonl"
+
+    def __post_init__(self):
+        for name in ("num_prompts", "n", "max_tokens", "chunk_prompts"):
+            if getattr(self, name) < 1:
+                _bad(self, name, "must be >= 1")
+        if not self.temperature > 0:
+            _bad(self, "temperature", "must be > 0 (n different samples per prompt)")
+        if not 0 < self.top_p <= 1:
+            _bad(self, "top_p", "must be in (0, 1]")
+        if not self.out.endswith(".jsonl"):
+            _bad(self, "out", "must be a .jsonl path")
+        if "{question}" not in self.prompt_template:
+            _bad(self, "prompt_template", "must contain {question}")
+
+
+@dataclass
+class PipelineConfig:
+    """The whole R1 pipeline (`reasonrl train --stages ...` or `--config r1_pipeline.toml`):
+    cold-start SFT -> GRPO -> rejection sampling -> SFT on the kept samples -> multi-task GRPO.
+    Each stage starts from the previous stage's final model (a stage's own `model` field is used
+    only when no earlier stage made one); --resume skips finished stages and resumes the
+    interrupted one from its latest checkpoint."""
+    stages: str = "sft,grpo,sample,rs_sft,mt_grpo"  # a subsequence of that order
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_seconds=330.0))
+    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=10_000, max_seconds=240.0))
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(shortest=True))
+    rs_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=300, lr=2e-4, warmup_steps=10))
+    mt_grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(tasks="multiply=0.7;add=0.3", steps=100))
+    eval_tasks: str = ""           # comma-separated held-out task sets; "" = grpo.task plus mt_grpo's tasks
+    eval_problems: int = 200       # held-out problems per eval task, greedy
+    stop_after: str = ""           # stop after this stage (a stage limit; --resume continues)
+    seed: int = 0
+    out_dir: str = "runs/pipeline"
+    resume: bool = False
+
+    def __post_init__(self):
+        names = [s.strip() for s in self.stages.split(",") if s.strip()]
+        unknown = [s for s in names if s not in STAGES]
+        if unknown or not names:
+            _bad(self, "stages", f"unknown stage(s) {unknown} (stages: {', '.join(STAGES)})" if unknown
+                 else "no stages given")
+        if names != sorted(set(names), key=STAGES.index):
+            _bad(self, "stages", f"must be a subsequence of {','.join(STAGES)} with no repeats")
+        if self.stop_after and self.stop_after not in names:
+            _bad(self, "stop_after", f"must be one of the run's stages {names}")
+        if self.eval_problems < 0:
+            _bad(self, "eval_problems", "must be >= 0 (0 = no evaluation)")
+        from reasonrl.rl.tasks import get_task
+        for t in self.eval_task_list():
+            try:
+                get_task(t)
+            except (ValueError, ImportError) as e:
+                _bad(self, "eval_tasks", str(e))
+
+    def stage_list(self) -> list[str]:
+        return [s.strip() for s in self.stages.split(",") if s.strip()]
+
+    def eval_task_list(self) -> list[str]:
+        if self.eval_tasks:
+            return [t.strip() for t in self.eval_tasks.split(",") if t.strip()]
+        from reasonrl.rl.tasks import parse_task_mix
+        mix = [n for n, _, _ in parse_task_mix(self.mt_grpo.tasks)] if self.mt_grpo.tasks else []
+        return list(dict.fromkeys([self.grpo.task] + mix))
+
+
+@dataclass
+class DistillConfig:
+    """Distillation: the teacher's verified-correct traces + the cold-start set train a smaller
+    student by SFT, beside the same student trained for the same steps on the cold-start set alone."""
+    teacher: str = "runs/train/grpo/final"  # the default run's GRPO model
+    student: str = "tiny-s"        # built-in name (random init) or a model folder
+    task: str = "multiply"
+    difficulty: int | None = None
+    num_examples: int = 500        # the cold-start set (both students see it; same seed as `reasonrl train`)
+    teacher_prompts: int = 2000    # training-split prompts the teacher answers (cold-start questions excluded)
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    shortest: bool = True
+    steps: int = 1500              # SFT steps of each student
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    max_tokens: int = 64
+    eval_problems: int = 500       # held-out problems, greedy
+    seed: int = 0
+    out_dir: str = "runs/distill"
+
+    def __post_init__(self):
+        for name in ("num_examples", "teacher_prompts", "samples_per_prompt", "steps", "batch_size",
+                     "max_tokens", "eval_problems"):
+            if getattr(self, name) < 1:
+                _bad(self, name, "must be >= 1")
+        if not self.lr > 0:
+            _bad(self, "lr", "must be > 0")
+        if not self.temperature > 0:
+            _bad(self, "temperature", "must be > 0")
 
 
 @dataclass

@@ -6,12 +6,18 @@ dynamic sampling), truncated completions masked (or penalized), then micro-batch
 within a token budget, each a packed forward -> ops.grpo_loss on hidden states + the LM-head weight
 (advantages are computed inside the op from the raw rewards), backward; one AdamW step per pass.
 With mu > 1 the batch is reused, and the old policy's log-probs come from the no-grad fused op.
+
+Multi-task (cfg.tasks = "multiply=0.6;countdown=0.4|accuracy:1.0,format:0.1", rl/tasks.py
+parse_task_mix): each prompt's task is drawn by weight, its group scored by that task's reward
+spec (default cfg.rewards; "rm:FOLDER" is a learned reward model), and the log adds reward/<task>,
+accuracy/<task> and groups/<task> (prompts drawn, before dynamic sampling).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import os
+import random
 import time
 
 import torch
@@ -20,7 +26,7 @@ from reasonrl.engine import LLMEngine, SamplingParams
 from reasonrl.ops import linear_token_logprobs
 from reasonrl.ops.grpo import GRPOLossConfig, grpo_loss
 from reasonrl.rl.rewards import compute_rewards, format_reward, parse_reward_spec
-from reasonrl.rl.tasks import get_task
+from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import resume_or_start, save_checkpoint
 from reasonrl.train.common import (encode_prompt, load_model_and_tokenizer, lr_at, make_optimizer, pack,
                                    step_seed, token_budget_batches)
@@ -32,29 +38,32 @@ LOG_KEYS = ("step", "reward", "accuracy", "format", "length", "kl", "clip_frac",
             "rollout_tok_s", "train_tok_s")
 
 
-def rollout(engine, tokenizer, task, cfg: GRPOConfig, step: int, spec, exclude):
+def rollout(engine, tokenizer, tasks, cfg: GRPOConfig, step: int, exclude):
     """Sample groups until prompts_per_step groups with reward variance (or refills run out).
 
-    filter_on="accuracy" (DAPO) keeps a group only when its accuracy varies: a group that is all
-    wrong but differs in format would otherwise get full-size advantages (std-normalized) for
-    format alone. Measured on this machine (2026-11-26): from a 16%-accurate SFT model, filtering
-    on the total reward drove held-out accuracy to 0% in 67 steps (format-only answers)."""
+    `tasks`: [(name, Task, reward spec, weight)]; with several, each prompt's task is drawn by
+    weight (draw_problems). filter_on="accuracy" (DAPO) keeps a group only when its accuracy
+    varies: a group that is all wrong but differs in format would otherwise get full-size
+    advantages (std-normalized) for format alone. Measured on this machine (2026-11-26): from a
+    16%-accurate SFT model, filtering on the total reward drove held-out accuracy to 0% in 67
+    steps (format-only answers)."""
     kept, stats = [], {"rollout_tokens": 0, "rollout_s": 0.0, "all": []}
     for refill in range(cfg.max_refills + 1 if cfg.dynamic_sampling else 1):
         need = cfg.prompts_per_step - len(kept)
-        problems = task.problems(need, seed=step_seed(cfg.seed, "grpo", step, refill), exclude=exclude)
-        prompts = [encode_prompt(tokenizer, cfg.prompt_template, p.question) for p in problems]
+        drawn = draw_problems(tasks, need, cfg.seed, step, refill, exclude)
+        prompts = [encode_prompt(tokenizer, cfg.prompt_template, p.question) for _, p in drawn]
         torch.manual_seed(step_seed(cfg.seed, "sample", step, refill))  # the engine's per-sample seeds
         t0 = time.perf_counter()
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
         outs = engine.generate(prompts, params, n=cfg.group_size)
         stats["rollout_s"] += time.perf_counter() - t0
-        for prob, prompt, group in zip(problems, prompts, outs):
+        for (t, prob), prompt, group in zip(drawn, prompts, outs):
             texts = [c.text or "" for c in group]
-            total, parts = compute_rewards(texts, [prob] * len(group), spec)
+            total, parts = compute_rewards(texts, [prob] * len(group), tasks[t][2])
             if cfg.truncation == "penalize":
                 total = [cfg.truncation_reward if c.finish_reason == "length" else r for c, r in zip(group, total)]
-            g = {"prompt": prompt, "completions": group, "rewards": total, "parts": parts, "texts": texts}
+            g = {"prompt": prompt, "completions": group, "rewards": total, "parts": parts, "texts": texts,
+                 "task": tasks[t][0]}
             stats["rollout_tokens"] += sum(c.length for c in group)
             stats["all"].append(g)
             key = parts["accuracy"] if cfg.filter_on == "accuracy" and "accuracy" in parts else total
@@ -63,6 +72,27 @@ def rollout(engine, tokenizer, task, cfg: GRPOConfig, step: int, spec, exclude):
         if len(kept) >= cfg.prompts_per_step:
             break
     return kept[:cfg.prompts_per_step], stats
+
+
+def make_tasks(cfg: GRPOConfig):
+    """[(name, Task, reward spec, weight)]: cfg.task alone, or the cfg.tasks mix (its per-task
+    |REWARDS, else cfg.rewards)."""
+    if not cfg.tasks:
+        return [(cfg.task, get_task(cfg.task, cfg.difficulty), parse_reward_spec(cfg.rewards), 1.0)]
+    return [(name, get_task(name, cfg.difficulty), parse_reward_spec(rw or cfg.rewards), w)
+            for name, w, rw in parse_task_mix(cfg.tasks)]
+
+
+def draw_problems(tasks, n, seed, step, refill, exclude):
+    """n (task index, Problem) pairs; with a mix each slot's task is drawn by weight, then every
+    task makes its share of distinct problems. Seeded by (seed, step, refill): a resumed run
+    redraws the same ones."""
+    if len(tasks) == 1:  # one task: the draw of the single-task runs, unchanged
+        return [(0, p) for p in tasks[0][1].problems(n, seed=step_seed(seed, "grpo", step, refill), exclude=exclude)]
+    rng = random.Random(step_seed(seed, "mix", step, refill))
+    picks = rng.choices(range(len(tasks)), weights=[t[3] for t in tasks], k=n)
+    return [(i, p) for i, (name, task, _, _) in enumerate(tasks)
+            for p in task.problems(picks.count(i), seed=step_seed(seed, "grpo", step, refill, name), exclude=exclude)]
 
 
 def train_on_groups(model, ref_model, opt, groups, cfg: GRPOConfig, loss_cfg: GRPOLossConfig):
@@ -146,7 +176,7 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
     """Train; returns (model, tokenizer, summary). Ctrl-C saves a checkpoint, then re-raises."""
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
-    task, spec = get_task(cfg.task, cfg.difficulty), parse_reward_spec(cfg.rewards)
+    tasks = make_tasks(cfg)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
     loss_cfg = GRPOLossConfig(advantage=cfg.advantage, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                               beta=cfg.beta, loss_type=cfg.loss_type, max_completion_length=cfg.max_tokens)
@@ -166,14 +196,16 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
             lr = lr_at(step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
             for group in opt.param_groups:
                 group["lr"] = lr
-            groups, rs = rollout(engine, tokenizer, task, cfg, step, spec, exclude)
+            groups, rs = rollout(engine, tokenizer, tasks, cfg, step, exclude)
             t0 = time.perf_counter()
             ts = train_on_groups(model, ref_model, opt, groups, cfg, loss_cfg) if groups else None
             train_s = time.perf_counter() - t0
             step += 1
             elapsed = time.perf_counter() - start
             row = _row(step, lr, rs, ts, train_s, elapsed, len(groups))
-            line = logger.log(row, LOG_KEYS)
+            if cfg.tasks:
+                row.update(_task_metrics(rs, [t[0] for t in tasks]))
+            line = logger.log(row, LOG_KEYS + tuple(k for k in row if "/" in k))
             if step % cfg.log_every == 0:
                 print(f"[{tag}] {line}", flush=True)
             if cfg.save_every and step % cfg.save_every == 0:
@@ -186,6 +218,21 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
     plot_metrics(logger.path, os.path.join(cfg.out_dir, "metrics.png"),
                  ["reward", "accuracy", "format", "length", "kl", "clip_frac", "entropy", "groups", "lr"])
     return model, tokenizer, {"steps": step, "seconds": elapsed}
+
+
+def _task_metrics(rs, names):
+    """reward/<task>, accuracy/<task> (tasks with an accuracy reward), groups/<task> (prompts drawn)."""
+    out = {}
+    for name in names:
+        gs = [g for g in rs["all"] if g["task"] == name]
+        out[f"groups/{name}"] = len(gs)
+        if gs:
+            rewards = [r for g in gs for r in g["rewards"]]
+            out[f"reward/{name}"] = sum(rewards) / len(rewards)
+            acc = [a for g in gs for a in g["parts"].get("accuracy", [])]
+            if acc:
+                out[f"accuracy/{name}"] = sum(acc) / len(acc)
+    return out
 
 
 def _row(step, lr, rs, ts, train_s, elapsed, kept):

@@ -9,7 +9,7 @@ import time
 import torch
 
 from reasonrl.ops import linear_token_logprobs
-from reasonrl.rl.tasks import get_task
+from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import resume_or_start, save_checkpoint
 from reasonrl.train.common import (encode_prompt, encode_response, load_model_and_tokenizer, lr_at,
                                    make_optimizer, pack, step_seed)
@@ -19,8 +19,19 @@ from reasonrl.models import save_model
 
 
 def sft_examples(cfg: SFTConfig):
-    """The fixed cold-start set: num_examples training-split problems with worked solutions."""
-    problems = get_task(cfg.task, cfg.difficulty).problems(cfg.num_examples, seed=cfg.seed, split="train")
+    """The fixed cold-start set: num_examples training-split problems with worked solutions (a task
+    mix "multiply=0.7;add=0.3" splits num_examples by weight, largest remainders first)."""
+    if "=" in cfg.task:
+        mix = parse_task_mix(cfg.task)
+        total = sum(w for _, w, _ in mix)
+        exact = [cfg.num_examples * w / total for _, w, _ in mix]
+        counts = [int(x) for x in exact]
+        for i in sorted(range(len(mix)), key=lambda i: counts[i] - exact[i])[:cfg.num_examples - sum(counts)]:
+            counts[i] += 1
+        problems = [p for (name, _, _), k in zip(mix, counts)
+                    for p in get_task(name, cfg.difficulty).problems(k, seed=cfg.seed, split="train")]
+    else:
+        problems = get_task(cfg.task, cfg.difficulty).problems(cfg.num_examples, seed=cfg.seed, split="train")
     missing = [p.question for p in problems if not p.solution]
     if missing:
         raise ValueError(f"SFTConfig.task {cfg.task!r}: {len(missing)} problems have no worked solution "
