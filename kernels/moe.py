@@ -1,0 +1,473 @@
+"""Triton kernels of MoE expert compute: grouped GEMMs over expert-sorted rows, SwiGLU, combine.
+
+Math (T tokens, top-K, E experts; x (T, H), w_gate_up (E, 2I, H) = [Wg; Wu], w_down (E, H, I)):
+    assignment a = t*K + k goes to expert e = ids[t, k] with weight w_a = topk_weights[t, k]
+    g_a = x_t Wg_e^T,  u_a = x_t Wu_e^T                       (I,)
+    act_a = silu(g_a) * u_a,  y_a = act_a Wd_e^T              (I,), (H,)
+    out_t = sum_k w_{tK+k} y_{tK+k}                           (H,)
+Backward, with go_t = d loss / d out_t and s = sigmoid(g):
+    dact_a = w_a (go_t Wd_e)                                  (the unweighted go_t Wd_e is c_a)
+    d w_a  = go_t . y_a = act_a . c_a                         (no (T*K, H) y kept: a dot over I)
+    dg_a = dact_a * u_a * s (1 + g_a (1 - s)),  du_a = dact_a * silu(g_a)
+    dWd_e = sum_{a in e} go_t^T (w_a act_a),   dW_e = sum_{a in e} [dg_a | du_a]^T x_t
+    dx_t  = sum_k [dg_a | du_a] W_e
+Layout: reasonrl.ops.moe.moe_dispatch(ids, E, block_size=BLOCK_M) sorts the assignments by expert
+and pads each expert's segment to a multiple of BLOCK_M with -1, so every BLOCK_M-row block has one
+expert (block_expert) and the row loops of the kernels need no segment bounds. Token rows of x and
+of go are gathered inside the GEMM loads (row a -> token a // K): no gathered copy of x is made.
+Combine: the second GEMM writes each assignment's weighted output to its row a of a (T*K, H)
+buffer, then a reduce kernel sums each token's K rows in order k = 0..K-1 in float32. No atomics,
+so results are bitwise reproducible run to run. dx is combined the same way.
+
+Kept for backward: the inputs, the dispatch metadata (P int32 rows), and the pre-activation
+[g | u] (P, 2I) in x's dtype when 2I <= H (at the goal shape T=16384, H=2048, I=768, E=128, top-8
+that is 0.75 of a (T*K, H) buffer, and recomputing it would cost the whole first GEMM again: 4 of
+the 18 T*K*H*I FLOP units of fwd+bwd, +22%). When 2I > H (Mixtral: I = 3.5 H) nothing of size
+T*K is kept: the backward kernel recomputes g, u from x beside its go Wd GEMM (same reduction over
+H, one more pair of tl.dot per step). act is never kept: it is elementwise from g, u.
+Transient buffers: act (P, I) in forward; [dg | du] (P, 2I), w*act (P, I) and the per-assignment
+(T*K, H) outputs in backward; all freed when the op returns.
+
+Verified: values and all four gradients against a float64 per-expert loop under TRITON_INTERPRET=1
+on CPU (tests/test_moe_triton.py; float32 and bfloat16, the latter computed in float32 inside the
+interpreter, whose bf16 tl.dot is wrong in Triton 3.9). NOT verified: anything on a GPU (compile
+on triton 3.6, speed, the Hopper block configs in _CONFIGS_GPU are reasoned, not measured).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    # GROUP_M row blocks (mostly of one expert) sweep the column blocks together, so each weight
+    # tile is read from L2 by GROUP_M programs in a row and the gathered x rows stay hot too.
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def _rows_of_block(IDX, BLOCK_EXPERT, pid_m, K, BLOCK_M: tl.constexpr):
+    e = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # padded rows (BM,)
+    a = tl.load(IDX + rows).to(tl.int64)  # assignment ids, -1 in the padding
+    valid = a >= 0
+    a = tl.where(valid, a, 0)
+    return e, rows, a, a // K, valid
+
+
+@triton.jit
+def _moe_gate_up_fwd_kernel(
+    X, W1, IDX, BLOCK_EXPERT, ACT, HPRE,
+    num_m, H, I, K,
+    stride_xt, stride_xh, stride_we, stride_wn, stride_wh,
+    STORE_H: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """act[r, n] = silu(x[tok] . Wg[e, n]) * (x[tok] . Wu[e, n]) for padded row r, column n < I."""
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), num_m, tl.cdiv(I, BLOCK_N), GROUP_M)
+    e, rows, a, tok, valid = _rows_of_block(IDX, BLOCK_EXPERT, pid_m, K, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < I
+    kk = tl.arange(0, BLOCK_K)
+    x_ptrs = X + tok[:, None] * stride_xt + kk[None, :] * stride_xh  # (BM, BK) gathered token rows
+    wg_ptrs = W1 + e * stride_we + n[None, :] * stride_wn + kk[:, None] * stride_wh  # (BK, BN)
+    wu_ptrs = wg_ptrs + I * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kmask = (k0 + kk) < H
+        xt = tl.load(x_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+        wg = tl.load(wg_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        wu = tl.load(wu_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if UPCAST:
+            xt, wg, wu = xt.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+        acc_g = tl.dot(xt, wg, acc_g, input_precision=PREC)
+        acc_u = tl.dot(xt, wu, acc_u, input_precision=PREC)
+        x_ptrs += BLOCK_K * stride_xh
+        wg_ptrs += BLOCK_K * stride_wh
+        wu_ptrs += BLOCK_K * stride_wh
+    act = acc_g * tl.sigmoid(acc_g) * acc_u  # padding rows: g = u = 0 -> act = 0
+    omask = nmask[None, :]
+    tl.store(ACT + rows[:, None] * I + n[None, :], act.to(ACT.dtype.element_ty), mask=omask)
+    if STORE_H:
+        h_ptrs = HPRE + rows[:, None] * (2 * I) + n[None, :]
+        tl.store(h_ptrs, acc_g.to(HPRE.dtype.element_ty), mask=omask)
+        tl.store(h_ptrs + I, acc_u.to(HPRE.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _moe_rows_kernel(
+    A, B, IDX, BLOCK_EXPERT, TW, OUT,
+    num_m, N, KD, K,
+    stride_be, stride_bk, stride_bn,
+    HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """OUT[a(r), n] = (w_a) * sum_j A[r, j] B[e, j, n]: A (P, KD) padded rows (contiguous), OUT (T*K, N).
+
+    Forward: A = act, B = w_down viewed (E, I, H), scaled by the routing weight.
+    Backward: A = [dg | du], B = w_gate_up (E, 2I, H), unscaled (dx per assignment)."""
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    e, rows, a, tok, valid = _rows_of_block(IDX, BLOCK_EXPERT, pid_m, K, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rows[:, None] * KD + kk[None, :]  # (BM, BK)
+    b_ptrs = B + e * stride_be + kk[:, None] * stride_bk + n[None, :] * stride_bn  # (BK, BN)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, KD, BLOCK_K):
+        kmask = (k0 + kk) < KD
+        at = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+        bt = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if UPCAST:
+            at, bt = at.to(tl.float32), bt.to(tl.float32)
+        acc = tl.dot(at, bt, acc, input_precision=PREC)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    if HAS_SCALE:
+        acc = acc * tl.load(TW + a, mask=valid, other=0.0).to(tl.float32)[:, None]
+    tl.store(OUT + a[:, None] * N + n[None, :], acc.to(OUT.dtype.element_ty),
+             mask=valid[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _moe_combine_kernel(Y, OUT, H, K, stride_ot, BLOCK_H: tl.constexpr):
+    """OUT[t] = sum_{k < K} Y[t*K + k] in float32, k in order: deterministic, no atomics."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < H
+    acc = tl.zeros((BLOCK_H,), tl.float32)
+    for k in range(0, K):
+        acc += tl.load(Y + (t * K + k) * H + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + t * stride_ot + cols, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _moe_swiglu_bwd_kernel(
+    GO, WD, X, W1, HPRE, IDX, BLOCK_EXPERT, TW, DH, ACTW, DWP,
+    num_m, H, I, K,
+    stride_gt, stride_gh, stride_de, stride_dh, stride_di,
+    stride_xt, stride_xh, stride_we, stride_wn, stride_wh,
+    RECOMPUTE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """c = go[tok] Wd[e] (a GEMM over H), then through SwiGLU: writes [dg | du], w*act, and the
+    partial dot act . c of this column block (summed over blocks outside: d topk_weights)."""
+    num_n = tl.cdiv(I, BLOCK_N)
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), num_m, num_n, GROUP_M)
+    e, rows, a, tok, valid = _rows_of_block(IDX, BLOCK_EXPERT, pid_m, K, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < I
+    kk = tl.arange(0, BLOCK_K)
+    go_ptrs = GO + tok[:, None] * stride_gt + kk[None, :] * stride_gh  # (BM, BK) gathered
+    wd_ptrs = WD + e * stride_de + kk[:, None] * stride_dh + n[None, :] * stride_di  # (BK, BN) = Wd[e][h, n]
+    x_ptrs = X + tok[:, None] * stride_xt + kk[None, :] * stride_xh
+    wg_ptrs = W1 + e * stride_we + n[None, :] * stride_wn + kk[:, None] * stride_wh
+    wu_ptrs = wg_ptrs + I * stride_wn
+    acc_c = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kmask = (k0 + kk) < H
+        rmask = valid[:, None] & kmask[None, :]
+        wmask = kmask[:, None] & nmask[None, :]
+        got = tl.load(go_ptrs, mask=rmask, other=0.0)
+        wd = tl.load(wd_ptrs, mask=wmask, other=0.0)
+        if UPCAST:
+            got, wd = got.to(tl.float32), wd.to(tl.float32)
+        acc_c = tl.dot(got, wd, acc_c, input_precision=PREC)
+        if RECOMPUTE:
+            xt = tl.load(x_ptrs, mask=rmask, other=0.0)
+            wg = tl.load(wg_ptrs, mask=wmask, other=0.0)
+            wu = tl.load(wu_ptrs, mask=wmask, other=0.0)
+            if UPCAST:
+                xt, wg, wu = xt.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+            acc_g = tl.dot(xt, wg, acc_g, input_precision=PREC)
+            acc_u = tl.dot(xt, wu, acc_u, input_precision=PREC)
+        go_ptrs += BLOCK_K * stride_gh
+        wd_ptrs += BLOCK_K * stride_dh
+        x_ptrs += BLOCK_K * stride_xh
+        wg_ptrs += BLOCK_K * stride_wh
+        wu_ptrs += BLOCK_K * stride_wh
+    omask = nmask[None, :]
+    if RECOMPUTE:
+        g, u = acc_g, acc_u
+    else:
+        h_ptrs = HPRE + rows[:, None] * (2 * I) + n[None, :]
+        g = tl.load(h_ptrs, mask=omask, other=0.0).to(tl.float32)
+        u = tl.load(h_ptrs + I, mask=omask, other=0.0).to(tl.float32)
+    w = tl.load(TW + a, mask=valid, other=0.0).to(tl.float32)[:, None]  # (BM, 1)
+    s = tl.sigmoid(g)
+    silu = g * s
+    act = silu * u
+    dact = acc_c * w
+    dh_ptrs = DH + rows[:, None] * (2 * I) + n[None, :]
+    tl.store(dh_ptrs, (dact * u * s * (1.0 + g * (1.0 - s))).to(DH.dtype.element_ty), mask=omask)
+    tl.store(dh_ptrs + I, (dact * silu).to(DH.dtype.element_ty), mask=omask)
+    tl.store(ACTW + rows[:, None] * I + n[None, :], (act * w).to(ACTW.dtype.element_ty), mask=omask)
+    part = tl.sum(tl.where(omask, act * acc_c, 0.0), axis=1)  # (BM,)
+    tl.store(DWP + a * num_n + pid_n, part, mask=valid)
+
+
+@triton.jit
+def _moe_wgrad_kernel(
+    A, B, IDX, POFF, OUT,
+    N1, N2, K,
+    stride_ar, stride_ac, stride_br, stride_bc, stride_oe, stride_o1, stride_o2,
+    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_1: tl.constexpr, BLOCK_2: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """OUT[e] (N1, N2) = sum over expert e's rows r of A[row_A(r)]^T B[row_B(r)]: a GEMM whose
+    reduction runs over the expert's padded segment; row_X(r) = token of r when X_GATHER else r.
+    dWd: A = go (gathered), B = w*act.  dW_gate_up: A = [dg | du], B = x (gathered).
+    An empty expert runs no step and writes zeros."""
+    nb1 = tl.cdiv(N1, BLOCK_1)
+    nb2 = tl.cdiv(N2, BLOCK_2)
+    pid = tl.program_id(0)
+    e = pid // (nb1 * nb2)  # expert outermost: its rows are re-read by neighbouring programs
+    p1 = (pid % (nb1 * nb2)) // nb2
+    p2 = pid % nb2
+    start = tl.load(POFF + e)
+    end = tl.load(POFF + e + 1)
+    c1 = p1 * BLOCK_1 + tl.arange(0, BLOCK_1)
+    c2 = p2 * BLOCK_2 + tl.arange(0, BLOCK_2)
+    m1 = c1 < N1
+    m2 = c2 < N2
+    acc = tl.zeros((BLOCK_1, BLOCK_2), tl.float32)
+    for r0 in range(start, end, BLOCK_R):  # segments are multiples of BLOCK_M, a multiple of BLOCK_R
+        rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)  # P < 2^31: int32 is exact here
+        a = tl.load(IDX + rows).to(tl.int64)
+        valid = a >= 0
+        tok = tl.where(valid, a, 0) // K
+        if A_GATHER:
+            ra = tok
+        else:
+            ra = rows
+        if B_GATHER:
+            rb = tok
+        else:
+            rb = rows
+        at = tl.load(A + c1[:, None] * stride_ac + ra[None, :] * stride_ar,
+                     mask=m1[:, None] & valid[None, :], other=0.0)  # (B1, BR)
+        bt = tl.load(B + rb[:, None] * stride_br + c2[None, :] * stride_bc,
+                     mask=valid[:, None] & m2[None, :], other=0.0)  # (BR, B2)
+        if UPCAST:
+            at, bt = at.to(tl.float32), bt.to(tl.float32)
+        acc = tl.dot(at, bt, acc, input_precision=PREC)
+    tl.store(OUT + e.to(tl.int64) * stride_oe + c1[:, None] * stride_o1 + c2[None, :] * stride_o2,
+             acc.to(OUT.dtype.element_ty), mask=m1[:, None] & m2[None, :])
+
+
+# Block sizes. BLOCK_M is also the dispatch padding, so it is fixed before any launch (no autotune
+# over it); the rest are fixed too, so a first call compiles once per dtype and nothing is timed
+# at run time. NOTE: the GPU values follow the usual Hopper tl.dot configs (128-row tiles, BK 64,
+# 8 warps, 3-4 stages; two or three float32 accumulators of BM x BN must fit the registers) and
+# were NOT measured: no GPU was available when this was written.
+_CONFIGS_GPU = dict(gate_up=dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4),
+                    rows=dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+                    swiglu_bwd=dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+                    wgrad=dict(BLOCK_1=128, BLOCK_2=128, BLOCK_R=64, num_warps=8, num_stages=3),
+                    GROUP_M=8)
+# The interpreter runs each program in numpy: few, small programs; tl.dot needs dims >= 16.
+_CONFIGS_CPU = dict(gate_up=dict(BLOCK_N=32, BLOCK_K=32), rows=dict(BLOCK_N=32, BLOCK_K=32),
+                    swiglu_bwd=dict(BLOCK_N=32, BLOCK_K=32), wgrad=dict(BLOCK_1=32, BLOCK_2=32, BLOCK_R=16),
+                    GROUP_M=4)
+
+
+def _block_m(device, rows_per_expert: float) -> int:
+    """Row tile = dispatch padding: small for decode (few tokens per expert wastes less padding),
+    128 when experts are full (fewer re-reads of each weight tile)."""
+    if device.type == "cpu":
+        return 16
+    if rows_per_expert <= 16:
+        return 16
+    if rows_per_expert <= 32:
+        return 32
+    return 64 if rows_per_expert < 256 else 128
+
+
+def _cfg(device):
+    return _CONFIGS_CPU if device.type == "cpu" else _CONFIGS_GPU
+
+
+def _precision(dtype, upcast):
+    # float32 in -> float32 products (PyTorch's default), not TF32; bf16/fp16 ignore this.
+    return "ieee" if dtype == torch.float32 or upcast else "tf32"
+
+
+def _upcast(x) -> bool:
+    """Triton 3.9's interpreter gets bf16/fp16 tl.dot wrong: run the products in float32 there."""
+    return x.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _combine(y, T, K, out):
+    """y (T*K, H) -> out (T, H): each token's K rows summed in order, float32."""
+    H = y.shape[1]
+    BLOCK_H = min(triton.next_power_of_2(H), 1024)
+    _moe_combine_kernel[(T, triton.cdiv(H, BLOCK_H))](y, out, H, K, out.stride(0), BLOCK_H=BLOCK_H,
+                                                      num_warps=1 if y.device.type == "cpu" else 4)
+    return out
+
+
+def _rows_gemm(a, b, strides_b, d, tw, n_out, T, K, out_dtype):
+    """Per-assignment rows (T*K, n_out) = [w *] a (P, KD) @ B[e] (KD, n_out)."""
+    P, KD = a.shape
+    cfg = _cfg(a.device)
+    c = cfg["rows"]
+    BM = P // d.block_expert.numel()
+    y = torch.empty(T * K, n_out, dtype=out_dtype, device=a.device)  # (T*K, N)
+    num_m = P // BM
+    grid = (num_m * triton.cdiv(n_out, c["BLOCK_N"]),)
+    upcast = _upcast(a)
+    _moe_rows_kernel[grid](a, b, d.padded_idx, d.block_expert, tw if tw is not None else a, y,
+                           num_m, n_out, KD, K, *strides_b,
+                           HAS_SCALE=tw is not None, UPCAST=upcast, PREC=_precision(a.dtype, upcast),
+                           BLOCK_M=BM, GROUP_M=cfg["GROUP_M"], **c)
+    return y
+
+
+def _wgrad(a, a_gather, b, b_gather, d, K, out):
+    """out (E, N1, N2)[e] = sum over expert e's rows of a[row]^T b[row] (rows gathered by token where asked)."""
+    E, N1, N2 = out.shape
+    c = _cfg(out.device)["wgrad"]
+    upcast = _upcast(a)
+    grid = (E * triton.cdiv(N1, c["BLOCK_1"]) * triton.cdiv(N2, c["BLOCK_2"]),)
+    _moe_wgrad_kernel[grid](a, b, d.padded_idx, d.padded_offsets, out, N1, N2, K,
+                            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                            out.stride(0), out.stride(1), out.stride(2),
+                            A_GATHER=a_gather, B_GATHER=b_gather, UPCAST=upcast,
+                            PREC=_precision(a.dtype, upcast), **c)
+    return out
+
+
+def moe_experts_fwd(x, topk_ids, topk_weights, w_gate_up, w_down, keep_h: bool):
+    """-> (out (T, H) in x's dtype, dispatch, h (P, 2I) or None)."""
+    from reasonrl.ops.moe import moe_dispatch
+
+    T, H = x.shape
+    K = topk_ids.shape[1]
+    E, I = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    BM = _block_m(x.device, T * K / E)
+    d = moe_dispatch(topk_ids, E, block_size=BM)
+    P = d.padded_idx.numel()
+    num_m = P // BM
+    cfg = _cfg(x.device)
+    c = cfg["gate_up"]
+    act = torch.empty(P, I, dtype=x.dtype, device=x.device)  # (P, I), expert-sorted rows
+    h = torch.empty(P, 2 * I, dtype=x.dtype, device=x.device) if keep_h else None  # (P, 2I)
+    upcast = _upcast(x)
+    grid = (num_m * triton.cdiv(I, c["BLOCK_N"]),)
+    _moe_gate_up_fwd_kernel[grid](
+        x, w_gate_up, d.padded_idx, d.block_expert, act, h if keep_h else act,
+        num_m, H, I, K, x.stride(0), x.stride(1), *w_gate_up.stride(),
+        STORE_H=keep_h, UPCAST=upcast, PREC=_precision(x.dtype, upcast),
+        BLOCK_M=BM, GROUP_M=cfg["GROUP_M"], **c)
+    tw = topk_weights.reshape(-1).contiguous()  # (T*K,)
+    # w_down[e] (H, I) read as (I, H): element (i, h) at i * stride(2) + h * stride(1)
+    y = _rows_gemm(act, w_down, (w_down.stride(0), w_down.stride(2), w_down.stride(1)), d, tw, H, T, K,
+                   x.dtype)  # (T*K, H) weighted per-assignment outputs
+    del act
+    out = _combine(y, T, K, torch.empty(T, H, dtype=x.dtype, device=x.device))
+    return out, d, h
+
+
+def moe_experts_bwd(go, x, topk_weights, w_gate_up, w_down, d, h, need):
+    """-> (dx, d topk_weights (T, K) float32, d w_gate_up, d w_down); None where need[i] is False.
+    need = (x, topk_weights, w_gate_up, w_down)."""
+    T, H = x.shape
+    K = topk_weights.shape[1]
+    E, I = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    P = d.padded_idx.numel()
+    BM = P // d.block_expert.numel()
+    num_m = P // BM
+    cfg = _cfg(x.device)
+    c = cfg["swiglu_bwd"]
+    num_n = triton.cdiv(I, c["BLOCK_N"])
+    dh = torch.empty(P, 2 * I, dtype=x.dtype, device=x.device)  # (P, 2I) [dg | du]
+    actw = torch.empty(P, I, dtype=x.dtype, device=x.device)  # (P, I) w * act
+    dwp = torch.empty(T * K, num_n, dtype=torch.float32, device=x.device)  # partial act . c
+    tw = topk_weights.reshape(-1).contiguous()
+    upcast = _upcast(x)
+    _moe_swiglu_bwd_kernel[(num_m * num_n,)](
+        go, w_down, x, w_gate_up, h if h is not None else dh, d.padded_idx, d.block_expert, tw, dh, actw, dwp,
+        num_m, H, I, K, go.stride(0), go.stride(1), *w_down.stride(), x.stride(0), x.stride(1),
+        *w_gate_up.stride(), RECOMPUTE=h is None, UPCAST=upcast, PREC=_precision(x.dtype, upcast),
+        BLOCK_M=BM, GROUP_M=cfg["GROUP_M"], **c)
+    gx = gw = g1 = gd = None
+    if need[0]:
+        yx = _rows_gemm(dh, w_gate_up, w_gate_up.stride(), d, None, H, T, K, x.dtype)  # (T*K, H)
+        gx = _combine(yx, T, K, torch.empty(T, H, dtype=x.dtype, device=x.device))
+    if need[1]:
+        gw = dwp.sum(dim=1).view(T, K)  # fixed-order reduction: deterministic
+    if need[2]:
+        g1 = _wgrad(dh, False, x, True, d, K, torch.empty_like(w_gate_up, memory_format=torch.contiguous_format))
+    if need[3]:
+        gd = _wgrad(go, True, actw, False, d, K, torch.empty_like(w_down, memory_format=torch.contiguous_format))
+    return gx, gw, g1, gd
+
+
+class MoEExpertsTritonFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, topk_ids, topk_weights, w_gate_up, w_down, keep_h):
+        out, d, h = moe_experts_fwd(x, topk_ids, topk_weights, w_gate_up, w_down, keep_h)
+        ctx.save_for_backward(x, topk_weights, w_gate_up, w_down, d.padded_idx, d.block_expert,
+                              d.padded_offsets, h)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, tw, w_gate_up, w_down, padded_idx, block_expert, padded_offsets, h = ctx.saved_tensors
+        from reasonrl.ops.moe import MoEDispatch
+
+        d = MoEDispatch(None, None, None, padded_offsets, padded_idx, block_expert)
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+        gx, gw, g1, gd = moe_experts_bwd(grad_out.to(x.dtype), x, tw, w_gate_up, w_down, d, h, need)
+        return gx, None, None if gw is None else gw.to(tw.dtype), g1, gd, None
+
+
+def triton_moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down, *, keep_h: bool | None = None):
+    """x (T, H) -> (T, H) in x's dtype: out[t] = sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]).
+
+    Differentiable w.r.t. x, topk_weights, w_gate_up and w_down. keep_h: keep the (T*K, 2I)
+    pre-activation for backward (default: when 2I <= H) instead of recomputing it there."""
+    _check(x, topk_ids, topk_weights, w_gate_up, w_down)
+    T, H = x.shape
+    if T == 0:
+        # keeps the graph so backward gives zero gradients
+        return x.new_zeros(0, H) + 0 * (x.sum() + w_gate_up.sum() + w_down.sum() + topk_weights.sum())
+    if keep_h is None:
+        keep_h = w_gate_up.shape[1] <= H
+    return MoEExpertsTritonFunction.apply(x, topk_ids, topk_weights, w_gate_up, w_down, bool(keep_h))
+
+
+def _check(x, topk_ids, topk_weights, w_gate_up, w_down):
+    op = "triton_moe_experts"
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be (T, H), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{op}: x must be float32, bfloat16 or float16, got {x.dtype}")
+    T, H = x.shape
+    if w_gate_up.dim() != 3 or w_gate_up.shape[2] != H or w_gate_up.shape[1] % 2:
+        raise ValueError(f"{op}: w_gate_up must be (E, 2I, H={H}), got shape {tuple(w_gate_up.shape)}")
+    E, I = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    if tuple(w_down.shape) != (E, H, I):
+        raise ValueError(f"{op}: w_down must be (E, H, I) = ({E}, {H}, {I}), got shape {tuple(w_down.shape)}")
+    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if w.dtype != x.dtype:
+            raise ValueError(f"{op}: {name} must have x's dtype {x.dtype}, got {w.dtype}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{op}: topk_ids must be an int64/int32 (T={T}, K) tensor, got {topk_ids.dtype} "
+                         f"of shape {tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape or not topk_weights.is_floating_point():
+        raise ValueError(f"{op}: topk_weights must be a float tensor of topk_ids' shape {tuple(topk_ids.shape)}, "
+                         f"got {topk_weights.dtype} of shape {tuple(topk_weights.shape)}")
+    devs = {t.device for t in (x, topk_ids, topk_weights, w_gate_up, w_down)}
+    if len(devs) != 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devs))}")

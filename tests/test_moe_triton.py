@@ -1,0 +1,151 @@
+"""Triton MoE expert compute (kernels/moe.py) against the float64 per-expert loop.
+
+Runs under TRITON_INTERPRET=1 on CPU (conftest sets it), so shapes stay small; the K-loop, the
+column tiles, masked edges (odd H and I) and padded row blocks are all crossed at these shapes
+(CPU blocks: BLOCK_M 16, BLOCK_N/K 32).
+"""
+import pytest
+import torch
+
+from reasonrl.kernels.moe import triton_moe_experts
+from reasonrl.ops.moe import moe_experts, moe_experts_reference
+from tests.tolerance import assert_close_to_ref
+
+
+def _routing(kind, T, E, K):
+    if kind == "balanced":  # K distinct experts per token, as a router picks them
+        return torch.rand(T, E).topk(K, dim=1).indices
+    if kind == "one_expert":  # every token's first choice is expert E-1; the others stay empty (K=1)
+        return torch.full((T, K), E - 1, dtype=torch.int64)
+    if kind == "two_experts":  # experts 0 and E-1 take everything, the middle ones are empty
+        return torch.tensor([[E - 1, 0]] * T, dtype=torch.int64)
+    raise ValueError(kind)
+
+
+def _inputs(T, H, I, E, K, kind, dtype):
+    x = torch.randn(T, H).to(dtype)
+    ids = _routing(kind, T, E, K)
+    tw = torch.softmax(torch.randn(T, K), dim=1)  # float32, as moe_router returns
+    w1 = (torch.randn(E, 2 * I, H) / H ** 0.5).to(dtype)
+    wd = (torch.randn(E, H, I) / I ** 0.5).to(dtype)
+    return x, ids, tw, w1, wd
+
+
+def _run(fn, x, ids, tw, w1, wd, g, dtype=None):
+    leaves = [t.detach().clone() if dtype is None else t.detach().to(dtype) for t in (x, tw, w1, wd)]
+    if dtype is not None:
+        leaves[1] = tw.detach().to(torch.float64 if dtype == torch.float64 else torch.float32)
+    for t in leaves:
+        t.requires_grad_(True)
+    out = fn(leaves[0], ids, leaves[1], leaves[2], leaves[3])
+    grads = torch.autograd.grad(out, leaves, g.to(out.dtype))
+    return out, grads
+
+
+CASES = [
+    # (T, H, I, E, K, routing)
+    (24, 40, 24, 4, 2, "balanced"),
+    (37, 70, 40, 5, 2, "balanced"),  # H over 2 K-steps + a masked tail; I over 2 column tiles
+    (20, 7, 5, 3, 1, "one_expert"),  # all tokens to one expert, two empty experts, odd H and I
+    (18, 24, 16, 4, 2, "two_experts"),  # badly imbalanced: experts 1, 2 empty
+    (9, 16, 8, 1, 1, "balanced"),  # E = 1
+    (11, 24, 8, 3, 3, "balanced"),  # top_k = E
+    (1, 33, 17, 4, 2, "balanced"),  # T = 1
+]
+
+
+# The interpreter costs about 1-4 s a case: every case in float32, the widest ones in bfloat16 too.
+PARAMS = [(c, torch.float32) for c in CASES] + [(CASES[i], torch.bfloat16) for i in (1, 2, 6)]
+
+
+@pytest.mark.parametrize("case,dtype", PARAMS,
+                         ids=[f"T{c[0]}-H{c[1]}-I{c[2]}-E{c[3]}-K{c[4]}-{c[5]}-{str(d)[6:]}" for c, d in PARAMS])
+def test_moe_experts_triton_matches_loop(case, dtype):
+    T, H, I, E, K, kind = case
+    x, ids, tw, w1, wd = _inputs(T, H, I, E, K, kind, dtype)
+    g = torch.randn(T, H)
+    out, grads = _run(triton_moe_experts, x, ids, tw, w1, wd, g)
+    ref64, grads64 = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.float64)
+    ref, grads_ref = _run(moe_experts_reference, x, ids, tw, w1, wd, g, dtype)
+    assert out.dtype == dtype
+    assert_close_to_ref(out, ref64, ref, dtype, "out")
+    for name, a, b, c in zip(("dx", "d topk_weights", "d w_gate_up", "d w_down"), grads, grads64, grads_ref):
+        assert a.dtype == c.dtype, f"{name}: dtype {a.dtype} != {c.dtype}"
+        assert_close_to_ref(a, b, c, dtype, name)
+
+
+@pytest.mark.parametrize("keep_h", [True, False])
+def test_keep_or_recompute_preactivation(keep_h):
+    """Both backward paths: the stored [g | u] and its recomputation beside the go Wd GEMM."""
+    T, H, I, E, K = 21, 20, 12, 3, 2  # 2I > H: the default recomputes; keep_h=True forces storing
+    x, ids, tw, w1, wd = _inputs(T, H, I, E, K, "balanced", torch.float32)
+    g = torch.randn(T, H)
+    out, grads = _run(lambda *a: triton_moe_experts(*a, keep_h=keep_h), x, ids, tw, w1, wd, g)
+    ref64, grads64 = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.float64)
+    ref, grads_ref = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.float32)
+    assert_close_to_ref(out, ref64, ref, torch.float32, "out")
+    for name, a, b, c in zip(("dx", "dtw", "dw1", "dwd"), grads, grads64, grads_ref):
+        assert_close_to_ref(a, b, c, torch.float32, name)
+
+
+def test_strided_inputs_deterministic_and_public_op():
+    """Non-contiguous x / grad_out / weights; two runs agree bitwise (no atomics); the public op's
+    backend='triton' reaches this kernel."""
+    T, H, I, E, K = 16, 24, 16, 4, 2
+    x, ids, tw, w1, wd = _inputs(T, 2 * H, I, E, K, "balanced", torch.float32)
+    x = x[:, ::2]  # (T, H), stride 2
+    w1 = torch.randn(E, H, 2 * I).transpose(1, 2) / H ** 0.5  # (E, 2I, H), transposed strides
+    wd = torch.randn(E, I, H).transpose(1, 2) / I ** 0.5  # (E, H, I)
+    g = torch.randn(H, T).T  # (T, H), non-contiguous upstream gradient
+    runs = [_run(triton_moe_experts, x, ids, tw, w1, wd, g) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)
+    ref64, grads64 = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.float64)
+    ref, grads_ref = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.float32)
+    assert_close_to_ref(runs[0][0], ref64, ref, torch.float32, "out")
+    for name, a, b, c in zip(("dx", "dtw", "dw1", "dwd"), runs[0][1], grads64, grads_ref):
+        assert_close_to_ref(a, b, c, torch.float32, name)
+    pub = moe_experts(x, ids, tw, w1, wd, backend="triton")
+    assert torch.equal(pub, runs[0][0])
+
+
+def test_bad_inputs_raise():
+    x, ids, tw, w1, wd = _inputs(4, 8, 4, 2, 1, "balanced", torch.float32)
+    with pytest.raises(ValueError, match="w_down"):
+        triton_moe_experts(x, ids, tw, w1, wd[:, :, :3])
+    with pytest.raises(ValueError, match="w_gate_up"):
+        triton_moe_experts(x, ids, tw, w1.double(), wd)
+    with pytest.raises(ValueError, match="topk_weights"):
+        triton_moe_experts(x, ids, tw[:, :0], w1, wd)
+    with pytest.raises(ValueError, match="topk_ids"):
+        triton_moe_experts(x, ids.float(), tw, w1, wd)
+    with pytest.raises(ValueError, match="topk_ids"):
+        triton_moe_experts(x, ids + 2, tw, w1, wd)  # expert id out of range
+    with pytest.raises(ValueError, match="x must be"):
+        triton_moe_experts(x.double(), ids, tw, w1.double(), wd.double())
+
+
+def test_no_tokens():
+    x, ids, tw, w1, wd = _inputs(0, 8, 4, 2, 1, "balanced", torch.float32)
+    x.requires_grad_(True)
+    w1.requires_grad_(True)
+    out = triton_moe_experts(x, ids, tw, w1, wd)
+    assert out.shape == (0, 8)
+    out.sum().backward()
+    assert torch.equal(w1.grad, torch.zeros_like(w1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_moe_experts_triton_gpu(dtype):
+    """Compiled kernels at a shape where every tile config is full (BLOCK_M 64/128)."""
+    T, H, I, E, K = 2048, 512, 256, 16, 4
+    x, ids, tw, w1, wd = (t.cuda() for t in _inputs(T, H, I, E, K, "balanced", dtype))
+    g = torch.randn(T, H, device="cuda")
+    out, grads = _run(triton_moe_experts, x, ids, tw, w1, wd, g)
+    ref64, grads64 = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.float64)
+    ref, grads_ref = _run(moe_experts_reference, x, ids, tw, w1, wd, g, dtype)
+    assert_close_to_ref(out, ref64, ref, dtype, "out")
+    for name, a, b, c in zip(("dx", "dtw", "dw1", "dwd"), grads, grads64, grads_ref):
+        assert_close_to_ref(a, b, c, dtype, name)
