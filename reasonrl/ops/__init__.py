@@ -6,4 +6,13 @@ from .logprobs import (  # noqa: F401
     token_logprobs,
     token_logprobs_reference,
 )
+from .moe import (  # noqa: F401
+    MoEDispatch,
+    load_balancing_loss,
+    moe_block,
+    moe_dispatch,
+    moe_experts,
+    moe_experts_reference,
+    moe_router,
+)
 from .paged import paged_attention_decode, store_kv  # noqa: F401
