@@ -1,4 +1,5 @@
-"""reasonrl.models: lean decoders (Llama, Qwen2, Qwen3) with Hugging Face checkpoint I/O."""
+"""reasonrl.models: lean decoders (Llama, Qwen2, Qwen3; MoE: Qwen2-MoE, Qwen3-MoE, Mixtral) with Hugging Face
+checkpoint I/O."""
 from .attention import set_deterministic
 from .checkpoint import load_model, save_model
 from .config import ModelConfig

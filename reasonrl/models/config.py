@@ -234,7 +234,7 @@ def _moe_from_hf_dict(arch: str, d: dict) -> dict:
     if len(set(spellings.values())) > 1:
         raise ValueError(f"config.json: num_experts and num_local_experts disagree: {spellings}")
     if not spellings:
-        raise ValueError(f"config.json: a {arch} config needs num_experts (or num_local_experts)")
+        raise ValueError(f"config.json: a {ARCHITECTURES[arch]} config needs num_experts (or num_local_experts)")
     if arch == "mixtral":
         if d.get("sliding_window") is not None:
             raise ValueError(f"config.json: sliding_window={d['sliding_window']} is not supported (full attention "

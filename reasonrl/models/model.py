@@ -140,7 +140,8 @@ class CausalLM(nn.Module):
         self.num_kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
         self.num_layers = config.num_hidden_layers
         self.gradient_checkpointing = False
-        self.router_logits: list[torch.Tensor] = []  # (T, E) per sparse layer, from the last forward with grad
+        # Reset by every forward; filled only when it runs with gradients enabled.
+        self.router_logits: list[torch.Tensor] = []  # (T, E) per sparse layer
         self.router_topk_ids: list[torch.Tensor] = []  # (T, K) per sparse layer
         # The expert ops read routing counts on the host (per-expert loop), which a CUDA graph
         # cannot capture: the rollout engine should decode MoE models eagerly.
