@@ -241,9 +241,10 @@ def _moe_wgrad_kernel(
     m1 = c1 < N1
     m2 = c2 < N2
     acc = tl.zeros((BLOCK_1, BLOCK_2), tl.float32)
-    for r0 in range(start, end, BLOCK_R):  # segments are multiples of BLOCK_M, a multiple of BLOCK_R
+    for r0 in range(start, end, BLOCK_R):
         rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)  # P < 2^31: int32 is exact here
-        a = tl.load(IDX + rows).to(tl.int64)
+        # BLOCK_R need not divide BLOCK_M (the segment's padding): rows past the segment are masked
+        a = tl.load(IDX + rows, mask=rows < end, other=-1).to(tl.int64)
         valid = a >= 0
         tok = tl.where(valid, a, 0) // K
         if A_GATHER:

@@ -7,6 +7,7 @@ column tiles, masked edges (odd H and I) and padded row blocks are all crossed a
 import pytest
 import torch
 
+import reasonrl.kernels.moe as km
 from reasonrl.kernels.moe import triton_moe_experts
 from reasonrl.ops.moe import moe_experts, moe_experts_reference
 from tests.tolerance import assert_close_to_ref
@@ -44,8 +45,7 @@ def _run(fn, x, ids, tw, w1, wd, g, dtype=None):
 
 CASES = [
     # (T, H, I, E, K, routing)
-    (24, 40, 24, 4, 2, "balanced"),
-    (37, 70, 40, 5, 2, "balanced"),  # H over 2 K-steps + a masked tail; I over 2 column tiles
+    (21, 70, 40, 5, 2, "balanced"),  # H: 3 K-steps, the last one masked; I: 2 column tiles
     (20, 7, 5, 3, 1, "one_expert"),  # all tokens to one expert, two empty experts, odd H and I
     (18, 24, 16, 4, 2, "two_experts"),  # badly imbalanced: experts 1, 2 empty
     (9, 16, 8, 1, 1, "balanced"),  # E = 1
@@ -55,7 +55,8 @@ CASES = [
 
 
 # The interpreter costs about 1-4 s a case: every case in float32, the widest ones in bfloat16 too.
-PARAMS = [(c, torch.float32) for c in CASES] + [(CASES[i], torch.bfloat16) for i in (1, 2, 6)]
+PARAMS = ([(c, torch.float32) for c in CASES] + [(CASES[i], torch.bfloat16) for i in (0, 1, 5)]
+          + [(CASES[1], torch.float16)])
 
 
 @pytest.mark.parametrize("case,dtype", PARAMS,
@@ -81,6 +82,23 @@ def test_keep_or_recompute_preactivation(keep_h):
     x, ids, tw, w1, wd = _inputs(T, H, I, E, K, "balanced", torch.float32)
     g = torch.randn(T, H)
     out, grads = _run(lambda *a: triton_moe_experts(*a, keep_h=keep_h), x, ids, tw, w1, wd, g)
+    ref64, grads64 = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.float64)
+    ref, grads_ref = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.float32)
+    assert_close_to_ref(out, ref64, ref, torch.float32, "out")
+    for name, a, b, c in zip(("dx", "dtw", "dw1", "dwd"), grads, grads64, grads_ref):
+        assert_close_to_ref(a, b, c, torch.float32, name)
+
+
+@pytest.mark.parametrize("block_m,block_r", [(32, 16), (16, 64)])
+def test_other_tiles(monkeypatch, block_m, block_r):
+    """Padding to another BLOCK_M, and a weight-gradient row tile that does not divide it (GPU
+    decode shapes pad to 16 rows while the weight-gradient kernel steps 64 rows)."""
+    monkeypatch.setattr(km, "_block_m", lambda device, rows_per_expert: block_m)
+    monkeypatch.setitem(km._CONFIGS_CPU, "wgrad", dict(BLOCK_1=16, BLOCK_2=32, BLOCK_R=block_r))
+    T, H, I, E, K = 29, 36, 20, 4, 2
+    x, ids, tw, w1, wd = _inputs(T, H, I, E, K, "balanced", torch.float32)
+    g = torch.randn(T, H)
+    out, grads = _run(triton_moe_experts, x, ids, tw, w1, wd, g)
     ref64, grads64 = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.float64)
     ref, grads_ref = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.float32)
     assert_close_to_ref(out, ref64, ref, torch.float32, "out")
