@@ -72,6 +72,7 @@ class EvalConfig:
     def __post_init__(self):
         def bad(name, why):
             raise ValueError(f"--{name}: {why}, got {getattr(self, name)!r}")
+        self.ks, self.budget_list, self.extend_list, self.difficulty_list  # noqa: B018 (parse and check)
         if self.num_problems < 1:
             bad("num_problems", "must be >= 1")
         if self.n < 1:
@@ -105,7 +106,6 @@ class EvalConfig:
             bad("sections", f"must be a non-empty comma-separated subset of {','.join(SECTIONS)}")
         if not self.marker_list and "markers" in self.section_list:
             bad("markers", "must name at least one marker (or drop 'markers' from --sections)")
-        self.difficulty_list  # noqa: B018 (parses and checks)
 
     # comma-separated fields, parsed and checked
     @property
@@ -222,8 +222,9 @@ def generate_setting(engine, tok, prompts, problems, params, n: int) -> list[dic
         for c in group:
             text = c.text or ""
             spans = think_spans(c.token_ids, start, end, inside)
+            # a prompt that opened <think> (template "...<think>") owes the completion its tag
             recs.append({"text": text, "answer": extract_answer(text), "correct": accuracy_reward(text, prob) > 0,
-                         "format": format_reward(text) > 0, "length": c.length, "think": sum(spans),
+                         "format": format_reward("<think>" + text if inside else text) > 0, "length": c.length, "think": sum(spans),
                          "max_span": max(spans, default=0), "truncated": c.finish_reason == "length"})
     return recs
 
