@@ -142,6 +142,21 @@ def test_budget_forcing_caps_and_extends(tok, tmp_path):
     assert saved["results"]["ends"]["budget"][-1]["mean_thinking_tokens"] == 14
 
 
+def test_passk_and_markers_sections_with_a_scripted_model(tok, tmp_path):
+    says_wait = Scripted(tok, {"<think>": "W", "W": "a", "a": "i", "i": "t", "t": "</think>", **ANSWER}, "a")
+    cfg = EvalConfig(task=_test_questions_file(tmp_path / "q.jsonl"), num_problems=3, n=2, k="2",
+                     sections="passk,markers", markers="wait,hmm", prompt_template="{question}\n<think>",
+                     out_dir=str(tmp_path / "out"), plots=False)
+    r = run_eval(cfg, loaded={"m": (says_wait, tok)})["results"]["m"]
+    # "Wait</think><answer>36</answer><eos>": 10 tokens, 4 of them thinking, one "wait"
+    assert r["passk"]["pass@1"] == r["passk"]["pass@2"] == r["passk"]["maj@2"] == 1.0
+    assert r["passk"]["mean_length"] == 10 and r["passk"]["mean_thinking_tokens"] == 4
+    assert r["markers"]["tokens"] == 60 and r["markers"]["responses"] == 6
+    assert r["markers"]["markers"]["wait"] == {"count": 6, "per_response": 1.0, "per_1k_tokens": 100.0,
+                                               "response_rate": 1.0}
+    assert r["markers"]["markers"]["hmm"]["count"] == 0
+
+
 # ---- the whole command with the built-in tiny model (random init) ------------------------------------
 SMALL = ["--num_problems", "4", "--n", "3", "--k", "1,2,3", "--max_tokens", "20", "--budgets", "4",
          "--extends", "1", "--difficulties", "2,3"]

@@ -57,7 +57,7 @@ class EvalConfig:
     budgets: str = "4,8,16,24,32"  # thinking-token caps ("" = none)
     extends: str = "1,2"           # "Wait" extensions ("" = none)
     extend_text: str = "Wait"
-    difficulties: str = "2,3,4,5,6"  # task difficulty levels ("" = skip; built-in tasks only)
+    difficulties: str = "3,4,5,6"  # get_task difficulty levels ("" = skip; built-in tasks only)
     curve_temperature: float = 0.0  # budget and difficulty curves (0 = greedy)
     curve_samples: int = 1         # samples per problem for those curves (> 1 needs temperature > 0)
     markers: str = ",".join(DEFAULT_MARKERS)
