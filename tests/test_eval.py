@@ -19,6 +19,11 @@ from reasonrl.rl.tasks import split_of
 from reasonrl.train.config import parse_config
 
 
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # tiny matmuls: a second OpenMP thread on a busy 2-core machine costs ~50x (65 s vs 1 s per run)
@@ -138,7 +143,7 @@ def test_budget_forcing_caps_and_extends(tok, tmp_path):
     assert N["natural"]["mean_thinking_tokens"] == 2
     assert N["extend=1"]["mean_thinking_tokens"] == 2 + 6 and N["extend=2"]["mean_thinking_tokens"] == 2 + 12
     assert all(N[s]["accuracy"] == 1.0 for s in ("natural", "extend=1", "extend=2"))
-    saved = json.load(open(tmp_path / "out" / "eval.json"))
+    saved = _load(tmp_path / "out" / "eval.json")
     assert saved["results"]["ends"]["budget"][-1]["mean_thinking_tokens"] == 14
 
 
@@ -167,7 +172,7 @@ def test_eval_is_deterministic_with_a_seed(tmp_path):
     for i, seed in enumerate((5, 5, 6)):
         out = tmp_path / f"r{i}"
         main(SMALL + ["--seed", str(seed), "--out_dir", str(out), "--plots", "false"])
-        runs.append(json.load(open(out / "eval.json")))
+        runs.append(_load(out / "eval.json"))
     assert runs[0] == runs[1]
     assert runs[0]["results"] != runs[2]["results"]  # the seed matters (init and samples)
     r = runs[0]["results"]["tiny"]
@@ -186,13 +191,13 @@ def test_comparison_mode_writes_json_and_pngs(tmp_path):
     out = tmp_path / "cmp"
     main(SMALL + ["--models", f"tiny,{run}", "--labels", "sft,grpo", "--out_dir", str(out),
                   "--budgets", "", "--extends", "1", "--num_problems", "2", "--n", "2", "--k", "2"])
-    res = json.load(open(out / "eval.json"))
+    res = _load(out / "eval.json")
     assert [m["label"] for m in res["models"]] == ["sft", "grpo@step-2", "grpo@step-10", "grpo@final"]
     assert list(res["results"]) == ["sft", "grpo@step-2", "grpo@step-10", "grpo@final"]
     for name in ("passk", "budget", "difficulty", "markers"):
         with open(out / f"{name}.png", "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "| grpo@final |" in open(out / "summary.md").read()
+    assert "| grpo@final |" in (out / "summary.md").read_text()
 
 
 # ---- clear errors -------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ variance than one run, and deterministic).
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from reasonrl.rl.rewards import answers_equal
 

@@ -15,8 +15,8 @@ def summary_table(results: dict) -> str:
     res = results["results"]
     labels = list(res)
     cfg = results["config"]
-    parts = [f"task {cfg['task']} (difficulty {cfg['difficulty']}), {cfg['num_problems']} held-out problems, "
-             f"seed {cfg['seed']}"]
+    head = f"task {cfg['task']} (difficulty {cfg['difficulty']}), {cfg['num_problems']} held-out problems"
+    parts = [f"{head}, seed {cfg['seed']}"]
     with_passk = [lab for lab in labels if "passk" in res[lab]]
     if with_passk:
         keys = [k for k in res[with_passk[0]]["passk"] if k.startswith(("pass@", "maj@"))]
