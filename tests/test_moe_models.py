@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from reasonrl.models import AttnContext, ModelConfig, init_model, load_model, save_model
+from reasonrl.models import AttnContext, CausalLM, ModelConfig, init_model, init_weights, load_model, save_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -238,3 +238,65 @@ def test_engine_greedy_decode_matches_transformers_generate(tmp_path):
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
                           pad_token_id=0)[0, len(p):].tolist()
         assert c.token_ids == ref, f"prompt of length {len(p)}"
+
+
+def _moe_config(arch, **kw):
+    base = dict(vocab_size=V, hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=4, moe_intermediate_size=64,
+                tie_word_embeddings=False)
+    base.update(kw)
+    return ModelConfig(arch=arch, **base)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp32_and_bf16_autocast_match_float64(device):
+    """top_k = E: the routing weights are a smooth softmax, so low precision cannot flip an expert
+    choice and a max-error bound holds. Gradients reach the fp32 master weights through bf16."""
+    cfg = _moe_config("qwen2_moe", norm_topk_prob=True, shared_expert_intermediate_size=80, attention_bias=True)
+    model = init_model(cfg, seed=int(torch.randint(0, 1000, ())))
+    lens = [70, 1, 33]
+    ids = torch.randint(0, V, (sum(lens),))
+    pos = torch.cat([torch.arange(n) for n in lens])
+    with torch.no_grad():
+        ref = model.double()(ids, pos, AttnContext.from_lengths(lens)).float()
+        model = model.float().to(device)
+        ctx = AttnContext.from_lengths(lens, device)
+        out32 = model(ids.to(device), pos.to(device), ctx).cpu()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out16 = model(ids.to(device), pos.to(device), ctx).float().cpu()
+    scale = ref.abs().max().item()
+    assert (out32 - ref).abs().max().item() < 1e-3 * scale
+    assert (out16 - ref).abs().max().item() < 5e-2 * scale
+    with torch.autocast(device, dtype=torch.bfloat16):
+        h = model(ids.to(device), pos.to(device), ctx)
+    (h.float().square().mean() + model.aux_loss()).backward()
+    for n, p in model.named_parameters():
+        if n == "lm_head.weight":  # the loss is on hidden states
+            continue
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n
+    assert all(layer.mlp.experts.gate_up_proj.grad.abs().sum() > 0 for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_engine_decode_consistent_with_packed_forward(device):
+    """Greedy rollouts of a top-2-of-8 model: every generated token is the argmax of the model's own
+    packed forward over prompt + completion (a near tie, top-2 logit gap < 1e-3, may go either way)."""
+    from reasonrl.engine import LLMEngine, SamplingParams
+
+    cfg = _moe_config("qwen3_moe", num_experts=8, num_experts_per_tok=2, num_hidden_layers=3, mlp_only_layers=[1])
+    model = init_weights(CausalLM(cfg), seed=int(torch.randint(0, 1000, ())), std=0.1).to(device).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if layer.sparse:
+                layer.mlp.gate.weight.mul_(20)  # spread the router logits: few near-tie expert choices
+    prompts = [torch.randint(0, V, (n,)).tolist() for n in (9, 1, 4, 14, 6, 2)]
+    eng = LLMEngine(model, block_size=4, eos_token_ids=[], use_cuda_graphs=model.supports_cuda_graphs)
+    out = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
+    for p, (c,) in zip(prompts, out):
+        full = torch.tensor(p + c.token_ids, device=device)
+        with torch.no_grad():
+            logits = model.compute_logits(model(full, torch.arange(len(full), device=device),
+                                                AttnContext.from_lengths([len(full)], device)))[len(p) - 1:-1]
+        top2 = logits.topk(2, dim=-1).values
+        agree = logits.argmax(-1).cpu() == torch.tensor(c.token_ids)
+        assert (agree | (top2[:, 0] - top2[:, 1] < 1e-3).cpu()).all(), f"prompt of length {len(p)}"
