@@ -37,7 +37,7 @@ _HUB_NAME = {"mixtral": {"gate": "w1", "up": "w3", "down": "w2"},
              "qwen": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}}
 
 
-def _target(name: str, params: dict):
+def _target(name: str):
     """A file's tensor name -> (our parameter name, piece) where piece is None (the whole tensor)
     or (expert, part) for one expert's matrix of a stacked parameter."""
     m = _EXPERT.fullmatch(name)
@@ -123,7 +123,7 @@ def load_model(path: str, dtype=torch.float32, device="cpu") -> CausalLM:
             for name in names if names is not None else f.keys():
                 if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
                     continue
-                target, piece = _target(name, params)
+                target, piece = _target(name)
                 dst = _piece(params[target], piece) if target in params else None
                 if dst is None:
                     raise ValueError(f"load_model: unexpected tensor {name!r} in {os.path.basename(file)} for "
