@@ -191,29 +191,33 @@ def _moe_swiglu_bwd_kernel(
                 xt, wg, wu = xt.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
             acc_g = tl.dot(xt, wg, acc_g, input_precision=PREC)
             acc_u = tl.dot(xt, wu, acc_u, input_precision=PREC)
+            x_ptrs += BLOCK_K * stride_xh  # advanced only when used: dead loop-carried pointers cost registers
+            wg_ptrs += BLOCK_K * stride_wh
+            wu_ptrs += BLOCK_K * stride_wh
         go_ptrs += BLOCK_K * stride_gh
         wd_ptrs += BLOCK_K * stride_dh
-        x_ptrs += BLOCK_K * stride_xh
-        wg_ptrs += BLOCK_K * stride_wh
-        wu_ptrs += BLOCK_K * stride_wh
+    # Epilogue ordered so that few (BM, BN) float32 tiles are live at once (at 128 x 64 and 8 warps
+    # each costs 32 registers a thread); offsets inside the block are int32 from an int64 base.
     omask = nmask[None, :]
+    r0 = pid_m.to(tl.int64) * BLOCK_M
+    loc = tl.arange(0, BLOCK_M)[:, None]
     if RECOMPUTE:
         g, u = acc_g, acc_u
     else:
-        h_ptrs = HPRE + rows[:, None] * (2 * I) + n[None, :]
+        h_ptrs = HPRE + r0 * (2 * I) + loc * (2 * I) + n[None, :]
         g = tl.load(h_ptrs, mask=omask, other=0.0).to(tl.float32)
         u = tl.load(h_ptrs + I, mask=omask, other=0.0).to(tl.float32)
     w = tl.load(TW + a, mask=valid, other=0.0).to(tl.float32)[:, None]  # (BM, 1)
     s = tl.sigmoid(g)
     silu = g * s
     act = silu * u
-    dact = acc_c * w
-    dh_ptrs = DH + rows[:, None] * (2 * I) + n[None, :]
-    tl.store(dh_ptrs, (dact * u * s * (1.0 + g * (1.0 - s))).to(DH.dtype.element_ty), mask=omask)
-    tl.store(dh_ptrs + I, (dact * silu).to(DH.dtype.element_ty), mask=omask)
-    tl.store(ACTW + rows[:, None] * I + n[None, :], (act * w).to(ACTW.dtype.element_ty), mask=omask)
-    part = tl.sum(tl.where(omask, act * acc_c, 0.0), axis=1)  # (BM,)
+    part = tl.sum(tl.where(omask, act * acc_c, 0.0), axis=1)  # (BM,) this block's share of act . c
     tl.store(DWP + a * num_n + pid_n, part, mask=valid)
+    tl.store(ACTW + r0 * I + loc * I + n[None, :], (act * w).to(ACTW.dtype.element_ty), mask=omask)
+    dact = acc_c * w
+    dh_ptrs = DH + r0 * (2 * I) + loc * (2 * I) + n[None, :]
+    tl.store(dh_ptrs + I, (dact * silu).to(DH.dtype.element_ty), mask=omask)
+    tl.store(dh_ptrs, (dact * u * s * (1.0 + g * (1.0 - s))).to(DH.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -298,6 +302,11 @@ def _cfg(device):
     return _CONFIGS_CPU if device.type == "cpu" else _CONFIGS_GPU
 
 
+def _row_cfg(c, BM):
+    """A kernel's config at row tile BM: 16/32-row tiles run plain mma, where 4 warps cover the tile."""
+    return dict(c, num_warps=4) if BM <= 32 and "num_warps" in c else c
+
+
 def _precision(dtype, upcast):
     # float32 in -> float32 products (PyTorch's default), not TF32; bf16/fp16 ignore this.
     return "ieee" if dtype == torch.float32 or upcast else "tf32"
@@ -330,7 +339,7 @@ def _rows_gemm(a, b, strides_b, d, tw, n_out, T, K, out_dtype):
     _moe_rows_kernel[grid](a, b, d.padded_idx, d.block_expert, tw if tw is not None else a, y,
                            num_m, n_out, KD, K, *strides_b,
                            HAS_SCALE=tw is not None, UPCAST=upcast, PREC=_precision(a.dtype, upcast),
-                           BLOCK_M=BM, GROUP_M=cfg["GROUP_M"], **c)
+                           BLOCK_M=BM, GROUP_M=cfg["GROUP_M"], **_row_cfg(c, BM))
     return y
 
 
@@ -369,7 +378,7 @@ def moe_experts_fwd(x, topk_ids, topk_weights, w_gate_up, w_down, keep_h: bool):
         x, w_gate_up, d.padded_idx, d.block_expert, act, h if keep_h else act,
         num_m, H, I, K, x.stride(0), x.stride(1), *w_gate_up.stride(),
         STORE_H=keep_h, UPCAST=upcast, PREC=_precision(x.dtype, upcast),
-        BLOCK_M=BM, GROUP_M=cfg["GROUP_M"], **c)
+        BLOCK_M=BM, GROUP_M=cfg["GROUP_M"], **_row_cfg(c, BM))
     tw = topk_weights.reshape(-1).contiguous()  # (T*K,)
     # w_down[e] (H, I) read as (I, H): element (i, h) at i * stride(2) + h * stride(1)
     y = _rows_gemm(act, w_down, (w_down.stride(0), w_down.stride(2), w_down.stride(1)), d, tw, H, T, K,
@@ -400,7 +409,7 @@ def moe_experts_bwd(go, x, topk_weights, w_gate_up, w_down, d, h, need):
         go, w_down, x, w_gate_up, h if h is not None else dh, d.padded_idx, d.block_expert, tw, dh, actw, dwp,
         num_m, H, I, K, go.stride(0), go.stride(1), *w_down.stride(), x.stride(0), x.stride(1),
         *w_gate_up.stride(), RECOMPUTE=h is None, UPCAST=upcast, PREC=_precision(x.dtype, upcast),
-        BLOCK_M=BM, GROUP_M=cfg["GROUP_M"], **c)
+        BLOCK_M=BM, GROUP_M=cfg["GROUP_M"], **_row_cfg(c, BM))
     gx = gw = g1 = gd = None
     if need[0]:
         yx = _rows_gemm(dh, w_gate_up, w_gate_up.stride(), d, None, H, T, K, x.dtype)  # (T*K, H)
