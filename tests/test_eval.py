@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from reasonrl.eval.metrics import maj_at_k, majority, marker_counts, pass_at_k, think_spans
-from reasonrl.eval.run import EvalConfig, main, run_eval
+from reasonrl.eval.run import EvalConfig, main, resolve_models, run_eval
 from reasonrl.models import builtin_path, init_model, load_tokenizer, save_model
 from reasonrl.rl.tasks import split_of
 from reasonrl.train.config import parse_config
@@ -188,6 +188,7 @@ def test_comparison_mode_writes_json_and_pngs(tmp_path):
     save_model(init_model(path, seed=2), str(run / "step-0000002"), tokenizer=tok)
     save_model(init_model(path, seed=3), str(run / "final"), tokenizer=tok)
     shutil.copytree(run / "final", run / "step-0000020")  # the stage's last save: same weights as final/
+    assert [lab for lab, _ in resolve_models(f"tiny,{run}/final/", "")] == ["tiny", "grpo"]  # final/ -> its run
     out = tmp_path / "cmp"
     main(SMALL + ["--models", f"tiny,{run}", "--labels", "sft,grpo", "--out_dir", str(out),
                   "--budgets", "", "--extends", "1", "--num_problems", "2", "--n", "2", "--k", "2"])

@@ -199,9 +199,7 @@ def load_task_problems(task: str, difficulty: int | None, n: int, seed: int, arg
     from reasonrl.rl.tasks import get_task
     try:
         return get_task(task, difficulty).problems(n, seed, split="test")
-    except ImportError as e:
-        raise ValueError(f"--{arg}: {e}") from None
-    except ValueError as e:
+    except (ImportError, ValueError) as e:  # an optional package missing counts as a bad --task too
         raise ValueError(f"--{arg}: {e}") from None
 
 
