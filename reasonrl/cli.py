@@ -1,11 +1,14 @@
 """The `reasonrl` console script.
 
     reasonrl train [--sft.steps N --grpo.lr X ...]   the whole pipeline (no arguments: the default run)
+    reasonrl train --config FILE.toml | --stages S   the R1 pipeline (reasonrl/train/r1.py), --resume
     reasonrl sft | grpo [--field value ...]          one stage
+    reasonrl sample --model DIR [--n 8 --shortest]   rejection sampling -> a JSONL for `sft --task jsonl:PATH`
+    reasonrl distill [--teacher DIR]                 teacher traces -> a smaller student, with its baseline
     reasonrl generate [--model DIR --prompt TEXT]    sample from a model
     reasonrl bench [NAME [args...]]                  run benchmarks/bench_NAME.py (no NAME: list them)
     reasonrl convert-gguf [FILE.gguf] --out DIR      GGUF -> a model folder (reasonrl.models.gguf)
-    reasonrl sample | eval                           not implemented yet (they say so and exit 2)
+    reasonrl eval                                    not implemented yet (it says so and exits 2)
 
 Every config field is a flag (`reasonrl grpo --help` lists them with defaults); `--config run.toml`
 reads a TOML file first. `--threads N` (before or after the command) sets torch's CPU threads;
@@ -18,7 +21,7 @@ import os
 import subprocess
 import sys
 
-COMMANDS = ("train", "sft", "grpo", "generate", "bench", "convert-gguf", "sample", "eval")
+COMMANDS = ("train", "sft", "grpo", "sample", "distill", "generate", "bench", "convert-gguf", "eval")
 
 
 def _threads(argv: list[str]) -> list[str]:
@@ -45,9 +48,40 @@ def _usage() -> str:
 
 
 def cmd_train(argv):
-    from reasonrl.train.config import TrainConfig, parse_config
+    from reasonrl.train.config import PipelineConfig, TrainConfig, parse_config
+    if _wants_r1(argv):
+        from reasonrl.train.r1 import run_pipeline
+        return run_pipeline(parse_config(PipelineConfig, argv, "reasonrl train"))
     from reasonrl.train.pipeline import run_train
     run_train(parse_config(TrainConfig, argv, "reasonrl train"))
+
+
+def _wants_r1(argv) -> bool:
+    """The R1 pipeline when a `stages` field is given, as a flag or in the --config TOML; else
+    the default run (issue 6), whose flags and defaults stay as they are."""
+    if any(a == "--stages" or a.startswith("--stages=") for a in argv):
+        return True
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        import tomllib
+        path = argv[argv.index("--config") + 1]
+        try:
+            with open(path, "rb") as f:
+                return "stages" in tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError):
+            return False  # parse_config reports the file's problem
+    return False
+
+
+def cmd_sample(argv):
+    from reasonrl.train.config import SampleConfig, parse_config
+    from reasonrl.train.sample import run_sample
+    run_sample(parse_config(SampleConfig, argv, "reasonrl sample"))
+
+
+def cmd_distill(argv):
+    from reasonrl.train.config import DistillConfig, parse_config
+    from reasonrl.train.distill import run_distill
+    run_distill(parse_config(DistillConfig, argv, "reasonrl distill"))
 
 
 def cmd_sft(argv):
@@ -136,9 +170,9 @@ def cmd_not_implemented(name):
     return run
 
 
-HANDLERS = {"train": cmd_train, "sft": cmd_sft, "grpo": cmd_grpo, "generate": cmd_generate,
-            "bench": cmd_bench, "convert-gguf": cmd_convert_gguf,
-            "sample": cmd_not_implemented("sample"), "eval": cmd_not_implemented("eval")}
+HANDLERS = {"train": cmd_train, "sft": cmd_sft, "grpo": cmd_grpo, "sample": cmd_sample, "distill": cmd_distill,
+            "generate": cmd_generate, "bench": cmd_bench, "convert-gguf": cmd_convert_gguf,
+            "eval": cmd_not_implemented("eval")}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -170,7 +170,10 @@ class GRPOConfig:
 @dataclass
 class TrainConfig:
     """The whole pipeline (`reasonrl train`): cold-start SFT, then GRPO beside a fair SFT control,
-    then held-out accuracy of the three. Stage lengths: steps, and max_seconds wall-clock budgets."""
+    then held-out accuracy of the three. Stage lengths: steps, and max_seconds wall-clock budgets.
+    The full R1 pipeline (SFT -> GRPO -> rejection sampling + SFT -> multi-task GRPO, resumable) is
+    selected by a `stages` field: `reasonrl train --stages all --help` lists its fields, and
+    reasonrl/train/r1_small.toml is a small example (`reasonrl train --config .../r1_small.toml`)."""
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_seconds=330.0))
     grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=10_000, max_seconds=240.0))
     control_lr: float = 2e-4       # lr of the SFT control (DEFAULT_RUN.md: best at 1e-4 to 3e-4)
@@ -242,6 +245,8 @@ class PipelineConfig:
     resume: bool = False
 
     def __post_init__(self):
+        if self.stages.strip() == "all":
+            self.stages = ",".join(STAGES)
         names = [s.strip() for s in self.stages.split(",") if s.strip()]
         unknown = [s for s in names if s not in STAGES]
         if unknown or not names:

@@ -1,5 +1,8 @@
 """`reasonrl train`: cold-start SFT -> GRPO, beside a fair SFT control, then held-out accuracy.
 
+(With --stages or a config that sets `stages`, `reasonrl train` runs the whole R1 pipeline
+instead: train/r1.py. The no-argument run below is unchanged.)
+
 1. SFT on a small fixed set of worked examples (the cold start).
 2. GRPO from the SFT weights on new training-split questions (final answers only).
 3. The control: SFT continued from the same SFT weights, on the same cold-start set, for the

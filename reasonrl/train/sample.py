@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import torch
 
@@ -59,6 +60,7 @@ def run_sample(cfg: SampleConfig, model=None, tokenizer=None, exclude=()) -> dic
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
     was_training = model.training
     model.eval()
+    t0 = time.perf_counter()
     engine = LLMEngine(model, tokenizer=tokenizer, max_num_seqs=cfg.chunk_prompts * cfg.n)
     kept, n_correct, n_solved, n_samples = [], 0, 0, 0
     bar = _bar(len(problems))
@@ -79,7 +81,8 @@ def run_sample(cfg: SampleConfig, model=None, tokenizer=None, exclude=()) -> dic
     model.train(was_training)
     _write_jsonl(cfg.out, kept)
     summary = {"prompts": len(problems), "samples": n_samples, "correct": n_correct, "kept": len(kept),
-               "pass_rate": n_correct / max(n_samples, 1), "solved_prompts": n_solved, "out": cfg.out}
+               "pass_rate": n_correct / max(n_samples, 1), "solved_prompts": n_solved, "out": cfg.out,
+               "seconds": time.perf_counter() - t0}
     print(f"[sample] prompts {summary['prompts']} samples {n_samples} correct {n_correct} kept {len(kept)} "
           f"pass rate {summary['pass_rate']:.3f} prompts solved {n_solved} -> {cfg.out}", flush=True)
     return summary
