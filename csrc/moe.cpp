@@ -1,0 +1,379 @@
+// Torch glue of the MoE family: checks with messages that name the argument, then the CPU kernels of
+// csrc/cpu/moe.cpp or the CUDA launchers of csrc/cuda/moe.cu. Registers
+//   reasonrl::moe_router_fwd(logits (T, E), top_k, sigmoid, bias (E,)?) -> ids (T, K) int64
+//   reasonrl::moe_dispatch_fwd(topk_ids (T, K), E, block_size) -> [counts, offsets, sorted_idx
+//                              (, padded_offsets, padded_idx, block_expert) when block_size > 0]
+//   reasonrl::moe_experts_fwd(x (T, H), ids (T, K) int64, w (T, K) f32, w_gate_up (E, 2I, H),
+//                             w_down (E, H, I)) -> out (T, H)                       CPU only
+//   reasonrl::moe_experts_bwd(grad_out, x, ids, w, w_gate_up, w_down, need_x, need_w, need_gate_up,
+//                             need_down) -> (grad_x, grad_w, grad_gate_up, grad_down)  CPU only
+//
+// The CPU expert compute is a grouped GEMM by hand: a counting sort of the T*K assignments by expert,
+// the tokens gathered into expert-sorted rows, per expert two at::mm (MKL) with SwiGLU between, and
+// a per-token combine in k order (deterministic). Backward saves nothing but the inputs: it recomputes
+// each expert's (n_e, 2I) gate/up rows (two GEMMs of seven per expert) instead of keeping a T*K-row
+// buffer from the forward; its buffers live for the call only. Math in float32 for every input dtype.
+// NOTE (CPU, 2 cores, T=512 H=128 I=64 E=32 top-4 fp32): see benchmarks/bench_moe.py for the measured
+// ratio to the per-expert loop.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <exception>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "moe.h"
+
+#ifdef REASONRL_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace reasonrl {
+namespace {
+
+// Messages from plain strings: streaming sizes() into TORCH_CHECK segfaulted on the GPU machine's
+// torch (2.11+cu130) in the other families' glue.
+std::string shape(c10::IntArrayRef a) {
+  std::string s = "(";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + (a.size() == 1 ? ",)" : ")");
+}
+
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string dt_name(const at::Tensor& t) { return c10::toString(t.scalar_type()); }
+
+bool is_float(const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kBFloat16 || s == at::kHalf || s == at::kDouble;
+}
+
+void check_ids(const at::Tensor& ids, const char* op) {
+  TORCH_CHECK_VALUE(ids.dim() == 2, op, ": topk_ids must be (T, K), got shape ", shape(ids.sizes()));
+  TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, op,
+                    ": topk_ids must be int64 or int32, got ", dt_name(ids));
+}
+
+// ids (N) int64 on the CPU: every value in [0, E), else a ValueError naming topk_ids.
+void check_id_values_cpu(const int64_t* ids, int64_t N, int64_t E, const char* op) {
+  for (int64_t a = 0; a < N; ++a) {
+    TORCH_CHECK_VALUE(ids[a] >= 0 && ids[a] < E, op, ": topk_ids values must be in [0, ", num(E), "), got ",
+                      num(ids[a]), " at flat index ", num(a));
+  }
+}
+
+// ---- router -----------------------------------------------------------------------------------------
+at::Tensor moe_router_fwd(const at::Tensor& logits, int64_t K, bool sigmoid, const std::optional<at::Tensor>& bias) {
+  const char* op = "moe_router_fwd";
+  TORCH_CHECK_VALUE(logits.dim() == 2 && is_float(logits), op, ": router_logits must be a float (T, E) tensor, got ",
+                    dt_name(logits), " of shape ", shape(logits.sizes()));
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK_VALUE(K >= 1 && K <= E, op, ": top_k must be in [1, E=", num(E), "], got ", num(K));
+  const float* bp = nullptr;
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = *bias;
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == E && b.scalar_type() == at::kFloat && b.is_contiguous(), op,
+                      ": bias must be a contiguous float32 (", num(E), ",) tensor, got ", dt_name(b), " of shape ",
+                      shape(b.sizes()));
+    TORCH_CHECK_VALUE(b.device() == logits.device(), op, ": bias must be on router_logits' device");
+    bp = b.data_ptr<float>();
+  }
+  at::Tensor ids = at::empty({T, K}, logits.options().dtype(at::kLong));
+  if (T == 0) return ids;
+  if (logits.device().is_cpu()) {
+    const at::Tensor z = logits.to(at::kFloat).contiguous();
+    at::parallel_for(0, T, std::max<int64_t>(1, 32768 / E), [&](int64_t t0, int64_t t1) {
+      moe_router_cpu(ids.data_ptr<int64_t>(), z.data_ptr<float>(), bp, E, K, sigmoid, t0, t1);
+    });
+    return ids;
+  }
+#ifdef REASONRL_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor z = logits.scalar_type() == at::kDouble ? logits.to(at::kFloat) : logits;
+  z = z.contiguous();
+  const DType dt = z.scalar_type() == at::kFloat ? DType::f32 : z.scalar_type() == at::kBFloat16 ? DType::bf16
+                                                                                                  : DType::f16;
+  const cudaError_t err = moe_router_cuda(ids.data_ptr<int64_t>(), z.data_ptr(), dt, bp, T, E, K, sigmoid,
+                                          at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, ": moe_router_cuda launch failed: ", std::string(cudaGetErrorString(err)));
+  return ids;
+#else
+  TORCH_CHECK(false, op, ": reasonrl._C was built without CUDA; router_logits is not a CPU tensor");
+#endif
+}
+
+// ---- dispatch -----------------------------------------------------------------------------------------
+std::vector<at::Tensor> moe_dispatch_fwd(const at::Tensor& topk_ids, int64_t E, int64_t block_size) {
+  const char* op = "moe_dispatch_fwd";
+  check_ids(topk_ids, op);
+  TORCH_CHECK_VALUE(E >= 1, op, ": num_experts must be >= 1, got ", num(E));
+  TORCH_CHECK_VALUE(block_size >= 0, op, ": block_size must be >= 0, got ", num(block_size));
+  const int64_t N = topk_ids.numel();
+  TORCH_CHECK_VALUE(N < (int64_t(1) << 31), op, ": T*K = ", num(N), " does not fit the int32 indices");
+  const auto iopt = topk_ids.options().dtype(at::kInt);
+  at::Tensor counts = at::empty({E}, iopt), offsets = at::empty({E + 1}, iopt), sorted = at::empty({N}, iopt);
+  at::Tensor poff = at::empty({block_size > 0 ? E + 1 : 0}, iopt);
+  int64_t P = 0;
+  if (topk_ids.device().is_cpu()) {
+    const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
+    check_id_values_cpu(ids.data_ptr<int64_t>(), N, E, op);
+    moe_dispatch_cpu(counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(), nullptr,
+                     ids.data_ptr<int64_t>(), N, E);
+    if (block_size == 0) return {counts, offsets, sorted};
+    P = moe_padded_offsets_cpu(poff.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), E, block_size);
+    at::Tensor pidx = at::empty({P}, iopt), bexp = at::empty({P / block_size}, iopt);
+    moe_pad_cpu(pidx.data_ptr<int32_t>(), bexp.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(),
+                offsets.data_ptr<int32_t>(), poff.data_ptr<int32_t>(), E, block_size);
+    return {counts, offsets, sorted, poff, pidx, bexp};
+  }
+#ifdef REASONRL_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(topk_ids.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor ids = topk_ids.contiguous();
+  at::Tensor info = at::zeros({2}, iopt);
+  at::Tensor ws = at::empty({(int64_t)moe_dispatch_cuda_workspace(N, E)}, topk_ids.options().dtype(at::kByte));
+  cudaError_t err = moe_dispatch_cuda(counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
+                                      sorted.data_ptr<int32_t>(), block_size > 0 ? poff.data_ptr<int32_t>() : nullptr,
+                                      info.data_ptr<int32_t>(), ids.data_ptr(), ids.scalar_type() == at::kLong, N, E,
+                                      block_size, ws.data_ptr(), stream);
+  TORCH_CHECK(err == cudaSuccess, op, ": moe_dispatch_cuda launch failed: ", std::string(cudaGetErrorString(err)));
+  // One small device-to-host copy: the id check, and P to size padded_idx.
+  const at::Tensor host = info.cpu();
+  TORCH_CHECK_VALUE(host.data_ptr<int32_t>()[0] == 0, op, ": topk_ids values must be in [0, ", num(E), ")");
+  if (block_size == 0) return {counts, offsets, sorted};
+  P = host.data_ptr<int32_t>()[1];
+  at::Tensor pidx = at::empty({P}, iopt), bexp = at::empty({P / block_size}, iopt);
+  err = moe_pad_cuda(pidx.data_ptr<int32_t>(), bexp.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(),
+                     offsets.data_ptr<int32_t>(), poff.data_ptr<int32_t>(), N, E, P, block_size, stream);
+  TORCH_CHECK(err == cudaSuccess, op, ": moe_pad_cuda launch failed: ", std::string(cudaGetErrorString(err)));
+  return {counts, offsets, sorted, poff, pidx, bexp};
+#else
+  (void)P;
+  TORCH_CHECK(false, op, ": reasonrl._C was built without CUDA; topk_ids is not a CPU tensor");
+#endif
+}
+
+// ---- experts (CPU) ------------------------------------------------------------------------------------
+struct Experts {
+  int64_t T, H, E, I, K, N;
+  at::Tensor x, ids, w, wgu, wd;  // float32 contiguous copies (views when already so)
+  at::Tensor counts, offsets, sorted, pos;  // dispatch, int32
+};
+
+Experts prepare(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w, const at::Tensor& wgu,
+                const at::Tensor& wd, const char* op) {
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be (T, H), got shape ", shape(x.sizes()));
+  const int64_t T = x.size(0), H = x.size(1);
+  TORCH_CHECK_VALUE(wgu.dim() == 3 && wgu.size(2) == H && wgu.size(1) % 2 == 0, op, ": w_gate_up must be (E, 2I, H=",
+                    num(H), "), got shape ", shape(wgu.sizes()));
+  const int64_t E = wgu.size(0), I = wgu.size(1) / 2;
+  TORCH_CHECK_VALUE(wd.dim() == 3 && wd.size(0) == E && wd.size(1) == H && wd.size(2) == I, op,
+                    ": w_down must be (E, H, I) = (", num(E), ", ", num(H), ", ", num(I), "), got shape ",
+                    shape(wd.sizes()));
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+                    ": x must be float32, bfloat16 or float16, got ", dt_name(x));
+  TORCH_CHECK_VALUE(wgu.scalar_type() == dt && wd.scalar_type() == dt, op,
+                    ": w_gate_up and w_down must have x's dtype ", dt_name(x), ", got ", dt_name(wgu), " and ",
+                    dt_name(wd));
+  check_ids(ids, op);
+  TORCH_CHECK_VALUE(ids.size(0) == T, op, ": topk_ids must have T=", num(T), " rows, got shape ", shape(ids.sizes()));
+  const int64_t K = ids.size(1);
+  TORCH_CHECK_VALUE(w.sizes() == ids.sizes() && w.scalar_type() == at::kFloat, op,
+                    ": topk_weights must be float32 of topk_ids' shape ", shape(ids.sizes()), ", got ", dt_name(w),
+                    " of shape ", shape(w.sizes()));
+  for (const auto* t : {&x, &ids, &w, &wgu, &wd}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": the cpp backend takes CPU tensors");
+  }
+  Experts p{T, H, E, I, K, T * K};
+  TORCH_CHECK_VALUE(p.N < (int64_t(1) << 31), op, ": T*K = ", num(p.N), " does not fit the int32 indices");
+  // Detached: the GEMMs may run on OpenMP threads, whose thread-local state has grad mode on and the
+  // autograd keys not excluded, and at::mm_out refuses inputs that require grad there.
+  p.x = x.detach().to(at::kFloat).contiguous();
+  p.ids = ids.to(at::kLong).contiguous();
+  p.w = w.detach().contiguous();
+  p.wgu = wgu.detach().to(at::kFloat).contiguous();
+  p.wd = wd.detach().to(at::kFloat).contiguous();
+  check_id_values_cpu(p.ids.data_ptr<int64_t>(), p.N, E, op);
+  const auto iopt = x.options().dtype(at::kInt);
+  p.counts = at::empty({E}, iopt);
+  p.offsets = at::empty({E + 1}, iopt);
+  p.sorted = at::empty({p.N}, iopt);
+  p.pos = at::empty({p.N}, iopt);
+  moe_dispatch_cpu(p.counts.data_ptr<int32_t>(), p.offsets.data_ptr<int32_t>(), p.sorted.data_ptr<int32_t>(),
+                   p.pos.data_ptr<int32_t>(), p.ids.data_ptr<int64_t>(), p.N, E);
+  return p;
+}
+
+// Runs fn(e, row0, rows) for every expert with rows. Experts go to threads largest first (dynamic
+// schedule, MKL single-threaded inside); when one expert holds most rows, or there are few, the
+// experts run one after another and MKL threads each GEMM instead.
+template <class F>
+void for_each_expert(const Experts& p, const F& fn) {
+  const int32_t* c = p.counts.data_ptr<int32_t>();
+  const int32_t* o = p.offsets.data_ptr<int32_t>();
+  std::vector<int64_t> order;
+  int64_t maxc = 0;
+  for (int64_t e = 0; e < p.E; ++e) {
+    if (c[e] > 0) order.push_back(e);
+    maxc = std::max<int64_t>(maxc, c[e]);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return c[a] > c[b]; });
+  const int nt = at::get_num_threads();
+  const int64_t n = static_cast<int64_t>(order.size());
+  if (nt <= 1 || n < 2 * nt || maxc * nt > p.N) {
+    for (int64_t e : order) fn(e, o[e], c[e]);
+    return;
+  }
+  std::exception_ptr err;  // an exception must not leave an OpenMP region: keep the first, rethrow
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t i = 0; i < n; ++i) {
+    try {
+      const at::NoGradGuard no_grad;
+      fn(order[i], o[order[i]], c[order[i]]);
+    } catch (...) {
+#pragma omp critical(reasonrl_moe_err)
+      if (!err) err = std::current_exception();
+    }
+  }
+  if (err) std::rethrow_exception(err);
+}
+
+template <class F>
+void for_rows(int64_t n, int64_t row_elems, const F& fn) {
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elems)), fn);
+}
+
+at::Tensor moe_experts_fwd(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w, const at::Tensor& wgu,
+                           const at::Tensor& wd) {
+  const Experts p = prepare(x, ids, w, wgu, wd, "moe_experts_fwd");
+  const auto fopt = p.x.options();
+  at::Tensor out = at::empty({p.T, p.H}, fopt);
+  if (p.N == 0) return out.zero_().to(x.scalar_type());
+  at::Tensor xs = at::empty({p.N, p.H}, fopt);  // tokens in expert order
+  at::Tensor h = at::empty({p.N, 2 * p.I}, fopt), act = at::empty({p.N, p.I}, fopt), y = at::empty({p.N, p.H}, fopt);
+  const int32_t* sorted = p.sorted.data_ptr<int32_t>();
+  for_rows(p.N, p.H, [&](int64_t r0, int64_t r1) {
+    moe_gather_rows_cpu(xs.data_ptr<float>(), p.x.data_ptr<float>(), sorted, p.K, p.H, r0, r1);
+  });
+  for_each_expert(p, [&](int64_t e, int64_t r0, int64_t n) {
+    at::Tensor he = h.narrow(0, r0, n), ae = act.narrow(0, r0, n), ye = y.narrow(0, r0, n);
+    at::mm_out(he, xs.narrow(0, r0, n), p.wgu[e].t());  // (n, 2I)
+    moe_swiglu_fwd_cpu(ae.data_ptr<float>(), he.data_ptr<float>(), n, p.I);
+    at::mm_out(ye, ae, p.wd[e].t());  // (n, H)
+  });
+  for_rows(p.T, p.K * p.H, [&](int64_t t0, int64_t t1) {
+    moe_combine_cpu(out.data_ptr<float>(), y.data_ptr<float>(), p.pos.data_ptr<int32_t>(), p.w.data_ptr<float>(),
+                    p.K, p.H, t0, t1);
+  });
+  return out.to(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w,
+    const at::Tensor& wgu, const at::Tensor& wd, bool need_x, bool need_w, bool need_gu, bool need_down) {
+  const char* op = "moe_experts_bwd";
+  const Experts p = prepare(x, ids, w, wgu, wd, op);
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes() && grad_out.device().is_cpu(), op,
+                    ": grad_out must be a CPU tensor of x's shape ", shape(x.sizes()), ", got ",
+                    shape(grad_out.sizes()));
+  const auto fopt = p.x.options();
+  const at::Tensor g = grad_out.detach().to(at::kFloat).contiguous();
+  at::Tensor gx = at::empty({p.T, p.H}, fopt), gw = at::empty({p.T, p.K}, fopt);
+  at::Tensor ggu = at::zeros({p.E, 2 * p.I, p.H}, fopt), gd = at::zeros({p.E, p.H, p.I}, fopt);
+  auto cast = [&](at::Tensor t, const at::Tensor& like) { return t.to(like.scalar_type()); };
+  if (p.N == 0) return {cast(gx.zero_(), x), gw, cast(ggu, wgu), cast(gd, wd)};
+  at::Tensor xs = at::empty({p.N, p.H}, fopt), gs = at::empty({p.N, p.H}, fopt);
+  at::Tensor h = at::empty({p.N, 2 * p.I}, fopt), act = at::empty({p.N, p.I}, fopt), ga = at::empty({p.N, p.I}, fopt);
+  at::Tensor ws = at::empty({p.N}, fopt), gws = at::empty({p.N}, fopt);  // weights / their grads, expert order
+  const int32_t* sorted = p.sorted.data_ptr<int32_t>();
+  const float* wp = p.w.data_ptr<float>();
+  for_rows(p.N, 2 * p.H, [&](int64_t r0, int64_t r1) {
+    moe_gather_rows_cpu(xs.data_ptr<float>(), p.x.data_ptr<float>(), sorted, p.K, p.H, r0, r1);
+    moe_gather_rows_cpu(gs.data_ptr<float>(), g.data_ptr<float>(), sorted, p.K, p.H, r0, r1);
+    for (int64_t r = r0; r < r1; ++r) ws.data_ptr<float>()[r] = wp[sorted[r]];
+  });
+  for_each_expert(p, [&](int64_t e, int64_t r0, int64_t n) {
+    at::Tensor xe = xs.narrow(0, r0, n), ge = gs.narrow(0, r0, n);  // (n, H)
+    at::Tensor he = h.narrow(0, r0, n), ae = act.narrow(0, r0, n), gae = ga.narrow(0, r0, n);
+    at::mm_out(he, xe, p.wgu[e].t());  // recomputed gate/up (n, 2I)
+    moe_swiglu_fwd_cpu(ae.data_ptr<float>(), he.data_ptr<float>(), n, p.I);
+    at::mm_out(gae, ge, p.wd[e]);  // (n, I): d<g, y>/d act, before the routing weight
+    moe_swiglu_bwd_cpu(he.data_ptr<float>(), ae.data_ptr<float>(), gws.data_ptr<float>() + r0, gae.data_ptr<float>(),
+                       ws.data_ptr<float>() + r0, n, p.I);
+    if (need_down) {
+      at::Tensor gde = gd[e];
+      at::mm_out(gde, ge.t(), ae);  // (H, I) = g^T (w * act)
+    }
+    if (need_gu) {
+      at::Tensor ggue = ggu[e];
+      at::mm_out(ggue, he.t(), xe);  // (2I, H)
+    }
+    if (need_x) at::mm_out(ge, he, p.wgu[e]);  // (n, H): grad of the gathered x rows, over g's rows
+  });
+  if (need_x) {
+    for_rows(p.T, p.K * p.H, [&](int64_t t0, int64_t t1) {
+      moe_combine_cpu(gx.data_ptr<float>(), gs.data_ptr<float>(), p.pos.data_ptr<int32_t>(), nullptr, p.K, p.H, t0,
+                      t1);
+    });
+  }
+  if (need_w) {
+    const int32_t* pos = p.pos.data_ptr<int32_t>();
+    for (int64_t a = 0; a < p.N; ++a) gw.data_ptr<float>()[a] = gws.data_ptr<float>()[pos[a]];
+  }
+  return {cast(gx, x), gw, cast(ggu, wgu), cast(gd, wd)};
+}
+
+// ---- shapes only, for torch.compile / opcheck (FakeTensor) -------------------------------------------
+at::Tensor moe_router_meta(const at::Tensor& logits, int64_t K, bool, const std::optional<at::Tensor>&) {
+  return at::empty({logits.size(0), K}, logits.options().dtype(at::kLong));
+}
+
+at::Tensor moe_experts_fwd_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&) {
+  return at::empty_like(x);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd_meta(
+    const at::Tensor&, const at::Tensor& x, const at::Tensor&, const at::Tensor& w, const at::Tensor& wgu,
+    const at::Tensor& wd, bool, bool, bool, bool) {
+  return {at::empty_like(x), at::empty_like(w), at::empty_like(wgu), at::empty_like(wd)};
+}
+
+}  // namespace
+}  // namespace reasonrl
+
+TORCH_LIBRARY_FRAGMENT(reasonrl, m) {
+  m.def("moe_router_fwd(Tensor router_logits, int top_k, bool sigmoid, Tensor? bias) -> Tensor");
+  m.def("moe_dispatch_fwd(Tensor topk_ids, int num_experts, int block_size) -> Tensor[]");
+  m.def("moe_experts_fwd(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w_gate_up, Tensor w_down) -> Tensor");
+  m.def(
+      "moe_experts_bwd(Tensor grad_out, Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w_gate_up,"
+      " Tensor w_down, bool need_x, bool need_w, bool need_gate_up, bool need_down)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(reasonrl, CPU, m) {
+  m.impl("moe_router_fwd", &reasonrl::moe_router_fwd);
+  m.impl("moe_dispatch_fwd", &reasonrl::moe_dispatch_fwd);
+  m.impl("moe_experts_fwd", &reasonrl::moe_experts_fwd);
+  m.impl("moe_experts_bwd", &reasonrl::moe_experts_bwd);
+}
+
+TORCH_LIBRARY_IMPL(reasonrl, Meta, m) {
+  m.impl("moe_router_fwd", &reasonrl::moe_router_meta);
+  m.impl("moe_experts_fwd", &reasonrl::moe_experts_fwd_meta);
+  m.impl("moe_experts_bwd", &reasonrl::moe_experts_bwd_meta);
+}
+
+#ifdef REASONRL_WITH_CUDA
+TORCH_LIBRARY_IMPL(reasonrl, CUDA, m) {
+  m.impl("moe_router_fwd", &reasonrl::moe_router_fwd);
+  m.impl("moe_dispatch_fwd", &reasonrl::moe_dispatch_fwd);
+}
+#endif
