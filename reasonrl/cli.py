@@ -8,7 +8,7 @@
     reasonrl generate [--model DIR --prompt TEXT]    sample from a model
     reasonrl bench [NAME [args...]]                  run benchmarks/bench_NAME.py (no NAME: list them)
     reasonrl convert-gguf [FILE.gguf] --out DIR      GGUF -> a model folder (reasonrl.models.gguf)
-    reasonrl eval                                    not implemented yet (it says so and exits 2)
+    reasonrl eval --model DIR [...]                  pass@k, thinking budgets, ... (reasonrl.eval.run)
 
 Every config field is a flag (`reasonrl grpo --help` lists them with defaults); `--config run.toml`
 reads a TOML file first. `--threads N` (before or after the command) sets torch's CPU threads;
@@ -163,16 +163,14 @@ def cmd_convert_gguf(argv):
         raise SystemExit(f"reasonrl convert-gguf: {e}")
 
 
-def cmd_not_implemented(name):
-    def run(argv):
-        print(f"reasonrl {name}: not implemented yet", file=sys.stderr)
-        raise SystemExit(2)
-    return run
+def cmd_eval(argv):
+    from reasonrl.eval.run import main as eval_main
+    eval_main(argv)
 
 
 HANDLERS = {"train": cmd_train, "sft": cmd_sft, "grpo": cmd_grpo, "sample": cmd_sample, "distill": cmd_distill,
             "generate": cmd_generate, "bench": cmd_bench, "convert-gguf": cmd_convert_gguf,
-            "eval": cmd_not_implemented("eval")}
+            "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,6 @@
 """The reasonrl console script: help lists every field with its default, errors name the field,
-unfinished commands fail loudly, generate and bench run."""
+the pipeline commands (sample, distill, train --stages, eval) answer --help and fail cleanly, generate
+and bench run."""
 import os
 import subprocess
 import sys
@@ -54,10 +55,22 @@ def test_console_script_reports_errors_without_traceback():
     assert r.returncode != 0 and "GRPOConfig.group_size" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("cmd", ["sample", "eval"])
-def test_unfinished_commands_fail_loudly(cmd, capsys):
-    assert fails(cmd) == "2"
-    assert "not implemented yet" in capsys.readouterr().err
+def test_pipeline_commands_help_and_errors(tmp_path, capsys):
+    for cmd, flags in [(["sample"], ["--n", "--shortest", "--out"]), (["distill"], ["--teacher", "--student"]),
+                       (["train", "--stages", "all"], ["--rs_sft.steps", "--mt_grpo.tasks", "--stop_after"]),
+                       (["eval"], ["--model"])]:
+        with pytest.raises(SystemExit) as e:
+            main([*cmd, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert all(f in out for f in flags), (cmd, flags)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--rs_sft.steps" not in capsys.readouterr().out  # no arguments: still the default run's config
+    assert "no_model_here" in fails("sample", "--model", str(tmp_path / "no_model_here"), "--num_prompts", "1")
+    assert "DistillConfig.teacher" in fails("distill", "--teacher", str(tmp_path / "none"))
+    assert "PipelineConfig.stages" in fails("train", "--stages", "sft,nope")
+    assert "GRPOConfig.tasks" in fails("grpo", "--tasks", "multiply=2;nope=1")
 
 
 def test_generate_runs(capsys):
