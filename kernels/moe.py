@@ -28,10 +28,13 @@ H, one more pair of tl.dot per step). act is never kept: it is elementwise from 
 Transient buffers: act (P, I) in forward; [dg | du] (P, 2I), w*act (P, I) and the per-assignment
 (T*K, H) outputs in backward; all freed when the op returns.
 
-Verified: values and all four gradients against a float64 per-expert loop under TRITON_INTERPRET=1
-on CPU (tests/test_moe_triton.py; float32 and bfloat16, the latter computed in float32 inside the
-interpreter, whose bf16 tl.dot is wrong in Triton 3.9). NOT verified: anything on a GPU (compile
-on triton 3.6, speed, the Hopper block configs in _CONFIGS_GPU are reasoned, not measured).
+Verified (tests/test_moe_triton.py): values and all four gradients against a float64 per-expert
+loop under TRITON_INTERPRET=1 on CPU (float32, bfloat16 and float16, the latter two multiplied in
+float32 inside the interpreter, whose bf16 tl.dot is wrong in Triton 3.9); and, without a GPU, that
+the four GEMM kernels compile for sm_90a with Triton 3.9 at the goal shape with the configs below:
+wgmma, software-pipelined loads, 64-168 KiB of shared memory, 115-128 registers a thread (the SwiGLU
+backward: 255 with 56 bytes of spill when it loads [g | u], 228 when it recomputes them).
+NOT verified: any run on a GPU, Triton 3.6, speed; the GPU block configs are reasoned, not timed.
 """
 from __future__ import annotations
 
@@ -366,6 +369,8 @@ def moe_experts_fwd(x, topk_ids, topk_weights, w_gate_up, w_down, keep_h: bool):
     E, I = w_gate_up.shape[0], w_gate_up.shape[1] // 2
     BM = _block_m(x.device, T * K / E)
     d = moe_dispatch(topk_ids, E, block_size=BM)
+    if d.padded_offsets.numel() != E + 1:  # an id >= E grew the counts (a dispatch path without a range check)
+        raise ValueError(f"triton_moe_experts: topk_ids values must be in [0, {E})")
     P = d.padded_idx.numel()
     num_m = P // BM
     cfg = _cfg(x.device)

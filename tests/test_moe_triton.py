@@ -15,6 +15,7 @@ import triton
 
 import reasonrl.kernels.moe as km
 from reasonrl.kernels.moe import triton_moe_experts
+import reasonrl.ops.moe as moe_ops
 from reasonrl.ops.moe import moe_experts, moe_experts_reference
 from tests.tolerance import assert_close_to_ref
 
@@ -134,7 +135,27 @@ def test_strided_inputs_deterministic_and_public_op():
     assert torch.equal(pub, runs[0][0])
 
 
-def test_bad_inputs_raise():
+@pytest.mark.parametrize("H,I", [(32, 8), (16, 24)])
+def test_saved_for_backward(H, I):
+    """What the op keeps between forward and backward: the inputs, int32 dispatch metadata, and
+    the (P, 2I) pre-activation only when 2I <= H; never a (T*K, H) buffer."""
+    T, E, K = 12, 3, 2
+    x, ids, tw, w1, wd = _inputs(T, H, I, E, K, "balanced", torch.float32)
+    for t in (x, tw, w1, wd):
+        t.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        triton_moe_experts(x, ids, tw, w1, wd)
+    inputs = {id(t) for t in (x, tw, w1, wd)}
+    extra = [t for t in saved if id(t) not in inputs and t.is_floating_point()]
+    if 2 * I <= H:
+        assert [tuple(t.shape[1:]) for t in extra] == [(2 * I,)]  # h (P, 2I)
+    else:
+        assert extra == []
+    assert all(t.dtype == torch.int32 for t in saved if not t.is_floating_point())
+
+
+def test_bad_inputs_raise(monkeypatch):
     x, ids, tw, w1, wd = _inputs(4, 8, 4, 2, 1, "balanced", torch.float32)
     with pytest.raises(ValueError, match="w_down"):
         triton_moe_experts(x, ids, tw, w1, wd[:, :, :3])
@@ -148,6 +169,10 @@ def test_bad_inputs_raise():
         triton_moe_experts(x, ids + 2, tw, w1, wd)  # expert id out of range
     with pytest.raises(ValueError, match="x must be"):
         triton_moe_experts(x.double(), ids, tw, w1.double(), wd.double())
+    # a dispatch without a range check (CUDA tensors on the reference path): caught by the counts' length
+    monkeypatch.setattr(moe_ops, "moe_dispatch", moe_ops.moe_dispatch_reference)
+    with pytest.raises(ValueError, match="topk_ids"):
+        triton_moe_experts(x, ids + 2, tw, w1, wd)
 
 
 def test_no_tokens():
@@ -160,12 +185,18 @@ def test_no_tokens():
     assert torch.equal(w1.grad, torch.zeros_like(w1))
 
 
+GPU_CASES = [(2048, 512, 256, 16, 4, "balanced"),  # BLOCK_M 128, wgmma
+             (5, 512, 256, 16, 4, "balanced"),  # decode: BLOCK_M 16, 4 warps
+             (1024, 384, 192, 8, 2, "two_experts")]  # long weight-gradient segments, empty experts
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_moe_experts_triton_gpu(dtype):
-    """Compiled kernels at a shape where every tile config is full (BLOCK_M 64/128)."""
-    T, H, I, E, K = 2048, 512, 256, 16, 4
-    x, ids, tw, w1, wd = (t.cuda() for t in _inputs(T, H, I, E, K, "balanced", dtype))
+@pytest.mark.parametrize("case", GPU_CASES, ids=[f"T{c[0]}-{c[5]}" for c in GPU_CASES])
+def test_moe_experts_triton_gpu(case, dtype):
+    """Compiled kernels with the GPU configs."""
+    T, H, I, E, K, kind = case
+    x, ids, tw, w1, wd = (t.cuda() for t in _inputs(T, H, I, E, K, kind, dtype))
     g = torch.randn(T, H, device="cuda")
     out, grads = _run(triton_moe_experts, x, ids, tw, w1, wd, g)
     ref64, grads64 = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.float64)
