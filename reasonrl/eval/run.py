@@ -6,13 +6,17 @@ are evaluated in training order) on the task's held-out split:
 - budget: accuracy against thinking tokens. Thinking capped at each of `budgets` (the engine forces
   "</think>" and the answer follows), the model's own length ("natural"), and thinking extended
   `extends` times by replacing the model's "</think>" with "Wait" (s1's budget forcing). The x axis
-  is measured, not requested: the tokens actually inside <think>...</think> of each completion;
+  is measured, not requested: the tokens actually inside <think>...</think> of each completion.
+  The engine caps each thinking span: a model that opens <think> again after the forced answer
+  starts a new one, so a measured mean can pass its budget a little (8.08 at budget 8, SFT check);
 - difficulty: accuracy, response length and thinking tokens at each of `difficulties`;
 - markers: self-verification / backtracking words per response and per 1k tokens, from the passk
   samples (natural generation: the forced "Wait"s of the budget section would inflate them).
 Every request carries SamplingParams.seed = seed: the same seed gives the same JSON, and all
 models and settings draw the same random numbers (common random numbers: differences between
-them are less noisy). One LLMEngine.generate call per (model, setting), over all problems x samples.
+them are less noisy). The engine seeds sample j of a request by (seed, j) alone, so sample j of
+every problem draws the same uniforms: estimates stay unbiased, their noise across problems is
+somewhat correlated. One LLMEngine.generate call per (model, setting), over all problems x samples.
 NOTE: 100 problems x 8 samples (28.9k tokens, a 0.8M-parameter SFT checkpoint, 1 thread on the
 busy 2-core CPU machine, 2026-11-26): one generate call 6.5-7.7 s, one call per problem 25.6-31.3 s.
 Output: out_dir/eval.json, summary.md (the printed table), samples.jsonl (every completion) and
