@@ -369,8 +369,6 @@ def moe_experts_fwd(x, topk_ids, topk_weights, w_gate_up, w_down, keep_h: bool):
     E, I = w_gate_up.shape[0], w_gate_up.shape[1] // 2
     BM = _block_m(x.device, T * K / E)
     d = moe_dispatch(topk_ids, E, block_size=BM)
-    if d.padded_offsets.numel() != E + 1:  # an id >= E grew the counts (a dispatch path without a range check)
-        raise ValueError(f"triton_moe_experts: topk_ids values must be in [0, {E})")
     P = d.padded_idx.numel()
     num_m = P // BM
     cfg = _cfg(x.device)
