@@ -301,6 +301,16 @@ def _block_m(device, rows_per_expert: float) -> int:
     return 64 if rows_per_expert < 256 else 128
 
 
+# Tests set this: every buffer a kernel should fill starts as NaN, so an element left unwritten (or
+# read before it is written) shows up in the outputs instead of passing as stale memory.
+POISON = False
+
+
+def _empty(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device) if POISON else \
+        torch.empty(shape, dtype=dtype, device=device)
+
+
 def _cfg(device):
     return _CONFIGS_CPU if device.type == "cpu" else _CONFIGS_GPU
 
@@ -335,7 +345,7 @@ def _rows_gemm(a, b, strides_b, d, tw, n_out, T, K, out_dtype):
     cfg = _cfg(a.device)
     c = cfg["rows"]
     BM = P // d.block_expert.numel()
-    y = torch.empty(T * K, n_out, dtype=out_dtype, device=a.device)  # (T*K, N)
+    y = _empty((T * K, n_out), out_dtype, a.device)  # (T*K, N)
     num_m = P // BM
     grid = (num_m * triton.cdiv(n_out, c["BLOCK_N"]),)
     upcast = _upcast(a)
@@ -373,8 +383,8 @@ def moe_experts_fwd(x, topk_ids, topk_weights, w_gate_up, w_down, keep_h: bool):
     num_m = P // BM
     cfg = _cfg(x.device)
     c = cfg["gate_up"]
-    act = torch.empty(P, I, dtype=x.dtype, device=x.device)  # (P, I), expert-sorted rows
-    h = torch.empty(P, 2 * I, dtype=x.dtype, device=x.device) if keep_h else None  # (P, 2I)
+    act = _empty((P, I), x.dtype, x.device)  # (P, I), expert-sorted rows
+    h = _empty((P, 2 * I), x.dtype, x.device) if keep_h else None  # (P, 2I)
     upcast = _upcast(x)
     grid = (num_m * triton.cdiv(I, c["BLOCK_N"]),)
     _moe_gate_up_fwd_kernel[grid](
@@ -387,7 +397,7 @@ def moe_experts_fwd(x, topk_ids, topk_weights, w_gate_up, w_down, keep_h: bool):
     y = _rows_gemm(act, w_down, (w_down.stride(0), w_down.stride(2), w_down.stride(1)), d, tw, H, T, K,
                    x.dtype)  # (T*K, H) weighted per-assignment outputs
     del act
-    out = _combine(y, T, K, torch.empty(T, H, dtype=x.dtype, device=x.device))
+    out = _combine(y, T, K, _empty((T, H), x.dtype, x.device))
     return out, d, h
 
 
@@ -403,9 +413,9 @@ def moe_experts_bwd(go, x, topk_weights, w_gate_up, w_down, d, h, need):
     cfg = _cfg(x.device)
     c = cfg["swiglu_bwd"]
     num_n = triton.cdiv(I, c["BLOCK_N"])
-    dh = torch.empty(P, 2 * I, dtype=x.dtype, device=x.device)  # (P, 2I) [dg | du]
-    actw = torch.empty(P, I, dtype=x.dtype, device=x.device)  # (P, I) w * act
-    dwp = torch.empty(T * K, num_n, dtype=torch.float32, device=x.device)  # partial act . c
+    dh = _empty((P, 2 * I), x.dtype, x.device)  # (P, 2I) [dg | du]
+    actw = _empty((P, I), x.dtype, x.device)  # (P, I) w * act
+    dwp = _empty((T * K, num_n), torch.float32, x.device)  # partial act . c
     tw = topk_weights.reshape(-1).contiguous()
     upcast = _upcast(x)
     _moe_swiglu_bwd_kernel[(num_m * num_n,)](
@@ -416,13 +426,13 @@ def moe_experts_bwd(go, x, topk_weights, w_gate_up, w_down, d, h, need):
     gx = gw = g1 = gd = None
     if need[0]:
         yx = _rows_gemm(dh, w_gate_up, w_gate_up.stride(), d, None, H, T, K, x.dtype)  # (T*K, H)
-        gx = _combine(yx, T, K, torch.empty(T, H, dtype=x.dtype, device=x.device))
+        gx = _combine(yx, T, K, _empty((T, H), x.dtype, x.device))
     if need[1]:
         gw = dwp.sum(dim=1).view(T, K)  # fixed-order reduction: deterministic
     if need[2]:
-        g1 = _wgrad(dh, False, x, True, d, K, torch.empty_like(w_gate_up, memory_format=torch.contiguous_format))
+        g1 = _wgrad(dh, False, x, True, d, K, _empty(w_gate_up.shape, w_gate_up.dtype, x.device))
     if need[3]:
-        gd = _wgrad(go, True, actw, False, d, K, torch.empty_like(w_down, memory_format=torch.contiguous_format))
+        gd = _wgrad(go, True, actw, False, d, K, _empty(w_down.shape, w_down.dtype, x.device))
     return gx, gw, g1, gd
 
 

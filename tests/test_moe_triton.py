@@ -19,6 +19,12 @@ from reasonrl.ops.moe import moe_experts, moe_experts_reference
 from tests.tolerance import assert_close_to_ref
 
 
+@pytest.fixture(autouse=True)
+def _poison_buffers(monkeypatch):
+    """Every buffer the kernels fill starts as NaN: unwritten or early-read elements cannot hide."""
+    monkeypatch.setattr(km, "POISON", True)
+
+
 def _routing(kind, T, E, K):
     if kind == "balanced":  # K distinct experts per token, as a router picks them
         return torch.rand(T, E).topk(K, dim=1).indices
@@ -152,6 +158,22 @@ def test_saved_for_backward(H, I):
     else:
         assert extra == []
     assert all(t.dtype == torch.int32 for t in saved if not t.is_floating_point())
+
+
+def test_partial_gradients():
+    """Only some inputs need a gradient (frozen experts, fixed routing): the others are skipped."""
+    T, H, I, E, K = 10, 20, 12, 3, 2
+    x, ids, tw, w1, wd = _inputs(T, H, I, E, K, "balanced", torch.float32)
+    x.requires_grad_(True)
+    wd.requires_grad_(True)
+    g = torch.randn(T, H)
+    dx, dwd = torch.autograd.grad(triton_moe_experts(x, ids, tw, w1, wd), [x, wd], g)
+    xr, wdr = x.detach().double().requires_grad_(), wd.detach().double().requires_grad_()
+    rx, rwd = torch.autograd.grad(moe_experts_reference(xr, ids, tw.double(), w1.double(), wdr), [xr, wdr], g.double())
+    xs, wds = x.detach().clone().requires_grad_(), wd.detach().clone().requires_grad_()
+    sx, swd = torch.autograd.grad(moe_experts_reference(xs, ids, tw, w1, wds), [xs, wds], g)
+    assert_close_to_ref(dx, rx, sx, torch.float32, "dx")
+    assert_close_to_ref(dwd, rwd, swd, torch.float32, "d w_down")
 
 
 def test_bad_inputs_raise():
