@@ -61,9 +61,11 @@ def _wants_r1(argv) -> bool:
     the default run (issue 6), whose flags and defaults stay as they are."""
     if any(a == "--stages" or a.startswith("--stages=") for a in argv):
         return True
-    if "--config" in argv and argv.index("--config") + 1 < len(argv):
-        import tomllib
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
         path = argv[argv.index("--config") + 1]
+    if path is not None:
+        import tomllib
         try:
             with open(path, "rb") as f:
                 return "stages" in tomllib.load(f)

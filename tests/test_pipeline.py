@@ -187,6 +187,18 @@ def test_reward_model_reward(tmp_path):
     (_, sq, _), = parse_reward_spec(f"rm_sigmoid:{path}")
     assert sq.batch(texts, probs) == pytest.approx(torch.sigmoid(torch.tensor(batched)).tolist(), rel=1e-5)
     assert sum(os.path.realpath(path) == k for k in _RM_CACHE) == 1  # loaded once, shared
+    # the helpfulness side of a mix: open-ended JSONL prompts (checker "none") scored by the reward model
+    help_path = tmp_path / "help.jsonl"
+    help_path.write_text("".join(json.dumps({"question": f"Say something kind {i}", "checker": "none"}) + "\n"
+                                 for i in range(40)))
+    cfg = GRPOConfig(model=micro_folder(tmp_path / "m"), tasks=f"multiply=1;jsonl:{help_path}=1|rm:{path}:0.5",
+                     steps=2, prompts_per_step=4, group_size=2, max_tokens=6, max_refills=0, truncation="keep",
+                     out_dir=str(tmp_path / "g"))
+    run_grpo(cfg)
+    rows = _rows(tmp_path / "g" / "metrics.jsonl")
+    key = "jsonl:help.jsonl"
+    assert any(r[f"groups/{key}"] for r in rows) and f"accuracy/{key}" not in rows[0]
+    assert all(math.isfinite(r[f"reward/{key}"]) for r in rows if r[f"groups/{key}"])
     with pytest.raises(ValueError, match="no_such_rm"):
         parse_reward_spec(f"rm:{tmp_path / 'no_such_rm'}:1.0")
     with pytest.raises(ValueError, match=r"GRPOConfig\.tasks.*no_such_rm"):

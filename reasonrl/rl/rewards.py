@@ -262,6 +262,8 @@ def accuracy_reward(response: str, problem) -> float:
     """1.0 for a verified-correct final answer, per the problem's checker."""
     pred = extract_answer(response)
     checker = getattr(problem, "checker", "math")
+    if checker == "none":  # open-ended prompt (tasks.JsonlTask): nothing to verify
+        return 0.0
     if checker == "countdown":
         return float(countdown_check(pred, problem.meta["numbers"], problem.meta["target"]))
     if checker == "score":  # e.g. reasoning-gym: the dataset's own scorer in meta

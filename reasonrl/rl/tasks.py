@@ -160,8 +160,10 @@ class JsonlTask(Task):
     {"question", "answer"}; GSM8K {"question", "answer": "... #### 42"}; MATH {"problem",
     "solution" with \\boxed{}} (or an explicit "answer"). An optional "response" in the training
     format is used as the worked solution for SFT (what `reasonrl sample` writes); optional
-    "checker" ("math" | "countdown") and "meta" (e.g. countdown's numbers and target) say how
-    rewards.accuracy_reward verifies an answer (default: math equivalence)."""
+    "checker" ("math" | "countdown" | "none") and "meta" (e.g. countdown's numbers and target) say how
+    rewards.accuracy_reward verifies an answer (default: math equivalence). "none" marks open-ended
+    prompts with no answer to verify (the helpfulness side of a mix, scored by an "rm:FOLDER"
+    reward); their "answer" may be omitted and their accuracy is 0."""
 
     def __init__(self, path: str):
         self.path, self.name = path, f"jsonl:{os.path.basename(path)}"
@@ -190,7 +192,9 @@ def _jsonl_problem(obj, where: str) -> Problem:
         rationale, answer = obj["solution"], extract_boxed(obj["solution"])
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
-    if not isinstance(answer, str) or not answer.strip():
+    if answer is None and obj.get("checker") == "none":  # open-ended prompt: a reward model scores it
+        answer = ""
+    elif not isinstance(answer, str) or not answer.strip():
         raise ValueError(f"{where}: missing 'answer' (a string or number, '#### x', or a \\boxed{{}} solution)")
     answer = answer.strip()
     solution = obj.get("response")
@@ -208,7 +212,7 @@ def _jsonl_problem(obj, where: str) -> Problem:
     return Problem(question.strip(), answer, solution, checker, meta)
 
 
-JSONL_CHECKERS = ("math", "countdown")  # the checkers whose inputs are plain JSON
+JSONL_CHECKERS = ("math", "countdown", "none")  # plain-JSON checkers; "none": no verifiable answer
 
 
 def load_jsonl(path: str) -> list[Problem]:

@@ -47,7 +47,8 @@ def run_distill(cfg: DistillConfig) -> dict:
         raise ValueError(f"DistillConfig.teacher {cfg.teacher!r}: no verified-correct trace in "
                          f"{sample['samples']} samples; a distillation teacher must solve some problems")
     traces = load_jsonl(traces_path)
-    results = {"teacher": _score(teacher, tok, heldout, cfg, "teacher", cfg.teacher), "sample": sample}
+    results = {"teacher": {**_score(teacher, tok, heldout, cfg, "teacher", cfg.teacher),
+                           "params": sum(p.numel() for p in teacher.parameters())}, "sample": sample}
     del teacher
     runs = {"distilled": cold + traces, "baseline": cold}
     for name, data in runs.items():
@@ -55,7 +56,6 @@ def run_distill(cfg: DistillConfig) -> dict:
         model, stok, summary = run_sft(stage, examples=data, tag=name)
         results[name] = {**_score(model, stok, heldout, cfg, name, cfg.student), **summary,
                          "examples": len(data), "params": sum(p.numel() for p in model.parameters())}
-    results["teacher"]["params"] = sum(p.numel() for p in load_model_and_tokenizer(cfg.teacher)[0].parameters())
     results["total_seconds"] = time.perf_counter() - t0
     results["config"] = dataclasses.asdict(cfg)
     table = distill_table(results)

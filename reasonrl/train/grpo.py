@@ -79,8 +79,9 @@ def make_tasks(cfg: GRPOConfig):
     |REWARDS, else cfg.rewards)."""
     if not cfg.tasks:
         return [(cfg.task, get_task(cfg.task, cfg.difficulty), parse_reward_spec(cfg.rewards), 1.0)]
-    return [(name, get_task(name, cfg.difficulty), parse_reward_spec(rw or cfg.rewards), w)
-            for name, w, rw in parse_task_mix(cfg.tasks)]
+    tasks = [get_task(name, cfg.difficulty) for name, _, _ in parse_task_mix(cfg.tasks)]
+    return [(task.name, task, parse_reward_spec(rw or cfg.rewards), w)  # task.name: jsonl:<basename>
+            for task, (_, w, rw) in zip(tasks, parse_task_mix(cfg.tasks))]
 
 
 def draw_problems(tasks, n, seed, step, refill, exclude):

@@ -44,7 +44,7 @@ def checkpoint_step(path: str) -> int | None:
 
 def _record(problem, text, provenance):
     rec = {"question": problem.question, "answer": problem.answer, "response": text}
-    if problem.checker in JSONL_CHECKERS:  # plain-JSON checkers survive the round trip
+    if problem.checker in JSONL_CHECKERS and problem.checker != "math":  # plain-JSON checkers round-trip
         rec["checker"], rec["meta"] = problem.checker, problem.meta
     return {**rec, "provenance": provenance}
 
