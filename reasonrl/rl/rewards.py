@@ -364,8 +364,8 @@ def load_reward_fn(spec: str) -> Callable:
 
 
 def parse_reward_spec(spec: str) -> list[tuple[str, Callable, float]]:
-    """"accuracy:1.0,format:0.1,pkg.mod:fn:0.5" -> [(name, fn, weight)]. The weight is the part
-    after the last ':' when it parses as a float."""
+    """"accuracy:1.0,format:0.1,pkg.mod:fn:0.5,rm:/models/rm:0.5" -> [(name, fn, weight)]. The
+    weight is the part after the last ':' when it parses as a float."""
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, weight = item, 1.0

@@ -101,7 +101,7 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 64           # completion length cap; longer completions are truncated
-    rewards: str = "accuracy:1.0,format:0.1"  # name or pkg.module:function, with :weight
+    rewards: str = "accuracy:1.0,format:0.1"  # name, rm:FOLDER (reward model) or pkg.module:function, with :weight
     dynamic_sampling: bool = True  # drop zero-variance groups and refill the batch
     filter_on: str = "accuracy"    # variance of what decides a group is dropped: accuracy | reward
     max_refills: int = 2           # extra rollout rounds per step when refilling
