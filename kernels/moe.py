@@ -32,8 +32,7 @@ Verified (tests/test_moe_triton.py): values and all four gradients against a flo
 loop under TRITON_INTERPRET=1 on CPU (float32, bfloat16 and float16, the latter two multiplied in
 float32 inside the interpreter, whose bf16 tl.dot is wrong in Triton 3.9); and, without a GPU, that
 the four GEMM kernels compile for sm_90a with Triton 3.9 at the goal shape with the configs below:
-wgmma, software-pipelined loads, 64-168 KiB of shared memory, 115-128 registers a thread (the SwiGLU
-backward: 255 with 56 bytes of spill when it loads [g | u], 228 when it recomputes them).
+wgmma, software-pipelined loads, shared memory and registers as noted at _CONFIGS_GPU.
 NOT verified: any run on a GPU, Triton 3.6, speed; the GPU block configs are reasoned, not timed.
 """
 from __future__ import annotations
@@ -276,12 +275,16 @@ def _moe_wgrad_kernel(
 # Block sizes. BLOCK_M is also the dispatch padding, so it is fixed before any launch (no autotune
 # over it); the rest are fixed too, so a first call compiles once per dtype and nothing is timed
 # at run time. NOTE: the GPU values follow the usual Hopper tl.dot configs (128-row tiles, BK 64,
-# 8 warps, 3-4 stages; two or three float32 accumulators of BM x BN must fit the registers) and
-# were NOT measured: no GPU was available when this was written.
-_CONFIGS_GPU = dict(gate_up=dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4),
-                    rows=dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+# 8 warps, 3 stages: 128 x 256 float32 outputs a program, the shape Triton's Hopper matmuls favour)
+# and were NOT timed: no GPU was available when this was written. Compiled for sm_90a at the goal
+# shape (test_kernels_compile_for_hopper) they take 175-242 registers a thread without spills and
+# 96-168 KiB of shared memory; the SwiGLU backward keeps 128 x 64 (three accumulators when it
+# recomputes [g | u]; 255 registers and 56 bytes of spill in its epilogue when it loads them, 228
+# and none when it recomputes), since at 128 x 32 every go tile would be gathered 24 times.
+_CONFIGS_GPU = dict(gate_up=dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),  # g and u: 128 x 256
+                    rows=dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
                     swiglu_bwd=dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
-                    wgrad=dict(BLOCK_1=128, BLOCK_2=128, BLOCK_R=64, num_warps=8, num_stages=3),
+                    wgrad=dict(BLOCK_1=128, BLOCK_2=256, BLOCK_R=64, num_warps=8, num_stages=3),
                     GROUP_M=8)
 # The interpreter runs each program in numpy: few, small programs; tl.dot needs dims >= 16.
 _CONFIGS_CPU = dict(gate_up=dict(BLOCK_N=32, BLOCK_K=32), rows=dict(BLOCK_N=32, BLOCK_K=32),
