@@ -451,3 +451,73 @@ def test_think_extend_rollback_keeps_cache_consistent(tok):
             assert (torch.tensor(c.logprobs, dtype=torch.float64) - ref).abs().max() < 1e-4
     assert n_ext > 0
     eng.bm.check([])
+
+
+# ---- decode windows (several decode steps per schedule) ---------------------------------------------
+def test_uniform_stream_matches_scalar_draws():
+    s = Sequence([1, 2], SamplingParams(seed=11))
+    ref = torch.Generator().manual_seed(int(s.generator.initial_seed()))
+    want = torch.stack([torch.rand((), generator=ref) for _ in range(40)])
+    a, b = s.uniforms(7), s.uniforms(16)
+    s.unread_uniforms(b[5:])  # a window cut after 5 steps gives back the rest
+    got = torch.cat([a, b[:5], s.uniforms(3), s.uniforms(1), s.uniforms(20)])
+    assert torch.equal(got, want[:36])
+
+
+def test_sampler_with_drawn_uniforms_equals_generators():
+    from reasonrl.engine.sampler import Sampler
+
+    B, Vs = 33, 50
+    logits = torch.randn(B, Vs) * 2
+    temp = torch.rand(B) + 0.3
+    temp[::5] = 0.0  # some greedy rows
+    top_k, top_p, min_p = torch.randint(0, 10, (B,)), torch.rand(B) * 0.5 + 0.5, torch.rand(B) * 0.05
+    seeds = torch.randint(0, 2**31, (B,)).tolist()
+    gens = [torch.Generator().manual_seed(x) for x in seeds]
+    ref = Sampler()(logits, temp, top_k, top_p, min_p, gens)
+    u = torch.stack([torch.rand(1, generator=torch.Generator().manual_seed(x))[0] for x in seeds])
+    got = Sampler()(logits, temp, top_k, top_p, min_p, u=u)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    # all rows sampling, no greedy rows: the short path (no argmax) gives the same tokens
+    ones = torch.ones(B)
+    ref = Sampler()(logits, ones, top_k * 0, ones, ones * 0, u=u, any_filter=False)
+    got = Sampler()(logits, ones, top_k * 0, ones, ones * 0, u=u, any_filter=False, any_greedy=False)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("temperature,top_p,block_size", [(1.0, 1.0, 4), (0.8, 0.9, 16), (0.0, 1.0, 3)])
+def test_decode_window_equals_single_steps(hf_and_ours, temperature, top_p, block_size):
+    """Windows end early at stop tokens and at max_tokens: tokens, log-probs, finish reasons and the
+    block accounting are those of one step per schedule."""
+    _, model = hf_and_ours
+    prompts = random_prompts(5, 1, 14)
+    eos = torch.randint(0, V, (3,)).tolist()  # frequent enough at V=61 that many samples stop early
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=37, seed=5,
+                            stop_token_ids=(eos[0],))
+    outs, stats = [], []
+    for window in (1, 16):
+        eng = LLMEngine(model, block_size=block_size, eos_token_ids=eos[1:], decode_window=window)
+        outs.append(eng.generate(prompts, params, n=3))
+        stats.append(eng.stats)
+        assert eng.bm.num_free == eng.bm.num_blocks
+        eng.bm.check([])
+    for ga, gb in zip(*outs):
+        for a, b in zip(ga, gb):
+            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+            assert torch.equal(torch.tensor(a.logprobs), torch.tensor(b.logprobs))
+    reasons = {c.finish_reason for g in outs[0] for c in g}
+    if temperature > 0:
+        assert reasons == {"stop", "length"}, reasons  # both kinds of ending were exercised
+    assert stats[1]["steps"] == stats[0]["steps"]  # the same model steps, fewer schedules
+
+
+def test_decode_window_under_preemption(hf_and_ours):
+    _, model = hf_and_ours
+    prompts = random_prompts(8, 5, 12)
+    params = SamplingParams(temperature=1.0, max_tokens=16, seed=3)
+    roomy = LLMEngine(model, block_size=4, eos_token_ids=[], decode_window=1).generate(prompts, params, n=2)
+    eng = LLMEngine(model, block_size=4, eos_token_ids=[], kv_cache_bytes=12 * 2 * 2 * 4 * 2 * 12 * 4)
+    tight = eng.generate(prompts, params, n=2)
+    assert eng.stats["preemptions"] > 0
+    assert [[c.token_ids for c in g] for g in tight] == [[c.token_ids for c in g] for g in roomy]
+    eng.bm.check([])

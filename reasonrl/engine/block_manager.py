@@ -96,6 +96,16 @@ class BlockManager:
         seq.block_table[idx] = new
         return old, new
 
+    def blocks_to_reserve(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, (num_tokens + self.block_size - 1) // self.block_size - len(seq.block_table))
+
+    def reserve(self, seq: Sequence, num_tokens: int):
+        """Own blocks for the first num_tokens positions (a decode window writes several slots ahead).
+        Only blocks past the table are added: the block of position len-1 is made writable by
+        append_slot first, and every later position falls in it or in a fresh block."""
+        for _ in range(self.blocks_to_reserve(seq, num_tokens)):
+            seq.block_table.append(self._take())
+
     def slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
 

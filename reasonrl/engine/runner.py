@@ -9,6 +9,7 @@ touch torch.cuda.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from reasonrl.engine.block_manager import BlockManager
 from reasonrl.engine.sequence import Sequence
@@ -93,24 +94,53 @@ class Runner:
 
     def decode(self, seqs: list[Sequence], bm: BlockManager) -> torch.Tensor:
         n = len(seqs)
+        rows = self._graph_rows(n)
+        return self._forward_decode(*self._decode_inputs(seqs, bm, rows or n), n)
+
+    def decode_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        """(B, width) int32 block tables on the device, for decode_step (graphs read max_blocks columns)."""
+        width = self.max_blocks if self.use_graphs else max(len(s.block_table) for s in seqs)
+        flat = [b for s in seqs for b in s.block_table + [0] * (width - len(s.block_table))]
+        return self._upload(flat)[0].view(len(seqs), width).int()
+
+    def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """One decode step from device tensors: ids, pos (B,) int64, tables (B, width) int32 that
+        already hold the slot of every position. Slots and context lengths are derived here, so a
+        window of steps never goes back to the Python sequences. -> logits (B, V) float32."""
+        bs = self.block_size
+        slots = tables.gather(1, (pos // bs)[:, None]).squeeze(1).long() * bs + pos % bs  # (B,)
+        lens = (pos + 1).int()
+        n = ids.shape[0]
+        rows = self._graph_rows(n)
+        if rows and rows > n:
+            pad = rows - n
+            ids, pos = F.pad(ids, (0, pad)), F.pad(pos, (0, pad))
+            slots, lens = F.pad(slots, (0, pad), value=-1), F.pad(lens, (0, pad), value=1)
+            tables = F.pad(tables, (0, 0, 0, pad))
+        return self._forward_decode(ids, pos, slots, lens, tables, n)
+
+    def _graph_rows(self, n: int) -> int:
+        """The captured batch size that runs n rows, or 0 for eager."""
         if self.use_graphs and n <= self.max_graph_bs:
-            return self._decode_graph(seqs, bm)
-        ids, pos, slots, lens, tables = self._decode_inputs(seqs, bm, n)
-        ctx = AttnContext(cu_seqlens=torch.arange(n + 1, dtype=torch.int32, device=self.device), max_seqlen=1,
+            return next(b for b in GRAPH_BATCH_SIZES if b >= n)
+        return 0
+
+    def _forward_decode(self, ids, pos, slots, lens, tables, n) -> torch.Tensor:
+        """Inputs padded to a graph size when graphs run (padding rows write nowhere, read block 0)."""
+        rows = ids.shape[0]
+        if self._graph_rows(n):
+            if rows not in self.graphs:
+                self._capture(rows)
+            graph, buf, out = self.graphs[rows]
+            for name, t in zip(("ids", "pos", "slots", "lens", "tables"), (ids, pos, slots, lens, tables)):
+                buf[name].copy_(t)
+            graph.replay()
+            return out[:n].float()
+        ctx = AttnContext(cu_seqlens=torch.arange(rows + 1, dtype=torch.int32, device=self.device), max_seqlen=1,
                           is_prefill=False, slot_mapping=slots, block_tables=tables, context_lens=lens,
                           kv_caches=self.kv_caches)
         hidden = self.model(ids, pos, ctx)  # (B, H)
         return self.model.compute_logits(hidden).float()
-
-    def _decode_graph(self, seqs: list[Sequence], bm: BlockManager) -> torch.Tensor:
-        rows = next(b for b in GRAPH_BATCH_SIZES if b >= len(seqs))
-        if rows not in self.graphs:
-            self._capture(rows)
-        graph, buf, out = self.graphs[rows]
-        for name, t in zip(("ids", "pos", "slots", "lens", "tables"), self._decode_inputs(seqs, bm, rows)):
-            buf[name].copy_(t)
-        graph.replay()
-        return out[: len(seqs)].float()
 
     @torch.inference_mode()
     def _capture(self, rows: int):

@@ -4,7 +4,9 @@ Rows with temperature 0 take the argmax. The others sample from softmax(logits /
 filters: top-k (keep the k largest), top-p (the smallest set whose mass reaches p, by descending
 probability), min-p (drop p < min_p * p_max). Sampling is inverse-CDF with ONE uniform per row,
 drawn on the CPU from that sequence's own torch.Generator: a seeded sequence draws the same
-numbers whatever else is in the batch and whatever the device.
+numbers whatever else is in the batch and whatever the device. Every decode step draws one number
+per running sequence (greedy and forced rows too), so draw j of a sequence belongs to its step j
+however the steps are grouped into windows.
 
 Returned log-probs: log_softmax(logits / T)[token] of the UNFILTERED temperature-scaled
 distribution (T = 1 for greedy rows), which is what the training path computes for the same
@@ -60,27 +62,30 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor, chunk: int = 1024) -> tor
 
 
 class Sampler:
-    def __call__(self, logits, temperatures, top_k, top_p, min_p, generators, forced=None, *,
-                 any_sample=True, any_filter=True):
+    def __call__(self, logits, temperatures, top_k, top_p, min_p, generators=None, forced=None, *,
+                 any_sample=True, any_filter=True, any_greedy=True, u=None):
         """logits (B, V); temperatures/top_p/min_p (B,) float32, top_k (B,) int64, forced (B,) int64
-        (-1 = sample), all on logits' device; generators: B CPU torch.Generators.
-        any_sample / any_filter: host-side facts about the rows (False skips that work).
+        (-1 = sample), all on logits' device; generators: B CPU torch.Generators, or u (B,) their
+        next draws (the engine takes them from each sequence's stream, several steps at once).
+        any_sample / any_filter / any_greedy: host-side facts about the rows (False skips that work).
         -> tokens (B,) int64, logprobs (B,) float32."""
         logits = logits.float()
         greedy = temperatures == 0
         t = torch.where(greedy, torch.ones_like(temperatures), temperatures)
         z = logits / t[:, None]  # (B, V)
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        tokens = logits.argmax(-1)
+        tokens = logits.argmax(-1) if any_greedy or not any_sample else None
         if any_sample:
-            u = torch.stack([torch.rand((), generator=g) for g in generators]).to(logits.device, non_blocking=True)
+            if u is None:
+                u = torch.stack([torch.rand((), generator=g) for g in generators])
+            u = u.to(logits.device, non_blocking=True)
             probs = (z - lse).exp_()
             if any_filter:
                 sp, idx = _filter(probs, top_k, top_p, min_p)
                 drawn = idx.gather(1, _inverse_cdf(sp, u)[:, None]).squeeze(1)
             else:
                 drawn = _inverse_cdf(probs, u)
-            tokens = torch.where(greedy, tokens, drawn)
+            tokens = torch.where(greedy, tokens, drawn) if any_greedy else drawn
         if forced is not None:
             tokens = torch.where(forced >= 0, forced, tokens)
         return tokens, (z.gather(1, tokens[:, None]) - lse).squeeze(1)

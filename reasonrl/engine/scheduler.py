@@ -91,6 +91,17 @@ class Scheduler:
         self.running.extend(scheduled)
         return scheduled, False, copies
 
+    def reserve_steps(self, seqs: list[Sequence], steps: int) -> int:
+        """After a decode schedule(): blocks for `steps` decode steps of every sequence (positions
+        len-1 .. len+steps-2), as many steps as the free blocks allow (at least the 1 already made
+        writable). Never preempts: a window that does not fit just gets shorter."""
+        need = lambda k: sum(self.bm.blocks_to_reserve(s, len(s) + k - 1) for s in seqs)  # noqa: E731
+        while steps > 1 and need(steps) > self.bm.num_free:
+            steps -= 1
+        for s in seqs:
+            self.bm.reserve(s, len(s) + steps - 1)
+        return steps
+
     def _preempt(self, seq: Sequence):
         self.bm.free(seq)
         seq.status, seq.num_cached_tokens = Status.WAITING, 0

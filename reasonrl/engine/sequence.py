@@ -73,6 +73,9 @@ def sample_seed(seed: int | None, index: int) -> int:
     return (int(seed) * 1_000_003 + index * 7_919 + 12_345) % 2**62
 
 
+_NO_DRAWS = torch.empty(0)
+
+
 @dataclass
 class ThinkState:
     """Where a sequence is in its <think>...</think> span (only tracked when the tags are known)."""
@@ -98,6 +101,7 @@ class Sequence:
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.generator = torch.Generator().manual_seed(sample_seed(params.seed, sample_index))
+        self.spare_uniforms = _NO_DRAWS  # draws taken from the generator but not used yet
         self.forced: list[int] = []  # tokens to emit next instead of sampling (thinking control)
         self.think = ThinkState()
         self.followers: list[Sequence] = []  # group samples that share this prompt's prefill
@@ -126,6 +130,21 @@ class Sequence:
     def append(self, token: int, logprob: float):
         self.token_ids.append(int(token))
         self.logprobs.append(float(logprob))
+
+    def uniforms(self, k: int) -> torch.Tensor:
+        """The next k draws of this sequence's random stream, (k,) float32 on the CPU: the same numbers
+        as k calls of torch.rand((), generator=self.generator), so a decode window of k steps draws them
+        at once."""
+        have = self.spare_uniforms
+        if have.numel() >= k:
+            self.spare_uniforms = have[k:]
+            return have[:k]
+        self.spare_uniforms = _NO_DRAWS
+        return torch.cat([have, torch.rand(k - have.numel(), generator=self.generator)])
+
+    def unread_uniforms(self, u: torch.Tensor):
+        """Give back draws taken but not used (a decode window cut short): they come next, in order."""
+        self.spare_uniforms = torch.cat([u, self.spare_uniforms])
 
     def truncate(self, length: int):
         """Drop generated tokens past `length` (never into the prompt); their k/v get rewritten."""
