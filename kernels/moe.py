@@ -286,13 +286,21 @@ _CONFIGS_GPU = dict(gate_up=dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stage
                     swiglu_bwd=dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
                     wgrad=dict(BLOCK_1=128, BLOCK_2=256, BLOCK_R=64, num_warps=8, num_stages=3),
                     GROUP_M=8)
+# float32 on GPU: exact float32 products (PyTorch's default, not TF32) run as FMA, not wgmma, and
+# hold their operand tiles in registers: the tiles above need 10-18 KiB of stack a thread there.
+# These (BLOCK_M <= 64) compile for sm_90a without spills.
+_CONFIGS_GPU_FP32 = dict(gate_up=dict(BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
+                         rows=dict(BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+                         swiglu_bwd=dict(BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
+                         wgrad=dict(BLOCK_1=64, BLOCK_2=64, BLOCK_R=32, num_warps=8, num_stages=2),
+                         GROUP_M=8)
 # The interpreter runs each program in numpy: few, small programs; tl.dot needs dims >= 16.
 _CONFIGS_CPU = dict(gate_up=dict(BLOCK_N=32, BLOCK_K=32), rows=dict(BLOCK_N=32, BLOCK_K=32),
                     swiglu_bwd=dict(BLOCK_N=32, BLOCK_K=32), wgrad=dict(BLOCK_1=32, BLOCK_2=32, BLOCK_R=16),
                     GROUP_M=4)
 
 
-def _block_m(device, rows_per_expert: float) -> int:
+def _block_m(device, rows_per_expert: float, dtype) -> int:
     """Row tile = dispatch padding: small for decode (few tokens per expert wastes less padding),
     128 when experts are full (fewer re-reads of each weight tile)."""
     if device.type == "cpu":
@@ -301,7 +309,7 @@ def _block_m(device, rows_per_expert: float) -> int:
         return 16
     if rows_per_expert <= 32:
         return 32
-    return 64 if rows_per_expert < 256 else 128
+    return 64 if rows_per_expert < 256 or dtype == torch.float32 else 128
 
 
 # Tests set this: every buffer a kernel should fill starts as NaN, so an element left unwritten (or
@@ -314,8 +322,10 @@ def _empty(shape, dtype, device):
         torch.empty(shape, dtype=dtype, device=device)
 
 
-def _cfg(device):
-    return _CONFIGS_CPU if device.type == "cpu" else _CONFIGS_GPU
+def _cfg(device, dtype):
+    if device.type == "cpu":
+        return _CONFIGS_CPU
+    return _CONFIGS_GPU_FP32 if dtype == torch.float32 else _CONFIGS_GPU
 
 
 def _row_cfg(c, BM):
@@ -345,7 +355,7 @@ def _combine(y, T, K, out):
 def _rows_gemm(a, b, strides_b, d, tw, n_out, T, K, out_dtype):
     """Per-assignment rows (T*K, n_out) = [w *] a (P, KD) @ B[e] (KD, n_out)."""
     P, KD = a.shape
-    cfg = _cfg(a.device)
+    cfg = _cfg(a.device, a.dtype)
     c = cfg["rows"]
     BM = P // d.block_expert.numel()
     y = _empty((T * K, n_out), out_dtype, a.device)  # (T*K, N)
@@ -362,7 +372,7 @@ def _rows_gemm(a, b, strides_b, d, tw, n_out, T, K, out_dtype):
 def _wgrad(a, a_gather, b, b_gather, d, K, out):
     """out (E, N1, N2)[e] = sum over expert e's rows of a[row]^T b[row] (rows gathered by token where asked)."""
     E, N1, N2 = out.shape
-    c = _cfg(out.device)["wgrad"]
+    c = _cfg(out.device, out.dtype)["wgrad"]
     upcast = _upcast(a)
     grid = (E * triton.cdiv(N1, c["BLOCK_1"]) * triton.cdiv(N2, c["BLOCK_2"]),)
     _moe_wgrad_kernel[grid](a, b, d.padded_idx, d.padded_offsets, out, N1, N2, K,
@@ -380,11 +390,11 @@ def moe_experts_fwd(x, topk_ids, topk_weights, w_gate_up, w_down, keep_h: bool):
     T, H = x.shape
     K = topk_ids.shape[1]
     E, I = w_gate_up.shape[0], w_gate_up.shape[1] // 2
-    BM = _block_m(x.device, T * K / E)
+    BM = _block_m(x.device, T * K / E, x.dtype)
     d = moe_dispatch(topk_ids, E, block_size=BM)
     P = d.padded_idx.numel()
     num_m = P // BM
-    cfg = _cfg(x.device)
+    cfg = _cfg(x.device, x.dtype)
     c = cfg["gate_up"]
     act = _empty((P, I), x.dtype, x.device)  # (P, I), expert-sorted rows
     h = _empty((P, 2 * I), x.dtype, x.device) if keep_h else None  # (P, 2I)
@@ -413,7 +423,7 @@ def moe_experts_bwd(go, x, topk_weights, w_gate_up, w_down, d, h, need):
     P = d.padded_idx.numel()
     BM = P // d.block_expert.numel()
     num_m = P // BM
-    cfg = _cfg(x.device)
+    cfg = _cfg(x.device, x.dtype)
     c = cfg["swiglu_bwd"]
     num_n = triton.cdiv(I, c["BLOCK_N"])
     dh = _empty((P, 2 * I), x.dtype, x.device)  # (P, 2I) [dg | du]

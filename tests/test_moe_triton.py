@@ -105,7 +105,7 @@ def test_keep_or_recompute_preactivation(keep_h):
 def test_other_tiles(monkeypatch, block_m, block_r):
     """Padding to another BLOCK_M, and a weight-gradient row tile that does not divide it (GPU
     decode shapes pad to 16 rows while the weight-gradient kernel steps 64 rows)."""
-    monkeypatch.setattr(km, "_block_m", lambda device, rows_per_expert: block_m)
+    monkeypatch.setattr(km, "_block_m", lambda device, rows_per_expert, dtype: block_m)
     monkeypatch.setitem(km._CONFIGS_CPU, "wgrad", dict(BLOCK_1=16, BLOCK_2=32, BLOCK_R=block_r))
     T, H, I, E, K = 29, 36, 20, 4, 2
     x, ids, tw, w1, wd = _inputs(T, H, I, E, K, "balanced", torch.float32)
