@@ -25,8 +25,9 @@ that is 0.75 of a (T*K, H) buffer, and recomputing it would cost the whole first
 the 18 T*K*H*I FLOP units of fwd+bwd, +22%). When 2I > H (Mixtral: I = 3.5 H) nothing of size
 T*K is kept: the backward kernel recomputes g, u from x beside its go Wd GEMM (same reduction over
 H, one more pair of tl.dot per step). act is never kept: it is elementwise from g, u.
-Transient buffers: act (P, I) in forward; [dg | du] (P, 2I), w*act (P, I) and the per-assignment
-(T*K, H) outputs in backward; all freed when the op returns.
+Transient buffers (P = T*K plus padding): act (P, I) and the weighted per-assignment outputs
+(T*K, H) in forward; [dg | du] (P, 2I), w*act (P, I), the per-assignment dx (T*K, H) and
+float32 partial dots (T*K, I / BLOCK_N) in backward; each is freed when its pass returns.
 
 Verified (tests/test_moe_triton.py): values and all four gradients against a float64 per-expert
 loop under TRITON_INTERPRET=1 on CPU (float32, bfloat16 and float16, the latter two multiplied in
