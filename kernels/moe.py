@@ -479,6 +479,8 @@ def triton_moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down, *, keep_h: 
     if T == 0:
         # keeps the graph so backward gives zero gradients
         return x.new_zeros(0, H) + 0 * (x.sum() + w_gate_up.sum() + w_down.sum() + topk_weights.sum())
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weights, w_gate_up, w_down))):
+        return moe_experts_fwd(x, topk_ids, topk_weights, w_gate_up, w_down, keep_h=False)[0]  # rollouts: keep nothing
     if keep_h is None:
         keep_h = w_gate_up.shape[1] <= H
     return MoEExpertsTritonFunction.apply(x, topk_ids, topk_weights, w_gate_up, w_down, bool(keep_h))

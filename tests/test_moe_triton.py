@@ -158,6 +158,12 @@ def test_saved_for_backward(H, I):
     else:
         assert extra == []
     assert all(t.dtype == torch.int32 for t in saved if not t.is_floating_point())
+    saved.clear()
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = triton_moe_experts(x, ids, tw, w1, wd)  # inference (rollouts): nothing kept
+    assert saved == [] and out.grad_fn is None
+    assert_close_to_ref(out, moe_experts_reference(x.double(), ids, tw.double(), w1.double(), wd.double()),
+                        moe_experts_reference(x, ids, tw, w1, wd), torch.float32, "out (no grad)")
 
 
 def test_partial_gradients():
