@@ -75,7 +75,7 @@ def _moe_gate_up_fwd_kernel(
 ):
     """act[r, n] = silu(x[tok] . Wg[e, n]) * (x[tok] . Wu[e, n]) for padded row r, column n < I."""
     pid_m, pid_n = _grouped_pid(tl.program_id(0), num_m, tl.cdiv(I, BLOCK_N), GROUP_M)
-    e, rows, a, tok, valid = _rows_of_block(IDX, BLOCK_EXPERT, pid_m, K, BLOCK_M)
+    e, rows, _a, tok, valid = _rows_of_block(IDX, BLOCK_EXPERT, pid_m, K, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < I
     kk = tl.arange(0, BLOCK_K)
@@ -118,7 +118,7 @@ def _moe_rows_kernel(
     Forward: A = act, B = w_down viewed (E, I, H), scaled by the routing weight.
     Backward: A = [dg | du], B = w_gate_up (E, 2I, H), unscaled (dx per assignment)."""
     pid_m, pid_n = _grouped_pid(tl.program_id(0), num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
-    e, rows, a, tok, valid = _rows_of_block(IDX, BLOCK_EXPERT, pid_m, K, BLOCK_M)
+    e, rows, a, _tok, valid = _rows_of_block(IDX, BLOCK_EXPERT, pid_m, K, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     kk = tl.arange(0, BLOCK_K)
@@ -147,7 +147,7 @@ def _moe_combine_kernel(Y, OUT, H, K, stride_ot, BLOCK_H: tl.constexpr):
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < H
     acc = tl.zeros((BLOCK_H,), tl.float32)
-    for k in range(0, K):
+    for k in range(K):
         acc += tl.load(Y + (t * K + k) * H + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + t * stride_ot + cols, acc.to(OUT.dtype.element_ty), mask=mask)
 
@@ -165,7 +165,7 @@ def _moe_swiglu_bwd_kernel(
     partial dot act . c of this column block (summed over blocks outside: d topk_weights)."""
     num_n = tl.cdiv(I, BLOCK_N)
     pid_m, pid_n = _grouped_pid(tl.program_id(0), num_m, num_n, GROUP_M)
-    e, rows, a, tok, valid = _rows_of_block(IDX, BLOCK_EXPERT, pid_m, K, BLOCK_M)
+    e, _rows, a, tok, valid = _rows_of_block(IDX, BLOCK_EXPERT, pid_m, K, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < I
     kk = tl.arange(0, BLOCK_K)
@@ -420,7 +420,7 @@ def moe_experts_bwd(go, x, topk_weights, w_gate_up, w_down, d, h, need):
     need = (x, topk_weights, w_gate_up, w_down)."""
     T, H = x.shape
     K = topk_weights.shape[1]
-    E, I = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    I = w_gate_up.shape[1] // 2
     P = d.padded_idx.numel()
     BM = P // d.block_expert.numel()
     num_m = P // BM

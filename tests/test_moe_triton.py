@@ -261,7 +261,7 @@ def _sm90_available():
 def _hopper_build(kernel):
     """Compile one GEMM kernel at the goal shape (T=16384, H=2048, I=768, E=128, top-8, bf16,
     BLOCK_M 128) with the GPU config."""
-    T, H, I, E, K, BM = 16384, 2048, 768, 128, 8, 128
+    T, H, I, K, BM = 16384, 2048, 768, 8, 128  # E = 128 experts: only strides of one expert enter
     num_m = T * K // BM
     G = km._CONFIGS_GPU
     c = dict(G[kernel])
@@ -305,7 +305,7 @@ def test_kernels_compile_for_hopper():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root, capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     for kernel in HOPPER_KERNELS:
