@@ -47,7 +47,8 @@ def make_case(B, Hq, Hkv, D, bs, max_len, dtype, num_blocks=None):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,Hq,Hkv,D,bs,max_len", [(3, 4, 2, 16, 16, 37), (2, 6, 1, 12, 5, 23), (4, 2, 2, 32, 1, 9),
-                                                   (1, 8, 2, 8, 7, 130)])
+                                                   (1, 8, 2, 8, 7, 130), (5, 8, 2, 64, 16, 77), (2, 4, 4, 128, 8, 40),
+                                                   (2, 2, 1, 256, 3, 19)])
 def test_decode_matches_reference(backend, dtype, B, Hq, Hkv, D, bs, max_len):
     q, kc, vc, tables, lens = make_case(B, Hq, Hkv, D, bs, max_len, dtype)
     scale = D ** -0.5
@@ -162,3 +163,27 @@ def test_auto_backend_float64_cache():
     kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
     store_kv(q[:, :2], q[:, 2:], kc2, vc2, torch.tensor([5, 0]))
     assert torch.equal(kc2.view(-1, 2, 8)[5], q[0, :2]) and torch.equal(vc2.view(-1, 2, 8)[0], q[1, 2:])
+
+
+@pytest.mark.skipif(not _backend.cpp_available(), reason="reasonrl._C not built")
+def test_cpp_direct_path_without_autograd():
+    """Without autograd (the rollout engine), exact CPU inputs go straight to the C++ ops, past the
+    Python checks: the same results, and bad input still raises naming the argument (C++ checks)."""
+    q, kc, vc, tables, lens = make_case(5, 4, 2, 32, 16, 50, torch.float32)
+    ref = paged_attention_decode(q, kc, vc, tables, lens, 0.3)
+    k, v = torch.randn(7, 2, 32), torch.randn(7, 2, 32)
+    slots = torch.randperm(kc.shape[0] * 16)[:7]
+    kr, vr = kc.clone(), vc.clone()
+    store_kv(k, v, kr, vr, slots)
+    with torch.inference_mode():
+        assert torch.equal(paged_attention_decode(q, kc, vc, tables, lens, 0.3), ref)
+        store_kv(k, v, kc, vc, slots)
+        assert torch.equal(kc, kr) and torch.equal(vc, vr)
+        for bad_q, bad_lens, match in ((q[:, :3].contiguous(), lens, "multiple of kv heads"),
+                                       (q, lens[:1], "context_lens"), (q, lens * 0, "context_lens")):
+            with pytest.raises((ValueError, RuntimeError), match=match):
+                paged_attention_decode(bad_q, kc, vc, tables, bad_lens, 0.3)
+        with pytest.raises((ValueError, RuntimeError), match="slot_mapping"):
+            store_kv(k, v, kc, vc, slots + kc.shape[0] * 16)
+        with pytest.raises((ValueError, RuntimeError), match="k must be"):
+            store_kv(torch.randn(7, 3, 32), torch.randn(7, 3, 32), kc, vc, slots)
