@@ -521,3 +521,36 @@ def test_decode_window_under_preemption(hf_and_ours):
     assert eng.stats["preemptions"] > 0
     assert [[c.token_ids for c in g] for g in tight] == [[c.token_ids for c in g] for g in roomy]
     eng.bm.check([])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_lean_decode_step_is_bitwise_the_model_forward(arch):
+    """The runner's lean decode step (no module calls) gives exactly the model's decode logits."""
+    from reasonrl.engine.decode_forward import lean_decode
+    from reasonrl.models import ModelConfig
+
+    cfg = ModelConfig(arch=arch, vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=arch == "qwen2",
+                      attention_bias=arch != "llama", qk_norm=arch == "qwen3")
+    model = init_model(cfg, seed=random.randint(0, 1000))
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial norms and biases
+            p.add_(torch.randn_like(p) * 0.05)
+    B, bs, NB = 9, 4, 80
+    lens = torch.randint(1, 30, (B,), dtype=torch.int32)
+    tables = torch.randperm(NB)[: B * 8].view(B, 8).int()
+    pos = lens.long() - 1
+    slots = tables.gather(1, (pos // bs)[:, None]).squeeze(1).long() * bs + pos % bs
+    ids = torch.randint(0, V, (B,))
+    kv = torch.randn(2, 2, NB, bs, 2, 16)
+    caches = [(kv[i, 0], kv[i, 1]) for i in range(2)]
+    kv2 = kv.clone()
+    caches2 = [(kv2[i, 0], kv2[i, 1]) for i in range(2)]
+    lean = lean_decode(model)
+    assert lean is not None
+    with torch.inference_mode():
+        ctx = AttnContext(cu_seqlens=torch.arange(B + 1, dtype=torch.int32), max_seqlen=1, is_prefill=False,
+                          slot_mapping=slots, block_tables=tables, context_lens=lens, kv_caches=caches)
+        ref = model.compute_logits(model(ids, pos, ctx))
+        got = lean(ids, pos, slots, lens, tables, caches2)
+    assert torch.equal(got, ref) and torch.equal(kv2, kv)

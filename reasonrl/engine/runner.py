@@ -12,10 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from reasonrl.engine.block_manager import BlockManager
+from reasonrl.engine.decode_forward import lean_decode
 from reasonrl.engine.sequence import Sequence
 from reasonrl.models.context import AttnContext
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def _cpp_paged(dtype) -> bool:
+    from reasonrl.ops.paged import _CPP_FLOATS, _resolve
+    try:
+        return dtype in _CPP_FLOATS and _resolve("auto", torch.device("cpu"), "paged_attention_decode",
+                                                 "paged_attention_decode_fwd") == "cpp"
+    except RuntimeError:
+        return False
 
 
 def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
@@ -32,9 +42,15 @@ class Runner:
         cfg = model.config
         self.block_size, self.max_blocks = block_size, max_blocks_per_seq
         shape = (cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads, model.head_dim)
-        self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)  # (L, 2, NB, bs, Hkv, D)
+        # NOTE: torch.zeros of the tiny model's 20 MiB cache cost 1-10 ms per rollout on CPU (loaded
+        # machine). The C++ CPU kernels read only written slots (positions < context length); the
+        # reference and GPU paths may read a whole block, so they get zeros (0 * garbage can be NaN).
+        fresh = torch.empty if self.device.type == "cpu" and _cpp_paged(self.dtype) else torch.zeros
+        self.kv = fresh(shape, dtype=self.dtype, device=self.device)  # (L, 2, NB, bs, Hkv, D)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(cfg.num_hidden_layers)]
-        self.use_graphs = use_cuda_graphs and self.device.type == "cuda"
+        # MoE models read routing counts on the host: no graphs (CausalLM.supports_cuda_graphs)
+        self.use_graphs = use_cuda_graphs and self.device.type == "cuda" and getattr(model, "supports_cuda_graphs", True)
+        self.lean = lean_decode(model)  # eager decode steps without the module machinery, or None
         self.graphs: dict[int, tuple] = {}
         self.graph_pool = None
         self.max_graph_bs = max(b for b in GRAPH_BATCH_SIZES if b <= max(max_num_seqs, 1)) if self.use_graphs else 0
@@ -136,6 +152,8 @@ class Runner:
                 buf[name].copy_(t)
             graph.replay()
             return out[:n].float()
+        if self.lean is not None:
+            return self.lean(ids, pos, slots, lens, tables, self.kv_caches).float()
         ctx = AttnContext(cu_seqlens=torch.arange(rows + 1, dtype=torch.int32, device=self.device), max_seqlen=1,
                           is_prefill=False, slot_mapping=slots, block_tables=tables, context_lens=lens,
                           kv_caches=self.kv_caches)

@@ -1,0 +1,68 @@
+"""A lean decode step for the dense decoder (reasonrl.models.CausalLM: Llama, Qwen2, Qwen3).
+
+The same ops on the same tensors in the same order as CausalLM.forward + compute_logits, so the
+logits are bitwise equal (tests/test_engine.py holds it to torch.equal), minus what costs time and
+does nothing in a decode step without autograd: nn.Module calls, the per-forward plan and checks
+(the runner built the inputs), and the rotation of q and k as two separate calls (they are rotated
+as one (B, Hq + Hkv, D) tensor: elementwise ops, so the same numbers).
+Anything else (MoE layers, another model class, autograd on) runs the model's own forward.
+NOTE: tiny model (4 layers, d=128), B=64, one thread: the module calls and per-op Python of the
+model's forward cost about as much as its 29 matmuls.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from reasonrl.models.functional import _rotate
+from reasonrl.ops.paged import paged_attention_decode, store_kv
+
+
+def _rms(x, w, eps):
+    xf = x.float()  # as RMSNorm.forward
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def lean_decode(model):
+    """A LeanDecode for a dense CausalLM, else None (the runner then calls the model itself)."""
+    from reasonrl.models.model import MLP, Attention, CausalLM, DecoderLayer, RMSNorm
+
+    if type(model) is not CausalLM or model.gradient_checkpointing and model.training:
+        return None
+    for layer in model.model.layers:
+        if (type(layer) is not DecoderLayer or getattr(layer, "sparse", False) or type(layer.mlp) is not MLP
+                or type(layer.self_attn) is not Attention or type(layer.input_layernorm) is not RMSNorm):
+            return None
+    return LeanDecode(model)
+
+
+class LeanDecode:
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, ids, pos, slots, lens, tables, kv_caches) -> torch.Tensor:
+        """ids, pos, slots (B,) int64, lens (B,) int32, tables (B, M) int32 -> logits (B, V)."""
+        m = self.model
+        if torch.is_grad_enabled():
+            raise RuntimeError("LeanDecode: decode steps run without autograd (torch.inference_mode)")
+        B = ids.shape[0]
+        x = F.embedding(ids, m.model.embed_tokens.weight)  # (B, H)
+        cos, sin = m.rotary(pos)  # (B, 1, D/2)
+        for layer, (k_cache, v_cache) in zip(m.model.layers, kv_caches):
+            a = layer.self_attn
+            h = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.eps)
+            q = F.linear(h, a.q_proj.weight, a.q_proj.bias).view(B, a.nh, a.hd)  # (B, Hq, D)
+            k = F.linear(h, a.k_proj.weight, a.k_proj.bias).view(B, a.nkv, a.hd)  # (B, Hkv, D)
+            v = F.linear(h, a.v_proj.weight, a.v_proj.bias).view(B, a.nkv, a.hd)
+            if a.qk_norm:
+                q, k = _rms(q, a.q_norm.weight, a.q_norm.eps), _rms(k, a.k_norm.weight, a.k_norm.eps)
+            q, k = _rotate(torch.cat([q, k], 1), cos, sin).split([a.nh, a.nkv], 1)
+            store_kv(k.contiguous(), v, k_cache, v_cache, slots)
+            o = paged_attention_decode(q.contiguous(), k_cache, v_cache, tables, lens, a.scale)
+            x = x + F.linear(o.reshape(B, a.nh * a.hd), a.o_proj.weight, a.o_proj.bias)
+            mlp, n2 = layer.mlp, layer.post_attention_layernorm
+            h = _rms(x, n2.weight, n2.eps)
+            x = x + F.linear(F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight),
+                             mlp.down_proj.weight)
+        return m.compute_logits(_rms(x, m.model.norm.weight, m.model.norm.eps))
