@@ -1,7 +1,7 @@
 """The whole R1 pipeline from one config: cold-start SFT -> GRPO -> rejection sampling -> SFT on the
 kept samples -> multi-task GRPO (DeepSeek-R1's four stages, at the sizes a CPU allows).
 
-    reasonrl train --config reasonrl/train/r1_small.toml            # the shipped example, ~2 min on CPU
+    reasonrl train --config reasonrl/train/r1_small.toml            # the shipped example (below)
     reasonrl train --config reasonrl/train/r1_small.toml --resume   # after an interruption
     reasonrl train --stages sft,grpo,sample,rs_sft,mt_grpo --out_dir runs/r1   # PipelineConfig defaults
 
@@ -19,6 +19,17 @@ with --resume it is skipped (its recorded config must match, else a clear error)
 unfinished stage resumes from its latest checkpoint (checkpoint.resume_or_start). A run without
 --resume deletes old markers first. `stop_after` ends the run after one stage (a stage limit).
 Results: out_dir/results.json and results.md (one row per stage).
+
+r1_small.toml measured 2026-11-26 on the shared 2-core CPU machine (1 thread, load 4-11 from other
+work), seed 0, 100 held-out problems per task (standard error ~5 points), difficulty 3:
+  stage    steps  seconds  multiply  add
+  sft        600      603     47.0%  39.0%
+  grpo        30       74     51.0%  35.0%
+  sample       -        3     kept 127 of 512 samples (pass rate 93.8%, the shortest per prompt)
+  rs_sft     100       25     48.0%  32.0%
+  mt_grpo     30       63     51.0%  38.0%     785 s in all
+The stages run and hand on their models; at these sizes the later stages move accuracy by less
+than the standard error (a demonstration of the machinery, not of gains).
 """
 from __future__ import annotations
 

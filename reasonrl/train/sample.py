@@ -84,7 +84,8 @@ def run_sample(cfg: SampleConfig, model=None, tokenizer=None, exclude=()) -> dic
                "pass_rate": n_correct / max(n_samples, 1), "solved_prompts": n_solved, "out": cfg.out,
                "seconds": time.perf_counter() - t0}
     print(f"[sample] prompts {summary['prompts']} samples {n_samples} correct {n_correct} kept {len(kept)} "
-          f"pass rate {summary['pass_rate']:.3f} prompts solved {n_solved} -> {cfg.out}", flush=True)
+          f"pass rate {summary['pass_rate']:.3f} prompts solved {n_solved} -> {cfg.out}\n"
+          f"[sample] train on it: reasonrl sft --task jsonl:{cfg.out} --num_examples {len(kept)}", flush=True)
     return summary
 
 
