@@ -79,9 +79,11 @@ def make_tasks(cfg: GRPOConfig):
     |REWARDS, else cfg.rewards)."""
     if not cfg.tasks:
         return [(cfg.task, get_task(cfg.task, cfg.difficulty), parse_reward_spec(cfg.rewards), 1.0)]
-    tasks = [get_task(name, cfg.difficulty) for name, _, _ in parse_task_mix(cfg.tasks)]
-    return [(task.name, task, parse_reward_spec(rw or cfg.rewards), w)  # task.name: jsonl:<basename>
-            for task, (_, w, rw) in zip(tasks, parse_task_mix(cfg.tasks))]
+    out = []
+    for name, w, rw in parse_task_mix(cfg.tasks):
+        task = get_task(name, cfg.difficulty)
+        out.append((task.name, task, parse_reward_spec(rw or cfg.rewards), w))  # task.name: jsonl:<basename>
+    return out
 
 
 def draw_problems(tasks, n, seed, step, refill, exclude):
