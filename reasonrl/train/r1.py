@@ -181,6 +181,7 @@ def pipeline_table(results: dict) -> str:
                 if name == "sample" else "")
         lines.append(f"| {name} | {s.get('steps', '-')} | {s.get('seconds', 0):.0f} | " + " | ".join(accs) + f" | {note} |")
     n = next((d["eval"][t]["n"] for d in results["stages"].values() for t in d.get("eval", {})), 0)
+    stage_s = sum(d.get("summary", {}).get("seconds", 0) for d in results["stages"].values())
     lines.append(f"\nheld-out problems per task: {n}; final model: {results['final_model']}; "
-                 f"total {results['total_seconds']:.0f} s")
+                 f"stages {stage_s:.0f} s (this invocation {results['total_seconds']:.0f} s)")
     return "\n".join(lines)
