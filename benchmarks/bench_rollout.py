@@ -3,10 +3,12 @@
     python benchmarks/bench_rollout.py           # CPU: the built-in tiny model, 8 prompts x 8 samples
     python benchmarks/bench_rollout.py --gpu     # Qwen2.5-0.5B shape, random bf16 weights, prompt 128, 256 new
 
-Both sides get the same weights, batch (P prompts x G samples), prompt lengths, number of new tokens
-(EOS ignored, so every sample generates exactly --new tokens) and sampling (temperature 1, no
-top-k / top-p). Throughput = generated tokens / wall time of one whole generate call (median of
---rep calls after a warm-up call), KV allocation and CUDA-graph capture included.
+Both sides get the same weights, dtype, threads, batch (P prompts x G samples), prompt lengths,
+number of new tokens (EOS ignored, so every sample generates exactly --new tokens), sampling
+(temperature 1, no top-k / top-p) and a KV cache (transformers: use_cache, --hf-cache dynamic or
+static). Throughput = generated tokens / wall time of one whole generate call (median of --rep
+calls, the two sides alternating, after a warm-up call each), KV allocation and CUDA-graph capture
+included.
 KV memory: ours = the peak of blocks in use x bytes per block; transformers' = its dense cache of
 P*G rows x (prompt + new - 1) positions (computed from the shapes). The per-group ratio divides the
 token slots we held at the peak by the tokens of one prompt plus its G completions, per group.
@@ -45,16 +47,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, rep):
-    fn()  # warm-up (and CUDA-graph / Triton compilation)
-    ts = []
-    for _ in range(rep):
-        sync(device)
-        t = time.perf_counter()
+def timed(fns, device, rep):
+    """Median seconds of each fn; the calls alternate (a, b, a, b, ...) so that a load that comes and
+    goes on a shared machine hits every side alike. One warm-up call each (CUDA graphs, Triton)."""
+    for fn in fns:
         fn()
-        sync(device)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    ts = [[] for _ in fns]
+    for _ in range(rep):
+        for fn, t_fn in zip(fns, ts):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            t_fn.append(time.perf_counter() - t)
+    return [statistics.median(t) for t in ts]
 
 
 def build_models(args, device, dtype, folder):
@@ -103,6 +109,8 @@ def main():
     ap.add_argument("--rep", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (default: torch's)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--hf-cache", default="dynamic", choices=["dynamic", "static"],
+                    help="transformers' KV cache (dynamic: its default and, measured here, its faster on CPU)")
     ap.add_argument("--no-graphs", action="store_true", help="eager decode steps on GPU (no CUDA graphs)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -123,7 +131,16 @@ def main():
 
     eng = LLMEngine(model, block_size=args.block_size, max_num_seqs=max(256, P * G), use_cuda_graphs=not args.no_graphs)
     params = SamplingParams(temperature=1.0, max_tokens=new, ignore_eos=True, seed=0)
-    t_ours = timed(lambda: eng.generate(prompts.tolist(), params, n=G), device, args.rep)
+    ids = prompts.to(device)
+
+    def hf_generate():  # EOS cannot end a sample early: min_new_tokens masks it, as ignore_eos does ours
+        with torch.inference_mode():
+            return hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=None,
+                               top_p=None, num_return_sequences=G, max_new_tokens=new, min_new_tokens=new,
+                               pad_token_id=0, use_cache=True, cache_implementation=args.hf_cache)
+
+    ours = lambda: eng.generate(prompts.tolist(), params, n=G)  # noqa: E731
+    t_ours, *t_hf = timed([ours] + ([] if args.skip_hf else [hf_generate]), device, args.rep)
     st = eng.stats
     bytes_per_block = st["kv_bytes_allocated"] // st["num_blocks"]
     group_ratio = st["peak_blocks_used"] * args.block_size / (P * (plen + G * new))
@@ -132,16 +149,9 @@ def main():
 
     kv_hf = 2 * cfg.num_hidden_layers * P * G * (plen + new - 1) * cfg.num_key_value_heads * model.head_dim * dtype.itemsize
     if not args.skip_hf:
-        ids = prompts.to(device)
-
-        def hf_generate():
-            with torch.inference_mode():
-                return hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=None,
-                                   top_p=None, num_return_sequences=G, max_new_tokens=new, min_new_tokens=new,
-                                   pad_token_id=0)
-
-        t_hf = timed(hf_generate, device, args.rep)
-        rows.append({"impl": "transformers generate (sdpa)", "tok/s": gen_tokens / t_hf, "seconds": t_hf,
+        t_hf = t_hf[0]
+        rows.append({"impl": f"transformers generate (sdpa, {args.hf_cache} cache)", "tok/s": gen_tokens / t_hf,
+                     "seconds": t_hf,
                      "peak KV MiB": kv_hf / 2**20, "KV / ideal": P * G * (plen + new - 1) / (P * (plen + G * new))})
     speedup = rows[0]["tok/s"] / rows[1]["tok/s"] if len(rows) > 1 else None
 
@@ -163,7 +173,7 @@ def main():
                "new_tokens": new, "block_size": args.block_size, "ours_tok_s": rows[0]["tok/s"],
                "hf_tok_s": rows[1]["tok/s"] if len(rows) > 1 else None, "speedup": speedup,
                "ours_peak_kv_bytes": st["peak_kv_bytes"], "hf_kv_bytes": kv_hf, "group_kv_ratio": group_ratio,
-               "floor_tok_s": floor, "threads": torch.get_num_threads()}, args.json)
+               "floor_tok_s": floor, "threads": torch.get_num_threads(), "hf_cache": args.hf_cache}, args.json)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,14 @@
 //                          slot_mapping (T,) int64) -> ()
 //   reasonrl::paged_attention_decode_fwd(q (B, Hq, D), k_cache, v_cache, block_tables (B, M) int32,
 //                          context_lens (B,) int32, scale) -> out (B, Hq, D)
+//   reasonrl::decode_layer_fwd(x (B, H), cos, sin (B, 1, D/2), the layer's weights, k_cache, v_cache mutated,
+//                          slot_mapping, block_tables, context_lens, eps, scale) -> x (B, H)
 // CPU tensors only: on GPU the Triton kernels (kernels/paged.py) run.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
+
+#include <optional>
 
 #include <cstdint>
 #include <string>
@@ -117,6 +120,59 @@ at::Tensor paged_attention_decode_fwd(const at::Tensor& q, const at::Tensor& k_c
   return out;
 }
 
+// ---- one dense decoder layer for a decode step ------------------------------------------------------
+// The ops of reasonrl.models.model (RMSNorm.forward, Attention.forward, functional._rotate and swiglu,
+// DecoderLayer.forward) on the same tensors in the same order, so the result is bitwise the model's:
+// only the Python around ~45 small ops per layer goes. NOTE: tiny model, B=64, one thread: that Python
+// cost about as much as the layer's 7 matmuls.
+at::Tensor rms(const at::Tensor& x, const at::Tensor& w, double eps) {
+  at::Tensor xf = x.to(at::kFloat);
+  xf = xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps);
+  return w * xf.to(x.scalar_type());
+}
+
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const at::Tensor xf = x.to(at::promote_types(x.scalar_type(), at::kFloat));
+  const auto halves = xf.chunk(2, -1);
+  const at::Tensor &x1 = halves[0], &x2 = halves[1];
+  return at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1).to(x.scalar_type());
+}
+
+at::Tensor decode_layer_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                            const at::Tensor& w_in, const at::Tensor& wq, const std::optional<at::Tensor>& bq,
+                            const at::Tensor& wk, const std::optional<at::Tensor>& bk, const at::Tensor& wv,
+                            const std::optional<at::Tensor>& bv, const at::Tensor& wo,
+                            const std::optional<at::Tensor>& bo, const std::optional<at::Tensor>& wq_norm,
+                            const std::optional<at::Tensor>& wk_norm, const at::Tensor& w_post,
+                            const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
+                            at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
+                            const at::Tensor& tables, const at::Tensor& lens, int64_t num_heads, double eps,
+                            double scale) {
+  const char* op = "decode_layer_fwd";
+  TORCH_CHECK(x.dim() == 2, op, ": x must be (B, hidden), got ", shape(x.sizes()));
+  check_caches(k_cache, v_cache, op);
+  const int64_t B = x.size(0), Hkv = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(num_heads > 0 && num_heads % Hkv == 0 && wq.dim() == 2 && wq.size(0) == num_heads * D, op,
+              ": q_proj weight must be (num_heads * head_dim, hidden) = (", num(num_heads * D), ", .), got ",
+              shape(wq.sizes()));
+  TORCH_CHECK(wq_norm.has_value() == wk_norm.has_value(), op, ": q_norm and k_norm come together");
+  at::Tensor h = rms(x, w_in, eps);
+  at::Tensor q = at::linear(h, wq, bq).view({B, num_heads, D});  // (B, Hq, D)
+  at::Tensor k = at::linear(h, wk, bk).view({B, Hkv, D});        // (B, Hkv, D)
+  at::Tensor v = at::linear(h, wv, bv).view({B, Hkv, D});
+  if (wq_norm.has_value()) {
+    q = rms(q, *wq_norm, eps);
+    k = rms(k, *wk_norm, eps);
+  }
+  q = rotate(q, cos, sin);
+  k = rotate(k, cos, sin);
+  store_kv_fwd(k_cache, v_cache, k, v.contiguous(), slots);
+  at::Tensor o = paged_attention_decode_fwd(q, k_cache, v_cache, tables, lens, scale);
+  at::Tensor y = x + at::linear(o.reshape({B, num_heads * D}), wo, bo);
+  h = rms(y, w_post, eps);
+  return y + at::linear(at::silu(at::linear(h, w_gate)) * at::linear(h, w_up), w_down);
+}
+
 }  // namespace
 }  // namespace reasonrl
 
@@ -125,9 +181,16 @@ TORCH_LIBRARY_FRAGMENT(reasonrl, m) {
   m.def(
       "paged_attention_decode_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables,"
       " Tensor context_lens, float scale) -> Tensor");
+  m.def(
+      "decode_layer_fwd(Tensor x, Tensor cos, Tensor sin, Tensor w_in, Tensor wq, Tensor? bq, Tensor wk,"
+      " Tensor? bk, Tensor wv, Tensor? bv, Tensor wo, Tensor? bo, Tensor? wq_norm, Tensor? wk_norm,"
+      " Tensor w_post, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor(a!) k_cache, Tensor(b!) v_cache,"
+      " Tensor slot_mapping, Tensor block_tables, Tensor context_lens, int num_heads, float eps,"
+      " float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(reasonrl, CPU, m) {
   m.impl("store_kv_fwd", &reasonrl::store_kv_fwd);
   m.impl("paged_attention_decode_fwd", &reasonrl::paged_attention_decode_fwd);
+  m.impl("decode_layer_fwd", &reasonrl::decode_layer_fwd);
 }

@@ -544,7 +544,7 @@ def test_lean_decode_step_is_bitwise_the_model_forward(arch):
     ids = torch.randint(0, V, (B,))
     kv = torch.randn(2, 2, NB, bs, 2, 16)
     caches = [(kv[i, 0], kv[i, 1]) for i in range(2)]
-    kv2 = kv.clone()
+    kv0, kv2 = kv.clone(), kv.clone()
     caches2 = [(kv2[i, 0], kv2[i, 1]) for i in range(2)]
     lean = lean_decode(model)
     assert lean is not None
@@ -552,5 +552,10 @@ def test_lean_decode_step_is_bitwise_the_model_forward(arch):
         ctx = AttnContext(cu_seqlens=torch.arange(B + 1, dtype=torch.int32), max_seqlen=1, is_prefill=False,
                           slot_mapping=slots, block_tables=tables, context_lens=lens, kv_caches=caches)
         ref = model.compute_logits(model(ids, pos, ctx))
-        got = lean(ids, pos, slots, lens, tables, caches2)
-    assert torch.equal(got, ref) and torch.equal(kv2, kv)
+        for fused in {lean.fused, False}:  # one C++ call per layer where built, and the Python ops
+            lean.fused = fused
+            kv2.copy_(kv0)
+            got = lean(ids, pos, slots, lens, tables, caches2)
+            assert torch.equal(got, ref) and torch.equal(kv2, kv), f"fused={fused}"
+    from reasonrl.ops import _backend
+    assert lean_decode(model).fused == _backend.cpp_available()

@@ -5,6 +5,7 @@ logits are bitwise equal (tests/test_engine.py holds it to torch.equal), minus w
 does nothing in a decode step without autograd: nn.Module calls, the per-forward plan and checks
 (the runner built the inputs), and the rotation of q and k as two separate calls (they are rotated
 as one (B, Hq + Hkv, D) tensor: elementwise ops, so the same numbers).
+On CPU each layer is one C++ call (csrc/paged.cpp decode_layer_fwd) that runs the same ATen ops.
 Anything else (MoE layers, another model class, autograd on) runs the model's own forward.
 NOTE: tiny model (4 layers, d=128), B=64, one thread: the module calls and per-op Python of the
 model's forward cost about as much as its 29 matmuls.
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from reasonrl.models.functional import _rotate
-from reasonrl.ops.paged import paged_attention_decode, store_kv
+from reasonrl.ops.paged import _CPP_FLOATS, _cpp_has, paged_attention_decode, store_kv
 
 
 def _rms(x, w, eps):
@@ -40,6 +41,11 @@ def lean_decode(model):
 class LeanDecode:
     def __init__(self, model):
         self.model = model
+        p = next(model.parameters())
+        # On CPU one C++ call per layer (csrc/paged.cpp decode_layer_fwd) runs these same ops.
+        self.fused = p.device.type == "cpu" and p.dtype in _CPP_FLOATS and _cpp_has("decode_layer_fwd")
+        self.layer_args = [_layer_args(layer) for layer in model.model.layers] if self.fused else None
+        self.fused = self.fused and None not in self.layer_args
 
     def __call__(self, ids, pos, slots, lens, tables, kv_caches) -> torch.Tensor:
         """ids, pos, slots (B,) int64, lens (B,) int32, tables (B, M) int32 -> logits (B, V)."""
@@ -49,20 +55,44 @@ class LeanDecode:
         B = ids.shape[0]
         x = F.embedding(ids, m.model.embed_tokens.weight)  # (B, H)
         cos, sin = m.rotary(pos)  # (B, 1, D/2)
-        for layer, (k_cache, v_cache) in zip(m.model.layers, kv_caches):
-            a = layer.self_attn
-            h = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.eps)
-            q = F.linear(h, a.q_proj.weight, a.q_proj.bias).view(B, a.nh, a.hd)  # (B, Hq, D)
-            k = F.linear(h, a.k_proj.weight, a.k_proj.bias).view(B, a.nkv, a.hd)  # (B, Hkv, D)
-            v = F.linear(h, a.v_proj.weight, a.v_proj.bias).view(B, a.nkv, a.hd)
-            if a.qk_norm:
-                q, k = _rms(q, a.q_norm.weight, a.q_norm.eps), _rms(k, a.k_norm.weight, a.k_norm.eps)
-            q, k = _rotate(torch.cat([q, k], 1), cos, sin).split([a.nh, a.nkv], 1)
-            store_kv(k.contiguous(), v, k_cache, v_cache, slots)
-            o = paged_attention_decode(q.contiguous(), k_cache, v_cache, tables, lens, a.scale)
-            x = x + F.linear(o.reshape(B, a.nh * a.hd), a.o_proj.weight, a.o_proj.bias)
-            mlp, n2 = layer.mlp, layer.post_attention_layernorm
-            h = _rms(x, n2.weight, n2.eps)
-            x = x + F.linear(F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight),
-                             mlp.down_proj.weight)
+        fused = self.fused and not torch.is_autocast_enabled("cpu") and kv_caches[0][0].dtype == x.dtype
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(m.model.layers, kv_caches)):
+            if fused:
+                w, nh, eps, scale = self.layer_args[i]
+                x = torch.ops.reasonrl.decode_layer_fwd(x, cos, sin, *w, k_cache, v_cache, slots, tables, lens,
+                                                        nh, eps, scale)
+            else:
+                x = self._layer(layer, x, cos, sin, k_cache, v_cache, slots, lens, tables)
         return m.compute_logits(_rms(x, m.model.norm.weight, m.model.norm.eps))
+
+    @staticmethod
+    def _layer(layer, x, cos, sin, k_cache, v_cache, slots, lens, tables):
+        a, B = layer.self_attn, x.shape[0]
+        h = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.eps)
+        q = F.linear(h, a.q_proj.weight, a.q_proj.bias).view(B, a.nh, a.hd)  # (B, Hq, D)
+        k = F.linear(h, a.k_proj.weight, a.k_proj.bias).view(B, a.nkv, a.hd)  # (B, Hkv, D)
+        v = F.linear(h, a.v_proj.weight, a.v_proj.bias).view(B, a.nkv, a.hd)
+        if a.qk_norm:
+            q, k = _rms(q, a.q_norm.weight, a.q_norm.eps), _rms(k, a.k_norm.weight, a.k_norm.eps)
+        q, k = _rotate(torch.cat([q, k], 1), cos, sin).split([a.nh, a.nkv], 1)
+        store_kv(k.contiguous(), v, k_cache, v_cache, slots)
+        o = paged_attention_decode(q.contiguous(), k_cache, v_cache, tables, lens, a.scale)
+        x = x + F.linear(o.reshape(B, a.nh * a.hd), a.o_proj.weight, a.o_proj.bias)
+        mlp, n2 = layer.mlp, layer.post_attention_layernorm
+        h = _rms(x, n2.weight, n2.eps)
+        return x + F.linear(F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight),
+                            mlp.down_proj.weight)
+
+
+def _layer_args(layer):
+    """decode_layer_fwd's weights (in its argument order), head count, eps (one for all the layer's
+    norms, as ModelConfig has one) and scale."""
+    a, mlp = layer.self_attn, layer.mlp
+    eps = layer.input_layernorm.eps
+    norms = (a.q_norm.weight, a.k_norm.weight) if a.qk_norm else (None, None)
+    if layer.post_attention_layernorm.eps != eps or a.qk_norm and not a.q_norm.eps == a.k_norm.eps == eps:
+        return None
+    w = (layer.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
+         a.v_proj.weight, a.v_proj.bias, a.o_proj.weight, a.o_proj.bias, *norms, layer.post_attention_layernorm.weight,
+         mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+    return w, a.nh, eps, a.scale
