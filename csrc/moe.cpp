@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <exception>
+#include <omp.h>
 #include <optional>
 #include <string>
 #include <vector>
@@ -210,11 +211,17 @@ Experts prepare(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w,
   return p;
 }
 
-// Runs fn(e, row0, rows) for every expert with rows. Experts go to threads largest first (dynamic
-// schedule, MKL single-threaded inside); when one expert holds most rows, or there are few, the
-// experts run one after another and MKL threads each GEMM instead.
+// Per-thread scratch rows of one expert at a time: its gathered tokens, gate/up, activation and the
+// activation's gradient. Sized by the largest expert, so they stay in cache instead of spanning T*K rows.
+struct Scratch {
+  at::Tensor x, h, a, ga;  // (maxc, H), (maxc, 2I), (maxc, I), (maxc, I)
+};
+
+// Runs fn(e, row0, rows, scratch) for every expert with rows. Experts go to threads largest first
+// (dynamic schedule, MKL single-threaded inside); when one expert holds most rows, or there are few,
+// the experts run one after another and MKL threads each GEMM instead.
 template <class F>
-void for_each_expert(const Experts& p, const F& fn) {
+void for_each_expert(const Experts& p, bool with_grad, const F& fn) {
   const int32_t* c = p.counts.data_ptr<int32_t>();
   const int32_t* o = p.offsets.data_ptr<int32_t>();
   std::vector<int64_t> order;
@@ -224,10 +231,19 @@ void for_each_expert(const Experts& p, const F& fn) {
     maxc = std::max<int64_t>(maxc, c[e]);
   }
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return c[a] > c[b]; });
-  const int nt = at::get_num_threads();
   const int64_t n = static_cast<int64_t>(order.size());
-  if (nt <= 1 || n < 2 * nt || maxc * nt > p.N) {
-    for (int64_t e : order) fn(e, o[e], c[e]);
+  int nt = at::get_num_threads();
+  if (nt <= 1 || n < 2 * nt || maxc * nt > p.N) nt = 1;
+  const auto fopt = p.x.options();
+  std::vector<Scratch> scratch(nt);
+  for (auto& sc : scratch) {
+    sc.x = at::empty({maxc, p.H}, fopt);
+    sc.h = at::empty({maxc, 2 * p.I}, fopt);
+    sc.a = at::empty({maxc, p.I}, fopt);
+    if (with_grad) sc.ga = at::empty({maxc, p.I}, fopt);
+  }
+  if (nt == 1) {
+    for (int64_t e : order) fn(e, o[e], c[e], scratch[0]);
     return;
   }
   std::exception_ptr err;  // an exception must not leave an OpenMP region: keep the first, rethrow
@@ -235,7 +251,7 @@ void for_each_expert(const Experts& p, const F& fn) {
   for (int64_t i = 0; i < n; ++i) {
     try {
       const at::NoGradGuard no_grad;
-      fn(order[i], o[order[i]], c[order[i]]);
+      fn(order[i], o[order[i]], c[order[i]], scratch[omp_get_thread_num()]);
     } catch (...) {
 #pragma omp critical(reasonrl_moe_err)
       if (!err) err = std::current_exception();
@@ -249,23 +265,26 @@ void for_rows(int64_t n, int64_t row_elems, const F& fn) {
   at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elems)), fn);
 }
 
+// x rows of expert e (sorted rows [r0, r0 + n)) gathered into the scratch, gate/up, and SwiGLU.
+void expert_hidden(const Experts& p, int64_t e, int64_t r0, int64_t n, Scratch& sc) {
+  moe_gather_rows_cpu(sc.x.data_ptr<float>(), p.x.data_ptr<float>(), p.sorted.data_ptr<int32_t>() + r0, p.K, p.H, 0,
+                      n);
+  at::Tensor he = sc.h.narrow(0, 0, n);
+  at::mm_out(he, sc.x.narrow(0, 0, n), p.wgu[e].t());  // (n, 2I)
+  moe_swiglu_fwd_cpu(sc.a.data_ptr<float>(), he.data_ptr<float>(), n, p.I);
+}
+
 at::Tensor moe_experts_fwd(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w, const at::Tensor& wgu,
                            const at::Tensor& wd) {
   const Experts p = prepare(x, ids, w, wgu, wd, "moe_experts_fwd");
   const auto fopt = p.x.options();
   at::Tensor out = at::empty({p.T, p.H}, fopt);
   if (p.N == 0) return out.zero_().to(x.scalar_type());
-  at::Tensor xs = at::empty({p.N, p.H}, fopt);  // tokens in expert order
-  at::Tensor h = at::empty({p.N, 2 * p.I}, fopt), act = at::empty({p.N, p.I}, fopt), y = at::empty({p.N, p.H}, fopt);
-  const int32_t* sorted = p.sorted.data_ptr<int32_t>();
-  for_rows(p.N, p.H, [&](int64_t r0, int64_t r1) {
-    moe_gather_rows_cpu(xs.data_ptr<float>(), p.x.data_ptr<float>(), sorted, p.K, p.H, r0, r1);
-  });
-  for_each_expert(p, [&](int64_t e, int64_t r0, int64_t n) {
-    at::Tensor he = h.narrow(0, r0, n), ae = act.narrow(0, r0, n), ye = y.narrow(0, r0, n);
-    at::mm_out(he, xs.narrow(0, r0, n), p.wgu[e].t());  // (n, 2I)
-    moe_swiglu_fwd_cpu(ae.data_ptr<float>(), he.data_ptr<float>(), n, p.I);
-    at::mm_out(ye, ae, p.wd[e].t());  // (n, H)
+  at::Tensor y = at::empty({p.N, p.H}, fopt);  // expert outputs, expert-sorted rows
+  for_each_expert(p, false, [&](int64_t e, int64_t r0, int64_t n, Scratch& sc) {
+    expert_hidden(p, e, r0, n, sc);
+    at::Tensor ye = y.narrow(0, r0, n);
+    at::mm_out(ye, sc.a.narrow(0, 0, n), p.wd[e].t());  // (n, H)
   });
   for_rows(p.T, p.K * p.H, [&](int64_t t0, int64_t t1) {
     moe_combine_cpu(out.data_ptr<float>(), y.data_ptr<float>(), p.pos.data_ptr<int32_t>(), p.w.data_ptr<float>(),
@@ -285,27 +304,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd(
   const auto fopt = p.x.options();
   const at::Tensor g = grad_out.detach().to(at::kFloat).contiguous();
   at::Tensor gx = at::empty({p.T, p.H}, fopt), gw = at::empty({p.T, p.K}, fopt);
-  at::Tensor ggu = at::zeros({p.E, 2 * p.I, p.H}, fopt), gd = at::zeros({p.E, p.H, p.I}, fopt);
+  // Gradients of experts without rows are zero; the others are written whole by one GEMM each.
+  at::Tensor ggu = need_gu ? at::empty({p.E, 2 * p.I, p.H}, fopt) : at::empty({0}, fopt);
+  at::Tensor gd = need_down ? at::empty({p.E, p.H, p.I}, fopt) : at::empty({0}, fopt);
+  const int32_t* counts = p.counts.data_ptr<int32_t>();
+  for (int64_t e = 0; e < p.E; ++e) {
+    if (counts[e] > 0) continue;
+    if (need_gu) ggu[e].zero_();
+    if (need_down) gd[e].zero_();
+  }
   auto cast = [&](at::Tensor t, const at::Tensor& like) { return t.to(like.scalar_type()); };
   if (p.N == 0) return {cast(gx.zero_(), x), gw, cast(ggu, wgu), cast(gd, wd)};
-  at::Tensor xs = at::empty({p.N, p.H}, fopt), gs = at::empty({p.N, p.H}, fopt);
-  at::Tensor h = at::empty({p.N, 2 * p.I}, fopt), act = at::empty({p.N, p.I}, fopt), ga = at::empty({p.N, p.I}, fopt);
+  at::Tensor gs = at::empty({p.N, p.H}, fopt);  // grad_out rows in expert order, then grad of x rows
   at::Tensor ws = at::empty({p.N}, fopt), gws = at::empty({p.N}, fopt);  // weights / their grads, expert order
   const int32_t* sorted = p.sorted.data_ptr<int32_t>();
   const float* wp = p.w.data_ptr<float>();
-  for_rows(p.N, 2 * p.H, [&](int64_t r0, int64_t r1) {
-    moe_gather_rows_cpu(xs.data_ptr<float>(), p.x.data_ptr<float>(), sorted, p.K, p.H, r0, r1);
-    moe_gather_rows_cpu(gs.data_ptr<float>(), g.data_ptr<float>(), sorted, p.K, p.H, r0, r1);
-    for (int64_t r = r0; r < r1; ++r) ws.data_ptr<float>()[r] = wp[sorted[r]];
-  });
-  for_each_expert(p, [&](int64_t e, int64_t r0, int64_t n) {
-    at::Tensor xe = xs.narrow(0, r0, n), ge = gs.narrow(0, r0, n);  // (n, H)
-    at::Tensor he = h.narrow(0, r0, n), ae = act.narrow(0, r0, n), gae = ga.narrow(0, r0, n);
-    at::mm_out(he, xe, p.wgu[e].t());  // recomputed gate/up (n, 2I)
-    moe_swiglu_fwd_cpu(ae.data_ptr<float>(), he.data_ptr<float>(), n, p.I);
+  float* wsp = ws.data_ptr<float>();
+  for_each_expert(p, true, [&](int64_t e, int64_t r0, int64_t n, Scratch& sc) {
+    expert_hidden(p, e, r0, n, sc);  // recomputed gate/up and activation
+    moe_gather_rows_cpu(gs.data_ptr<float>(), g.data_ptr<float>(), sorted, p.K, p.H, r0, r0 + n);
+    for (int64_t r = r0; r < r0 + n; ++r) wsp[r] = wp[sorted[r]];
+    at::Tensor xe = sc.x.narrow(0, 0, n), ge = gs.narrow(0, r0, n);  // (n, H)
+    at::Tensor he = sc.h.narrow(0, 0, n), ae = sc.a.narrow(0, 0, n), gae = sc.ga.narrow(0, 0, n);
     at::mm_out(gae, ge, p.wd[e]);  // (n, I): d<g, y>/d act, before the routing weight
     moe_swiglu_bwd_cpu(he.data_ptr<float>(), ae.data_ptr<float>(), gws.data_ptr<float>() + r0, gae.data_ptr<float>(),
-                       ws.data_ptr<float>() + r0, n, p.I);
+                       wsp + r0, n, p.I);
     if (need_down) {
       at::Tensor gde = gd[e];
       at::mm_out(gde, ge.t(), ae);  // (H, I) = g^T (w * act)
