@@ -18,7 +18,9 @@
 // most. The values pass keeps the head's output row in registers across the whole context.
 // NOTE: B=64, Hq=Hkv=4, D=32, n=48, one thread (CPU time, loaded 2-core machine): 120 us -> 68 us with
 // the cache in L2, 150 -> 110 us with a 3 MiB cache (then the reads from L3 bound it). Two sets of
-// value accumulators (even/odd tokens) and an `omp simd` max were both slower here.
+// value accumulators (even/odd tokens) and an `omp simd` max were both slower here. As in a decode
+// step (4 layers' caches, weights read in between) the blocks come from L3/DRAM: prefetching the next
+// block took n=80 from 365-545 us to 270-380 us (n=48: about even).
 // Other head dims run the scalar path (one work item per sequence, rows read once for all heads).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
@@ -64,6 +66,16 @@ RR_INLINE v8 sum8(const v8* a) {
   return RR_SHUF(y0, y1, 0, 1, 2, 3, 8, 9, 10, 11) + RR_SHUF(y0, y1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
+// Asks for the rows of positions [j, j + cnt) of the next block while this one is computed: in a decode
+// step the cache comes from L3 or DRAM (the layer's weights and the other layers' caches passed
+// through in between), and the blocks of a sequence sit at scattered addresses.
+template <typename T>
+RR_INLINE void prefetch_rows(const T* rows, int64_t cnt, int64_t row) {
+  const char* p = reinterpret_cast<const char*>(rows);
+  const int64_t bytes = cnt * row * static_cast<int64_t>(sizeof(T));
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+}
+
 RR_INLINE float hsum(v8 a) {
   float s = 0.f;
   for (int i = 0; i < 8; ++i) s += a[i];
@@ -103,6 +115,7 @@ RR_INLINE void decode_seq_v8(typename Elem<DT>::T* out, const typename Elem<DT>:
     for (int64_t j0 = 0, blk = 0; j0 < n; j0 += bs, ++blk) {
       const T* kb = kc + table[blk] * bs * row + h * D;
       const int64_t cnt = std::min(bs, n - j0);
+      if (hq == 0 && j0 + bs < n) prefetch_rows(kc + table[blk + 1] * bs * row, std::min(bs, n - j0 - bs), row);
       int64_t o = 0;
       for (; o + 8 <= cnt; o += 8) {
         v8 a[8];
@@ -131,6 +144,7 @@ RR_INLINE void decode_seq_v8(typename Elem<DT>::T* out, const typename Elem<DT>:
     for (int64_t j0 = 0, blk = 0; j0 < n; j0 += bs, ++blk) {
       const T* vb = vc + table[blk] * bs * row + h * D;
       const int64_t cnt = std::min(bs, n - j0);
+      if (hq == 0 && j0 + bs < n) prefetch_rows(vc + table[blk + 1] * bs * row, std::min(bs, n - j0 - bs), row);
       for (int64_t o = 0; o < cnt; ++o) {
         const T* vr = vb + o * row;
         const float p = ph[j0 + o];
@@ -203,6 +217,11 @@ RR_INLINE void decode_range(void* out_, const void* q_, const void* kc_, const v
     s.resize(Hq * n);
     T* ob = out + b * Hq * D;
     const T* qb = q + b * Hq * D;
+    if (b + 1 < b1) {  // the next sequence's first block, K and V
+      const int64_t row = Hkv * D, first = tables[(b + 1) * max_blocks] * bs * row, cnt = std::min<int64_t>(bs, lens[b + 1]);
+      prefetch_rows(kc + first, cnt, row);
+      prefetch_rows(vc + first, cnt, row);
+    }
     switch (D) {
       case 8: decode_seq_v8<DT, 1>(ob, qb, kc, vc, table, n, Hq, Hkv, bs, scale, s.data(), inv_l.data()); break;
       case 16: decode_seq_v8<DT, 2>(ob, qb, kc, vc, table, n, Hq, Hkv, bs, scale, s.data(), inv_l.data()); break;
