@@ -94,6 +94,7 @@ at::Tensor moe_router_fwd(const at::Tensor& logits, int64_t K, bool sigmoid, con
     return ids;
   }
 #ifdef REASONRL_WITH_CUDA
+  TORCH_CHECK_VALUE(E <= 2048, op, ": the CUDA router takes at most 2048 experts, got E=", num(E));
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor z = logits.scalar_type() == at::kDouble ? logits.to(at::kFloat) : logits;
   z = z.contiguous();

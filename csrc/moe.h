@@ -51,8 +51,8 @@ void moe_combine_cpu(float* out, const float* rows, const int32_t* pos, const fl
 #include <cuda_runtime.h>
 namespace reasonrl {
 // ---- routing (CUDA, csrc/cuda/moe.cu) --------------------------------------------------------------
-// logits (T, E) in `dtype`, bias float32 or null. ids (T, K) int64. *bad (device int) set to 1 when
-// a row is not finite-comparable is not tracked: NaN scores simply lose every comparison.
+// logits (T, E) contiguous in `dtype`, bias (E,) float32 or null -> ids (T, K) int64, the same
+// selection as moe_router_cpu (NaN scores compare as -inf). E is at most 2048 (shared memory).
 cudaError_t moe_router_cuda(int64_t* ids, const void* logits, DType dtype, const float* bias, int64_t T,
                             int64_t E, int64_t K, bool sigmoid, cudaStream_t stream);
 

@@ -359,3 +359,49 @@ def test_block_grads_to_router(backend, scoring):
         res[key] = [y.detach()] + [t.grad for t in leaves]
     for i, name in enumerate(["out", "x", "router_weight", "w_gate_up", "w_down"]):
         assert_close_to_ref(res["out"][i], res["64"][i], res["ref"][i], torch.float32, name=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the CUDA routing kernels and the GPU auto path against the reference (run by the device check)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_router_cuda(dtype, scoring):
+    for T, E, K in ROUTER_CASES + [(4096, 128, 8), (300, 256, 8)]:
+        for ties in (False, True):
+            logits = (torch.randint(-2, 3, (T, E)).float() if ties else 3 * torch.randn(T, E)).to(dtype)
+            bias = (torch.randint(0, 2, (E,)) * 0.25).float() if ties else 0.1 * torch.randn(E)
+            for b in (None, bias):
+                w, ids = moe_router(logits.cuda(), K, scoring=scoring, bias=None if b is None else b.cuda(), backend="cuda")
+                w64, ids64 = router_brute(logits.float(), K, scoring, True, b)
+                assert torch.equal(ids.cpu(), ids64), f"T={T} E={E} K={K} ties={ties}"
+                torch.testing.assert_close(w.cpu().double(), w64, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bs", [0, 16, 64])
+def test_dispatch_cuda(bs):
+    for T, E, K, routing in [(37, 6, 2, "balanced"), (5000, 128, 8, "balanced"), (3000, 64, 8, "skewed"),
+                             (2900, 16, 3, "one"), (1, 8, 2, "balanced"), (0, 4, 2, "balanced")]:
+        ids = make_ids(T, E, K, routing)
+        for t in (ids, ids.int()):
+            d = moe_dispatch(t.cuda(), E, bs, backend="cuda")
+            check_dispatch(type(d)(*[None if v is None else v.cpu() for v in d]), ids, E, bs)
+    bad = make_ids(9, 4, 2, "balanced")
+    bad[3, 1] = 4
+    with pytest.raises(ValueError, match="topk_ids"):
+        moe_dispatch(bad.cuda(), 4, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_experts_cuda_auto():
+    T, H, I, E, K = 300, 64, 32, 16, 4
+    inputs = [t.cuda() for t in make_experts(T, H, I, E, K, "balanced", torch.bfloat16)]
+    g = torch.randn(T, H, device="cuda")
+    out, gs = grads(lambda *a: moe_experts(*a, backend="auto"), inputs, g.bfloat16())
+    ref, gs_ref = grads(moe_experts_reference, inputs, g.bfloat16())
+    out64, gs64 = grads(experts_dense64, inputs, g.double())
+    assert_close_to_ref(out, out64, ref, torch.bfloat16, name="out")
+    for name, a, r, b in zip(NAMES, gs, gs_ref, gs64):
+        assert_close_to_ref(a, b, r, torch.bfloat16, name=f"grad {name}")
