@@ -31,6 +31,7 @@ run_bench() {  # name, timeout, command...
 [ -f benchmarks/bench_grpo.py ] && run_bench grpo 180 python3 benchmarks/bench_grpo.py --gpu
 [ -f benchmarks/bench_rollout.py ] && run_bench rollout 150 python3 benchmarks/bench_rollout.py --gpu --rep 2
 [ -f benchmarks/bench_model.py ] && run_bench model 90 python3 benchmarks/bench_model.py --gpu
+[ -f benchmarks/bench_moe.py ] && run_bench moe 120 python3 benchmarks/bench_moe.py --gpu
 stamp "summary"
 for f in "$OUT"/*.log; do
   case $f in *build.log|*tests.log) continue;; esac

@@ -1,0 +1,196 @@
+"""Benchmark the MoE expert compute beside the per-expert loop, torch._grouped_mm and Liger's fused MoE.
+
+    python benchmarks/bench_moe.py                # CPU shapes (the CPU goal: >= 5x the per-expert loop)
+    python benchmarks/bench_moe.py --threads 1    # one thread (a loaded 2-core machine times steadier)
+    python benchmarks/bench_moe.py --gpu          # the anchor shape of shared/design/GPU.md
+
+Shapes (T tokens, H hidden, I expert intermediate, E experts, top-K):
+  CPU train  T=512  H=128  I=64  E=32  K=4    the issue's small shape (64 rows per expert)
+  CPU qwen3  T=512  H=128  I=48  E=128 K=8    Qwen3-MoE's proportions scaled down (I/H = 768/2048,
+                                             E=128, top-8): fine-grained experts, 32 rows per expert
+  CPU decode T=16 at both, forward only        a decode step: one to a few tokens per expert
+  GPU        T=16384 H=2048 I=768 E=128 K=8 bf16, decode T=64
+References timed in the same run: "loop (HF)" is the per-expert loop as transformers' Qwen3MoeExperts
+writes it (in-place index_add_ into zeros), "loop (reasonrl reference)" the op's reference backend
+(the same loop, out-of-place, float32 combine), `torch._grouped_mm` on expert-sorted rows where this
+torch build has it and it runs on the device, Liger-Kernel's LigerFusedMoEFunction where installed (GPU).
+Floor: forward 2*T*K*H*3I FLOPs, forward+backward 3x that (backward does twice the forward's GEMMs;
+the C++ backend's recompute of gate/up adds 2*T*K*H*2I more, not counted), over the measured matmul rate.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    ceilings, device_name, emit_json, exec_with_fixed_mmap_threshold, peak_extra_bytes, print_table, time_ms,
+)
+
+from reasonrl.ops import _backend  # noqa: E402
+from reasonrl.ops.moe import moe_experts  # noqa: E402
+
+GiB = float(1 << 30)
+
+
+def loop_hf(x, ids, w, w_gate_up, w_down):
+    """The per-expert loop of transformers' fused-experts modules (mask per expert, in-place index_add_)."""
+    out = torch.zeros_like(x)
+    E, I = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    with torch.no_grad():
+        hit = torch.bincount(ids.reshape(-1), minlength=E).nonzero().flatten().tolist()
+    for e in hit:
+        tok, k = torch.where(ids == e)
+        h = F.linear(x[tok], w_gate_up[e])
+        y = F.linear(F.silu(h[:, :I]) * h[:, I:], w_down[e]) * w[tok, k, None]
+        out.index_add_(0, tok, y.to(x.dtype))
+    return out
+
+
+def grouped_mm(x, ids, w, w_gate_up, w_down):
+    """Expert-sorted rows through torch._grouped_mm (two grouped GEMMs), then a weighted index_add."""
+    T, K = ids.shape
+    I = w_gate_up.shape[1] // 2
+    order = torch.argsort(ids.reshape(-1), stable=True)  # (T*K,)
+    offs = torch.cumsum(torch.bincount(ids.reshape(-1), minlength=w_gate_up.shape[0]), 0).to(torch.int32)
+    tok = order // K
+    h = torch._grouped_mm(x[tok], w_gate_up.transpose(1, 2), offs=offs)  # (T*K, 2I)
+    y = torch._grouped_mm(F.silu(h[:, :I]) * h[:, I:], w_down.transpose(1, 2), offs=offs)  # (T*K, H)
+    y = y.float() * w.reshape(-1)[order, None]
+    return torch.zeros(T, x.shape[1], device=x.device).index_add_(0, tok, y).to(x.dtype)
+
+
+def grouped_mm_status(device, dtype):
+    """None when torch._grouped_mm runs forward and backward here, else why not."""
+    if not hasattr(torch, "_grouped_mm"):
+        return "this torch has no torch._grouped_mm"
+    try:
+        args = make_inputs(8, 16, 8, 4, 2, dtype, device)
+        grouped_mm(*args).float().sum().backward()
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure means "not available here", printed
+        return f"torch._grouped_mm failed here: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+
+
+def liger_fn(device):
+    if device.type != "cuda":
+        return None, "Liger's fused MoE is Triton on CUDA; skipped on CPU"
+    try:
+        from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+    except Exception as e:  # noqa: BLE001
+        return None, f"liger_kernel fused MoE not importable ({type(e).__name__})"
+    return (lambda x, ids, w, gu, wd: LigerFusedMoEFunction.apply(x, gu, wd, ids.int(), w)), None
+
+
+def make_inputs(T, H, I, E, K, dtype, device):
+    x = torch.randn(T, H, device=device).to(dtype).requires_grad_(True)
+    gu = (torch.randn(E, 2 * I, H, device=device) / H**0.5).to(dtype).requires_grad_(True)
+    wd = (torch.randn(E, H, I, device=device) / I**0.5).to(dtype).requires_grad_(True)
+    ids = torch.rand(T, E, device=device).argsort(1)[:, :K]  # balanced random routing
+    w = torch.softmax(torch.randn(T, K, device=device), -1).requires_grad_(True)
+    return x, ids, w, gu, wd
+
+
+_SAID = set()
+
+
+def _skip(msg):
+    if msg not in _SAID:
+        _SAID.add(msg)
+        print(f"# skipped {msg}")
+
+
+def impls_for(device, dtype):
+    out = [("loop (HF)", loop_hf), ("loop (reasonrl reference)", lambda *a: moe_experts(*a, backend="reference"))]
+    why = grouped_mm_status(device, dtype)
+    if why is None:
+        out.append(("torch._grouped_mm", grouped_mm))
+    else:
+        _skip(f"torch._grouped_mm: {why}")
+    lig, why = liger_fn(device)
+    if lig:
+        out.append(("liger fused MoE", lig))
+    else:
+        _skip(f"Liger: {why}")
+    for b in (["triton", "cuda"] if device.type == "cuda" else ["cpp"]):
+        if _backend.why_unavailable(b, device) is None and b != "cuda":
+            out.append((f"reasonrl {b}", lambda *a, b=b: moe_experts(*a, backend=b)))
+    return out
+
+
+def bench_shape(name, T, H, I, E, K, dtype, device, ceil, args, rows, decode=False):
+    x, ids, w, gu, wd = make_inputs(T, H, I, E, K, dtype, device)
+    g = torch.randn(T, H, device=device).to(dtype)
+    leaves = [x, w, gu, wd]
+    flop_f = 2 * T * K * H * 3 * I
+    base = None
+    for impl, fn in impls_for(device, dtype):
+        def fwd():
+            return fn(x, ids, w, gu, wd)
+
+        def fb():
+            fwd().backward(g)
+            for t in leaves:
+                t.grad = None
+        try:
+            with torch.no_grad():
+                t_f = time_ms(fwd, device, args.warmup, args.rep)
+            t_fb = None if decode else time_ms(fb, device, args.warmup, args.rep)
+            peak = peak_extra_bytes((lambda: fwd()) if decode else fb, device)
+        except Exception as e:  # noqa: BLE001 - print and go on: one failing reference must not stop the table
+            print(f"# {impl} at {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            continue
+        t = t_f if decode else t_fb
+        base = base or t
+        floor = (flop_f if decode else 3 * flop_f) / ceil["mm_flops"] * 1e3
+        rows.append({"shape": name, "impl": impl, "T": T, "H": H, "I": I, "E": E, "K": K,
+                     "dtype": str(dtype).replace("torch.", ""), "fwd_ms": t_f, "fwd+bwd_ms": t_fb,
+                     "TFLOP/s": (flop_f if decode else 3 * flop_f) / (t / 1e3) / 1e12, "floor_ms": floor,
+                     "x_floor": t / floor, "peak_extra_MiB": peak / (1 << 20), "speedup_vs_loop": base / t})
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", action="store_true", help="the anchor shape on the GPU")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--only", choices=["train", "qwen3", "decode"], default=None)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rep", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the JSON line to this file")
+    a = p.parse_args()
+    if not a.gpu:
+        exec_with_fixed_mmap_threshold()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device("cuda" if a.gpu else "cpu")
+    if a.gpu and not torch.cuda.is_available():
+        sys.exit("--gpu asked for, but torch sees no CUDA device")
+    gpu = device.type == "cuda"
+    a.rep = a.rep or (20 if gpu else 15)
+    ceil = ceilings(device)
+    print(f"device: {device_name(device)}; measured {ceil['mm_dtype']} matmul {ceil['mm_flops'] / 1e12:.3f} TFLOP/s")
+    rows = []
+    if gpu:
+        shapes = [("train", 16384, 2048, 768, 128, 8, False), ("decode", 64, 2048, 768, 128, 8, True)]
+        dtype = torch.bfloat16
+    else:
+        shapes = [("train", 512, 128, 64, 32, 4, False), ("qwen3", 512, 128, 48, 128, 8, False),
+                  ("decode", 16, 128, 64, 32, 4, True), ("decode", 16, 128, 48, 128, 8, True)]
+        dtype = torch.float32
+    for name, T, H, I, E, K, decode in shapes:
+        if a.only in (None, name):
+            bench_shape(name, T, H, I, E, K, dtype, device, ceil, a, rows, decode)
+    cols = ["shape", "impl", "T", "E", "K", "I", "dtype", "fwd_ms", "fwd+bwd_ms", "TFLOP/s", "floor_ms", "x_floor",
+            "peak_extra_MiB", "speedup_vs_loop"]
+    print_table(rows, cols)
+    emit_json({"bench": "moe", "device": device_name(device), "ceilings": ceil, "rows": rows}, a.json)
+
+
+if __name__ == "__main__":
+    main()
