@@ -11,6 +11,15 @@ smaller student by SFT, beside the same student trained without them.
    cold-start set alone. Same steps, batch, lr and schedule: the only difference is the traces.
 4. Greedy held-out accuracy of the teacher and both students (test split, never trained on),
    printed as a table and written to out_dir/distill.json and distill.md.
+
+Measured 2026-11-26 on the shared 2-core CPU machine (1 thread), defaults, seed 0, teacher = a
+default run's GRPO model (82.4% held-out), 500 held-out problems (standard error ~2.2 points):
+  cold-start set   student + teacher traces        student alone   difference   wall
+  500 (default)    83.8% (500 + 1642 traces)       82.4%           +1.4         1094 s (load ~8)
+  100              90.2% (100 + 1726 traces)        0.8%           +89.4         548 s
+With 500 worked examples and 1500 steps at lr 2e-3 the small student already matches the teacher:
+the traces add little. With 100 it memorizes them (loss 3e-7) and fails; the traces carry it past
+its teacher (shortest verified-correct traces only: the filter removes the teacher's mistakes).
 """
 from __future__ import annotations
 
