@@ -232,7 +232,8 @@ class PipelineConfig:
     only when no earlier stage made one); --resume skips finished stages and resumes the
     interrupted one from its latest checkpoint."""
     stages: str = "sft,grpo,sample,rs_sft,mt_grpo"  # a subsequence of that order
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_seconds=330.0))
+    # the cold start covers every task of the multi-task stage (a task never seen gets no reward signal)
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(task="multiply=0.7;add=0.3", max_seconds=330.0))
     grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=10_000, max_seconds=240.0))
     sample: SampleConfig = field(default_factory=lambda: SampleConfig(shortest=True))
     rs_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=300, lr=2e-4, warmup_steps=10))
