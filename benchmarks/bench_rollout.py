@@ -132,12 +132,13 @@ def main():
     eng = LLMEngine(model, block_size=args.block_size, max_num_seqs=max(256, P * G), use_cuda_graphs=not args.no_graphs)
     params = SamplingParams(temperature=1.0, max_tokens=new, ignore_eos=True, seed=0)
     ids = prompts.to(device)
+    hf_cache = {"cache_implementation": "static"} if args.hf_cache == "static" else {}  # dynamic: the default
 
     def hf_generate():  # EOS cannot end a sample early: min_new_tokens masks it, as ignore_eos does ours
         with torch.inference_mode():
             return hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=None,
                                top_p=None, num_return_sequences=G, max_new_tokens=new, min_new_tokens=new,
-                               pad_token_id=0, use_cache=True, cache_implementation=args.hf_cache)
+                               pad_token_id=0, use_cache=True, **hf_cache)
 
     ours = lambda: eng.generate(prompts.tolist(), params, n=G)  # noqa: E731
     t_ours, *t_hf = timed([ours] + ([] if args.skip_hf else [hf_generate]), device, args.rep)
