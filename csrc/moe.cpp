@@ -212,6 +212,10 @@ Experts prepare(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w,
   return p;
 }
 
+// Experts with at most this many rows skip at::mm (a call costs a few us, the rows' work less).
+// NOTE: decode T=16, E=32, top-4 (2 rows per expert), 1 thread, loaded 2-core CPU: see bench_moe.py.
+constexpr int64_t kFewRows = 4;
+
 // Per-thread scratch rows of one expert at a time: its gathered tokens, gate/up, activation and the
 // activation's gradient. Sized by the largest expert, so they stay in cache instead of spanning T*K rows.
 struct Scratch {
@@ -283,6 +287,14 @@ at::Tensor moe_experts_fwd(const at::Tensor& x, const at::Tensor& ids, const at:
   if (p.N == 0) return out.zero_().to(x.scalar_type());
   at::Tensor y = at::empty({p.N, p.H}, fopt);  // expert outputs, expert-sorted rows
   for_each_expert(p, false, [&](int64_t e, int64_t r0, int64_t n, Scratch& sc) {
+    if (n <= kFewRows) {
+      moe_gather_rows_cpu(sc.x.data_ptr<float>(), p.x.data_ptr<float>(), p.sorted.data_ptr<int32_t>() + r0, p.K,
+                          p.H, 0, n);
+      moe_expert_rows_fwd_cpu(y.data_ptr<float>() + r0 * p.H, sc.h.data_ptr<float>(), sc.x.data_ptr<float>(),
+                              p.wgu.data_ptr<float>() + e * 2 * p.I * p.H, p.wd.data_ptr<float>() + e * p.H * p.I,
+                              n, p.H, p.I);
+      return;
+    }
     expert_hidden(p, e, r0, n, sc);
     at::Tensor ye = y.narrow(0, r0, n);
     at::mm_out(ye, sc.a.narrow(0, 0, n), p.wd[e].t());  // (n, H)

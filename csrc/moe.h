@@ -46,6 +46,11 @@ void moe_swiglu_bwd_cpu(float* h, float* act, float* grad_w, const float* ga, co
 void moe_combine_cpu(float* out, const float* rows, const int32_t* pos, const float* scale, int64_t K, int64_t H,
                      int64_t t0, int64_t t1);
 
+// The forward of n rows of one expert (xs (n, H); its weights wgu (2I, H), wd (H, I)) without a GEMM
+// call, for experts with a few rows (decode): y (n, H); h (n, 2I) is scratch.
+void moe_expert_rows_fwd_cpu(float* y, float* h, const float* xs, const float* wgu, const float* wd, int64_t n,
+                             int64_t H, int64_t I);
+
 #ifdef REASONRL_WITH_CUDA
 }  // namespace reasonrl
 #include <cuda_runtime.h>

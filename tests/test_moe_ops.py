@@ -77,6 +77,7 @@ EXPERT_CASES = [  # (T, H, I, E, K, routing)
     (11, 8, 4, 1, 1, "balanced"),  # E = 1
     (13, 8, 6, 4, 4, "balanced"),  # top_k = E
     (1, 9, 3, 8, 2, "balanced"),  # T = 1
+    (9, 16, 8, 8, 2, "one"),  # decode-like: one expert with 9 rows, the others 0 to 3 (the few-rows path)
 ]
 NAMES = ["x", "topk_weights", "w_gate_up", "w_down"]
 

@@ -88,7 +88,16 @@ void moe_gather_rows_cpu(float* dst, const float* src, const int32_t* sorted_idx
   for (int64_t r = r0; r < r1; ++r) std::memcpy(dst + r * H, src + (sorted_idx[r] / K) * H, H * sizeof(float));
 }
 
-void moe_swiglu_fwd_cpu(float* act, const float* h, int64_t n, int64_t I) {
+namespace {
+
+// The row loops below are `omp simd`; each exported function runs a copy built for AVX2 + FMA
+// (x86-64-v3) where the CPU has it (the build's baseline is SSE2), as csrc/cpu/paged.cpp does.
+RR_INLINE float silu_of(float g, float* sig) {
+  *sig = 1.f / (1.f + simd::fast_exp(-g));
+  return g * *sig;
+}
+
+RR_INLINE void swiglu_fwd_body(float* act, const float* h, int64_t n, int64_t I) {
   for (int64_t r = 0; r < n; ++r) {
     const float* g = h + r * 2 * I;
     const float* u = g + I;
@@ -98,8 +107,8 @@ void moe_swiglu_fwd_cpu(float* act, const float* h, int64_t n, int64_t I) {
   }
 }
 
-void moe_swiglu_bwd_cpu(float* h, float* act, float* grad_w, const float* ga, const float* w, int64_t n,
-                        int64_t I) {
+RR_INLINE void swiglu_bwd_body(float* h, float* act, float* grad_w, const float* ga, const float* w, int64_t n,
+                               int64_t I) {
   for (int64_t r = 0; r < n; ++r) {
     float* g = h + r * 2 * I;
     float* u = g + I;
@@ -110,10 +119,11 @@ void moe_swiglu_bwd_cpu(float* h, float* act, float* grad_w, const float* ga, co
 #pragma omp simd reduction(+ : dot)
     for (int64_t i = 0; i < I; ++i) {
       dot += gr[i] * a[i];
-      const float sig = 1.f / (1.f + simd::fast_exp(-g[i]));
+      float sig;
+      const float s = silu_of(g[i], &sig);
       const float gact = wr * gr[i];
       const float gg = gact * u[i] * sig * (1.f + g[i] * (1.f - sig));
-      u[i] = gact * g[i] * sig;
+      u[i] = gact * s;
       g[i] = gg;
       a[i] *= wr;
     }
@@ -121,8 +131,8 @@ void moe_swiglu_bwd_cpu(float* h, float* act, float* grad_w, const float* ga, co
   }
 }
 
-void moe_combine_cpu(float* out, const float* rows, const int32_t* pos, const float* scale, int64_t K, int64_t H,
-                     int64_t t0, int64_t t1) {
+RR_INLINE void combine_body(float* out, const float* rows, const int32_t* pos, const float* scale, int64_t K,
+                            int64_t H, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     float* o = out + t * H;
     std::memset(o, 0, H * sizeof(float));
@@ -133,6 +143,72 @@ void moe_combine_cpu(float* out, const float* rows, const int32_t* pos, const fl
       for (int64_t i = 0; i < H; ++i) o[i] += s * y[i];
     }
   }
+}
+
+RR_INLINE float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < n; ++k) s += a[k] * b[k];
+  return s;
+}
+
+// A few rows of one expert without a GEMM call: each weight row is read once for all n rows.
+RR_INLINE void expert_rows_body(float* y, float* h, const float* xs, const float* wgu, const float* wd, int64_t n,
+                                int64_t H, int64_t I) {
+  for (int64_t j = 0; j < 2 * I; ++j) {
+    for (int64_t r = 0; r < n; ++r) h[r * 2 * I + j] = dot(wgu + j * H, xs + r * H, H);
+  }
+  for (int64_t r = 0; r < n; ++r) {  // activation over the gate half, in place
+    float* g = h + r * 2 * I;
+#pragma omp simd
+    for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + simd::fast_exp(-g[i])) * g[I + i];
+  }
+  for (int64_t i = 0; i < H; ++i) {
+    for (int64_t r = 0; r < n; ++r) y[r * H + i] = dot(wd + i * I, h + r * 2 * I, I);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define RR_V3 __attribute__((target("arch=x86-64-v3")))
+bool has_v3() {
+  static const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return v3;
+}
+#else
+#define RR_V3
+bool has_v3() { return false; }
+#endif
+
+#define RR_TWO_ISAS(name, args, call) \
+  RR_V3 void name##_v3 args { name##_body call; } \
+  void name##_base args { name##_body call; }
+RR_TWO_ISAS(swiglu_fwd, (float* act, const float* h, int64_t n, int64_t I), (act, h, n, I))
+RR_TWO_ISAS(swiglu_bwd, (float* h, float* act, float* gw, const float* ga, const float* w, int64_t n, int64_t I),
+            (h, act, gw, ga, w, n, I))
+RR_TWO_ISAS(combine, (float* out, const float* rows, const int32_t* pos, const float* scale, int64_t K, int64_t H,
+                      int64_t t0, int64_t t1), (out, rows, pos, scale, K, H, t0, t1))
+RR_TWO_ISAS(expert_rows, (float* y, float* h, const float* xs, const float* wgu, const float* wd, int64_t n,
+                          int64_t H, int64_t I), (y, h, xs, wgu, wd, n, H, I))
+
+}  // namespace
+
+void moe_swiglu_fwd_cpu(float* act, const float* h, int64_t n, int64_t I) {
+  has_v3() ? swiglu_fwd_v3(act, h, n, I) : swiglu_fwd_base(act, h, n, I);
+}
+
+void moe_swiglu_bwd_cpu(float* h, float* act, float* grad_w, const float* ga, const float* w, int64_t n,
+                        int64_t I) {
+  has_v3() ? swiglu_bwd_v3(h, act, grad_w, ga, w, n, I) : swiglu_bwd_base(h, act, grad_w, ga, w, n, I);
+}
+
+void moe_combine_cpu(float* out, const float* rows, const int32_t* pos, const float* scale, int64_t K, int64_t H,
+                     int64_t t0, int64_t t1) {
+  has_v3() ? combine_v3(out, rows, pos, scale, K, H, t0, t1) : combine_base(out, rows, pos, scale, K, H, t0, t1);
+}
+
+void moe_expert_rows_fwd_cpu(float* y, float* h, const float* xs, const float* wgu, const float* wd, int64_t n,
+                             int64_t H, int64_t I) {
+  has_v3() ? expert_rows_v3(y, h, xs, wgu, wd, n, H, I) : expert_rows_base(y, h, xs, wgu, wd, n, H, I);
 }
 
 }  // namespace reasonrl
