@@ -3,6 +3,11 @@
 One call owns a KV cache for its duration and frees it at the end (training needs that memory
 back). It runs on the model's own parameters: no copy, no weight sync.
 
+Decode windows: without thinking control or stop strings, one schedule runs up to decode_window
+decode steps from device tensors (_decode_window) and goes back to the Python sequences only when a
+stop token appears or the window ends; the outputs are those of one step per schedule
+(tests/test_engine.py: test_decode_window_equals_single_steps). decode_window=1 turns it off.
+
 Thinking control (needs the tokenizer, for the ids of "<think>", "</think>" and the continuation):
 - think_budget: once that many tokens were generated inside <think>...</think>, "</think>" is
   forced (its tokens are emitted instead of sampled) and the answer follows.
