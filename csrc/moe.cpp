@@ -316,7 +316,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd(
                     shape(grad_out.sizes()));
   const auto fopt = p.x.options();
   const at::Tensor g = grad_out.detach().to(at::kFloat).contiguous();
-  at::Tensor gx = at::empty({p.T, p.H}, fopt), gw = at::empty({p.T, p.K}, fopt);
+  // A gradient not asked for comes back as an empty (0,) tensor.
+  at::Tensor gx = need_x ? at::empty({p.T, p.H}, fopt) : at::empty({0}, fopt);
+  at::Tensor gw = need_w ? at::empty({p.T, p.K}, fopt) : at::empty({0}, fopt);
   // Gradients of experts without rows are zero; the others are written whole by one GEMM each.
   at::Tensor ggu = need_gu ? at::empty({p.E, 2 * p.I, p.H}, fopt) : at::empty({0}, fopt);
   at::Tensor gd = need_down ? at::empty({p.E, p.H, p.I}, fopt) : at::empty({0}, fopt);
@@ -377,8 +379,11 @@ at::Tensor moe_experts_fwd_meta(const at::Tensor& x, const at::Tensor&, const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_bwd_meta(
     const at::Tensor&, const at::Tensor& x, const at::Tensor&, const at::Tensor& w, const at::Tensor& wgu,
-    const at::Tensor& wd, bool, bool, bool, bool) {
-  return {at::empty_like(x), at::empty_like(w), at::empty_like(wgu), at::empty_like(wd)};
+    const at::Tensor& wd, bool need_x, bool need_w, bool need_gu, bool need_down) {
+  return {need_x ? at::empty_like(x) : at::empty({0}, x.options()),
+          need_w ? at::empty_like(w, w.options().dtype(at::kFloat)) : at::empty({0}, w.options().dtype(at::kFloat)),
+          need_gu ? at::empty_like(wgu) : at::empty({0}, wgu.options()),
+          need_down ? at::empty_like(wd) : at::empty({0}, wd.options())};
 }
 
 }  // namespace

@@ -406,3 +406,15 @@ def test_experts_cuda_auto():
     assert_close_to_ref(out, out64, ref, torch.bfloat16, name="out")
     for name, a, r, b in zip(NAMES, gs, gs_ref, gs64):
         assert_close_to_ref(a, b, r, torch.bfloat16, name=f"grad {name}")
+
+
+@pytest.mark.skipif(not _has_cpp("moe_experts_fwd"), reason="reasonrl._C has no moe_experts_fwd")
+def test_cpp_opcheck():
+    """Schemas, fake-tensor (Meta) shapes and torch.compile's dispatch agree with the CPU kernels."""
+    from torch.library import opcheck
+    x, ids, w, gu, wd = make_experts(9, 16, 8, 4, 2, "balanced", torch.float32)
+    ops = torch.ops.reasonrl
+    opcheck(ops.moe_experts_fwd.default, (x, ids, w, gu, wd))
+    opcheck(ops.moe_router_fwd.default, (torch.randn(9, 4), 2, False, None))
+    for flags in ((True, True, True, True), (True, False, False, True), (False, True, True, False)):
+        opcheck(ops.moe_experts_bwd.default, (torch.randn(9, 16), x, ids, w, gu, wd, *flags))
