@@ -13,8 +13,9 @@
 // a per-token combine in k order (deterministic). Backward saves nothing but the inputs: it recomputes
 // each expert's (n_e, 2I) gate/up rows (two GEMMs of seven per expert) instead of keeping a T*K-row
 // buffer from the forward; its buffers live for the call only. Math in float32 for every input dtype.
-// NOTE (CPU, 2 cores, T=512 H=128 I=64 E=32 top-4 fp32): see benchmarks/bench_moe.py for the measured
-// ratio to the per-expert loop.
+// NOTE (bench_moe.py, loaded 2-core AMD EPYC, fp32, fwd+bwd, 1 thread): T=512 H=128 I=64 E=32 top-4
+// 9.95 ms vs 66.6 ms for the per-expert loop (6.7x) and 14.7 ms for torch._grouped_mm; Qwen3-shaped
+// E=128 top-8 I=48: 22.5 ms vs 646 ms (28.7x), _grouped_mm 30.0 ms. GEMMs (MKL) are about half of it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
