@@ -128,7 +128,9 @@ def test_prefix_shared_groups_equal_unshared(hf_and_ours):
 def test_block_manager_invariants_random_workload(num_blocks, block_size):
     rng = random.Random(torch.initial_seed())
     bm = BlockManager(num_blocks, block_size)
-    sched = Scheduler(bm, max_num_seqs=rng.randint(2, 12), max_num_batched_tokens=rng.randint(8, 40))
+    # the small caches must see preemption (asserted below): enough sequences at once to run out of blocks
+    sched = Scheduler(bm, max_num_seqs=rng.randint(8 if num_blocks <= 12 else 2, 12),
+                      max_num_batched_tokens=rng.randint(8, 40))
     target = {}
     for _ in range(14):
         prompt = [0] * rng.randint(1, 7)

@@ -280,7 +280,7 @@ def test_tiny_builtin_and_tokenizer():
 
 
 @pytest.mark.parametrize("bad,msg", [
-    (dict(arch="mixtral"), "unknown arch"),
+    (dict(arch="deepseek_v3"), "unknown arch"),
     (dict(num_attention_heads=4, num_key_value_heads=3), "multiple of num_key_value_heads"),
     (dict(rope_scaling={"rope_type": "longrope", "factor": 2.0}), "longrope"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
