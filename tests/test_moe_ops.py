@@ -418,3 +418,23 @@ def test_cpp_opcheck():
     opcheck(ops.moe_router_fwd.default, (torch.randn(9, 4), 2, False, None))
     for flags in ((True, True, True, True), (True, False, False, True), (False, True, True, False)):
         opcheck(ops.moe_experts_bwd.default, (torch.randn(9, 16), x, ids, w, gu, wd, *flags))
+
+
+@pytest.mark.parametrize("backend", backends("moe_experts_fwd"))
+@pytest.mark.parametrize("which", [(0,), (2, 3), (1,)], ids=["x", "weights", "topk_weights"])
+def test_experts_partial_grads(backend, which):
+    """Only some inputs need gradients (frozen experts, frozen router): those match, the rest stay None."""
+    inputs = list(make_experts(23, 12, 6, 5, 2, "balanced", torch.float32))
+    float_pos = [0, 2, 3, 4]  # x, topk_weights, w_gate_up, w_down
+    leaves = [t.clone() for t in inputs]
+    for i in which:
+        leaves[float_pos[i]].requires_grad_(True)
+    g = torch.randn(23, 12)
+    moe_experts(*leaves, backend=backend).backward(g)
+    _, gs64 = grads(experts_dense64, inputs, g.double())
+    _, gs_ref = grads(moe_experts_reference, inputs, g)
+    for i, pos in enumerate(float_pos):
+        if i in which:
+            assert_close_to_ref(leaves[pos].grad, gs64[i], gs_ref[i], torch.float32, name=NAMES[i])
+        else:
+            assert leaves[pos].grad is None
