@@ -69,7 +69,7 @@ def grouped_mm_status(device, dtype):
     if not hasattr(torch, "_grouped_mm"):
         return "this torch has no torch._grouped_mm"
     try:
-        args = make_inputs(8, 16, 8, 4, 2, dtype, device)
+        args = make_inputs(64, 64, 32, 4, 2, dtype, device)  # 16-byte aligned rows, as the GPU kernel wants
         grouped_mm(*args).float().sum().backward()
         return None
     except Exception as e:  # noqa: BLE001 - any failure means "not available here", printed
@@ -83,7 +83,7 @@ def liger_fn(device):
         from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
     except Exception as e:  # noqa: BLE001
         return None, f"liger_kernel fused MoE not importable ({type(e).__name__})"
-    return (lambda x, ids, w, gu, wd: LigerFusedMoEFunction.apply(x, gu, wd, ids.int(), w)), None
+    return (lambda x, ids, w, gu, wd: LigerFusedMoEFunction.apply(x, gu, wd, ids.int(), w.to(x.dtype))), None
 
 
 def make_inputs(T, H, I, E, K, dtype, device):
