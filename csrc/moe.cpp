@@ -18,6 +18,7 @@
 // E=128 top-8 I=48: 22.5 ms vs 646 ms (28.7x), _grouped_mm 30.0 ms. GEMMs (MKL) are about half of it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -253,9 +254,14 @@ void for_each_expert(const Experts& p, bool with_grad, const F& fn) {
     return;
   }
   std::exception_ptr err;  // an exception must not leave an OpenMP region: keep the first, rethrow
+  // The caller's thread-local state (inference mode above all: the scratch tensors made under
+  // torch.inference_mode are inference tensors, which only inference mode may write) goes to the
+  // workers, as at::parallel_for does.
+  const at::ThreadLocalState tls;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t i = 0; i < n; ++i) {
     try {
+      const at::ThreadLocalStateGuard tls_guard(tls);
       const at::NoGradGuard no_grad;
       fn(order[i], o[order[i]], c[order[i]], scratch[omp_get_thread_num()]);
     } catch (...) {

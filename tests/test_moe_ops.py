@@ -438,3 +438,18 @@ def test_experts_partial_grads(backend, which):
             assert_close_to_ref(leaves[pos].grad, gs64[i], gs_ref[i], torch.float32, name=NAMES[i])
         else:
             assert leaves[pos].grad is None
+
+
+@pytest.mark.parametrize("backend", backends("moe_experts_fwd"))
+def test_experts_inference_mode_threads(backend):
+    """Under torch.inference_mode (the rollout engine) with the experts spread over 2 threads."""
+    x, ids, w, gu, wd = make_experts(256, 16, 8, 16, 4, "balanced", torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            out = moe_experts(x, ids, w, gu, wd, backend=backend)
+    finally:
+        torch.set_num_threads(threads)
+    assert_close_to_ref(out, experts_dense64(x, ids, w, gu, wd), moe_experts_reference(x, ids, w, gu, wd),
+                        torch.float32, name="out")
