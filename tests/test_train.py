@@ -276,3 +276,38 @@ def test_grpo_learns_a_simple_reward(tmp_path, _seed_fresh):
     run_grpo(cfg, model=model, tokenizer=tok)
     r = [json.loads(x)["reward"] for x in open(tmp_path / "g" / "metrics.jsonl")]
     assert sum(r[-3:]) / 3 > sum(r[:3]) / 3 + 0.2, r
+
+
+def micro_moe_model(coef, seed=0):
+    tiny = ModelConfig.from_json(builtin_path("tiny"))
+    cfg = ModelConfig(arch="qwen3_moe", vocab_size=tiny.vocab_size, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, router_aux_loss_coef=coef,
+                      tie_word_embeddings=True, bos_token_id=tiny.bos_token_id, eos_token_id=tiny.eos_token_id)
+    return init_model(cfg, seed=seed), load_tokenizer(builtin_path("tiny"))
+
+
+def test_moe_policy_trains_with_the_load_balancing_loss(tmp_path, monkeypatch):
+    """SFT and GRPO add router_aux_loss_coef x aux_loss for MoE policies: with a coefficient the
+    router weights move differently than without, and the loss is read on every micro-batch."""
+    import reasonrl.train.common as common
+    calls = []
+
+    def spy(model):
+        out = common.moe_aux_loss(model)
+        calls.append(out is not None and bool(torch.isfinite(out)) and float(out) > 0)
+        return out
+
+    monkeypatch.setattr(sft_mod, "moe_aux_loss", spy)
+    monkeypatch.setattr(grpo_mod, "moe_aux_loss", spy)
+    routers = {}
+    for coef in (0.0, 0.5):
+        model, tok = micro_moe_model(coef)
+        calls.clear()
+        model, tok, _ = run_sft(_sft_cfg(tmp_path / str(coef), steps=2), model=model, tokenizer=tok)
+        assert calls == [coef > 0] * 2 if coef > 0 else calls == [False] * 2
+        routers[coef] = model.model.layers[0].mlp.gate.weight.detach().clone()
+        calls.clear()
+        run_grpo(_grpo_cfg(tmp_path / str(coef), steps=1), model=model, tokenizer=tok)
+        assert calls and all(calls) == (coef > 0)
+    assert not torch.allclose(routers[0.0], routers[0.5])

@@ -25,6 +25,17 @@ def load_model_and_tokenizer(spec: str, seed: int = 0):
     return load_model(spec), load_tokenizer(spec)
 
 
+def moe_aux_loss(model):
+    """The load-balancing loss of an MoE policy's last forward (router_aux_loss_coef x transformers'
+    aux_loss), or None for a dense model or a zero coefficient. The trainers add it whenever the
+    coefficient is > 0 (transformers adds it only with output_router_logits, which checkpoints
+    usually leave off for inference): unbalanced routing is what it prevents during training."""
+    c = getattr(model, "config", None)
+    if c is None or not getattr(c, "is_moe", False) or not c.router_aux_loss_coef > 0:
+        return None
+    return model.aux_loss()
+
+
 def step_seed(*parts) -> int:
     """A seed fixed by (run seed, stage, step, ...): resumed runs redraw exactly the same data."""
     return zlib.crc32(repr(parts).encode())

@@ -28,7 +28,7 @@ from reasonrl.ops.grpo import GRPOLossConfig, grpo_loss
 from reasonrl.rl.rewards import compute_rewards, format_reward, parse_reward_spec
 from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import resume_or_start, save_checkpoint
-from reasonrl.train.common import (encode_prompt, load_model_and_tokenizer, lr_at, make_optimizer, pack,
+from reasonrl.train.common import (encode_prompt, load_model_and_tokenizer, lr_at, make_optimizer, moe_aux_loss, pack,
                                    step_seed, token_budget_batches)
 from reasonrl.train.config import GRPOConfig
 from reasonrl.train.logger import plot_metrics
@@ -135,7 +135,8 @@ def train_on_groups(model, ref_model, opt, groups, cfg: GRPOConfig, loss_cfg: GR
                                 temperature=cfg.temperature, config=loss_cfg,
                                 num_items_in_batch=max(active, 1) if cfg.loss_type == "dapo" else None,
                                 backend=cfg.backend)
-            (loss * frac).backward()
+            aux = moe_aux_loss(model)  # MoE policies: load balancing, read before the next forward
+            ((loss + aux if aux is not None else loss) * frac).backward()
             if epoch == 0:
                 n = float(m["num_tokens"])
                 sums["tokens"] += n
