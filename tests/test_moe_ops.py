@@ -173,7 +173,8 @@ def router_brute(logits, K, scoring, renormalize, bias):
     """Per token: scores in float32, ids by (score + bias) descending, lower id first on ties."""
     s = torch.softmax(logits.float(), -1) if scoring == "softmax" else torch.sigmoid(logits.float())
     sel = s if bias is None else s + bias.float()
-    ids = torch.tensor([sorted(range(s.shape[1]), key=lambda e: (-sel[t, e].item(), e))[:K] for t in range(s.shape[0])],
+    rows = sel.tolist()
+    ids = torch.tensor([sorted(range(len(r)), key=lambda e: (-r[e], e))[:K] for r in rows],
                        dtype=torch.int64).reshape(s.shape[0], K)
     w = s.double().gather(1, ids)
     return (w / w.sum(1, keepdim=True) if renormalize else w), ids
@@ -281,7 +282,9 @@ def test_load_balancing_loss_all_masked_and_errors():
 # ---------------------------------------------------------------------------------------------
 def check_dispatch(d, ids, E, bs):
     flat = ids.reshape(-1).tolist()
-    want = [[a for a, e in enumerate(flat) if e == ex] for ex in range(E)]  # stable by construction
+    want = [[] for _ in range(E)]
+    for a, e in enumerate(flat):  # in order of a: stable by construction
+        want[e].append(a)
     counts = [len(s) for s in want]
     offsets = [0]
     for c in counts:
