@@ -1,15 +1,17 @@
 """One GRPO configuration in reasonrl and in TRL's GRPOTrainer: seconds per step and peak memory.
 
 Same model (the built-in tiny config, random init by seed, saved as a Hugging Face folder that both
-load), same prompts (multiply task), P prompts x G samples at temperature 1, same max completion
-length, beta 0, one optimizer pass per batch (mu / num_iterations = 1), token-level "dapo" loss,
-AdamW at the same lr, grad clipping 1, no gradient checkpointing, no dynamic sampling. A random
-model never emits EOS, so both sides generate exactly max_tokens per completion: equal work.
+load; or --model DIR, e.g. SmolLM2-135M-Instruct from `reasonrl convert-gguf`), same prompts
+(multiply task, --template around each question), P prompts x G samples at temperature 1, same max
+completion length, beta 0, one optimizer pass per batch (mu / num_iterations = 1), token-level
+"dapo" loss, AdamW at the same lr, grad clipping 1, no gradient checkpointing, no dynamic sampling.
+EOS is ignored on both sides (reasonrl: SamplingParams.ignore_eos; TRL: min_new_tokens =
+max_tokens), so both generate exactly max_tokens per completion: equal work.
 
 Each backend runs in its own subprocess so that peak memory (ru_maxrss: CPU resident set, or
 torch.cuda.max_memory_allocated on GPU) is its own. TRL is an optional extra (pip install trl).
 
-    python benchmarks/bench_trl.py [--steps 3] [--prompts 16] [--group 8] [--max-tokens 48]
+    python benchmarks/bench_trl.py [--steps 3] [--prompts 16] [--group 8] [--max-tokens 48] [--model DIR]
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def _setup(args):
     from reasonrl.rl.tasks import get_task
 
     torch.manual_seed(args.seed)
-    path = os.path.join(args.workdir, "model")
+    path = args.model if args.model != "tiny" else os.path.join(args.workdir, "model")
     if not os.path.isdir(path):
         save_model(init_model(builtin_path("tiny"), seed=args.seed), path, tokenizer=load_tokenizer(builtin_path("tiny")))
     problems = get_task("multiply").problems(args.prompts * (args.steps + 1), seed=args.seed)
@@ -51,18 +53,32 @@ def run_reasonrl(args):
     path, problems = _setup(args)
     model, tok = load_model_and_tokenizer(path)
     cfg = GRPOConfig(prompts_per_step=args.prompts, group_size=args.group, max_tokens=args.max_tokens, lr=1e-4,
-                     dynamic_sampling=False, truncation="keep", loss_type="dapo", micro_batch_tokens=1 << 20)
+                     dynamic_sampling=False, truncation="keep", loss_type="dapo", micro_batch_tokens=1 << 20,
+                     prompt_template=args.template)
     loss_cfg = GRPOLossConfig(loss_type="dapo", max_completion_length=args.max_tokens)
     opt, spec = make_optimizer(model, cfg), parse_reward_spec(cfg.rewards)
-    engine = LLMEngine(model, tokenizer=tok, max_num_seqs=args.prompts * args.group)
-    task = _FixedTask(problems, args.prompts)
+    engine = _IgnoreEOS(model, tokenizer=tok, max_num_seqs=args.prompts * args.group)
+    tasks = [("multiply", _FixedTask(problems, args.prompts), spec, 1.0)]
     times = []
     for step in range(args.steps + 1):  # step 0 warms up
         t0 = time.perf_counter()
-        groups, _ = rollout(engine, tok, task, cfg, step, spec, set())
+        groups, _ = rollout(engine, tok, tasks, cfg, step, set())
         train_on_groups(model, None, opt, groups, cfg, loss_cfg)
         times.append(time.perf_counter() - t0)
     return times[1:]
+
+
+def _IgnoreEOS(*a, **kw):
+    """An LLMEngine whose requests ignore EOS: every completion is max_tokens long, as on TRL's side."""
+    import dataclasses
+
+    from reasonrl.engine import LLMEngine
+
+    class Engine(LLMEngine):
+        def generate(self, prompts, params=None, n=1, use_tqdm=False):
+            return super().generate(prompts, dataclasses.replace(params, ignore_eos=True), n=n, use_tqdm=use_tqdm)
+
+    return Engine(*a, **kw)
 
 
 class _FixedTask:
@@ -88,7 +104,8 @@ def run_trl(args):
     path, problems = _setup(args)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path)
-    data = Dataset.from_list([{"prompt": f"{p.question}\n", "answer": p.answer} for p in problems])
+    data = Dataset.from_list([{"prompt": args.template.format(question=p.question), "answer": p.answer}
+                              for p in problems])
 
     def reward(completions, answer, **kw):
         return [accuracy_reward(c, Problem("", a)) + 0.1 * format_reward(c) for c, a in zip(completions, answer)]
@@ -109,7 +126,7 @@ def run_trl(args):
                      gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(), bf16=False,
                      report_to="none", save_strategy="no", logging_steps=1, shuffle_dataset=False,
                      max_grad_norm=1.0, warmup_steps=0, lr_scheduler_type="constant", seed=args.seed,
-                     disable_tqdm=True)
+                     disable_tqdm=True, generation_kwargs={"min_new_tokens": args.max_tokens})
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
                           callbacks=[Timer()])
     trainer.train()
@@ -140,6 +157,8 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--model", default="tiny", help="'tiny' (built-in config, random init) or a model folder")
+    p.add_argument("--template", default="{question}\n", help="prompt template around each question")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -149,14 +168,14 @@ def main():
     for backend in (["reasonrl", "trl"] if args.backend == "both" else [args.backend]):
         cmd = [sys.executable, __file__, "--child", "--backend", backend, "--workdir", workdir] + \
               [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-               if k in ("steps", "prompts", "group", "max_tokens", "threads", "seed")]
+               if k in ("steps", "prompts", "group", "max_tokens", "threads", "seed", "model", "template")]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             tail = r.stderr.strip().splitlines()[-3:]
             print(f"{backend}: failed ({' | '.join(tail)})")
             continue
         results.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    print(f"\nGRPO step, tiny model, {args.prompts} prompts x {args.group} samples, {args.max_tokens} new tokens, "
+    print(f"\nGRPO step, model {args.model}, {args.prompts} prompts x {args.group} samples, {args.max_tokens} new tokens, "
           f"{args.threads} thread(s)")
     print(f"{'backend':<10} {'s/step (median)':>16} {'peak MiB':>10}  steps")
     for r in results:
