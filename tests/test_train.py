@@ -311,3 +311,11 @@ def test_moe_policy_trains_with_the_load_balancing_loss(tmp_path, monkeypatch):
         run_grpo(_grpo_cfg(tmp_path / str(coef), steps=1), model=model, tokenizer=tok)
         assert calls and all(calls) == (coef > 0)
     assert not torch.allclose(routers[0.0], routers[0.5])
+
+
+def test_shipped_smollm2_config_parses():
+    import reasonrl.train
+    path = os.path.join(os.path.dirname(reasonrl.train.__file__), "smollm2_grpo.toml")
+    cfg = parse_config(GRPOConfig, ["--config", path, "--steps", "2"])
+    assert cfg.model == "smol" and cfg.steps == 2 and cfg.task == "add"
+    assert "<answer>" in cfg.prompt_template and cfg.prompt_template.endswith("assistant\n")
