@@ -70,6 +70,32 @@ def test_logits_parity_padded_and_packed(family, tie, rope, bias, tmp_path):
     assert (out - ref).abs().max().item() <= 1e-4
 
 
+def test_dynamic_ntk_rope_parity(tmp_path):
+    """rope_type "dynamic": plain RoPE up to max_position_embeddings (32 here), NTK-scaled theta
+    beyond, set by the forward's longest position (as transformers' batch forward and generate)."""
+    C = transformers.LlamaConfig
+    hf = transformers.AutoModelForCausalLM.from_config(C(
+        vocab_size=101, hidden_size=64, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=32,
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0}), attn_implementation="eager").eval()
+    hf.save_pretrained(str(tmp_path / "dyn"))
+    model = load_model(str(tmp_path / "dyn")).eval()
+    assert model.config.rope_scaling["rope_type"] == "dynamic" and not model.supports_cuda_graphs
+    for lens, off in (([20, 7], 0), ([37, 5, 20], 0), ([30], 150)):  # within M, beyond M, far beyond
+        L = max(lens)
+        ids = torch.randint(0, 101, (len(lens), L))
+        mask = torch.arange(L)[None] < torch.tensor(lens)[:, None]
+        with torch.no_grad():
+            ref = hf(input_ids=ids, attention_mask=mask.long(),
+                     position_ids=(torch.arange(L) + off)[None].expand(len(lens), L)).logits
+            packed = torch.cat([ids[b, :n] for b, n in enumerate(lens)])
+            pos = torch.cat([torch.arange(n) + off for n in lens])
+            out = model.compute_logits(model(packed, pos, AttnContext.from_lengths(lens)))
+        assert (out - ref[mask]).abs().max().item() <= 1e-4, (lens, off)
+    with pytest.raises(ValueError, match="factor"):
+        ModelConfig(rope_scaling={"rope_type": "dynamic"})
+
+
 @pytest.mark.parametrize("lens", [[9, 9, 9], [30, 25, 28, 22, 30, 27, 1]])
 def test_batched_attention_paths_match_per_sequence(lens, monkeypatch):
     """Equal lengths (one batched SDPA) and similar lengths (one right-padded SDPA) against one

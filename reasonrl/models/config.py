@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
 MOE_ARCHS = ("qwen2_moe", "qwen3_moe", "mixtral")
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 
 @dataclass
@@ -278,7 +278,7 @@ def _check_rope_scaling(s: dict | None) -> dict | None:
     s["rope_type"] = rtype
     if rtype == "default":
         return None
-    if rtype in ("linear", "llama3") and not s.get("factor"):
+    if rtype in ("linear", "llama3", "dynamic") and not s.get("factor"):
         raise ValueError(f"rope_scaling: rope type {rtype!r} needs a 'factor'")
     if rtype == "llama3":
         for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):

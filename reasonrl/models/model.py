@@ -136,7 +136,8 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = DecoderModel(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
+                                      config.max_position_embeddings)
         self.num_kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
         self.num_layers = config.num_hidden_layers
         self.gradient_checkpointing = False
@@ -145,7 +146,7 @@ class CausalLM(nn.Module):
         self.router_topk_ids: list[torch.Tensor] = []  # (T, K) per sparse layer
         # The expert ops read routing counts on the host (per-expert loop), which a CUDA graph
         # cannot capture: the rollout engine should decode MoE models eagerly.
-        self.supports_cuda_graphs = not config.is_moe
+        self.supports_cuda_graphs = not config.is_moe and not self.rotary.dynamic  # dynamic RoPE syncs
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

@@ -9,6 +9,12 @@ Scaling variants only change f_i (and for yarn, multiply cos/sin by an attention
     llama3 : low frequencies / factor, high kept, a smooth ramp between (Llama 3.1)
     yarn   : per-pair blend of f_i and f_i / factor by a ramp over rotation counts, and
              cos/sin scaled by 0.1 ln(factor) + 1 (Peng et al. 2023, "YaRN")
+    dynamic: NTK-aware scaling that grows with the sequence: when the forward's longest position
+             L = max(p) + 1 exceeds max_position_embeddings M, theta becomes
+             theta * (factor L / M - (factor - 1))^(D / (D - 2)); at L <= M, plain RoPE.
+             Stateless: the frequencies follow the current forward's longest position. transformers
+             keeps the largest L seen until a forward within M resets it; the two agree for a fresh
+             model and through generation, where L only grows.
 Angles and rotations are computed in float32 whatever the compute dtype, as transformers does.
 """
 from __future__ import annotations
@@ -73,19 +79,32 @@ def _mscale(scale, m=1.0):
     return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
 
+def dynamic_ntk_inv_freq(head_dim: int, theta: float, factor: float, max_pos: int, seq_len: int) -> torch.Tensor:
+    base = theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
 class RotaryEmbedding(torch.nn.Module):
-    def __init__(self, head_dim: int, theta: float, scaling: dict | None):
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_position_embeddings: int = 2048):
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
-        inv, self.attention_factor = rope_inv_freq(head_dim, theta, scaling)
+        self.dynamic = bool(scaling) and scaling["rope_type"] == "dynamic"
+        self.max_pos = max_position_embeddings
+        inv, self.attention_factor = rope_inv_freq(head_dim, theta, None if self.dynamic else scaling)
         self.register_buffer("inv_freq", inv, persistent=False)
 
     def reset(self):
         """Recompute inv_freq (after the module was built on the meta device and moved with to_empty)."""
-        inv, _ = rope_inv_freq(self.head_dim, self.theta, self.scaling)
+        inv, _ = rope_inv_freq(self.head_dim, self.theta, None if self.dynamic else self.scaling)
         self.inv_freq = inv.to(self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (T,) int64 -> cos, sin (T, 1, D/2) float32"""
-        ang = positions.float()[:, None] * self.inv_freq[None, :]  # (T, D/2)
+        inv = self.inv_freq
+        if self.dynamic and positions.numel():
+            seq_len = int(positions.max()) + 1  # a host sync: dynamic models run without CUDA graphs
+            if seq_len > self.max_pos:
+                inv = dynamic_ntk_inv_freq(self.head_dim, self.theta, self.scaling["factor"], self.max_pos,
+                                           seq_len).to(inv.device)
+        ang = positions.float()[:, None] * inv[None, :]  # (T, D/2)
         return (ang.cos() * self.attention_factor)[:, None], (ang.sin() * self.attention_factor)[:, None]
