@@ -319,3 +319,14 @@ def test_shipped_smollm2_config_parses():
     cfg = parse_config(GRPOConfig, ["--config", path, "--steps", "2"])
     assert cfg.model == "smol" and cfg.steps == 2 and cfg.task == "add"
     assert "<answer>" in cfg.prompt_template and cfg.prompt_template.endswith("assistant\n")
+
+
+@pytest.mark.parametrize("keep,expect", [(0, [2, 4, 6]), (2, [4, 6]), (1, [6])])
+def test_keep_checkpoints(tmp_path, keep, expect):
+    model, tok = micro_model()
+    run_sft(_sft_cfg(tmp_path, steps=6, save_every=2, keep_checkpoints=keep), model=model, tokenizer=tok)
+    steps = sorted(int(d.split("-")[1]) for d in os.listdir(tmp_path / "sft") if d.startswith("step-"))
+    assert steps == expect
+    assert latest_checkpoint(str(tmp_path / "sft")).endswith("step-0000006")
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        _sft_cfg(tmp_path, keep_checkpoints=-1)

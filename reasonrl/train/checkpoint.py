@@ -88,7 +88,8 @@ def _load_optimizer(optimizer, folder):
 
 
 def save_checkpoint(run_dir: str, model, optimizer, state: dict, tokenizer=None, keep: int = 2) -> str:
-    """Write run_dir/step-<step> atomically and point run_dir/latest at it; returns its path."""
+    """Write run_dir/step-<step> atomically and point run_dir/latest at it; returns its path.
+    The `keep` newest step checkpoints stay (0: all)."""
     os.makedirs(run_dir, exist_ok=True)
     name = f"step-{int(state['step']):07d}"
     final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, f".tmp-{name}-{os.getpid()}")
@@ -113,7 +114,7 @@ def save_checkpoint(run_dir: str, model, optimizer, state: dict, tokenizer=None,
     os.replace(pointer, os.path.join(run_dir, LATEST))
     _fsync_dir(run_dir)
     olds = sorted(d for d in os.listdir(run_dir) if d.startswith("step-") and d != name)
-    for d in olds[:max(0, len(olds) - (keep - 1))]:
+    for d in (olds[:max(0, len(olds) - (keep - 1))] if keep > 0 else []):
         shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
     return final
 

@@ -37,6 +37,8 @@ def _check_optim(c):
         _bad(c, "log_every", "must be >= 1")
     if c.save_every < 0:
         _bad(c, "save_every", "must be >= 0 (0 = only at the end and on Ctrl-C)")
+    if c.keep_checkpoints < 0:
+        _bad(c, "keep_checkpoints", "must be >= 0 (0 = keep all)")
 
 
 @dataclass
@@ -59,6 +61,7 @@ class SFTConfig:
     out_dir: str = "runs/sft"
     log_every: int = 10
     save_every: int = 0
+    keep_checkpoints: int = 2      # step checkpoints kept in out_dir (0 = all: curves over training)
     resume: bool = False
 
     def __post_init__(self):
@@ -125,6 +128,7 @@ class GRPOConfig:
     out_dir: str = "runs/grpo"
     log_every: int = 1
     save_every: int = 0
+    keep_checkpoints: int = 2      # step checkpoints kept in out_dir (0 = all: curves over training)
     resume: bool = False
 
     def __post_init__(self):
@@ -174,8 +178,14 @@ class TrainConfig:
     The full R1 pipeline (SFT -> GRPO -> rejection sampling + SFT -> multi-task GRPO, resumable) is
     selected by a `stages` field: `reasonrl train --stages all --help` lists its fields, and
     reasonrl/train/r1_small.toml is a small example (`reasonrl train --config .../r1_small.toml`)."""
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_seconds=330.0))
-    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=10_000, max_seconds=240.0))
+    # SFT by steps (about 330 s on an idle 2-core CPU): a loaded machine must not shorten the cold
+    # start (fewer steps left GRPO without a plateaued start: DEFAULT_RUN.md). GRPO and the control
+    # share one wall-clock budget, which keeps the comparison fair under any load.
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=950))
+    # GRPO step checkpoints every 50 steps, all kept: `reasonrl eval` on runs/train/grpo draws its
+    # curves over training from them (about 10 MB each for the tiny model)
+    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=10_000, max_seconds=240.0, save_every=50,
+                                                                 keep_checkpoints=0))
     control_lr: float = 2e-4       # lr of the SFT control (DEFAULT_RUN.md: best at 1e-4 to 3e-4)
     control: bool = True           # run the SFT control for the GRPO stage's wall time
     eval_problems: int = 500       # held-out problems (never trained on), greedy decoding
@@ -234,7 +244,10 @@ class PipelineConfig:
     stages: str = "sft,grpo,sample,rs_sft,mt_grpo"  # a subsequence of that order
     # the cold start covers every task of the multi-task stage (a task never seen gets no reward signal)
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(task="multiply=0.7;add=0.3", max_seconds=330.0))
-    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=10_000, max_seconds=240.0))
+    # GRPO step checkpoints every 50 steps, all kept: `reasonrl eval` on runs/train/grpo draws its
+    # curves over training from them (about 10 MB each for the tiny model)
+    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=10_000, max_seconds=240.0, save_every=50,
+                                                                 keep_checkpoints=0))
     sample: SampleConfig = field(default_factory=lambda: SampleConfig(shortest=True))
     rs_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=300, lr=2e-4, warmup_steps=10))
     mt_grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(tasks="multiply=0.7;add=0.3", steps=100))

@@ -190,7 +190,7 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
 
     def save():
         state = {"step": step, "elapsed": elapsed, "config": dataclasses.asdict(cfg), "stage": tag}
-        return save_checkpoint(cfg.out_dir, model, opt, state, tokenizer)
+        return save_checkpoint(cfg.out_dir, model, opt, state, tokenizer, keep=cfg.keep_checkpoints)
 
     exclude, start = set(exclude), time.perf_counter() - elapsed
     model.train()

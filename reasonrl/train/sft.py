@@ -52,7 +52,7 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
 
     def save():
         state = {"step": step, "elapsed": elapsed, "config": dataclasses.asdict(cfg), "stage": tag}
-        return save_checkpoint(cfg.out_dir, model, opt, state, tokenizer)
+        return save_checkpoint(cfg.out_dir, model, opt, state, tokenizer, keep=cfg.keep_checkpoints)
 
     start = time.perf_counter() - elapsed
     bar = _bar(cfg.steps, step, tag)
