@@ -11,10 +11,11 @@ instead: train/r1.py. The no-argument run below is unchanged.)
 4. Greedy accuracy, format rate and mean response length of the three models on held-out problems
    (the test split: never trained on by construction, see rl/tasks.py).
 
-Measured 2026-11-26 on the 2-core CPU machine (1 thread, other work running, load ~2), defaults,
-seed 0, 500 held-out problems: SFT 952 steps / 330 s -> 66.2%; GRPO 196 steps / 240 s -> 82.4%;
-the control 738 steps / 240 s -> 69.4% (+13.0 points for GRPO); 821 s in all. Under heavier load
-(SFT 303 steps -> 15.6%) the SFT control won: RL needs a cold start that has mostly plateaued.
+Measured 2026-11-26 on the 2-core CPU machine (two seeds side by side, 1 thread each), defaults,
+500 held-out problems: seed 0 SFT 950 steps -> 68.4%, GRPO 217 steps / 240 s -> 82.2%, control 765
+steps / 241 s -> 68.2% (+14.0); seed 1 63.2% -> 75.4% against 64.2% (+11.2); about 800 s each
+(benchmarks/RESULTS.md). The cold start runs by steps: under load a time budget gave it too few
+(303 steps -> 15.6% once), and RL needs a cold start that has mostly plateaued (DEFAULT_RUN.md).
 """
 from __future__ import annotations
 
