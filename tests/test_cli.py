@@ -26,7 +26,7 @@ def test_help_lists_fields_with_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    assert "--sft.steps" in out and "--grpo.max_seconds" in out and "(default: 330.0)" in out
+    assert "--sft.steps" in out and "--grpo.max_seconds" in out and "(default: 950)" in out and "(default: 240.0)" in out
 
 
 def test_top_level_help(capsys):
