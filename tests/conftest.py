@@ -19,6 +19,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`), as
+    the `reasonrl` CLI defaults to: at tiny shapes a second OpenMP thread buys nothing, and on the
+    busy 2-core CI machine its spin-waits made files 3-50x slower in wall time."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed_fresh():
     # Fresh random inputs each run (STYLE.md), but reproducible within a run from the printed seed.

@@ -15,14 +15,7 @@ from reasonrl.models import AttnContext, builtin_path, init_model, load_model, l
 V = 61
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: a second thread buys nothing and, on a busy 2-core machine, its spin-waits cost
-    milliseconds per matmul."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

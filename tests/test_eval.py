@@ -24,13 +24,7 @@ def _load(path):
         return json.load(f)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: a second OpenMP thread on a busy 2-core machine costs ~50x (65 s vs 1 s per run)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,7 @@ TASK = "multiply"
 EASY = 1  # difficulty 1: one-digit a*b, about 70 problems, learned by a micro model in seconds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread, as `reasonrl` itself defaults to (cli._threads): on the shared 2-core CI
-    machine OpenMP threads spinning against other work made this file 3x slower in wall time."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def micro_folder(path, seed=0):
