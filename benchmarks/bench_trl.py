@@ -12,6 +12,9 @@ Each backend runs in its own subprocess so that peak memory (ru_maxrss: CPU resi
 torch.cuda.max_memory_allocated on GPU) is its own. TRL is an optional extra (pip install trl).
 
     python benchmarks/bench_trl.py [--steps 3] [--prompts 16] [--group 8] [--max-tokens 48] [--model DIR]
+                                   [--no-share-prefix]
+reasonrl packs each group's prompt once in training (GRPOConfig.share_prefix, same gradients);
+--no-share-prefix packs prompt+completion G times, as TRL does.
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ def run_reasonrl(args):
     model, tok = load_model_and_tokenizer(path)
     cfg = GRPOConfig(prompts_per_step=args.prompts, group_size=args.group, max_tokens=args.max_tokens, lr=1e-4,
                      dynamic_sampling=False, truncation="keep", loss_type="dapo", micro_batch_tokens=1 << 20,
-                     prompt_template=args.template)
+                     prompt_template=args.template, share_prefix=not args.no_share_prefix)
     loss_cfg = GRPOLossConfig(loss_type="dapo", max_completion_length=args.max_tokens)
     opt, spec = make_optimizer(model, cfg), parse_reward_spec(cfg.rewards)
     engine = _IgnoreEOS(model, tokenizer=tok, max_num_seqs=args.prompts * args.group)
@@ -159,6 +162,8 @@ def main():
     p.add_argument("--workdir", default=None)
     p.add_argument("--model", default="tiny", help="'tiny' (built-in config, random init) or a model folder")
     p.add_argument("--template", default="{question}\n", help="prompt template around each question")
+    p.add_argument("--no-share-prefix", action="store_true",
+                   help="reasonrl packs each group's prompt G times, as TRL does (an ablation)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -168,7 +173,8 @@ def main():
     for backend in (["reasonrl", "trl"] if args.backend == "both" else [args.backend]):
         cmd = [sys.executable, __file__, "--child", "--backend", backend, "--workdir", workdir] + \
               [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-               if k in ("steps", "prompts", "group", "max_tokens", "threads", "seed", "model", "template")]
+               if k in ("steps", "prompts", "group", "max_tokens", "threads", "seed", "model", "template")] + \
+              (["--no-share-prefix"] if args.no_share_prefix else [])
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             tail = r.stderr.strip().splitlines()[-3:]
@@ -176,7 +182,7 @@ def main():
             continue
         results.append(json.loads(r.stdout.strip().splitlines()[-1]))
     print(f"\nGRPO step, model {args.model}, {args.prompts} prompts x {args.group} samples, {args.max_tokens} new tokens, "
-          f"{args.threads} thread(s)")
+          f"{args.threads} thread(s), reasonrl share_prefix={not args.no_share_prefix}")
     print(f"{'backend':<10} {'s/step (median)':>16} {'peak MiB':>10}  steps")
     for r in results:
         print(f"{r['backend']:<10} {r['s_per_step']:>16.3f} {r['peak_mib']:>10.0f}  "

@@ -9,6 +9,10 @@ Training / prefill without a cache prefix: causal attention inside each packed s
 Prefill with a cached prefix (context_lens > new tokens): the sequence's keys/values are read back
 from the paged cache, and query i of n new tokens attends keys j <= ctx - n + i.
 Decode: one query per sequence, reasonrl.ops.paged.paged_attention_decode over the block table.
+Training with shared prefixes (AttnContext.prefix_of): the G completions of a GRPO group are packed
+after their prompt, which is packed once; each completion's queries attend to all of the prompt's
+keys and causally to their own (shared_prefix_plan / shared_prefix_attention). Same values and
+gradients as packing prompt+completion G times, for about P + G*C tokens of work instead of G*(P + C).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 _STATE = {"deterministic": False}
+MASK_BUDGET = 1 << 26  # mask entries (batch x queries x keys) of one shared-prefix SDPA call
 
 
 def set_deterministic(on: bool = True) -> None:
@@ -100,6 +105,94 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, lengths, scale, pad=None):
         o = _sdpa(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], True, scale)
         outs.append(o[0].transpose(0, 1))  # (n, Hq, D)
     return torch.cat(outs)
+
+
+def shared_prefix_plan(lengths, prefix_of, device, flash: bool) -> dict:
+    """Index tensors for shared_prefix_attention, made once per forward.
+
+    lengths: tokens of each packed sequence; prefix_of[b]: the sequence whose tokens b's queries also
+    see (-1: none). Sequence b then attends over keys [prefix tokens, its own tokens] with the causal
+    diagonal aligned bottom-right: its query i sees keys j <= P + i.
+    """
+    B = len(lengths)
+    if len(prefix_of) != B:
+        raise ValueError(f"AttnContext.prefix_of: need one entry per sequence ({B}), got {len(prefix_of)}")
+    for b, a in enumerate(prefix_of):
+        if a != -1 and not (0 <= a < B and a != b and prefix_of[a] == -1):
+            raise ValueError(f"AttnContext.prefix_of[{b}] = {a}: must be -1 or the index of another sequence "
+                             "that has no prefix itself")
+    starts = [0]
+    for n in lengths[:-1]:
+        starts.append(starts[-1] + n)
+    rows = lambda b: range(starts[b], starts[b] + lengths[b])  # noqa: E731
+    conts = [b for b in range(B) if prefix_of[b] != -1]
+    klens = [lengths[b] + (lengths[prefix_of[b]] if prefix_of[b] != -1 else 0) for b in range(B)]
+    plan = {"lengths_k": klens}
+    if flash:  # one varlen launch in bf16/fp16: k/v gathered per sequence as [prefix rows, own rows]
+        kidx = [r for b in range(B) for r in ((*rows(prefix_of[b]), *rows(b)) if prefix_of[b] != -1 else rows(b))]
+        cu_k = torch.tensor([0] + klens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        plan.update(kidx=torch.tensor(kidx, device=device), cu_k=cu_k.to(device), max_k=max(klens))
+    # SDPA (CPU, fp32, or no flash-attn): the roots as plain causal sequences, then the continuations
+    roots = [b for b in range(B) if prefix_of[b] == -1]
+    root_rows = [r for b in roots for r in rows(b)]
+    cont_rows = [r for b in conts for r in rows(b)]
+    order = root_rows + cont_rows
+    R = len(root_rows)
+    root_lengths = [lengths[b] for b in roots]
+    plan["roots"] = (slice(0, R) if root_rows == list(range(R)) else torch.tensor(root_rows, device=device),
+                     root_lengths, torch.tensor([0] + root_lengths).cumsum(0).to(device, torch.int32),
+                     max(root_lengths, default=0))
+    plan["roots_pad"] = pad_plan(plan["roots"][1], device)
+    plan["inv"] = None if order == list(range(len(order))) else torch.tensor(order, device=device).argsort()
+    # Continuations: right-padded batched SDPA calls of at most MASK_BUDGET mask entries, each query row i
+    # of sequence b at key position P_b + i. Pad query rows repeat row 0 and see every real key.
+    chunks, cur = [], []
+    for b in conts:
+        trial = cur + [b]
+        lq, lk = max(lengths[c] for c in trial), max(klens[c] for c in trial)
+        if cur and len(trial) * lq * lk > MASK_BUDGET:
+            chunks.append(cur)
+            trial = [b]
+        cur = trial
+    if cur:
+        chunks.append(cur)
+    plan["conts"] = []
+    for chunk in chunks:
+        Bc, Lq, Lk = len(chunk), max(lengths[b] for b in chunk), max(klens[b] for b in chunk)
+        qsrc, ksrc, mask = [], [], torch.zeros(Bc, 1, Lq, Lk, dtype=torch.bool)
+        for i, b in enumerate(chunk):
+            own, pre = list(rows(b)), list(rows(prefix_of[b]))
+            qsrc += own + [own[0]] * (Lq - len(own))
+            keys = pre + own
+            ksrc += keys + [keys[0]] * (Lk - len(keys))
+            qpos = torch.arange(Lq)[:, None] + len(pre)  # the key position each query row sits at
+            mask[i, 0] = (torch.arange(Lk)[None, :] <= qpos) & (torch.arange(Lk)[None, :] < len(keys))
+        dst = torch.cat([torch.arange(lengths[b]) + i * Lq for i, b in enumerate(chunk)])
+        plan["conts"].append((torch.tensor(qsrc, device=device), torch.tensor(ksrc, device=device),
+                              mask.to(device), dst.to(device), Bc, Lq, Lk))
+    return plan
+
+
+def shared_prefix_attention(q, k, v, cu_seqlens, max_seqlen, lengths, scale, plan):
+    """q (T, Hq, D), k/v (T, Hkv, D) packed with shared prefixes (shared_prefix_plan) -> (T, Hq, D)."""
+    flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if flash is not None and "kidx" in plan:
+        # flash-attn >= 2.1 aligns the causal mask bottom-right when seqlen_q < seqlen_k, as wanted here
+        kidx = plan["kidx"]
+        return flash(q, k[kidx], v[kidx], cu_seqlens, plan["cu_k"], max_seqlen, plan["max_k"],
+                     softmax_scale=scale, causal=True)
+    sel, root_lengths, root_cu, root_max = plan["roots"]
+    outs = []
+    if root_lengths:
+        outs.append(varlen_attention(q[sel], k[sel], v[sel], root_cu, root_max, root_lengths, scale, plan["roots_pad"]))
+    Hq, D = q.shape[1], q.shape[2]
+    for qsrc, ksrc, mask, dst, Bc, Lq, Lk in plan["conts"]:
+        qb = q[qsrc].view(Bc, Lq, Hq, D).transpose(1, 2)
+        kb, vb = (t[ksrc].view(Bc, Lk, t.shape[1], D).transpose(1, 2) for t in (k, v))
+        o = _sdpa(qb, kb, vb, False, scale, mask).transpose(1, 2).reshape(Bc * Lq, Hq, D)
+        outs.append(o[dst])
+    o = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return o if plan["inv"] is None else o[plan["inv"]]
 
 
 def _gather_cache(cache, table, n):

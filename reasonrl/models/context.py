@@ -23,6 +23,10 @@ class AttnContext:
     block_tables: torch.Tensor | None = None  # (B, max_blocks) int32
     context_lens: torch.Tensor | None = None  # (B,) int32, tokens in the cache after this step
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (num_blocks, block_size, Hkv, D)
+    # Shared prefixes in training (no cache): prefix_of[b] is the sequence whose tokens all of
+    # sequence b's queries also attend to (its prompt, packed once for a GRPO group), or -1.
+    # b's positions continue the prefix's; a prefix has no prefix of its own. See attention.py.
+    prefix_of: list[int] | None = None
 
     @classmethod
     def from_lengths(cls, lengths, device="cpu", **kw) -> "AttnContext":

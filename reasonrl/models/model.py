@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import _flash_varlen, pad_plan, paged_ops, prefix_prefill_attention, varlen_attention
+from .attention import (_flash_varlen, pad_plan, paged_ops, prefix_prefill_attention, shared_prefix_attention,
+                        shared_prefix_plan, varlen_attention)
 from .config import ModelConfig
 from .context import AttnContext
 from .functional import apply_rope, swiglu
@@ -72,7 +73,10 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if ctx.kv_caches is None:
+        if ctx.kv_caches is None and plan.get("shared") is not None:
+            o = shared_prefix_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, plan["lengths"], self.scale,
+                                        plan["shared"])
+        elif ctx.kv_caches is None:
             o = varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, plan["lengths"], self.scale, plan["pad"])
         else:
             store_kv, decode = paged_ops()
@@ -220,6 +224,11 @@ class CausalLM(nn.Module):
             raise ValueError(f"AttnContext.cu_seqlens must rise from 0 to total={total} with every sequence "
                              f"non-empty, got {ctx.cu_seqlens.tolist()}")
         flash = input_ids.is_cuda and _flash_varlen() is not None
+        if ctx.prefix_of is not None:
+            if ctx.kv_caches is not None:
+                raise ValueError("AttnContext.prefix_of (shared prefixes) is for training forwards, not with kv_caches")
+            shared = shared_prefix_plan(lengths, list(ctx.prefix_of), input_ids.device, flash)
+            return {"lengths": lengths, "prefix": False, "pad": None, "shared": shared}
         plan = {"lengths": lengths, "prefix": False, "pad": None if flash else pad_plan(lengths, input_ids.device)}
         if ctx.kv_caches is not None and ctx.context_lens is not None and ctx.block_tables is not None:
             ctx_lens = ctx.context_lens.tolist()

@@ -93,6 +93,46 @@ def pack(prompts: list[list[int]], responses: list[list[int]], device="cpu"):
     return ids.to(device), positions.to(device), ctx, targets.to(device), rows.to(device)
 
 
+def pack_shared(prompts: list[list[int]], responses: list[list[int]], group_size: int, device="cpu"):
+    """pack() for GRPO groups: each group's prompt is packed once, its G responses after all prompts.
+
+    prompts/responses: one per completion, the G completions of a group adjacent and with the same
+    prompt. Layout [prompt_1 .. prompt_n, response_11 .. response_nG]; each response attends to
+    its whole prompt (AttnContext.prefix_of) and its positions continue the prompt's. The forward
+    then does P + G*C tokens of work per group instead of G*(P + C), with the same values and
+    gradients (the G copies of a prompt would be identical). Returns (input_ids, positions, ctx,
+    rows) with rows as in pack(): (B, T) indices of the hidden rows predicting each response token
+    (the prompt's last row predicts every first response token of its group)."""
+    B = len(prompts)
+    if B != len(responses) or B % group_size:
+        raise ValueError(f"pack_shared: {B} prompts and {len(responses)} responses must be whole groups of {group_size}")
+    heads = prompts[::group_size]
+    for g, head in enumerate(heads):
+        if any(p != head for p in prompts[g * group_size:(g + 1) * group_size]):
+            raise ValueError(f"pack_shared: the completions of group {g} do not share one prompt")
+    if any(len(p) == 0 for p in heads):
+        raise ValueError("pack_shared: empty prompt")
+    seqs = heads + [r for r in responses if r]
+    prefix_of = [-1] * len(heads) + [b // group_size for b, r in enumerate(responses) if r]
+    lens = [len(s) for s in seqs]
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    positions = torch.cat([torch.arange(n) + (len(heads[a]) if a >= 0 else 0) for n, a in zip(lens, prefix_of)])
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    T = max(max(len(r) for r in responses), 1)
+    rows = torch.zeros(B, T, dtype=torch.long)
+    start = int(cu[len(heads)])
+    for b, r in enumerate(responses):
+        if not r:
+            continue
+        g = b // group_size
+        rows[b, 0] = int(cu[g]) + len(heads[g]) - 1
+        rows[b, 1:len(r)] = torch.arange(start, start + len(r) - 1)
+        start += len(r)
+    ctx = AttnContext(cu_seqlens=cu.to(device), max_seqlen=max(lens), prefix_of=prefix_of)
+    return ids.to(device), positions.to(device), ctx, rows.to(device)
+
+
 def token_budget_batches(lengths: list[int], budget: int, unit: int = 1) -> list[list[int]]:
     """Split indices 0..n-1 into consecutive chunks of `unit` items (a GRPO group stays whole) whose
     summed lengths stay within `budget` tokens (a single oversized unit gets a chunk of its own)."""

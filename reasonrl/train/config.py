@@ -112,6 +112,7 @@ class GRPOConfig:
     truncation_reward: float = 0.0  # their reward under "penalize"
     mu: int = 1                    # optimizer passes over each batch (> 1: old log-probs are needed)
     micro_batch_tokens: int = 8192  # token budget of one forward/backward
+    share_prefix: bool = True      # pack each group's prompt once in training (same gradients, less work)
     lr: float = 1e-4
     warmup_steps: int = 5
     min_lr_ratio: float = 0.1

@@ -3,7 +3,8 @@
 Each step: P prompts x G samples from the engine (the model's own weights, no copy), rewards per
 completion, groups whose rewards are all equal dropped and refilled with new prompts (DAPO's
 dynamic sampling), truncated completions masked (or penalized), then micro-batches of whole groups
-within a token budget, each a packed forward -> ops.grpo_loss on hidden states + the LM-head weight
+within a token budget, each a packed forward (a group's prompt packed once: cfg.share_prefix,
+common.pack_shared) -> ops.grpo_loss on hidden states + the LM-head weight
 (advantages are computed inside the op from the raw rewards), backward; one AdamW step per pass.
 With mu > 1 the batch is reused, and the old policy's log-probs come from the no-grad fused op.
 
@@ -29,7 +30,7 @@ from reasonrl.rl.rewards import compute_rewards, format_reward, parse_reward_spe
 from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import resume_or_start, save_checkpoint
 from reasonrl.train.common import (encode_prompt, load_model_and_tokenizer, lr_at, make_optimizer, moe_aux_loss, pack,
-                                   step_seed, token_budget_batches)
+                                   pack_shared, step_seed, token_budget_batches)
 from reasonrl.train.config import GRPOConfig
 from reasonrl.train.logger import plot_metrics
 from reasonrl.models import save_model
@@ -106,13 +107,20 @@ def train_on_groups(model, ref_model, opt, groups, cfg: GRPOConfig, loss_cfg: GR
     rewards = torch.tensor([r for g in groups for r in g["rewards"]], dtype=torch.float32)
     truncated = torch.tensor([c.finish_reason == "length" for c in comps])
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    chunks = token_budget_batches(lengths, cfg.micro_batch_tokens, unit=cfg.group_size)
+    G, share = cfg.group_size, cfg.share_prefix
+    # tokens each completion adds to a forward: with shared prefixes a group's prompt counts once
+    cost = [len(r) + (len(p) if i % G == 0 else 0) for i, (p, r) in enumerate(zip(prompts, responses))] \
+        if share else lengths
+    chunks = token_budget_batches(cost, cfg.micro_batch_tokens, unit=G)
     W = model.lm_head_weight
     active = sum(len(r) for r, t in zip(responses, truncated) if not (t and cfg.truncation == "mask"))
     cache = {}  # micro-batch index -> (old, ref) log-probs, fixed before the first update
 
     def batch(idx):
-        ids, pos, ctx, _, rows = pack([prompts[i] for i in idx], [responses[i] for i in idx])
+        if share:  # chunks hold whole groups
+            ids, pos, ctx, rows = pack_shared([prompts[i] for i in idx], [responses[i] for i in idx], G)
+        else:
+            ids, pos, ctx, _, rows = pack([prompts[i] for i in idx], [responses[i] for i in idx])
         T = rows.shape[1]
         lens = torch.tensor([len(responses[i]) for i in idx])
         mask = (torch.arange(T)[None, :] < lens[:, None]).float()  # (B, T)
@@ -169,7 +177,8 @@ def _old_and_ref(model, ref_model, ids, pos, ctx, rows, resp_ids, mask, cfg):
 
     def logp(m):
         h = m(ids, pos, ctx)[rows.view(-1)]
-        return linear_token_logprobs(h, m.lm_head_weight, ids_eff, cfg.temperature).view(resp_ids.shape)
+        return linear_token_logprobs(h, m.lm_head_weight, ids_eff, cfg.temperature,
+                                     backend=cfg.backend).view(resp_ids.shape)
 
     old = logp(model) if cfg.mu > 1 else None  # on-policy (mu == 1): the op uses sg(logp), ratio 1
     ref = logp(ref_model) if ref_model is not None else None
