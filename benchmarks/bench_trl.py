@@ -12,7 +12,7 @@ Each backend runs in its own subprocess so that peak memory (ru_maxrss: CPU resi
 torch.cuda.max_memory_allocated on GPU) is its own. TRL is an optional extra (pip install trl).
 
     python benchmarks/bench_trl.py [--steps 3] [--prompts 16] [--group 8] [--max-tokens 48] [--model DIR]
-                                   [--no-share-prefix]
+                                   [--no-share-prefix] [--bf16]
 reasonrl packs each group's prompt once in training (GRPOConfig.share_prefix, same gradients);
 --no-share-prefix packs prompt+completion G times, as TRL does.
 """
@@ -44,9 +44,7 @@ def _setup(args):
 
 
 def run_reasonrl(args):
-    import torch
 
-    from reasonrl.engine import LLMEngine
     from reasonrl.ops.grpo import GRPOLossConfig
     from reasonrl.rl.rewards import parse_reward_spec
     from reasonrl.train.common import load_model_and_tokenizer, make_optimizer
@@ -57,7 +55,8 @@ def run_reasonrl(args):
     model, tok = load_model_and_tokenizer(path)
     cfg = GRPOConfig(prompts_per_step=args.prompts, group_size=args.group, max_tokens=args.max_tokens, lr=1e-4,
                      dynamic_sampling=False, truncation="keep", loss_type="dapo", micro_batch_tokens=1 << 20,
-                     prompt_template=args.template, share_prefix=not args.no_share_prefix)
+                     prompt_template=args.template, share_prefix=not args.no_share_prefix,
+                     precision="bf16" if args.bf16 else "fp32")
     loss_cfg = GRPOLossConfig(loss_type="dapo", max_completion_length=args.max_tokens)
     opt, spec = make_optimizer(model, cfg), parse_reward_spec(cfg.rewards)
     engine = _IgnoreEOS(model, tokenizer=tok, max_num_seqs=args.prompts * args.group)
@@ -126,9 +125,9 @@ def run_trl(args):
     cfg = GRPOConfig(output_dir=os.path.join(args.workdir, "trl"), per_device_train_batch_size=n,
                      num_generations=args.group, max_completion_length=args.max_tokens, learning_rate=1e-4,
                      beta=0.0, temperature=1.0, loss_type="dapo", num_iterations=1, max_steps=args.steps + 1,
-                     gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(), bf16=False,
+                     gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
                      report_to="none", save_strategy="no", logging_steps=1, shuffle_dataset=False,
-                     max_grad_norm=1.0, warmup_steps=0, lr_scheduler_type="constant", seed=args.seed,
+                     max_grad_norm=1.0, warmup_steps=0, lr_scheduler_type="constant", seed=args.seed, bf16=args.bf16,
                      disable_tqdm=True, generation_kwargs={"min_new_tokens": args.max_tokens})
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
                           callbacks=[Timer()])
@@ -164,6 +163,8 @@ def main():
     p.add_argument("--template", default="{question}\n", help="prompt template around each question")
     p.add_argument("--no-share-prefix", action="store_true",
                    help="reasonrl packs each group's prompt G times, as TRL does (an ablation)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast training on both sides (reasonrl precision=bf16, TRL bf16=True); weights fp32")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -174,7 +175,7 @@ def main():
         cmd = [sys.executable, __file__, "--child", "--backend", backend, "--workdir", workdir] + \
               [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                if k in ("steps", "prompts", "group", "max_tokens", "threads", "seed", "model", "template")] + \
-              (["--no-share-prefix"] if args.no_share_prefix else [])
+              (["--no-share-prefix"] if args.no_share_prefix else []) + (["--bf16"] if args.bf16 else [])
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             tail = r.stderr.strip().splitlines()[-3:]
@@ -182,7 +183,8 @@ def main():
             continue
         results.append(json.loads(r.stdout.strip().splitlines()[-1]))
     print(f"\nGRPO step, model {args.model}, {args.prompts} prompts x {args.group} samples, {args.max_tokens} new tokens, "
-          f"{args.threads} thread(s), reasonrl share_prefix={not args.no_share_prefix}")
+          f"{args.threads} thread(s), reasonrl share_prefix={not args.no_share_prefix}, "
+          f"training precision {'bf16 autocast' if args.bf16 else 'fp32'}")
     print(f"{'backend':<10} {'s/step (median)':>16} {'peak MiB':>10}  steps")
     for r in results:
         print(f"{r['backend']:<10} {r['s_per_step']:>16.3f} {r['peak_mib']:>10.0f}  "

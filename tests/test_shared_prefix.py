@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import reasonrl.models.attention as attn
-from reasonrl.models import AttnContext, ModelConfig, builtin_path, init_model, load_tokenizer
+from reasonrl.models import AttnContext, ModelConfig, builtin_path, init_model
 from reasonrl.ops.grpo import GRPOLossConfig
 from reasonrl.train.common import pack, pack_shared
 from reasonrl.train.config import GRPOConfig
@@ -121,7 +121,6 @@ def test_shared_prefix_errors():
 def test_train_on_groups_same_gradients(loss_type, mu):
     """One GRPO update with share_prefix on and off: the same loss metrics and gradients (mu = 2 also
     takes the old-policy log-probs through the shared forward)."""
-    tok = load_tokenizer(builtin_path("tiny"))
     cfg_m = dataclasses.replace(ModelConfig.from_json(builtin_path("tiny")), hidden_size=32, intermediate_size=48,
                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     prompts, responses = groups(4, [6, 11, 3], [5, 9, 2, 14], seed=1)
@@ -159,7 +158,6 @@ def test_train_on_groups_same_gradients(loss_type, mu):
     for a, b in zip(g0, g1):
         for n in a:  # float32 RMSNorm, as above
             assert (a[n] - b[n]).abs().max().item() < 1e-6 * a[n].abs().max().item(), n
-    del tok
 
 
 @pytest.mark.gpu

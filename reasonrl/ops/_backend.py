@@ -98,3 +98,25 @@ def check_same_device(op: str, **tensors) -> torch.device:
             listed = ", ".join(f"{n} on {dv}" for n, dv in devices.items())
             raise ValueError(f"{op}: all tensors must be on one device, got {listed}")
     return first
+
+
+def no_autocast(fn):
+    """For autograd.Function forward/backward: the op's kernels pick their own precision (float32
+    math on the given dtypes), so an enclosing torch.autocast must not recast the matmuls inside
+    them (an out= buffer in float32 then meets a bfloat16 product)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def autocast_operands(*tensors: torch.Tensor):
+    """The operands of a fused LM-head op under torch.autocast: cast to the autocast dtype, as
+    autocast casts a Linear's input and weight (gradients come back in each input's dtype);
+    unchanged outside autocast."""
+    dev = tensors[0].device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t.is_floating_point() else t for t in tensors)

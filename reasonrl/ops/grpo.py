@@ -59,6 +59,8 @@ from dataclasses import dataclass
 
 import torch
 
+from reasonrl.ops._backend import autocast_operands, no_autocast
+
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 IMPORTANCE_LEVELS = ("token", "sequence")
@@ -380,6 +382,7 @@ class GRPOLossFunction(torch.autograd.Function):
     """(logp, entropy) (B, T) float32 -> (loss, per-row stats (B, 8)); gradients to logp, entropy."""
 
     @staticmethod
+    @no_autocast
     def forward(ctx, logp, entropy, mask, rewards, p, config, num_items_in_batch, backend):
         stats = _fwd(backend, logp, entropy, mask, rewards, p)  # (B, 8)
         w = _row_weights(stats[:, 1], config, logp.shape[1], num_items_in_batch)  # (B,)
@@ -390,6 +393,7 @@ class GRPOLossFunction(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_loss, grad_stats):
         logp, mask, rewards, w = ctx.saved_tensors
         p, backend, with_entropy = ctx.cfg
@@ -410,6 +414,7 @@ class LinearGRPOLossFunction(torch.autograd.Function):
     weight's dtype (addmm: float32 inside each GEMM, one rounding per chunk in bf16)."""
 
     @staticmethod
+    @no_autocast
     def forward(ctx, hidden, weight, ids, mask, rewards, p, config, num_items_in_batch, temperature,
                 need_ent, chunk_bytes, backend):
         from reasonrl.ops.logprobs import _rows_bwd, _rows_fwd
@@ -448,6 +453,7 @@ class LinearGRPOLossFunction(torch.autograd.Function):
         return (stats[:, 0] * w).sum(), stats
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_loss, grad_stats):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
@@ -546,6 +552,8 @@ def grpo_loss(logits=None, *, hidden=None, weight=None, ids, mask, rewards, grou
                                mask=mask, rewards=rewards, old_logprobs=old_logprobs,
                                ref_logprobs=ref_logprobs if config.beta != 0 else None)
     b = resolve(backend, device, "grpo_loss")
+    if hidden is not None and weight is not None:  # under torch.autocast: the LM head in its dtype
+        hidden, weight = autocast_operands(hidden, weight)
     if b == "reference":
         return grpo_loss_reference(logits, hidden=hidden, weight=weight, ids=ids, mask=mask,
                                    rewards=rewards, group_size=group_size, old_logprobs=old_logprobs,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
+from ._backend import autocast_operands, no_autocast
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # NOTE: the CUDA kernels ran token_logprobs fwd+bwd (in place) at N=16384, V=151936, bf16 in
@@ -93,6 +94,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
     instead of copying the whole tensor to make it flat."""
 
     @staticmethod
+    @no_autocast
     def forward(ctx, logits, ids, temperature, ignore_index, with_entropy, inplace, backend):
         ctx.set_materialize_grads(False)
         inv_t = 1.0 / temperature
@@ -106,6 +108,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_logp, grad_ent=None):
         logits, ids, lse, ent = ctx.saved_tensors
         temperature, ignore_index, with_entropy, inplace, backend = ctx.cfg
@@ -130,6 +133,7 @@ def _row_views(x, ids):
 
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
+    @no_autocast
     def forward(ctx, hidden, weight, ids, temperature, ignore_index, with_entropy, chunk_bytes, backend):
         ctx.set_materialize_grads(False)
         logp, lse, ent = _linear_fwd(hidden, weight, ids, temperature, ignore_index, with_entropy,
@@ -139,6 +143,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         return (logp, ent) if with_entropy else logp
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_logp, grad_ent=None):
         hidden, weight, ids, lse, ent = ctx.saved_tensors
         temperature, ignore_index, with_entropy, chunk_bytes, backend = ctx.cfg
@@ -280,6 +285,7 @@ def linear_token_logprobs(hidden, weight, ids, temperature=1.0, *, ignore_index=
         raise ValueError(f"{op}: hidden must be (..., H) and weight (V, H); got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"{op}: hidden's last dim {hidden.shape[-1]} != weight's H {weight.shape[1]} (weight is (V, H))")
+    hidden, weight = autocast_operands(hidden, weight)  # under torch.autocast, as a Linear would be
     if hidden.dtype != weight.dtype:
         raise TypeError(f"{op}: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
     _backend.check_same_device(op, hidden=hidden, weight=weight, ids=ids)

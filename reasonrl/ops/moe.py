@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from reasonrl.ops._backend import check_same_device, cpp_available, resolve
+from reasonrl.ops._backend import check_same_device, cpp_available, no_autocast, resolve
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _INTS = (torch.int64, torch.int32)
@@ -239,6 +239,7 @@ class MoEExpertsFunction(torch.autograd.Function):
     keeping a (T*K, H) or (T*K, 2I) buffer."""
 
     @staticmethod
+    @no_autocast
     def forward(ctx, x, topk_ids, topk_weights, w_gate_up, w_down):
         ids = topk_ids.long().contiguous()
         w = topk_weights.float().contiguous()
@@ -249,6 +250,7 @@ class MoEExpertsFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_out):
         x, ids, w, wgu, wd = ctx.saved_tensors
         need = ctx.needs_input_grad

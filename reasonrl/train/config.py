@@ -39,6 +39,11 @@ def _check_optim(c):
         _bad(c, "save_every", "must be >= 0 (0 = only at the end and on Ctrl-C)")
     if c.keep_checkpoints < 0:
         _bad(c, "keep_checkpoints", "must be >= 0 (0 = keep all)")
+    if c.precision not in PRECISIONS:
+        _bad(c, "precision", f"must be one of {PRECISIONS}")
+
+
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, float32 on CPU (common.autocast)
 
 
 @dataclass
@@ -56,6 +61,7 @@ class SFTConfig:
     min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio at `steps`
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    precision: str = "auto"        # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (autocast; fp32 weights)
     prompt_template: str = "{question}\n"
     seed: int = 0
     out_dir: str = "runs/sft"
@@ -124,6 +130,7 @@ class GRPOConfig:
     loss_type: str = "dapo"        # token-level mean (DEFAULT_RUN.md); grpo | bnpo | dapo | dr_grpo
     advantage: str = "grpo"        # grpo | dr_grpo | rloo
     backend: str = "auto"          # grpo_loss backend: auto | reference | triton | cpp | cuda
+    precision: str = "auto"        # training forward: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     prompt_template: str = "{question}\n"
     seed: int = 0
     out_dir: str = "runs/grpo"

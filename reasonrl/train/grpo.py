@@ -29,8 +29,8 @@ from reasonrl.ops.grpo import GRPOLossConfig, grpo_loss
 from reasonrl.rl.rewards import compute_rewards, format_reward, parse_reward_spec
 from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import resume_or_start, save_checkpoint
-from reasonrl.train.common import (encode_prompt, load_model_and_tokenizer, lr_at, make_optimizer, moe_aux_loss, pack,
-                                   pack_shared, step_seed, token_budget_batches)
+from reasonrl.train.common import (autocast, encode_prompt, load_model_and_tokenizer, lr_at, make_optimizer, moe_aux_loss,
+                                   pack, pack_shared, step_seed, token_budget_batches)
 from reasonrl.train.config import GRPOConfig
 from reasonrl.train.logger import plot_metrics
 from reasonrl.models import save_model
@@ -136,14 +136,15 @@ def train_on_groups(model, ref_model, opt, groups, cfg: GRPOConfig, loss_cfg: GR
             if j not in cache:
                 cache[j] = _old_and_ref(model, ref_model, ids, pos, ctx, rows, resp_ids, mask, cfg)
             old, ref = cache[j]
-            hidden = model(ids, pos, ctx)[rows.view(-1)]  # (B*T, H) rows predicting response tokens
             frac = _micro_weight(cfg.loss_type, len(idx), len(comps), mask, active)
-            loss, m = grpo_loss(hidden=hidden, weight=W, ids=resp_ids, mask=mask, rewards=rewards[idx],
-                                group_size=cfg.group_size, old_logprobs=old, ref_logprobs=ref,
-                                temperature=cfg.temperature, config=loss_cfg,
-                                num_items_in_batch=max(active, 1) if cfg.loss_type == "dapo" else None,
-                                backend=cfg.backend)
-            aux = moe_aux_loss(model)  # MoE policies: load balancing, read before the next forward
+            with autocast(model, cfg.precision):
+                hidden = model(ids, pos, ctx)[rows.view(-1)]  # (B*T, H) rows predicting response tokens
+                loss, m = grpo_loss(hidden=hidden, weight=W, ids=resp_ids, mask=mask, rewards=rewards[idx],
+                                    group_size=cfg.group_size, old_logprobs=old, ref_logprobs=ref,
+                                    temperature=cfg.temperature, config=loss_cfg,
+                                    num_items_in_batch=max(active, 1) if cfg.loss_type == "dapo" else None,
+                                    backend=cfg.backend)
+                aux = moe_aux_loss(model)  # MoE policies: load balancing, read before the next forward
             ((loss + aux if aux is not None else loss) * frac).backward()
             if epoch == 0:
                 n = float(m["num_tokens"])
@@ -176,9 +177,10 @@ def _old_and_ref(model, ref_model, ids, pos, ctx, rows, resp_ids, mask, cfg):
     ids_eff = torch.where(mask.bool(), resp_ids, torch.full_like(resp_ids, -100)).view(-1)
 
     def logp(m):
-        h = m(ids, pos, ctx)[rows.view(-1)]
-        return linear_token_logprobs(h, m.lm_head_weight, ids_eff, cfg.temperature,
-                                     backend=cfg.backend).view(resp_ids.shape)
+        with autocast(m, cfg.precision):  # the precision of the training forward
+            h = m(ids, pos, ctx)[rows.view(-1)]
+            return linear_token_logprobs(h, m.lm_head_weight, ids_eff, cfg.temperature,
+                                         backend=cfg.backend).view(resp_ids.shape)
 
     old = logp(model) if cfg.mu > 1 else None  # on-policy (mu == 1): the op uses sg(logp), ratio 1
     ref = logp(ref_model) if ref_model is not None else None

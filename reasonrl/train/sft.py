@@ -11,7 +11,7 @@ import torch
 from reasonrl.ops import linear_token_logprobs
 from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import resume_or_start, save_checkpoint
-from reasonrl.train.common import (encode_prompt, encode_response, load_model_and_tokenizer, lr_at,
+from reasonrl.train.common import (autocast, encode_prompt, encode_response, load_model_and_tokenizer, lr_at,
                                    make_optimizer, moe_aux_loss, pack, step_seed)
 from reasonrl.train.config import SFTConfig
 from reasonrl.train.logger import plot_metrics
@@ -66,11 +66,12 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
             for group in opt.param_groups:
                 group["lr"] = lr
             ids, pos, ctx, targets, _ = pack([data[i][0] for i in idx], [data[i][1] for i in idx])
-            hidden = model(ids, pos, ctx)  # (total, H)
-            logp = linear_token_logprobs(hidden, model.lm_head_weight, targets)  # (total,), 0 where ignored
-            n = int((targets != -100).sum())
-            loss = -logp.sum() / n
-            aux = moe_aux_loss(model)  # MoE policies: load balancing
+            with autocast(model, cfg.precision):
+                hidden = model(ids, pos, ctx)  # (total, H)
+                logp = linear_token_logprobs(hidden, model.lm_head_weight, targets)  # (total,), 0 where ignored
+                n = int((targets != -100).sum())
+                loss = -logp.sum() / n
+                aux = moe_aux_loss(model)  # MoE policies: load balancing
             (loss + aux if aux is not None else loss).backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             if not torch.isfinite(gnorm):  # never step on NaN/inf: the weights would be lost silently
