@@ -12,7 +12,7 @@ Each backend runs in its own subprocess so that peak memory (ru_maxrss: CPU resi
 torch.cuda.max_memory_allocated on GPU) is its own. TRL is an optional extra (pip install trl).
 
     python benchmarks/bench_trl.py [--steps 3] [--prompts 16] [--group 8] [--max-tokens 48] [--model DIR]
-                                   [--no-share-prefix] [--bf16]
+                                   [--no-share-prefix] [--bf16] [--bf16-rollouts]
 reasonrl packs each group's prompt once in training (GRPOConfig.share_prefix, same gradients);
 --no-share-prefix packs prompt+completion G times, as TRL does.
 """
@@ -44,6 +44,7 @@ def _setup(args):
 
 
 def run_reasonrl(args):
+    import torch
 
     from reasonrl.ops.grpo import GRPOLossConfig
     from reasonrl.rl.rewards import parse_reward_spec
@@ -59,7 +60,8 @@ def run_reasonrl(args):
                      precision="bf16" if args.bf16 else "fp32")
     loss_cfg = GRPOLossConfig(loss_type="dapo", max_completion_length=args.max_tokens)
     opt, spec = make_optimizer(model, cfg), parse_reward_spec(cfg.rewards)
-    engine = _IgnoreEOS(model, tokenizer=tok, max_num_seqs=args.prompts * args.group)
+    engine = _IgnoreEOS(model, tokenizer=tok, max_num_seqs=args.prompts * args.group,
+                        dtype=torch.bfloat16 if args.bf16_rollouts else None)
     tasks = [("multiply", _FixedTask(problems, args.prompts), spec, 1.0)]
     times = []
     for step in range(args.steps + 1):  # step 0 warms up
@@ -165,6 +167,8 @@ def main():
                    help="reasonrl packs each group's prompt G times, as TRL does (an ablation)")
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast training on both sides (reasonrl precision=bf16, TRL bf16=True); weights fp32")
+    p.add_argument("--bf16-rollouts", action="store_true",
+                   help="reasonrl's rollouts on a bf16 cast of the weights (GRPOConfig.rollout_dtype='bf16')")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -175,7 +179,8 @@ def main():
         cmd = [sys.executable, __file__, "--child", "--backend", backend, "--workdir", workdir] + \
               [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                if k in ("steps", "prompts", "group", "max_tokens", "threads", "seed", "model", "template")] + \
-              (["--no-share-prefix"] if args.no_share_prefix else []) + (["--bf16"] if args.bf16 else [])
+              (["--no-share-prefix"] if args.no_share_prefix else []) + (["--bf16"] if args.bf16 else []) + \
+              (["--bf16-rollouts"] if args.bf16_rollouts else [])
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             tail = r.stderr.strip().splitlines()[-3:]
@@ -184,7 +189,8 @@ def main():
         results.append(json.loads(r.stdout.strip().splitlines()[-1]))
     print(f"\nGRPO step, model {args.model}, {args.prompts} prompts x {args.group} samples, {args.max_tokens} new tokens, "
           f"{args.threads} thread(s), reasonrl share_prefix={not args.no_share_prefix}, "
-          f"training precision {'bf16 autocast' if args.bf16 else 'fp32'}")
+          f"training precision {'bf16 autocast' if args.bf16 else 'fp32'}, "
+          f"reasonrl rollouts {'bf16 cast' if args.bf16_rollouts else 'on the weights'}")
     print(f"{'backend':<10} {'s/step (median)':>16} {'peak MiB':>10}  steps")
     for r in results:
         print(f"{r['backend']:<10} {r['s_per_step']:>16.3f} {r['peak_mib']:>10.0f}  "

@@ -120,3 +120,28 @@ def test_grpo_update_bf16_close_to_fp32():
     assert torch.isfinite(b).all()
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
     assert (b.norm() / a.norm() - 1).abs() < 0.05
+
+
+def test_engine_bf16_rollout_copy_matches_a_bf16_model():
+    """LLMEngine(dtype=bf16) on float32 weights samples exactly what the same engine does on a bf16
+    copy of the model, and leaves the weights as they were."""
+    import copy
+
+    from reasonrl.engine import LLMEngine, SamplingParams
+    cfg_m = dataclasses.replace(ModelConfig.from_json(builtin_path("tiny")), hidden_size=64, intermediate_size=96,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = init_model(cfg_m, seed=5)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    prompts = [[1, 5, 9, 12], [1, 7], [1, 30, 31, 32, 33, 34]]
+    params = SamplingParams(temperature=1.0, max_tokens=12, seed=3, ignore_eos=True)
+    got = LLMEngine(model, dtype=torch.bfloat16).generate(prompts, params, n=3)
+    ref = LLMEngine(copy.deepcopy(model).to(torch.bfloat16)).generate(prompts, params, n=3)
+    assert [[c.token_ids for c in g] for g in got] == [[c.token_ids for c in g] for g in ref]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    fp32 = LLMEngine(model).generate(prompts, params, n=3)  # the default: the weights as they are
+    assert all(len(c.token_ids) == 12 for g in fp32 for c in g)
+    with pytest.raises(ValueError, match="dtype"):
+        LLMEngine(model, dtype=torch.int8)
+    with pytest.raises(ValueError, match="rollout_dtype"):
+        GRPOConfig(rollout_dtype="fp16")

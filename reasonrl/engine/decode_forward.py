@@ -52,7 +52,6 @@ class LeanDecode:
         m = self.model
         if torch.is_grad_enabled():
             raise RuntimeError("LeanDecode: decode steps run without autograd (torch.inference_mode)")
-        B = ids.shape[0]
         x = F.embedding(ids, m.model.embed_tokens.weight)  # (B, H)
         cos, sin = m.rotary(pos)  # (B, 1, D/2)
         fused = self.fused and not torch.is_autocast_enabled("cpu") and kv_caches[0][0].dtype == x.dtype

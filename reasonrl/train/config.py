@@ -131,6 +131,7 @@ class GRPOConfig:
     advantage: str = "grpo"        # grpo | dr_grpo | rloo
     backend: str = "auto"          # grpo_loss backend: auto | reference | triton | cpp | cuda
     precision: str = "auto"        # training forward: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    rollout_dtype: str = "weights"  # weights (the engine runs on them: no copy) | bf16 (a bf16 cast per rollout)
     prompt_template: str = "{question}\n"
     seed: int = 0
     out_dir: str = "runs/grpo"
@@ -170,6 +171,8 @@ class GRPOConfig:
             _bad(self, "loss_type", f"must be one of {LOSS_TYPES}")
         if self.advantage not in ADVANTAGES:
             _bad(self, "advantage", f"must be one of {ADVANTAGES}")
+        if self.rollout_dtype not in ("weights", "bf16"):
+            _bad(self, "rollout_dtype", "must be 'weights' or 'bf16'")
         from reasonrl.ops._backend import BACKENDS
         if self.backend not in BACKENDS:
             _bad(self, "backend", f"must be one of {BACKENDS}")

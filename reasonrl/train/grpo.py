@@ -196,7 +196,8 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
     loss_cfg = GRPOLossConfig(advantage=cfg.advantage, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                               beta=cfg.beta, loss_type=cfg.loss_type, max_completion_length=cfg.max_tokens)
     opt = make_optimizer(model, cfg)
-    engine = LLMEngine(model, tokenizer=tokenizer, max_num_seqs=cfg.prompts_per_step * cfg.group_size)
+    engine = LLMEngine(model, tokenizer=tokenizer, max_num_seqs=cfg.prompts_per_step * cfg.group_size,
+                       dtype=torch.bfloat16 if cfg.rollout_dtype == "bf16" else None)
     step, elapsed, logger = resume_or_start(cfg, model, opt, tag)
 
     def save():
