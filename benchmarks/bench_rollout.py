@@ -112,12 +112,14 @@ def main():
     ap.add_argument("--hf-cache", default="dynamic", choices=["dynamic", "static"],
                     help="transformers' KV cache (dynamic: its default and, measured here, its faster on CPU)")
     ap.add_argument("--no-graphs", action="store_true", help="eager decode steps on GPU (no CUDA graphs)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="weights and KV cache of both sides (default: bfloat16 on GPU, float32 on CPU)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.gpu else "cpu")
-    dtype = torch.bfloat16 if args.gpu else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if args.gpu else torch.float32
     P, G = args.prompts, args.samples
     plen = args.prompt_len or (128 if args.gpu else 16)
     new = args.new or (256 if args.gpu else 64)
