@@ -23,6 +23,8 @@ def test_help_lists_fields_with_defaults(capsys):
     for flag, default in [("--group_size", "8"), ("--lr", "0.0001"), ("--rewards", "'accuracy:1.0,format:0.1'"),
                           ("--truncation", "'mask'"), ("--resume", "False")]:
         assert flag in out and f"(default: {default})" in out, flag
+    # each field's comment in its config class is its help text
+    assert "G samples per prompt" in " ".join(out.split()) and "nucleus sampling" in " ".join(out.split())
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out

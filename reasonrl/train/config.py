@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
+import io
+import textwrap
+import tokenize
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -100,15 +105,15 @@ def _check_mix(cfg, name, rewards=True):
 class GRPOConfig:
     """GRPO: rollouts from the engine, verified rewards, grpo_loss, AdamW."""
     model: str = "tiny"            # a folder (e.g. the SFT stage's out_dir/final) or "tiny"
-    task: str = "multiply"
+    task: str = "multiply"         # multiply | add | countdown | jsonl:PATH | rg:DATASET
     tasks: str = ""                # multi-task mix "TASK=WEIGHT[|REWARDS];..." (rl/tasks.py parse_task_mix); "" = task
-    difficulty: int | None = None
-    steps: int = 200
-    max_seconds: float = 0.0
-    prompts_per_step: int = 16
+    difficulty: int | None = None  # the task's knob (None = the task's default)
+    steps: int = 200               # optimizer steps (the cosine schedule's length)
+    max_seconds: float = 0.0       # wall-clock budget of the stage (0 = steps only)
+    prompts_per_step: int = 16     # groups per step (after dynamic sampling)
     group_size: int = 8            # G samples per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0       # sampling temperature, also applied to the loss's log-probs
+    top_p: float = 1.0             # nucleus sampling in rollouts
     max_tokens: int = 64           # completion length cap; longer completions are truncated
     rewards: str = "accuracy:1.0,format:0.1"  # name, rm:FOLDER (reward model) or pkg.module:function, with :weight
     dynamic_sampling: bool = True  # drop zero-variance groups and refill the batch
@@ -360,8 +365,32 @@ class GenerateConfig:
 
 
 # ---------------------------------------------------------------------------------------- parsing
+@functools.lru_cache(maxsize=None)
+def _field_comments(cls) -> dict[str, str]:
+    """{field: the comment at the end of its line in the class body} (the --help text)."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    out, line_name = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        row, col = tok.start
+        if tok.type == tokenize.NAME and col == 4 and row not in line_name:
+            line_name[row] = tok.string
+        elif tok.type == tokenize.COMMENT and row in line_name:
+            out[line_name[row]] = tok.string.lstrip("#").strip()
+    return out
+
+
+def _field_help(cls, dotted: str) -> str:
+    *path, last = dotted.split(".")
+    for part in path:
+        cls = typing.get_type_hints(cls)[part]
+    return _field_comments(cls).get(last, "")
+
+
 def _leaves(cls, prefix=""):
-    """(dotted name, field, owning class) for every non-dataclass field, nested ones flattened."""
+    """(dotted name, field, type) for every non-dataclass field, nested ones flattened."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         t = hints[f.name]
@@ -414,7 +443,7 @@ def build_parser(cls, prog: str, description: str = "") -> argparse.ArgumentPars
         p.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar="BOOL" if is_bool else
                        getattr(t, "__name__", str(t)).upper(), nargs="?" if is_bool else None,
                        const="true" if is_bool else None,
-                       help=f"(default: {_default_of(cls, name)!r})")
+                       help=f"{_field_help(cls, name)} (default: {_default_of(cls, name)!r})".lstrip().replace("%", "%%"))
     return p
 
 
