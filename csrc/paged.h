@@ -21,4 +21,11 @@ void paged_attention_decode_fwd_cpu(void* out, const void* q, const void* k_cach
                                     int64_t block_size, int64_t max_blocks, float scale,
                                     int64_t b_begin, int64_t b_end);
 
+// Rows of n elements (dtype): out = dtype(w * dtype(x * rsqrt(mean(x^2) + eps))), as RMSNorm.forward.
+void rms_norm_rows_cpu(void* out, const void* x, const void* w, DType dtype, int64_t rows, int64_t n, float eps);
+
+// x, out (B, H, D) in dtype; cos, sin (B, D/2) float32: the rotation of functional._rotate.
+void rope_rows_cpu(void* out, const void* x, const float* cos, const float* sin, DType dtype, int64_t B, int64_t H,
+                   int64_t D);
+
 }  // namespace reasonrl

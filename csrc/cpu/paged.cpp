@@ -235,6 +235,79 @@ RR_INLINE void decode_range(void* out_, const void* q_, const void* kc_, const v
     }
   }
 }
+// ---- RMSNorm and RoPE of a decode step's rows (csrc/paged.cpp decode_layer_fwd) ---------------------
+// Rounded to the storage dtype where the model's ops round: x * rsqrt(mean(x^2) + eps) -> dtype, times
+// w -> dtype; each rotated element -> dtype. Elem's conversions are branch-free, so the loops vectorize.
+template <DType DT>
+RR_INLINE void rms_rows_t(void* out_, const void* x_, const void* w_, int64_t rows, int64_t n, float eps) {
+  using E = Elem<DT>;
+  using T = typename E::T;
+  T* out = static_cast<T*>(out_);
+  const T* x = static_cast<const T*>(x_);
+  const T* w = static_cast<const T*>(w_);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * n;
+    T* o = out + r * n;
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = E::load(xr[i]);
+      ss += v * v;
+    }
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) o[i] = E::store(E::load(w[i]) * E::load(E::store(E::load(xr[i]) * inv)));
+  }
+}
+
+template <DType DT>
+RR_INLINE void rope_rows_t(void* out_, const void* x_, const float* cos, const float* sin, int64_t B, int64_t H,
+                           int64_t D) {
+  using E = Elem<DT>;
+  using T = typename E::T;
+  T* out = static_cast<T*>(out_);
+  const T* x = static_cast<const T*>(x_);
+  const int64_t half = D / 2;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* c = cos + b * half;
+    const float* sn = sin + b * half;
+    for (int64_t h = 0; h < H; ++h) {
+      const T* xr = x + (b * H + h) * D;
+      T* o = out + (b * H + h) * D;
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = E::load(xr[i]), x2 = E::load(xr[i + half]);
+        o[i] = E::store(x1 * c[i] - x2 * sn[i]);
+        o[i + half] = E::store(x2 * c[i] + x1 * sn[i]);
+      }
+    }
+  }
+}
+
+#define RR_ROWS_DISPATCH(fn, ...)                                  \
+  switch (dtype) {                                                 \
+    case DType::f32: fn<DType::f32>(__VA_ARGS__); break;           \
+    case DType::bf16: fn<DType::bf16>(__VA_ARGS__); break;         \
+    case DType::f16: fn<DType::f16>(__VA_ARGS__); break;           \
+  }
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("arch=x86-64-v3"))) void rms_v3(void* o, const void* x, const void* w, DType dtype,
+                                                      int64_t rows, int64_t n, float eps) {
+  RR_ROWS_DISPATCH(rms_rows_t, o, x, w, rows, n, eps)
+}
+__attribute__((target("arch=x86-64-v3"))) void rope_v3(void* o, const void* x, const float* c, const float* s,
+                                                       DType dtype, int64_t B, int64_t H, int64_t D) {
+  RR_ROWS_DISPATCH(rope_rows_t, o, x, c, s, B, H, D)
+}
+#endif
+void rms_base(void* o, const void* x, const void* w, DType dtype, int64_t rows, int64_t n, float eps) {
+  RR_ROWS_DISPATCH(rms_rows_t, o, x, w, rows, n, eps)
+}
+void rope_base(void* o, const void* x, const float* c, const float* s, DType dtype, int64_t B, int64_t H,
+               int64_t D) {
+  RR_ROWS_DISPATCH(rope_rows_t, o, x, c, s, B, H, D)
+}
+
 // ---- one non-template entry per ISA (AVX2 + FMA, and baseline x86-64); bodies inlined into each ------
 #define RR_DECODE_ARGS                                                                                \
   void *out, const void *q, const void *kc, const void *vc, DType dtype, const int32_t *tables,      \
@@ -288,6 +361,21 @@ void paged_attention_decode_fwd_cpu(void* out, const void* q, const void* k_cach
 #endif
   decode_base(out, q, k_cache, v_cache, dtype, block_tables, context_lens, Hq, Hkv, D, block_size, max_blocks,
               scale, b_begin, b_end);
+}
+
+void rms_norm_rows_cpu(void* out, const void* x, const void* w, DType dtype, int64_t rows, int64_t n, float eps) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (has_v3()) return rms_v3(out, x, w, dtype, rows, n, eps);
+#endif
+  rms_base(out, x, w, dtype, rows, n, eps);
+}
+
+void rope_rows_cpu(void* out, const void* x, const float* cos, const float* sin, DType dtype, int64_t B, int64_t H,
+                   int64_t D) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (has_v3()) return rope_v3(out, x, cos, sin, dtype, B, H, D);
+#endif
+  rope_base(out, x, cos, sin, dtype, B, H, D);
 }
 
 }  // namespace reasonrl

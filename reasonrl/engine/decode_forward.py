@@ -1,11 +1,12 @@
 """A lean decode step for the dense decoder (reasonrl.models.CausalLM: Llama, Qwen2, Qwen3).
 
 The same ops on the same tensors in the same order as CausalLM.forward + compute_logits, so the
-logits are bitwise equal (tests/test_engine.py holds it to torch.equal), minus what costs time and
+logits of the Python path are bitwise equal (tests/test_engine.py holds it to torch.equal), minus what costs time and
 does nothing in a decode step without autograd: nn.Module calls, the per-forward plan and checks
 (the runner built the inputs), and the rotation of q and k as two separate calls (they are rotated
 as one (B, Hq + Hkv, D) tensor: elementwise ops, so the same numbers).
-On CPU each layer is one C++ call (csrc/paged.cpp decode_layer_fwd) that runs the same ATen ops.
+On CPU each layer is one C++ call (csrc/paged.cpp decode_layer_fwd): the same ATen matmuls, with
+RMSNorm and RoPE as loops of its own (equal up to float32 summation order in RMSNorm, not bitwise).
 Anything else (MoE layers, another model class, autograd on) runs the model's own forward.
 NOTE: tiny model (4 layers, d=128), B=64, one thread: the module calls and per-op Python of the
 model's forward cost about as much as its 29 matmuls.
