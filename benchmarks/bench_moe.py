@@ -163,8 +163,11 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rep", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the JSON line to this file")
+    p.add_argument("--no-pin", action="store_true",
+                   help="CPU: keep glibc's dynamic mmap threshold (what a training process has): truer times, "
+                        "but the peak-memory column then misses freed heap memory")
     a = p.parse_args()
-    if not a.gpu:
+    if not a.gpu and not a.no_pin:
         exec_with_fixed_mmap_threshold()
     if a.threads:
         torch.set_num_threads(a.threads)
