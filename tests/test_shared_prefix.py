@@ -104,6 +104,20 @@ def test_chunked_and_reordered_paths(monkeypatch):
     assert (h2[remap[rows]] - ref).abs().max().item() < 1e-12
 
 
+def test_ragged_continuations_pad_at_most_2x():
+    """Very ragged completions are sorted by length and split so that the batched calls spend at most
+    twice the unpadded attention work (queries x keys), and every real row comes back once."""
+    lengths = [5, 3] + [1, 200, 2, 180, 3, 190, 1, 150]  # two prompts, then 4 continuations each
+    prefix_of = [-1, -1] + [0, 0, 0, 0, 1, 1, 1, 1]
+    plan = attn.shared_prefix_plan(lengths, prefix_of, "cpu", flash=False)
+    klens = plan["lengths_k"]
+    unpadded = sum(lengths[b] * klens[b] for b in range(2, len(lengths)))
+    padded = sum(Bc * Lq * Lk for *_, Bc, Lq, Lk in plan["conts"])
+    assert len(plan["conts"]) >= 2 and plan["inv"] is not None  # sorted, then split
+    assert padded <= 2 * unpadded
+    assert sum(c[3].numel() for c in plan["conts"]) == sum(lengths[2:])
+
+
 def test_shared_prefix_errors():
     model = model_for("llama-gqa")
     ids, pos = torch.arange(6), torch.arange(6)

@@ -134,6 +134,10 @@ def shared_prefix_plan(lengths, prefix_of, device, flash: bool) -> dict:
         plan.update(kidx=torch.tensor(kidx, device=device), cu_k=cu_k.to(device), max_k=max(klens))
     # SDPA (CPU, fp32, or no flash-attn): the roots as plain causal sequences, then the continuations
     roots = [b for b in range(B) if prefix_of[b] == -1]
+    cost = lambda cs: sum(lengths[c] * klens[c] for c in cs)  # noqa: E731  attention work without padding
+    padded = lambda cs: len(cs) * max(lengths[c] for c in cs) * max(klens[c] for c in cs)  # noqa: E731
+    if conts and padded(conts) > 2 * cost(conts):  # ragged: by length, so that batched calls pad little
+        conts = sorted(conts, key=lambda b: (klens[b], lengths[b]))
     root_rows = [r for b in roots for r in rows(b)]
     cont_rows = [r for b in conts for r in rows(b)]
     order = root_rows + cont_rows
@@ -144,16 +148,18 @@ def shared_prefix_plan(lengths, prefix_of, device, flash: bool) -> dict:
                      max(root_lengths, default=0))
     plan["roots_pad"] = pad_plan(plan["roots"][1], device)
     plan["inv"] = None if order == list(range(len(order))) else torch.tensor(order, device=device).argsort()
-    # Continuations: right-padded batched SDPA calls of at most MASK_BUDGET mask entries, each query row i
-    # of sequence b at key position P_b + i. Pad query rows repeat row 0 and see every real key.
-    chunks, cur = [], []
+    # Continuations: right-padded batched SDPA calls of at most MASK_BUDGET mask entries and at most 2x
+    # the unpadded attention work, each query row i of sequence b at key position P_b + i. Pad query
+    # rows repeat row 0 and see every real key.
+    chunks, cur, lq, lk, work = [], [], 0, 0, 0
     for b in conts:
-        trial = cur + [b]
-        lq, lk = max(lengths[c] for c in trial), max(klens[c] for c in trial)
-        if cur and len(trial) * lq * lk > MASK_BUDGET:
+        nq, nk, nw = max(lq, lengths[b]), max(lk, klens[b]), work + lengths[b] * klens[b]
+        size = (len(cur) + 1) * nq * nk
+        if cur and (size > MASK_BUDGET or size > 2 * nw):
             chunks.append(cur)
-            trial = [b]
-        cur = trial
+            cur, nq, nk, nw = [], lengths[b], klens[b], lengths[b] * klens[b]
+        cur.append(b)
+        lq, lk, work = nq, nk, nw
     if cur:
         chunks.append(cur)
     plan["conts"] = []
