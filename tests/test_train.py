@@ -330,3 +330,34 @@ def test_keep_checkpoints(tmp_path, keep, expect):
     assert latest_checkpoint(str(tmp_path / "sft")).endswith("step-0000006")
     with pytest.raises(ValueError, match="keep_checkpoints"):
         _sft_cfg(tmp_path, keep_checkpoints=-1)
+
+
+def test_device_field_and_errors():
+    from reasonrl.train.common import resolve_device
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="GRPOConfig.device"):
+        GRPOConfig(device="tpu")
+    with pytest.raises(ValueError, match="SFTConfig.device"):
+        SFTConfig(device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+@pytest.mark.gpu
+def test_sft_and_grpo_train_on_cuda(tmp_path):
+    """The trainers move the model and every batch to the GPU (device auto), train under bf16 autocast
+    (precision auto) with float32 master weights, and save checkpoints that load back on the CPU."""
+    model, tok = micro_model()
+    sft_cfg = SFTConfig(steps=3, batch_size=8, num_examples=16, out_dir=str(tmp_path / "sft"), log_every=1)
+    model, tok, _ = run_sft(sft_cfg, model=model, tokenizer=tok)
+    assert next(model.parameters()).is_cuda and next(model.parameters()).dtype == torch.float32
+    before = [p.detach().clone() for p in model.parameters()]
+    model, _, summary = run_grpo(_grpo_cfg(tmp_path, mu=2, beta=0.05, truncation="keep"), model=model, tokenizer=tok)
+    assert summary["steps"] == 3 and next(model.parameters()).is_cuda
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    rows = [json.loads(x) for x in open(tmp_path / "grpo" / "metrics.jsonl")]
+    assert all(math.isfinite(r["reward"]) and math.isfinite(r["kl"]) for r in rows)
+    back = load_model(str(tmp_path / "grpo" / "final"))
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))

@@ -13,16 +13,32 @@ from reasonrl.models import AttnContext, builtin_path, init_model, load_model, l
 BUILTIN_MODELS = ("tiny", "tiny-s")  # reasonrl/assets/<name>: config + tokenizer, no weights
 
 
-def load_model_and_tokenizer(spec: str, seed: int = 0):
+def resolve_device(spec: str = "auto") -> torch.device:
+    """"auto": the GPU when torch sees one, else the CPU; or "cpu", "cuda", "cuda:N"."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as e:
+        raise ValueError(f"device {spec!r}: expected auto, cpu, cuda or cuda:N ({e})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r}: torch sees no CUDA device (torch {torch.__version__})")
+    return dev
+
+
+def load_model_and_tokenizer(spec: str, seed: int = 0, device: str = "auto"):
     """A built-in name ("tiny", or the smaller student "tiny-s": random init by seed) or a local
-    Hugging Face folder."""
+    Hugging Face folder, on `device` (resolve_device: the GPU when there is one)."""
+    dev = resolve_device(device)
     if spec in BUILTIN_MODELS:
         path = builtin_path(spec)
-        return init_model(path, seed=seed), load_tokenizer(path)
+        return init_model(path, seed=seed).to(dev), load_tokenizer(path)
     if not os.path.isdir(spec):
         raise ValueError(f"model {spec!r}: expected one of {BUILTIN_MODELS} or a local model folder "
                          "(config.json + safetensors)")
-    return load_model(spec), load_tokenizer(spec)
+    return load_model(spec).to(dev), load_tokenizer(spec)
 
 
 def autocast(model, precision: str):

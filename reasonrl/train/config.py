@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import re
 import textwrap
 import tokenize
 import tomllib
@@ -46,6 +47,8 @@ def _check_optim(c):
         _bad(c, "keep_checkpoints", "must be >= 0 (0 = keep all)")
     if c.precision not in PRECISIONS:
         _bad(c, "precision", f"must be one of {PRECISIONS}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
+        _bad(c, "device", "must be auto, cpu, cuda or cuda:N")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, float32 on CPU (common.autocast)
@@ -67,6 +70,7 @@ class SFTConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     precision: str = "auto"        # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (autocast; fp32 weights)
+    device: str = "auto"           # auto (the GPU when torch sees one, else the CPU) | cpu | cuda | cuda:N
     prompt_template: str = "{question}\n"
     seed: int = 0
     out_dir: str = "runs/sft"
@@ -136,6 +140,7 @@ class GRPOConfig:
     advantage: str = "grpo"        # grpo | dr_grpo | rloo
     backend: str = "auto"          # grpo_loss backend: auto | reference | triton | cpp | cuda
     precision: str = "auto"        # training forward: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"           # auto (the GPU when torch sees one, else the CPU) | cpu | cuda | cuda:N
     rollout_dtype: str = "weights"  # weights (the engine runs on them: no copy) | bf16 (a bf16 cast per rollout)
     prompt_template: str = "{question}\n"
     seed: int = 0

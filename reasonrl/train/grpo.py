@@ -30,7 +30,7 @@ from reasonrl.rl.rewards import compute_rewards, format_reward, parse_reward_spe
 from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import resume_or_start, save_checkpoint
 from reasonrl.train.common import (autocast, encode_prompt, load_model_and_tokenizer, lr_at, make_optimizer, moe_aux_loss,
-                                   pack, pack_shared, step_seed, token_budget_batches)
+                                   pack, pack_shared, resolve_device, step_seed, token_budget_batches)
 from reasonrl.train.config import GRPOConfig
 from reasonrl.train.logger import plot_metrics
 from reasonrl.models import save_model
@@ -116,18 +116,21 @@ def train_on_groups(model, ref_model, opt, groups, cfg: GRPOConfig, loss_cfg: GR
     active = sum(len(r) for r, t in zip(responses, truncated) if not (t and cfg.truncation == "mask"))
     cache = {}  # micro-batch index -> (old, ref) log-probs, fixed before the first update
 
+    dev = W.device
+    rewards = rewards.to(dev)
+
     def batch(idx):
         if share:  # chunks hold whole groups
-            ids, pos, ctx, rows = pack_shared([prompts[i] for i in idx], [responses[i] for i in idx], G)
+            ids, pos, ctx, rows = pack_shared([prompts[i] for i in idx], [responses[i] for i in idx], G, device=dev)
         else:
-            ids, pos, ctx, _, rows = pack([prompts[i] for i in idx], [responses[i] for i in idx])
+            ids, pos, ctx, _, rows = pack([prompts[i] for i in idx], [responses[i] for i in idx], device=dev)
         T = rows.shape[1]
         lens = torch.tensor([len(responses[i]) for i in idx])
         mask = (torch.arange(T)[None, :] < lens[:, None]).float()  # (B, T)
         if cfg.truncation == "mask":
             mask *= (~truncated[idx]).float()[:, None]
         resp_ids = torch.tensor([responses[i] + [0] * (T - len(responses[i])) for i in idx])  # (B, T)
-        return ids, pos, ctx, rows, resp_ids, mask
+        return ids, pos, ctx, rows, resp_ids.to(dev), mask.to(dev)
 
     sums = {"kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "tokens": 0, "loss": 0.0}
     for epoch in range(cfg.mu):
@@ -190,7 +193,8 @@ def _old_and_ref(model, ref_model, ids, pos, ctx, rows, resp_ids, mask, cfg):
 def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str = "grpo"):
     """Train; returns (model, tokenizer, summary). Ctrl-C saves a checkpoint, then re-raises."""
     if model is None:
-        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed, cfg.device)
+    model = model.to(resolve_device(cfg.device))
     tasks = make_tasks(cfg)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
     loss_cfg = GRPOLossConfig(advantage=cfg.advantage, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,

@@ -12,7 +12,7 @@ from reasonrl.ops import linear_token_logprobs
 from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import resume_or_start, save_checkpoint
 from reasonrl.train.common import (autocast, encode_prompt, encode_response, load_model_and_tokenizer, lr_at,
-                                   make_optimizer, moe_aux_loss, pack, step_seed)
+                                   make_optimizer, moe_aux_loss, pack, resolve_device, step_seed)
 from reasonrl.train.config import SFTConfig
 from reasonrl.train.logger import plot_metrics
 from reasonrl.models import save_model
@@ -41,8 +41,10 @@ def sft_examples(cfg: SFTConfig):
 
 def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str = "sft"):
     """Train; returns (model, tokenizer, summary dict). Ctrl-C saves a checkpoint, then re-raises."""
+    dev = resolve_device(cfg.device)
     if model is None:
-        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed, cfg.device)
+    model = model.to(dev)
     examples = examples if examples is not None else sft_examples(cfg)
     data = [(encode_prompt(tokenizer, cfg.prompt_template, p.question), encode_response(tokenizer, p.solution))
             for p in examples]
@@ -65,7 +67,7 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
             lr = lr_at(step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
             for group in opt.param_groups:
                 group["lr"] = lr
-            ids, pos, ctx, targets, _ = pack([data[i][0] for i in idx], [data[i][1] for i in idx])
+            ids, pos, ctx, targets, _ = pack([data[i][0] for i in idx], [data[i][1] for i in idx], device=dev)
             with autocast(model, cfg.precision):
                 hidden = model(ids, pos, ctx)  # (total, H)
                 logp = linear_token_logprobs(hidden, model.lm_head_weight, targets)  # (total,), 0 where ignored
