@@ -202,11 +202,13 @@ class TrainConfig:
     # SFT by steps (about 330 s on an idle 2-core CPU): a loaded machine must not shorten the cold
     # start (fewer steps left GRPO without a plateaued start: DEFAULT_RUN.md). GRPO and the control
     # share one wall-clock budget, which keeps the comparison fair under any load.
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=950))
+    # On the CPU even where a GPU is (`--sft.device auto --grpo.device auto` to move it): the run and
+    # its wall-clock budgets were measured there, and the 0.9M-parameter model gains nothing on a GPU.
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=950, device="cpu"))
     # GRPO step checkpoints every 50 steps, all kept: `reasonrl eval` on runs/train/grpo draws its
     # curves over training from them (about 10 MB each for the tiny model)
     grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=10_000, max_seconds=240.0, save_every=50,
-                                                                 keep_checkpoints=0))
+                                                                 keep_checkpoints=0, device="cpu"))
     control_lr: float = 2e-4       # lr of the SFT control (DEFAULT_RUN.md: best at 1e-4 to 3e-4)
     control: bool = True           # run the SFT control for the GRPO stage's wall time
     eval_problems: int = 500       # held-out problems (never trained on), greedy decoding
