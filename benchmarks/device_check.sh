@@ -5,7 +5,8 @@
 # Budget: build ~3 min, GPU tests <= 150 s, benchmarks up to ~11 min in all: more than one 600 s
 # device call. Split it over two calls on the same warm machine, e.g.
 #   BENCHES="logprobs grpo moe" bash benchmarks/device_check.sh          # build, tests, 3 benches
-#   SKIP_BUILD=1 SKIP_TESTS=1 BENCHES="rollout model" bash benchmarks/device_check.sh
+#   SKIP_BUILD=1 SKIP_TESTS=1 BENCHES="rollout model train" bash benchmarks/device_check.sh
+# ("train": six GRPO steps of `reasonrl grpo` on the GPU; not in the default list.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device_out}; mkdir -p "$OUT"
@@ -41,6 +42,11 @@ run_bench() {  # name, timeout, command...   (only the names listed in $BENCHES)
 [ -f benchmarks/bench_rollout.py ] && run_bench rollout 150 python3 benchmarks/bench_rollout.py --gpu --rep 2
 [ -f benchmarks/bench_model.py ] && run_bench model 90 python3 benchmarks/bench_model.py --gpu
 [ -f benchmarks/bench_moe.py ] && run_bench moe 120 python3 benchmarks/bench_moe.py --gpu
+case " $BENCHES " in *" train "*)  # the trainer itself on the GPU (device auto, bf16 autocast): s/step in its log
+  stamp "train"
+  timeout 150 python3 -m reasonrl grpo --model tiny --steps 6 --device cuda --out_dir "$OUT/grpo_gpu" \
+    >"$OUT/train.log" 2>&1 || echo "train exit $?";;
+esac
 stamp "summary"
 for f in "$OUT"/*.log; do
   case $f in *build.log|*tests.log) continue;; esac
