@@ -121,18 +121,31 @@ def shared_prefix_plan(lengths, prefix_of, device, flash: bool) -> dict:
         if a != -1 and not (0 <= a < B and a != b and prefix_of[a] == -1):
             raise ValueError(f"AttnContext.prefix_of[{b}] = {a}: must be -1 or the index of another sequence "
                              "that has no prefix itself")
-    starts = [0]
-    for n in lengths[:-1]:
-        starts.append(starts[-1] + n)
-    rows = lambda b: range(starts[b], starts[b] + lengths[b])  # noqa: E731
-    conts = [b for b in range(B) if prefix_of[b] != -1]
     klens = [lengths[b] + (lengths[prefix_of[b]] if prefix_of[b] != -1 else 0) for b in range(B)]
-    plan = {"lengths_k": klens}
+    plan = {"lengths_k": klens, "args": (list(lengths), list(prefix_of), device)}
     if flash:  # one varlen launch in bf16/fp16: k/v gathered per sequence as [prefix rows, own rows]
+        rows = _rows_of(lengths)
         kidx = [r for b in range(B) for r in ((*rows(prefix_of[b]), *rows(b)) if prefix_of[b] != -1 else rows(b))]
         cu_k = torch.tensor([0] + klens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         plan.update(kidx=torch.tensor(kidx, device=device), cu_k=cu_k.to(device), max_k=max(klens))
-    # SDPA (CPU, fp32, or no flash-attn): the roots as plain causal sequences, then the continuations
+    else:  # the SDPA part now; with flash-attn only if a layer does not take the flash path (fp32)
+        _sdpa_part(plan)
+    return plan
+
+
+def _rows_of(lengths):
+    starts = [0]
+    for n in lengths[:-1]:
+        starts.append(starts[-1] + n)
+    return lambda b: range(starts[b], starts[b] + lengths[b])
+
+
+def _sdpa_part(plan: dict) -> None:
+    """SDPA (CPU, fp32, or no flash-attn): the roots as plain causal sequences, then the continuations
+    in padded batched calls. Fills plan["roots"], ["roots_pad"], ["inv"], ["conts"]."""
+    lengths, prefix_of, device = plan["args"]
+    klens, rows, B = plan["lengths_k"], _rows_of(lengths), len(lengths)
+    conts = [b for b in range(B) if prefix_of[b] != -1]
     roots = [b for b in range(B) if prefix_of[b] == -1]
     cost = lambda cs: sum(lengths[c] * klens[c] for c in cs)  # noqa: E731  attention work without padding
     padded = lambda cs: len(cs) * max(lengths[c] for c in cs) * max(klens[c] for c in cs)  # noqa: E731
@@ -176,7 +189,6 @@ def shared_prefix_plan(lengths, prefix_of, device, flash: bool) -> dict:
         dst = torch.cat([torch.arange(lengths[b]) + i * Lq for i, b in enumerate(chunk)])
         plan["conts"].append((torch.tensor(qsrc, device=device), torch.tensor(ksrc, device=device),
                               mask.to(device), dst.to(device), Bc, Lq, Lk))
-    return plan
 
 
 def shared_prefix_attention(q, k, v, cu_seqlens, max_seqlen, lengths, scale, plan):
@@ -187,6 +199,8 @@ def shared_prefix_attention(q, k, v, cu_seqlens, max_seqlen, lengths, scale, pla
         kidx = plan["kidx"]
         return flash(q, k[kidx], v[kidx], cu_seqlens, plan["cu_k"], max_seqlen, plan["max_k"],
                      softmax_scale=scale, causal=True)
+    if "roots" not in plan:  # planned for flash-attn, but this layer runs SDPA (e.g. fp32 on CUDA)
+        _sdpa_part(plan)
     sel, root_lengths, root_cu, root_max = plan["roots"]
     outs = []
     if root_lengths:
