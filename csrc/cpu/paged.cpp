@@ -20,7 +20,10 @@
 // the cache in L2, 150 -> 110 us with a 3 MiB cache (then the reads from L3 bound it). Two sets of
 // value accumulators (even/odd tokens) and an `omp simd` max were both slower here. As in a decode
 // step (4 layers' caches, weights read in between) the blocks come from L3/DRAM: prefetching the next
-// block took n=80 from 365-545 us to 270-380 us (n=48: about even).
+// block took n=80 from 365-545 us to 270-380 us (n=48: about even). Since then: all of the next
+// sequence's blocks are prefetched (into L2) while this one is computed, and pass 1 keeps each head's
+// max score (a scalar max_element over the scores was 12% of the kernel in a rollout profile): isolated
+// (cache in L3) n=48 110 -> 77 us, n=80 181 -> 124 us (B=64, one thread, 2026-11-26).
 // Other head dims run the scalar path (one work item per sequence, rows read once for all heads).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
@@ -73,7 +76,7 @@ template <typename T>
 RR_INLINE void prefetch_rows(const T* rows, int64_t cnt, int64_t row) {
   const char* p = reinterpret_cast<const char*>(rows);
   const int64_t bytes = cnt * row * static_cast<int64_t>(sizeof(T));
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
 }
 
 RR_INLINE float hsum(v8 a) {
@@ -83,10 +86,11 @@ RR_INLINE float hsum(v8 a) {
 }
 
 // Softmax numerators in place over each head's n scores; returns nothing, writes 1 / sum to inv_l.
-RR_INLINE void softmax_rows(float* s, float* inv_l, int64_t Hq, int64_t n) {
+// mx: each head's max score where the caller has it, else nullptr.
+RR_INLINE void softmax_rows(float* s, float* inv_l, int64_t Hq, int64_t n, const float* mx = nullptr) {
   for (int64_t hq = 0; hq < Hq; ++hq) {
     float* sh = s + hq * n;
-    const float mh = *std::max_element(sh, sh + n);
+    const float mh = mx ? mx[hq] : *std::max_element(sh, sh + n);
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < n; ++j) {
@@ -102,7 +106,7 @@ template <DType DT, int NC>
 RR_INLINE void decode_seq_v8(typename Elem<DT>::T* out, const typename Elem<DT>::T* q,
                              const typename Elem<DT>::T* kc, const typename Elem<DT>::T* vc,
                              const int32_t* table, int64_t n, int64_t Hq, int64_t Hkv, int64_t bs,
-                             float scale, float* s, float* inv_l) {
+                             float scale, float* s, float* inv_l, float* mx) {
   using E = Elem<DT>;
   using T = typename E::T;
   constexpr int64_t D = 8 * NC;
@@ -112,10 +116,11 @@ RR_INLINE void decode_seq_v8(typename Elem<DT>::T* out, const typename Elem<DT>:
     v8 qv[NC];
     for (int c = 0; c < NC; ++c) qv[c] = load8<DT>(q + hq * D + 8 * c) * scale;
     float* sh = s + hq * n;
+    v8 mv = v8{} - __builtin_inff();  // the head's max score, kept alongside (a scalar pass cost 12%)
+    float mt = -__builtin_inff();
     for (int64_t j0 = 0, blk = 0; j0 < n; j0 += bs, ++blk) {
       const T* kb = kc + table[blk] * bs * row + h * D;
       const int64_t cnt = std::min(bs, n - j0);
-      if (hq == 0 && j0 + bs < n) prefetch_rows(kc + table[blk + 1] * bs * row, std::min(bs, n - j0 - bs), row);
       int64_t o = 0;
       for (; o + 8 <= cnt; o += 8) {
         v8 a[8];
@@ -126,6 +131,7 @@ RR_INLINE void decode_seq_v8(typename Elem<DT>::T* out, const typename Elem<DT>:
           a[t] = acc;
         }
         v8 r = sum8(a);
+        mv = mv > r ? mv : r;
         std::memcpy(sh + j0 + o, &r, sizeof(r));
       }
       for (; o < cnt; ++o) {
@@ -133,10 +139,13 @@ RR_INLINE void decode_seq_v8(typename Elem<DT>::T* out, const typename Elem<DT>:
         v8 acc = qv[0] * load8<DT>(kr);
         for (int c = 1; c < NC; ++c) acc += qv[c] * load8<DT>(kr + 8 * c);
         sh[j0 + o] = hsum(acc);
+        mt = std::max(mt, sh[j0 + o]);
       }
     }
+    for (int i = 0; i < 8; ++i) mt = std::max(mt, mv[i]);
+    mx[hq] = mt;
   }
-  softmax_rows(s, inv_l, Hq, n);  // pass 2
+  softmax_rows(s, inv_l, Hq, n, mx);  // pass 2
   for (int64_t hq = 0; hq < Hq; ++hq) {  // pass 3: the head's output row stays in registers
     const int64_t h = hq / G;
     const float* ph = s + hq * n;
@@ -144,7 +153,6 @@ RR_INLINE void decode_seq_v8(typename Elem<DT>::T* out, const typename Elem<DT>:
     for (int64_t j0 = 0, blk = 0; j0 < n; j0 += bs, ++blk) {
       const T* vb = vc + table[blk] * bs * row + h * D;
       const int64_t cnt = std::min(bs, n - j0);
-      if (hq == 0 && j0 + bs < n) prefetch_rows(vc + table[blk + 1] * bs * row, std::min(bs, n - j0 - bs), row);
       for (int64_t o = 0; o < cnt; ++o) {
         const T* vr = vb + o * row;
         const float p = ph[j0 + o];
@@ -210,25 +218,28 @@ RR_INLINE void decode_range(void* out_, const void* q_, const void* kc_, const v
   const T* q = static_cast<const T*>(q_);
   const T* kc = static_cast<const T*>(kc_);
   const T* vc = static_cast<const T*>(vc_);
-  std::vector<float> s, inv_l(Hq), qf(Hq * D), acc(Hq * D);
+  std::vector<float> s, inv_l(Hq), mx(Hq), qf(Hq * D), acc(Hq * D);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n = lens[b];
     const int32_t* table = tables + b * max_blocks;
     s.resize(Hq * n);
     T* ob = out + b * Hq * D;
     const T* qb = q + b * Hq * D;
-    if (b + 1 < b1) {  // the next sequence's first block, K and V
-      const int64_t row = Hkv * D, first = tables[(b + 1) * max_blocks] * bs * row, cnt = std::min<int64_t>(bs, lens[b + 1]);
-      prefetch_rows(kc + first, cnt, row);
-      prefetch_rows(vc + first, cnt, row);
+    if (b + 1 < b1) {  // the next sequence's K and V, all of its blocks
+      const int64_t row = Hkv * D, n1 = lens[b + 1];
+      const int32_t* t1 = tables + (b + 1) * max_blocks;
+      for (int64_t j0 = 0, blk = 0; j0 < n1; j0 += bs, ++blk) {
+        prefetch_rows(kc + t1[blk] * bs * row, std::min(bs, n1 - j0), row);
+        prefetch_rows(vc + t1[blk] * bs * row, std::min(bs, n1 - j0), row);
+      }
     }
     switch (D) {
-      case 8: decode_seq_v8<DT, 1>(ob, qb, kc, vc, table, n, Hq, Hkv, bs, scale, s.data(), inv_l.data()); break;
-      case 16: decode_seq_v8<DT, 2>(ob, qb, kc, vc, table, n, Hq, Hkv, bs, scale, s.data(), inv_l.data()); break;
-      case 32: decode_seq_v8<DT, 4>(ob, qb, kc, vc, table, n, Hq, Hkv, bs, scale, s.data(), inv_l.data()); break;
-      case 64: decode_seq_v8<DT, 8>(ob, qb, kc, vc, table, n, Hq, Hkv, bs, scale, s.data(), inv_l.data()); break;
-      case 128: decode_seq_v8<DT, 16>(ob, qb, kc, vc, table, n, Hq, Hkv, bs, scale, s.data(), inv_l.data()); break;
-      case 256: decode_seq_v8<DT, 32>(ob, qb, kc, vc, table, n, Hq, Hkv, bs, scale, s.data(), inv_l.data()); break;
+      case 8: decode_seq_v8<DT, 1>(ob, qb, kc, vc, table, n, Hq, Hkv, bs, scale, s.data(), inv_l.data(), mx.data()); break;
+      case 16: decode_seq_v8<DT, 2>(ob, qb, kc, vc, table, n, Hq, Hkv, bs, scale, s.data(), inv_l.data(), mx.data()); break;
+      case 32: decode_seq_v8<DT, 4>(ob, qb, kc, vc, table, n, Hq, Hkv, bs, scale, s.data(), inv_l.data(), mx.data()); break;
+      case 64: decode_seq_v8<DT, 8>(ob, qb, kc, vc, table, n, Hq, Hkv, bs, scale, s.data(), inv_l.data(), mx.data()); break;
+      case 128: decode_seq_v8<DT, 16>(ob, qb, kc, vc, table, n, Hq, Hkv, bs, scale, s.data(), inv_l.data(), mx.data()); break;
+      case 256: decode_seq_v8<DT, 32>(ob, qb, kc, vc, table, n, Hq, Hkv, bs, scale, s.data(), inv_l.data(), mx.data()); break;
       default:
         decode_seq_any<DT>(ob, qb, kc, vc, table, n, Hq, Hkv, D, bs, scale, s.data(), inv_l.data(), qf.data(),
                            acc.data());
