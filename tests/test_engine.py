@@ -550,10 +550,18 @@ def test_lean_decode_step_is_bitwise_the_model_forward(arch, dtype):
         ctx = AttnContext(cu_seqlens=torch.arange(B + 1, dtype=torch.int32), max_seqlen=1, is_prefill=False,
                           slot_mapping=slots, block_tables=tables, context_lens=lens, kv_caches=caches)
         ref = model.compute_logits(model(ids, pos, ctx))
-        for fused in {lean.fused, False}:  # one C++ call per layer where built, and the Python ops
-            lean.fused = fused
+        stack, threads = lean.stack, torch.get_num_threads()
+        # the Python ops; one C++ call per layer; one call for all layers (decode_layers_fwd), its rows
+        # whole or split in 2 or 4 ranges run on 2 threads (B = 9: uneven ranges)
+        modes = [(False, None, 1)] + ([(True, None, 1)] + [(True, stack, c) for c in (1, 2, 4)] if lean.fused else [])
+        for fused, stk, chunks in modes:
+            lean.fused, lean.stack, lean.chunks = fused, stk, lambda rows, c=chunks: c
             kv2.copy_(kv0)
-            got = lean(ids, pos, slots, lens, tables, caches2)
+            torch.set_num_threads(2 if chunks > 1 else threads)
+            try:
+                got = lean(ids, pos, slots, lens, tables, caches2)
+            finally:
+                torch.set_num_threads(threads)
             if not fused:
                 assert torch.equal(got, ref) and torch.equal(kv2, kv)
             else:  # one rounding of the activations' dtype, at most, where a sum of squares differs
@@ -562,3 +570,4 @@ def test_lean_decode_step_is_bitwise_the_model_forward(arch, dtype):
                 assert (kv2.float() - kv.float()).abs().max().item() < tol
     from reasonrl.ops import _backend
     assert lean_decode(model).fused == _backend.cpp_available()
+    assert (lean_decode(model).stack is not None) == _backend.cpp_available()

@@ -187,3 +187,45 @@ def test_cpp_direct_path_without_autograd():
             store_kv(k, v, kc, vc, slots + kc.shape[0] * 16)
         with pytest.raises((ValueError, RuntimeError), match="k must be"):
             store_kv(torch.randn(7, 3, 32), torch.randn(7, 3, 32), kc, vc, slots)
+
+
+@pytest.mark.parametrize("shape,dtype", [((4, 2, 40, 16, 4, 32), torch.float32), ((3, 5), torch.bfloat16),
+                                         ((0, 7), torch.float16), ((2, 2, 9, 16, 2, 8), torch.float32)])
+def test_empty_kv_cache(shape, dtype):
+    """The engine's CPU cache: the asked shape and dtype, contiguous, writable; from 2 MiB up (C++ op
+    built, Linux) on its own 2 MiB-aligned mapping."""
+    import sys
+
+    from reasonrl.ops.paged import _cpp_has, empty_kv_cache
+    t = empty_kv_cache(shape, dtype)
+    assert t.shape == shape and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu"
+    t.fill_(1.5)
+    assert t.numel() == 0 or t.float().sum().item() == 1.5 * t.numel()
+    if _cpp_has("empty_huge_pages") and sys.platform == "linux" and t.numel() * t.element_size() >= 2**21:
+        assert t.data_ptr() % 2**21 == 0
+    del t
+    if _cpp_has("empty_huge_pages"):
+        with pytest.raises(RuntimeError, match="negative size"):
+            torch.ops.reasonrl.empty_huge_pages([3, -1], torch.float32)
+
+
+@pytest.mark.skipif(not _backend.cpp_available(), reason="reasonrl._C not built")
+def test_decode_layers_fwd_bad_arguments_are_named():
+    """The all-layers decode op says which argument is wrong (its results: tests/test_engine.py)."""
+    B, H, L = 2, 8, 2
+    x, cs = torch.randn(B, H), torch.randn(B, 1, 2)
+    kc = [torch.randn(4, 4, 1, 4) for _ in range(L)]
+    slots, tables = torch.zeros(B, dtype=torch.int64), torch.zeros(B, 1, dtype=torch.int32)
+    lens = torch.ones(B, dtype=torch.int32)
+    w = [torch.randn(1)] * (15 * L)
+    op = torch.ops.reasonrl.decode_layers_fwd
+    with pytest.raises(RuntimeError, match="one k and one v cache per layer"):
+        op(x, cs, cs, w, kc, kc[:1], slots, tables, lens, 2, 1e-6, 0.5, 1)
+    with pytest.raises(RuntimeError, match="15 weights per layer"):
+        op(x, cs, cs, w[:-1], kc, kc, slots, tables, lens, 2, 1e-6, 0.5, 1)
+    with pytest.raises(RuntimeError, match="layer 1 lacks required weight #12"):
+        op(x, cs, cs, w[:15 + 12] + [None] + w[15 + 13:], kc, kc, slots, tables, lens, 2, 1e-6, 0.5, 1)
+    with pytest.raises(RuntimeError, match="chunks must be >= 1"):
+        op(x, cs, cs, w, kc, kc, slots, tables, lens, 2, 1e-6, 0.5, 0)
+    with pytest.raises(RuntimeError, match="final_norm and lm_head come together"):
+        op(x, cs, cs, w, kc, kc, slots, tables, lens, 2, 1e-6, 0.5, 1, torch.ones(H))

@@ -5,8 +5,11 @@ logits of the Python path are bitwise equal (tests/test_engine.py holds it to to
 does nothing in a decode step without autograd: nn.Module calls, the per-forward plan and checks
 (the runner built the inputs), and the rotation of q and k as two separate calls (they are rotated
 as one (B, Hq + Hkv, D) tensor: elementwise ops, so the same numbers).
-On CPU each layer is one C++ call (csrc/paged.cpp decode_layer_fwd): the same ATen matmuls, with
-RMSNorm and RoPE as loops of its own (equal up to float32 summation order in RMSNorm, not bitwise).
+On CPU the whole step after the embedding is one C++ call (csrc/paged.cpp decode_layers_fwd: every
+layer, the final norm and the LM head; decode_layer_fwd per layer where the layers differ in heads, eps
+or scale): the same ATen matmuls, with RMSNorm and RoPE as loops of its own (equal up to float32
+summation order in RMSNorm, not bitwise). For small models it splits the rows over the threads, each
+running the whole stack on its range (LeanDecode.chunks).
 Anything else (MoE layers, another model class, autograd on) runs the model's own forward.
 NOTE: tiny model (4 layers, d=128), B=64, one thread: the module calls and per-op Python of the
 model's forward cost about as much as its 29 matmuls.
@@ -18,6 +21,10 @@ import torch.nn.functional as F
 
 from reasonrl.models.functional import _rotate
 from reasonrl.ops.paged import _CPP_FLOATS, _cpp_has, paged_attention_decode, store_kv
+
+
+# Weights (bytes) up to which a decode step splits its rows over threads (LeanDecode.chunks).
+SPLIT_MAX_WEIGHT_BYTES = 16 * 2**20
 
 
 def _rms(x, w, eps):
@@ -47,6 +54,20 @@ class LeanDecode:
         self.fused = p.device.type == "cpu" and p.dtype in _CPP_FLOATS and _cpp_has("decode_layer_fwd")
         self.layer_args = [_layer_args(layer) for layer in model.model.layers] if self.fused else None
         self.fused = self.fused and None not in self.layer_args
+        # One C++ call for all layers (decode_layers_fwd) where every layer has the same heads, eps and scale.
+        self.stack = None
+        if self.fused and _cpp_has("decode_layers_fwd") and len({a[1:] for a in self.layer_args}) == 1:
+            self.stack = ([t for a in self.layer_args for t in a[0]], *self.layer_args[0][1:])
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def chunks(self, rows: int) -> int:
+        """Row ranges that run the layer stack in parallel, one per thread (decode_layers_fwd): only for
+        weights small enough to stay in the shared cache (each thread reads all of them) and at least 16
+        rows per range; otherwise 1 (the layers' ops use the threads themselves).
+        NOTE: tiny model (3.4 MiB of weights), B=64: see benchmarks/RESULTS.md (2 threads)."""
+        if self.weight_bytes > SPLIT_MAX_WEIGHT_BYTES:
+            return 1
+        return max(1, min(torch.get_num_threads(), rows // 16))
 
     def __call__(self, ids, pos, slots, lens, tables, kv_caches) -> torch.Tensor:
         """ids, pos, slots (B,) int64, lens (B,) int32, tables (B, M) int32 -> logits (B, V)."""
@@ -56,6 +77,11 @@ class LeanDecode:
         x = F.embedding(ids, m.model.embed_tokens.weight)  # (B, H)
         cos, sin = m.rotary(pos)  # (B, 1, D/2)
         fused = self.fused and not torch.is_autocast_enabled("cpu") and kv_caches[0][0].dtype == x.dtype
+        if fused and self.stack is not None:
+            w, nh, eps, scale = self.stack
+            return torch.ops.reasonrl.decode_layers_fwd(
+                x, cos, sin, w, [k for k, _ in kv_caches], [v for _, v in kv_caches], slots, tables, lens, nh, eps,
+                scale, self.chunks(x.shape[0]), m.model.norm.weight, m.lm_head_weight, m.model.norm.eps)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(m.model.layers, kv_caches)):
             if fused:
                 w, nh, eps, scale = self.layer_args[i]

@@ -19,6 +19,7 @@ from reasonrl.engine.block_manager import BlockManager
 from reasonrl.engine.decode_forward import lean_decode
 from reasonrl.engine.sequence import Sequence
 from reasonrl.models.context import AttnContext
+from reasonrl.ops.paged import empty_kv_cache
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -49,8 +50,11 @@ class Runner:
         # NOTE: torch.zeros of the tiny model's 20 MiB cache cost 1-10 ms per rollout on CPU (loaded
         # machine). The C++ CPU kernels read only written slots (positions < context length); the
         # reference and GPU paths may read a whole block, so they get zeros (0 * garbage can be NaN).
-        fresh = torch.empty if self.device.type == "cpu" and _cpp_paged(self.dtype) else torch.zeros
-        self.kv = fresh(shape, dtype=self.dtype, device=self.device)  # (L, 2, NB, bs, Hkv, D)
+        # On CPU the cache gets its own mapping on transparent huge pages (ops.paged.empty_kv_cache).
+        if self.device.type == "cpu" and _cpp_paged(self.dtype):
+            self.kv = empty_kv_cache(shape, self.dtype)  # (L, 2, NB, bs, Hkv, D)
+        else:
+            self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(cfg.num_hidden_layers)]
         # MoE models read routing counts on the host: no graphs (CausalLM.supports_cuda_graphs)
         self.use_graphs = use_cuda_graphs and self.device.type == "cuda" and getattr(model, "supports_cuda_graphs", True)
