@@ -72,14 +72,14 @@ class Sampler:
         logits = logits.float()
         greedy = temperatures == 0
         t = torch.where(greedy, torch.ones_like(temperatures), temperatures)
-        z = logits / t[:, None]  # (B, V)
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        # NOTE: log_softmax is one fused op; logsumexp then (z - lse).exp_() took 2x its time (64 x 85, CPU)
+        lsm = torch.log_softmax(logits / t[:, None], dim=-1)  # (B, V)
         tokens = logits.argmax(-1) if any_greedy or not any_sample else None
         if any_sample:
             if u is None:
                 u = torch.stack([torch.rand((), generator=g) for g in generators])
             u = u.to(logits.device, non_blocking=True)
-            probs = (z - lse).exp_()
+            probs = lsm.exp()
             if any_filter:
                 sp, idx = _filter(probs, top_k, top_p, min_p)
                 drawn = idx.gather(1, _inverse_cdf(sp, u)[:, None]).squeeze(1)
@@ -88,4 +88,4 @@ class Sampler:
             tokens = torch.where(greedy, tokens, drawn) if any_greedy else drawn
         if forced is not None:
             tokens = torch.where(forced >= 0, forced, tokens)
-        return tokens, (z.gather(1, tokens[:, None]) - lse).squeeze(1)
+        return tokens, lsm.gather(1, tokens[:, None]).squeeze(1)
