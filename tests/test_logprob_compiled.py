@@ -7,7 +7,7 @@ rows on both sides, thread-count independence, special values, and the glue's er
 import pytest
 import torch
 
-from tolerance import ATOL, assert_close_to_ref
+from tolerance import assert_close_to_ref
 
 C = pytest.importorskip("reasonrl._C")
 ops = torch.ops.reasonrl
