@@ -55,14 +55,22 @@ def full_logprobs(model, seq_ids, n_prompt, temperature):
 
 
 # ---- greedy == transformers --------------------------------------------------------------------
-@pytest.mark.parametrize("batch,block_size", [(1, 16), (7, 3), (64, 8)])
-def test_greedy_matches_transformers(hf_and_ours, batch, block_size):
+@pytest.mark.parametrize("batch,block_size,threads", [(1, 16, 1), (7, 3, 1), (64, 8, 1), (64, 8, 2)])
+def test_greedy_matches_transformers(hf_and_ours, batch, block_size, threads):
+    """threads=2: on CPU, decode steps of 32 rows split over two threads (LeanDecode.chunks)."""
     hf, model = hf_and_ours
     random.seed(torch.initial_seed())
     prompts = random_prompts(batch)
     n_new = 10
     eng = LLMEngine(model, block_size=block_size, eos_token_ids=[], max_num_seqs=32)
-    out = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=n_new))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        from reasonrl.engine.decode_forward import lean_decode
+        assert threads == 1 or lean_decode(model).chunks(32) == 2  # the split path runs
+        out = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=n_new))
+    finally:
+        torch.set_num_threads(before)
     checked = prompts if batch <= 8 else prompts[:: batch // 8]  # transformers is slow: a spread sample
     for p in checked:
         got = out[prompts.index(p)][0]
