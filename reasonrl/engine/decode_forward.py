@@ -50,7 +50,7 @@ class LeanDecode:
     def __init__(self, model):
         self.model = model
         p = next(model.parameters())
-        # On CPU one C++ call per layer (csrc/paged.cpp decode_layer_fwd) runs these same ops.
+        # On CPU C++ calls (csrc/paged.cpp decode_layers_fwd, or decode_layer_fwd per layer) run these same ops.
         self.fused = p.device.type == "cpu" and p.dtype in _CPP_FLOATS and _cpp_has("decode_layer_fwd")
         self.layer_args = [_layer_args(layer) for layer in model.model.layers] if self.fused else None
         self.fused = self.fused and None not in self.layer_args
