@@ -6,7 +6,7 @@ copy on write is one indexing op over every layer. Prefill packs the new tokens 
 On CUDA, decode steps replay CUDA graphs captured lazily per padded batch size; on CPU they never
 touch torch.cuda. Eager decode steps of a dense CausalLM run decode_forward.LeanDecode (the model's
 own ops without module calls; on CPU one C++ call for the layers, final norm and LM head, equal to the
-float32 summation order in RMSNorm).
+model's forward up to float32 summation order in RMSNorm).
 decode_step takes device tensors (ids, positions, block tables) and derives slots and context
 lengths itself, for the engine's multi-step decode windows.
 """
