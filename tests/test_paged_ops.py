@@ -229,3 +229,41 @@ def test_decode_layers_fwd_bad_arguments_are_named():
         op(x, cs, cs, w, kc, kc, slots, tables, lens, 2, 1e-6, 0.5, 0)
     with pytest.raises(RuntimeError, match="final_norm and lm_head come together"):
         op(x, cs, cs, w, kc, kc, slots, tables, lens, 2, 1e-6, 0.5, 1, torch.ones(H))
+
+
+def _has_avx512():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f " in f.read().replace("\n", " ")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _backend.cpp_available(), reason="reasonrl._C not built")
+@pytest.mark.parametrize("M", [1, 3, 5, 33, 64, 65])
+@pytest.mark.parametrize("N,K", [(1031, 64), (4099, 16), (517, 128), (7, 48), (85, 128), (2000, 40)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_linear(M, N, K, bias):
+    """The decode layers' Linear against float64: the small GEMM (M <= 64 rows, a weight of >= 256 KiB,
+    K % 16 == 0, AVX-512) with its row and column tails, and at::linear for everything else."""
+    import torch.nn.functional as F
+    torch.manual_seed(M * 7 + N + K)
+    x, w = torch.randn(M, K), torch.randn(N, K)
+    b = torch.randn(N) if bias else None
+    y = torch.ops.reasonrl.decode_linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    same = F.linear(x, w, b)
+    assert_close_to_ref(y, ref, same, torch.float32, f"decode_linear M={M} N={N} K={K}")
+    small = M <= 64 and N * K * 4 >= 256 * 1024 and K % 16 == 0 and _has_avx512()
+    if not small:  # at::linear itself
+        assert torch.equal(y, same)
+    else:  # the kernel ran: another summation order than MKL's somewhere in M x N outputs
+        assert not torch.equal(y, same)
+
+
+@pytest.mark.skipif(not _backend.cpp_available(), reason="reasonrl._C not built")
+def test_decode_linear_other_dtypes_and_layouts_fall_back():
+    import torch.nn.functional as F
+    x, w = torch.randn(8, 64), torch.randn(4096, 64)
+    for xx, ww in ((x.bfloat16(), w.bfloat16()), (x.double(), w.double()), (x, w.t().contiguous().t())):
+        assert torch.equal(torch.ops.reasonrl.decode_linear(xx, ww), F.linear(xx, ww))

@@ -1,0 +1,141 @@
+// A float32 GEMM for decode steps' few rows: y (M, N) = x (M, K) W^T (+ bias), W (N, K) in nn.Linear's
+// layout, read where it lies (no packing). AVX-512 (x86-64-v4) only; small_gemm_available() says when.
+//
+// Why: with M <= 64 rows a decode step's matmuls are short, and MKL's sgemm copies (packs) every weight
+// matrix before using it: in a SmolLM2-135M rollout (M = 32, fp32, 2 threads) the packing was 30% of
+// the samples and the kernel 44%; the weights stream from DRAM every step, so the copy is a second
+// pass over them. Here each output tile is 4 rows of x by 4 rows of W: 16 accumulators of 16 lanes,
+// one k step = 4 x loads + 4 W loads + 16 FMAs, then one transpose-and-add tree turns the 16
+// accumulators into the 16 dot products. The n loop is outside the m loop, so a tile's 4 W rows stay
+// in L1 while every x row passes; x (M x K floats) stays in L2.
+// NOTE: 30 layers of SmolLM2's matmuls at M = 32 (405 MiB of weights): MKL 106-110 ms (1 thread),
+// 69-80 ms (2 threads); this kernel 94-97 ms and 48-49 ms. Tiny model's matmuls, M = 64: 1.3 -> 1.2 ms
+// (1 thread), 0.8-0.9 -> 0.6 ms (2 threads). (2026-11-26, AMD EPYC, 2 cores.) Whole rollouts: see
+// dlinear in csrc/paged.cpp (the tiny model's in-cache weights gained nothing there and keep MKL).
+// Summation order: 16 lanes of partial sums over k, then a fixed tree; not MKL's order (equal up to
+// float32 rounding, tests/test_paged_ops.py).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector values only cross always-inlined internal functions
+#endif
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/simd.h"
+#include "paged.h"
+
+namespace reasonrl {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RR_GEMM_V4 1
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+RR_INLINE v16 load16(const float* p) {
+  v16 r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+
+RR_INLINE v8 fold(v16 a) {  // lanes i and i + 8 added
+  v8 lo, hi;
+  std::memcpy(&lo, &a, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&a) + sizeof(lo), sizeof(hi));
+  return lo + hi;
+}
+
+#define RR_SHUF8(a, b, ...) __builtin_shuffle(a, b, v8i{__VA_ARGS__})
+
+// out[t] = sum of the 8 lanes of a[t], t < 8 (as decode attention's sum8).
+RR_INLINE v8 sum8(const v8* a) {
+  v8 x0 = RR_SHUF8(a[0], a[1], 0, 8, 2, 10, 4, 12, 6, 14) + RR_SHUF8(a[0], a[1], 1, 9, 3, 11, 5, 13, 7, 15);
+  v8 x1 = RR_SHUF8(a[2], a[3], 0, 8, 2, 10, 4, 12, 6, 14) + RR_SHUF8(a[2], a[3], 1, 9, 3, 11, 5, 13, 7, 15);
+  v8 x2 = RR_SHUF8(a[4], a[5], 0, 8, 2, 10, 4, 12, 6, 14) + RR_SHUF8(a[4], a[5], 1, 9, 3, 11, 5, 13, 7, 15);
+  v8 x3 = RR_SHUF8(a[6], a[7], 0, 8, 2, 10, 4, 12, 6, 14) + RR_SHUF8(a[6], a[7], 1, 9, 3, 11, 5, 13, 7, 15);
+  v8 y0 = RR_SHUF8(x0, x1, 0, 1, 8, 9, 4, 5, 12, 13) + RR_SHUF8(x0, x1, 2, 3, 10, 11, 6, 7, 14, 15);
+  v8 y1 = RR_SHUF8(x2, x3, 0, 1, 8, 9, 4, 5, 12, 13) + RR_SHUF8(x2, x3, 2, 3, 10, 11, 6, 7, 14, 15);
+  return RR_SHUF8(y0, y1, 0, 1, 2, 3, 8, 9, 10, 11) + RR_SHUF8(y0, y1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// One MR x NR output tile at rows m, columns n (MR, NR in {1, 4}); K % 16 == 0.
+template <int MR, int NR>
+__attribute__((target("arch=x86-64-v4"))) void tile(const float* x, const float* W, const float* bias, float* y,
+                                                    int64_t N, int64_t K, int64_t m, int64_t n) {
+  v16 acc[NR][MR] = {};
+  const float* xr = x + m * K;
+  const float* wr = W + n * K;
+  for (int64_t k = 0; k < K; k += 16) {
+    v16 c[MR];
+    for (int i = 0; i < MR; ++i) c[i] = load16(xr + i * K + k);
+    for (int j = 0; j < NR; ++j) {
+      const v16 b = load16(wr + j * K + k);
+      for (int i = 0; i < MR; ++i) acc[j][i] += c[i] * b;
+    }
+  }
+  float out[NR][MR];
+  if constexpr (MR == 4 && NR == 4) {
+    v8 h[16];
+    for (int j = 0; j < 4; ++j)
+      for (int i = 0; i < 4; ++i) h[4 * j + i] = fold(acc[j][i]);
+    const v8 r0 = sum8(h), r1 = sum8(h + 8);  // r0: columns n, n + 1 (4 rows each); r1: n + 2, n + 3
+    for (int i = 0; i < 4; ++i) {
+      out[0][i] = r0[i];
+      out[1][i] = r0[4 + i];
+      out[2][i] = r1[i];
+      out[3][i] = r1[4 + i];
+    }
+  } else {
+    for (int j = 0; j < NR; ++j)
+      for (int i = 0; i < MR; ++i) {
+        const v8 f = fold(acc[j][i]);
+        float s = 0.f;
+        for (int l = 0; l < 8; ++l) s += f[l];
+        out[j][i] = s;
+      }
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int i = 0; i < MR; ++i) y[(m + i) * N + n + j] = out[j][i] + (bias ? bias[n + j] : 0.f);
+}
+
+bool has_v4() {
+  __builtin_cpu_init();
+  static const bool v4 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return v4;
+}
+
+}  // namespace
+#endif
+
+bool small_gemm_available(int64_t K) {
+#ifdef RR_GEMM_V4
+  return K > 0 && K % 16 == 0 && has_v4();
+#else
+  (void)K;
+  return false;
+#endif
+}
+
+void small_gemm_f32(const float* x, const float* W, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                    int64_t n_begin, int64_t n_end) {
+#ifdef RR_GEMM_V4
+  int64_t n = n_begin;
+  for (; n + 4 <= n_end; n += 4) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) tile<4, 4>(x, W, bias, y, N, K, m, n);
+    for (; m < M; ++m) tile<1, 4>(x, W, bias, y, N, K, m, n);
+  }
+  for (; n < n_end; ++n) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) tile<4, 1>(x, W, bias, y, N, K, m, n);
+    for (; m < M; ++m) tile<1, 1>(x, W, bias, y, N, K, m, n);
+  }
+#else
+  (void)x, (void)W, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)n_begin, (void)n_end;
+#endif
+}
+
+}  // namespace reasonrl
