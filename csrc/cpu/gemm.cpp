@@ -21,6 +21,7 @@
 #include <cstring>
 
 #include "cpu/simd.h"
+#include "cpu/vec8.h"
 #include "paged.h"
 
 namespace reasonrl {
@@ -29,9 +30,7 @@ namespace reasonrl {
 #define RR_GEMM_V4 1
 namespace {
 
-typedef float v8 __attribute__((vector_size(32)));
 typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v8i __attribute__((vector_size(32)));
 
 RR_INLINE v16 load16(const float* p) {
   v16 r;
@@ -39,24 +38,11 @@ RR_INLINE v16 load16(const float* p) {
   return r;
 }
 
-RR_INLINE v8 fold(v16 a) {  // lanes i and i + 8 added
+RR_INLINE v8 fold(const v16& a) {  // lanes i and i + 8 added
   v8 lo, hi;
   std::memcpy(&lo, &a, sizeof(lo));
   std::memcpy(&hi, reinterpret_cast<const char*>(&a) + sizeof(lo), sizeof(hi));
   return lo + hi;
-}
-
-#define RR_SHUF8(a, b, ...) __builtin_shuffle(a, b, v8i{__VA_ARGS__})
-
-// out[t] = sum of the 8 lanes of a[t], t < 8 (as decode attention's sum8).
-RR_INLINE v8 sum8(const v8* a) {
-  v8 x0 = RR_SHUF8(a[0], a[1], 0, 8, 2, 10, 4, 12, 6, 14) + RR_SHUF8(a[0], a[1], 1, 9, 3, 11, 5, 13, 7, 15);
-  v8 x1 = RR_SHUF8(a[2], a[3], 0, 8, 2, 10, 4, 12, 6, 14) + RR_SHUF8(a[2], a[3], 1, 9, 3, 11, 5, 13, 7, 15);
-  v8 x2 = RR_SHUF8(a[4], a[5], 0, 8, 2, 10, 4, 12, 6, 14) + RR_SHUF8(a[4], a[5], 1, 9, 3, 11, 5, 13, 7, 15);
-  v8 x3 = RR_SHUF8(a[6], a[7], 0, 8, 2, 10, 4, 12, 6, 14) + RR_SHUF8(a[6], a[7], 1, 9, 3, 11, 5, 13, 7, 15);
-  v8 y0 = RR_SHUF8(x0, x1, 0, 1, 8, 9, 4, 5, 12, 13) + RR_SHUF8(x0, x1, 2, 3, 10, 11, 6, 7, 14, 15);
-  v8 y1 = RR_SHUF8(x2, x3, 0, 1, 8, 9, 4, 5, 12, 13) + RR_SHUF8(x2, x3, 2, 3, 10, 11, 6, 7, 14, 15);
-  return RR_SHUF8(y0, y1, 0, 1, 2, 3, 8, 9, 10, 11) + RR_SHUF8(y0, y1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 // One MR x NR output tile at rows m, columns n (MR, NR in {1, 4}); K % 16 == 0.
