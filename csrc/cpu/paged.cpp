@@ -58,7 +58,7 @@ RR_INLINE void prefetch_rows(const T* rows, int64_t cnt, int64_t row) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
 }
 
-RR_INLINE float hsum(v8 a) {
+RR_INLINE float hsum(const v8& a) {
   float s = 0.f;
   for (int i = 0; i < 8; ++i) s += a[i];
   return s;
