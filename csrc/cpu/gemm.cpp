@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/isa.h"
 #include "cpu/simd.h"
 #include "cpu/vec8.h"
 #include "paged.h"
@@ -85,20 +86,13 @@ __attribute__((target("arch=x86-64-v4"))) void tile(const float* x, const float*
     for (int i = 0; i < MR; ++i) y[(m + i) * N + n + j] = out[j][i] + (bias ? bias[n + j] : 0.f);
 }
 
-bool has_v4() {
-  __builtin_cpu_init();
-  static const bool v4 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return v4;
-}
-
 }  // namespace
 #endif
 
 bool small_gemm_available(int64_t K) {
 #ifdef RR_GEMM_V4
-  return K > 0 && K % 16 == 0 && has_v4();
+  static const bool v4 = cpu_x86_64_v4();
+  return K > 0 && K % 16 == 0 && v4;
 #else
   (void)K;
   return false;

@@ -35,6 +35,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu/isa.h"
 #include "cpu/simd.h"
 #include "reasonrl.h"
 
@@ -203,17 +204,8 @@ enum Isa : int { kBase = 0, kV3 = 1, kV4 = 2 };
 
 int best_isa() {
 #ifdef RR_X86_CLONES
-  __builtin_cpu_init();
-  // x86-64-v4's AVX-512 subsets; libgcc also checks that the OS saves the AVX / AVX-512 state.
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma"))
-    return kV4;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c") &&
-      __builtin_cpu_supports("movbe"))
-    return kV3;
+  if (cpu_x86_64_v4()) return kV4;
+  if (cpu_x86_64_v3()) return kV3;
 #endif
   return kBase;
 }
