@@ -1,0 +1,124 @@
+"""The log-prob and paged-KV Triton kernels compile for sm_90a as launched on a GPU.
+
+The CPU interpreter accepts code that compiled Triton rejects (types of loop-carried values, dot
+shapes under 16, ...), and these kernels' tests here run only interpreted. So each kernel is
+compiled to PTX and a cubin for sm_90a with the GPU launch settings (BLOCK 4096 and 8 warps for the
+log-prob rows; padded head groups, block sizes that are not powers of two and both dot precisions
+for decode attention). No GPU is needed; the compile runs in a subprocess without TRITON_INTERPRET.
+The GRPO and MoE kernels have their own compile tests (test_grpo_loss.py, test_moe_triton.py).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def _sm90_available():
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def _compile(fn, ptrs, scalars, constexprs, num_warps=4):
+    """fn specialized as Triton's JIT would at run time: 16-byte aligned pointers, ints that are
+    multiples of 16 marked so, ints equal to 1 folded to constants."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, attrs, cex = {}, {}, dict(constexprs)
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ptrs:
+            sig[name], attrs[(i,)] = ptrs[name], [["tt.divisibility", 16]]
+        elif isinstance(scalars[name], float):
+            sig[name] = "fp32"
+        elif scalars[name] == 1:
+            sig[name], cex[name] = "constexpr", 1
+        else:
+            sig[name] = "i32"
+            if scalars[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    missing = set(fn.arg_names) - set(sig)
+    assert not missing, f"{fn.__name__}: no signature for {sorted(missing)}"
+    return triton.compile(ASTSource(fn, sig, cex, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps))
+
+
+def _builds():
+    """(name, compiled kernel) for every variant; the names say what was varied."""
+    from reasonrl.kernels import logprobs as L
+    from reasonrl.kernels import paged as P
+
+    out = []
+    for dt in ("fp32", "bf16", "fp16"):
+        for ent in (False, True):
+            V = 151936
+            out.append((f"logprob_fwd {dt} entropy={ent}", _compile(
+                L._logprob_fwd_kernel,
+                dict(X=f"*{dt}", IDS="*i64", LOGP="*fp32", LSE="*fp32", ENT="*fp32"),
+                dict(stride_x=V, V=V, inv_t=0.7, ignore_index=-100),
+                dict(WITH_ENT=ent, BLOCK=4096), num_warps=8)))
+            out.append((f"logprob_bwd {dt} entropy={ent}", _compile(
+                L._logprob_bwd_kernel,
+                dict(G=f"*{dt}", X=f"*{dt}", IDS="*i64", LSE="*fp32", ENT="*fp32", GLOGP="*fp32", GENT="*fp32"),
+                dict(stride_g=V, stride_x=V, V=V, vocab_start=8192, inv_t=0.7, ignore_index=-100),
+                dict(WITH_ENT=ent, BLOCK=4096), num_warps=8)))
+    # (cache dtype, kv heads, query heads per kv head, head dim, block size): Qwen2.5-0.5B's shape
+    # (2 kv heads, 7 per group, 64), Llama-style 8 x 4 x 128, an odd block size and an odd head dim
+    for dt, Hkv, G, D, BS in (("bf16", 2, 7, 64, 16), ("fp16", 8, 4, 128, 32), ("fp32", 4, 1, 32, 17),
+                              ("bf16", 1, 16, 80, 24)):
+        BD = max(16, 1 << (D - 1).bit_length())
+        prec = "ieee" if dt == "fp32" else "tf32"
+        out.append((f"paged_decode_split {dt} Hkv={Hkv} G={G} D={D} BS={BS}", _compile(
+            P._paged_decode_split_kernel,
+            dict(q_ptr=f"*{dt}", kc_ptr=f"*{dt}", vc_ptr=f"*{dt}", table_ptr="*i32", lens_ptr="*i32",
+                 mid_o_ptr="*fp32", mid_lse_ptr="*fp32"),
+            dict(scale=0.125, stride_qb=Hkv * G * D, stride_qh=D, stride_cb=BS * Hkv * D, stride_cs=Hkv * D,
+                 stride_ch=D, stride_tb=37, split_len=256),
+            dict(BS=BS, G=G, D=D, S=4, BLOCK_G=max(16, 1 << (G - 1).bit_length()), BLOCK_D=BD, BLOCK_N=32,
+                 PRECISION=prec, UPCAST=False))))
+        out.append((f"paged_decode_reduce {dt} D={D}", _compile(
+            P._paged_decode_reduce_kernel, dict(mid_o_ptr="*fp32", mid_lse_ptr="*fp32", out_ptr=f"*{dt}"),
+            dict(stride_ob=Hkv * G * D, stride_oh=D, Hq=Hkv * G),
+            dict(S=4, D=D, BLOCK_S=4, BLOCK_D=BD))))
+        out.append((f"store_kv {dt} Hkv={Hkv} D={D}", _compile(
+            P._store_kv_kernel, dict(k_ptr="*bf16", v_ptr="*bf16", kc_ptr=f"*{dt}", vc_ptr=f"*{dt}", slot_ptr="*i64"),
+            dict(stride_kt=3 * Hkv * D, stride_kh=D, stride_vt=3 * Hkv * D, stride_vh=D, stride_cs=Hkv * D,
+                 stride_ch=D),
+            dict(H=Hkv, D=D, BLOCK_H=1 << (Hkv - 1).bit_length(), BLOCK_D=BD))))
+    return out
+
+
+@pytest.mark.skipif(not _sm90_available(), reason="triton without its NVIDIA backend")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the gpu tests compile and run the kernels")
+def test_logprob_and_paged_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root, capture_output=True,
+                       text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(report) == 6 * 2 + 4 * 3, sorted(report)
+    for name, rep in report.items():
+        assert rep["cubin"], f"{name}: no cubin"
+        assert rep["shared"] <= 227 * 1024, f"{name}: {rep['shared']} bytes of shared memory"
+        if name.startswith("paged_decode_split") and "fp32" not in name:
+            # both products on tensor cores: the reason the head group is padded to 16 rows
+            assert rep["mma"], f"{name}: tl.dot did not become an MMA"
+
+
+if __name__ == "__main__":  # the subprocess of the test above
+    report = {}
+    for name, k in _builds():
+        ttgir = k.asm["ttgir"]
+        report[name] = dict(cubin=len(k.asm.get("cubin", b"")) > 0, shared=k.metadata.shared,
+                            mma="nvidia_mma" in ttgir or "warp_group_dot" in ttgir)
+    print(json.dumps(report))
