@@ -1,19 +1,20 @@
 """The `reasonrl` console script.
 
     reasonrl train [--sft.steps N --grpo.lr X ...]   the whole pipeline (no arguments: the default run)
-    reasonrl train --config FILE.toml | --stages S   the R1 pipeline (reasonrl/train/r1.py), --resume
+    reasonrl train --config FILE.toml | --stages S   the R1 pipeline (reasonrl/train/r1.py) when the TOML or
+                                                     the flags give `stages`; --resume
     reasonrl sft | grpo [--field value ...]          one stage
     reasonrl sample --model DIR [--n 8 --shortest]   rejection sampling -> a JSONL for `sft --task jsonl:PATH`
     reasonrl distill [--teacher DIR]                 teacher traces -> a smaller student, with its baseline
     reasonrl generate [--model DIR --prompt TEXT]    sample from a model
     reasonrl bench [NAME [args...]]                  run benchmarks/bench_NAME.py (no NAME: list them)
     reasonrl convert-gguf [FILE.gguf] --out DIR      GGUF -> a model folder (reasonrl.models.gguf)
-    reasonrl eval --model DIR [...]                  pass@k, thinking budgets, ... (reasonrl.eval.run)
+    reasonrl eval --models DIR[,DIR...] [...]        pass@k, thinking budgets, ... (reasonrl.eval.run)
 
 Every config field is a flag (`reasonrl grpo --help` lists them with defaults); `--config run.toml`
-reads a TOML file first. `--threads N` (before or after the command) sets torch's CPU threads;
-the default is 1 unless OMP_NUM_THREADS is set (see _threads: OpenMP threads spinning against other
-work on a shared machine cost 100x).
+reads a TOML file first. `--threads N` (before or after the command; after `bench` it goes to the
+benchmark script) sets torch's CPU threads; the default is 1 unless OMP_NUM_THREADS is set (see
+_threads: OpenMP threads spinning against other work on a shared machine cost 100x).
 """
 from __future__ import annotations
 
@@ -176,7 +177,14 @@ HANDLERS = {"train": cmd_train, "sft": cmd_sft, "grpo": cmd_grpo, "sample": cmd_
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = _threads(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    i = 0
+    while i < len(argv) and argv[i] == "--threads":  # the command's position
+        i += 2
+    if i < len(argv) and argv[i] == "bench":  # `bench NAME args...`: the args belong to the script
+        argv = _threads(argv[:i + 1]) + argv[i + 1:]
+    else:
+        argv = _threads(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return

@@ -89,5 +89,28 @@ def test_bench_lists_and_rejects(capsys):
         main(["bench", "no_such_bench"])
 
 
+def test_bench_passes_threads_to_the_script(monkeypatch):
+    """`bench NAME --threads 2`: the script's own flag (the CLI used to take it and run the script with
+    its default of 1 thread); `--threads` before `bench` is still the CLI's."""
+    import torch
+
+    import reasonrl.cli as cli
+    if not os.path.isdir(benchmarks_dir()):
+        pytest.skip("no benchmarks folder next to the package")
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    n = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit):
+            main(["--threads", "1", "bench", "trl", "--threads", "2", "--steps", "1"])
+        assert calls[-1][-4:] == ["--threads", "2", "--steps", "1"]
+        assert torch.get_num_threads() == 1
+        with pytest.raises(SystemExit):
+            main(["bench", "rollout", "--threads", "2"])
+        assert calls[-1][-2:] == ["--threads", "2"] and calls[-1][-3].endswith("bench_rollout.py")
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_convert_gguf_errors_cleanly(tmp_path):
     assert "convert-gguf" in fails("convert-gguf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "out"))

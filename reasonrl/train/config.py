@@ -199,7 +199,7 @@ class TrainConfig:
     The full R1 pipeline (SFT -> GRPO -> rejection sampling + SFT -> multi-task GRPO, resumable) is
     selected by a `stages` field: `reasonrl train --stages all --help` lists its fields, and
     reasonrl/train/r1_small.toml is a small example (`reasonrl train --config .../r1_small.toml`)."""
-    # SFT by steps (about 330 s on an idle 2-core CPU): a loaded machine must not shorten the cold
+    # SFT by steps (about 300-320 s on an idle 2-core CPU): a loaded machine must not shorten the cold
     # start (fewer steps left GRPO without a plateaued start: DEFAULT_RUN.md). GRPO and the control
     # share one wall-clock budget, which keeps the comparison fair under any load.
     # On the CPU even where a GPU is (`--sft.device auto --grpo.device auto` to move it): the run and
@@ -259,7 +259,8 @@ class SampleConfig:
 
 @dataclass
 class PipelineConfig:
-    """The whole R1 pipeline (`reasonrl train --stages ...` or `--config r1_pipeline.toml`):
+    """The whole R1 pipeline (`reasonrl train --stages ...`, or `--config FILE.toml` with `stages`,
+    e.g. reasonrl/train/r1_small.toml):
     cold-start SFT -> GRPO -> rejection sampling -> SFT on the kept samples -> multi-task GRPO.
     Each stage starts from the previous stage's final model (a stage's own `model` field is used
     only when no earlier stage made one); --resume skips finished stages and resumes the
