@@ -11,6 +11,10 @@
 //                          chunks, final_norm?, lm_head?, final_eps) -> x (B, H), or the logits (B, V) after
 //                          the final norm and the LM head where given: every layer, the batch split in
 //                          `chunks` row ranges that run in parallel
+//   reasonrl::decode_window_fwd(ids, pos, block_tables, block_size, embed, inv_freq, attention_factor, weights,
+//                          k_caches, v_caches mutated, num_heads, eps, scale, chunks, final_norm, lm_head,
+//                          final_eps, temperature, u?, stop_ids?, k) -> tokens (B, done), log-probs (B, done):
+//                          k decode steps with the sampler, stopping after a step that emits a stop id
 //   reasonrl::empty_huge_pages(shape, dtype) -> an uninitialized CPU tensor for the KV cache
 //   reasonrl::decode_linear(x (M, K), weight (N, K), bias?) -> (M, N): the decode layers' Linear
 // CPU tensors only: on GPU the Triton kernels (kernels/paged.py) run.
@@ -289,6 +293,100 @@ at::Tensor decode_layers_fwd(const at::Tensor& x, const at::Tensor& cos, const a
   return out;
 }
 
+// The sampler's inverse-CDF draw (reasonrl/engine/sampler.py _inverse_cdf_flat / _inverse_cdf), the same
+// ATen ops in the same order: the same token for the same uniform.
+at::Tensor inverse_cdf_flat(const at::Tensor& probs, const at::Tensor& u) {
+  const at::Tensor cdf = probs.cumsum(-1);
+  const at::Tensor total = cdf.select(1, -1);
+  const at::Tensor x = at::minimum(u * total, at::nextafter(total, at::zeros_like(total)));
+  return at::searchsorted(cdf, x.unsqueeze(1), /*out_int32=*/false, /*right=*/true).squeeze(1);
+}
+
+at::Tensor inverse_cdf(const at::Tensor& probs, const at::Tensor& u) {
+  constexpr int64_t chunk = 1024;
+  const int64_t B = probs.size(0), V = probs.size(1);
+  if (V <= 8 * chunk) return inverse_cdf_flat(probs, u);
+  const int64_t n = (V + chunk - 1) / chunk;
+  const at::Tensor blocks = at::constant_pad_nd(probs, {0, n * chunk - V}).view({B, n, chunk});
+  const at::Tensor csum = blocks.sum(-1).cumsum(-1);
+  const at::Tensor total = csum.select(1, -1);
+  const at::Tensor x = at::minimum(u * total, at::nextafter(total, at::zeros_like(total)));
+  const at::Tensor c = at::searchsorted(csum, x.unsqueeze(1), false, true).clamp_(std::nullopt, n - 1);  // (B, 1)
+  const at::Tensor prev = at::where(c > 0, csum.gather(1, (c - 1).clamp(0)), at::zeros_like(x.unsqueeze(1)));
+  const at::Tensor inner = blocks.gather(1, c.unsqueeze(2).expand({B, 1, chunk})).squeeze(1).cumsum(-1);
+  const at::Tensor rem = at::minimum(x.unsqueeze(1) - prev, at::nextafter(inner.narrow(1, chunk - 1, 1),
+                                                                           at::zeros_like(prev)));
+  const at::Tensor i = at::searchsorted(inner, rem.clamp_(0), false, true);
+  return (c * chunk + i).squeeze(1);
+}
+
+// k decode steps of a fixed batch in one call (the engine's decode window, LLMEngine._decode_window, for
+// the CPU stack of decode_layers_fwd): per step the slots and context lengths from the block tables,
+// the embedding, RoPE's cos/sin, all layers and the LM head, then the sampler for one temperature
+// without filters (0: greedy), drawing u[:, step]. Stops after the first step in which a row emits one
+// of stop_ids. Every op outside the layers is the ATen op the Python step runs, in its order, so the
+// tokens and log-probs equal the Python window's. -> tokens (B, done) int64, log-probs (B, done) float32.
+// NOTE: tiny model, 64 rows, 2 threads: the Python around each step (about 0.4 ms: slots, RoPE,
+// sampler, bookkeeping) was a quarter of a rollout once the layers ran in parallel.
+std::tuple<at::Tensor, at::Tensor> decode_window_fwd(
+    const at::Tensor& ids0, const at::Tensor& pos0, const at::Tensor& tables, int64_t block_size,
+    const at::Tensor& embed, const at::Tensor& inv_freq, double attention_factor,
+    const c10::List<std::optional<at::Tensor>>& weights, at::TensorList k_caches, at::TensorList v_caches,
+    int64_t num_heads, double eps, double scale, int64_t chunks, const at::Tensor& final_norm,
+    const at::Tensor& lm_head, double final_eps, double temperature, const std::optional<at::Tensor>& u,
+    const std::optional<at::Tensor>& stop_ids, int64_t k) {
+  const char* op = "decode_window_fwd";
+  TORCH_CHECK(ids0.dim() == 1 && pos0.dim() == 1 && ids0.size(0) == pos0.size(0) && ids0.scalar_type() == at::kLong &&
+                  pos0.scalar_type() == at::kLong,
+              op, ": ids and pos must be (B,) int64");
+  const int64_t B = ids0.size(0);
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == B && tables.scalar_type() == at::kInt, op,
+              ": block_tables must be (B, width) int32");
+  TORCH_CHECK(k >= 1 && block_size >= 1, op, ": k and block_size must be >= 1");
+  TORCH_CHECK(temperature >= 0, op, ": temperature must be >= 0");
+  const bool sample = temperature > 0;
+  TORCH_CHECK(!sample || (u.has_value() && u->dim() == 2 && u->size(0) == B && u->size(1) >= k &&
+                          u->scalar_type() == at::kFloat),
+              op, ": sampling needs u (B, >= k) float32");
+  TORCH_CHECK(inv_freq.dim() == 1 && inv_freq.is_floating_point(), op, ": inv_freq must be a (D/2,) float tensor");
+  at::Tensor toks = at::empty({B, k}, ids0.options());
+  at::Tensor lps = at::empty({B, k}, ids0.options().dtype(at::kFloat));
+  at::Tensor ids = ids0, pos = pos0;
+  const at::Tensor inv = inv_freq.unsqueeze(0);
+  // The sampler's temperature column, as _sample_args makes it: (B,) float32, ones for greedy rows.
+  const at::Tensor t = at::full({B}, sample ? temperature : 1.0, ids0.options().dtype(at::kFloat)).unsqueeze(1);
+  int64_t done = 0;
+  while (done < k) {
+    // Runner.decode_step
+    const at::Tensor slots = tables.gather(1, at::floor_divide(pos, block_size).unsqueeze(1)).squeeze(1).to(at::kLong) *
+                                 block_size +
+                             at::remainder(pos, block_size);
+    const at::Tensor lens = (pos + 1).to(at::kInt);
+    // LeanDecode.__call__: embedding and RotaryEmbedding.forward
+    const at::Tensor x = at::embedding(embed, ids);
+    const at::Tensor ang = pos.to(at::kFloat).unsqueeze(1) * inv;
+    const at::Tensor cos = (ang.cos() * attention_factor).unsqueeze(1), sin = (ang.sin() * attention_factor).unsqueeze(1);
+    const at::Tensor logits = decode_layers_fwd(x, cos, sin, weights, k_caches, v_caches, slots, tables, lens,
+                                                num_heads, eps, scale, chunks, final_norm, lm_head, final_eps)
+                                  .to(at::kFloat);
+    // Sampler.__call__ (no filters, no forced tokens)
+    const at::Tensor lsm = at::log_softmax(logits / t, -1);
+    at::Tensor tokens;
+    if (sample) {
+      tokens = inverse_cdf(lsm.exp(), u->select(1, done));
+    } else {
+      tokens = logits.argmax(-1);
+    }
+    toks.select(1, done).copy_(tokens);
+    lps.select(1, done).copy_(lsm.gather(1, tokens.unsqueeze(1)).squeeze(1));
+    ++done;
+    if (stop_ids.has_value() && at::isin(tokens, *stop_ids).any().item<bool>()) break;
+    ids = tokens;
+    pos = pos + 1;
+  }
+  return {toks.narrow(1, 0, done), lps.narrow(1, 0, done)};
+}
+
 // An uninitialized CPU tensor on its own 2 MiB-aligned anonymous mapping, advised for transparent huge
 // pages (Linux; elsewhere, or under 2 MiB, at::empty). Unmapped when the tensor dies, so a rollout's KV
 // cache goes back to the OS at its end. Why: decode attention reads each sequence's blocks at
@@ -331,6 +429,11 @@ TORCH_LIBRARY_FRAGMENT(reasonrl, m) {
       " Tensor(b!)[] v_caches, Tensor slot_mapping, Tensor block_tables, Tensor context_lens, int num_heads,"
       " float eps, float scale, int chunks, Tensor? final_norm=None, Tensor? lm_head=None, float final_eps=0.)"
       " -> Tensor");
+  m.def(
+      "decode_window_fwd(Tensor ids, Tensor pos, Tensor block_tables, int block_size, Tensor embed, Tensor inv_freq,"
+      " float attention_factor, Tensor?[] weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int num_heads,"
+      " float eps, float scale, int chunks, Tensor final_norm, Tensor lm_head, float final_eps, float temperature,"
+      " Tensor? u, Tensor? stop_ids, int k) -> (Tensor, Tensor)");
   m.def("empty_huge_pages(int[] shape, ScalarType dtype) -> Tensor");
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("store_kv_fwd(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
@@ -350,6 +453,7 @@ TORCH_LIBRARY_IMPL(reasonrl, CPU, m) {
   m.impl("paged_attention_decode_fwd", &reasonrl::paged_attention_decode_fwd);
   m.impl("decode_layer_fwd", &reasonrl::decode_layer_fwd);
   m.impl("decode_layers_fwd", &reasonrl::decode_layers_fwd);
+  m.impl("decode_window_fwd", &reasonrl::decode_window_fwd);
   m.impl("decode_linear", &reasonrl::dlinear);
 }
 

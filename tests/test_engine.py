@@ -579,3 +579,93 @@ def test_lean_decode_step_is_bitwise_the_model_forward(arch, dtype):
     from reasonrl.ops import _backend
     assert lean_decode(model).fused == _backend.cpp_available()
     assert (lean_decode(model).stack is not None) == _backend.cpp_available()
+
+
+@pytest.mark.parametrize("dtype,threads", [(torch.float32, 1), (torch.float32, 2), (torch.bfloat16, 2)])
+def test_cpp_decode_window_equals_python_steps(hf_and_ours, dtype, threads, monkeypatch):
+    """On CPU a decode window runs in one C++ call (decode_window_fwd: slots, RoPE, layers, LM head and
+    the sampler per step). Same tokens, log-probs, finish reasons and step counts as the Python loop
+    over Runner.decode_step and Sampler: sampling, greedy, early stops at stop ids, and the rows split
+    over 2 threads."""
+    from reasonrl.engine.decode_forward import lean_decode
+    from reasonrl.engine.runner import Runner
+    from reasonrl.ops import _backend
+
+    if not _backend.cpp_available():
+        pytest.skip("reasonrl._C not built")
+    _, model = hf_and_ours
+    model = model.to(dtype)
+    try:
+        assert lean_decode(model).windows
+        prompts = random_prompts(6, 1, 14)
+        eos = torch.randint(0, V, (2,)).tolist()
+        calls, cpp = [], Runner.decode_window
+
+        def counted(self, *a):
+            out = cpp(self, *a)
+            calls.append(out is not None)
+            return out
+
+        n = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for temperature in (1.0, 0.7, 0.0):
+                params = SamplingParams(temperature=temperature, max_tokens=29, seed=11, stop_token_ids=(eos[0],))
+                outs, stats = [], []
+                for f in (counted, lambda self, *a: None):
+                    monkeypatch.setattr(Runner, "decode_window", f)
+                    eng = LLMEngine(model, block_size=5, eos_token_ids=eos[1:])
+                    outs.append(eng.generate(prompts, params, n=6))
+                    stats.append(eng.stats["steps"])
+                    eng.bm.check([])
+                assert calls and all(calls)  # the C++ window ran
+                calls.clear()
+                for ga, gb in zip(*outs):
+                    for a, b in zip(ga, gb):
+                        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+                        assert torch.equal(torch.tensor(a.logprobs), torch.tensor(b.logprobs))
+                assert stats[0] == stats[1]
+                if temperature > 0:
+                    assert {c.finish_reason for g in outs[0] for c in g} == {"stop", "length"}
+        finally:
+            torch.set_num_threads(n)
+    finally:
+        model.float()
+
+
+def test_cpp_decode_window_errors():
+    from reasonrl.ops import _backend
+
+    if not _backend.cpp_available():
+        pytest.skip("reasonrl._C not built")
+    model = init_model(builtin_path("tiny"), seed=0)
+    from reasonrl.engine.decode_forward import lean_decode
+    lean = lean_decode(model)
+    w, nh, eps, scale = lean.stack
+    kv = torch.zeros(4, 2, 8, 16, 4, 32)
+    caches = [(kv[i, 0], kv[i, 1]) for i in range(4)]
+    ids, pos, tables = torch.tensor([5, 6]), torch.tensor([3, 4]), torch.zeros(2, 2, dtype=torch.int32)
+
+    def call(**kw):
+        a = dict(ids=ids, pos=pos, tables=tables, temperature=1.0, u=torch.rand(2, 4), k=4)
+        a.update(kw)
+        with torch.inference_mode():
+            return torch.ops.reasonrl.decode_window_fwd(
+                a["ids"], a["pos"], a["tables"], 16, model.model.embed_tokens.weight, model.rotary.inv_freq, 1.0, w,
+                [k for k, _ in caches], [v for _, v in caches], nh, eps, scale, 1, model.model.norm.weight,
+                model.lm_head_weight, eps, a["temperature"], a["u"], None, a["k"])
+
+    toks, lps = call()
+    assert toks.shape == (2, 4) and lps.shape == (2, 4) and bool((lps <= 0).all())
+    with pytest.raises(RuntimeError, match="temperature must be >= 0"):
+        call(temperature=-1.0)
+    with pytest.raises(RuntimeError, match=r"sampling needs u \(B, >= k\) float32"):
+        call(u=None)
+    with pytest.raises(RuntimeError, match=r"sampling needs u"):
+        call(u=torch.rand(2, 3))
+    with pytest.raises(RuntimeError, match="ids and pos must be"):
+        call(ids=ids.int())
+    with pytest.raises(RuntimeError, match="block_tables must be"):
+        call(tables=tables.long())
+    with pytest.raises(RuntimeError, match="k and block_size must be >= 1"):
+        call(k=0)

@@ -59,6 +59,9 @@ class LeanDecode:
         if self.fused and _cpp_has("decode_layers_fwd") and len({a[1:] for a in self.layer_args}) == 1:
             self.stack = ([t for a in self.layer_args for t in a[0]], *self.layer_args[0][1:])
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        # Whole decode windows in C++ (decode_window_fwd): the stacked layers, and RoPE from inv_freq
+        # (not dynamic NTK, which recomputes it from the positions)
+        self.windows = self.stack is not None and _cpp_has("decode_window_fwd") and not model.rotary.dynamic
 
     def chunks(self, rows: int) -> int:
         """Row ranges that run the layer stack in parallel, one per thread (decode_layers_fwd): only for
@@ -69,6 +72,23 @@ class LeanDecode:
         if self.weight_bytes > SPLIT_MAX_WEIGHT_BYTES:
             return 1
         return max(1, min(torch.get_num_threads(), rows // 16))
+
+    def window(self, ids, pos, tables, block_size, kv_caches, temperature, u, stop, k):
+        """k decode steps and their sampling (one temperature, no filters; 0 = greedy, else u (B, >= k)
+        float32 uniforms) in one C++ call, stopping after the first step that emits an id in `stop`.
+        -> (tokens (B, done) int64, log-probs (B, done) float32), or None where this path does not apply
+        (then the engine runs the steps one by one). The ops outside the layers are the Python step's
+        ATen ops in its order (Runner.decode_step, __call__, Sampler): the same tokens and log-probs."""
+        m = self.model
+        if (not self.windows or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
+                or kv_caches[0][0].dtype != m.model.embed_tokens.weight.dtype):
+            return None
+        w, nh, eps, scale = self.stack
+        rot = m.rotary
+        return torch.ops.reasonrl.decode_window_fwd(
+            ids, pos, tables, block_size, m.model.embed_tokens.weight, rot.inv_freq, float(rot.attention_factor), w,
+            [kc for kc, _ in kv_caches], [vc for _, vc in kv_caches], nh, eps, scale, self.chunks(ids.shape[0]),
+            m.model.norm.weight, m.lm_head_weight, m.model.norm.eps, float(temperature), u, stop, k)
 
     def __call__(self, ids, pos, slots, lens, tables, kv_caches) -> torch.Tensor:
         """ids, pos, slots (B,) int64, lens (B,) int32, tables (B, M) int32 -> logits (B, V)."""

@@ -244,17 +244,23 @@ class LLMEngine:
         args = self._sample_args(p, B, dev)
         u = torch.stack([s.uniforms(k) for s in seqs]).to(dev) if args["any_sample"] else None  # (B, k)
         stop = torch.tensor(self.window_stop_ids, dtype=torch.int64, device=dev) if self.window_stop_ids else None
-        toks = torch.empty(B, k, dtype=torch.int64, device=dev)
-        lps = torch.empty(B, k, dtype=torch.float32, device=dev)
-        done = 0
-        while done < k:
-            logits = runner.decode_step(ids, pos, tables)
-            ids, lp = self.sampler(logits, **args, u=None if u is None else u[:, done])
-            toks[:, done], lps[:, done] = ids, lp
-            done += 1
-            if stop is not None and bool(torch.isin(ids, stop).any()):
-                break
-            pos = pos + 1
+        out = None if args["any_filter"] else runner.decode_window(
+            ids, pos, tables, p.temperature if args["any_sample"] else 0.0, u, stop, k)
+        if out is not None:  # the whole window in one C++ call (CPU, dense models)
+            toks, lps = out
+            done = toks.shape[1]
+        else:
+            toks = torch.empty(B, k, dtype=torch.int64, device=dev)
+            lps = torch.empty(B, k, dtype=torch.float32, device=dev)
+            done = 0
+            while done < k:
+                logits = runner.decode_step(ids, pos, tables)
+                ids, lp = self.sampler(logits, **args, u=None if u is None else u[:, done])
+                toks[:, done], lps[:, done] = ids, lp
+                done += 1
+                if stop is not None and bool(torch.isin(ids, stop).any()):
+                    break
+                pos = pos + 1
         finished = 0
         for b, (s, t, lp) in enumerate(zip(seqs, toks[:, :done].tolist(), lps[:, :done].tolist())):
             s.leader = None

@@ -143,6 +143,13 @@ class Runner:
             tables = F.pad(tables, (0, 0, 0, pad))
         return self._forward_decode(ids, pos, slots, lens, tables, n)
 
+    def decode_window(self, ids, pos, tables, temperature, u, stop, k):
+        """k decode steps with their sampling in one call where the model's lean CPU path has it
+        (LeanDecode.window), else None."""
+        if self.lean is None or self._graph_rows(ids.shape[0]):
+            return None
+        return self.lean.window(ids, pos, tables, self.block_size, self.kv_caches, temperature, u, stop, k)
+
     def _graph_rows(self, n: int) -> int:
         """The captured batch size that runs n rows, or 0 for eager."""
         if self.use_graphs and n <= self.max_graph_bs:
