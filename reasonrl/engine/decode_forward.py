@@ -9,7 +9,8 @@ On CPU the whole step after the embedding is one C++ call (csrc/paged.cpp decode
 layer, the final norm and the LM head; decode_layer_fwd per layer where the layers differ in heads, eps
 or scale): the same ATen matmuls, with RMSNorm and RoPE as loops of its own (equal up to float32
 summation order in RMSNorm, not bitwise). For small models it splits the rows over the threads, each
-running the whole stack on its range (LeanDecode.chunks).
+running the whole stack on its range (LeanDecode.chunks). A whole decode window of the engine (k steps
+with their sampling) is one C++ call too (LeanDecode.window, csrc/paged.cpp decode_window_fwd).
 Anything else (MoE layers, another model class, autograd on) runs the model's own forward.
 NOTE: tiny model (4 layers, d=128), B=64, one thread: the module calls and per-op Python of the
 model's forward cost about as much as its 29 matmuls.
