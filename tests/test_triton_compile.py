@@ -1,4 +1,4 @@
-"""The log-prob and paged-KV Triton kernels compile for sm_90a as launched on a GPU.
+"""The log-prob, paged-KV and decode-step Triton kernels compile for sm_90a as launched on a GPU.
 
 The CPU interpreter accepts code that compiled Triton rejects (types of loop-carried values, dot
 shapes under 16, ...), and these kernels' tests here run only interpreted. So each kernel is
@@ -93,6 +93,26 @@ def _builds():
             dict(stride_kt=3 * Hkv * D, stride_kh=D, stride_vt=3 * Hkv * D, stride_vh=D, stride_cs=Hkv * D,
                  stride_ch=D),
             dict(H=Hkv, D=D, BLOCK_H=1 << (Hkv - 1).bit_length(), BLOCK_D=BD))))
+    from reasonrl.kernels import decode as Dk
+
+    # the GPU decode step's elementwise kernels (Qwen2.5-0.5B's widths: hidden 896, 14 / 2 heads of 64,
+    # intermediate 4864), with the launch settings of kernels/decode.py
+    for dt in ("bf16", "fp16", "fp32"):
+        for res in (False, True):
+            out.append((f"add_rms_norm {dt} residual={res}", _compile(
+                Dk._add_rms_norm_kernel, dict(X=f"*{dt}", R=f"*{dt}", W=f"*{dt}", Y=f"*{dt}", S=f"*{dt}"),
+                dict(stride_x=896, stride_r=896, stride_y=896, stride_s=896, N=896, eps=1e-6),
+                dict(HAS_RES=res, BLOCK=1024), num_warps=4)))
+        out.append((f"rope_store_kv {dt}", _compile(
+            Dk._rope_store_kv_kernel,
+            dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", COS="*fp32", SIN="*fp32", QO=f"*{dt}", KC=f"*{dt}", VC=f"*{dt}",
+                 SLOT="*i64"),
+            dict(stride_qt=896, stride_qh=64, stride_kt=128, stride_kh=64, stride_vt=128, stride_vh=64, stride_ct=32,
+                 stride_cs=128, stride_ch=64),
+            dict(HQ=14, HKV=2, HALF=32, BLOCK_H=16, BLOCK_D=32), num_warps=2)))
+        out.append((f"silu_mul {dt}", _compile(
+            Dk._silu_mul_kernel, dict(G=f"*{dt}", U=f"*{dt}", O=f"*{dt}"),
+            dict(stride_g=4864, stride_u=4864, stride_o=4864, N=4864), dict(BLOCK=1024), num_warps=4)))
     return out
 
 
@@ -106,7 +126,7 @@ def test_logprob_and_paged_kernels_compile_for_sm90():
                        text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(report) == 6 * 2 + 4 * 3, sorted(report)
+    assert len(report) == 6 * 2 + 4 * 3 + 3 * 4, sorted(report)
     for name, rep in report.items():
         assert rep["cubin"], f"{name}: no cubin"
         assert rep["shared"] <= 227 * 1024, f"{name}: {rep['shared']} bytes of shared memory"

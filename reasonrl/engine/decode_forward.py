@@ -60,6 +60,9 @@ class LeanDecode:
         if self.fused and _cpp_has("decode_layers_fwd") and len({a[1:] for a in self.layer_args}) == 1:
             self.stack = ([t for a in self.layer_args for t in a[0]], *self.layer_args[0][1:])
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        # On GPU: the elementwise work between the GEMMs as 3 Triton launches per layer (kernels/decode.py)
+        self.triton = p.device.type == "cuda" and p.dtype in (torch.float16, torch.bfloat16, torch.float32) \
+            and _triton_decode_ok()
         # Whole decode windows in C++ (decode_window_fwd): the stacked layers, and RoPE from inv_freq
         # (not dynamic NTK, which recomputes it from the positions)
         self.windows = self.stack is not None and _cpp_has("decode_window_fwd") and not model.rotary.dynamic
@@ -98,6 +101,8 @@ class LeanDecode:
             raise RuntimeError("LeanDecode: decode steps run without autograd (torch.inference_mode)")
         x = F.embedding(ids, m.model.embed_tokens.weight)  # (B, H)
         cos, sin = m.rotary(pos)  # (B, 1, D/2)
+        if self.triton and not torch.is_autocast_enabled(x.device.type) and kv_caches[0][0].dtype == x.dtype:
+            return self._triton_forward(x, cos, sin, slots, lens, tables, kv_caches)
         fused = self.fused and not torch.is_autocast_enabled("cpu") and kv_caches[0][0].dtype == x.dtype
         if fused and self.stack is not None:
             w, nh, eps, scale = self.stack
@@ -112,6 +117,36 @@ class LeanDecode:
             else:
                 x = self._layer(layer, x, cos, sin, k_cache, v_cache, slots, lens, tables)
         return m.compute_logits(_rms(x, m.model.norm.weight, m.model.norm.eps))
+
+    def _triton_forward(self, x, cos, sin, slots, lens, tables, kv_caches):
+        """The layers with kernels/decode.py between the GEMMs: RMSNorm fused with the residual add
+        before it (the residual stream s = x + branch, rounded as the model rounds it), RoPE of q and
+        k fused with the cache write, SiLU * up. Equal to the model's ops up to float32 rounding."""
+        from reasonrl.kernels.decode import add_rms_norm, rope_store_kv, silu_mul
+
+        m, B = self.model, x.shape[0]
+        layers = m.model.layers
+        n0 = layers[0].input_layernorm
+        h, s = add_rms_norm(x, n0.weight, n0.eps)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(layers, kv_caches)):
+            a = layer.self_attn
+            q = F.linear(h, a.q_proj.weight, a.q_proj.bias).view(B, a.nh, a.hd)
+            k = F.linear(h, a.k_proj.weight, a.k_proj.bias).view(B, a.nkv, a.hd)
+            v = F.linear(h, a.v_proj.weight, a.v_proj.bias).view(B, a.nkv, a.hd)
+            if a.qk_norm:
+                q = add_rms_norm(q.reshape(B * a.nh, a.hd), a.q_norm.weight, a.q_norm.eps)[0].view(B, a.nh, a.hd)
+                k = add_rms_norm(k.reshape(B * a.nkv, a.hd), a.k_norm.weight, a.k_norm.eps)[0].view(B, a.nkv, a.hd)
+            q = rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+            o = paged_attention_decode(q, k_cache, v_cache, tables, lens, a.scale)
+            o = F.linear(o.reshape(B, a.nh * a.hd), a.o_proj.weight, a.o_proj.bias)
+            n2 = layer.post_attention_layernorm
+            h, s = add_rms_norm(o, n2.weight, n2.eps, residual=s)  # s = x + attention
+            mlp = layer.mlp
+            y = F.linear(silu_mul(F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight)),
+                         mlp.down_proj.weight)
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else m.model.norm
+            h, s = add_rms_norm(y, nxt.weight, nxt.eps, residual=s)  # s = x + mlp; h: the next norm
+        return m.compute_logits(h)
 
     @staticmethod
     def _layer(layer, x, cos, sin, k_cache, v_cache, slots, lens, tables):
@@ -130,6 +165,11 @@ class LeanDecode:
         h = _rms(x, n2.weight, n2.eps)
         return x + F.linear(F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight),
                             mlp.down_proj.weight)
+
+
+def _triton_decode_ok() -> bool:
+    from reasonrl.ops._backend import triton_importable
+    return triton_importable()
 
 
 def _layer_args(layer):

@@ -188,6 +188,8 @@ class Runner:
                           context_lens=buf["lens"], kv_caches=self.kv_caches)
 
         def step():
+            if self.lean is not None and self.lean.triton:  # kernels/decode.py between the GEMMs
+                return self.lean(buf["ids"], buf["pos"], buf["slots"], buf["lens"], buf["tables"], self.kv_caches)
             return self.model.compute_logits(self.model(buf["ids"], buf["pos"], ctx))
 
         step()  # warm up (Triton autotuning / compilation happens outside the capture)

@@ -1,0 +1,128 @@
+"""kernels/decode.py (the GPU decode step's elementwise kernels), run here by Triton's interpreter:
+each kernel against the PyTorch ops it replaces, and the decode step built on them (LeanDecode's
+triton path) against the model's forward. Tolerances: float32 summation order in the sums of squares,
+which can move a bf16/fp16 rounding by one unit, and the interpreter's bfloat16 rounding (toward zero).""" 
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reasonrl.models import AttnContext, ModelConfig, init_model
+from reasonrl.models.functional import _rotate
+from reasonrl.ops import _backend
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not _backend.triton_importable(), reason="triton is not installed")]
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def ulps(dtype):
+    return {torch.float32: 2e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+
+
+def rms_ref(x, w, eps):  # models.RMSNorm.forward
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N", [(1, 8), (7, 100), (33, 576)])
+def test_add_rms_norm(dtype, M, N):
+    from reasonrl.kernels.decode import add_rms_norm
+
+    x = (torch.randn(M, N) * 3).to(dtype)
+    r = torch.randn(M, 2 * N).to(dtype)[:, ::2].contiguous()
+    w = (1 + 0.1 * torch.randn(N)).to(dtype)
+    y, s = add_rms_norm(x, w, 1e-6)
+    assert s is x
+    ref = rms_ref(x, w, 1e-6)
+    assert ((y.float() - ref.float()).abs() <= 2 * ulps(dtype) * ref.float().abs().clamp(min=1)).all()
+    y, s = add_rms_norm(x, w, 1e-5, residual=r)
+    # the residual stream, rounded as the model rounds it (Triton 3.9's interpreter rounds float32 to
+    # bfloat16 toward zero, not to nearest: one unit there; compiled Triton rounds to nearest)
+    if dtype == torch.bfloat16:
+        assert ((s.float() - (x + r).float()).abs() <= ulps(dtype) * (x + r).float().abs()).all()
+    else:
+        assert torch.equal(s, x + r)
+    ref = rms_ref(s, w, 1e-5)  # the norm of the residual stream it returned
+    assert ((y.float() - ref.float()).abs() <= 2 * ulps(dtype) * ref.float().abs().clamp(min=1)).all()
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        add_rms_norm(x.t(), w, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,Hq,Hkv,D,bs", [(1, 1, 1, 2, 1), (9, 7, 1, 12, 4), (5, 14, 2, 64, 16)])
+def test_rope_store_kv(dtype, T, Hq, Hkv, D, bs):
+    from reasonrl.kernels.decode import rope_store_kv
+
+    q = torch.randn(T, Hq + 1, D).to(dtype)[:, :Hq]  # strided over heads
+    k, v = torch.randn(T, Hkv, D).to(dtype), torch.randn(T, Hkv, D).to(dtype)
+    ang = torch.rand(T, 1, D // 2) * 50
+    cos, sin = ang.cos(), ang.sin()
+    NB = T + 3
+    kc, vc = torch.randn(NB, bs, Hkv, D).to(dtype), torch.randn(NB, bs, Hkv, D).to(dtype)
+    slots = torch.randperm(NB * bs)[:T]
+    if T > 1:
+        slots[1] = -1  # writes nothing
+    kc0, vc0 = kc.clone(), vc.clone()
+    qo = rope_store_kv(q, k, v, cos, sin, kc, vc, slots)
+    tol = 2 * ulps(dtype)
+    assert (qo.float() - _rotate(q, cos, sin).float()).abs().max() <= tol * 4
+    want_k, want_v = kc0.view(-1, Hkv, D).clone(), vc0.view(-1, Hkv, D).clone()
+    keep = slots >= 0
+    want_k[slots[keep]] = _rotate(k, cos, sin)[keep]
+    want_v[slots[keep]] = v[keep]
+    assert (kc.view(-1, Hkv, D).float() - want_k.float()).abs().max() <= tol * 4
+    assert torch.equal(vc.view(-1, Hkv, D), want_v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N", [(1, 1), (5, 96), (64, 4864)])
+def test_silu_mul(dtype, M, N):
+    from reasonrl.kernels.decode import silu_mul
+
+    g, u = (torch.randn(M, N) * 4).to(dtype), torch.randn(M, N).to(dtype)
+    ref = F.silu(g) * u
+    got = silu_mul(g, u)
+    assert ((got.float() - ref.float()).abs() <= 2 * ulps(dtype) * ref.float().abs().clamp(min=1)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_triton_decode_step_matches_model_forward(arch, dtype):
+    """LeanDecode's GPU path (forced here on CPU tensors, through the interpreter): the logits and
+    the KV cache of the model's decode forward, up to rounding."""
+    from reasonrl.engine.decode_forward import lean_decode
+
+    V = 61
+    cfg = ModelConfig(arch=arch, vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=arch == "qwen2",
+                      attention_bias=arch != "llama", qk_norm=arch == "qwen3")
+    model = init_model(cfg, seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model = model.to(dtype)
+    B, bs, NB = 9, 4, 80
+    lens = torch.randint(1, 30, (B,), dtype=torch.int32)
+    tables = torch.randperm(NB)[: B * 8].view(B, 8).int()
+    pos = lens.long() - 1
+    slots = tables.gather(1, (pos // bs)[:, None]).squeeze(1).long() * bs + pos % bs
+    slots[3] = -1  # a padding row: writes nothing
+    ids = torch.randint(0, V, (B,))
+    kv = torch.randn(2, 2, NB, bs, 2, 16).to(dtype)
+    kv2 = kv.clone()
+    lean = lean_decode(model)
+    assert lean is not None and not lean.triton  # on GPUs only, unless forced
+    lean.triton = True
+    with torch.inference_mode():
+        ctx = AttnContext(cu_seqlens=torch.arange(B + 1, dtype=torch.int32), max_seqlen=1, is_prefill=False,
+                          slot_mapping=slots, block_tables=tables, context_lens=lens,
+                          kv_caches=[(kv[i, 0], kv[i, 1]) for i in range(2)])
+        ref = model.compute_logits(model(ids, pos, ctx)).float()
+        got = lean(ids, pos, slots, lens, tables, [(kv2[i, 0], kv2[i, 1]) for i in range(2)]).float()
+    scale = ref.abs().max().item()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 4e-2}[dtype]
+    assert (got - ref).abs().max().item() < tol * scale
+    assert (kv2.float() - kv.float()).abs().max().item() < tol * kv.float().abs().max().item()
