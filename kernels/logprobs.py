@@ -42,7 +42,8 @@ def _logprob_fwd_kernel(
             # t is kept relative to the running max so that no terms of size |z| cancel later
             # (at logits near 1e4 a plain sum of e * z loses three digits of the entropy).
             d = tl.maximum(m - m_new, -3.0e38)  # first tile: s = 0, keep 0 * d finite
-            t = alpha * (t + d * s) + e * tl.where(c < V, z - m_new, 0.0)
+            # -inf logits (a masked vocabulary, and the lanes past V) have e = 0: add 0, not 0 * -inf
+            t = alpha * (t + d * s) + e * tl.where(z > float("-inf"), z - m_new, 0.0)
         s = s * alpha + e
         m = m_new
     s_tot = tl.sum(s, 0)
@@ -83,7 +84,7 @@ def _logprob_bwd_kernel(
         p = tl.exp(z - lse)
         dz = tl.where(c == target, g, 0.0) - g * p
         if WITH_ENT:
-            dz += gh * p * (S - z)
+            dz += gh * tl.where(p > 0, p * (S - z), 0.0)  # p = 0 at -inf logits: 0, not 0 * inf
         dz = tl.where(keep, dz, 0.0) * inv_t
         tl.store(g_row + c, dz.to(G.dtype.element_ty), mask=mask)
 

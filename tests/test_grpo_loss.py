@@ -617,3 +617,119 @@ def test_gpu_logits_form(backend, dtype):
             out = run_logits(backend, c, b, G, up, b["logits"])
             assert_close_to_ref(out[0], r64[0], r_same[0], torch.float32, f"{c} loss")
             assert_close_to_ref(out[2], r64[2], r_same[2], dtype, f"{c} grad_logits")
+
+
+# ---- bad input: masked vocabularies, mask / old / ref values, argument types ----------------------
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_masked_vocabulary_entropy_bonus_is_finite(backend):
+    """-inf logits (masked vocabulary) with an entropy bonus: finite loss, entropy metric and grads,
+    equal to the float64 loss on the unmasked columns alone; zero gradient on the masked ones."""
+    B, T, G, V = 4, 5, 2, 11
+    b = make_batch(B, T, G, V=7)
+    keep = torch.randperm(V)[:7].sort().values
+    logits = torch.full((B, T, V), float("-inf"), dtype=torch.float64)
+    logits[:, :, keep] = b["logits"].double()
+    ids = torch.where(b["mask"], keep[b["ids"].clamp(min=0)], b["ids"])
+    cfg = GRPOLossConfig(entropy_coef=0.1, beta=0.05)
+    kw = dict(mask=b["mask"], rewards=b["rewards"], group_size=G, old_logprobs=b["old"],
+              ref_logprobs=b["ref"], temperature=0.9, config=cfg)
+    x64 = b["logits"].double().requires_grad_(True)
+    want, want_m = grpo_loss(x64, ids=b["ids"], backend="reference", **kw)
+    want.backward()
+    x = logits.float().requires_grad_(True)
+    got, got_m = grpo_loss(x, ids=ids, backend=backend, **kw)
+    got.backward()
+    assert torch.isfinite(got) and torch.isfinite(got_m["entropy"]) and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_m["entropy"], want_m["entropy"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad[:, :, keep].double(), x64.grad, rtol=1e-5, atol=1e-6)
+    masked_cols = torch.ones(V, dtype=torch.bool)
+    masked_cols[keep] = False
+    assert (x.grad[:, :, masked_cols] == 0).all()
+
+
+def _bad_values():
+    nan, inf = float("nan"), float("inf")
+    m = torch.ones(4, 3)
+    m[1, 2] = 0.0
+    old_nan = torch.zeros(4, 3)
+    old_nan[2, 1] = nan
+    ref_inf = torch.zeros(4, 3)
+    ref_inf[3, 0] = -inf
+    return [
+        (dict(mask=torch.full((4, 3), nan)), "mask must hold only 0 and 1"),
+        (dict(mask=-m), "mask must hold only 0 and 1"),
+        (dict(mask=m * 0.5), "mask must hold only 0 and 1"),
+        (dict(old_logprobs=old_nan), r"old_logprobs must be finite where mask is on, found nan at \(b, t\) = \(2, 1\)"),
+        (dict(old_logprobs=torch.full((4, 3), inf)), "old_logprobs must be finite"),
+        (dict(ref_logprobs=ref_inf, config=GRPOLossConfig(beta=0.1)), "ref_logprobs must be finite"),
+    ]
+
+
+@pytest.mark.parametrize("change,match", _bad_values())
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_mask_and_logprob_values_are_checked(backend, change, match):
+    with pytest.raises(ValueError, match=match):
+        grpo_loss(**{**_args(), "backend": backend, **change})
+    lp = -torch.rand(4, 3)
+    kw = {k: v for k, v in {**_args(), **change}.items() if k not in ("logits", "ids")}
+    with pytest.raises(ValueError, match=match):
+        grpo_loss_from_logprobs(lp, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_garbage_at_masked_positions_is_still_fine(backend):
+    """Only unmasked positions are checked: NaN old / ref log-probs under mask 0 are never read."""
+    kw = _args()
+    kw["mask"][1, 1:] = 0
+    bad = torch.zeros(4, 3)
+    bad[1, 1:] = float("nan")
+    loss, met = grpo_loss(**kw, old_logprobs=bad, ref_logprobs=bad, config=GRPOLossConfig(beta=0.1),
+                          backend=backend)
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in met.values())
+    loss, _ = grpo_loss(**{**kw, "mask": kw["mask"].bool()}, backend=backend)  # a bool mask is fine
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("change,err,match", [
+    (dict(temperature=float("inf")), ValueError, "temperature"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(rewards=[1.0, 0.0, 1.0, 0.0]), TypeError, "rewards must be a torch.Tensor, got list"),
+    (dict(old_logprobs=[[0.0] * 3] * 4), TypeError, "old_logprobs must be a torch.Tensor"),
+    (dict(num_items_in_batch="abc"), TypeError, "num_items_in_batch must be a number"),
+    (dict(num_items_in_batch=float("inf")), ValueError, "num_items_in_batch must be a finite number"),
+    (dict(num_items_in_batch=True), TypeError, "num_items_in_batch"),
+])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_bad_argument_types_and_values_are_named(backend, change, err, match):
+    with pytest.raises(err, match=match):
+        grpo_loss(**{**_args(), "backend": backend, **change})
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"] + CPU_BACKENDS)
+@pytest.mark.parametrize("grad", [False, True])
+def test_fused_empty_batch(backend, grad):
+    """hidden (0, H): zero loss and no error, with and without grad (the no-grad path chunks rows)."""
+    h = torch.randn(0, 8, requires_grad=grad)
+    w = torch.randn(10, 8)
+    kw = dict(ids=torch.zeros(0, 3, dtype=torch.long), mask=torch.ones(0, 3), rewards=torch.zeros(0), group_size=2)
+    with torch.set_grad_enabled(grad):
+        loss, met = grpo_loss(hidden=h, weight=w, backend=backend, **kw)
+    assert loss.item() == 0.0 and met["num_tokens"].item() == 0.0
+    if grad:
+        loss.backward()
+        assert h.grad.shape == (0, 8)
+
+
+@pytest.mark.parametrize("field,value,err", [
+    ("entropy_coef", "a", TypeError), ("epsilon_low", "0.2", TypeError), ("beta", None, TypeError),
+    ("max_completion_length", 2.5, TypeError), ("max_completion_length", True, TypeError),
+    ("dual_clip", "2", TypeError), ("compute_entropy", "yes", TypeError),
+    ("beta", float("inf"), ValueError), ("log_ratio_clamp", float("inf"), ValueError),
+    ("entropy_coef", float("nan"), ValueError), ("std_eps", float("inf"), ValueError),
+    ("epsilon_high", float("inf"), ValueError), ("dual_clip", float("inf"), ValueError),
+])
+def test_config_types_and_finiteness(field, value, err):
+    with pytest.raises(err, match=f"GRPOLossConfig.{field}"):
+        GRPOLossConfig(**{field: value})

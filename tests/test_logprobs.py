@@ -228,3 +228,71 @@ def test_linear_gpu(backend, dtype):
     same = _lin_run(linear_token_logprobs, h, w, ids, g, gh, backend="reference")
     for name, o, r, s in zip(("logp", "entropy", "grad_hidden", "grad_weight"), out, ref, same):
         assert_close_to_ref(o.cpu(), r.cpu(), s.cpu(), dtype, name=f"{backend} {name} {dtype}")
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_masked_vocabulary_entropy_and_grad_are_finite(backend):
+    """-inf logits (a masked vocabulary) hold p = 0 and add nothing to the entropy (not 0 * -inf = NaN);
+    the result equals the float64 op on the unmasked columns alone, the masked columns get zero grad."""
+    N, V = 6, 12
+    x = _logits(N, V, torch.float64)
+    keep_cols = torch.randperm(V)[:7].sort().values
+    masked = torch.ones(V, dtype=torch.bool)
+    masked[keep_cols] = False
+    x[:, masked] = float("-inf")
+    sub_ids = torch.randint(0, keep_cols.numel(), (N,))
+    sub_ids[0] = -100
+    ids = torch.where(sub_ids >= 0, keep_cols[sub_ids.clamp(min=0)], sub_ids)
+    g, gh = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    lp, ent, gx = _run(token_logprobs, x.float(), ids, g, gh, temperature=0.9, backend=backend)
+    ref = _run(token_logprobs_reference, x[:, keep_cols], sub_ids, g, gh, temperature=0.9)
+    assert torch.isfinite(ent).all() and torch.isfinite(gx).all()
+    torch.testing.assert_close(lp.double(), ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), ref[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx[:, keep_cols].double(), ref[2], rtol=1e-5, atol=1e-5)
+    assert (gx[:, masked] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), -1.0, 0.0, 5e-324, True, "1.0"])
+def test_temperature_must_be_finite_and_positive(backend, temperature):
+    x, ids = torch.randn(4, 10), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(x, ids, temperature, backend=backend)
+    with pytest.raises(ValueError, match="temperature"):
+        linear_token_logprobs(torch.randn(4, 8), torch.randn(10, 8), ids, temperature, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + cpu_backends())
+@pytest.mark.parametrize("grad", [False, True])
+def test_linear_empty_batch(backend, grad):
+    """N = 0 rows: empty results (and empty / zero gradients), as the reference gives."""
+    h = torch.randn(0, 8, requires_grad=grad)
+    w = torch.randn(10, 8, requires_grad=grad)
+    lp, ent = linear_token_logprobs(h, w, torch.zeros(0, dtype=torch.long), return_entropy=True, backend=backend)
+    assert lp.shape == (0,) and ent.shape == (0,) and lp.dtype == torch.float32
+    if grad:
+        (lp.sum() + ent.sum()).backward()
+        assert h.grad.shape == (0, 8) and (w.grad == 0).all()
+    lp2 = linear_token_logprobs(torch.randn(2, 0, 8), w, torch.zeros(2, 0, dtype=torch.long), backend=backend)
+    assert lp2.shape == (2, 0)
+
+
+def test_argument_types_are_named():
+    x, ids = torch.randn(4, 10), torch.randint(0, 10, (4,))
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(TypeError, match="ids must be a torch.Tensor, got list"):
+        token_logprobs(x, ids.tolist())
+    with pytest.raises(TypeError, match="hidden must be a torch.Tensor, got list"):
+        linear_token_logprobs(h.tolist(), w, ids)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor, got list"):
+        linear_token_logprobs(h, w.tolist(), ids)
+    with pytest.raises(TypeError, match="ids must be a torch.Tensor, got list"):
+        linear_token_logprobs(h, w, ids.tolist())
+    with pytest.raises(TypeError, match=r"ids must be an integer tensor of dtype int64, int32, int16 or uint8, "
+                                        r"got torch.int8"):
+        token_logprobs(x, ids.to(torch.int8))
+    for backend in ("reference", "cpp"):
+        with pytest.raises(ValueError, match="weight has an empty vocabulary"):
+            linear_token_logprobs(h, w[:0], torch.full((4,), -100), backend=backend)

@@ -456,3 +456,29 @@ def test_experts_inference_mode_threads(backend):
         torch.set_num_threads(threads)
     assert_close_to_ref(out, experts_dense64(x, ids, w, gu, wd), moe_experts_reference(x, ids, w, gu, wd),
                         torch.float32, name="out")
+
+
+@pytest.mark.parametrize("backend", backends("moe_router_fwd"))
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_router_dead_rows_give_zero_weights_not_nan(backend, scoring, renormalize):
+    """A row whose selected scores are all 0 (sigmoid of logits near -200 underflows in float32; a
+    softmax row of only -inf) gets weights 0 and zero gradient, not 0/0 = NaN; the other rows match
+    the float64 brute force, and both backends pick the same ids."""
+    T, E, K = 6, 8, 3
+    logits = 2 * torch.randn(T, E)
+    logits[1] = -200.0 + torch.randn(E)  # sigmoid underflows to 0 in float32; softmax is fine
+    logits[3] = float("-inf")  # no expert can be scored
+    lg = logits.clone().requires_grad_(True)
+    w, ids = moe_router(lg, K, scoring=scoring, renormalize=renormalize, backend=backend)
+    w.backward(torch.randn(T, K))
+    assert torch.isfinite(w).all() and torch.isfinite(lg.grad).all()
+    assert (w[3] == 0).all() and (lg.grad[3] == 0).all()
+    if scoring == "sigmoid":
+        assert (w[1] == 0).all()
+    _, ids_ref = moe_router(logits, K, scoring=scoring, renormalize=renormalize, backend="reference")
+    assert torch.equal(ids, ids_ref)
+    live = [0, 2, 4, 5] + ([1] if scoring == "softmax" else [])
+    w64, ids64 = router_brute(logits[live], K, scoring, renormalize, None)
+    assert torch.equal(ids[live], ids64)
+    torch.testing.assert_close(w[live].double(), w64, rtol=1e-6, atol=1e-6)

@@ -267,3 +267,21 @@ def test_decode_linear_other_dtypes_and_layouts_fall_back():
     x, w = torch.randn(8, 64), torch.randn(4096, 64)
     for xx, ww in ((x.bfloat16(), w.bfloat16()), (x.double(), w.double()), (x, w.t().contiguous().t())):
         assert torch.equal(torch.ops.reasonrl.decode_linear(xx, ww), F.linear(xx, ww))
+
+
+@pytest.mark.parametrize("backend", ["auto"] + CPU_BACKENDS)
+@pytest.mark.parametrize("grad", [False, True])  # no grad: the direct C++ call without Python checks
+@pytest.mark.parametrize("scale,err", [(float("nan"), ValueError), (float("inf"), ValueError), (0.0, ValueError),
+                                       (-0.5, ValueError), ("a", TypeError), (None, TypeError),
+                                       (True, TypeError)])
+def test_decode_scale_must_be_finite_positive(backend, grad, scale, err):
+    q, kc, vc, tables, lens = make_case(2, 4, 2, 8, 4, 7, torch.float32)
+    with torch.set_grad_enabled(grad), pytest.raises(err, match="scale"):
+        paged_attention_decode(q, kc, vc, tables, lens, scale, backend=backend)
+
+
+def test_decode_scale_accepts_ints_and_one_element_tensors():
+    q, kc, vc, tables, lens = make_case(2, 4, 2, 8, 4, 7, torch.float32)
+    want = paged_attention_decode(q, kc, vc, tables, lens, 1.0, backend="reference")
+    for scale in (1, torch.tensor(1.0)):
+        torch.testing.assert_close(paged_attention_decode(q, kc, vc, tables, lens, scale), want)

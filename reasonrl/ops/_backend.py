@@ -91,6 +91,11 @@ def resolve(backend: str, device: torch.device, op: str, prefer_cuda: tuple[str,
 
 
 def check_same_device(op: str, **tensors) -> torch.device:
+    """The one device of the given tensors (None entries skipped); raises naming an argument that
+    is not a tensor, or listing the devices when they differ."""
+    for name, t in tensors.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     first = next(iter(devices.values()))
     for name, d in devices.items():

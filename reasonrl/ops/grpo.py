@@ -55,11 +55,14 @@ the formulas above in plain PyTorch (float64 capable), on whole (B, T) tensors: 
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 from reasonrl.ops._backend import autocast_operands, no_autocast
+from reasonrl.ops.logprobs import check_temperature
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
@@ -90,6 +93,28 @@ class GRPOLossConfig:
     def __post_init__(self):
         def bad(name, why):
             raise ValueError(f"GRPOLossConfig.{name}: {why}, got {getattr(self, name)!r}")
+
+        def wrong_type(name, what):
+            v = getattr(self, name)
+            raise TypeError(f"GRPOLossConfig.{name}: must be {what}, got {v!r} ({type(v).__name__})")
+
+        # Types and finiteness first, so that the range checks below compare numbers (a str would
+        # raise a bare TypeError there, and inf / NaN would pass a one-sided bound).
+        for name in ("std_eps", "epsilon_low", "epsilon_high", "dual_clip", "beta", "entropy_coef",
+                     "log_ratio_clamp"):
+            v = getattr(self, name)
+            if v is None and name == "dual_clip":
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                wrong_type(name, "a real number" + (" or None" if name == "dual_clip" else ""))
+            if not math.isfinite(v):
+                bad(name, "must be finite")
+        v = self.max_completion_length
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+            wrong_type("max_completion_length", "None or an int")
+        for name in ("compute_entropy", "inplace_backward", "linear_single_pass"):
+            if not isinstance(getattr(self, name), bool):
+                wrong_type(name, "a bool")
         if self.advantage not in ADVANTAGES:
             bad("advantage", f"must be one of {ADVANTAGES}")
         if self.loss_type not in LOSS_TYPES:
@@ -110,8 +135,6 @@ class GRPOLossConfig:
             bad("max_completion_length", "must be None or >= 1")
         if not self.log_ratio_clamp > 0:
             bad("log_ratio_clamp", "must be > 0")
-        if self.entropy_coef != self.entropy_coef:
-            bad("entropy_coef", "must be a number")
 
     @property
     def needs_entropy(self) -> bool:
@@ -155,8 +178,7 @@ def check_inputs(logits, hidden, weight, ids, mask, rewards, group_size, old_log
         if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
             raise ValueError(f"{op}: weight must have shape (V, H) with H = {hidden.shape[1]} as hidden, "
                              f"got {tuple(weight.shape)}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"{op}: temperature must be a number > 0, got {temperature!r}")
+    check_temperature(op, temperature)
     check_grpo_args(op, B, T, mask, rewards, group_size, old_logprobs, ref_logprobs, config,
                     num_items_in_batch)
     return B, T, group_size
@@ -192,10 +214,40 @@ def check_grpo_args(op, B, T, mask, rewards, group_size, old_logprobs, ref_logpr
         if config.loss_type != "dapo":
             raise ValueError(f"{op}: num_items_in_batch is only used by loss_type 'dapo', "
                              f"got loss_type {config.loss_type!r}")
-        if not float(num_items_in_batch) > 0:
-            raise ValueError(f"{op}: num_items_in_batch must be > 0, got {num_items_in_batch!r}")
-    # One reduction over B values (a host sync on GPU): a NaN reward would poison a whole group.
-    if not bool(torch.isfinite(rewards.detach().double()).all()):
+        n = num_items_in_batch
+        if isinstance(n, bool) or not (isinstance(n, numbers.Real) or (isinstance(n, torch.Tensor)
+                                                                      and n.numel() == 1)):
+            raise TypeError(f"{op}: num_items_in_batch must be a number (or a one-element tensor), "
+                            f"got {type(n).__name__}")
+        if not (math.isfinite(float(n)) and float(n) > 0):
+            raise ValueError(f"{op}: num_items_in_batch must be a finite number > 0, got {n!r}")
+    _check_values(op, mask, rewards, old_logprobs, ref_logprobs if config.beta != 0 else None)
+
+
+def _check_values(op, mask, rewards, old_logprobs, ref_logprobs):
+    """Value checks: one reduction per tensor and a single host sync for all of them (on GPU).
+    A NaN reward would poison a whole group; a mask value other than 0 / 1 (NaN, -1, 0.5) would
+    give NaN or negative token counts; a NaN / inf old or reference log-prob at an unmasked position
+    would make the loss NaN. Masked positions are never read, so garbage there is fine."""
+    flags = {"rewards": ~torch.isfinite(rewards.detach().double()).all()}
+    m = mask.detach()
+    if m.dtype != torch.bool:
+        flags["mask"] = ((m != 0) & (m != 1)).any()
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if t is not None:
+            on = (m if m.device == t.device else m.to(t.device)) != 0
+            flags[name] = (on & ~torch.isfinite(t.detach())).any()
+    dev = rewards.device
+    bad = dict(zip(flags, torch.stack([f.to(dev) for f in flags.values()]).tolist()))
+    if bad.get("mask"):
+        wrong = m[(m != 0) & (m != 1)].flatten()[0].item()
+        raise ValueError(f"{op}: mask must hold only 0 and 1 (or be a bool tensor), found {wrong}")
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if bad.get(name):
+            at = ((m.to(t.device) != 0) & ~torch.isfinite(t.detach())).nonzero()[0].tolist()
+            raise ValueError(f"{op}: {name} must be finite where mask is on, found "
+                             f"{t[tuple(at)].item()} at (b, t) = {tuple(at)}")
+    if bad["rewards"]:
         raise ValueError(f"{op}: rewards contain NaN or inf")
 
 
@@ -228,7 +280,7 @@ def grpo_loss_reference(logits=None, *, hidden=None, weight=None, ids, mask, rew
     src = logits if logits is not None else hidden
     dtype = dtype or (torch.float64 if src.dtype == torch.float64 else torch.float32)
     if logits is None:
-        logits = (hidden.to(dtype) @ weight.to(dtype).t()).view(B, T, -1)  # (B, T, V)
+        logits = (hidden.to(dtype) @ weight.to(dtype).t()).view(B, T, weight.shape[0])  # (B, T, V)
     V = logits.shape[-1]
     live = mask.bool()
     if ((ids[live] < 0) | (ids[live] >= V)).any():
@@ -236,7 +288,10 @@ def grpo_loss_reference(logits=None, *, hidden=None, weight=None, ids, mask, rew
     safe_ids = torch.where(live, ids.long(), torch.zeros_like(ids, dtype=torch.long))
     logprobs_all = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)  # (B, T, V)
     logp = logprobs_all.gather(-1, safe_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    entropy = -(logprobs_all.exp() * logprobs_all).sum(-1) if config.needs_entropy else None  # (B, T)
+    entropy = None
+    if config.needs_entropy:  # p log p = 0 where p = 0 (a -inf logit: 0 * -inf would be NaN)
+        p = logprobs_all.exp()
+        entropy = -(p * torch.where(p > 0, logprobs_all, torch.zeros_like(logprobs_all))).sum(-1)  # (B, T)
     return grpo_loss_from_logprobs_reference(logp, entropy, mask=mask, rewards=rewards,
                                              group_size=group_size, old_logprobs=old_logprobs,
                                              ref_logprobs=ref_logprobs, config=config,
@@ -493,11 +548,12 @@ def grpo_loss_from_logprobs(logp, entropy=None, *, mask, rewards, group_size, ol
         raise ValueError(f"{op}: logp must be a floating (B, T) tensor")
     B, T = logp.shape
     _check_bt("entropy", entropy, B, T, op)
-    check_grpo_args(op, B, T, mask, rewards, group_size, old_logprobs, ref_logprobs, config,
-                    num_items_in_batch)
+    # The device check comes before check_grpo_args, whose value checks combine these tensors.
     device = check_same_device(op, logp=logp, entropy=entropy, mask=mask, rewards=rewards,
                                old_logprobs=old_logprobs,
                                ref_logprobs=ref_logprobs if config.beta != 0 else None)
+    check_grpo_args(op, B, T, mask, rewards, group_size, old_logprobs, ref_logprobs, config,
+                    num_items_in_batch)
     b = resolve(backend, device, op)
     if b == "reference":
         return grpo_loss_from_logprobs_reference(

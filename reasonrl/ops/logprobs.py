@@ -21,6 +21,9 @@ so the backward costs 6NHV FLOPs and the whole op 8NHV, with one chunk of logits
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from . import _backend
@@ -44,7 +47,10 @@ def token_logprobs_reference(logits, ids, temperature=1.0, ignore_index=-100, re
     logp = torch.where(keep, logp, torch.zeros_like(logp))
     if not return_entropy:
         return logp
-    ent = -(logz.exp() * logz).sum(-1)
+    # p log p is 0 where p = 0: a masked (-inf) logit has logz = -inf and 0 * -inf would be NaN.
+    # logz is zeroed there before the product, so the gradient stays finite too.
+    p = logz.exp()
+    ent = -(p * torch.where(p > 0, logz, torch.zeros_like(logz))).sum(-1)
     return logp, torch.where(keep, ent, torch.zeros_like(ent))
 
 
@@ -186,11 +192,12 @@ def _flat_rows(logits):
 
 
 def _chunk(chunk_bytes, rows, cols, elt, align):
-    """How many of `cols` fit `chunk_bytes` beside `rows`, rounded down to `align` (at least 1)."""
+    """How many of `cols` fit `chunk_bytes` beside `rows`, rounded down to `align` (at least 1, also
+    for cols == 0: it is a range() step)."""
     n = max(1, chunk_bytes // max(1, rows * elt))
     if n >= align:
         n -= n % align
-    return min(n, cols)
+    return max(1, min(n, cols))
 
 
 def _linear_fwd(hidden, weight, ids, temperature, ignore_index, with_entropy, chunk_bytes, backend):
@@ -209,9 +216,15 @@ def _linear_fwd(hidden, weight, ids, temperature, ignore_index, with_entropy, ch
 
 
 # ----------------------------------------------------------------------------- checks
+ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
 def _check_ids(op, ids, lead_shape, V, ignore_index, check_range):
-    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"{op}: ids must be an integer tensor, got dtype {ids.dtype}")
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{op}: ids must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype not in ID_DTYPES:
+        raise TypeError(f"{op}: ids must be an integer tensor of dtype int64, int32, int16 or uint8, "
+                        f"got {ids.dtype}")
     if tuple(ids.shape) != tuple(lead_shape):
         raise ValueError(f"{op}: ids has shape {tuple(ids.shape)} but the logits' leading shape is {tuple(lead_shape)}")
     if check_range and ids.numel():
@@ -221,9 +234,15 @@ def _check_ids(op, ids, lead_shape, V, ignore_index, check_range):
             raise IndexError(f"{op}: ids out of range [0, {V}) (and not ignore_index={ignore_index}): found {first}")
 
 
+def check_temperature(op, temperature):
+    """A finite number > 0 whose inverse is finite too (the kernels scale by 1 / temperature)."""
+    if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+            and math.isfinite(temperature) and temperature > 0 and math.isfinite(1.0 / temperature)):
+        raise ValueError(f"{op}: temperature must be a finite positive number, got {temperature!r}")
+
+
 def _check_common(op, temperature, backend_name, dtype):
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"{op}: temperature must be a positive number, got {temperature!r}")
+    check_temperature(op, temperature)
     if backend_name != "reference" and dtype not in KERNEL_DTYPES:
         raise TypeError(f"{op}: backend={backend_name!r} takes float32, bfloat16 or float16 inputs, got {dtype}"
                         + (" (float64 runs on backend='reference')" if dtype == torch.float64 else ""))
@@ -281,6 +300,9 @@ def linear_token_logprobs(hidden, weight, ids, temperature=1.0, *, ignore_index=
     chunk_bytes: size of the logits chunk alive at a time (default 512 MiB on GPU, 32 MiB on CPU).
     """
     op = "linear_token_logprobs"
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if hidden.dim() < 1 or weight.dim() != 2:
         raise ValueError(f"{op}: hidden must be (..., H) and weight (V, H); got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if hidden.shape[-1] != weight.shape[1]:
@@ -292,6 +314,8 @@ def linear_token_logprobs(hidden, weight, ids, temperature=1.0, *, ignore_index=
     name = _backend.resolve(backend, hidden.device, op, prefer_cuda=AUTO_ON_CUDA)
     _check_common(op, temperature, name, hidden.dtype)
     V, H = weight.shape
+    if V == 0:
+        raise ValueError(f"{op}: weight has an empty vocabulary dimension (V = 0 rows)")
     _check_ids(op, ids, hidden.shape[:-1], V, ignore_index, check_ids)
     if name == "reference":
         return linear_token_logprobs_reference(hidden, weight, ids, temperature, ignore_index, return_entropy)

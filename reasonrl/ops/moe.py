@@ -103,10 +103,21 @@ def _scores(router_logits, scoring):
     acc = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
     z = router_logits.to(acc)
     if scoring == "softmax":
-        return torch.softmax(z, dim=-1)
+        # A row of only -inf (a token no expert may take) gets scores 0, not softmax's 0/0 = NaN;
+        # its logits are replaced before the softmax so that the gradient stays finite (zero) too.
+        dead = torch.isneginf(z).all(dim=-1, keepdim=True)  # (T, 1)
+        return torch.where(dead, 0.0, torch.softmax(torch.where(dead, 0.0, z), dim=-1))
     if scoring == "sigmoid":
         return torch.sigmoid(z)
     raise ValueError(f"moe_router: scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+
+
+def _renormalize(w):
+    """w / sum(w) per row, the sum clamped to the dtype's smallest normal (DeepSeek-V3 adds 1e-20):
+    a row whose selected scores are all 0 (a row of -inf logits; float32 sigmoid of logits below
+    about -104) keeps weights 0 instead of 0/0 = NaN; a row whose sum is a normal number is unchanged
+    (float32 sigmoid scores whose sum is subnormal, logits below about -87, come out below 1 in sum)."""
+    return w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
 
 
 def moe_router_reference(router_logits, top_k, scoring="softmax", renormalize=True, bias=None):
@@ -117,7 +128,7 @@ def moe_router_reference(router_logits, top_k, scoring="softmax", renormalize=Tr
     ids = torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :top_k]  # (T, K)
     w = scores.gather(1, ids)  # (T, K)
     if renormalize:
-        w = w / w.sum(dim=-1, keepdim=True)
+        w = _renormalize(w)
     return w, ids
 
 
@@ -287,7 +298,7 @@ def moe_router(router_logits, top_k: int, *, scoring="softmax", renormalize: boo
                                             None if bias is None else bias.float().contiguous())  # (T, K) int64
     w = _scores(router_logits, scoring).gather(1, ids)
     if renormalize:
-        w = w / w.sum(dim=-1, keepdim=True)
+        w = _renormalize(w)
     return w, ids
 
 

@@ -18,6 +18,8 @@ Backends: "reference" (plain PyTorch, gathers the blocks into a padded (B, L, Hk
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
 import torch
 
@@ -84,6 +86,22 @@ def _check_decode(q, k_cache, v_cache, block_tables, context_lens):
     if not (q.device == v_cache.device == block_tables.device == context_lens.device == k_cache.device):
         check_same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
                           context_lens=context_lens)
+
+
+def _check_scale(scale) -> float:
+    """scale as a Python float: a finite number > 0 (NaN would make every output NaN)."""
+    if type(scale) is float and 0.0 < scale < math.inf:  # the usual case, per layer per decode step
+        return scale
+    op = "paged_attention_decode"
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.dtype.is_complex:
+        value = float(scale)
+    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        value = float(scale)
+    else:
+        raise TypeError(f"{op}: scale must be a float (a finite number > 0), got {type(scale).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{op}: scale must be a finite number > 0, got {value!r}")
+    return value
 
 
 def _check_decode_values(q, k_cache, block_tables, context_lens):
@@ -209,10 +227,11 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping, *, backend="auto"):
 
 def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale: float, *, backend="auto"):
     """q (B, Hq, D) against the paged cache -> (B, Hq, D) in q's dtype."""
+    scale = _check_scale(scale)
     if (block_tables.dtype == context_lens.dtype == torch.int32 and block_tables.is_contiguous()
             and context_lens.is_contiguous() and _cpp_direct("paged_attention_decode", "paged_attention_decode_fwd", backend,
                                                             q.device, k_cache.dtype, q, k_cache, v_cache)):
-        return torch.ops.reasonrl.paged_attention_decode_fwd(q, k_cache, v_cache, block_tables, context_lens, float(scale))
+        return torch.ops.reasonrl.paged_attention_decode_fwd(q, k_cache, v_cache, block_tables, context_lens, scale)
     return _paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, backend)
 
 
