@@ -260,3 +260,36 @@ def test_convert_smollm2_gguf(tmp_path):
     for _ in range(8):  # greedy, no cache: short
         ids.append(int(_logits(model, torch.tensor(ids))[-1].argmax()))
     assert "Paris" in tok.decode(ids)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_error_corrupt_safetensors_names_the_file(tmp_path, damage):
+    _saved(tmp_path)
+    f = tmp_path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"garbage")
+    with pytest.raises(ValueError, match=r"cannot read .*model\.safetensors"):  # was a bare SafetensorError
+        load_model(str(tmp_path))
+
+
+def test_error_malformed_index_json_names_the_file(tmp_path):
+    _saved(tmp_path, max_shard_size="20KB")
+    (tmp_path / "model.safetensors.index.json").write_text("{bad")
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json is not valid JSON"):
+        load_model(str(tmp_path))
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": 3}}')
+    with pytest.raises(ValueError, match="weight_map"):
+        load_model(str(tmp_path))
+
+
+def test_error_malformed_tokenizer_json_names_the_file(tmp_path):
+    import shutil
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(builtin_path("tiny"), name), tmp_path / name)
+    assert load_tokenizer(str(tmp_path)).encode("12") is not None
+    (tmp_path / "tokenizer.json").write_text("{bad")
+    with pytest.raises(ValueError, match=r"load_tokenizer: cannot load .*tokenizer\.json"):  # was a bare Exception
+        load_tokenizer(str(tmp_path))
+    os.remove(tmp_path / "tokenizer_config.json")  # the fallback path (tokenizer.json alone)
+    with pytest.raises(ValueError, match=r"tokenizer\.json"):
+        load_tokenizer(str(tmp_path))

@@ -669,3 +669,99 @@ def test_cpp_decode_window_errors():
         call(tables=tables.long())
     with pytest.raises(RuntimeError, match="k and block_size must be >= 1"):
         call(k=0)
+
+
+def test_generate_refuses_prompts_past_the_model_context(hf_and_ours):
+    _, model = hf_and_ours  # max_position_embeddings=256
+    eng = LLMEngine(model, block_size=4, eos_token_ids=[])
+    ok = eng.generate([[1] * 250], SamplingParams(temperature=0.0, max_tokens=6))  # exactly 256: fine
+    assert ok[0][0].length == 6
+    cases = [([[1, 2], [1] * 250], 7, r"prompt 1 has 250 tokens and max_tokens is 7: 257 tokens"),
+             ([[1] * 300], 1, "prompt 0 has 300 tokens"),
+             ([[1, 2, 3]], 100_000_000, "max_tokens is 100000000")]  # was: tried to allocate 409 GB
+    for prompts, max_tokens, msg in cases:
+        with pytest.raises(ValueError, match=msg + r".*max_position_embeddings=256"):
+            eng.generate(prompts, SamplingParams(max_tokens=max_tokens))
+
+
+def test_generate_prompt_and_argument_types(hf_and_ours):
+    import numpy as np
+
+    _, model = hf_and_ours
+    eng = LLMEngine(model, block_size=4, eos_token_ids=[])
+    p = SamplingParams(temperature=0.0, max_tokens=3)
+    ref = eng.generate([[1, 2, 3]], p)[0][0].token_ids
+    for same in (torch.tensor([1, 2, 3]), torch.tensor([1, 2, 3], dtype=torch.int32), np.array([1, 2, 3]),
+                 (1, 2, 3), [np.int64(1), 2, 3]):
+        assert eng.generate([same], p)[0][0].token_ids == ref
+    for bad, msg in [([[1.7, 2.2]], r"prompt 0 must hold int token ids, got 1\.7"),  # was silently [1, 2]
+                     ([[1, 2], [True, False]], "prompt 1 must hold int token ids, got True"),
+                     ([torch.tensor([1.0, 2.0])], "prompt 0 must be a 1-D integer tensor"),
+                     ([torch.tensor([[1, 2]])], "prompt 0 must be a 1-D integer tensor"),
+                     ("hello", "generate_text"), (["hello"], "generate_text"),  # was "invalid literal for int()"
+                     ([["a", "b"]], "generate_text")]:
+        with pytest.raises(TypeError, match=msg):
+            eng.generate(bad, p)
+    for n in (2.5, True, "2"):
+        with pytest.raises(TypeError, match="n .*must be an int"):
+            eng.generate([[1, 2]], p, n=n)
+    with pytest.raises(TypeError, match="params must be a SamplingParams"):  # was AttributeError
+        eng.generate([[1, 2]], {"temperature": 0.0})
+
+
+@pytest.mark.parametrize("kw,err,msg", [
+    (dict(max_tokens=2.5), TypeError, "max_tokens must be an int"),
+    (dict(max_tokens="4"), TypeError, "max_tokens must be an int"),
+    (dict(max_tokens=True), TypeError, "max_tokens must be an int"),
+    (dict(top_k=2.5), TypeError, "top_k must be an int"),
+    (dict(temperature="1"), TypeError, "temperature must be a real number"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be finite"),
+    (dict(temperature=-0.5), ValueError, "temperature must be >= 0"),
+    (dict(top_p=float("nan")), ValueError, "top_p"),
+    (dict(min_p="0.1"), TypeError, "min_p must be a real number"),
+    (dict(seed="abc"), TypeError, "seed must be an int"),
+    (dict(think_budget=1.5), TypeError, "think_budget must be an int"),
+    (dict(ignore_eos="yes"), TypeError, "ignore_eos must be a bool"),
+    (dict(stop_token_ids=(1.5,)), TypeError, "stop_token_ids"),
+    (dict(stop_token_ids=("a",)), TypeError, "stop_token_ids"),
+    (dict(stop_strings=("",)), ValueError, "empty string"),  # was: stopped after 1 token
+    (dict(stop_strings=("ab", 3)), TypeError, "stop_strings"),
+])
+def test_sampling_params_checks_types(kw, err, msg):
+    with pytest.raises(err, match=msg):
+        SamplingParams(**kw)
+
+
+def test_sampling_params_one_stop_string_or_id():
+    p = SamplingParams(temperature=1, top_p=1, max_tokens=4, seed=7)  # ints for the float fields are fine
+    assert isinstance(p.temperature, float) and p.max_tokens == 4
+    assert SamplingParams(stop_strings="ab").stop_strings == ("ab",)  # was split into ("a", "b")
+    assert SamplingParams(stop_strings=["ab", "c"]).stop_strings == ("ab", "c")
+    assert SamplingParams(stop_token_ids=5).stop_token_ids == (5,)
+    assert SamplingParams(stop_token_ids=[5, 6]).stop_token_ids == (5, 6)
+
+
+def test_stop_string_given_as_a_str_stops_on_the_whole_string(tok):
+    # The scripted model says "bdab...": stop_strings="ab" must run past the lone "b" (it was split into "a", "b").
+    model = scripted(tok, [("c", "b"), ("b", "d"), ("d", "a"), ("a", "b")], "e")
+    eng = LLMEngine(model, tokenizer=tok, block_size=4)
+    prompt = tok.encode("c", add_special_tokens=False)
+    out = eng.generate([prompt], SamplingParams(temperature=0.0, max_tokens=10, stop_strings="ab"))[0][0]
+    assert out.finish_reason == "stop" and out.length == 4 and out.text == "bd"
+
+
+@pytest.mark.parametrize("kw,err,msg", [
+    (dict(kv_cache_bytes=-5), ValueError, "kv_cache_bytes must be a positive int"),  # was accepted
+    (dict(kv_cache_bytes=0), ValueError, "kv_cache_bytes must be a positive int"),
+    (dict(kv_cache_bytes=1.5e9), ValueError, "kv_cache_bytes must be a positive int"),
+    (dict(kv_cache_bytes="2GB"), ValueError, "kv_cache_bytes must be a positive int"),
+    (dict(block_size="16"), TypeError, "block_size must be an int"),
+    (dict(max_num_seqs=2.5), TypeError, "max_num_seqs must be an int"),
+    (dict(eos_token_ids="x"), ValueError, "eos_token_ids"),
+    (dict(eos_token_ids=[2, 1.5]), ValueError, "eos_token_ids"),
+])
+def test_engine_init_checks_arguments(hf_and_ours, kw, err, msg):
+    _, model = hf_and_ours
+    with pytest.raises(err, match=msg):
+        LLMEngine(model, **kw)
+    LLMEngine(model, kv_cache_bytes=1 << 20, eos_token_ids=[2, 3])

@@ -367,3 +367,63 @@ def test_gradients_match_transformers(family, force_fn, tmp_path, monkeypatch):
     for name, p in model.named_parameters():
         g_ref = hf_params[name].grad
         assert (p.grad - g_ref).abs().max().item() <= 1e-4 * max(1.0, g_ref.abs().max().item()), name
+
+
+_SMALL = dict(vocab_size=10, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+              num_key_value_heads=4)
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (dict(num_attention_heads=0), "num_attention_heads must be positive"),  # was ZeroDivisionError
+    (dict(num_key_value_heads=0), "num_key_value_heads must be positive"),
+    (dict(rms_norm_eps=-1.0), "rms_norm_eps must be a finite number > 0"),  # was: every logit NaN
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps"),
+    (dict(rms_norm_eps="1e-6"), "rms_norm_eps must be a number"),
+    (dict(rope_theta=0.0), "rope_theta must be a finite number > 0"),
+    (dict(max_position_embeddings=0), "max_position_embeddings must be positive"),
+    (dict(vocab_size="85"), r"vocab_size must be a positive integer, got '85' \(str\)"),
+    (dict(vocab_size=85.5), "vocab_size must be a positive integer"),
+    (dict(vocab_size=10.0), "vocab_size must be a positive integer"),
+    (dict(vocab_size=True), "vocab_size must be a positive integer"),
+    (dict(hidden_size=2), "head_dim would be 0"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false"),
+    (dict(eos_token_id="x"), "eos_token_id"),
+    (dict(eos_token_id=[2, -1]), "eos_token_id"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": -2.0}), "factor must be a finite number > 0"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "original_max_position_embeddings"),
+])
+def test_config_rejects_bad_values_naming_the_field(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        ModelConfig(**{**_SMALL, **bad})
+
+
+def _write_config(tmp_path, text):
+    (tmp_path / "config.json").write_text(text)
+    return str(tmp_path / "config.json")
+
+
+def test_config_json_errors_name_the_file_and_the_key(tmp_path):
+    import json
+    import re
+
+    good = ModelConfig(**_SMALL).to_hf_dict()
+    assert ModelConfig.from_json(_write_config(tmp_path, json.dumps(good))).vocab_size == 10
+
+    def raises(text, msg):
+        path = _write_config(tmp_path, text)
+        with pytest.raises(ValueError, match=msg) as e:
+            ModelConfig.from_json(str(tmp_path))
+        assert path in str(e.value), str(e.value)
+
+    raises("{not json", "not valid JSON")
+    raises("[1, 2]", "expected a JSON object")  # was AttributeError
+    raises(json.dumps({k: v for k, v in good.items() if k != "vocab_size"}), re.escape("missing required key(s) ['vocab_size']"))
+    for key, value, msg in [("rms_norm_eps", -1.0, "rms_norm_eps"), ("max_position_embeddings", 0, "max_position_embeddings"),
+                            ("vocab_size", "85", "vocab_size"), ("vocab_size", 85.5, "vocab_size"),
+                            ("num_attention_heads", 0, "num_attention_heads"), ("hidden_size", "16", "hidden_size"),
+                            ("tie_word_embeddings", "false", "tie_word_embeddings"),
+                            ("num_key_value_heads", 0, "num_key_value_heads")]:
+        raises(json.dumps({**good, key: value}), msg)
+    # rope_theta 0 was silently replaced by 10000 (`or` chain), in both spellings
+    raises(json.dumps({**good, "rope_theta": 0, "rope_parameters": None}), "rope_theta")
+    raises(json.dumps({**good, "rope_parameters": {"rope_type": "default", "rope_theta": 0}}), "rope_theta")

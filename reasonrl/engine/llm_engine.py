@@ -32,7 +32,7 @@ from reasonrl.engine.block_manager import BlockManager
 from reasonrl.engine.runner import Runner, kv_bytes_per_block
 from reasonrl.engine.sampler import Sampler
 from reasonrl.engine.scheduler import Scheduler
-from reasonrl.engine.sequence import Completion, SamplingParams, Sequence
+from reasonrl.engine.sequence import Completion, SamplingParams, Sequence, is_int, max_context, prompt_token_ids
 
 CPU_KV_DEFAULT_BYTES = 2 << 30
 
@@ -45,6 +45,10 @@ class LLMEngine:
     def __init__(self, model, *, tokenizer=None, block_size=16, kv_cache_bytes=None, max_num_seqs=256,
                  max_num_batched_tokens=4096, eos_token_ids=None, use_cuda_graphs=True, prefix_sharing=True,
                  decode_window=16, dtype=None):
+        for name, v in (("block_size", block_size), ("decode_window", decode_window), ("max_num_seqs", max_num_seqs),
+                        ("max_num_batched_tokens", max_num_batched_tokens)):
+            if not is_int(v):
+                raise TypeError(f"LLMEngine: {name} must be an int, got {v!r} ({type(v).__name__})")
         if block_size < 1:
             raise ValueError(f"LLMEngine: block_size must be >= 1, got {block_size}")
         if decode_window < 1:
@@ -52,6 +56,13 @@ class LLMEngine:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(f"LLMEngine: max_num_seqs and max_num_batched_tokens must be >= 1, "
                              f"got {max_num_seqs}, {max_num_batched_tokens}")
+        if kv_cache_bytes is not None and (not is_int(kv_cache_bytes) or kv_cache_bytes < 1):
+            raise ValueError(f"LLMEngine: kv_cache_bytes must be a positive int (bytes) or None (automatic), "
+                             f"got {kv_cache_bytes!r}")
+        eos_list = eos_token_ids if isinstance(eos_token_ids, (list, tuple, set, frozenset)) else [eos_token_ids]
+        if eos_token_ids is not None and not all(is_int(e) and e >= 0 for e in eos_list):
+            raise ValueError(f"LLMEngine: eos_token_ids must be None, a token id or a list of token ids (ints >= 0), "
+                             f"got {eos_token_ids!r}")
         self.model, self.tokenizer = model, tokenizer
         self.block_size, self.kv_cache_bytes = block_size, kv_cache_bytes
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
@@ -77,7 +88,7 @@ class LLMEngine:
     # -- API ---------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None, n: int = 1,
                  use_tqdm: bool = False) -> list[list[Completion]]:
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
         groups = self._make_sequences(prompts, params, n)
         with torch.inference_mode():
             self._run([s for g in groups for s in g], groups, use_tqdm)
@@ -90,18 +101,32 @@ class LLMEngine:
 
     # -- set-up ------------------------------------------------------------------------------
     def _make_sequences(self, prompts, params, n):
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"generate: params must be a SamplingParams (or None), got {type(params).__name__}")
+        if not is_int(n):
+            raise TypeError(f"generate: n (samples per prompt) must be an int, got {n!r} ({type(n).__name__})")
         if n < 1:
             raise ValueError(f"generate: n must be >= 1, got {n}")
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], str)):
+            raise TypeError("generate: prompts are lists of token ids, got text; generate_text(prompts) takes strings")
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("generate: prompts must be a non-empty list of token-id lists")
-        V = self.model.config.vocab_size
+        cfg = self.model.config
+        V, max_len = cfg.vocab_size, max_context(cfg)
+        scaling = getattr(cfg, "rope_scaling", None) or {}
+        _dynamic_note = f" x dynamic rope factor {scaling['factor']}" if scaling.get("rope_type") == "dynamic" else ""
         groups = []
         for i, p in enumerate(prompts):
-            p = [int(t) for t in (p.tolist() if torch.is_tensor(p) else p)]
+            p = prompt_token_ids(p, i)
             if not p:
                 raise ValueError(f"generate: prompt {i} is empty")
             if min(p) < 0 or max(p) >= V:
                 raise ValueError(f"generate: prompt {i} has token ids outside [0, {V})")
+            if max_len is not None and len(p) + params.max_tokens > max_len:
+                raise ValueError(
+                    f"generate: prompt {i} has {len(p)} tokens and max_tokens is {params.max_tokens}: "
+                    f"{len(p) + params.max_tokens} tokens exceed the model's context (max_position_embeddings="
+                    f"{cfg.max_position_embeddings}{_dynamic_note}); shorten the prompt or lower max_tokens")
             groups.append([Sequence(p, params, sample_index=j, request_index=i) for j in range(n)])
         return groups
 

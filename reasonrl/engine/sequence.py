@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +20,10 @@ class SamplingParams:
     think_budget: at most this many tokens inside <think>...</think>; then "</think>" is forced.
     think_extend: up to this many times, an end of thinking the model emits is replaced by
     think_extend_text (s1-style budget forcing), and thinking goes on.
+    stop_strings: a list of strings, or one str as ONE stop string ("ab" stops at "ab", not at "a" or
+    "b"); empty strings are rejected. stop_token_ids: a list of ids, or one int.
+    Types are checked (TypeError): counts are ints (not bool, not 2.5, not "4"); temperature, top_p
+    and min_p are finite real numbers.
     """
 
     temperature: float = 1.0
@@ -33,22 +40,99 @@ class SamplingParams:
     think_extend_text: str = "Wait"
 
     def __post_init__(self):
+        self.temperature = _real("temperature", self.temperature)
         if not self.temperature >= 0:
             raise ValueError(f"SamplingParams: temperature must be >= 0, got {self.temperature}")
+        self.top_p = _real("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams: top_p must be in (0, 1], got {self.top_p}")
+        self.top_k = _int("top_k", self.top_k)
         if self.top_k < 0:
             raise ValueError(f"SamplingParams: top_k must be >= 0 (0 = off), got {self.top_k}")
+        self.min_p = _real("min_p", self.min_p)
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"SamplingParams: min_p must be in [0, 1], got {self.min_p}")
+        self.max_tokens = _int("max_tokens", self.max_tokens)
         if self.max_tokens < 1:
             raise ValueError(f"SamplingParams: max_tokens must be >= 1, got {self.max_tokens}")
-        if self.think_budget is not None and self.think_budget < 0:
-            raise ValueError(f"SamplingParams: think_budget must be >= 0 or None, got {self.think_budget}")
+        if self.seed is not None:
+            self.seed = _int("seed", self.seed)
+        if self.think_budget is not None:
+            self.think_budget = _int("think_budget", self.think_budget)
+            if self.think_budget < 0:
+                raise ValueError(f"SamplingParams: think_budget must be >= 0 or None, got {self.think_budget}")
+        self.think_extend = _int("think_extend", self.think_extend)
         if self.think_extend < 0:
             raise ValueError(f"SamplingParams: think_extend must be >= 0, got {self.think_extend}")
-        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
-        self.stop_strings = tuple(self.stop_strings)
+        if not isinstance(self.think_extend_text, str):
+            raise TypeError(f"SamplingParams: think_extend_text must be a str, got {type(self.think_extend_text).__name__}")
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"SamplingParams: ignore_eos must be a bool, got {self.ignore_eos!r}")
+        # One id or one string is accepted as a single stop (a str is NOT split into its characters).
+        ids = (self.stop_token_ids,) if is_int(self.stop_token_ids) else self.stop_token_ids
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise TypeError(f"SamplingParams: stop_token_ids must be a list of token ids, got {ids!r}")
+        self.stop_token_ids = tuple(_int("stop_token_ids[]", t) for t in ids)
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"SamplingParams: stop_token_ids must be >= 0, got {self.stop_token_ids}")
+        strs = (self.stop_strings,) if isinstance(self.stop_strings, str) else self.stop_strings
+        if not isinstance(strs, Iterable) or not all(isinstance(x, str) for x in strs):
+            raise TypeError(f"SamplingParams: stop_strings must be a str or a list of str, got {self.stop_strings!r}")
+        self.stop_strings = tuple(strs)
+        if "" in self.stop_strings:
+            raise ValueError("SamplingParams: stop_strings must not contain an empty string (it would stop at once)")
+
+
+def is_int(v) -> bool:
+    """An int, numpy int or the like; not a bool, not a float (2.0), not a str."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def prompt_token_ids(p, i: int) -> list[int]:
+    """Prompt i of generate() as a list of Python ints: a list/tuple of ints or a 1-D integer tensor or
+    numpy array. Floats (1.7 must not become 1), bools and strings raise a TypeError naming the prompt."""
+    if isinstance(p, str):
+        raise TypeError(f"generate: prompt {i} is a str; prompts are token-id lists (use generate_text for text)")
+    if torch.is_tensor(p) or hasattr(p, "dtype"):  # torch tensor or numpy array
+        dt = str(p.dtype)
+        if p.ndim != 1 or "int" not in dt:  # int8..int64, uint8: ok; float*, bool, complex: not
+            raise TypeError(f"generate: prompt {i} must be a 1-D integer tensor/array of token ids, "
+                            f"got shape {tuple(p.shape)} {dt}")
+        return [int(t) for t in p.tolist()]
+    if not isinstance(p, (list, tuple)):
+        raise TypeError(f"generate: prompt {i} must be a list of token ids, got {type(p).__name__}")
+    if not all(type(t) is int for t in p):  # the fast path; else numpy ints and the like are fine
+        for t in p:
+            if not is_int(t):
+                hint = " (for text, use generate_text)" if isinstance(t, str) else ""
+                raise TypeError(f"generate: prompt {i} must hold int token ids, got {t!r} ({type(t).__name__}){hint}")
+    return [int(t) for t in p]
+
+
+def max_context(cfg) -> int | None:
+    """The most tokens (prompt + generated) one sequence may have: the model's max_position_embeddings,
+    times the factor for dynamic NTK RoPE (a scaling meant to extend the context); None if unknown."""
+    m = getattr(cfg, "max_position_embeddings", None)
+    if m is None:
+        return None
+    s = getattr(cfg, "rope_scaling", None) or {}
+    return int(m * s["factor"]) if s.get("rope_type") == "dynamic" else m
+
+
+def _int(name: str, v) -> int:
+    """v as an int: bools, floats (2.5, 2.0) and strings ("4") raise a TypeError naming the argument."""
+    if not is_int(v):
+        raise TypeError(f"SamplingParams: {name} must be an int, got {v!r} ({type(v).__name__})")
+    return int(v)
+
+
+def _real(name: str, v) -> float:
+    """v as a finite float: bools, strings, nan and inf raise, naming the argument."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"SamplingParams: {name} must be a real number, got {v!r} ({type(v).__name__})")
+    if not math.isfinite(v):
+        raise ValueError(f"SamplingParams: {name} must be finite, got {v}")
+    return float(v)
 
 
 @dataclass

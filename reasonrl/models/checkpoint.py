@@ -88,10 +88,18 @@ def _weight_files(path: str) -> dict[str, list[str]]:
     if os.path.isfile(single):
         return {single: None}
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        try:
+            with open(index) as f:
+                d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"load_model: {index} is not valid JSON: {e}") from e
+        weight_map = d.get("weight_map") if isinstance(d, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"load_model: {index} has no weight_map")
+        bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v]
+        if bad:
+            raise ValueError(f"load_model: weight_map in {index} must map tensor names to shard file names, "
+                             f"got e.g. {bad[0]!r}")
         shards: dict[str, list[str]] = {}
         for name, shard in weight_map.items():
             shards.setdefault(os.path.join(path, shard), []).append(name)
@@ -106,7 +114,7 @@ def _weight_files(path: str) -> dict[str, list[str]]:
 
 def load_model(path: str, dtype=torch.float32, device="cpu") -> CausalLM:
     """A CausalLM from a local Hugging Face folder, weights cast to `dtype` on `device`."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"load_model: path {path!r} is not a directory")
@@ -119,22 +127,25 @@ def load_model(path: str, dtype=torch.float32, device="cpu") -> CausalLM:
     params = dict(model.named_parameters())
     seen = set()  # parameter names, or (name, expert, part) for one expert's piece of a stacked one
     for file, names in files.items():
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in names if names is not None else f.keys():
-                if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
-                    continue
-                target, piece = _target(name)
-                dst = _piece(params[target], piece) if target in params else None
-                if dst is None:
-                    raise ValueError(f"load_model: unexpected tensor {name!r} in {os.path.basename(file)} for "
-                                     f"a {config.arch} model (a different architecture or option?)")
-                t = f.get_tensor(name)
-                if tuple(t.shape) != tuple(dst.shape):
-                    raise ValueError(f"load_model: tensor {name!r} in {os.path.basename(file)} has shape "
-                                     f"{tuple(t.shape)}, expected {tuple(dst.shape)} from config.json")
-                with torch.no_grad():
-                    dst.copy_(t)
-                seen.add(target if piece is None else (target, *piece))
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in names if names is not None else f.keys():
+                    if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
+                        continue
+                    target, piece = _target(name)
+                    dst = _piece(params[target], piece) if target in params else None
+                    if dst is None:
+                        raise ValueError(f"load_model: unexpected tensor {name!r} in {os.path.basename(file)} for "
+                                         f"a {config.arch} model (a different architecture or option?)")
+                    t = f.get_tensor(name)
+                    if tuple(t.shape) != tuple(dst.shape):
+                        raise ValueError(f"load_model: tensor {name!r} in {os.path.basename(file)} has shape "
+                                         f"{tuple(t.shape)}, expected {tuple(dst.shape)} from config.json")
+                    with torch.no_grad():
+                        dst.copy_(t)
+                    seen.add(target if piece is None else (target, *piece))
+        except SafetensorError as e:  # a truncated or corrupt file: name it
+            raise ValueError(f"load_model: cannot read {file} (truncated or not a safetensors file?): {e}") from e
     missing = sorted(n for n in params if n not in seen and not _all_pieces(n, params[n], seen))
     if missing:
         raise ValueError(f"load_model: {len(missing)} tensor(s) missing from {path!r}, e.g. {missing[:3]}")

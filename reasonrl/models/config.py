@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -60,12 +62,27 @@ class ModelConfig:
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"ModelConfig: unknown arch {self.arch!r}; supported: {sorted(ARCHITECTURES)}")
+        for name in _POSITIVE_INTS:
+            setattr(self, name, _int_field(name, getattr(self, name), 1))
+        for name in ("head_dim", *_MOE_INTS):  # head_dim 0: derived; MoE sizes 0: off
+            setattr(self, name, _int_field(name, getattr(self, name), 0))
+        for name in ("rms_norm_eps", "rope_theta"):
+            setattr(self, name, _real_field(name, getattr(self, name), positive=True))
+        self.router_aux_loss_coef = _real_field("router_aux_loss_coef", self.router_aux_loss_coef)
+        for name in ("tie_word_embeddings", "attention_bias", "qk_norm", "norm_topk_prob", "output_router_logits"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig: {name} must be true or false, got {getattr(self, name)!r}")
+        self.bos_token_id = _token_ids("bos_token_id", self.bos_token_id)
+        self.eos_token_id = _token_ids("eos_token_id", self.eos_token_id)
+        if isinstance(self.mlp_only_layers, (str, bytes)) or not isinstance(self.mlp_only_layers, (list, tuple)):
+            raise ValueError(f"ModelConfig: mlp_only_layers must be a list of layer indices, got {self.mlp_only_layers!r}")
+        for i in self.mlp_only_layers:
+            _int_field("mlp_only_layers[]", i, 0)
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"ModelConfig: {name} must be positive, got {getattr(self, name)}")
+            if self.head_dim == 0:
+                raise ValueError(f"ModelConfig: hidden_size ({self.hidden_size}) is smaller than num_attention_heads "
+                                 f"({self.num_attention_heads}): head_dim would be 0")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"ModelConfig: num_attention_heads ({self.num_attention_heads}) must be a multiple "
                              f"of num_key_value_heads ({self.num_key_value_heads})")
@@ -125,6 +142,11 @@ class ModelConfig:
     # ---- Hugging Face config.json -------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"config.json: expected a JSON object of settings, got a {type(d).__name__}")
+        missing = [k for k in _REQUIRED_KEYS if d.get(k) is None]
+        if missing:
+            raise ValueError(f"config.json: missing required key(s) {missing}")
         arch = _arch_of(d)
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json: hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
@@ -136,31 +158,39 @@ class ModelConfig:
             raise ValueError("config.json: layer_types with 'sliding_attention' are not supported")
         if d.get("pretraining_tp", 1) not in (1, None):
             raise ValueError(f"config.json: pretraining_tp={d['pretraining_tp']} is not supported (only 1)")
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"config.json: rope_parameters / rope_scaling must be an object, got {rope!r}")
+        rope = dict(rope)
         if rope and any(isinstance(v, dict) for v in rope.values()):
             raise ValueError("config.json: per-layer-type rope_parameters are not supported")
-        theta = rope.pop("rope_theta", None) or d.get("rope_theta") or 10000.0
+        theta = rope.pop("rope_theta", None)
+        theta = next((t for t in (theta, d.get("rope_theta")) if t is not None), 10000.0)
         if rope.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) not in (1, 1.0, None):
             raise ValueError("config.json: partial_rotary_factor != 1 is not supported")
         rtype = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
         rope.pop("type", None)
         scaling = None if rtype == "default" else {"rope_type": rtype, **rope}
         if scaling and rtype in ("llama3", "yarn"):
-            scaling.setdefault("original_max_position_embeddings",
-                               d.get("original_max_position_embeddings") or d["max_position_embeddings"])
+            orig = d.get("original_max_position_embeddings") or d.get("max_position_embeddings")
+            if orig is not None:  # else _check_rope_scaling names the missing key
+                scaling.setdefault("original_max_position_embeddings", orig)
         n_heads = d["num_attention_heads"]
+        n_kv = d.get("num_key_value_heads")
         known = {f.name for f in dataclasses.fields(cls)}
         extra = {k: v for k, v in d.items() if k not in known and k not in _DERIVED_KEYS}
         moe = _moe_from_hf_dict(arch, d)
-        attention_bias = d.get("qkv_bias", True) if arch == "qwen2_moe" else d.get("attention_bias", arch == "qwen2")
+        attention_bias = (_json_bool(d, "qkv_bias", True) if arch == "qwen2_moe"
+                          else _json_bool(d, "attention_bias", arch == "qwen2"))
         return cls(
             arch=arch, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=n_heads, num_key_value_heads=d.get("num_key_value_heads") or n_heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // n_heads, rope_theta=float(theta),
+            num_attention_heads=n_heads, num_key_value_heads=n_heads if n_kv is None else n_kv,
+            head_dim=d.get("head_dim") or 0, rope_theta=theta,  # head_dim 0: hidden_size // num_attention_heads
             rope_scaling=scaling, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(attention_bias), qk_norm=arch in ("qwen3", "qwen3_moe"),
+            tie_word_embeddings=_json_bool(d, "tie_word_embeddings", False),
+            attention_bias=attention_bias,
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), extra=extra, **moe,
         )
@@ -210,8 +240,15 @@ class ModelConfig:
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"ModelConfig.from_json: no config.json at {path!r}")
-        with open(path) as f:
-            return cls.from_hf_dict(json.load(f))
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"ModelConfig.from_json: {path} is not valid JSON: {e}") from e
+        try:
+            return cls.from_hf_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{e} (in {path})") from e
 
     def save_json(self, folder: str) -> None:
         with open(os.path.join(folder, "config.json"), "w") as f:
@@ -224,6 +261,48 @@ _DERIVED_KEYS = {"architectures", "model_type", "rope_parameters", "rope_scaling
                  "use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "dtype",
                  "torch_dtype", "transformers_version", "partial_rotary_factor",
                  "original_max_position_embeddings", "num_local_experts", "qkv_bias", "router_jitter_noise"}
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings", "decoder_sparse_step")
+_MOE_INTS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
+
+
+def _int_field(name: str, v, lo: int) -> int:
+    """v as an int >= lo; bools, floats (85.5, 85.0), strings ("85") raise, naming the field."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"ModelConfig: {name} must be {'a positive integer' if lo == 1 else f'an integer >= {lo}'}, "
+                         f"got {v!r} ({type(v).__name__})")
+    if v < lo:
+        raise ValueError(f"ModelConfig: {name} must be {'positive' if lo == 1 else f'>= {lo}'}, got {v}")
+    return int(v)
+
+
+def _real_field(name: str, v, positive: bool = False) -> float:
+    """v as a finite float (> 0 when positive); bools and strings raise, naming the field."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"ModelConfig: {name} must be a number, got {v!r} ({type(v).__name__})")
+    if not math.isfinite(v) or (positive and v <= 0):
+        raise ValueError(f"ModelConfig: {name} must be a finite number{' > 0' if positive else ''}, got {v}")
+    return float(v)
+
+
+def _token_ids(name: str, v):
+    """None, a token id, or a list of them (eos_token_id may be several); ids are ints >= 0."""
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_int_field(name, t, 0) for t in v]
+    return _int_field(name, v, 0)
+
+
+def _json_bool(d: dict, key: str, default: bool) -> bool:
+    """A config.json flag: true/false (0/1 accepted; null is the default). "false" must not become True."""
+    v = d.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)):
+        return bool(v)
+    raise ValueError(f"config.json: {key} must be true or false, got {v!r}")
 
 
 def _moe_from_hf_dict(arch: str, d: dict) -> dict:
@@ -241,15 +320,21 @@ def _moe_from_hf_dict(arch: str, d: dict) -> dict:
                              "only; Mixtral applies a window whenever sliding_window is set)")
         if d.get("router_jitter_noise") or 0.0:
             raise ValueError(f"config.json: router_jitter_noise={d['router_jitter_noise']} is not supported (only 0)")
-    moe = dict(num_experts=int(next(iter(spellings.values()))), num_experts_per_tok=int(d["num_experts_per_tok"]),
-               router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
-               output_router_logits=bool(d.get("output_router_logits", False)))
+    need = ["num_experts_per_tok"] + ([] if arch == "mixtral" else ["moe_intermediate_size"])
+    need += ["shared_expert_intermediate_size"] if arch == "qwen2_moe" else []
+    missing = [k for k in need if d.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json: a {ARCHITECTURES[arch]} config needs {missing}")
+    # types and ranges are checked by ModelConfig.__post_init__ (no int()/float() here: 2.5 must not become 2)
+    moe = dict(num_experts=next(iter(spellings.values())), num_experts_per_tok=d["num_experts_per_tok"],
+               router_aux_loss_coef=d.get("router_aux_loss_coef", 0.001),
+               output_router_logits=_json_bool(d, "output_router_logits", False))
     if arch == "mixtral":
         return moe
-    moe.update(moe_intermediate_size=int(d["moe_intermediate_size"]), norm_topk_prob=bool(d.get("norm_topk_prob", False)),
-               decoder_sparse_step=int(d.get("decoder_sparse_step", 1)), mlp_only_layers=list(d.get("mlp_only_layers") or []))
+    moe.update(moe_intermediate_size=d["moe_intermediate_size"], norm_topk_prob=_json_bool(d, "norm_topk_prob", False),
+               decoder_sparse_step=d.get("decoder_sparse_step", 1), mlp_only_layers=d.get("mlp_only_layers") or [])
     if arch == "qwen2_moe":
-        moe["shared_expert_intermediate_size"] = int(d["shared_expert_intermediate_size"])
+        moe["shared_expert_intermediate_size"] = d["shared_expert_intermediate_size"]
     return moe
 
 
@@ -278,10 +363,19 @@ def _check_rope_scaling(s: dict | None) -> dict | None:
     s["rope_type"] = rtype
     if rtype == "default":
         return None
-    if rtype in ("linear", "llama3", "dynamic") and not s.get("factor"):
+    if rtype in ("linear", "llama3", "dynamic", "yarn") and not s.get("factor"):
         raise ValueError(f"rope_scaling: rope type {rtype!r} needs a 'factor'")
     if rtype == "llama3":
         for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if k not in s:
                 raise ValueError(f"rope_scaling: rope type 'llama3' needs {k!r}")
+    for k in ("factor", "low_freq_factor", "high_freq_factor", "attention_factor", "beta_fast", "beta_slow"):
+        v = s.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0):
+            raise ValueError(f"rope_scaling: {k} must be a finite number > 0, got {v!r}")
+    if rtype in ("llama3", "yarn"):
+        if s.get("original_max_position_embeddings") is None:
+            raise ValueError(f"rope_scaling: rope type {rtype!r} needs 'original_max_position_embeddings' "
+                             "(or max_position_embeddings in config.json)")
+        _int_field("rope_scaling.original_max_position_embeddings", s["original_max_position_embeddings"], 1)
     return s

@@ -55,9 +55,14 @@ def load_tokenizer(path: str):
         raise FileNotFoundError(f"load_tokenizer: path {path!r} is not a directory")
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise FileNotFoundError(f"load_tokenizer: no tokenizer.json in {path!r}")
+    file = os.path.join(path, "tokenizer.json")
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (ValueError, OSError, KeyError):
-        # A tokenizer_config.json naming a class we do not have: the tokenizer.json alone suffices.
-        tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(path, "tokenizer.json"))
-    return tok
+        pass  # a tokenizer_config.json naming a class we do not have: the tokenizer.json alone suffices
+    except Exception as e:  # the tokenizers library raises a bare Exception for a malformed tokenizer.json
+        raise ValueError(f"load_tokenizer: cannot load {file}: {e}") from e
+    try:
+        return PreTrainedTokenizerFast(tokenizer_file=file)
+    except Exception as e:
+        raise ValueError(f"load_tokenizer: cannot load {file} (not a valid tokenizer.json?): {e}") from e
