@@ -114,3 +114,57 @@ def test_bench_passes_threads_to_the_script(monkeypatch):
 
 def test_convert_gguf_errors_cleanly(tmp_path):
     assert "convert-gguf" in fails("convert-gguf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "out"))
+
+
+# ------------------------------------------------------------------- bad input: one clear line, early
+def nan_reward(response, problem):
+    return float("nan")
+
+
+def test_non_finite_flags_fail_naming_the_field():
+    assert "GRPOConfig.lr: must be a finite number" in fails("grpo", "--lr", "inf")
+    assert "SFTConfig.lr: must be a finite number" in fails("sft", "--lr", "nan")
+    assert "TrainConfig.control_lr: must be a finite number" in fails("train", "--control_lr", "inf")
+    assert "GRPOConfig.truncation_reward" in fails("grpo", "--truncation_reward=-inf")
+    assert "GRPOConfig.prompt_template: unknown placeholder {foo}" in fails("grpo", "--prompt_template", "{question} {foo}")
+
+
+def test_toml_type_errors_name_file_table_and_key(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('dynamic_sampling = "no"\n')
+    msg = fails("grpo", "--config", str(toml))
+    assert str(toml) in msg and "dynamic_sampling = 'no': expected true or false" in msg
+    toml.write_text('stages = "sft"\n[sft]\nsteps = "1"\n')
+    msg = fails("train", "--config", str(toml))
+    assert str(toml) in msg and "[sft] steps = '1': expected an integer (SFTConfig.steps)" in msg
+
+
+def test_unavailable_backend_fails_before_any_work(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "GRPOConfig.backend: cannot run on device 'cpu'" in fails("grpo", "--backend", "triton", "--device", "cpu")
+    assert "GRPOConfig.backend: cannot run on device 'cpu'" in fails("grpo", "--backend", "cuda", "--device", "cpu")
+
+
+def test_sft_resume_refuses_a_grpo_checkpoint(tmp_path):
+    run_dir = tmp_path / "grpo_run"
+    (run_dir / "step-0000002").mkdir(parents=True)
+    (run_dir / "step-0000002" / "state.json").write_text(
+        '{"step": 2, "elapsed": 1.0, "stage": "grpo", "config": {"group_size": 8}, "rng": {}}')
+    (run_dir / "latest").write_text("step-0000002")
+    msg = fails("sft", "--resume", "--out_dir", str(run_dir), "--num_examples", "4", "--steps", "1")
+    assert "written by stage 'grpo' (GRPO), but this is stage 'sft' (SFT)" in msg
+
+
+def test_nan_custom_reward_is_an_error_not_a_dropped_group(tmp_path):
+    msg = fails("grpo", "--rewards", "accuracy,test_cli:nan_reward", "--steps", "1", "--prompts_per_step", "1",
+                "--group_size", "2", "--max_tokens", "2", "--out_dir", str(tmp_path / "g"))
+    assert "reward 'test_cli:nan_reward' returned nan for completion 0" in msg
+
+
+def test_sample_with_nothing_kept_warns_and_suggests_no_invalid_command(tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    main(["sample", "--model", "tiny", "--num_prompts", "2", "--n", "2", "--max_tokens", "2", "--out", str(out)])
+    cap = capsys.readouterr()
+    assert "kept 0" in cap.out and "--num_examples 0" not in cap.out + cap.err
+    assert "WARNING: no sample passed" in cap.err
+    assert out.read_text() == ""  # still written: a pipeline's next stage reads it

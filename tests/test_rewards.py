@@ -118,3 +118,27 @@ def test_custom_reward_by_import_path():
 def test_bad_reward_specs(spec, msg):
     with pytest.raises(ValueError, match=msg):
         parse_reward_spec(spec)
+
+
+def _returns(value):
+    return lambda response, problem: value if response == "bad" else 1.0
+
+
+@pytest.mark.parametrize("value, shown", [(float("nan"), "nan"), (float("inf"), "inf"), (None, "None"),
+                                          ("good", "'good'"), ([1.0], r"\[1\.0\]")])
+def test_custom_reward_must_return_a_finite_number(value, shown):
+    """A NaN reward was dropped silently by dynamic sampling (every comparison false); None or a
+    string crashed with a TypeError deep inside: the error names the reward spec and the completion."""
+    spec = [("accuracy", accuracy_reward, 1.0), ("myrew:bad", _returns(value), 1.0)]
+    with pytest.raises(ValueError, match=rf"reward 'myrew:bad' returned {shown} for completion 2"):
+        compute_rewards(["a", "b", "bad"], [Problem("1+1", "2")] * 3, spec)
+
+
+def test_custom_reward_errors_name_the_spec():
+    def boom(response, problem):
+        raise RuntimeError("boom")
+
+    with pytest.raises(ValueError, match=r"reward 'myrew:boom' raised RuntimeError for completion 0: boom"):
+        compute_rewards(["a"], [Problem("1+1", "2")], [("myrew:boom", boom, 1.0)])
+    total, parts = compute_rewards(["a"], [Problem("1+1", "2")], [("ok", lambda r, p: True, 0.5)])
+    assert total == [0.5] and parts["ok"] == [1.0]  # bools and ints are numbers

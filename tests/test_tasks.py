@@ -2,6 +2,7 @@
 difficulty knob, JSONL datasets (GSM8K / MATH shapes) and their errors."""
 import json
 import random
+import re
 
 import pytest
 
@@ -126,3 +127,13 @@ def test_reasoning_gym_optional():
         return
     ps = get_task("rg:basic_arithmetic").problems(5, seed=0)
     assert len(ps) == 5 and all(isinstance(p, Problem) for p in ps)
+
+
+def test_jsonl_invalid_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"question": "1+1", "answer": "2"}\n{"question": "\xff1+2", "answer": "3"}\n')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:2: invalid UTF-8"):
+        load_jsonl(str(path))
+    path.write_text('{"question": "1+1 \\ud800", "answer": "2"}\n')  # valid JSON, a lone surrogate
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:1: 'question' is not valid Unicode"):
+        load_jsonl(str(path))

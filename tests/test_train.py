@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -361,3 +362,132 @@ def test_sft_and_grpo_train_on_cuda(tmp_path):
     assert all(math.isfinite(r["reward"]) and math.isfinite(r["kl"]) for r in rows)
     back = load_model(str(tmp_path / "grpo" / "final"))
     assert all(torch.equal(a.cpu(), b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
+
+# ------------------------------------------------------------------- bad input: clear errors, early
+from reasonrl.train.checkpoint import resume_or_start  # noqa: E402
+from reasonrl.train.config import DistillConfig, GenerateConfig, SampleConfig  # noqa: E402
+
+_FLOAT_CONFIGS = [SFTConfig, GRPOConfig, TrainConfig, SampleConfig, DistillConfig, GenerateConfig]
+
+
+@pytest.mark.parametrize("cls", _FLOAT_CONFIGS, ids=lambda c: c.__name__)
+def test_every_float_field_rejects_nan_and_inf(cls):
+    """--lr inf trained to all-NaN weights with exit status 0; --control_lr inf failed minutes later."""
+    names = [f.name for f in dataclasses.fields(cls) if isinstance(getattr(cls(), f.name), float)]
+    assert names
+    for name in names:
+        with pytest.raises(ValueError, match=rf"{cls.__name__}\.{name}: "):
+            cls(**{name: float("nan")})
+        if name != "max_seconds":  # +inf there means "no limit"
+            with pytest.raises(ValueError, match=rf"{cls.__name__}\.{name}: .*finite"):
+                cls(**{name: float("inf")})
+    assert SFTConfig(max_seconds=float("inf")).max_seconds == float("inf")
+
+
+def test_distill_and_grpo_ranges_checked_at_config_time():
+    with pytest.raises(ValueError, match=r"DistillConfig\.min_lr_ratio"):
+        DistillConfig(min_lr_ratio=2.0)
+    with pytest.raises(ValueError, match=r"GRPOConfig\.epsilon_low"):
+        GRPOConfig(epsilon_low=1.5)
+
+
+@pytest.mark.parametrize("toml, where", [
+    ('dynamic_sampling = "no"', r"dynamic_sampling = 'no': expected true or false \(GRPOConfig\.dynamic_sampling\)"),
+    ("steps = 1.5", r"steps = 1\.5: expected an integer \(GRPOConfig\.steps\), got float"),
+    ("steps = true", r"steps = true: expected an integer \(GRPOConfig\.steps\), got bool"),
+    ('lr = "abc"', r"lr = 'abc': expected a number \(GRPOConfig\.lr\)"),
+    ("lr = true", r"lr = true: expected a number \(GRPOConfig\.lr\), got bool"),
+    ('group_size = "8"', r"group_size = '8': expected an integer"),
+    ('task = ["multiply"]', r"task = \['multiply'\]: expected a string \(GRPOConfig\.task\), got list"),
+    ('difficulty = "3"', r"difficulty = '3': expected an integer or none \(GRPOConfig\.difficulty\)"),
+    ("share_prefix = 1", r"share_prefix = 1: expected true or false"),
+])
+def test_toml_values_are_type_checked(tmp_path, toml, where):
+    path = tmp_path / "run.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {where}"):
+        parse_config(GRPOConfig, ["--config", str(path)])
+
+
+def test_toml_nested_tables_type_checked_and_flags_still_typed(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[sft]\nsteps = "1"\n')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: \[sft\] steps = '1': expected an integer \(SFTConfig\.steps\)"):
+        parse_config(TrainConfig, ["--config", str(path)])
+    path.write_text("grpo = 5\n")
+    with pytest.raises(ValueError, match=r"field 'grpo' must be a table"):
+        parse_config(TrainConfig, ["--config", str(path)])
+    path.write_text("[grpo]\nlr = 1\nsteps = 3\ndifficulty = 2\n")  # an int where a float is expected is fine
+    cfg = parse_config(TrainConfig, ["--config", str(path), "--sft.lr", "2", "--sft.difficulty", "none",
+                                     "--grpo.share_prefix", "false", "--control_lr", "1"])
+    assert cfg.grpo.lr == 1.0 and type(cfg.grpo.lr) is float and cfg.grpo.steps == 3 and cfg.grpo.difficulty == 2
+    assert cfg.sft.lr == 2.0 and cfg.sft.difficulty is None and cfg.grpo.share_prefix is False
+
+
+@pytest.mark.parametrize("cls", [SFTConfig, GRPOConfig, SampleConfig, GenerateConfig], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("template, msg", [("{question} {foo}", r"unknown placeholder \{foo\}"),
+                                           ("{question}{", "not a valid format string"),
+                                           ("{question} {0}", "not a valid format string"),
+                                           ("{{question}}", ".*escaped"), ("no field", "must contain")])
+def test_prompt_template_errors_name_the_field(cls, template, msg):
+    with pytest.raises(ValueError, match=rf"{cls.__name__}\.prompt_template: {msg}"):
+        cls(prompt_template=template)
+    assert cls(prompt_template="Q: {question} {{json}}\n").prompt_template and cls(prompt_template="{question!r}")
+
+
+def test_backend_must_run_on_the_device(monkeypatch):
+    """--backend triton / cuda on a CPU-only run passed the config and failed after the first rollout."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"GRPOConfig\.backend: cannot run on device 'cpu' .*TRITON_INTERPRET"):
+        GRPOConfig(backend="triton", device="cpu")
+    with pytest.raises(ValueError, match=r"GRPOConfig\.backend: cannot run on device 'cpu' .*cuda backend"):
+        GRPOConfig(backend="cuda", device="cpu")
+    assert GRPOConfig(backend="cpp", device="cpu").backend == "cpp"
+    assert GRPOConfig(backend="reference", device="cpu").backend == "reference"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"GRPOConfig\.backend"):
+            GRPOConfig(backend="cuda")  # device auto: the CPU here
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert GRPOConfig(backend="triton", device="cpu").backend == "triton"
+
+
+def _grpo_checkpoint(tmp_path):
+    model, tok = micro_model()
+    opt = make_optimizer(model, GRPOConfig())
+    state = {"step": 3, "elapsed": 1.0, "config": dataclasses.asdict(GRPOConfig()), "stage": "grpo"}
+    return model, opt, save_checkpoint(str(tmp_path / "run"), model, opt, state, tok)
+
+
+def test_resume_refuses_another_stages_checkpoint(tmp_path):
+    """`reasonrl sft --resume --out_dir <a GRPO run>` resumed the GRPO checkpoint as SFT."""
+    model, opt, _ = _grpo_checkpoint(tmp_path)
+    sft = SFTConfig(resume=True, out_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"written by stage 'grpo' \(GRPO\), but this is stage 'sft' \(SFT\)"):
+        resume_or_start(sft, model, make_optimizer(model, sft), "sft")
+    step, _, _ = resume_or_start(GRPOConfig(resume=True, out_dir=str(tmp_path / "run")), model, opt, "mt_grpo")
+    assert step == 3  # same trainer, another stage name (r1's mt_grpo): resumes
+
+
+def test_corrupt_checkpoint_files_are_named(tmp_path):
+    model, opt, path = _grpo_checkpoint(tmp_path)
+    cfg = GRPOConfig(resume=True, out_dir=str(tmp_path / "run"))
+    state = os.path.join(path, "state.json")
+    good = open(state).read()
+    open(state, "w").write(good[:20])
+    with pytest.raises(ValueError, match=rf"{re.escape(state)}' is corrupt \(not valid JSON"):
+        resume_or_start(cfg, model, opt, "grpo")
+    open(state, "w").write(json.dumps({**json.loads(good), "step": "3"}))
+    with pytest.raises(ValueError, match=rf"{re.escape(state)}' is corrupt"):
+        resume_or_start(cfg, model, opt, "grpo")
+    open(state, "w").write(good)
+    weights = os.path.join(path, "model.safetensors")
+    data = open(weights, "rb").read()
+    open(weights, "wb").write(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{re.escape(weights)}' is corrupt or truncated"):
+        resume_or_start(cfg, model, opt, "grpo")
+    open(weights, "wb").write(data)
+    opt_file = os.path.join(path, "optimizer.safetensors")
+    open(opt_file, "wb").write(b"\x00" * 4)
+    with pytest.raises(ValueError, match=rf"{re.escape(opt_file)}' is corrupt or truncated"):
+        resume_or_start(cfg, model, opt, "grpo")

@@ -383,10 +383,40 @@ def parse_reward_spec(spec: str) -> list[tuple[str, Callable, float]]:
     return out
 
 
+def _checked(name: str, values, n: int) -> list[float]:
+    """A reward function's outputs as floats; anything but a finite number raises, naming the reward
+    spec and the completion (a NaN reward made every comparison false: dynamic sampling dropped
+    its group silently; None or a string crashed deep inside)."""
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"reward {name!r} returned {len(values)} scores for {n} completions")
+    out = []
+    for i, x in enumerate(values):
+        try:
+            v = float(x) if not isinstance(x, (str, bytes)) and x is not None else None
+        except Exception:  # TypeError, ValueError, a many-element tensor's RuntimeError, ...
+            v = None
+        if v is None or not math.isfinite(v):
+            raise ValueError(f"reward {name!r} returned {x!r} for completion {i}: a reward must be a finite "
+                             "number (int or float)")
+        out.append(v)
+    return out
+
+
+def _call(name, fn, i, response, problem):
+    try:
+        return fn(response, problem)
+    except Exception as e:  # a custom reward's bug: name the spec and the completion, keep the cause chained
+        raise ValueError(f"reward {name!r} raised {type(e).__name__} for completion {i}: {e}") from e
+
+
 def compute_rewards(responses: list[str], problems: list, spec: list[tuple[str, Callable, float]]):
     """Weighted sum per response, plus each component's list (for logging). A function with a
-    `batch(responses, problems)` method (RewardModel) scores the whole list in one call."""
-    parts = {name: [float(x) for x in fn.batch(responses, problems)] if hasattr(fn, "batch") else
-             [float(fn(r, p)) for r, p in zip(responses, problems)] for name, fn, _ in spec}
+    `batch(responses, problems)` method (RewardModel) scores the whole list in one call. Every score
+    must be a finite number: otherwise ValueError naming the reward and the completion's index."""
+    parts = {name: _checked(name, fn.batch(responses, problems) if hasattr(fn, "batch") else
+                            [_call(name, fn, i, r, p) for i, (r, p) in enumerate(zip(responses, problems))],
+                            len(responses))
+             for name, fn, _ in spec}
     total = [sum(w * parts[name][i] for name, _, w in spec) for i in range(len(responses))]
     return total, parts

@@ -197,6 +197,12 @@ def _jsonl_problem(obj, where: str) -> Problem:
     elif not isinstance(answer, str) or not answer.strip():
         raise ValueError(f"{where}: missing 'answer' (a string or number, '#### x', or a \\boxed{{}} solution)")
     answer = answer.strip()
+    for key, text in (("question", question), ("answer", answer), ("response", obj.get("response"))):
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{where}: {key!r} is not valid Unicode text ({e.reason} at character {e.start})") from None
     solution = obj.get("response")
     if solution is None and rationale is not None:
         solution = format_response(rationale.strip(), answer)
@@ -220,19 +226,33 @@ def load_jsonl(path: str) -> list[Problem]:
     if not os.path.isfile(path):
         raise ValueError(f"dataset {path!r}: no such file")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            out.append(_jsonl_problem(obj, where))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                out.append(_jsonl_problem(obj, where))
+    except UnicodeDecodeError as e:  # decoded in blocks: find the line in the raw bytes
+        raise ValueError(f"{_bad_utf8_line(path)}: invalid UTF-8 ({e.reason}); the file must be UTF-8 text") from None
     if not out:
         raise ValueError(f"dataset {path!r}: no problems (empty file)")
     return out
+
+
+def _bad_utf8_line(path: str) -> str:
+    """'PATH:LINE' of the first line that is not valid UTF-8 (PATH alone if none is found)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"{path}:{lineno}"
+    return path
 
 
 class ReasoningGymTask(Task):

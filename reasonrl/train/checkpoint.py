@@ -73,18 +73,43 @@ def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
+def _read_tensors(file: str) -> dict:
+    """load_file, its errors (a truncated or corrupt file) naming the file."""
+    if not os.path.isfile(file):
+        raise ValueError(f"checkpoint file {file!r} is missing")
+    try:
+        return load_file(file)
+    except Exception as e:  # safetensors' SafetensorError, OSError, ...
+        raise ValueError(f"checkpoint file {file!r} is corrupt or truncated ({type(e).__name__}: {e})") from None
+
+
+def _read_json(file: str):
+    if not os.path.isfile(file):
+        raise ValueError(f"checkpoint file {file!r} is missing")
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"checkpoint file {file!r} is corrupt (not valid JSON: {e})") from None
+
+
 def _load_optimizer(optimizer, folder):
-    tensors = load_file(os.path.join(folder, "optimizer.safetensors"))
-    with open(os.path.join(folder, "optimizer.json")) as f:
-        rest = json.load(f)
-    state: dict = {}
-    for name, t in tensors.items():
-        _, pid, k = name.split(".", 2)
-        state.setdefault(int(pid), {})[k] = t
-    for name, v in rest["scalars"].items():
-        pid, k = name.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+    file = os.path.join(folder, "optimizer.safetensors")
+    tensors = _read_tensors(file)
+    rest_file = os.path.join(folder, "optimizer.json")
+    rest = _read_json(rest_file)
+    try:
+        state: dict = {}
+        for name, t in tensors.items():
+            _, pid, k = name.split(".", 2)
+            state.setdefault(int(pid), {})[k] = t
+        for name, v in rest["scalars"].items():
+            pid, k = name.split(".", 1)
+            state.setdefault(int(pid), {})[k] = v
+        optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"checkpoint {folder!r}: optimizer state ({file}, {rest_file}) does not fit this run's "
+                         f"optimizer ({type(e).__name__}: {e})") from None
 
 
 def save_checkpoint(run_dir: str, model, optimizer, state: dict, tokenizer=None, keep: int = 2) -> str:
@@ -130,23 +155,75 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return path
 
 
+def read_state(path: str) -> dict:
+    """A checkpoint's state.json (step, elapsed, stage, config, rng), checked; errors name the file."""
+    file = os.path.join(path, "state.json")
+    state = _read_json(file)
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint file {file!r} is corrupt (expected a JSON object, got {type(state).__name__})")
+    missing = [k for k in ("step", "rng") if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint file {file!r} is corrupt (no {', '.join(map(repr, missing))})")
+    step, elapsed = state["step"], state.get("elapsed", 0.0)
+    if type(step) is not int or step < 0 or type(elapsed) not in (int, float) or not elapsed >= 0:
+        raise ValueError(f"checkpoint file {file!r} is corrupt (step {step!r}, elapsed {elapsed!r}: expected an "
+                         "integer >= 0 and a number >= 0)")
+    return state
+
+
 def load_checkpoint(path: str, model, optimizer=None) -> dict:
-    """Load weights (and optimizer state) into existing objects; returns the JSON state, RNGs restored."""
-    weights = load_file(os.path.join(path, "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    """Load weights (and optimizer state) into existing objects; returns the JSON state, RNGs restored.
+    A missing, truncated or corrupt file raises ValueError naming it."""
+    state = read_state(path)  # first: a bad state.json must not leave half-loaded weights behind
+    file = os.path.join(path, "model.safetensors")
+    weights = _read_tensors(file)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shape mismatches: another model's checkpoint
+        raise ValueError(f"load_checkpoint {file!r}: the weights do not fit this model "
+                         f"({str(e).strip().splitlines()[-1].strip()})") from None
     missing = [m for m in missing if not (m == "lm_head.weight" and model.lm_head is None)]
     if missing or unexpected:
         raise ValueError(f"load_checkpoint {path!r}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if optimizer is not None:
         _load_optimizer(optimizer, path)
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
-    set_rng_state(state.pop("rng"))
+    try:
+        set_rng_state(state.pop("rng"))
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+        raise ValueError(f"checkpoint file {os.path.join(path, 'state.json')!r} is corrupt "
+                         f"(bad RNG state: {type(e).__name__}: {e})") from None
     return state
 
 
+_KIND_FIELDS = {"GRPO": "group_size", "SFT": "num_examples"}  # a field only that config has
+
+
+def _stage_kind(state: dict) -> str | None:
+    """'SFT' or 'GRPO': which trainer wrote a checkpoint, from its recorded config (the stage tag
+    alone may be a custom name: control, rs_sft, mt_grpo, ...); None when it cannot tell."""
+    config = state.get("config")
+    if isinstance(config, dict):
+        for kind, key in _KIND_FIELDS.items():
+            if key in config:
+                return kind
+    stage = str(state.get("stage", ""))
+    return "GRPO" if "grpo" in stage else "SFT" if "sft" in stage else None
+
+
+def check_stage(path: str, state: dict, cfg, tag: str) -> None:
+    """Refuse to resume a checkpoint written by the other trainer (`reasonrl sft --resume` on a GRPO
+    run's folder resumed the GRPO weights, optimizer and step count as SFT)."""
+    kind = "GRPO" if hasattr(cfg, "group_size") else "SFT"
+    theirs = _stage_kind(state)
+    if theirs is not None and theirs != kind:
+        raise ValueError(f"--resume: the checkpoint {path!r} was written by stage {state.get('stage', '?')!r} "
+                         f"({theirs}), but this is stage {tag!r} ({kind}); point {type(cfg).__name__}.out_dir "
+                         "at a new folder, or drop --resume")
+
+
 def resume_or_start(cfg, model, opt, tag):
-    """(step, elapsed, logger) of a stage: from its latest checkpoint under --resume, else fresh."""
+    """(step, elapsed, logger) of a stage: from its latest checkpoint under --resume, else fresh.
+    The checkpoint must come from the same kind of stage (SFT or GRPO: check_stage)."""
     from reasonrl.train.logger import MetricsLogger
 
     step, elapsed = 0, 0.0
@@ -154,7 +231,8 @@ def resume_or_start(cfg, model, opt, tag):
     if cfg.resume and resume_from is None:
         print(f"[{tag}] --resume: no checkpoint in {cfg.out_dir}; starting fresh")
     if resume_from:
+        check_stage(resume_from, read_state(resume_from), cfg, tag)
         state = load_checkpoint(resume_from, model, opt)
-        step, elapsed = state["step"], state["elapsed"]
+        step, elapsed = state["step"], state.get("elapsed", 0.0)
         print(f"[{tag}] resumed from {resume_from} at step {step}")
     return step, elapsed, MetricsLogger(cfg.out_dir, resume_step=step if resume_from else None)

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import math
 import re
 import textwrap
 import tokenize
@@ -23,8 +24,43 @@ def _bad(cfg, name, why):
     raise ValueError(f"{type(cfg).__name__}.{name}: {why}, got {getattr(cfg, name)!r}")
 
 
+# float fields where +inf has a meaning ("no limit"); NaN never has one
+_INF_OK = ("max_seconds",)
+
+
+def _check_floats(c):
+    """Every float field a finite number (+inf only where it means "no limit", _INF_OK): an inf
+    lr or temperature passed the range checks and trained to non-finite weights, exit status 0."""
+    for f in dataclasses.fields(c):
+        v = getattr(c, f.name)
+        if isinstance(v, float) and not math.isfinite(v) and not (v > 0 and f.name in _INF_OK):
+            _bad(c, f.name, "must be a finite number")
+
+
+_SENTINEL = "reasonrlQuestionSentinel"  # plain letters: {question!r} keeps it too
+
+
+def _check_template(c, name="prompt_template"):
+    """The prompt template must be a str.format template whose only field is {question} (a conversion
+    or format spec is fine: {question!r}), and the question must reach the prompt: "{{question}}" is
+    the literal text, the question never appears."""
+    t = getattr(c, name)
+    try:
+        filled = t.format(question=_SENTINEL)
+    except KeyError as e:
+        _bad(c, name, f"unknown placeholder {{{e.args[0]}}} (only {{question}} is filled; write {{{{ }}}} "
+                      "for a literal brace)")
+    except (IndexError, ValueError, AttributeError, TypeError) as e:
+        _bad(c, name, f"not a valid format string ({e}; only {{question}} is filled, write {{{{ }}}} for a "
+                      "literal brace)")
+    if _SENTINEL not in filled:
+        _bad(c, name, "must contain {question}" + (" as a placeholder (it was escaped or formatted away)"
+                                                   if "question" in t else ""))
+
+
 def _check_optim(c):
     """Checks shared by the stages' optimizer fields."""
+    _check_floats(c)
     if not c.lr > 0:
         _bad(c, "lr", "must be > 0")
     if c.warmup_steps < 0:
@@ -85,8 +121,7 @@ class SFTConfig:
             _bad(self, "num_examples", "must be >= 1")
         if self.batch_size < 1:
             _bad(self, "batch_size", "must be >= 1")
-        if "{question}" not in self.prompt_template:
-            _bad(self, "prompt_template", "must contain {question}")
+        _check_template(self)
         if "=" in self.task:
             _check_mix(self, "task", rewards=False)
 
@@ -103,6 +138,28 @@ def _check_mix(cfg, name, rewards=True):
                 parse_reward_spec(spec)
     except (ValueError, ImportError) as e:
         _bad(cfg, name, str(e))
+
+
+def _check_backend(cfg):
+    """The loss backend must run on the run's device (ops/_backend.why_unavailable): an unavailable
+    one (triton or cuda on a CPU-only machine) failed only after the first rollout, or never when
+    every group was dropped. A device torch cannot see is left to common.resolve_device, which
+    refuses it before any work."""
+    if cfg.backend == "auto":
+        return
+    import torch
+
+    from reasonrl.ops._backend import why_unavailable
+    if cfg.device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(cfg.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            return
+    reason = why_unavailable(cfg.backend, dev)
+    if reason is not None:
+        _bad(cfg, "backend", f"cannot run on device {str(dev)!r} ({reason}); use 'auto' or a backend "
+                             f"available there (device: {cfg.device!r})")
 
 
 @dataclass
@@ -174,8 +231,11 @@ class GRPOConfig:
             _bad(self, "micro_batch_tokens", "must be >= 1")
         if not self.beta >= 0:
             _bad(self, "beta", "must be >= 0")
-        if "{question}" not in self.prompt_template:
-            _bad(self, "prompt_template", "must contain {question}")
+        if not 0 <= self.epsilon_low < 1:
+            _bad(self, "epsilon_low", "must be in [0, 1)")
+        if not self.epsilon_high >= 0:
+            _bad(self, "epsilon_high", "must be >= 0")
+        _check_template(self)
         from reasonrl.ops.grpo import ADVANTAGES, LOSS_TYPES
         if self.loss_type not in LOSS_TYPES:
             _bad(self, "loss_type", f"must be one of {LOSS_TYPES}")
@@ -186,6 +246,7 @@ class GRPOConfig:
         from reasonrl.ops._backend import BACKENDS
         if self.backend not in BACKENDS:
             _bad(self, "backend", f"must be one of {BACKENDS}")
+        _check_backend(self)
         from reasonrl.rl.rewards import parse_reward_spec
         parse_reward_spec(self.rewards)  # raises naming the bad reward
         if self.tasks:
@@ -216,6 +277,7 @@ class TrainConfig:
     out_dir: str = "runs/train"
 
     def __post_init__(self):
+        _check_floats(self)
         if not self.control_lr > 0:
             _bad(self, "control_lr", "must be > 0")
         if self.eval_problems < 1:
@@ -244,6 +306,7 @@ class SampleConfig:
     out: str = "runs/sample/samples.jsonl"
 
     def __post_init__(self):
+        _check_floats(self)
         for name in ("num_prompts", "n", "max_tokens", "chunk_prompts"):
             if getattr(self, name) < 1:
                 _bad(self, name, "must be >= 1")
@@ -253,8 +316,7 @@ class SampleConfig:
             _bad(self, "top_p", "must be in (0, 1]")
         if not self.out.endswith(".jsonl"):
             _bad(self, "out", "must be a .jsonl path")
-        if "{question}" not in self.prompt_template:
-            _bad(self, "prompt_template", "must contain {question}")
+        _check_template(self)
 
 
 @dataclass
@@ -338,12 +400,17 @@ class DistillConfig:
     out_dir: str = "runs/distill"
 
     def __post_init__(self):
+        _check_floats(self)
         for name in ("num_examples", "teacher_prompts", "samples_per_prompt", "steps", "batch_size",
                      "max_tokens", "eval_problems"):
             if getattr(self, name) < 1:
                 _bad(self, name, "must be >= 1")
         if not self.lr > 0:
             _bad(self, "lr", "must be > 0")
+        if self.warmup_steps < 0:
+            _bad(self, "warmup_steps", "must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            _bad(self, "min_lr_ratio", "must be in [0, 1]")
         if not self.temperature > 0:
             _bad(self, "temperature", "must be > 0")
 
@@ -362,6 +429,7 @@ class GenerateConfig:
     seed: int = 0
 
     def __post_init__(self):
+        _check_floats(self)
         if self.num < 1:
             _bad(self, "num", "must be >= 1")
         if self.n < 1:
@@ -370,6 +438,7 @@ class GenerateConfig:
             _bad(self, "temperature", "must be >= 0")
         if self.max_tokens < 1:
             _bad(self, "max_tokens", "must be >= 1")
+        _check_template(self)
 
 
 # ---------------------------------------------------------------------------------------- parsing
@@ -462,22 +531,69 @@ def _assign(values: dict, dotted: str, value):
     values[last] = value
 
 
-def _from_dict(cls, d: dict, where: str):
+def _type_name(t) -> str:
+    args = typing.get_args(t)
+    if args:
+        return " or ".join("none" if a is type(None) else _type_name(a) for a in args)
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(t, getattr(t, "__name__", str(t)))
+
+
+def _typed(t, v, default):
+    """(ok, value): v checked against a field's annotation t (int: an int, not a bool; float: an int
+    or float, not a bool, made a float; bool: a bool; str: a str; X | None: None too, as does a
+    None default)."""
+    args = typing.get_args(t)
+    if args:  # X | None
+        if v is None:
+            return type(None) in args, v
+        for a in (a for a in args if a is not type(None)):
+            ok, out = _typed(a, v, default)
+            if ok:
+                return True, out
+        return False, v
+    if v is None:
+        return default is None, v
+    if t is bool:
+        return isinstance(v, bool), v
+    if t is int:
+        return isinstance(v, int) and not isinstance(v, bool), v
+    if t is float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        return ok, float(v) if ok else v
+    if t is str:
+        return isinstance(v, str), v
+    return (isinstance(v, t) if isinstance(t, type) else True), v  # no other field types today
+
+
+def _field_default(f):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _from_dict(cls, d: dict, where: str, table: str = ""):
+    """cls(**d) with every value checked against its field's type; errors name the file (`where`),
+    the table and the key. Command-line values arrive already converted (_convert) and pass."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    at = f"[{table}] " if table else ""
     kwargs = {}
     for k, v in d.items():
-        if k not in names:
-            raise ValueError(f"{where}: unknown field {k!r} for {cls.__name__} (fields: {sorted(names)})")
+        if k not in fields:
+            raise ValueError(f"{where}: {at}unknown field {k!r} for {cls.__name__} (fields: {sorted(fields)})")
         t = hints[k]
         if dataclasses.is_dataclass(t):
             if not isinstance(v, dict):
-                raise ValueError(f"{where}: field {k!r} must be a table of {t.__name__} fields")
-            base = dataclasses.asdict(getattr(cls(), k))
+                raise ValueError(f"{where}: field {k!r} must be a table of {t.__name__} fields "
+                                 f"([{table + '.' if table else ''}{k}]), got {type(v).__name__} {v!r}")
+            base = dataclasses.asdict(_field_default(fields[k]))
             base.update(v)
-            kwargs[k] = _from_dict(t, base, f"{where}.{k}")
+            kwargs[k] = _from_dict(t, base, where, f"{table}.{k}" if table else k)
         else:
-            kwargs[k] = v
+            ok, value = _typed(t, v, _field_default(fields[k]))
+            if not ok:
+                shown = str(v).lower() if isinstance(v, bool) else repr(v)  # as TOML spells it
+                raise ValueError(f"{where}: {at}{k} = {shown}: expected {_type_name(t)} ({cls.__name__}.{k}), "
+                                 f"got {type(v).__name__}")
+            kwargs[k] = value
     return cls(**kwargs)
 
 

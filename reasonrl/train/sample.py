@@ -9,13 +9,17 @@ One line per kept response:
    "provenance": {"model", "step", "task", "difficulty", "seed", "sample_index", "temperature"}}
 "step" is the checkpoint's training step from its state.json (a `final` folder borrows it from its
 run's latest checkpoint), else null. The file is written to a temporary name and os.replace'd, so a
-reader never sees half of it. Sampling is deterministic by seed: chunk c of the prompts samples
+reader never sees half of it. When no sample passes, the file is still written (empty: a pipeline
+reads its stage's output, and r1's rs_sft stage reports the empty set), the command exits 0, and a
+WARNING on stderr says no sample passed, with no `reasonrl sft` suggestion (SFT needs
+num_examples >= 1). Sampling is deterministic by seed: chunk c of the prompts samples
 after torch.manual_seed(step_seed(seed, "rs", c)).
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import torch
@@ -37,8 +41,12 @@ def checkpoint_step(path: str) -> int | None:
             candidates.append(os.path.join(run_dir, f.read().strip(), "state.json"))
     for c in candidates:
         if os.path.isfile(c):
-            with open(c) as f:
-                return json.load(f).get("step")
+            try:
+                with open(c, encoding="utf-8") as f:
+                    state = json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"checkpoint file {c!r} is corrupt (not valid JSON: {e})") from None
+            return state.get("step") if isinstance(state, dict) else None
     return None
 
 
@@ -84,8 +92,15 @@ def run_sample(cfg: SampleConfig, model=None, tokenizer=None, exclude=()) -> dic
                "pass_rate": n_correct / max(n_samples, 1), "solved_prompts": n_solved, "out": cfg.out,
                "seconds": time.perf_counter() - t0}
     print(f"[sample] prompts {summary['prompts']} samples {n_samples} correct {n_correct} kept {len(kept)} "
-          f"pass rate {summary['pass_rate']:.3f} prompts solved {n_solved} -> {cfg.out}\n"
-          f"[sample] train on it: reasonrl sft --task jsonl:{cfg.out} --num_examples {len(kept)}", flush=True)
+          f"pass rate {summary['pass_rate']:.3f} prompts solved {n_solved} -> {cfg.out}", flush=True)
+    if kept:
+        print(f"[sample] train on it: reasonrl sft --task jsonl:{cfg.out} --num_examples {len(kept)}", flush=True)
+    else:  # nothing to train on: say so, suggest no command (SFT rejects an empty dataset)
+        why = "verified correct" + (" in the training format" if cfg.require_format else "")
+        print(f"[sample] WARNING: no sample passed: none of the {n_samples} samples was {why} (and finished "
+              f"within max_tokens={cfg.max_tokens}); {cfg.out} is empty and there is nothing to train on. "
+              "Try a better-trained model, more samples (--n, --num_prompts), a larger --max_tokens"
+              + (" or --require_format false" if cfg.require_format else "") + ".", file=sys.stderr, flush=True)
     return summary
 
 
