@@ -228,3 +228,13 @@ def test_missing_checkpoint_unknown_task_bad_labels(tmp_path):
     with pytest.raises(ValueError, match="--difficulties: task .* has no difficulty knob"):
         main(["--task", task, "--num_problems", "2", "--out_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()  # every error came before any output
+
+
+@pytest.mark.parametrize("template,why", [("{question} {foo}", "unknown placeholder"),
+                                          ("Q: {question}{", "not a valid format string"),
+                                          ("{{question}}", "must contain")])
+def test_eval_prompt_template_checked_like_the_trainers(template, why):
+    from reasonrl.eval.run import EvalConfig
+
+    with pytest.raises(ValueError, match=f"EvalConfig.prompt_template: {why}"):
+        EvalConfig(models="x", prompt_template=template)

@@ -105,8 +105,8 @@ class EvalConfig:
             bad("batch", "must be >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "must be auto | cpu | cuda")
-        if "{question}" not in self.prompt_template:
-            bad("prompt_template", "must contain {question}")
+        from reasonrl.train.config import _check_template
+        _check_template(self)  # a str.format template whose one field is {question}
         unknown = set(self.section_list) - set(SECTIONS)
         if unknown or not self.section_list:
             bad("sections", f"must be a non-empty comma-separated subset of {','.join(SECTIONS)}")
