@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reasonrl.models import AttnContext, ModelConfig, init_model
+from decode_case import decode_case
+
+from reasonrl.models import AttnContext
 from reasonrl.models.functional import _rotate
 from reasonrl.ops import _backend
 
@@ -95,23 +97,8 @@ def test_triton_decode_step_matches_model_forward(arch, dtype):
     the KV cache of the model's decode forward, up to rounding."""
     from reasonrl.engine.decode_forward import lean_decode
 
-    V = 61
-    cfg = ModelConfig(arch=arch, vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=arch == "qwen2",
-                      attention_bias=arch != "llama", qk_norm=arch == "qwen3")
-    model = init_model(cfg, seed=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model = model.to(dtype)
-    B, bs, NB = 9, 4, 80
-    lens = torch.randint(1, 30, (B,), dtype=torch.int32)
-    tables = torch.randperm(NB)[: B * 8].view(B, 8).int()
-    pos = lens.long() - 1
-    slots = tables.gather(1, (pos // bs)[:, None]).squeeze(1).long() * bs + pos % bs
-    slots[3] = -1  # a padding row: writes nothing
-    ids = torch.randint(0, V, (B,))
-    kv = torch.randn(2, 2, NB, bs, 2, 16).to(dtype)
+    model, ids, pos, slots, lens, tables, kv = decode_case(arch, dtype, seed=3, pad_row=3)
+    B = ids.shape[0]
     kv2 = kv.clone()
     lean = lean_decode(model)
     assert lean is not None and not lean.triton  # on GPUs only, unless forced

@@ -531,24 +531,12 @@ def test_decode_window_under_preemption(hf_and_ours):
 def test_lean_decode_step_is_bitwise_the_model_forward(arch, dtype):
     """The runner's lean decode step (no module calls) gives exactly the model's decode logits; the
     C++ layer call (its own RMSNorm and RoPE loops) the same up to float32 summation order."""
-    from reasonrl.engine.decode_forward import lean_decode
-    from reasonrl.models import ModelConfig
+    from decode_case import decode_case
 
-    cfg = ModelConfig(arch=arch, vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=arch == "qwen2",
-                      attention_bias=arch != "llama", qk_norm=arch == "qwen3")
-    model = init_model(cfg, seed=random.randint(0, 1000))
-    with torch.no_grad():
-        for p in model.parameters():  # non-trivial norms and biases
-            p.add_(torch.randn_like(p) * 0.05)
-    model = model.to(dtype)
-    B, bs, NB = 9, 4, 80
-    lens = torch.randint(1, 30, (B,), dtype=torch.int32)
-    tables = torch.randperm(NB)[: B * 8].view(B, 8).int()
-    pos = lens.long() - 1
-    slots = tables.gather(1, (pos // bs)[:, None]).squeeze(1).long() * bs + pos % bs
-    ids = torch.randint(0, V, (B,))
-    kv = torch.randn(2, 2, NB, bs, 2, 16).to(dtype)
+    from reasonrl.engine.decode_forward import lean_decode
+
+    model, ids, pos, slots, lens, tables, kv = decode_case(arch, dtype, seed=random.randint(0, 1000))
+    B = ids.shape[0]
     caches = [(kv[i, 0], kv[i, 1]) for i in range(2)]
     kv0, kv2 = kv.clone(), kv.clone()
     caches2 = [(kv2[i, 0], kv2[i, 1]) for i in range(2)]

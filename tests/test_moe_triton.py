@@ -5,13 +5,10 @@ column tiles, masked edges (odd H and I) and padded row blocks are all crossed a
 (CPU blocks: BLOCK_M 16, BLOCK_N/K 32).
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import triton
+from sm90 import available, compile_sm90, report_of
 
 import reasonrl.kernels.moe as km
 from reasonrl.kernels.moe import triton_moe_experts
@@ -230,35 +227,6 @@ def test_moe_experts_triton_gpu(case, dtype):
         assert_close_to_ref(a, b, c, dtype, name)
 
 
-def _compile_sm90(fn, ptrs, ints, constexprs, opts):
-    """Compile a kernel for sm_90a without a GPU, specialized as the JIT specializes at run time
-    (16-byte aligned pointers, ints that are multiples of 16 marked so, ints equal to 1 constant)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig, attrs, cex = {}, {}, dict(constexprs)
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ptrs:
-            sig[name], attrs[(i,)] = ptrs[name], [["tt.divisibility", 16]]
-        elif ints[name] == 1:
-            sig[name], cex[name] = "constexpr", 1
-        else:
-            sig[name] = "i32"
-            if ints[name] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return triton.compile(ASTSource(fn, sig, cex, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=opts)
-
-
-def _sm90_available():
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-        return True
-    except Exception:
-        return False
-
-
 def _hopper_build(kernel):
     """Compile one GEMM kernel at the goal shape (T=16384, H=2048, I=768, E=128, top-8, bf16,
     BLOCK_M 128) with the GPU config."""
@@ -271,23 +239,23 @@ def _hopper_build(kernel):
     rows = dict(BLOCK_M=BM, GROUP_M=G["GROUP_M"], UPCAST=False, PREC="tf32", **c)
     w1s = dict(stride_we=2 * I * H, stride_wn=H, stride_wh=1)
     if kernel == "gate_up":
-        return _compile_sm90(km._moe_gate_up_fwd_kernel,
+        return compile_sm90(km._moe_gate_up_fwd_kernel,
                              dict(X=bf, W1=bf, IDX="*i32", BLOCK_EXPERT="*i32", ACT=bf, HPRE=bf),
                              dict(num_m=num_m, H=H, I=I, K=K, stride_xt=H, stride_xh=1, **w1s),
                              dict(STORE_H=True, **rows), opts)
     if kernel == "rows":
-        return _compile_sm90(km._moe_rows_kernel,
+        return compile_sm90(km._moe_rows_kernel,
                              dict(A=bf, B=bf, IDX="*i32", BLOCK_EXPERT="*i32", TW="*fp32", OUT=bf),
                              dict(num_m=num_m, N=H, KD=I, K=K, stride_be=H * I, stride_bk=1, stride_bn=I),
                              dict(HAS_SCALE=True, **rows), opts)
     if kernel == "swiglu_bwd":
-        return _compile_sm90(km._moe_swiglu_bwd_kernel,
+        return compile_sm90(km._moe_swiglu_bwd_kernel,
                              dict(GO=bf, WD=bf, X=bf, W1=bf, HPRE=bf, IDX="*i32", BLOCK_EXPERT="*i32",
                                   TW="*fp32", DH=bf, ACTW=bf, DWP="*fp32"),
                              dict(num_m=num_m, H=H, I=I, K=K, stride_gt=H, stride_gh=1, stride_de=H * I,
                                   stride_dh=I, stride_di=1, stride_xt=H, stride_xh=1, **w1s),
                              dict(RECOMPUTE=False, **rows), opts)
-    return _compile_sm90(km._moe_wgrad_kernel, dict(A=bf, B=bf, IDX="*i32", POFF="*i32", OUT=bf),
+    return compile_sm90(km._moe_wgrad_kernel, dict(A=bf, B=bf, IDX="*i32", POFF="*i32", OUT=bf),
                          dict(N1=2 * I, N2=H, K=K, stride_ar=2 * I, stride_ac=1, stride_br=H, stride_bc=1,
                               stride_oe=2 * I * H, stride_o1=H, stride_o2=1),
                          dict(A_GATHER=False, B_GATHER=True, UPCAST=False, PREC="tf32", **c), opts)
@@ -296,19 +264,13 @@ def _hopper_build(kernel):
 HOPPER_KERNELS = ("gate_up", "rows", "swiglu_bwd", "wgrad")
 
 
-@pytest.mark.skipif(not _sm90_available(), reason="triton without its NVIDIA backend")
+@pytest.mark.skipif(not available(), reason="triton without its NVIDIA backend")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the gpu tests compile and run the kernels")
 def test_kernels_compile_for_hopper():
     """The GEMM kernels build for sm_90a at the goal shape with the GPU configs: wgmma,
     software-pipelined loads, shared memory within an H100/H200 SM. No GPU needed; the
     interpreter sees none of this, so it runs in a subprocess without TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root, capture_output=True,
-                       text=True, timeout=600, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads(r.stdout.strip().splitlines()[-1])
+    report = report_of(__file__)
     for kernel in HOPPER_KERNELS:
         rep = report[kernel]
         assert rep["wgmma"], f"{kernel}: tl.dot did not become wgmma"

@@ -8,47 +8,14 @@ for decode attention). No GPU is needed; the compile runs in a subprocess withou
 The GRPO and MoE kernels have their own compile tests (test_grpo_loss.py, test_moe_triton.py).
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from sm90 import available, compile_sm90, report_of
 
 
-def _sm90_available():
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-        return True
-    except Exception:
-        return False
-
-
-def _compile(fn, ptrs, scalars, constexprs, num_warps=4):
-    """fn specialized as Triton's JIT would at run time: 16-byte aligned pointers, ints that are
-    multiples of 16 marked so, ints equal to 1 folded to constants."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig, attrs, cex = {}, {}, dict(constexprs)
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ptrs:
-            sig[name], attrs[(i,)] = ptrs[name], [["tt.divisibility", 16]]
-        elif isinstance(scalars[name], float):
-            sig[name] = "fp32"
-        elif scalars[name] == 1:
-            sig[name], cex[name] = "constexpr", 1
-        else:
-            sig[name] = "i32"
-            if scalars[name] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    missing = set(fn.arg_names) - set(sig)
-    assert not missing, f"{fn.__name__}: no signature for {sorted(missing)}"
-    return triton.compile(ASTSource(fn, sig, cex, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps))
+def _c(fn, ptrs, scalars, constexprs, num_warps=4):
+    return compile_sm90(fn, ptrs, scalars, constexprs, dict(num_warps=num_warps))
 
 
 def _builds():
@@ -60,12 +27,12 @@ def _builds():
     for dt in ("fp32", "bf16", "fp16"):
         for ent in (False, True):
             V = 151936
-            out.append((f"logprob_fwd {dt} entropy={ent}", _compile(
+            out.append((f"logprob_fwd {dt} entropy={ent}", _c(
                 L._logprob_fwd_kernel,
                 dict(X=f"*{dt}", IDS="*i64", LOGP="*fp32", LSE="*fp32", ENT="*fp32"),
                 dict(stride_x=V, V=V, inv_t=0.7, ignore_index=-100),
                 dict(WITH_ENT=ent, BLOCK=4096), num_warps=8)))
-            out.append((f"logprob_bwd {dt} entropy={ent}", _compile(
+            out.append((f"logprob_bwd {dt} entropy={ent}", _c(
                 L._logprob_bwd_kernel,
                 dict(G=f"*{dt}", X=f"*{dt}", IDS="*i64", LSE="*fp32", ENT="*fp32", GLOGP="*fp32", GENT="*fp32"),
                 dict(stride_g=V, stride_x=V, V=V, vocab_start=8192, inv_t=0.7, ignore_index=-100),
@@ -76,7 +43,7 @@ def _builds():
                               ("bf16", 1, 16, 80, 24)):
         BD = max(16, 1 << (D - 1).bit_length())
         prec = "ieee" if dt == "fp32" else "tf32"
-        out.append((f"paged_decode_split {dt} Hkv={Hkv} G={G} D={D} BS={BS}", _compile(
+        out.append((f"paged_decode_split {dt} Hkv={Hkv} G={G} D={D} BS={BS}", _c(
             P._paged_decode_split_kernel,
             dict(q_ptr=f"*{dt}", kc_ptr=f"*{dt}", vc_ptr=f"*{dt}", table_ptr="*i32", lens_ptr="*i32",
                  mid_o_ptr="*fp32", mid_lse_ptr="*fp32"),
@@ -84,11 +51,11 @@ def _builds():
                  stride_ch=D, stride_tb=37, split_len=256),
             dict(BS=BS, G=G, D=D, S=4, BLOCK_G=max(16, 1 << (G - 1).bit_length()), BLOCK_D=BD, BLOCK_N=32,
                  PRECISION=prec, UPCAST=False))))
-        out.append((f"paged_decode_reduce {dt} D={D}", _compile(
+        out.append((f"paged_decode_reduce {dt} D={D}", _c(
             P._paged_decode_reduce_kernel, dict(mid_o_ptr="*fp32", mid_lse_ptr="*fp32", out_ptr=f"*{dt}"),
             dict(stride_ob=Hkv * G * D, stride_oh=D, Hq=Hkv * G),
             dict(S=4, D=D, BLOCK_S=4, BLOCK_D=BD))))
-        out.append((f"store_kv {dt} Hkv={Hkv} D={D}", _compile(
+        out.append((f"store_kv {dt} Hkv={Hkv} D={D}", _c(
             P._store_kv_kernel, dict(k_ptr="*bf16", v_ptr="*bf16", kc_ptr=f"*{dt}", vc_ptr=f"*{dt}", slot_ptr="*i64"),
             dict(stride_kt=3 * Hkv * D, stride_kh=D, stride_vt=3 * Hkv * D, stride_vh=D, stride_cs=Hkv * D,
                  stride_ch=D),
@@ -99,33 +66,27 @@ def _builds():
     # intermediate 4864), with the launch settings of kernels/decode.py
     for dt in ("bf16", "fp16", "fp32"):
         for res in (False, True):
-            out.append((f"add_rms_norm {dt} residual={res}", _compile(
+            out.append((f"add_rms_norm {dt} residual={res}", _c(
                 Dk._add_rms_norm_kernel, dict(X=f"*{dt}", R=f"*{dt}", W=f"*{dt}", Y=f"*{dt}", S=f"*{dt}"),
                 dict(stride_x=896, stride_r=896, stride_y=896, stride_s=896, N=896, eps=1e-6),
                 dict(HAS_RES=res, BLOCK=1024), num_warps=4)))
-        out.append((f"rope_store_kv {dt}", _compile(
+        out.append((f"rope_store_kv {dt}", _c(
             Dk._rope_store_kv_kernel,
             dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", COS="*fp32", SIN="*fp32", QO=f"*{dt}", KC=f"*{dt}", VC=f"*{dt}",
                  SLOT="*i64"),
             dict(stride_qt=896, stride_qh=64, stride_kt=128, stride_kh=64, stride_vt=128, stride_vh=64, stride_ct=32,
                  stride_cs=128, stride_ch=64),
             dict(HQ=14, HKV=2, HALF=32, BLOCK_H=16, BLOCK_D=32), num_warps=2)))
-        out.append((f"silu_mul {dt}", _compile(
+        out.append((f"silu_mul {dt}", _c(
             Dk._silu_mul_kernel, dict(G=f"*{dt}", U=f"*{dt}", O=f"*{dt}"),
             dict(stride_g=4864, stride_u=4864, stride_o=4864, N=4864), dict(BLOCK=1024), num_warps=4)))
     return out
 
 
-@pytest.mark.skipif(not _sm90_available(), reason="triton without its NVIDIA backend")
+@pytest.mark.skipif(not available(), reason="triton without its NVIDIA backend")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the gpu tests compile and run the kernels")
 def test_logprob_and_paged_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root, capture_output=True,
-                       text=True, timeout=600, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads(r.stdout.strip().splitlines()[-1])
+    report = report_of(__file__)
     assert len(report) == 6 * 2 + 4 * 3 + 3 * 4, sorted(report)
     for name, rep in report.items():
         assert rep["cubin"], f"{name}: no cubin"
