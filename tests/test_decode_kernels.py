@@ -1,7 +1,7 @@
 """kernels/decode.py (the GPU decode step's elementwise kernels), run here by Triton's interpreter:
 each kernel against the PyTorch ops it replaces, and the decode step built on them (LeanDecode's
 triton path) against the model's forward. Tolerances: float32 summation order in the sums of squares,
-which can move a bf16/fp16 rounding by one unit, and the interpreter's bfloat16 rounding (toward zero).""" 
+which can move a bf16/fp16 rounding by one unit, and the interpreter's bfloat16 rounding (toward zero)."""
 import pytest
 import torch
 import torch.nn.functional as F
