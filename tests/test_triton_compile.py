@@ -1,4 +1,4 @@
-"""The log-prob, paged-KV and decode-step Triton kernels compile for sm_90a as launched on a GPU.
+"""The log-prob, paged-KV, decode-step and training-step Triton kernels compile for sm_90a as launched on a GPU.
 
 The CPU interpreter accepts code that compiled Triton rejects (types of loop-carried values, dot
 shapes under 16, ...), and these kernels' tests here run only interpreted. So each kernel is
@@ -80,6 +80,23 @@ def _builds():
         out.append((f"silu_mul {dt}", _c(
             Dk._silu_mul_kernel, dict(G=f"*{dt}", U=f"*{dt}", O=f"*{dt}"),
             dict(stride_g=4864, stride_u=4864, stride_o=4864, N=4864), dict(BLOCK=1024), num_warps=4)))
+    from reasonrl.kernels import fused as Fk
+
+    # the training step's passes (kernels/fused.py): float32 residual stream under autocast, bf16 q/k/g/u
+    for xdt, wdt in (("fp32", "fp32"), ("bf16", "bf16")):
+        out.append((f"rms_fwd {xdt}", _c(Fk._rms_fwd_kernel, dict(X=f"*{xdt}", W=f"*{wdt}", Y=f"*{xdt}", R="*fp32"),
+                                         dict(stride_x=896, stride_y=896, N=896, eps=1e-6), dict(BLOCK=1024))))
+        out.append((f"rms_bwd {xdt}", _c(Fk._rms_bwd_kernel,
+                                         dict(G=f"*{xdt}", X=f"*{xdt}", W=f"*{wdt}", R="*fp32", DX=f"*{xdt}", DW="*fp32"),
+                                         dict(stride_g=896, stride_x=896, stride_dx=896, M=8192, N=896,
+                                              rows_per_prog=16), dict(BLOCK=1024))))
+    for dt in ("bf16", "fp32"):
+        out.append((f"rope {dt}", _c(Fk._rope_kernel, dict(X=f"*{dt}", COS="*fp32", SIN="*fp32", Y=f"*{dt}"),
+                                     dict(stride_xt=896, stride_xh=64, stride_ct=32, sign=-1.0, H=14),
+                                     dict(HALF=32, BLOCK_H=16, BLOCK_D=32), num_warps=4)))
+        out.append((f"swiglu_bwd {dt}", _c(Fk._swiglu_bwd_kernel,
+                                           dict(DH=f"*{dt}", G=f"*{dt}", U=f"*{dt}", H_OUT=f"*{dt}", DG=f"*{dt}",
+                                                DU=f"*{dt}"), dict(N=4864), dict(BLOCK=1024))))
     return out
 
 
@@ -87,7 +104,7 @@ def _builds():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the gpu tests compile and run the kernels")
 def test_logprob_and_paged_kernels_compile_for_sm90():
     report = report_of(__file__)
-    assert len(report) == 6 * 2 + 4 * 3 + 3 * 4, sorted(report)
+    assert len(report) == 6 * 2 + 4 * 3 + 3 * 4 + 8, sorted(report)
     for name, rep in report.items():
         assert rep["cubin"], f"{name}: no cubin"
         assert rep["shared"] <= 227 * 1024, f"{name}: {rep['shared']} bytes of shared memory"

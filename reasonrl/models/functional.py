@@ -17,8 +17,52 @@ and what is kept for backward is in that dtype; gradients come back in each inpu
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+
+# On CUDA the elementwise passes of RMSNorm, RoPE and the SwiGLU product run as Triton kernels
+# (kernels/fused.py: one pass each way). "force": also on CPU tensors, through Triton's interpreter
+# (tests only).
+FUSED = {"force": False}
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_ok() -> bool:
+    from reasonrl.ops._backend import triton_importable
+    return triton_importable()
+
+
+def fused_ok(x: torch.Tensor) -> bool:
+    return (x.is_cuda or FUSED["force"]) and x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+        and _triton_ok()
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = w * dtype(x * rsqrt(mean(x^2) + eps)) over the last dim (models.RMSNorm), one Triton pass
+    each way; keeps x and the per-row rsqrt."""
+    @staticmethod
+    def forward(ctx, x, w, eps):
+        from reasonrl.kernels.fused import rms_norm_fwd
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        y, r = rms_norm_fwd(x2, w, eps)
+        ctx.save_for_backward(x2, w, r)
+        ctx.shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        from reasonrl.kernels.fused import rms_norm_bwd
+        x2, w, r = ctx.saved_tensors
+        dx, dw = rms_norm_bwd(g.reshape(-1, g.shape[-1]).contiguous(), x2, w, r)
+        return dx.view(ctx.shape), dw.to(w.dtype), None
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """models.RMSNorm's forward through kernels/fused.py (callers check fused_ok(x))."""
+    return RMSNormFunction.apply(x, w, eps)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -35,7 +79,12 @@ class SwiGLUFunction(torch.autograd.Function):
         xc = x.to(dt)
         g = F.linear(xc, w_gate.to(dt))  # (N, I)
         u = F.linear(xc, w_up.to(dt))  # (N, I)
-        y = F.linear(F.silu(g) * u, w_down.to(dt))  # (N, H)
+        if fused_ok(g):
+            from reasonrl.kernels.decode import silu_mul
+            h = silu_mul(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])).view(g.shape)
+        else:
+            h = F.silu(g) * u
+        y = F.linear(h, w_down.to(dt))  # (N, H)
         ctx.save_for_backward(xc, g, u, w_gate, w_up, w_down)
         ctx.x_dtype = x.dtype
         return y
@@ -45,11 +94,18 @@ class SwiGLUFunction(torch.autograd.Function):
         xc, g, u, w_gate, w_up, w_down = ctx.saved_tensors
         dt = g.dtype
         dy = dy.to(dt)
-        silu = F.silu(g)
         dh = dy @ w_down.to(dt)  # (N, I)
-        dw_down = dy.flatten(0, -2).t() @ (silu * u).flatten(0, -2)  # (H, I)
-        du = dh * silu
-        dg = torch.ops.aten.silu_backward(dh * u, g)  # one fused kernel for dh u silu'(g)
+        if fused_ok(g):  # h = silu(g) u, du, dg in one pass
+            from reasonrl.kernels.fused import swiglu_bwd
+            n = g.shape[-1]
+            h, dg, du = (t.view(g.shape) for t in swiglu_bwd(dh.reshape(-1, n).contiguous(), g.reshape(-1, n),
+                                                             u.reshape(-1, n)))
+        else:
+            silu = F.silu(g)
+            h = silu * u
+            du = dh * silu
+            dg = torch.ops.aten.silu_backward(dh * u, g)  # one fused kernel for dh u silu'(g)
+        dw_down = dy.flatten(0, -2).t() @ h.flatten(0, -2)  # (H, I)
         dx = dg @ w_gate.to(dt) + du @ w_up.to(dt)
         dw_gate = dg.flatten(0, -2).t() @ xc.flatten(0, -2)
         dw_up = du.flatten(0, -2).t() @ xc.flatten(0, -2)
@@ -72,20 +128,27 @@ def _rotate(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+def _rope(x, cos, sin, sign=1.0):
+    if fused_ok(x) and x.dim() == 3 and x.stride(-1) == 1 and x.shape[-1] % 2 == 0:
+        from reasonrl.kernels.fused import rope
+        return rope(x, cos, sin, sign)
+    return _rotate(x, cos, sin if sign > 0 else -sin)
+
+
 class RopeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
+        return _rope(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, -sin), None, None
+        return _rope(grad, cos, sin, -1.0), None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (T, H, D), cos/sin (T, 1, D/2) float32 -> (T, H, D) in x's dtype, rotated in float32."""
     if torch.is_grad_enabled() and x.requires_grad:
         return RopeFunction.apply(x, cos, sin)
-    return _rotate(x, cos, sin)
+    return _rope(x, cos, sin)

@@ -34,7 +34,7 @@ from .attention import (_flash_varlen, pad_plan, paged_ops, prefix_prefill_atten
                         shared_prefix_plan, varlen_attention)
 from .config import ModelConfig
 from .context import AttnContext
-from .functional import apply_rope, swiglu
+from .functional import apply_rope, fused_ok, rms_norm, swiglu
 from .moe import SparseMoeBlock, load_balancing_loss_hf
 from .rope import RotaryEmbedding
 
@@ -46,6 +46,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_ok(x):  # CUDA: one Triton pass each way (kernels/fused.py)
+            return rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)  # the multiply in x's dtype, as transformers does

@@ -1,0 +1,152 @@
+"""Triton kernels of the training forward and backward on GPU: RMSNorm, RoPE and the SwiGLU product.
+
+Why: at 2 x 4096 tokens of a Qwen2.5-0.5B-shaped model, PyTorch runs RMSNorm as ~6 elementwise
+passes forward and ~10 backward over float32 (T, H) tensors, RoPE as ~8 passes each way and the
+SwiGLU product as 2 forward and 5 backward over (T, I): a pass-count estimate puts them near a sixth
+of the step (4096 x 2 tokens, 24 layers, ~3 TB/s). Fused, each is one pass each way:
+
+  rms_norm    fwd: y = w * dtype(x * r), r = rsqrt(mean(x^2) + eps) (models.RMSNorm), keeps r (T,)
+              bwd: xn = x r, gw = g w; dx = r (gw - xn mean(gw xn)); dw = sum_rows g xn
+              (partial sums per program, added by one torch.sum)
+  rope        y = [x1 c - x2 s, x2 c + x1 s] in float32, rounded to x's dtype; backward: the same
+              kernel with -s (a rotation by -angle)
+  swiglu_bwd  h = silu(g) u (for dW_down), du = dh silu(g), dg = dh u silu'(g),
+              silu'(g) = s (1 + g (1 - s)), s = sigmoid(g); forward: decode.silu_mul
+
+Used by models/functional.py and models/model.py on CUDA tensors (reasonrl.models.functional.fused_ok).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_fwd_kernel(X, W, Y, R, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=m, other=0.0)
+    xf = x.to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
+    xn = (xf * r).to(X.dtype.element_ty).to(tl.float32)  # rounded to x's dtype, as RMSNorm.forward
+    w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (w * xn).to(Y.dtype.element_ty), mask=m)
+    tl.store(R + row, r)
+
+
+@triton.jit
+def _rms_bwd_kernel(G, X, W, R, DX, DW, stride_g, stride_x, stride_dx, M, N, rows_per_prog,
+                    BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    m = cols < N
+    w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], tl.float32)
+    row0 = pid * rows_per_prog
+    for i in range(0, rows_per_prog):
+        row = (row0 + i).to(tl.int64)
+        if row < M:
+            x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+            g = tl.load(G + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+            r = tl.load(R + row)
+            xn = x * r
+            gw = g * w
+            dx = r * (gw - xn * (tl.sum(gw * xn, 0) / N))
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=m)
+            dw += g * xn.to(X.dtype.element_ty).to(tl.float32)
+    tl.store(DW + pid * N + cols, dw, mask=m)
+
+
+@triton.jit
+def _rope_kernel(X, COS, SIN, Y, stride_xt, stride_xh, stride_ct, sign, H, HALF: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    dm = d < HALF
+    m = (h < H) & dm
+    c = tl.load(COS + t * stride_ct + d, mask=dm, other=0.0).to(tl.float32)
+    s = tl.load(SIN + t * stride_ct + d, mask=dm, other=0.0).to(tl.float32) * sign
+    x1 = tl.load(X + t * stride_xt + h * stride_xh + d, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(X + t * stride_xt + h * stride_xh + HALF + d, mask=m, other=0.0).to(tl.float32)
+    y = Y + (t * H + h) * (2 * HALF) + d
+    tl.store(y, (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=m)
+    tl.store(y + HALF, (x2 * c + x1 * s).to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(DH, G, U, H_OUT, DG, DU, N, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < N
+    off = row * N + cols
+    dh = tl.load(DH + off, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(U + off, mask=m, other=0.0).to(tl.float32)
+    s = 1.0 / (1.0 + tl.exp(-g))
+    silu = (g * s).to(G.dtype.element_ty).to(tl.float32)  # F.silu(g) in g's dtype
+    tl.store(H_OUT + off, (silu * u).to(H_OUT.dtype.element_ty), mask=m)
+    tl.store(DU + off, (dh * silu).to(DU.dtype.element_ty), mask=m)
+    tl.store(DG + off, (dh * u * (s * (1.0 + g * (1.0 - s)))).to(DG.dtype.element_ty), mask=m)
+
+
+def _interp(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float):
+    """x (M, N) contiguous -> (y (M, N) in promote(x, w) dtype, r (M,) float32)."""
+    M, N = x.shape
+    y = torch.empty((M, N), dtype=torch.promote_types(x.dtype, w.dtype), device=x.device)
+    r = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M:
+        BLOCK = triton.next_power_of_2(N)
+        _rms_fwd_kernel[(M,)](x, w, y, r, x.stride(0), y.stride(0), N, float(eps), BLOCK=BLOCK,
+                              num_warps=1 if _interp(x) else max(1, min(8, BLOCK // 256)))
+    return y, r
+
+
+def rms_norm_bwd(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, r: torch.Tensor):
+    """-> dx (M, N) in x's dtype, dw (N,) float32."""
+    M, N = x.shape
+    dx = torch.empty_like(x)
+    if M == 0:
+        return dx, torch.zeros(N, dtype=torch.float32, device=x.device)
+    progs = min(M, 4 if _interp(x) else 4 * 132)
+    rows = triton.cdiv(M, progs)
+    progs = triton.cdiv(M, rows)
+    dw = torch.empty((progs, N), dtype=torch.float32, device=x.device)
+    BLOCK = triton.next_power_of_2(N)
+    _rms_bwd_kernel[(progs,)](g, x, w, r, dx, dw, g.stride(0), x.stride(0), dx.stride(0), M, N, rows, BLOCK=BLOCK,
+                              num_warps=1 if _interp(x) else max(1, min(8, BLOCK // 256)))
+    return dx, dw.sum(0)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    """x (T, H, D) (last dim contiguous), cos/sin (T, 1, D/2) float32 -> rotated (T, H, D) in x's dtype
+    (sign -1: the inverse rotation)."""
+    T, H, D = x.shape
+    cos, sin = cos.reshape(T, D // 2), sin.reshape(T, D // 2)
+    if cos.stride(1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    y = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
+    if T:
+        BH = min(triton.next_power_of_2(H), 16)
+        BD = triton.next_power_of_2(D // 2)
+        _rope_kernel[(T, triton.cdiv(H, BH))](x, cos, sin, y, x.stride(0), x.stride(1), cos.stride(0), float(sign), H,
+                                            HALF=D // 2, BLOCK_H=BH, BLOCK_D=BD,
+                                            num_warps=1 if _interp(x) else max(1, min(4, BH * BD // 128)))
+    return y
+
+
+def swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
+    """dh, g, u (M, N) contiguous, one dtype -> (h = silu(g) u, dg, du), all in g's dtype."""
+    M, N = g.shape
+    h, dg, du = torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
+    if M and N:
+        BLOCK = min(triton.next_power_of_2(N), 16384 if _interp(g) else 1024)
+        _swiglu_bwd_kernel[(M, triton.cdiv(N, BLOCK))](dh, g, u, h, dg, du, N, BLOCK=BLOCK,
+                                                       num_warps=1 if _interp(g) else 4)
+    return h, dg, du
