@@ -83,7 +83,7 @@ def _silu_mul_kernel(G, U, O, stride_g, stride_u, stride_o, N, BLOCK: tl.constex
     m = cols < N
     g = tl.load(G + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=m, other=0.0).to(tl.float32)
-    a = (g / (1.0 + tl.exp(-g))).to(O.dtype.element_ty).to(tl.float32)
+    a = (g * (1.0 / (1.0 + tl.exp(-g)))).to(O.dtype.element_ty).to(tl.float32)  # as fused.swiglu_bwd
     tl.store(O + row * stride_o + cols, (a * u).to(O.dtype.element_ty), mask=m)
 
 
@@ -117,8 +117,12 @@ def rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots):
     Hkv = k.shape[1]
     if D % 2 or q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 or k_cache.stride(3) != 1:
         raise ValueError("rope_store_kv (triton): head_dim must be even and the last dims contiguous")
-    if k_cache.stride() != v_cache.stride():
-        raise ValueError("rope_store_kv (triton): k_cache and v_cache need the same strides")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1):
+        raise ValueError("rope_store_kv (triton): k_cache and v_cache need the same strides, blocks laid out densely")
+    if (k.shape != v.shape or k.shape[0] != T or k.shape[2] != D or k_cache.shape[2:] != (Hkv, D)
+            or cos.numel() != T * (D // 2) or sin.numel() != T * (D // 2) or slots.shape != (T,)):
+        raise ValueError(f"rope_store_kv (triton): q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"cache {tuple(k_cache.shape)}, cos {tuple(cos.shape)}, slots {tuple(slots.shape)} disagree")
     cos, sin = cos.reshape(T, D // 2), sin.reshape(T, D // 2)
     if cos.stride(1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()

@@ -63,7 +63,7 @@ def _rms_bwd_kernel(G, X, W, R, DX, DW, stride_g, stride_x, stride_dx, M, N, row
 def _rope_kernel(X, COS, SIN, Y, stride_xt, stride_xh, stride_ct, sign, H, HALF: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]).to(tl.int64)
     d = tl.arange(0, BLOCK_D)[None, :]
     dm = d < HALF
     m = (h < H) & dm
@@ -86,14 +86,23 @@ def _swiglu_bwd_kernel(DH, G, U, H_OUT, DG, DU, N, BLOCK: tl.constexpr):
     g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
     u = tl.load(U + off, mask=m, other=0.0).to(tl.float32)
     s = 1.0 / (1.0 + tl.exp(-g))
-    silu = (g * s).to(G.dtype.element_ty).to(tl.float32)  # F.silu(g) in g's dtype
+    silu = (g * s).to(G.dtype.element_ty).to(tl.float32)  # F.silu(g) in g's dtype, as decode.silu_mul
     tl.store(H_OUT + off, (silu * u).to(H_OUT.dtype.element_ty), mask=m)
     tl.store(DU + off, (dh * silu).to(DU.dtype.element_ty), mask=m)
     tl.store(DG + off, (dh * u * (s * (1.0 + g * (1.0 - s)))).to(DG.dtype.element_ty), mask=m)
 
 
+# Rows up to this many elements are one program's registers (the backward spilled past 8192 with 8
+# warps when compiled for sm_90a); wider rows keep PyTorch's ops (models.functional.fused_ok).
+MAX_ROW = 16384
+
+
 def _interp(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
+
+
+def _row_warps(block: int, interpret: bool) -> int:
+    return 1 if interpret else (16 if block >= 8192 else max(1, min(8, block // 256)))
 
 
 def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float):
@@ -104,7 +113,7 @@ def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float):
     if M:
         BLOCK = triton.next_power_of_2(N)
         _rms_fwd_kernel[(M,)](x, w, y, r, x.stride(0), y.stride(0), N, float(eps), BLOCK=BLOCK,
-                              num_warps=1 if _interp(x) else max(1, min(8, BLOCK // 256)))
+                              num_warps=_row_warps(BLOCK, _interp(x)))
     return y, r
 
 
@@ -120,7 +129,7 @@ def rms_norm_bwd(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, r: torch.Ten
     dw = torch.empty((progs, N), dtype=torch.float32, device=x.device)
     BLOCK = triton.next_power_of_2(N)
     _rms_bwd_kernel[(progs,)](g, x, w, r, dx, dw, g.stride(0), x.stride(0), dx.stride(0), M, N, rows, BLOCK=BLOCK,
-                              num_warps=1 if _interp(x) else max(1, min(8, BLOCK // 256)))
+                              num_warps=_row_warps(BLOCK, _interp(x)))
     return dx, dw.sum(0)
 
 
@@ -144,9 +153,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float = 1.
 def swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
     """dh, g, u (M, N) contiguous, one dtype -> (h = silu(g) u, dg, du), all in g's dtype."""
     M, N = g.shape
+    if not (dh.is_contiguous() and g.is_contiguous() and u.is_contiguous()) or not dh.shape == g.shape == u.shape:
+        raise ValueError("swiglu_bwd (triton): dh, g and u must be contiguous and of one shape")
     h, dg, du = torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
     if M and N:
         BLOCK = min(triton.next_power_of_2(N), 16384 if _interp(g) else 1024)
         _swiglu_bwd_kernel[(M, triton.cdiv(N, BLOCK))](dh, g, u, h, dg, du, N, BLOCK=BLOCK,
-                                                       num_warps=1 if _interp(g) else 4)
+                                                       num_warps=1 if _interp(g) else max(1, min(4, BLOCK // 256)))
     return h, dg, du

@@ -62,7 +62,7 @@ class LeanDecode:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         # On GPU: the elementwise work between the GEMMs as 3 Triton launches per layer (kernels/decode.py)
         self.triton = p.device.type == "cuda" and p.dtype in (torch.float16, torch.bfloat16, torch.float32) \
-            and _triton_decode_ok()
+            and model.config.hidden_size <= 16384 and _triton_decode_ok()  # a row per program
         # Whole decode windows in C++ (decode_window_fwd): the stacked layers, and RoPE from inv_freq
         # (not dynamic NTK, which recomputes it from the positions)
         self.windows = self.stack is not None and _cpp_has("decode_window_fwd") and not model.rotary.dynamic

@@ -21,6 +21,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 # On CUDA the elementwise passes of RMSNorm, RoPE and the SwiGLU product run as Triton kernels
@@ -36,8 +37,9 @@ def _triton_ok() -> bool:
 
 
 def fused_ok(x: torch.Tensor) -> bool:
+    """kernels/fused.py for x (rows of at most kernels.fused.MAX_ROW = 16384 elements)."""
     return (x.is_cuda or FUSED["force"]) and x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
-        and _triton_ok()
+        and x.shape[-1] <= 16384 and _triton_ok()
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -53,6 +55,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         from reasonrl.kernels.fused import rms_norm_bwd
         x2, w, r = ctx.saved_tensors
@@ -90,6 +93,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         xc, g, u, w_gate, w_up, w_down = ctx.saved_tensors
         dt = g.dtype
@@ -142,6 +146,7 @@ class RopeFunction(torch.autograd.Function):
         return _rope(x, cos, sin)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
         return _rope(grad, cos, sin, -1.0), None, None
