@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"reasonrl: unknown command {cmd!r}; commands: {', '.join(COMMANDS)}")
     try:
         HANDLERS[cmd](rest)
-    except (ValueError, FileNotFoundError) as e:  # config and data errors: one clear line, no traceback
+    except (ValueError, OSError) as e:  # config, data and file-system errors: one clear line, no traceback
         raise SystemExit(f"reasonrl {cmd}: error: {e}")
     except KeyboardInterrupt:
         raise SystemExit(130)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from reasonrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_c
 from reasonrl.train.common import lr_at, make_optimizer, pack, token_budget_batches
 from reasonrl.train.config import GRPOConfig, SFTConfig, TrainConfig, parse_config
 from reasonrl.train.grpo import run_grpo
+from reasonrl.train.logger import MetricsLogger
 from reasonrl.train.pipeline import run_train
 from reasonrl.train.sft import run_sft
 
@@ -144,10 +146,89 @@ def test_checkpoint_round_trip_and_atomic(tmp_path):
     torch.rand(5)
     load_checkpoint(latest_checkpoint(str(tmp_path / "r")), model)
     assert torch.equal(torch.rand(3), expect_next)  # RNG state restored
-    with open(tmp_path / "latest", "w") as f:
+    with open(tmp_path / "latest", "w") as f:  # `latest` names a folder a crash left missing:
         f.write("step-0000123")
+    assert latest_checkpoint(str(tmp_path)).endswith("step-0000009")  # the newest complete one
+    for d in ("step-0000008", "step-0000009"):
+        shutil.rmtree(tmp_path / d)
     with pytest.raises(FileNotFoundError, match="incomplete or missing"):
         latest_checkpoint(str(tmp_path))
+
+
+def test_checkpoint_same_step_not_rewritten_and_stale_temporaries_removed(tmp_path):
+    """Saving a step that is already complete keeps that folder (a rewrite used to delete it first,
+    so a crash in between left `latest` naming nothing); temporaries of dead writers are removed."""
+    model, tok = micro_model()
+    opt = make_optimizer(model, SFTConfig())
+    path = save_checkpoint(str(tmp_path), model, opt, {"step": 4}, tok)
+    inode = os.stat(path).st_ino
+    stale = tmp_path / ".tmp-step-0000005-999999999"  # no such process
+    stale.mkdir()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert save_checkpoint(str(tmp_path), model, opt, {"step": 4}, tok) == path
+    assert os.stat(path).st_ino == inode and not stale.exists()
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step-0000004"]
+
+
+@pytest.mark.parametrize("where", ["after_update", "in_metrics_write"])
+def test_interrupt_after_the_optimizer_step_does_not_save_that_step(tmp_path, monkeypatch, where):
+    """A KeyboardInterrupt between a step's optimizer update and the end of the step (here: in its
+    metrics write) must not save: the checkpoint would hold step 6's weights labelled step 5, and
+    --resume would train step 6 twice. The last periodic checkpoint stays; resume equals an
+    uninterrupted run."""
+    cfg_a = _sft_cfg(tmp_path, out_dir=str(tmp_path / "a"), save_every=2)
+    run_sft(cfg_a, *micro_model()[:2])
+    cfg_b = _sft_cfg(tmp_path, out_dir=str(tmp_path / "b"), save_every=2)
+    calls = [0]
+
+    def fifth(*a, **k):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        if where == "after_update":  # right after step 5's optimizer update
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+            handle = register_optimizer_step_post_hook(fifth)
+        else:
+            real = MetricsLogger.log
+            m.setattr(MetricsLogger, "log", lambda self, *a, **k: fifth() or real(self, *a, **k))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run_sft(cfg_b, *micro_model()[:2])
+        finally:
+            if where == "after_update":
+                handle.remove()
+    assert latest_checkpoint(str(tmp_path / "b")).endswith("step-0000004")
+    run_sft(dataclasses.replace(cfg_b, resume=True), *micro_model(seed=99)[:2])
+    a = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    b = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    ma, mb = load_model(str(tmp_path / "a" / "final")), load_model(str(tmp_path / "b" / "final"))
+    assert all(torch.equal(x, y) for x, y in zip(ma.parameters(), mb.parameters()))
+
+
+def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
+    from reasonrl.train.logger import MetricsLogger as ML
+
+    log = ML(str(tmp_path))
+    for i in (1, 2, 3):
+        log.log({"step": i, "loss": 0.5})
+    with open(log.path, "a") as f:
+        f.write('{"step": 4, "lo')  # a crash mid-write
+    ML(str(tmp_path), resume_step=2)
+    assert [json.loads(x)["step"] for x in open(log.path)] == [1, 2]
+    with open(log.path, "a") as f:
+        f.write('garbage\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:3: not a JSON line"):
+        ML(str(tmp_path), resume_step=3)
+
+
+def test_out_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OSError, match="out_dir .*afile.* cannot be created"):
+        from reasonrl.train.logger import MetricsLogger as ML
+        ML(str(tmp_path / "afile"))
 
 
 def _grpo_cfg(tmp_path, **kw):
@@ -491,3 +572,27 @@ def test_corrupt_checkpoint_files_are_named(tmp_path):
     open(opt_file, "wb").write(b"\x00" * 4)
     with pytest.raises(ValueError, match=rf"{re.escape(opt_file)}' is corrupt or truncated"):
         resume_or_start(cfg, model, opt, "grpo")
+
+
+def test_ctrl_c_finishes_the_step_then_saves(tmp_path):
+    """A real SIGINT to `reasonrl sft`: the step in flight finishes, is saved and logged, exit 130;
+    the checkpoint's step is the last metrics line's step."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "reasonrl", "sft", "--steps", "100000", "--log_every", "1",
+                          "--num_examples", "64", "--batch_size", "8", "--out_dir", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics, t0 = out / "metrics.jsonl", time.time()
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert p.poll() is None and time.time() - t0 < 120, p.stdout.read() if p.poll() is not None else "timeout"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    text, _ = p.communicate(timeout=120)
+    assert p.returncode == 130, text[-2000:]
+    assert "finishing this step, then saving" in text and "interrupted: saved" in text
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert latest_checkpoint(str(out)).endswith(f"step-{last:07d}")

@@ -114,23 +114,33 @@ def _load_optimizer(optimizer, folder):
 
 def save_checkpoint(run_dir: str, model, optimizer, state: dict, tokenizer=None, keep: int = 2) -> str:
     """Write run_dir/step-<step> atomically and point run_dir/latest at it; returns its path.
-    The `keep` newest step checkpoints stay (0: all)."""
-    os.makedirs(run_dir, exist_ok=True)
+    The `keep` newest step checkpoints stay (0: all). A step already saved completely is not written
+    again (the periodic save and the end-of-stage save of the same step, a resumed finished stage): its
+    state is the same, and replacing it would leave `latest` naming a missing folder for a moment."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"checkpoint folder {run_dir!r} cannot be created: {e}") from e
     name = f"step-{int(state['step']):07d}"
     final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, tokenizer=tokenizer)
-    if optimizer is not None:
-        tensors, rest = _optimizer_tensors(optimizer)
-        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-        with open(os.path.join(tmp, "optimizer.json"), "w") as f:
-            json.dump(rest, f)
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({**state, "rng": rng_state()}, f)
-    _fsync_tree(tmp)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    _remove_stale_tmp(run_dir)
+    if not os.path.isfile(os.path.join(final, "state.json")):
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_model(model, tmp, tokenizer=tokenizer)
+            if optimizer is not None:
+                tensors, rest = _optimizer_tensors(optimizer)
+                save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+                with open(os.path.join(tmp, "optimizer.json"), "w") as f:
+                    json.dump(rest, f)
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump({**state, "rng": rng_state()}, f)
+            _fsync_tree(tmp)
+        except Exception as e:  # disk full, permissions: name the checkpoint, leave no partial folder
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(f"writing checkpoint {final!r} failed: {e}") from e
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete folder of that name (no state.json)
+        os.replace(tmp, final)
     pointer = os.path.join(run_dir, f".{LATEST}.tmp")
     with open(pointer, "w") as f:
         f.write(name)
@@ -144,15 +154,101 @@ def save_checkpoint(run_dir: str, model, optimizer, state: dict, tokenizer=None,
     return final
 
 
+class StepGuard:
+    """Ctrl-C (SIGINT) or SIGTERM during a stage's loop: the step in flight finishes, the loop saves it
+    and stops (`stop_requested`, checked between steps), so a checkpoint never holds a half-done step.
+    A second signal stops at once. A KeyboardInterrupt that lands inside a step (the second signal, or
+    no handler: not the main thread) saves only if the optimizer has not stepped yet in that step
+    (`clean`): otherwise the checkpoint would label the next step's weights with this step's number
+    and a resumed run would train that step twice.
+        with StepGuard(tag, opt) as guard:
+            while ...: ...one step...; guard.step_done(); if guard.stop_requested: break"""
+
+    def __init__(self, tag: str, optimizer):
+        self.tag, self.stop_requested, self.clean = tag, False, True
+        self._hook = optimizer.register_step_pre_hook(self._stepping)
+        self._old = {}
+
+    def _stepping(self, *args):
+        self.clean = False
+
+    def step_done(self):
+        self.clean = True
+
+    def _signal(self, signum, frame):
+        if self.stop_requested:
+            print(f"\n[{self.tag}] second interrupt: stopping now", flush=True)
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print(f"\n[{self.tag}] interrupt: finishing this step, then saving (interrupt again to stop at once)",
+              flush=True)
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._signal)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._hook.remove()
+        return False
+
+
+def on_interrupt(tag: str, guard: StepGuard, save, run_dir: str) -> None:
+    """A stage's KeyboardInterrupt handler: save where the step is clean, else say what resume will use."""
+    if guard.clean:
+        print(f"[{tag}] interrupted: saved {save()}", flush=True)
+        return
+    try:
+        ckpt = latest_checkpoint(run_dir)
+    except (OSError, ValueError):
+        ckpt = None
+    print(f"[{tag}] interrupted inside a step after its optimizer update: not saved (a checkpoint would "
+          f"mislabel that step); --resume starts from {ckpt or 'the beginning'}", flush=True)
+
+
+def _remove_stale_tmp(run_dir: str) -> None:
+    """Temporary checkpoint folders of processes that died while writing them (SIGKILL, power loss)."""
+    for d in os.listdir(run_dir):
+        if not d.startswith(".tmp-step-"):
+            continue
+        try:
+            pid = int(d.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)  # alive (maybe another run writing here): leave it
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
+        except OSError:
+            pass
+
+
 def latest_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint `latest` names; if that one is missing or incomplete (a crash mid-rewrite), the
+    newest complete step-* folder, with a warning; None when there is none."""
     pointer = os.path.join(run_dir, LATEST)
     if not os.path.isfile(pointer):
         return None
     with open(pointer) as f:
         path = os.path.join(run_dir, f.read().strip())
-    if not os.path.isfile(os.path.join(path, "state.json")):
-        raise FileNotFoundError(f"checkpoint {path!r} named by {pointer!r} is incomplete or missing")
-    return path
+    if os.path.isfile(os.path.join(path, "state.json")):
+        return path
+    complete = sorted(d for d in os.listdir(run_dir)
+                      if d.startswith("step-") and os.path.isfile(os.path.join(run_dir, d, "state.json")))
+    if not complete:
+        raise FileNotFoundError(f"checkpoint {path!r} named by {pointer!r} is incomplete or missing, and "
+                                f"{run_dir!r} holds no other complete checkpoint")
+    found = os.path.join(run_dir, complete[-1])
+    print(f"warning: checkpoint {path!r} named by {pointer!r} is incomplete or missing; using {found!r}")
+    return found
 
 
 def read_state(path: str) -> dict:

@@ -28,7 +28,7 @@ from reasonrl.ops import linear_token_logprobs
 from reasonrl.ops.grpo import GRPOLossConfig, grpo_loss
 from reasonrl.rl.rewards import compute_rewards, format_reward, parse_reward_spec
 from reasonrl.rl.tasks import get_task, parse_task_mix
-from reasonrl.train.checkpoint import resume_or_start, save_checkpoint
+from reasonrl.train.checkpoint import StepGuard, on_interrupt, resume_or_start, save_checkpoint
 from reasonrl.train.common import (autocast, encode_prompt, load_model_and_tokenizer, lr_at, make_optimizer, moe_aux_loss,
                                    pack, pack_shared, resolve_device, step_seed, token_budget_batches)
 from reasonrl.train.config import GRPOConfig
@@ -211,27 +211,31 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
     exclude, start = set(exclude), time.perf_counter() - elapsed
     model.train()
     try:
-        while step < cfg.steps and not (cfg.max_seconds and elapsed >= cfg.max_seconds):
-            progress = max(step / cfg.steps, elapsed / cfg.max_seconds if cfg.max_seconds else 0.0)
-            lr = lr_at(step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            groups, rs = rollout(engine, tokenizer, tasks, cfg, step, exclude)
-            t0 = time.perf_counter()
-            ts = train_on_groups(model, ref_model, opt, groups, cfg, loss_cfg) if groups else None
-            train_s = time.perf_counter() - t0
-            step += 1
-            elapsed = time.perf_counter() - start
-            row = _row(step, lr, rs, ts, train_s, elapsed, len(groups))
-            if cfg.tasks:
-                row.update(_task_metrics(rs, [t[0] for t in tasks]))
-            line = logger.log(row, LOG_KEYS + tuple(k for k in row if "/" in k))
-            if step % cfg.log_every == 0:
-                print(f"[{tag}] {line}", flush=True)
-            if cfg.save_every and step % cfg.save_every == 0:
-                save()
+        with StepGuard(tag, opt) as guard:
+            while step < cfg.steps and not (cfg.max_seconds and elapsed >= cfg.max_seconds):
+                progress = max(step / cfg.steps, elapsed / cfg.max_seconds if cfg.max_seconds else 0.0)
+                lr = lr_at(step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                groups, rs = rollout(engine, tokenizer, tasks, cfg, step, exclude)
+                t0 = time.perf_counter()
+                ts = train_on_groups(model, ref_model, opt, groups, cfg, loss_cfg) if groups else None
+                train_s = time.perf_counter() - t0
+                step += 1
+                elapsed = time.perf_counter() - start
+                row = _row(step, lr, rs, ts, train_s, elapsed, len(groups))
+                if cfg.tasks:
+                    row.update(_task_metrics(rs, [t[0] for t in tasks]))
+                line = logger.log(row, LOG_KEYS + tuple(k for k in row if "/" in k))
+                if step % cfg.log_every == 0:
+                    print(f"[{tag}] {line}", flush=True)
+                if cfg.save_every and step % cfg.save_every == 0:
+                    save()
+                guard.step_done()
+                if guard.stop_requested:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
-        print(f"[{tag}] interrupted: saved {save()}")
+        on_interrupt(tag, guard, save, cfg.out_dir)
         raise
     save()
     save_model(model, os.path.join(cfg.out_dir, "final"), tokenizer=tokenizer)

@@ -8,14 +8,30 @@ import os
 
 class MetricsLogger:
     def __init__(self, out_dir: str, name: str = "metrics", resume_step: int | None = None):
-        os.makedirs(out_dir, exist_ok=True)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:  # a file of that name, no permission
+            raise OSError(f"out_dir {out_dir!r} cannot be created: {e}") from e
         self.path = os.path.join(out_dir, f"{name}.jsonl")
         if resume_step is not None and os.path.exists(self.path):
-            # Drop lines past the checkpoint: the resumed run writes those steps again.
+            # Drop lines past the checkpoint: the resumed run writes those steps again. A torn last
+            # line (a crash mid-write) is dropped too; a bad line elsewhere is an error naming it.
+            rows = []
             with open(self.path) as f:
-                rows = [r for r in map(json.loads, filter(str.strip, f)) if r.get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
+                lines = [(i, x) for i, x in enumerate(f, 1) if x.strip()]
+            for j, (i, x) in enumerate(lines):
+                try:
+                    rows.append(json.loads(x))
+                except json.JSONDecodeError as e:
+                    if j == len(lines) - 1:
+                        print(f"warning: {self.path}:{i}: a torn last line (an interrupted write), dropped")
+                        continue
+                    raise ValueError(f"{self.path}:{i}: not a JSON line ({e})") from e
+            rows = [r for r in rows if r.get("step", 0) <= resume_step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
+            os.replace(tmp, self.path)
         elif resume_step is None and os.path.exists(self.path):
             os.remove(self.path)
 

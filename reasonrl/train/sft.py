@@ -10,7 +10,7 @@ import torch
 
 from reasonrl.ops import linear_token_logprobs
 from reasonrl.rl.tasks import get_task, parse_task_mix
-from reasonrl.train.checkpoint import resume_or_start, save_checkpoint
+from reasonrl.train.checkpoint import StepGuard, on_interrupt, resume_or_start, save_checkpoint
 from reasonrl.train.common import (autocast, encode_prompt, encode_response, load_model_and_tokenizer, lr_at,
                                    make_optimizer, moe_aux_loss, pack, resolve_device, step_seed)
 from reasonrl.train.config import SFTConfig
@@ -59,41 +59,45 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
     start = time.perf_counter() - elapsed
     bar = _bar(cfg.steps, step, tag)
     try:
-        while step < cfg.steps and not (cfg.max_seconds and elapsed >= cfg.max_seconds):
-            t0 = time.perf_counter()
-            g = torch.Generator().manual_seed(step_seed(cfg.seed, tag, step))
-            idx = torch.randint(len(data), (cfg.batch_size,), generator=g).tolist()
-            progress = max(step / cfg.steps, elapsed / cfg.max_seconds if cfg.max_seconds else 0.0)
-            lr = lr_at(step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            ids, pos, ctx, targets, _ = pack([data[i][0] for i in idx], [data[i][1] for i in idx], device=dev)
-            with autocast(model, cfg.precision):
-                hidden = model(ids, pos, ctx)  # (total, H)
-                logp = linear_token_logprobs(hidden, model.lm_head_weight, targets)  # (total,), 0 where ignored
-                n = int((targets != -100).sum())
-                loss = -logp.sum() / n
-                aux = moe_aux_loss(model)  # MoE policies: load balancing
-            (loss + aux if aux is not None else loss).backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            if not torch.isfinite(gnorm):  # never step on NaN/inf: the weights would be lost silently
-                raise FloatingPointError(f"SFT: non-finite gradient norm ({float(gnorm)}) at step {step}")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = time.perf_counter() - start
-            bar.update(1)
-            last = step == cfg.steps or (cfg.max_seconds and elapsed >= cfg.max_seconds)
-            if step % cfg.log_every == 0 or last:
-                dt = time.perf_counter() - t0
-                line = logger.log({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": gnorm.item(),
-                                   "tokens": n, "train_tok_s": ids.numel() / dt, "elapsed": elapsed})
-                bar.write(f"[{tag}] {line}")
-            if cfg.save_every and step % cfg.save_every == 0:
-                save()
+        with StepGuard(tag, opt) as guard:
+            while step < cfg.steps and not (cfg.max_seconds and elapsed >= cfg.max_seconds):
+                t0 = time.perf_counter()
+                g = torch.Generator().manual_seed(step_seed(cfg.seed, tag, step))
+                idx = torch.randint(len(data), (cfg.batch_size,), generator=g).tolist()
+                progress = max(step / cfg.steps, elapsed / cfg.max_seconds if cfg.max_seconds else 0.0)
+                lr = lr_at(step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                ids, pos, ctx, targets, _ = pack([data[i][0] for i in idx], [data[i][1] for i in idx], device=dev)
+                with autocast(model, cfg.precision):
+                    hidden = model(ids, pos, ctx)  # (total, H)
+                    logp = linear_token_logprobs(hidden, model.lm_head_weight, targets)  # (total,), 0 where ignored
+                    n = int((targets != -100).sum())
+                    loss = -logp.sum() / n
+                    aux = moe_aux_loss(model)  # MoE policies: load balancing
+                (loss + aux if aux is not None else loss).backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+                if not torch.isfinite(gnorm):  # never step on NaN/inf: the weights would be lost silently
+                    raise FloatingPointError(f"SFT: non-finite gradient norm ({float(gnorm)}) at step {step}")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                elapsed = time.perf_counter() - start
+                bar.update(1)
+                last = step == cfg.steps or (cfg.max_seconds and elapsed >= cfg.max_seconds)
+                if step % cfg.log_every == 0 or last:
+                    dt = time.perf_counter() - t0
+                    line = logger.log({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": gnorm.item(),
+                                       "tokens": n, "train_tok_s": ids.numel() / dt, "elapsed": elapsed})
+                    bar.write(f"[{tag}] {line}")
+                if cfg.save_every and step % cfg.save_every == 0:
+                    save()
+                guard.step_done()
+                if guard.stop_requested:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
-        print(f"[{tag}] interrupted: saved {save()}")
+        on_interrupt(tag, guard, save, cfg.out_dir)
         raise
     bar.close()
     save()
