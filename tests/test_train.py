@@ -311,6 +311,29 @@ def test_pipeline_few_steps(tmp_path, capsys):
     assert os.path.isfile(tmp_path / "run" / "results.json")
 
 
+def test_pipeline_resume_continues_an_interrupted_run(tmp_path, monkeypatch, capsys):
+    """`reasonrl train --resume`: a run interrupted in GRPO continues it; SFT (finished) is loaded, not
+    rerun; the SFT and GRPO metrics equal an uninterrupted run's."""
+    def cfg(name, **kw):
+        return TrainConfig(sft=_sft_cfg(tmp_path, steps=4, model="tiny", log_every=1),
+                           grpo=_grpo_cfg(tmp_path, steps=3), eval_problems=4, control=False,
+                           out_dir=str(tmp_path / name), **kw)
+    run_train(cfg("a"))
+    with monkeypatch.context() as m:
+        _interrupt_after(m, grpo_mod, "train_on_groups", 2)
+        with pytest.raises(KeyboardInterrupt):
+            run_train(cfg("b"))
+    capsys.readouterr()
+    run_train(cfg("b", resume=True))
+    out = capsys.readouterr().out
+    assert "[sft] resumed from" in out and "at step 4" in out and "[grpo] resumed from" in out
+    drop = ("rollout_tok_s", "train_tok_s", "elapsed")
+    for stage in ("sft", "grpo"):
+        a, b = ([{k: v for k, v in json.loads(x).items() if k not in drop}
+                 for x in open(tmp_path / r / stage / "metrics.jsonl")] for r in ("a", "b"))
+        assert a == b, stage
+
+
 def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"GRPOConfig\.group_size"):
         GRPOConfig(group_size=1)

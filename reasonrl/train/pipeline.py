@@ -35,8 +35,10 @@ from reasonrl.train.sft import run_sft, sft_examples
 def run_train(cfg: TrainConfig) -> dict:
     t_start = time.perf_counter()
     out = cfg.out_dir
-    sft_cfg = dataclasses.replace(cfg.sft, seed=cfg.seed, out_dir=os.path.join(out, "sft"))
-    grpo_cfg = dataclasses.replace(cfg.grpo, seed=cfg.seed, out_dir=os.path.join(out, "grpo"))
+    sft_cfg = dataclasses.replace(cfg.sft, seed=cfg.seed, out_dir=os.path.join(out, "sft"),
+                                  resume=cfg.resume or cfg.sft.resume)
+    grpo_cfg = dataclasses.replace(cfg.grpo, seed=cfg.seed, out_dir=os.path.join(out, "grpo"),
+                                   resume=cfg.resume or cfg.grpo.resume)
     heldout = get_task(cfg.grpo.task, cfg.grpo.difficulty).problems(cfg.eval_problems, seed=cfg.seed, split="test")
     examples = sft_examples(sft_cfg)
 
