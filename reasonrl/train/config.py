@@ -275,9 +275,8 @@ class TrainConfig:
     eval_problems: int = 500       # held-out problems (never trained on), greedy decoding
     seed: int = 0
     out_dir: str = "runs/train"
-    # continue an interrupted run: SFT and GRPO from their latest checkpoints (a finished stage is
-    # loaded, not rerun); the control, budgeted by GRPO's wall time, runs again from the SFT weights
-    resume: bool = False
+    # the control, budgeted by GRPO's wall time, runs again from the SFT weights on --resume
+    resume: bool = False           # continue an interrupted run: SFT and GRPO from their latest checkpoints
 
     def __post_init__(self):
         _check_floats(self)
