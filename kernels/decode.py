@@ -24,8 +24,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _add_rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, N, eps,
-                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(X, R, W, Y, S, RSTD, stride_x, stride_r, stride_y, stride_s, N, eps,
+                         HAS_RES: tl.constexpr, STORE_RSTD: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < N
@@ -39,6 +39,8 @@ def _add_rms_norm_kernel(X, R, W, Y, S, stride_x, stride_r, stride_y, stride_s, 
     xn = (xf * rstd).to(X.dtype.element_ty).to(tl.float32)
     w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
     tl.store(Y + row * stride_y + cols, (w * xn).to(Y.dtype.element_ty), mask=m)
+    if STORE_RSTD:  # for the backward (kernels/fused.py)
+        tl.store(RSTD + row, rstd)
 
 
 @triton.jit
@@ -104,8 +106,9 @@ def add_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.T
     BLOCK = triton.next_power_of_2(N)
     interpret = x.device.type == "cpu"
     r = residual if residual is not None else x
-    _add_rms_norm_kernel[(M,)](x, r, w, y, s, x.stride(0), r.stride(0), y.stride(0), s.stride(0), N, float(eps),
-                               HAS_RES=residual is not None, BLOCK=BLOCK, num_warps=_warps(BLOCK, interpret))
+    _add_rms_norm_kernel[(M,)](x, r, w, y, s, y, x.stride(0), r.stride(0), y.stride(0), s.stride(0), N, float(eps),
+                               HAS_RES=residual is not None, STORE_RSTD=False, BLOCK=BLOCK,
+                               num_warps=_warps(BLOCK, interpret))
     return y, s
 
 

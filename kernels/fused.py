@@ -6,6 +6,7 @@ SwiGLU product as 2 forward and 5 backward over (T, I): a pass-count estimate pu
 of the step (4096 x 2 tokens, 24 layers, ~3 TB/s). Fused, each is one pass each way:
 
   rms_norm    fwd: y = w * dtype(x * r), r = rsqrt(mean(x^2) + eps) (models.RMSNorm), keeps r (T,)
+              (decode._add_rms_norm_kernel without a residual)
               bwd: xn = x r, gw = g w; dx = r (gw - xn mean(gw xn)); dw = sum_rows g xn
               (partial sums per program, added by one torch.sum)
   rope        y = [x1 c - x2 s, x2 c + x1 s] in float32, rounded to x's dtype; backward: the same
@@ -21,19 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _rms_fwd_kernel(X, W, Y, R, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    m = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=m, other=0.0)
-    xf = x.to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
-    xn = (xf * r).to(X.dtype.element_ty).to(tl.float32)  # rounded to x's dtype, as RMSNorm.forward
-    w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (w * xn).to(Y.dtype.element_ty), mask=m)
-    tl.store(R + row, r)
+from .decode import _add_rms_norm_kernel  # the forward: decode's kernel, keeping rsqrt per row
 
 
 @triton.jit
@@ -112,8 +101,9 @@ def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float):
     r = torch.empty(M, dtype=torch.float32, device=x.device)
     if M:
         BLOCK = triton.next_power_of_2(N)
-        _rms_fwd_kernel[(M,)](x, w, y, r, x.stride(0), y.stride(0), N, float(eps), BLOCK=BLOCK,
-                              num_warps=_row_warps(BLOCK, _interp(x)))
+        _add_rms_norm_kernel[(M,)](x, x, w, y, x, r, x.stride(0), x.stride(0), y.stride(0), x.stride(0), N,
+                                   float(eps), HAS_RES=False, STORE_RSTD=True, BLOCK=BLOCK,
+                                   num_warps=_row_warps(BLOCK, _interp(x)))
     return y, r
 
 

@@ -67,9 +67,10 @@ def _builds():
     for dt in ("bf16", "fp16", "fp32"):
         for res in (False, True):
             out.append((f"add_rms_norm {dt} residual={res}", _c(
-                Dk._add_rms_norm_kernel, dict(X=f"*{dt}", R=f"*{dt}", W=f"*{dt}", Y=f"*{dt}", S=f"*{dt}"),
+                Dk._add_rms_norm_kernel,
+                dict(X=f"*{dt}", R=f"*{dt}", W=f"*{dt}", Y=f"*{dt}", S=f"*{dt}", RSTD="*fp32"),
                 dict(stride_x=896, stride_r=896, stride_y=896, stride_s=896, N=896, eps=1e-6),
-                dict(HAS_RES=res, BLOCK=1024), num_warps=4)))
+                dict(HAS_RES=res, STORE_RSTD=False, BLOCK=1024), num_warps=4)))
         out.append((f"rope_store_kv {dt}", _c(
             Dk._rope_store_kv_kernel,
             dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", COS="*fp32", SIN="*fp32", QO=f"*{dt}", KC=f"*{dt}", VC=f"*{dt}",
@@ -84,8 +85,10 @@ def _builds():
 
     # the training step's passes (kernels/fused.py): float32 residual stream under autocast, bf16 q/k/g/u
     for xdt, wdt in (("fp32", "fp32"), ("bf16", "bf16")):
-        out.append((f"rms_fwd {xdt}", _c(Fk._rms_fwd_kernel, dict(X=f"*{xdt}", W=f"*{wdt}", Y=f"*{xdt}", R="*fp32"),
-                                         dict(stride_x=896, stride_y=896, N=896, eps=1e-6), dict(BLOCK=1024))))
+        out.append((f"rms_fwd {xdt}", _c(  # the training forward: decode's kernel keeping rsqrt per row
+            Dk._add_rms_norm_kernel, dict(X=f"*{xdt}", R=f"*{xdt}", W=f"*{wdt}", Y=f"*{xdt}", S=f"*{xdt}", RSTD="*fp32"),
+            dict(stride_x=896, stride_r=896, stride_y=896, stride_s=896, N=896, eps=1e-6),
+            dict(HAS_RES=False, STORE_RSTD=True, BLOCK=1024))))
         out.append((f"rms_bwd {xdt}", _c(Fk._rms_bwd_kernel,
                                          dict(G=f"*{xdt}", X=f"*{xdt}", W=f"*{wdt}", R="*fp32", DX=f"*{xdt}", DW="*fp32"),
                                          dict(stride_g=896, stride_x=896, stride_dx=896, M=8192, N=896,

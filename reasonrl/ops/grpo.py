@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import torch
 
 from reasonrl.ops._backend import autocast_operands, no_autocast
-from reasonrl.ops.logprobs import check_temperature
+from reasonrl.ops.logprobs import check_temperature, entropy_of
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
@@ -288,10 +288,7 @@ def grpo_loss_reference(logits=None, *, hidden=None, weight=None, ids, mask, rew
     safe_ids = torch.where(live, ids.long(), torch.zeros_like(ids, dtype=torch.long))
     logprobs_all = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)  # (B, T, V)
     logp = logprobs_all.gather(-1, safe_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    entropy = None
-    if config.needs_entropy:  # p log p = 0 where p = 0 (a -inf logit: 0 * -inf would be NaN)
-        p = logprobs_all.exp()
-        entropy = -(p * torch.where(p > 0, logprobs_all, torch.zeros_like(logprobs_all))).sum(-1)  # (B, T)
+    entropy = entropy_of(logprobs_all) if config.needs_entropy else None  # (B, T)
     return grpo_loss_from_logprobs_reference(logp, entropy, mask=mask, rewards=rewards,
                                              group_size=group_size, old_logprobs=old_logprobs,
                                              ref_logprobs=ref_logprobs, config=config,

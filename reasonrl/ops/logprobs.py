@@ -47,11 +47,15 @@ def token_logprobs_reference(logits, ids, temperature=1.0, ignore_index=-100, re
     logp = torch.where(keep, logp, torch.zeros_like(logp))
     if not return_entropy:
         return logp
-    # p log p is 0 where p = 0: a masked (-inf) logit has logz = -inf and 0 * -inf would be NaN.
-    # logz is zeroed there before the product, so the gradient stays finite too.
-    p = logz.exp()
-    ent = -(p * torch.where(p > 0, logz, torch.zeros_like(logz))).sum(-1)
+    ent = entropy_of(logz)
     return logp, torch.where(keep, ent, torch.zeros_like(ent))
+
+
+def entropy_of(logz):
+    """-sum p log p over the last dim of log-probs; p log p is 0 where p = 0 (a masked, -inf logit:
+    0 * -inf would be NaN). logz is zeroed there before the product, so the gradient stays finite."""
+    p = logz.exp()
+    return -(p * torch.where(p > 0, logz, torch.zeros_like(logz))).sum(-1)
 
 
 def linear_token_logprobs_reference(hidden, weight, ids, temperature=1.0, ignore_index=-100,
