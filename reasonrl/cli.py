@@ -104,11 +104,16 @@ def cmd_generate(argv):
 
     from reasonrl.engine import LLMEngine, SamplingParams
     from reasonrl.rl.tasks import get_task
-    from reasonrl.train.common import encode_prompt, load_model_and_tokenizer
+    from reasonrl.train.common import BUILTIN_MODELS, encode_prompt, load_model_and_tokenizer
     from reasonrl.train.config import GenerateConfig, parse_config
 
     cfg = parse_config(GenerateConfig, argv, "reasonrl generate")
     model, tok = load_model_and_tokenizer(cfg.model, cfg.seed)
+    if cfg.model in BUILTIN_MODELS:
+        trained = os.path.join("runs", "train", "grpo", "final")
+        hint = f"--model {trained}" if os.path.isdir(trained) else "`reasonrl train` first, then --model runs/train/grpo/final"
+        print(f"reasonrl generate: model {cfg.model!r} is the built-in config with random weights (seed {cfg.seed}): "
+              f"its samples are noise; for a trained model: {hint}", file=sys.stderr)
     questions = [cfg.prompt] if cfg.prompt else [p.question for p in get_task(cfg.task).problems(cfg.num, cfg.seed, "test")]
     torch.manual_seed(cfg.seed)
     engine = LLMEngine(model.eval(), tokenizer=tok)

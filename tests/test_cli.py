@@ -77,7 +77,9 @@ def test_pipeline_commands_help_and_errors(tmp_path, capsys):
 
 def test_generate_runs(capsys):
     main(["generate", "--num", "2", "--max_tokens", "5"])
-    assert len([x for x in capsys.readouterr().out.splitlines() if "->" in x]) == 2
+    out = capsys.readouterr()
+    assert len([x for x in out.out.splitlines() if "->" in x]) == 2
+    assert "random weights" in out.err  # a built-in name is an untrained model: say so
 
 
 def test_bench_lists_and_rejects(capsys):
