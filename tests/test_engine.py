@@ -124,14 +124,97 @@ def test_prefix_shared_groups_equal_unshared(hf_and_ours):
     assert shared.stats["peak_blocks_used"] < unshared.stats["peak_blocks_used"]
 
 
+def template_prompts(n, template_len=23, lo=1, hi=9, seed=0):
+    """n prompts that start with the same template_len tokens (a system prompt), then their own."""
+    rng = random.Random(seed)
+    template = [rng.randrange(V) for _ in range(template_len)]
+    return [template + [rng.randrange(V) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_common_prefix_prefilled_once_equals_unshared(hf_and_ours, monkeypatch, padded):
+    """The whole blocks that all prompts start with are prefilled once and shared; the rest of each
+    prompt is prefilled against them (one padded attention call, or one per sequence): the same
+    tokens and log-probs as prefilling every prompt whole, fewer blocks, all freed at the end."""
+    import reasonrl.models.attention as attn
+    hf, model = hf_and_ours
+    prompts = template_prompts(5)
+    if not padded:
+        monkeypatch.setattr(attn, "MASK_BUDGET", 1)  # the per-sequence path
+    for params in (SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=1.0, max_tokens=12, seed=3)):
+        eng = LLMEngine(model, block_size=4, eos_token_ids=[])
+        got = eng.generate(prompts, params, n=3)
+        assert eng.stats["common_prefix_tokens"] == 20  # 23 common tokens: 5 whole blocks
+        assert eng.bm.num_free == eng.bm.num_blocks
+        with monkeypatch.context() as m:
+            m.setattr(LLMEngine, "_common_prefix", lambda self, leaders: None)
+            ref_eng = LLMEngine(model, block_size=4, eos_token_ids=[])
+            ref = ref_eng.generate(prompts, params, n=3)
+        assert ref_eng.stats["common_prefix_tokens"] == 0
+        assert eng.stats["peak_blocks_used"] < ref_eng.stats["peak_blocks_used"]
+        for ga, gb in zip(got, ref):
+            assert [c.token_ids for c in ga] == [c.token_ids for c in gb]
+            for ca, cb in zip(ga, gb):
+                assert torch.allclose(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-5)
+    assert got[0][0].token_ids != got[0][1].token_ids  # sampled
+    greedy = LLMEngine(model, block_size=4, eos_token_ids=[]).generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8))
+    assert greedy[1][0].token_ids == hf_greedy(hf, prompts[1], 8)
+
+
+def test_cache_rows_gather_each_sequences_positions():
+    """The flash-attn path of a prefill after a cached prefix gathers keys by _cache_rows: the same
+    rows, in order, as reading each sequence's block table position by position."""
+    from reasonrl.models.attention import _cache_rows
+    bs, tables = 4, torch.tensor([[3, 0, 5, 0], [1, 2, 4, 6], [7, 0, 0, 0]], dtype=torch.int32)
+    lens = [9, 16, 1]
+    want = [int(tables[b, p // bs]) * bs + p % bs for b, n in enumerate(lens) for p in range(n)]
+    assert _cache_rows(tables, lens, bs).tolist() == want
+
+
+def test_common_prefix_only_where_every_prompt_has_it(hf_and_ours):
+    """No root for one prompt, for prompts that differ within the first block, or when a prompt is
+    no longer than the common part (it keeps at least one token of its own to prefill)."""
+    _, model = hf_and_ours
+    eng = LLMEngine(model, block_size=4, eos_token_ids=[])
+    params = SamplingParams(temperature=0, max_tokens=3)
+    t = template_prompts(3)
+    for prompts, want in [(t[:1], 0), ([[1, 2, 3, 9, 9], [1, 2, 4, 9, 9]], 0), (t + [t[0][:9]], 8),
+                          (t + [t[0][:8]], 4), ([t[0], t[0]], (len(t[0]) - 1) // 4 * 4)]:
+        eng.generate(prompts, params)
+        assert eng.stats["common_prefix_tokens"] == want, prompts
+        assert eng.bm.num_free == eng.bm.num_blocks
+
+
+def test_common_prefix_under_preemption(hf_and_ours):
+    """A tight cache preempts; recomputed sequences share the cached prefix again: same tokens."""
+    _, model = hf_and_ours
+    prompts = template_prompts(8, template_len=9, lo=2, hi=6, seed=1)
+    params = SamplingParams(temperature=0, max_tokens=16)
+    roomy = LLMEngine(model, block_size=4, eos_token_ids=[]).generate(prompts, params)
+    eng = LLMEngine(model, block_size=4, eos_token_ids=[])
+    eng.kv_cache_bytes = 14 * (2 * 2 * 4 * 2 * 12 * 4)  # 14 blocks for 8 sequences of up to 31 tokens
+    tight = eng.generate(prompts, params)
+    assert eng.stats["preemptions"] > 0 and eng.stats["common_prefix_tokens"] == 8
+    assert [c[0].token_ids for c in tight] == [c[0].token_ids for c in roomy]
+    assert eng.bm.num_free == eng.bm.num_blocks
+
+
 # ---- block manager invariants under random workloads ----------------------------------------------
 @pytest.mark.parametrize("num_blocks,block_size", [(12, 2), (40, 5), (9, 4)])
-def test_block_manager_invariants_random_workload(num_blocks, block_size):
+@pytest.mark.parametrize("common_prefix", [False, True])
+def test_block_manager_invariants_random_workload(num_blocks, block_size, common_prefix):
+    """common_prefix: a cached root block of [0] * block_size that the longer prompts start with and
+    share (the shorter ones cannot), held until the end as the engine holds it."""
     rng = random.Random(torch.initial_seed())
     bm = BlockManager(num_blocks, block_size)
     # the small caches must see preemption (asserted below): enough sequences at once to run out of blocks
     sched = Scheduler(bm, max_num_seqs=rng.randint(8 if num_blocks <= 12 else 2, 12),
                       max_num_batched_tokens=rng.randint(8, 40))
+    root = Sequence([0] * block_size, SamplingParams()) if common_prefix else None
+    if root is not None:
+        bm.allocate(root)
+        sched.prefix = root
+    shared_prefills = 0
     target = {}
     for _ in range(14):
         prompt = [0] * rng.randint(1, 7)
@@ -148,6 +231,11 @@ def test_block_manager_invariants_random_workload(num_blocks, block_size):
         seqs, is_prefill, copies = sched.schedule()
         for src, dst in copies:
             assert bm.ref_counts[dst] == 1 and src != dst
+        if is_prefill and root is not None:
+            for s in seqs:
+                if s.leader is None and s.num_cached_tokens:
+                    assert s.block_table[0] == root.block_table[0] and s.num_cached_tokens == block_size
+                    shared_prefills += 1
         for s in seqs:
             s.leader = None
             s.num_cached_tokens = len(s)
@@ -158,9 +246,12 @@ def test_block_manager_invariants_random_workload(num_blocks, block_size):
             if len(s) >= target[s.seq_id]:
                 sched.finish(s)
                 finished += 1
-        bm.check(list(sched.running))
+        bm.check(list(sched.running) + ([root] if root is not None else []))
         assert all(not s.block_table for s in sched.waiting)
     assert sched.is_finished and finished == len(target)
+    if root is not None:
+        assert shared_prefills > 0
+        bm.free(root)
     assert bm.ref_counts == [0] * num_blocks and bm.num_free == num_blocks
     if num_blocks <= 12:
         assert sched.num_preemptions > 0
@@ -330,15 +421,17 @@ def test_engine_with_builtin_tiny_model_and_token_logprobs(tok):
 
 # ---- GPU: CUDA-graph decode ----------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("graphs", [True, False])
-def test_gpu_greedy_matches_transformers(hf_and_ours, graphs):
+@pytest.mark.parametrize("graphs,template", [(True, False), (False, False), (True, True)])
+def test_gpu_greedy_matches_transformers(hf_and_ours, graphs, template):
+    """template: the prompts share 23 tokens, prefilled once (LLMEngine._common_prefix)."""
     hf, model = hf_and_ours
     dev = torch.device("cuda")
     hf_gpu = hf.to(dev)
     ours = load_model_like(model, dev)
-    prompts = random_prompts(20)
+    prompts = template_prompts(20, seed=2) if template else random_prompts(20)
     eng = LLMEngine(ours, block_size=16, eos_token_ids=[], use_cuda_graphs=graphs)
     out = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
+    assert eng.stats["common_prefix_tokens"] == (16 if template else 0)
     for p, g in zip(prompts[::4], out[::4]):
         ids = torch.tensor([p], device=dev)
         ref = hf_gpu.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,

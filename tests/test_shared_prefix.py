@@ -50,6 +50,24 @@ def rows_out(model, packed, weights):
     return h.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def shared_equals_pack(model, prompts, responses, G):
+    """pack_shared against pack(): the rows predicting each response token and the gradients of a
+    fixed linear function of them. Returns pack_shared's output."""
+    B, T = len(responses), max(len(r) for r in responses)
+    mask = torch.tensor([[t < len(r) for t in range(T)] for r in responses], dtype=torch.float64)
+    w = torch.randn(B, T, model.config.hidden_size, dtype=torch.float64) * mask[..., None]
+    ids, pos, ctx, _, rows = pack(prompts, responses)
+    ref_h, ref_g = rows_out(model, (ids, pos, ctx, rows), w)
+    shared = pack_shared(prompts, responses, G)
+    h, grads = rows_out(model, shared, w)
+    assert (h - ref_h).mul(mask[..., None]).abs().max().item() < 1e-12
+    assert ref_g.keys() == grads.keys()
+    for n in ref_g:  # RMSNorm runs in float32 (as in transformers), and the prompt's gradient now sums
+        # its G contributions in another order: float32 rounding of the largest entry, no more
+        assert (grads[n] - ref_g[n]).abs().max().item() < 1e-6 * ref_g[n].abs().max().item(), n
+    return shared
+
+
 @pytest.mark.parametrize("name", list(CFGS))
 @pytest.mark.parametrize("G,prompt_lens,resp_lens", [
     (4, [5, 9, 1], [3, 7, 1, 12]),      # ragged prompts and responses; a 1-token prompt and response
@@ -58,21 +76,33 @@ def rows_out(model, packed, weights):
     (3, [4, 30], [1, 40, 2]),           # very ragged
 ])
 def test_shared_prefix_matches_unshared(name, G, prompt_lens, resp_lens):
-    model = model_for(name)
     prompts, responses = groups(G, prompt_lens, resp_lens)
-    B, T = len(responses), max(len(r) for r in responses)
-    mask = torch.tensor([[t < len(r) for t in range(T)] for r in responses], dtype=torch.float64)
-    w = torch.randn(B, T, model.config.hidden_size, dtype=torch.float64) * mask[..., None]
-    ids, pos, ctx, _, rows = pack(prompts, responses)
-    ref_h, ref_g = rows_out(model, (ids, pos, ctx, rows), w)
-    shared = pack_shared(prompts, responses, G)
+    shared = shared_equals_pack(model_for(name), prompts, responses, G)
     assert shared[0].numel() == sum(prompt_lens) + sum(len(r) for r in responses)
-    h, grads = rows_out(model, shared, w)
-    assert (h - ref_h).mul(mask[..., None]).abs().max().item() < 1e-12
-    assert ref_g.keys() == grads.keys()
-    for n in ref_g:  # RMSNorm runs in float32 (as in transformers), and the prompt's gradient now sums
-        # its G contributions in another order: float32 rounding of the largest entry, no more
-        assert (grads[n] - ref_g[n]).abs().max().item() < 1e-6 * ref_g[n].abs().max().item(), n
+
+
+@pytest.mark.parametrize("name", list(CFGS))
+@pytest.mark.parametrize("template,G,rest_lens,resp_lens", [
+    (20, 3, [1, 4, 7], [3, 6, 1, 9]),      # a 1-token rest; ragged responses
+    (16, 2, [5, 5, 5, 5], [8]),            # COMMON_PREFIX_MIN exactly; equal lengths
+    (40, 1, [2, 30], [1, 12]),             # G = 1; very ragged
+])
+def test_common_template_packed_once(name, template, G, rest_lens, resp_lens):
+    """Prompts that start with the same tokens (a chat template): those are packed once in front
+    and every prompt's rest continues them (a chain of prefixes): same rows and gradients as pack()."""
+    head = torch.randint(1, 40, (template,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompts, responses = groups(G, rest_lens, resp_lens)
+    shared = shared_equals_pack(model_for(name), [head + p for p in prompts], responses, G)
+    assert shared[0].numel() == template + sum(rest_lens) + sum(len(r) for r in responses)
+    assert shared[2].prefix_of[:1 + len(rest_lens)] == [-1] + [0] * len(rest_lens)
+
+
+def test_common_template_below_the_minimum_is_not_split():
+    from reasonrl.train.common import COMMON_PREFIX_MIN
+    prompts, responses = groups(2, [3, 4], [2])
+    head = list(range(1, COMMON_PREFIX_MIN))  # one token short
+    _, _, ctx, _ = pack_shared([head + p for p in prompts], responses, 2)
+    assert ctx.prefix_of == [-1, -1, 0, 0, 1, 1]
 
 
 def test_chunked_and_reordered_paths(monkeypatch):
@@ -122,7 +152,7 @@ def test_shared_prefix_errors():
     model = model_for("llama-gqa")
     ids, pos = torch.arange(6), torch.arange(6)
     for prefix_of, msg in [([-1], "one entry per sequence"), ([-1, 1], "another sequence"),
-                           ([1, 0], "no prefix itself"), ([-1, 5], "another sequence")]:
+                           ([1, 0], "cycle"), ([-1, 5], "another sequence")]:
         with pytest.raises(ValueError, match=msg):
             model(ids, pos, AttnContext.from_lengths([3, 3], prefix_of=prefix_of))
     with pytest.raises(ValueError, match="do not share one prompt"):
@@ -180,6 +210,7 @@ def test_cuda_shared_prefix_matches_unshared():
     its bottom-right causal alignment) against the unshared float64 forward on the CPU."""
     model = model_for("qwen3")
     prompts, responses = groups(4, [37, 5, 90], [1, 60, 17, 33])
+    prompts = [list(range(1, 21)) + p for p in prompts]  # a common template: a chain of prefixes
     ids, pos, ctx, _, rows = pack(prompts, responses)
     B, T = rows.shape
     mask = torch.tensor([[t < len(r) for t in range(T)] for r in responses])

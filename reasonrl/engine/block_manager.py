@@ -5,6 +5,13 @@ follower's block table starts as a copy of the leader's (reference counts go up)
 only by a sequence that owns it alone, so the first decode step of a sample whose next slot falls in
 a shared block (the prompt's partial last block) copies that block first: copy on write. Full
 shared blocks are only ever read, so they stay shared for the whole rollout.
+
+Across groups, the prompts of one generate() call often start with the same tokens (a system
+prompt, a chat template, few-shot examples). The engine prefills the full blocks of that common
+prefix once, as a root sequence that holds them for the whole call; allocate(seq, prefix=root) then
+shares the root's blocks and takes fresh ones only for the rest (seq.num_cached_tokens = the
+prefix's tokens, so the prefill computes only what follows). A sequence recomputed after preemption
+shares them again.
 """
 from __future__ import annotations
 
@@ -43,13 +50,25 @@ class BlockManager:
             self.free_ids.append(block)
 
     # -- prefill ---------------------------------------------------------------------------
-    def can_allocate(self, seq: Sequence, extra: int = 0) -> bool:
-        return self.num_free >= seq.num_blocks(self.block_size) + extra
+    def prefix_blocks(self, seq: Sequence, prefix: Sequence | None) -> int:
+        """How many blocks of `prefix` (a cached root of whole blocks) seq can share: all of them when
+        seq's tokens start with the prefix's and go past it (its prefill needs one new token), else 0."""
+        if prefix is None or len(seq) <= len(prefix) or seq.token_ids[:len(prefix)] != prefix.token_ids:
+            return 0
+        return len(prefix.block_table)
 
-    def allocate(self, seq: Sequence):
-        """Fresh blocks for every token of seq (a prefill recomputes the whole sequence)."""
+    def can_allocate(self, seq: Sequence, extra: int = 0, prefix: Sequence | None = None) -> bool:
+        return self.num_free >= seq.num_blocks(self.block_size) - self.prefix_blocks(seq, prefix) + extra
+
+    def allocate(self, seq: Sequence, prefix: Sequence | None = None):
+        """Blocks for every token of seq: the blocks of a cached prefix it starts with, shared (its
+        prefill then computes only the tokens after them: seq.num_cached_tokens), and fresh ones."""
         assert not seq.block_table, f"{seq} already holds blocks"
-        seq.block_table = [self._take() for _ in range(seq.num_blocks(self.block_size))]
+        shared = prefix.block_table[:self.prefix_blocks(seq, prefix)] if prefix is not None else []
+        for block in shared:
+            self.ref_counts[block] += 1
+        seq.block_table = shared + [self._take() for _ in range(seq.num_blocks(self.block_size) - len(shared))]
+        seq.num_cached_tokens = len(shared) * self.block_size
 
     def fork(self, parent: Sequence, child: Sequence):
         """child shares all of parent's blocks (read-only until copy on write)."""

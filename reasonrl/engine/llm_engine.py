@@ -32,7 +32,8 @@ from reasonrl.engine.block_manager import BlockManager
 from reasonrl.engine.runner import Runner, kv_bytes_per_block
 from reasonrl.engine.sampler import Sampler
 from reasonrl.engine.scheduler import Scheduler
-from reasonrl.engine.sequence import Completion, SamplingParams, Sequence, is_int, max_context, prompt_token_ids
+from reasonrl.engine.sequence import (Completion, SamplingParams, Sequence, common_prefix_len, is_int, max_context,
+                                      prompt_token_ids)
 
 CPU_KV_DEFAULT_BYTES = 2 << 30
 
@@ -189,22 +190,41 @@ class LLMEngine:
         self.bm, self.scheduler, self.runner = bm, sched, runner
         bar = _progress(len(seqs), use_tqdm)
         steps, t0 = 0, time.perf_counter()
+        root = self._common_prefix([g[0] for g in groups]) if self.prefix_sharing else None
         try:
+            if root is not None:  # the prompts' common prefix: prefilled once, its blocks shared
+                bm.allocate(root)
+                runner.prefill([root], bm)
+                sched.prefix = root
             while not sched.is_finished:
                 done, n = self._step(sched, bm, runner)
                 steps += n
                 if bar is not None and done:
                     bar.update(done)
         finally:
+            if root is not None and root.block_table:
+                bm.free(root)
             self.stats = {"steps": steps, "seconds": time.perf_counter() - t0, "num_blocks": bm.num_blocks,
                           "block_size": self.block_size, "peak_blocks_used": bm.peak_used,
                           "kv_bytes_allocated": runner.kv_bytes,
                           "peak_kv_bytes": bm.peak_used * runner.kv_bytes // bm.num_blocks,
-                          "preemptions": sched.num_preemptions}
+                          "preemptions": sched.num_preemptions,
+                          "common_prefix_tokens": len(root) if root is not None else 0}
             runner.free()
             self.runner = None
             if bar is not None:
                 bar.close()
+
+    def _common_prefix(self, leaders: list[Sequence]) -> Sequence | None:
+        """A root sequence holding the whole blocks that every prompt of the call starts with (a
+        system prompt, a chat template), or None: fewer than two prompts, or less than one block in
+        common. Every prompt keeps at least one token after it (its prefill samples from that row).
+        NOTE: SmolLM2-135M, the GRPO TOML's prompts (~126 tokens, ~120 of them the chat template with
+        two worked examples), 8 prompts x 4 samples: the prefill was 1.7 of a 5.7 s rollout (2 threads)."""
+        if len(leaders) < 2:
+            return None
+        n = common_prefix_len([s.token_ids for s in leaders]) // self.block_size * self.block_size
+        return Sequence(leaders[0].token_ids[:n], leaders[0].params) if n else None
 
     def _step(self, sched: Scheduler, bm: BlockManager, runner: Runner) -> tuple[int, int]:
         """One schedule: a prefill, one decode step, or a window of decode steps. -> (finished, steps)."""

@@ -87,18 +87,26 @@ class Runner:
 
     # -- prefill -----------------------------------------------------------------------------
     def prefill(self, seqs: list[Sequence], bm: BlockManager) -> torch.Tensor:
-        """seqs: those with tokens to compute (leaders / recomputed). -> logits (len(seqs), V) float32."""
+        """seqs: those with tokens to compute (leaders / recomputed), each from its num_cached_tokens
+        on (the blocks of a cached common prefix before them: the attention reads those keys back
+        from the cache). -> logits of each sequence's last token (len(seqs), V) float32."""
         ids, pos, slots, cu, last = [], [], [], [0], []
         for seq in seqs:
-            n = len(seq)
-            ids.extend(seq.token_ids)
-            pos.extend(range(n))
-            slots.extend(bm.slot(seq, p) for p in range(n))
-            cu.append(cu[-1] + n)
+            c, n = seq.num_cached_tokens, len(seq)
+            ids.extend(seq.token_ids[c:])
+            pos.extend(range(c, n))
+            slots.extend(bm.slot(seq, p) for p in range(c, n))
+            cu.append(cu[-1] + n - c)
             last.append(cu[-1] - 1)
-        ids, pos, slots, cu, last = self._upload(ids, pos, slots, cu, last)
-        ctx = AttnContext(cu_seqlens=cu.int(), max_seqlen=max(len(s) for s in seqs), is_prefill=True,
-                          slot_mapping=slots, kv_caches=self.kv_caches)
+        cached = any(s.num_cached_tokens for s in seqs)
+        lens = [len(s) for s in seqs]
+        width = max(len(s.block_table) for s in seqs)
+        tables = [b for s in seqs for b in s.block_table + [0] * (width - len(s.block_table))] if cached else []
+        ids, pos, slots, cu, last, lens, tables = self._upload(ids, pos, slots, cu, last, lens, tables)
+        ctx = AttnContext(cu_seqlens=cu.int(), max_seqlen=max(len(s) - s.num_cached_tokens for s in seqs),
+                          is_prefill=True, slot_mapping=slots, kv_caches=self.kv_caches,
+                          block_tables=tables.view(len(seqs), width).int() if cached else None,
+                          context_lens=lens.int() if cached else None)
         hidden = self.model(ids, pos, ctx)  # (total, H)
         return self.model.compute_logits(hidden[last]).float()
 

@@ -7,6 +7,8 @@ When a decode step finds no free block, the most recently admitted sequence is p
 blocks are freed and it goes back to the front of the waiting queue, to be recomputed (prefilled
 again with the tokens it has so far). Nothing is dropped or truncated; a sequence that could not
 run even alone with the whole cache is refused up front by the engine (check_fits).
+`prefix`: the engine's cached common prefix of the call's prompts (BlockManager.prefix_blocks), or
+None; a prefill admits a sequence for the tokens after it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.prefix: Sequence | None = None
 
     def check_fits(self, seq: Sequence, max_len: int):
         need = (max_len + self.bm.block_size - 1) // self.bm.block_size
@@ -54,17 +57,18 @@ class Scheduler:
             group = 1 + len(seq.followers)
             if len(self.running) + len(scheduled) + group > self.max_num_seqs and (self.running or scheduled):
                 break
-            if scheduled and tokens + len(seq) > self.max_num_batched_tokens:
+            new = len(seq) - self.bm.prefix_blocks(seq, self.prefix) * self.bm.block_size
+            if scheduled and tokens + new > self.max_num_batched_tokens:
                 break
             # room for the prompt plus one block per sample to grow into, unless the cache is idle
             extra = group if (self.running or scheduled) else 0
-            if not self.bm.can_allocate(seq, extra):
+            if not self.bm.can_allocate(seq, extra, self.prefix):
                 break
             self.waiting.popleft()
-            self.bm.allocate(seq)
+            self.bm.allocate(seq, self.prefix)
             seq.status = Status.RUNNING
             scheduled.append(seq)
-            tokens += len(seq)
+            tokens += new
             for f in seq.followers:
                 self.bm.fork(seq, f)
                 f.leader, f.status = seq, Status.RUNNING

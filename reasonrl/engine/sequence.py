@@ -170,6 +170,14 @@ class ThinkState:
     closing: bool = False  # a forced "</think>" is being emitted
 
 
+def common_prefix_len(prompts: list[list[int]]) -> int:
+    """Tokens that every prompt starts with, leaving each prompt at least one token of its own."""
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return max(n, 0)
+
+
 class Sequence:
     _ids = itertools.count()
 

@@ -13,6 +13,8 @@ Training with shared prefixes (AttnContext.prefix_of): the G completions of a GR
 after their prompt, which is packed once; each completion's queries attend to all of the prompt's
 keys and causally to their own (shared_prefix_plan / shared_prefix_attention). Same values and
 gradients as packing prompt+completion G times, for about P + G*C tokens of work instead of G*(P + C).
+Prefixes chain: a prompt can itself continue a prefix common to all prompts (a chat template), and
+a sequence then sees the keys of all its ancestors, root first.
 """
 from __future__ import annotations
 
@@ -110,27 +112,39 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, lengths, scale, pad=None):
 def shared_prefix_plan(lengths, prefix_of, device, flash: bool) -> dict:
     """Index tensors for shared_prefix_attention, made once per forward.
 
-    lengths: tokens of each packed sequence; prefix_of[b]: the sequence whose tokens b's queries also
-    see (-1: none). Sequence b then attends over keys [prefix tokens, its own tokens] with the causal
-    diagonal aligned bottom-right: its query i sees keys j <= P + i.
+    lengths: tokens of each packed sequence; prefix_of[b]: the sequence whose tokens b's tokens
+    continue (-1: none), which may continue another in turn. Sequence b then attends over keys
+    [its ancestors' tokens, root first, its own tokens] with the causal diagonal aligned
+    bottom-right: its query i sees keys j <= P + i, P its ancestors' tokens.
     """
     B = len(lengths)
     if len(prefix_of) != B:
         raise ValueError(f"AttnContext.prefix_of: need one entry per sequence ({B}), got {len(prefix_of)}")
     for b, a in enumerate(prefix_of):
-        if a != -1 and not (0 <= a < B and a != b and prefix_of[a] == -1):
-            raise ValueError(f"AttnContext.prefix_of[{b}] = {a}: must be -1 or the index of another sequence "
-                             "that has no prefix itself")
-    klens = [lengths[b] + (lengths[prefix_of[b]] if prefix_of[b] != -1 else 0) for b in range(B)]
-    plan = {"lengths_k": klens, "args": (list(lengths), list(prefix_of), device)}
-    if flash:  # one varlen launch in bf16/fp16: k/v gathered per sequence as [prefix rows, own rows]
+        if a != -1 and not (0 <= a < B and a != b):
+            raise ValueError(f"AttnContext.prefix_of[{b}] = {a}: must be -1 or the index of another sequence")
+    ancestors = [_ancestors(prefix_of, b) for b in range(B)]
+    klens = [lengths[b] + sum(lengths[a] for a in ancestors[b]) for b in range(B)]
+    plan = {"lengths_k": klens, "ancestors": ancestors, "args": (list(lengths), list(prefix_of), device)}
+    if flash:  # one varlen launch in bf16/fp16: k/v gathered per sequence as [ancestors' rows, own rows]
         rows = _rows_of(lengths)
-        kidx = [r for b in range(B) for r in ((*rows(prefix_of[b]), *rows(b)) if prefix_of[b] != -1 else rows(b))]
+        kidx = [r for b in range(B) for a in (*ancestors[b], b) for r in rows(a)]
         cu_k = torch.tensor([0] + klens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         plan.update(kidx=torch.tensor(kidx, device=device), cu_k=cu_k.to(device), max_k=max(klens))
     else:  # the SDPA part now; with flash-attn only if a layer does not take the flash path (fp32)
         _sdpa_part(plan)
     return plan
+
+
+def _ancestors(prefix_of, b) -> list[int]:
+    """The chain of sequences b continues, root first; a cycle is an error."""
+    chain, a = [], prefix_of[b]
+    while a != -1:
+        if a == b or a in chain:
+            raise ValueError(f"AttnContext.prefix_of: sequence {b}'s prefixes form a cycle")
+        chain.append(a)
+        a = prefix_of[a]
+    return chain[::-1]
 
 
 def _rows_of(lengths):
@@ -180,7 +194,7 @@ def _sdpa_part(plan: dict) -> None:
         Bc, Lq, Lk = len(chunk), max(lengths[b] for b in chunk), max(klens[b] for b in chunk)
         qsrc, ksrc, mask = [], [], torch.zeros(Bc, 1, Lq, Lk, dtype=torch.bool)
         for i, b in enumerate(chunk):
-            own, pre = list(rows(b)), list(rows(prefix_of[b]))
+            own, pre = list(rows(b)), [r for a in plan["ancestors"][b] for r in rows(a)]
             qsrc += own + [own[0]] * (Lq - len(own))
             keys = pre + own
             ksrc += keys + [keys[0]] * (Lk - len(keys))
@@ -222,8 +236,49 @@ def _gather_cache(cache, table, n):
     return cache[table[:nblk].long()].reshape(nblk * bs, *cache.shape[2:])[:n]
 
 
+def _cache_rows(tables, ctx_lens, bs):
+    """Flat cache rows (sum(ctx_lens),) of every sequence's first ctx_lens[b] positions, in order."""
+    dev = tables.device
+    lens = torch.tensor(ctx_lens, device=dev)
+    seq = torch.repeat_interleave(torch.arange(len(ctx_lens), device=dev), lens)
+    j = torch.arange(int(lens.sum()), device=dev) - (lens.cumsum(0) - lens)[seq]
+    return tables[seq, j // bs].long() * bs + j % bs
+
+
 def prefix_prefill_attention(q, k_cache, v_cache, ctx, lengths, ctx_lens, scale):
-    """Prefill where part of each sequence is already cached: q (T, Hq, D) of the new tokens."""
+    """Prefill where part of each sequence is already cached: q (T, Hq, D) of the new tokens; the
+    keys of sequence b are the first ctx_lens[b] positions in the cache (its new ones written).
+
+    flash-attn: one varlen call over the gathered keys (causal aligned bottom-right). SDPA: one
+    right-padded batched call while padding at most doubles the work (an engine prefill after a
+    cached common prefix: every sequence a few blocks of new tokens), else one call per sequence."""
+    B, bs = len(lengths), k_cache.shape[1]
+    Lq, Lk = max(lengths), max(ctx_lens)
+    kc, vc = k_cache.reshape(-1, *k_cache.shape[2:]), v_cache.reshape(-1, *v_cache.shape[2:])
+    flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if flash is not None:
+        rows = _cache_rows(ctx.block_tables, ctx_lens, bs)
+        cu_k = torch.tensor([0] + list(ctx_lens), device=q.device).cumsum(0, dtype=torch.int32)
+        return flash(q, kc[rows].to(q.dtype), vc[rows].to(q.dtype), ctx.cu_seqlens, cu_k, Lq, Lk,
+                     softmax_scale=scale, causal=True)
+    work = sum(n * c for n, c in zip(lengths, ctx_lens))
+    if B > 1 and B * Lq * Lk <= min(2 * work, MASK_BUDGET):
+        dev = q.device
+        n_t, c_t = torch.tensor(lengths, device=dev), torch.tensor(ctx_lens, device=dev)
+        i, j = torch.arange(Lq, device=dev), torch.arange(Lk, device=dev)
+        starts = n_t.cumsum(0) - n_t
+        qsrc = starts[:, None] + torch.minimum(i[None, :], n_t[:, None] - 1)  # (B, Lq): pad rows repeat the last
+        width = ctx.block_tables.shape[1]
+        blk = ctx.block_tables[:, (j // bs).clamp(max=width - 1)].long()  # (B, Lk); past a table: masked
+        ksrc = (blk * bs + j % bs).reshape(-1)
+        # query i of sequence b sits at position c - n + i and sees keys 0 .. c - n + i (pad rows: all)
+        mask = (j[None, None, :] <= (c_t - n_t)[:, None, None] + i[None, :, None]) & (j[None, None, :] < c_t[:, None, None])
+        Hq, D = q.shape[1], q.shape[2]
+        qb = q[qsrc.reshape(-1)].view(B, Lq, Hq, D).transpose(1, 2)
+        kb, vb = (t[ksrc].to(q.dtype).view(B, Lk, t.shape[1], D).transpose(1, 2) for t in (kc, vc))
+        o = _sdpa(qb, kb, vb, False, scale, mask[:, None]).transpose(1, 2)  # (B, Lq, Hq, D)
+        keep = (i[None, :] < n_t[:, None]).reshape(-1)
+        return o.reshape(B * Lq, Hq, D)[keep]
     outs = []
     start = 0
     for b, (n, c) in enumerate(zip(lengths, ctx_lens)):

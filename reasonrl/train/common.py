@@ -7,6 +7,7 @@ import zlib
 
 import torch
 
+from reasonrl.engine.sequence import common_prefix_len
 from reasonrl.models import AttnContext, builtin_path, init_model, load_model, load_tokenizer
 
 
@@ -121,6 +122,9 @@ def pack(prompts: list[list[int]], responses: list[list[int]], device="cpu"):
     return ids.to(device), positions.to(device), ctx, targets.to(device), rows.to(device)
 
 
+COMMON_PREFIX_MIN = 16  # tokens all prompts of a forward must share before pack_shared packs them once
+
+
 def pack_shared(prompts: list[list[int]], responses: list[list[int]], group_size: int, device="cpu"):
     """pack() for GRPO groups: each group's prompt is packed once, its G responses after all prompts.
 
@@ -128,9 +132,14 @@ def pack_shared(prompts: list[list[int]], responses: list[list[int]], group_size
     prompt. Layout [prompt_1 .. prompt_n, response_11 .. response_nG]; each response attends to
     its whole prompt (AttnContext.prefix_of) and its positions continue the prompt's. The forward
     then does P + G*C tokens of work per group instead of G*(P + C), with the same values and
-    gradients (the G copies of a prompt would be identical). Returns (input_ids, positions, ctx,
-    rows) with rows as in pack(): (B, T) indices of the hidden rows predicting each response token
-    (the prompt's last row predicts every first response token of its group)."""
+    gradients (the G copies of a prompt would be identical). When the prompts themselves start with
+    at least COMMON_PREFIX_MIN common tokens (a chat template, few-shot examples), those are packed
+    once more in front, [common, rest of prompt_1 .. rest of prompt_n, responses], and the rests
+    continue them. Returns (input_ids, positions, ctx, rows) with rows as in pack(): (B, T) indices
+    of the hidden rows predicting each response token (the prompt's last row predicts every first
+    response token of its group).
+    NOTE: SmolLM2-135M with the GRPO TOML's chat template (~120 of ~126 prompt tokens in common), 8
+    prompts x 4 samples of ~25 tokens: 1024 tokens per forward instead of 1808."""
     B = len(prompts)
     if B != len(responses) or B % group_size:
         raise ValueError(f"pack_shared: {B} prompts and {len(responses)} responses must be whole groups of {group_size}")
@@ -140,21 +149,25 @@ def pack_shared(prompts: list[list[int]], responses: list[list[int]], group_size
             raise ValueError(f"pack_shared: the completions of group {g} do not share one prompt")
     if any(len(p) == 0 for p in heads):
         raise ValueError("pack_shared: empty prompt")
-    seqs = heads + [r for r in responses if r]
-    prefix_of = [-1] * len(heads) + [b // group_size for b, r in enumerate(responses) if r]
+    common = common_prefix_len(heads) if len(heads) > 1 else 0
+    common = common if common >= COMMON_PREFIX_MIN else 0
+    roots = [heads[0][:common]] if common else []
+    R, n = len(roots), len(heads)
+    kept = [b for b, r in enumerate(responses) if r]
+    seqs = roots + [h[common:] for h in heads] + [responses[b] for b in kept]
+    prefix_of = [-1] * R + [0 if common else -1] * n + [R + b // group_size for b in kept]
+    starts = [0] * R + [common] * n + [len(heads[b // group_size]) for b in kept]
     lens = [len(s) for s in seqs]
     ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
-    positions = torch.cat([torch.arange(n) + (len(heads[a]) if a >= 0 else 0) for n, a in zip(lens, prefix_of)])
+    positions = torch.cat([torch.arange(k) + s for k, s in zip(lens, starts)])
     cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens).cumsum(0)
     T = max(max(len(r) for r in responses), 1)
     rows = torch.zeros(B, T, dtype=torch.long)
-    start = int(cu[len(heads)])
-    for b, r in enumerate(responses):
-        if not r:
-            continue
-        g = b // group_size
-        rows[b, 0] = int(cu[g]) + len(heads[g]) - 1
+    start = int(cu[R + n])
+    for b in kept:
+        r = responses[b]
+        rows[b, 0] = int(cu[R + b // group_size + 1]) - 1  # the last row of the group's prompt
         rows[b, 1:len(r)] = torch.arange(start, start + len(r) - 1)
         start += len(r)
     ctx = AttnContext(cu_seqlens=cu.to(device), max_seqlen=max(lens), prefix_of=prefix_of)
