@@ -218,6 +218,8 @@ def test_block_manager_invariants_random_workload(num_blocks, block_size, common
     target = {}
     for _ in range(14):
         prompt = [0] * rng.randint(1, 7)
+        if root is not None and not target:
+            prompt = [0] * (block_size + 1)  # at least one prompt past the root
         group = [Sequence(prompt, SamplingParams(max_tokens=30), sample_index=j) for j in range(rng.randint(1, 4))]
         for s in group:
             target[s.seq_id] = len(prompt) + rng.randint(1, 12)
