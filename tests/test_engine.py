@@ -11,6 +11,7 @@ from reasonrl.engine.block_manager import BlockManager
 from reasonrl.engine.scheduler import Scheduler
 from reasonrl.engine.sequence import Sequence
 from reasonrl.models import AttnContext, builtin_path, init_model, load_model, load_tokenizer
+from reasonrl.models.attention import _sdpa as _SDPA
 
 V = 61
 
@@ -161,6 +162,41 @@ def test_common_prefix_prefilled_once_equals_unshared(hf_and_ours, monkeypatch, 
     assert greedy[1][0].token_ids == hf_greedy(hf, prompts[1], 8)
 
 
+@pytest.mark.parametrize("budget", [1 << 26, 1])  # one padded call / one call per sequence
+def test_prefix_prefill_attention_ignores_unwritten_slots(monkeypatch, budget):
+    """The CPU KV cache is not zeroed: slots never written may hold NaN. The prefill after a cached
+    prefix reads only each sequence's first ctx_lens positions, whatever its padding covers."""
+    import reasonrl.models.attention as attn
+    from reasonrl.models.context import AttnContext as Ctx
+    monkeypatch.setattr(attn, "MASK_BUDGET", budget)
+    calls = []
+    monkeypatch.setattr(attn, "_sdpa", lambda *a, **k: calls.append(a[0].shape[0]) or _SDPA(*a, **k))
+    bs, Hq, Hkv, D = 4, 4, 2, 8
+    lengths, ctx_lens = [4, 5, 3], [11, 13, 9]  # new tokens, all tokens of each sequence
+    tables = torch.tensor([[3, 8, 5, 0], [1, 2, 4, 6], [7, 9, 10, 0]], dtype=torch.int32)
+    k_cache = torch.full((12, bs, Hkv, D), float("nan"), dtype=torch.float64)
+    v_cache = k_cache.clone()
+    keys, vals = [], []
+    for b, c in enumerate(ctx_lens):
+        k, v = torch.randn(c, Hkv, D, dtype=torch.float64), torch.randn(c, Hkv, D, dtype=torch.float64)
+        for p in range(c):
+            k_cache[tables[b, p // bs], p % bs], v_cache[tables[b, p // bs], p % bs] = k[p], v[p]
+        keys.append(k), vals.append(v)
+    q = torch.randn(sum(lengths), Hq, D, dtype=torch.float64)
+    ctx = Ctx(cu_seqlens=torch.tensor([0, 4, 9, 12], dtype=torch.int32), max_seqlen=5, is_prefill=True,
+              block_tables=tables, context_lens=torch.tensor(ctx_lens, dtype=torch.int32))
+    out = attn.prefix_prefill_attention(q, k_cache, v_cache, ctx, lengths, ctx_lens, D ** -0.5)
+    start = 0
+    for b, (n, c) in enumerate(zip(lengths, ctx_lens)):
+        k, v = keys[b].repeat_interleave(Hq // Hkv, 1), vals[b].repeat_interleave(Hq // Hkv, 1)  # (c, Hq, D)
+        s = torch.einsum("ihd,jhd->hij", q[start:start + n], k) * D ** -0.5
+        s = s.masked_fill(torch.arange(c)[None, :] > (c - n + torch.arange(n))[:, None], float("-inf"))
+        want = torch.einsum("hij,jhd->ihd", s.softmax(-1), v)
+        assert torch.allclose(out[start:start + n], want, atol=1e-12), b
+        start += n
+    assert calls == ([3] if budget > 1 else [1, 1, 1])  # the path named by the parameter ran
+
+
 def test_cache_rows_gather_each_sequences_positions():
     """The flash-attn path of a prefill after a cached prefix gathers keys by _cache_rows: the same
     rows, in order, as reading each sequence's block table position by position."""
@@ -172,14 +208,17 @@ def test_cache_rows_gather_each_sequences_positions():
 
 
 def test_common_prefix_only_where_every_prompt_has_it(hf_and_ours):
-    """No root for one prompt, for prompts that differ within the first block, or when a prompt is
-    no longer than the common part (it keeps at least one token of its own to prefill)."""
+    """No root for one prompt, for prompts that differ within the first block, or for a common part
+    under a quarter of the prompts' mean length; a prompt no longer than the common part keeps at
+    least one token of its own to prefill."""
     _, model = hf_and_ours
     eng = LLMEngine(model, block_size=4, eos_token_ids=[])
     params = SamplingParams(temperature=0, max_tokens=3)
     t = template_prompts(3)
     for prompts, want in [(t[:1], 0), ([[1, 2, 3, 9, 9], [1, 2, 4, 9, 9]], 0), (t + [t[0][:9]], 8),
-                          (t + [t[0][:8]], 4), ([t[0], t[0]], (len(t[0]) - 1) // 4 * 4)]:
+                          (t + [t[0][:8]], 0),
+                          ([t[0][:8] + [1] * 20, t[0][:8] + [2] * 20], 8), ([t[0][:8] + [1] * 40, t[0][:8] + [2] * 40], 0),
+                          ([t[0], t[0]], (len(t[0]) - 1) // 4 * 4)]:
         eng.generate(prompts, params)
         assert eng.stats["common_prefix_tokens"] == want, prompts
         assert eng.bm.num_free == eng.bm.num_blocks

@@ -217,14 +217,19 @@ class LLMEngine:
 
     def _common_prefix(self, leaders: list[Sequence]) -> Sequence | None:
         """A root sequence holding the whole blocks that every prompt of the call starts with (a
-        system prompt, a chat template), or None: fewer than two prompts, or less than one block in
-        common. Every prompt keeps at least one token after it (its prefill samples from that row).
+        system prompt, a chat template), or None: fewer than two prompts, less than one block in
+        common, or less than a quarter of the prompts' mean length (the prefill after a cached prefix
+        is a masked attention per sequence where flash-attn is not installed, so a few shared tokens
+        in front of long, ragged prompts would cost more than they save). Every prompt keeps at
+        least one token after it (its prefill samples from that row).
         NOTE: SmolLM2-135M, the GRPO TOML's prompts (~126 tokens, ~120 of them the chat template with
         two worked examples), 8 prompts x 4 samples: the prefill was 1.7 of a 5.7 s rollout (2 threads)."""
         if len(leaders) < 2:
             return None
         n = common_prefix_len([s.token_ids for s in leaders]) // self.block_size * self.block_size
-        return Sequence(leaders[0].token_ids[:n], leaders[0].params) if n else None
+        if n == 0 or 4 * n * len(leaders) < sum(len(s) for s in leaders):
+            return None
+        return Sequence(leaders[0].token_ids[:n], leaders[0].params)
 
     def _step(self, sched: Scheduler, bm: BlockManager, runner: Runner) -> tuple[int, int]:
         """One schedule: a prefill, one decode step, or a window of decode steps. -> (finished, steps)."""

@@ -268,9 +268,10 @@ def prefix_prefill_attention(q, k_cache, v_cache, ctx, lengths, ctx_lens, scale)
         i, j = torch.arange(Lq, device=dev), torch.arange(Lk, device=dev)
         starts = n_t.cumsum(0) - n_t
         qsrc = starts[:, None] + torch.minimum(i[None, :], n_t[:, None] - 1)  # (B, Lq): pad rows repeat the last
-        width = ctx.block_tables.shape[1]
-        blk = ctx.block_tables[:, (j // bs).clamp(max=width - 1)].long()  # (B, Lk); past a table: masked
-        ksrc = (blk * bs + j % bs).reshape(-1)
+        # key rows past a sequence's context read its last one (masked): the CPU cache is not zeroed,
+        # and a never-written slot can hold NaN, which a mask does not remove (NaN * 0 = NaN)
+        pos_k = torch.minimum(j[None, :], c_t[:, None] - 1)  # (B, Lk)
+        ksrc = (ctx.block_tables.gather(1, pos_k // bs).long() * bs + pos_k % bs).reshape(-1)
         # query i of sequence b sits at position c - n + i and sees keys 0 .. c - n + i (pad rows: all)
         mask = (j[None, None, :] <= (c_t - n_t)[:, None, None] + i[None, :, None]) & (j[None, None, :] < c_t[:, None, None])
         Hq, D = q.shape[1], q.shape[2]
