@@ -568,11 +568,12 @@ class PositionBiased(nn.Module):
         return logits.index_add(1, torch.tensor([self.end_id]), hidden[:, -1:])
 
 
-def test_think_extend_rollback_keeps_cache_consistent(tok):
+@pytest.mark.parametrize("template", ["", "Answer the question: "])  # with a cached common prefix
+def test_think_extend_rollback_keeps_cache_consistent(tok, template):
     end = tok.convert_tokens_to_ids("</think>")
     model = PositionBiased(init_model(builtin_path("tiny"), seed=random.randint(0, 1000)), end)
     eng = LLMEngine(model, tokenizer=tok, block_size=3)
-    prompts = [tok.encode(s, add_special_tokens=False) for s in ("1+2=<think>", "35*4=<think>")]
+    prompts = [tok.encode(template + s, add_special_tokens=False) for s in ("1+2=<think>", "35*4=<think>")]
     out = eng.generate(prompts, SamplingParams(temperature=1.0, max_tokens=40, think_extend=3, ignore_eos=True), n=4)
     wait = tok.encode("Wait", add_special_tokens=False)
     n_ext = 0
@@ -587,6 +588,7 @@ def test_think_extend_rollback_keeps_cache_consistent(tok):
             ref = ref.gather(1, x[len(p):, None]).squeeze(1)
             assert (torch.tensor(c.logprobs, dtype=torch.float64) - ref).abs().max() < 1e-4
     assert n_ext > 0
+    assert eng.stats["common_prefix_tokens"] == (len(template) // 3 * 3 if template else 0)
     eng.bm.check([])
 
 
