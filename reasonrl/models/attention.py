@@ -245,40 +245,35 @@ def _cache_rows(tables, ctx_lens, bs):
     return tables[seq, j // bs].long() * bs + j % bs
 
 
-def prefix_prefill_attention(q, k_cache, v_cache, ctx, lengths, ctx_lens, scale):
+def prefix_prefill_attention(q, k_cache, v_cache, ctx, lengths, ctx_lens, scale, plan=None):
     """Prefill where part of each sequence is already cached: q (T, Hq, D) of the new tokens; the
     keys of sequence b are the first ctx_lens[b] positions in the cache (its new ones written).
 
     flash-attn: one varlen call over the gathered keys (causal aligned bottom-right). SDPA: one
     right-padded batched call while padding at most doubles the work (an engine prefill after a
-    cached common prefix: every sequence a few blocks of new tokens), else one call per sequence."""
+    cached common prefix: every sequence a few blocks of new tokens), else one call per sequence.
+    plan: a dict shared by the layers of one forward; the index tensors are made at the first layer."""
+    plan = {} if plan is None else plan
     B, bs = len(lengths), k_cache.shape[1]
     Lq, Lk = max(lengths), max(ctx_lens)
     kc, vc = k_cache.reshape(-1, *k_cache.shape[2:]), v_cache.reshape(-1, *v_cache.shape[2:])
     flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
     if flash is not None:
-        rows = _cache_rows(ctx.block_tables, ctx_lens, bs)
-        cu_k = torch.tensor([0] + list(ctx_lens), device=q.device).cumsum(0, dtype=torch.int32)
+        if "flash" not in plan:
+            cu_k = torch.tensor([0] + list(ctx_lens), device=q.device).cumsum(0, dtype=torch.int32)
+            plan["flash"] = (_cache_rows(ctx.block_tables, ctx_lens, bs), cu_k)
+        rows, cu_k = plan["flash"]
         return flash(q, kc[rows].to(q.dtype), vc[rows].to(q.dtype), ctx.cu_seqlens, cu_k, Lq, Lk,
                      softmax_scale=scale, causal=True)
     work = sum(n * c for n, c in zip(lengths, ctx_lens))
     if B > 1 and B * Lq * Lk <= min(2 * work, MASK_BUDGET):
-        dev = q.device
-        n_t, c_t = torch.tensor(lengths, device=dev), torch.tensor(ctx_lens, device=dev)
-        i, j = torch.arange(Lq, device=dev), torch.arange(Lk, device=dev)
-        starts = n_t.cumsum(0) - n_t
-        qsrc = starts[:, None] + torch.minimum(i[None, :], n_t[:, None] - 1)  # (B, Lq): pad rows repeat the last
-        # key rows past a sequence's context read its last one (masked): the CPU cache is not zeroed,
-        # and a never-written slot can hold NaN, which a mask does not remove (NaN * 0 = NaN)
-        pos_k = torch.minimum(j[None, :], c_t[:, None] - 1)  # (B, Lk)
-        ksrc = (ctx.block_tables.gather(1, pos_k // bs).long() * bs + pos_k % bs).reshape(-1)
-        # query i of sequence b sits at position c - n + i and sees keys 0 .. c - n + i (pad rows: all)
-        mask = (j[None, None, :] <= (c_t - n_t)[:, None, None] + i[None, :, None]) & (j[None, None, :] < c_t[:, None, None])
+        if "padded" not in plan:
+            plan["padded"] = _padded_prefix_plan(ctx.block_tables, lengths, ctx_lens, bs)
+        qsrc, ksrc, mask, keep = plan["padded"]
         Hq, D = q.shape[1], q.shape[2]
-        qb = q[qsrc.reshape(-1)].view(B, Lq, Hq, D).transpose(1, 2)
+        qb = q[qsrc].view(B, Lq, Hq, D).transpose(1, 2)
         kb, vb = (t[ksrc].to(q.dtype).view(B, Lk, t.shape[1], D).transpose(1, 2) for t in (kc, vc))
-        o = _sdpa(qb, kb, vb, False, scale, mask[:, None]).transpose(1, 2)  # (B, Lq, Hq, D)
-        keep = (i[None, :] < n_t[:, None]).reshape(-1)
+        o = _sdpa(qb, kb, vb, False, scale, mask).transpose(1, 2)  # (B, Lq, Hq, D)
         return o.reshape(B * Lq, Hq, D)[keep]
     outs = []
     start = 0
@@ -292,6 +287,24 @@ def prefix_prefill_attention(q, k_cache, v_cache, ctx, lengths, ctx_lens, scale)
         outs.append(o[0].transpose(0, 1))
         start += n
     return torch.cat(outs)
+
+
+def _padded_prefix_plan(tables, lengths, ctx_lens, bs):
+    """Indices of the right-padded prefill call: query rows (B*Lq,), cache rows of the keys (B*Lk,),
+    the mask (B, 1, Lq, Lk) and the real output rows (B*Lq,) bool."""
+    dev = tables.device
+    n_t, c_t = torch.tensor(lengths, device=dev), torch.tensor(ctx_lens, device=dev)
+    i, j = torch.arange(max(lengths), device=dev), torch.arange(max(ctx_lens), device=dev)
+    starts = n_t.cumsum(0) - n_t
+    qsrc = starts[:, None] + torch.minimum(i[None, :], n_t[:, None] - 1)  # (B, Lq): pad rows repeat the last
+    # key rows past a sequence's context read its last one (masked): the CPU cache is not zeroed,
+    # and a never-written slot can hold NaN, which a mask does not remove (NaN * 0 = NaN)
+    pos_k = torch.minimum(j[None, :], c_t[:, None] - 1)  # (B, Lk)
+    ksrc = tables.gather(1, pos_k // bs).long() * bs + pos_k % bs
+    # query i of sequence b sits at position c - n + i and sees keys 0 .. c - n + i (pad rows: all)
+    mask = (j[None, None, :] <= (c_t - n_t)[:, None, None] + i[None, :, None]) & (j[None, None, :] < c_t[:, None, None])
+    keep = i[None, :] < n_t[:, None]
+    return qsrc.reshape(-1), ksrc.reshape(-1), mask[:, None], keep.reshape(-1)
 
 
 def paged_ops():

@@ -87,7 +87,8 @@ class Attention(nn.Module):
             if not ctx.is_prefill:
                 o = decode(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale)
             elif plan["prefix"]:
-                o = prefix_prefill_attention(q, k_cache, v_cache, ctx, plan["lengths"], plan["ctx_lens"], self.scale)
+                o = prefix_prefill_attention(q, k_cache, v_cache, ctx, plan["lengths"], plan["ctx_lens"], self.scale,
+                                             plan.setdefault("prefix_plan", {}))
             else:
                 o = varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, plan["lengths"], self.scale, plan["pad"])
         return self.o_proj(o.reshape(T, self.nh * self.hd))
