@@ -162,13 +162,15 @@ def test_shared_prefix_errors():
 
 
 @pytest.mark.parametrize("loss_type,mu", [("dapo", 1), ("grpo", 2)])
-def test_train_on_groups_same_gradients(loss_type, mu):
+@pytest.mark.parametrize("template", [0, 18])
+def test_train_on_groups_same_gradients(loss_type, mu, template):
     """One GRPO update with share_prefix on and off: the same loss metrics and gradients (mu = 2 also
-    takes the old-policy log-probs through the shared forward)."""
+    takes the old-policy log-probs through the shared forward). template: the prompts start with the
+    same 18 tokens, which micro-batches of several groups pack once more (prefix chains)."""
     cfg_m = dataclasses.replace(ModelConfig.from_json(builtin_path("tiny")), hidden_size=32, intermediate_size=48,
                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     prompts, responses = groups(4, [6, 11, 3], [5, 9, 2, 14], seed=1)
-    prompts = [[p % 80 + 3 for p in x] for x in prompts]
+    prompts = [list(range(40, 40 + template)) + [p % 80 + 3 for p in x] for x in prompts]
     responses = [[t % 80 + 3 for t in x] for x in responses]
 
     class Comp:
@@ -190,8 +192,8 @@ def test_train_on_groups_same_gradients(loss_type, mu):
     out = []
     for share in (False, True):
         model = init_model(cfg_m, seed=2).double()
-        cfg = GRPOConfig(group_size=4, share_prefix=share, loss_type=loss_type, mu=mu, micro_batch_tokens=40,
-                         backend="reference")
+        cfg = GRPOConfig(group_size=4, share_prefix=share, loss_type=loss_type, mu=mu,
+                         micro_batch_tokens=40 + 10 * template, backend="reference")
         rec = Recorder(model)
         sums = train_on_groups(model, None, rec, gs, cfg, GRPOLossConfig(loss_type=loss_type, max_completion_length=14))
         out.append((sums, rec.grads))
