@@ -463,7 +463,10 @@ class LinearGRPOLossFunction(torch.autograd.Function):
     grad_h = dz W and grad_W += dz^T h (4NHV): 6NHV in all, where a forward plus a backward that
     recomputes the logits costs 8NHV. Backward only scales the stored gradients by the upstream
     gradient. One chunk of logits is alive at a time. grad_W accumulates across chunks in the
-    weight's dtype (addmm: float32 inside each GEMM, one rounding per chunk in bf16)."""
+    weight's dtype (addmm: float32 inside each GEMM, one rounding per chunk in bf16).
+    Masked-out rows (completions shorter than T) get no logits: each chunk gathers its unmasked rows
+    first, and the masked ones keep log-prob 0 and a zero gradient, as the loss gives them.
+    NOTE: SmolLM2's GRPO batch, completions of ~25 tokens padded to 48: half the LM-head GEMMs."""
 
     @staticmethod
     @no_autocast
@@ -478,26 +481,32 @@ class LinearGRPOLossFunction(torch.autograd.Function):
         w = _row_weights(mask.sum(1), config, T, num_items_in_batch)  # (B,): known before any logit
         ent_grad = need_ent and config.entropy_coef != 0
         stats = torch.empty(B, 8, dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
+        live = mask.reshape(-1) != 0
+        rows_live = live.nonzero().squeeze(1)  # (n,) flat rows that have a loss
+        ends = live.view(B, T).sum(1).cumsum(0).tolist()  # live rows before each sequence's end
         seqs = max(1, chunk_bytes // max(1, T * V * hidden.element_size()))
         for s0 in range(0, B, seqs):
             s1 = min(B, s0 + seqs)
             r0, r1 = s0 * T, s1 * T
-            h = hidden[r0:r1]
-            z = h @ weight.T  # (rows, V), the only logits alive
-            lp, lse, ent = _rows_fwd(backend, z, ids[r0:r1], inv_t, -100, need_ent)
+            rows = rows_live[(ends[s0 - 1] if s0 else 0):ends[s1 - 1]]  # this chunk's live rows
+            h = hidden[rows]
+            z = h @ weight.T  # (live rows, V), the only logits alive
+            lp_live, lse, ent_live = _rows_fwd(backend, z, ids[rows], inv_t, -100, need_ent)
+            lp = hidden.new_zeros(r1 - r0, dtype=torch.float32).index_copy_(0, rows - r0, lp_live)
+            ent = None if ent_live is None else torch.zeros_like(lp).index_copy_(0, rows - r0, ent_live)
             pc = {**p, "old": _rows(p["old"], s0, s1), "ref": _rows(p["ref"], s0, s1)}
             lp2 = lp.view(s1 - s0, T)
             ent2 = ent.view(s1 - s0, T) if ent is not None else None
             stats[s0:s1] = _fwd(backend, lp2, ent2, mask[s0:s1], rewards, pc, row0=s0)
-            if not (need_h or need_w):
+            if not (need_h or need_w) or rows.numel() == 0:
                 continue
             gl, ge = _bwd(backend, w[s0:s1].contiguous(), lp2, mask[s0:s1], rewards, pc, ent_grad, row0=s0)
-            _rows_bwd(backend, z, z, ids[r0:r1], lse, ent, gl.view(-1),
-                      ge.reshape(-1) if ge is not None else None, inv_t, -100)  # z := dz, in place
+            _rows_bwd(backend, z, z, ids[rows], lse, ent_live, gl.view(-1)[rows - r0].contiguous(),
+                      ge.reshape(-1)[rows - r0].contiguous() if ge is not None else None, inv_t, -100)  # z := dz
             if need_h:
-                torch.mm(z, weight, out=grad_h[r0:r1])
+                grad_h.index_copy_(0, rows, z @ weight)
             if need_w:
                 grad_w.addmm_(z.T, h)
         ctx.save_for_backward(grad_h, grad_w)
