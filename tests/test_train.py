@@ -619,3 +619,24 @@ def test_ctrl_c_finishes_the_step_then_saves(tmp_path):
     assert "finishing this step, then saving" in text and "interrupted: saved" in text
     last = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert latest_checkpoint(str(out)).endswith(f"step-{last:07d}")
+
+
+def test_old_and_ref_logprobs_only_for_unmasked_tokens():
+    """_old_and_ref computes the old/reference log-probs of the live response tokens only; masked
+    ones (shorter completions, masked truncations) are 0, the others those of a plain forward."""
+    model = init_model(dataclasses.replace(ModelConfig.from_json(builtin_path("tiny")), num_hidden_layers=1),
+                       seed=3).double()
+    prompts, responses = [[5, 6, 7]] * 2 + [[8, 9]] * 2, [[10, 11, 12, 13], [14], [15, 16], [17, 18, 19]]
+    ids, pos, ctx, _, rows = pack(prompts, responses)
+    T = rows.shape[1]
+    resp_ids = torch.tensor([r + [0] * (T - len(r)) for r in responses])
+    mask = (torch.arange(T)[None, :] < torch.tensor([len(r) for r in responses])[:, None]).float()
+    mask[3] = 0  # a masked truncation
+    cfg = GRPOConfig(mu=2, backend="reference")
+    old, ref = grpo_mod._old_and_ref(model, model, ids, pos, ctx, rows, resp_ids, mask, cfg)
+    with torch.no_grad():
+        lp = torch.log_softmax(model.compute_logits(model(ids, pos, ctx)[rows.view(-1)]).double(), -1)
+        want = lp.gather(1, resp_ids.view(-1, 1)).view(resp_ids.shape) * mask
+    for got in (old, ref):
+        assert got.shape == resp_ids.shape and (got[mask == 0] == 0).all()
+        assert (got - want).abs().max().item() < 1e-10

@@ -177,13 +177,16 @@ def _micro_weight(loss_type, rows, total_rows, mask, active):
 
 @torch.no_grad()
 def _old_and_ref(model, ref_model, ids, pos, ctx, rows, resp_ids, mask, cfg):
-    ids_eff = torch.where(mask.bool(), resp_ids, torch.full_like(resp_ids, -100)).view(-1)
+    """Old- and reference-policy log-probs (B, T) of the response tokens; 0 where masked (their
+    logits are not computed: completions shorter than T)."""
+    live = mask.reshape(-1) != 0
 
     def logp(m):
         with autocast(m, cfg.precision):  # the precision of the training forward
-            h = m(ids, pos, ctx)[rows.view(-1)]
-            return linear_token_logprobs(h, m.lm_head_weight, ids_eff, cfg.temperature,
-                                         backend=cfg.backend).view(resp_ids.shape)
+            h = m(ids, pos, ctx)[rows.view(-1)[live]]
+            lp = linear_token_logprobs(h, m.lm_head_weight, resp_ids.reshape(-1)[live], cfg.temperature,
+                                       backend=cfg.backend)
+        return lp.new_zeros(resp_ids.numel()).masked_scatter_(live, lp).view(resp_ids.shape)
 
     old = logp(model) if cfg.mu > 1 else None  # on-policy (mu == 1): the op uses sg(logp), ratio 1
     ref = logp(ref_model) if ref_model is not None else None
