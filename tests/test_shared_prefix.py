@@ -227,3 +227,32 @@ def test_cuda_shared_prefix_matches_unshared():
         assert (h.double().cpu() - ref_h)[mask].abs().max().item() < tol * scale
         for n in ref_g:
             assert (grads[n].double().cpu() - ref_g[n]).abs().max().item() < tol * 5 * ref_g[n].abs().max().item(), n
+
+
+@pytest.mark.parametrize("template", [0, 20])
+def test_pack_sft_rows_and_targets(template):
+    """pack_sft: hidden[rows] predicts targets, the response tokens in order; with a common template
+    (packed once) the log-likelihood and its gradients equal plain pack()'s."""
+    from reasonrl.ops import linear_token_logprobs
+    from reasonrl.train.common import pack_sft
+    model = model_for("qwen3")
+    prompts, responses = groups(1, [4, 9, 2], [5, 1, 7])
+    prompts = [list(range(1, 1 + template)) + p for p in prompts]
+
+    def nll(packed_rows_targets):
+        ids, pos, ctx, rows, targets = packed_rows_targets
+        model.zero_grad()
+        loss = -linear_token_logprobs(model(ids, pos, ctx)[rows], model.lm_head_weight, targets,
+                                      backend="reference").sum()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    packed = pack_sft(prompts, responses)
+    assert packed[4].tolist() == [t for r in responses for t in r]
+    assert (packed[2].prefix_of is not None) == (template > 0)  # the template packed once
+    ids, pos, ctx, targets, _ = pack(prompts, responses)
+    live = (targets != -100).nonzero().squeeze(1)
+    (l0, g0), (l1, g1) = nll((ids, pos, ctx, live, targets[live])), nll(packed)
+    assert abs(l0 - l1) < 1e-10 * abs(l0)
+    for n in g0:
+        assert (g0[n] - g1[n]).abs().max().item() < 1e-6 * g0[n].abs().max().item(), n

@@ -174,6 +174,25 @@ def pack_shared(prompts: list[list[int]], responses: list[list[int]], group_size
     return ids.to(device), positions.to(device), ctx, rows.to(device)
 
 
+def pack_sft(prompts: list[list[int]], responses: list[list[int]], device="cpu"):
+    """A supervised batch for the fused LM-head op: (input_ids, positions, ctx, rows, targets), where
+    hidden[rows] (n,) are the positions that predict the response tokens targets (n,) (prompt tokens
+    get no LM-head work). Prompts that start with COMMON_PREFIX_MIN or more common tokens (a chat
+    template) are packed with it once (pack_shared, group size 1); else plain pack().
+    NOTE: SmolLM2-135M, 8 add examples in the GRPO TOML's chat template (1325 tokens, 318 of them
+    response tokens), fwd+bwd, 2 threads: 8.05 s with the LM head on every row of pack(), 3.29 s
+    here (541 tokens packed, the LM head on the 318 response rows). Tiny model, 64 examples of the
+    default run (no template): 186 -> 181 ms."""
+    if len(prompts) > 1 and all(responses) and common_prefix_len(prompts) >= COMMON_PREFIX_MIN:
+        ids, pos, ctx, rows = pack_shared(prompts, responses, 1, device=device)
+        live = torch.arange(rows.shape[1])[None, :] < torch.tensor([len(r) for r in responses])[:, None]
+        targets = torch.tensor([t for r in responses for t in r], dtype=torch.long)
+        return ids, pos, ctx, rows[live.to(rows.device)], targets.to(device)
+    ids, pos, ctx, targets, _ = pack(prompts, responses, device=device)
+    live = (targets != -100).nonzero().squeeze(1)
+    return ids, pos, ctx, live, targets[live]
+
+
 def token_budget_batches(lengths: list[int], budget: int, unit: int = 1) -> list[list[int]]:
     """Split indices 0..n-1 into consecutive chunks of `unit` items (a GRPO group stays whole) whose
     summed lengths stay within `budget` tokens (a single oversized unit gets a chunk of its own)."""

@@ -12,7 +12,7 @@ from reasonrl.ops import linear_token_logprobs
 from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import StepGuard, on_interrupt, resume_or_start, save_checkpoint
 from reasonrl.train.common import (autocast, encode_prompt, encode_response, load_model_and_tokenizer, lr_at,
-                                   make_optimizer, moe_aux_loss, pack, resolve_device, step_seed)
+                                   make_optimizer, moe_aux_loss, pack_sft, resolve_device, step_seed)
 from reasonrl.train.config import SFTConfig
 from reasonrl.train.logger import plot_metrics
 from reasonrl.models import save_model
@@ -68,12 +68,12 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
                 lr = lr_at(step, progress, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                ids, pos, ctx, targets, _ = pack([data[i][0] for i in idx], [data[i][1] for i in idx], device=dev)
+                ids, pos, ctx, rows, targets = pack_sft([data[i][0] for i in idx], [data[i][1] for i in idx],
+                                                        device=dev)
                 with autocast(model, cfg.precision):
-                    hidden = model(ids, pos, ctx)  # (total, H)
-                    logp = linear_token_logprobs(hidden, model.lm_head_weight, targets)  # (total,), 0 where ignored
-                    n = int((targets != -100).sum())
-                    loss = -logp.sum() / n
+                    hidden = model(ids, pos, ctx)[rows]  # (n, H): the rows that predict response tokens
+                    logp = linear_token_logprobs(hidden, model.lm_head_weight, targets)
+                    loss = -logp.sum() / logp.numel()
                     aux = moe_aux_loss(model)  # MoE policies: load balancing
                 (loss + aux if aux is not None else loss).backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
@@ -88,7 +88,7 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
                 if step % cfg.log_every == 0 or last:
                     dt = time.perf_counter() - t0
                     line = logger.log({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": gnorm.item(),
-                                       "tokens": n, "train_tok_s": ids.numel() / dt, "elapsed": elapsed})
+                                       "tokens": logp.numel(), "train_tok_s": ids.numel() / dt, "elapsed": elapsed})
                     bar.write(f"[{tag}] {line}")
                 if cfg.save_every and step % cfg.save_every == 0:
                     save()
