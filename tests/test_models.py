@@ -122,6 +122,61 @@ def test_batched_attention_paths_match_per_sequence(lens, monkeypatch):
         assert (a - b).abs().max().item() < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("causal", [True, False])
+def test_math_attention_matches_float64_sdpa(dtype, causal, monkeypatch):
+    """The CPU bf16 training path (_math_attention through _sdpa; here in every dtype) against float64
+    SDPA, values and the gradients of q, k, v, held to the error SDPA itself makes in the same dtype;
+    grouped-query heads, a prefix mask with a ragged key count."""
+    import reasonrl.models.attention as attn
+    from tests.tolerance import assert_close_to_ref
+    torch.manual_seed(0)
+    B, Hq, Hkv, Lq, Lk, D = 5, 6, 2, 7, 7 if causal else 11, 16
+    q64, k64, v64 = (torch.randn(B, h, n, D, dtype=torch.float64) for h, n in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk)))
+    mask = None
+    if not causal:  # query i of sequence b sees keys j <= P_b + i and j < P_b + Lq, P_b ragged
+        P = torch.tensor([4, 0, 3, 4, 2])
+        j, i = torch.arange(Lk), torch.arange(Lq)
+        mask = ((j[None, None, :] <= P[:, None, None] + i[None, :, None])
+                & (j[None, None, :] < P[:, None, None] + Lq))[:, None]
+    go = torch.randn(B, Hq, Lq, D, dtype=torch.float64)
+
+    def run(fn, dt):
+        q, k, v = (t.detach().to(dt, copy=True).requires_grad_() for t in (q64, k64, v64))
+        out = fn(q, k, v)
+        out.backward(go.to(dt))
+        return [out.detach(), q.grad, k.grad, v.grad]
+
+    def sdpa(q, k, v):
+        rep = Hq // Hkv
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask, is_causal=causal,
+            scale=D ** -0.5)
+
+    ref = run(sdpa, torch.float64)
+    theirs = run(sdpa, dtype)
+    used = []
+    monkeypatch.setattr(attn, "_math_ok", lambda q, k: used.append(q.shape) or True)
+    ours = run(lambda q, k, v: attn._sdpa(q, k, v, causal, D ** -0.5, mask), dtype)
+    assert used
+    for name, a, r, t in zip(("out", "dq", "dk", "dv"), ours, ref, theirs):
+        assert a.dtype == dtype
+        assert_close_to_ref(a, r, t, dtype, name=f"{name} {dtype} causal={causal}")
+
+
+def test_math_attention_only_for_cpu_bf16_training_within_budget(monkeypatch):
+    import reasonrl.models.attention as attn
+    for dt in (torch.bfloat16, torch.float16):
+        q, k = torch.zeros(2, 3, 4, 8, dtype=dt, requires_grad=True), torch.zeros(2, 3, 5, 8, dtype=dt)
+        assert attn._math_ok(q, k)
+        with torch.no_grad():
+            assert not attn._math_ok(q, k)  # forward only (the engine's prefill): SDPA
+        assert not attn._math_ok(q.detach(), k)
+    assert not attn._math_ok(torch.zeros(2, 3, 4, 8, requires_grad=True), torch.zeros(2, 3, 5, 8))  # fp32: SDPA
+    monkeypatch.setattr(attn, "MATH_BUDGET", 2 * 3 * 4 * 5 - 1)
+    assert not attn._math_ok(q, k)
+
+
 def _paged_setup(model, n_blocks, bs, max_blocks, B, dtype, device="cpu"):
     caches = [(torch.zeros(n_blocks, bs, model.num_kv_heads, model.head_dim, dtype=dtype, device=device),
                torch.zeros(n_blocks, bs, model.num_kv_heads, model.head_dim, dtype=dtype, device=device))
