@@ -177,6 +177,57 @@ def test_math_attention_only_for_cpu_bf16_training_within_budget(monkeypatch):
     assert not attn._math_ok(q, k)
 
 
+def test_init_model_in_bf16_keeps_rope_frequencies_float32():
+    cfg = ModelConfig(arch="llama", vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=500000.0)
+    ref, m = init_model(cfg), init_model(cfg, dtype=torch.bfloat16)
+    assert m.lm_head_weight.dtype == torch.bfloat16
+    assert m.rotary.inv_freq.dtype == torch.float32 and torch.equal(m.rotary.inv_freq, ref.rotary.inv_freq)
+
+
+def test_qk_norm_under_autocast_gives_attention_one_dtype(monkeypatch):
+    """Qwen3's q/k norms have fp32 weights: under bf16 autocast q and k came out fp32 beside a bf16 v,
+    which kept flash-attn (and the CPU bf16 path) from running. Attention now sees one dtype."""
+    import reasonrl.models.model as mm
+    cfg = ModelConfig(arch="qwen3", vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    model = init_model(cfg)
+    seen = []
+    for name in ("varlen_attention", "shared_prefix_attention"):
+        fn = getattr(mm, name)
+        monkeypatch.setattr(mm, name, lambda q, k, v, *a, _fn=fn: seen.append((q.dtype, k.dtype, v.dtype)) or _fn(q, k, v, *a))
+    lens = [5, 3, 4]
+    ids, pos = torch.randint(0, 40, (sum(lens),)), torch.cat([torch.arange(n) for n in lens])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model(ids, pos, AttnContext.from_lengths(lens))
+        ctx = AttnContext.from_lengths(lens)
+        ctx.prefix_of = [-1, 0, 0]
+        model(ids, pos, ctx)
+    h.float().sum().backward()
+    assert len(seen) == 4 and all(d == (torch.bfloat16,) * 3 for d in seen), seen
+    with torch.no_grad():
+        model(ids, pos, AttnContext.from_lengths(lens))  # no autocast: float32 throughout
+    assert seen[-1] == (torch.float32,) * 3
+
+
+def test_pad_plan_made_on_first_use_when_planned_for_flash():
+    """With flash-attn installed the forward's plan has no "pad"; a layer that runs SDPA (fp32 on
+    CUDA) makes it once (model._pad), with the same result as a plan made up front."""
+    import reasonrl.models.model as mm
+    from reasonrl.models.attention import varlen_attention
+    lens = [30, 25, 28, 22, 30, 27]
+    q, k, v = (torch.randn(sum(lens), h, 8, dtype=torch.float64) for h in (4, 2, 2))
+    cu = torch.tensor([0] + lens).cumsum(0).int()
+    plan = {"lengths": lens, "prefix": False}
+    lazy = mm._pad(plan, q)
+    assert callable(lazy) and "pad" not in plan
+    got = varlen_attention(q, k, v, cu, max(lens), lens, 0.3, lazy)
+    assert plan["pad"] is not None
+    assert mm._pad(plan, q) is plan["pad"]  # made once per forward
+    ref = varlen_attention(q, k, v, cu, max(lens), lens, 0.3, None)  # one call per sequence
+    assert (got - ref).abs().max().item() < 1e-12
+
+
 def _paged_setup(model, n_blocks, bs, max_blocks, B, dtype, device="cpu"):
     caches = [(torch.zeros(n_blocks, bs, model.num_kv_heads, model.head_dim, dtype=dtype, device=device),
                torch.zeros(n_blocks, bs, model.num_kv_heads, model.head_dim, dtype=dtype, device=device))

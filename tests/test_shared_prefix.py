@@ -207,10 +207,11 @@ def test_train_on_groups_same_gradients(loss_type, mu, template):
 
 
 @pytest.mark.gpu
-def test_cuda_shared_prefix_matches_unshared():
+@pytest.mark.parametrize("name", ["qwen3", "llama-gqa"])
+def test_cuda_shared_prefix_matches_unshared(name):
     """On CUDA: fp32 (the SDPA path) and bf16 autocast (flash-attn's varlen kernel when installed, with
     its bottom-right causal alignment) against the unshared float64 forward on the CPU."""
-    model = model_for("qwen3")
+    model = model_for(name)
     prompts, responses = groups(4, [37, 5, 90], [1, 60, 17, 33])
     prompts = [list(range(1, 21)) + p for p in prompts]  # a common template: a chain of prefixes
     ids, pos, ctx, _, rows = pack(prompts, responses)

@@ -118,11 +118,14 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, lengths, scale, pad=None):
     """q (T, Hq, D), k/v (T, Hkv, D), causal within each sequence -> (T, Hq, D).
 
     lengths: the sequence lengths as a Python list (read once per forward, not per layer).
-    pad: pad_plan(lengths) (also made once per forward), or None for one SDPA call per sequence.
+    pad: pad_plan(lengths) (also made once per forward), None for one SDPA call per sequence, or a
+    callable returning one of those (made only if this call does not take flash-attn).
     """
     flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
     if flash is not None:
         return flash(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
+    if callable(pad):
+        pad = pad()
     if len(set(lengths)) == 1:  # all the same length: one batched call
         B, L = len(lengths), lengths[0]
         qb, kb, vb = (t.view(B, L, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))

@@ -75,11 +75,15 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if q.dtype != v.dtype:  # bf16 autocast with fp32 q/k-norm weights: q, k come out fp32, v bf16.
+            # SDPA's autocast casts all three to bf16 anyway; doing it here lets flash-attn (and the CPU
+            # bf16 path) see one dtype, as transformers' flash path does.
+            q, k = q.to(v.dtype), k.to(v.dtype)
         if ctx.kv_caches is None and plan.get("shared") is not None:
             o = shared_prefix_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, plan["lengths"], self.scale,
                                         plan["shared"])
         elif ctx.kv_caches is None:
-            o = varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, plan["lengths"], self.scale, plan["pad"])
+            o = varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, plan["lengths"], self.scale, _pad(plan, q))
         else:
             store_kv, decode = paged_ops()
             k_cache, v_cache = ctx.kv_caches[layer]
@@ -90,8 +94,17 @@ class Attention(nn.Module):
                 o = prefix_prefill_attention(q, k_cache, v_cache, ctx, plan["lengths"], plan["ctx_lens"], self.scale,
                                              plan.setdefault("prefix_plan", {}))
             else:
-                o = varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, plan["lengths"], self.scale, plan["pad"])
+                o = varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, plan["lengths"], self.scale,
+                                     _pad(plan, q))
         return self.o_proj(o.reshape(T, self.nh * self.hd))
+
+
+def _pad(plan: dict, q: torch.Tensor):
+    """plan["pad"], or (flash-attn installed, plan made without it) a callable that makes it once, for
+    the layers that fall back to SDPA (fp32 on CUDA: rollouts on fp32 weights, precision="fp32")."""
+    if "pad" in plan:
+        return plan["pad"]
+    return lambda: plan.setdefault("pad", pad_plan(plan["lengths"], q.device))
 
 
 class MLP(nn.Module):
@@ -232,7 +245,9 @@ class CausalLM(nn.Module):
                 raise ValueError("AttnContext.prefix_of (shared prefixes) is for training forwards, not with kv_caches")
             shared = shared_prefix_plan(lengths, list(ctx.prefix_of), input_ids.device, flash)
             return {"lengths": lengths, "prefix": False, "pad": None, "shared": shared}
-        plan = {"lengths": lengths, "prefix": False, "pad": None if flash else pad_plan(lengths, input_ids.device)}
+        plan = {"lengths": lengths, "prefix": False}
+        if not flash:  # with flash-attn: made on first use by a layer that runs SDPA (_pad)
+            plan["pad"] = pad_plan(lengths, input_ids.device)
         if ctx.kv_caches is not None and ctx.context_lens is not None and ctx.block_tables is not None:
             ctx_lens = ctx.context_lens.tolist()
             if len(ctx_lens) != B or any(c < n for c, n in zip(ctx_lens, lengths)):
@@ -252,7 +267,8 @@ def init_weights(model: CausalLM, seed: int = 0, std: float = 0.02) -> CausalLM:
         elif p.dim() == 1:
             p.fill_(1.0)
         else:
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+            # on the CPU (the generator's device), also when built under `with torch.device("cuda")`
+            p.copy_(torch.randn(p.shape, generator=g, device="cpu") * std)
     return model
 
 
@@ -260,5 +276,6 @@ def init_model(config, seed: int = 0, dtype=torch.float32, device="cpu") -> Caus
     """Random weights for a ModelConfig (or a folder with config.json, e.g. builtin_path("tiny"))."""
     if not isinstance(config, ModelConfig):
         config = ModelConfig.from_json(config)
-    model = init_weights(CausalLM(config), seed)
-    return model.to(device=device, dtype=dtype)
+    model = init_weights(CausalLM(config), seed).to(device=device, dtype=dtype)
+    model.rotary.reset()  # inv_freq stays float32 (.to(dtype) cast it), as load_model keeps it
+    return model
