@@ -169,14 +169,15 @@ def main():
     print_table(rows, ["impl", "tok/s", "seconds", "peak KV MiB", "KV / ideal"])
     print(f"speedup vs transformers: {speedup:.2f}x" if speedup else "speedup: transformers skipped")
     print(f"peak blocks {st['peak_blocks_used']} of {st['num_blocks']} ({bytes_per_block} B each), "
-          f"preemptions {st['preemptions']}, steps {st['steps']}"
+          f"preemptions {st['preemptions']}, steps {st['steps']}, CUDA-graph capture {st['graph_capture_s']:.3f} s "
+          f"of the last call's {st['seconds']:.3f} s"
           + (f"; weight-read floor {floor:.0f} tok/s" if floor else ""))
     print_table(op_rows, ["op", "shape", "ms", "GB/s", "vs reference"])
     emit_json({"ops": op_rows, "bench": "rollout", "device": device_name(device), "prompts": P, "samples": G, "prompt_len": plen,
                "new_tokens": new, "block_size": args.block_size, "ours_tok_s": rows[0]["tok/s"],
                "hf_tok_s": rows[1]["tok/s"] if len(rows) > 1 else None, "speedup": speedup,
                "ours_peak_kv_bytes": st["peak_kv_bytes"], "hf_kv_bytes": kv_hf, "group_kv_ratio": group_ratio,
-               "floor_tok_s": floor, "threads": torch.get_num_threads(), "hf_cache": args.hf_cache}, args.json)
+               "floor_tok_s": floor, "graph_capture_s": st["graph_capture_s"], "threads": torch.get_num_threads(), "hf_cache": args.hf_cache}, args.json)
 
 
 if __name__ == "__main__":

@@ -146,6 +146,7 @@ def test_common_prefix_prefilled_once_equals_unshared(hf_and_ours, monkeypatch, 
         eng = LLMEngine(model, block_size=4, eos_token_ids=[])
         got = eng.generate(prompts, params, n=3)
         assert eng.stats["common_prefix_tokens"] == 20  # 23 common tokens: 5 whole blocks
+        assert eng.stats["graph_capture_s"] == 0.0  # CPU: no CUDA graphs
         assert eng.bm.num_free == eng.bm.num_blocks
         with monkeypatch.context() as m:
             m.setattr(LLMEngine, "_common_prefix", lambda self, leaders: None)
@@ -473,6 +474,7 @@ def test_gpu_greedy_matches_transformers(hf_and_ours, graphs, template):
     eng = LLMEngine(ours, block_size=16, eos_token_ids=[], use_cuda_graphs=graphs)
     out = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
     assert eng.stats["common_prefix_tokens"] == (16 if template else 0)
+    assert (eng.stats["graph_capture_s"] > 0) == graphs
     for p, g in zip(prompts[::4], out[::4]):
         ids = torch.tensor([p], device=dev)
         ref = hf_gpu.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,

@@ -209,7 +209,8 @@ class LLMEngine:
                           "kv_bytes_allocated": runner.kv_bytes,
                           "peak_kv_bytes": bm.peak_used * runner.kv_bytes // bm.num_blocks,
                           "preemptions": sched.num_preemptions,
-                          "common_prefix_tokens": len(root) if root is not None else 0}
+                          "common_prefix_tokens": len(root) if root is not None else 0,
+                          "graph_capture_s": runner.capture_s}
             runner.free()
             self.runner = None
             if bar is not None:

@@ -12,6 +12,8 @@ lengths itself, for the engine's multi-step decode windows.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -61,6 +63,7 @@ class Runner:
         self.lean = lean_decode(model)  # eager decode steps without the module machinery, or None
         self.graphs: dict[int, tuple] = {}
         self.graph_pool = None
+        self.capture_s = 0.0  # wall time spent capturing (engine.stats["graph_capture_s"])
         self.max_graph_bs = max(b for b in GRAPH_BATCH_SIZES if b <= max(max_num_seqs, 1)) if self.use_graphs else 0
 
     @property
@@ -185,6 +188,9 @@ class Runner:
 
     @torch.inference_mode()
     def _capture(self, rows: int):
+        # NOTE: graphs hold the KV cache's addresses, and the engine frees the cache after each
+        # generate(), so every call captures again (once per batch size it reaches).
+        t0 = time.perf_counter()
         dev = self.device
         buf = {"ids": torch.zeros(rows, dtype=torch.int64, device=dev),
                "pos": torch.zeros(rows, dtype=torch.int64, device=dev),
@@ -208,3 +214,4 @@ class Runner:
         self.graph_pool = graph.pool()
         torch.cuda.synchronize()
         self.graphs[rows] = (graph, buf, out)
+        self.capture_s += time.perf_counter() - t0
