@@ -224,9 +224,10 @@ def liger_fns(form, leaves, ids, mask, rewards, G, old, ref, B, T):
             from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
             def liger():
-                # Liger reads logits shaped (B, T + 1, V) (the model's shifted output); ours (B, T, V):
-                # the bytes differ by 1 / T.
-                loss, _ = triton_grpo_loss(leaves["logits"], old, ref, ids[:, :-1], adv, mask[:, :-1],
+                # Liger reads logits shaped (B, L + 1, V) (the model's shifted output) and per-token
+                # tensors (B, L), contiguous (it asserts so): here L = T - 1, the bytes differ by 1 / T.
+                c = lambda t: t[:, :-1].contiguous()  # noqa: E731
+                loss, _ = triton_grpo_loss(leaves["logits"], c(old), c(ref), c(ids), adv, c(mask),
                                            temperature=TEMP, beta=BETA, eps_low=EPS_LO, eps_high=EPS_HI,
                                            inplace=True, loss_type="dapo", reduce=True)
                 return loss

@@ -23,12 +23,17 @@ import argparse
 import os
 import sys
 
-import torch
+# Liger's fused MoE autotunes ~200 Triton configs on first use unless told not to (minutes of compiles
+# on an H100, past the GPU check's 120 s cap for this script; the anchor numbers were taken with it off).
+os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    ceilings, device_name, emit_json, exec_with_fixed_mmap_threshold, peak_extra_bytes, print_table, time_ms,
+    ceilings, device_name, emit_json, exec_with_fixed_mmap_threshold, measured, peak_extra_bytes, print_table,
+    time_ms,
 )
 
 from reasonrl.ops import _backend  # noqa: E402
@@ -105,7 +110,11 @@ def _skip(msg):
 
 
 def impls_for(device, dtype):
-    out = [("loop (HF)", loop_hf), ("loop (reasonrl reference)", lambda *a: moe_experts(*a, backend="reference"))]
+    out = [("loop (HF)", loop_hf)]  # the baseline of speedup_vs_loop
+    for b in (["triton", "cuda"] if device.type == "cuda" else ["cpp"]):  # ours before the other references
+        if _backend.why_unavailable(b, device) is None and b != "cuda":
+            out.append((f"reasonrl {b}", lambda *a, b=b: moe_experts(*a, backend=b)))
+    out.append(("loop (reasonrl reference)", lambda *a: moe_experts(*a, backend="reference")))
     why = grouped_mm_status(device, dtype)
     if why is None:
         out.append(("torch._grouped_mm", grouped_mm))
@@ -116,9 +125,6 @@ def impls_for(device, dtype):
         out.append(("liger fused MoE", lig))
     else:
         _skip(f"Liger: {why}")
-    for b in (["triton", "cuda"] if device.type == "cuda" else ["cpp"]):
-        if _backend.why_unavailable(b, device) is None and b != "cuda":
-            out.append((f"reasonrl {b}", lambda *a, b=b: moe_experts(*a, backend=b)))
     return out
 
 
@@ -151,6 +157,7 @@ def bench_shape(name, T, H, I, E, K, dtype, device, ceil, args, rows, decode=Fal
                      "dtype": str(dtype).replace("torch.", ""), "fwd_ms": t_f, "fwd+bwd_ms": t_fb,
                      "TFLOP/s": (flop_f if decode else 3 * flop_f) / (t / 1e3) / 1e12, "floor_ms": floor,
                      "x_floor": t / floor, "peak_extra_MiB": peak / (1 << 20), "speedup_vs_loop": base / t})
+        measured(rows[-1])
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

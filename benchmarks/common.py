@@ -139,6 +139,12 @@ def _fmt(v):
     return str(v)
 
 
+def measured(row: dict) -> None:
+    """Print one row as soon as it is measured (flushed), so that a run cut off by a timeout (the GPU
+    check's stage caps) still leaves every finished row in its log."""
+    print(f"# measured {json.dumps(row)}", flush=True)
+
+
 def emit_json(obj, path=None):
     line = json.dumps(obj)
     if path:

@@ -5,9 +5,13 @@
 # It keeps to a wall-clock budget (DEADLINE_S, default 540 s: inside one 600 s device call): each
 # stage's timeout is cut to what is left, and a benchmark that would start with under 45 s left is
 # skipped and named, so the call always ends with the summary. Benchmarks run in BENCHES order, the
-# goals never measured on a GPU first (logprobs, grpo, moe); a second call on the same warm machine
-# runs the rest, e.g.
-#   SKIP_BUILD=1 SKIP_TESTS=1 BENCHES="train rollout model" bash benchmarks/device_check.sh
+# goals never measured on a GPU first (logprobs, grpo, moe); the build and tests leave the first call
+# time for about logprobs and grpo, so a second call on the same warm machine runs the rest, e.g.
+#   SKIP_BUILD=1 SKIP_TESTS=1 BENCHES="moe rollout model train" bash benchmarks/device_check.sh
+# The Liger-Kernel wheel in .whl/ (git-ignored) reaches the machine only when the call carries it
+# (the device tool's carry: [".whl"]); without it every Liger reference row is skipped.
+# Every benchmark prints "# measured {...}" per row as it finishes, so a stage cut off by its cap
+# keeps its finished rows in $OUT/NAME.log.
 # ("train": six GRPO steps of `reasonrl grpo` on the GPU.) Nothing here has been timed on a GPU since
 # the benchmarks grew; the per-stage caps below are guesses from the CPU.
 set -uo pipefail
