@@ -257,3 +257,30 @@ def test_pack_sft_rows_and_targets(template):
     assert abs(l0 - l1) < 1e-10 * abs(l0)
     for n in g0:
         assert (g0[n] - g1[n]).abs().max().item() < 1e-6 * g0[n].abs().max().item(), n
+
+
+def test_micro_batches_count_a_common_template_once():
+    """The token budget of a micro-batch holds what pack_shared packs: a template common to every prompt
+    once per forward, each group's prompt rest once, every completion. 4 groups of 2, a 40-token
+    template, 5-token rests, 10-token completions, budget 90: two groups per forward (each 90 tokens);
+    counting the template per group would give one group per forward."""
+    from reasonrl.train.grpo import train_on_groups
+    cfg_m = dataclasses.replace(ModelConfig.from_json(builtin_path("tiny")), hidden_size=32, intermediate_size=48,
+                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model = init_model(cfg_m, seed=0)
+    template = list(range(3, 43))
+
+    class Comp:
+        def __init__(self, ids):
+            self.token_ids, self.finish_reason = ids, "stop"
+    gs = [{"prompt": template + [50 + i] * 5, "completions": [Comp([60 + i + j] * 10) for j in range(2)],
+           "rewards": [0.0, 1.0]} for i in range(4)]
+    sizes = []
+    hook = model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].numel()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    for budget, want in ((90, [90, 90]), (89, [65] * 4), (1 << 20, [40 + 4 * 5 + 8 * 10])):
+        sizes.clear()
+        cfg = GRPOConfig(group_size=2, micro_batch_tokens=budget, backend="reference")
+        train_on_groups(model, None, opt, gs, cfg, GRPOLossConfig(loss_type="dapo", max_completion_length=10))
+        assert sizes == want, (budget, sizes)
+    hook.remove()

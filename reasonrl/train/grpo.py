@@ -29,8 +29,10 @@ from reasonrl.ops.grpo import GRPOLossConfig, grpo_loss
 from reasonrl.rl.rewards import compute_rewards, format_reward, parse_reward_spec
 from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import StepGuard, on_interrupt, resume_or_start, save_checkpoint
-from reasonrl.train.common import (autocast, encode_prompt, load_model_and_tokenizer, lr_at, make_optimizer, moe_aux_loss,
-                                   pack, pack_shared, resolve_device, step_seed, token_budget_batches)
+from reasonrl.engine.sequence import common_prefix_len
+from reasonrl.train.common import (COMMON_PREFIX_MIN, autocast, encode_prompt, load_model_and_tokenizer, lr_at,
+                                   make_optimizer, moe_aux_loss, pack, pack_shared, resolve_device, step_seed,
+                                   token_budget_batches)
 from reasonrl.train.config import GRPOConfig
 from reasonrl.train.logger import plot_metrics
 from reasonrl.models import save_model
@@ -108,10 +110,14 @@ def train_on_groups(model, ref_model, opt, groups, cfg: GRPOConfig, loss_cfg: GR
     truncated = torch.tensor([c.finish_reason == "length" for c in comps])
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     G, share = cfg.group_size, cfg.share_prefix
-    # tokens each completion adds to a forward: with shared prefixes a group's prompt counts once
-    cost = [len(r) + (len(p) if i % G == 0 else 0) for i, (p, r) in enumerate(zip(prompts, responses))] \
+    # tokens each completion adds to a forward: with shared prefixes a group's prompt counts once, and
+    # a prefix common to every prompt (a chat template; pack_shared packs it once per forward) counts
+    # once per micro-batch: taken off the budget, not off each group
+    common = common_prefix_len([g["prompt"] for g in groups]) if share and len(groups) > 1 else 0
+    common = common if common >= COMMON_PREFIX_MIN else 0
+    cost = [len(r) + (len(p) - common if i % G == 0 else 0) for i, (p, r) in enumerate(zip(prompts, responses))] \
         if share else lengths
-    chunks = token_budget_batches(cost, cfg.micro_batch_tokens, unit=G)
+    chunks = token_budget_batches(cost, max(cfg.micro_batch_tokens - common, 1), unit=G)
     W = model.lm_head_weight
     active = sum(len(r) for r, t in zip(responses, truncated) if not (t and cfg.truncation == "mask"))
     cache = {}  # micro-batch index -> (old, ref) log-probs, fixed before the first update
