@@ -55,7 +55,10 @@ for name in $BENCHES; do  # in the order given
     rollout) run_bench rollout 150 python3 benchmarks/bench_rollout.py --gpu --rep 2 --json "$OUT/rollout.json";;
     model) run_bench model 90 python3 benchmarks/bench_model.py --gpu --json "$OUT/model.json";;
     train)  # the trainer itself on the GPU (device cuda, bf16 autocast): s/step in its log
-      run_bench train 150 python3 -m reasonrl grpo --model tiny --steps 6 --device cuda --out_dir "$OUT/grpo_gpu";;
+      # random weights score 0 everywhere: without --dynamic_sampling false every group is dropped and
+      # nothing trains; mu 2 and beta > 0 take the old-policy and reference paths too
+      run_bench train 150 python3 -m reasonrl grpo --model tiny --steps 6 --device cuda --dynamic_sampling false \
+        --mu 2 --beta 0.05 --out_dir "$OUT/grpo_gpu";;
     *) echo "unknown bench '$name' (logprobs grpo moe rollout model train)";;
   esac
 done

@@ -294,3 +294,47 @@ def test_engine_decode_consistent_with_packed_forward(device):
         top2 = logits.topk(2, dim=-1).values
         agree = logits.argmax(-1).cpu() == torch.tensor(c.token_ids)
         assert (agree | (top2[:, 0] - top2[:, 1] < 1e-3).cpu()).all(), f"prompt of length {len(p)}"
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_moe_training_checkpoint_round_trip_and_copies(family, tmp_path):
+    """A training checkpoint of an MoE policy (experts saved per expert, as the Hub has them) loads back
+    into the stacked parameters (--resume); a missing expert piece is an error, not uninitialized
+    memory. After a training forward (router state kept for the aux loss), the engine's bf16 rollout
+    copy and a reference-model copy work."""
+    import copy
+
+    from reasonrl.engine import LLMEngine
+    from reasonrl.train.checkpoint import load_checkpoint, save_checkpoint
+    from reasonrl.train.common import copy_model, moe_aux_loss
+    cfg = ModelConfig(arch=family, vocab_size=50, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=16)
+    model = init_model(cfg, seed=1)
+    opt = torch.optim.AdamW(model.parameters())
+    path = save_checkpoint(str(tmp_path), model, opt, {"step": 1})
+    other = init_model(cfg, seed=2)
+    load_checkpoint(path, other, torch.optim.AdamW(other.parameters()))
+    for (n, a), (_, b) in zip(model.named_parameters(), other.named_parameters()):
+        assert torch.equal(a, b), n
+    from safetensors.torch import load_file, save_file
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    dropped = next(k for k in tensors if ".experts.3." in k)
+    del tensors[dropped]
+    save_file(tensors, file)
+    with pytest.raises(ValueError, match="missing"):
+        load_checkpoint(path, init_model(cfg, seed=2))
+
+    seqs = [torch.randint(0, 50, (n,)) for n in (7, 4)]
+    model(*packed(seqs)).sum().backward()  # a training forward: router state kept
+    assert model.router_logits
+    eng = LLMEngine(model, dtype=torch.bfloat16)
+    assert next(eng._rollout_model().parameters()).dtype == torch.bfloat16
+    model(*packed(seqs)).sum()
+    ref = copy_model(model)
+    assert not model.router_logits and not ref.router_logits
+    model(*packed(seqs))
+    aux = moe_aux_loss(model)
+    assert aux is not None and not model.router_logits  # read, then dropped
+    copy.deepcopy(model)

@@ -73,7 +73,7 @@ def test_sft_loss_matches_reference_and_learns():
 
 def _sft_cfg(tmp_path, **kw):
     base = dict(num_examples=32, steps=8, batch_size=8, lr=3e-3, warmup_steps=2, log_every=1,
-                out_dir=str(tmp_path / "sft"), seed=3)
+                out_dir=str(tmp_path / "sft"), seed=3, device="cpu")  # CPU tests also where a GPU is seen
     return SFTConfig(**{**base, **kw})
 
 
@@ -234,7 +234,7 @@ def test_out_dir_that_is_a_file_is_a_clear_error(tmp_path):
 def _grpo_cfg(tmp_path, **kw):
     base = dict(steps=3, prompts_per_step=2, group_size=4, max_tokens=12, lr=1e-3, warmup_steps=1,
                 micro_batch_tokens=80, out_dir=str(tmp_path / "grpo"), seed=1, max_refills=1, filter_on="reward",
-                rewards="accuracy:1.0,format:0.1,test_train:length_reward:0.01")
+                rewards="accuracy:1.0,format:0.1,test_train:length_reward:0.01", device="cpu")
     return GRPOConfig(**{**base, **kw})
 
 
@@ -459,7 +459,8 @@ def test_sft_and_grpo_train_on_cuda(tmp_path):
     model, tok, _ = run_sft(sft_cfg, model=model, tokenizer=tok)
     assert next(model.parameters()).is_cuda and next(model.parameters()).dtype == torch.float32
     before = [p.detach().clone() for p in model.parameters()]
-    model, _, summary = run_grpo(_grpo_cfg(tmp_path, mu=2, beta=0.05, truncation="keep"), model=model, tokenizer=tok)
+    model, _, summary = run_grpo(_grpo_cfg(tmp_path, mu=2, beta=0.05, truncation="keep", device="auto"), model=model,
+                                 tokenizer=tok)
     assert summary["steps"] == 3 and next(model.parameters()).is_cuda
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     rows = [json.loads(x) for x in open(tmp_path / "grpo" / "metrics.jsonl")]

@@ -150,6 +150,8 @@ class LLMEngine:
             return self.model
         memo = {id(q): torch.nn.Parameter(q.detach().to(self.dtype), requires_grad=False)
                 for q in self.model.parameters()}
+        if hasattr(self.model, "clear_router_state"):  # an MoE model's last training forward
+            self.model.clear_router_state()
         return copy.deepcopy(self.model, memo).eval()
 
     def _num_blocks(self, seqs, max_len_blocks, model):
@@ -160,6 +162,7 @@ class LLMEngine:
         device = next(self.model.parameters()).device
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by torch
             cap = int(0.8 * free) // bpb
         else:
             cap = CPU_KV_DEFAULT_BYTES // bpb
@@ -293,7 +296,8 @@ class LLMEngine:
         pos = torch.tensor([len(s) - 1 for s in seqs], device=dev)
         tables = runner.decode_tables(seqs)  # (B, width), every slot of the window reserved
         args = self._sample_args(p, B, dev)
-        u = torch.stack([s.uniforms(k) for s in seqs]).to(dev) if args["any_sample"] else None  # (B, k)
+        u_host = torch.stack([s.uniforms(k) for s in seqs]) if args["any_sample"] else None  # (B, k)
+        u = None if u_host is None else u_host.to(dev)
         stop = torch.tensor(self.window_stop_ids, dtype=torch.int64, device=dev) if self.window_stop_ids else None
         out = None if args["any_filter"] else runner.decode_window(
             ids, pos, tables, p.temperature if args["any_sample"] else 0.0, u, stop, k)
@@ -319,7 +323,7 @@ class LLMEngine:
             s.token_ids.extend(t)
             s.logprobs.extend(lp)
             if u is not None and done < k:
-                s.unread_uniforms(u[b, done:].cpu())
+                s.unread_uniforms(u_host[b, done:])  # the host copy: no device sync per sequence
             finished += self._maybe_finish(s, sched)
         return finished, done
 

@@ -82,6 +82,36 @@ def _hub_state_dict(model) -> dict:
     return out
 
 
+def native_state_dict(model, tensors: dict) -> dict:
+    """Tensors as a file names them (the Hub's per-expert MoE tensors, Mixtral's block_sparse_moe) ->
+    the names of model.state_dict(), experts stacked. A stacked parameter some expert's piece of which
+    is missing (or misshapen) is left out, so that load_state_dict reports it rather than loading
+    uninitialized memory; tensors that fit nothing keep their names (reported as unexpected)."""
+    params = dict(model.named_parameters())
+    out, seen, pieces = {}, set(), set()
+    for name, t in tensors.items():
+        target, piece = _target(name)
+        if piece is None:
+            out[target] = t
+            continue
+        if target not in params:
+            out[name] = t
+            continue
+        if target not in pieces:
+            out[target] = torch.empty(params[target].shape, dtype=t.dtype)
+            pieces.add(target)
+        dst = _piece(out[target], piece)
+        if dst is None or tuple(dst.shape) != tuple(t.shape):
+            out[name] = t
+            continue
+        dst.copy_(t)
+        seen.add((target, *piece))
+    for target in pieces:
+        if not _all_pieces(target, out[target], seen):
+            del out[target]
+    return out
+
+
 def _weight_files(path: str) -> dict[str, list[str]]:
     """-> {shard file: [tensor names]} (names None for a single file: read them from the file)."""
     single, index = os.path.join(path, SINGLE), os.path.join(path, INDEX)

@@ -208,6 +208,12 @@ class CausalLM(nn.Module):
         c = self.config
         return load_balancing_loss_hf(self.router_logits, self.router_topk_ids, c.num_experts, c.num_experts_per_tok, mask)
 
+    def clear_router_state(self) -> None:
+        """Drop the last forward's router logits/ids: they are non-leaf tensors holding its graph, and
+        copy.deepcopy refuses a module that keeps any (the engine's bf16 rollout copy, a reference
+        model, the pipeline's control)."""
+        self.router_logits, self.router_topk_ids = [], []
+
     def aux_loss(self, mask: torch.Tensor | None = None) -> torch.Tensor:
         """router_aux_loss_coef * load_balancing_loss(): what transformers adds to its LM loss (it does
         so when config.output_router_logits is set); differentiable w.r.t. the router weights."""

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from reasonrl.models import save_model
+from reasonrl.models.checkpoint import native_state_dict
 
 LATEST = "latest"
 
@@ -45,7 +46,7 @@ def rng_state() -> dict:
     st = {"python": [py[0], list(py[1]), py[2]],
           "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
           "torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a CPU run never wakes the GPUs
         st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return st
 
@@ -56,8 +57,9 @@ def set_rng_state(st: dict) -> None:
     n = st["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
     torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
+    if "cuda" in st and torch.cuda.is_available():  # as many devices as both machines have
+        for i, s in enumerate(st["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(torch.tensor(s, dtype=torch.uint8), i)
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
@@ -272,7 +274,7 @@ def load_checkpoint(path: str, model, optimizer=None) -> dict:
     A missing, truncated or corrupt file raises ValueError naming it."""
     state = read_state(path)  # first: a bad state.json must not leave half-loaded weights behind
     file = os.path.join(path, "model.safetensors")
-    weights = _read_tensors(file)
+    weights = native_state_dict(model, _read_tensors(file))  # MoE experts: saved per expert, as the Hub has them
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # shape mismatches: another model's checkpoint

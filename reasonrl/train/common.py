@@ -1,6 +1,8 @@
 """Pieces the stages share: model loading, packing, the LR schedule, seeding, greedy evaluation."""
 from __future__ import annotations
 
+import copy
+
 import math
 import os
 import zlib
@@ -26,6 +28,10 @@ def resolve_device(spec: str = "auto") -> torch.device:
         raise ValueError(f"device {spec!r}: expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {spec!r}: torch sees no CUDA device (torch {torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None:
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(dev)  # Triton launches and CUDA-graph capture use the current device
     return dev
 
 
@@ -58,9 +64,20 @@ def moe_aux_loss(model):
     coefficient is > 0 (transformers adds it only with output_router_logits, which checkpoints
     usually leave off for inference): unbalanced routing is what it prevents during training."""
     c = getattr(model, "config", None)
-    if c is None or not getattr(c, "is_moe", False) or not c.router_aux_loss_coef > 0:
+    if c is None or not getattr(c, "is_moe", False):
         return None
-    return model.aux_loss()
+    try:
+        return model.aux_loss() if c.router_aux_loss_coef > 0 else None
+    finally:
+        model.clear_router_state()  # the loss keeps what it needs; nothing else holds the graph
+
+
+def copy_model(model):
+    """copy.deepcopy of a policy (a reference model, a control), after dropping an MoE model's router
+    state from its last forward (non-leaf tensors, which deepcopy refuses)."""
+    if hasattr(model, "clear_router_state"):
+        model.clear_router_state()
+    return copy.deepcopy(model)
 
 
 def step_seed(*parts) -> int:

@@ -15,7 +15,6 @@ accuracy/<task> and groups/<task> (prompts drawn, before dynamic sampling).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import random
@@ -30,8 +29,8 @@ from reasonrl.rl.rewards import compute_rewards, format_reward, parse_reward_spe
 from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import StepGuard, on_interrupt, resume_or_start, save_checkpoint
 from reasonrl.engine.sequence import common_prefix_len
-from reasonrl.train.common import (COMMON_PREFIX_MIN, autocast, encode_prompt, load_model_and_tokenizer, lr_at,
-                                   make_optimizer, moe_aux_loss, pack, pack_shared, resolve_device, step_seed,
+from reasonrl.train.common import (COMMON_PREFIX_MIN, autocast, copy_model, encode_prompt, load_model_and_tokenizer,
+                                   lr_at, make_optimizer, moe_aux_loss, pack, pack_shared, resolve_device, step_seed,
                                    token_budget_batches)
 from reasonrl.train.config import GRPOConfig
 from reasonrl.train.logger import plot_metrics
@@ -205,7 +204,7 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed, cfg.device)
     model = model.to(resolve_device(cfg.device))
     tasks = make_tasks(cfg)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
+    ref_model = copy_model(model).eval().requires_grad_(False) if cfg.beta > 0 else None
     loss_cfg = GRPOLossConfig(advantage=cfg.advantage, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                               beta=cfg.beta, loss_type=cfg.loss_type, max_completion_length=cfg.max_tokens)
     opt = make_optimizer(model, cfg)

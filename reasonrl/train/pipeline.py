@@ -19,14 +19,13 @@ steps / 241 s -> 68.2% (+14.0); seed 1 63.2% -> 75.4% against 64.2% (+11.2); abo
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
 import time
 
 from reasonrl.rl.tasks import get_task
-from reasonrl.train.common import evaluate
+from reasonrl.train.common import copy_model, evaluate
 from reasonrl.train.config import TrainConfig
 from reasonrl.train.grpo import run_grpo
 from reasonrl.train.sft import run_sft, sft_examples
@@ -50,7 +49,7 @@ def run_train(cfg: TrainConfig) -> dict:
 
     model, tok, sft_sum = run_sft(sft_cfg, examples=examples)
     results = {"sft": {**score(model, tok, "after SFT"), **sft_sum}}
-    control_model = copy.deepcopy(model) if cfg.control else None
+    control_model = copy_model(model) if cfg.control else None
 
     model, tok, grpo_sum = run_grpo(grpo_cfg, model=model, tokenizer=tok,
                                     exclude={p.question for p in examples})
