@@ -86,8 +86,9 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
                 bar.update(1)
                 last = step == cfg.steps or (cfg.max_seconds and elapsed >= cfg.max_seconds)
                 if step % cfg.log_every == 0 or last:
+                    loss_v = loss.item()  # waits for the GPU (the optimizer step too) before the clock is read
                     dt = time.perf_counter() - t0
-                    line = logger.log({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": gnorm.item(),
+                    line = logger.log({"step": step, "loss": loss_v, "lr": lr, "grad_norm": gnorm.item(),
                                        "tokens": logp.numel(), "train_tok_s": ids.numel() / dt, "elapsed": elapsed})
                     bar.write(f"[{tag}] {line}")
                 if cfg.save_every and step % cfg.save_every == 0:
