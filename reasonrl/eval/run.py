@@ -341,7 +341,7 @@ def run_eval(cfg: EvalConfig, loaded: dict | None = None) -> dict:
     bar, samples = _bar(len(models) * num_jobs(cfg)), []
     try:
         for label, spec in models:
-            model, tok = loaded[label] if loaded else load_model_and_tokenizer(spec, seed=cfg.seed)
+            model, tok = loaded[label] if loaded else load_model_and_tokenizer(spec, seed=cfg.seed, device=device)
             model = model.to(device).eval()
             results["results"][label] = evaluate_model(model, tok, cfg, problems, by_difficulty, bar, label, samples)
     finally:
