@@ -49,7 +49,8 @@ def run_train(cfg: TrainConfig) -> dict:
 
     model, tok, sft_sum = run_sft(sft_cfg, examples=examples)
     results = {"sft": {**score(model, tok, "after SFT"), **sft_sum}}
-    control_model = copy_model(model) if cfg.control else None
+    control_model = copy_model(model).cpu() if cfg.control else None  # parked off the GPU during GRPO;
+    # its SFT stage moves it to its device
 
     model, tok, grpo_sum = run_grpo(grpo_cfg, model=model, tokenizer=tok,
                                     exclude={p.question for p in examples})
