@@ -150,8 +150,6 @@ class LLMEngine:
             return self.model
         memo = {id(q): torch.nn.Parameter(q.detach().to(self.dtype), requires_grad=False)
                 for q in self.model.parameters()}
-        if hasattr(self.model, "clear_router_state"):  # an MoE model's last training forward
-            self.model.clear_router_state()
         return copy.deepcopy(self.model, memo).eval()
 
     def _num_blocks(self, seqs, max_len_blocks, model):

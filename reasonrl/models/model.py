@@ -209,10 +209,15 @@ class CausalLM(nn.Module):
         return load_balancing_loss_hf(self.router_logits, self.router_topk_ids, c.num_experts, c.num_experts_per_tok, mask)
 
     def clear_router_state(self) -> None:
-        """Drop the last forward's router logits/ids: they are non-leaf tensors holding its graph, and
-        copy.deepcopy refuses a module that keeps any (the engine's bf16 rollout copy, a reference
-        model, the pipeline's control)."""
+        """Drop the last forward's router logits/ids (non-leaf tensors that keep its graph alive)."""
         self.router_logits, self.router_topk_ids = [], []
+
+    def __getstate__(self):
+        """Copies and pickles leave the last forward's router state behind: copy.deepcopy refuses
+        non-leaf tensors (the engine's bf16 rollout copy, a reference model, the pipeline's control)."""
+        state = dict(super().__getstate__())
+        state["router_logits"], state["router_topk_ids"] = [], []
+        return state
 
     def aux_loss(self, mask: torch.Tensor | None = None) -> torch.Tensor:
         """router_aux_loss_coef * load_balancing_loss(): what transformers adds to its LM loss (it does

@@ -73,8 +73,9 @@ def moe_aux_loss(model):
 
 
 def copy_model(model):
-    """copy.deepcopy of a policy (a reference model, a control), after dropping an MoE model's router
-    state from its last forward (non-leaf tensors, which deepcopy refuses)."""
+    """copy.deepcopy of a policy (a reference model, a control); an MoE model's router state from its
+    last forward is dropped first (copies leave it behind anyway: CausalLM.__getstate__), so that the
+    original does not keep that forward's graph alive beside the copy."""
     if hasattr(model, "clear_router_state"):
         model.clear_router_state()
     return copy.deepcopy(model)
@@ -142,6 +143,13 @@ def pack(prompts: list[list[int]], responses: list[list[int]], device="cpu"):
 COMMON_PREFIX_MIN = 16  # tokens all prompts of a forward must share before pack_shared packs them once
 
 
+def common_template_len(prompts: list[list[int]]) -> int:
+    """The tokens every prompt starts with when pack_shared packs them once (two or more prompts and
+    at least COMMON_PREFIX_MIN tokens in common), else 0."""
+    n = common_prefix_len(prompts) if len(prompts) > 1 else 0
+    return n if n >= COMMON_PREFIX_MIN else 0
+
+
 def pack_shared(prompts: list[list[int]], responses: list[list[int]], group_size: int, device="cpu"):
     """pack() for GRPO groups: each group's prompt is packed once, its G responses after all prompts.
 
@@ -166,8 +174,7 @@ def pack_shared(prompts: list[list[int]], responses: list[list[int]], group_size
             raise ValueError(f"pack_shared: the completions of group {g} do not share one prompt")
     if any(len(p) == 0 for p in heads):
         raise ValueError("pack_shared: empty prompt")
-    common = common_prefix_len(heads) if len(heads) > 1 else 0
-    common = common if common >= COMMON_PREFIX_MIN else 0
+    common = common_template_len(heads)
     roots = [heads[0][:common]] if common else []
     R, n = len(roots), len(heads)
     kept = [b for b, r in enumerate(responses) if r]
@@ -200,7 +207,7 @@ def pack_sft(prompts: list[list[int]], responses: list[list[int]], device="cpu")
     response tokens), fwd+bwd, 2 threads: 8.05 s with the LM head on every row of pack(), 3.29 s
     here (541 tokens packed, the LM head on the 318 response rows). Tiny model, 64 examples of the
     default run (no template): 186 -> 181 ms."""
-    if len(prompts) > 1 and all(responses) and common_prefix_len(prompts) >= COMMON_PREFIX_MIN:
+    if all(responses) and common_template_len(prompts):
         ids, pos, ctx, rows = pack_shared(prompts, responses, 1, device=device)
         live = torch.arange(rows.shape[1])[None, :] < torch.tensor([len(r) for r in responses])[:, None]
         targets = torch.tensor([t for r in responses for t in r], dtype=torch.long)

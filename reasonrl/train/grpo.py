@@ -28,8 +28,7 @@ from reasonrl.ops.grpo import GRPOLossConfig, grpo_loss
 from reasonrl.rl.rewards import compute_rewards, format_reward, parse_reward_spec
 from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import StepGuard, on_interrupt, resume_or_start, save_checkpoint
-from reasonrl.engine.sequence import common_prefix_len
-from reasonrl.train.common import (COMMON_PREFIX_MIN, autocast, copy_model, encode_prompt, load_model_and_tokenizer,
+from reasonrl.train.common import (autocast, common_template_len, copy_model, encode_prompt, load_model_and_tokenizer,
                                    lr_at, make_optimizer, moe_aux_loss, pack, pack_shared, resolve_device, step_seed,
                                    token_budget_batches)
 from reasonrl.train.config import GRPOConfig
@@ -112,8 +111,7 @@ def train_on_groups(model, ref_model, opt, groups, cfg: GRPOConfig, loss_cfg: GR
     # tokens each completion adds to a forward: with shared prefixes a group's prompt counts once, and
     # a prefix common to every prompt (a chat template; pack_shared packs it once per forward) counts
     # once per micro-batch: taken off the budget, not off each group
-    common = common_prefix_len([g["prompt"] for g in groups]) if share and len(groups) > 1 else 0
-    common = common if common >= COMMON_PREFIX_MIN else 0
+    common = common_template_len([g["prompt"] for g in groups]) if share else 0
     cost = [len(r) + (len(p) - common if i % G == 0 else 0) for i, (p, r) in enumerate(zip(prompts, responses))] \
         if share else lengths
     chunks = token_budget_batches(cost, max(cfg.micro_batch_tokens - common, 1), unit=G)
