@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "glue.h"
 #include "moe.h"
 
 #ifdef REASONRL_WITH_CUDA
@@ -38,17 +39,9 @@
 namespace reasonrl {
 namespace {
 
-// Messages from plain strings: streaming sizes() into TORCH_CHECK segfaulted on the GPU machine's
-// torch (2.11+cu130) in the other families' glue.
-std::string shape(c10::IntArrayRef a) {
-  std::string s = "(";
-  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
-  return s + (a.size() == 1 ? ",)" : ")");
-}
-
-std::string num(int64_t v) { return std::to_string(v); }
-
-std::string dt_name(const at::Tensor& t) { return c10::toString(t.scalar_type()); }
+using glue::dt_name;  // messages from plain strings (glue.h)
+using glue::num;
+using glue::shape;
 
 bool is_float(const at::Tensor& t) {
   const auto s = t.scalar_type();

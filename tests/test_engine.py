@@ -687,11 +687,13 @@ def test_decode_window_under_preemption(hf_and_ours):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_lean_decode_step_is_bitwise_the_model_forward(arch, dtype):
-    """The runner's lean decode step (no module calls) gives exactly the model's decode logits; the
-    C++ layer call (its own RMSNorm and RoPE loops) the same up to float32 summation order."""
+    """The runner's lean decode step (no module calls) gives exactly the model's decode logits with
+    PyTorch's ops; the C++ layer call (its own RMSNorm and RoPE loops) the same up to float32
+    summation order, as does the model with its fused CPU kernels (models.functional.FUSED)."""
     from decode_case import decode_case
 
     from reasonrl.engine.decode_forward import lean_decode
+    from reasonrl.models import functional as Fn
 
     model, ids, pos, slots, lens, tables, kv = decode_case(arch, dtype, seed=random.randint(0, 1000))
     B = ids.shape[0]
@@ -703,7 +705,18 @@ def test_lean_decode_step_is_bitwise_the_model_forward(arch, dtype):
     with torch.inference_mode():
         ctx = AttnContext(cu_seqlens=torch.arange(B + 1, dtype=torch.int32), max_seqlen=1, is_prefill=False,
                           slot_mapping=slots, block_tables=tables, context_lens=lens, kv_caches=caches)
-        ref = model.compute_logits(model(ids, pos, ctx))
+        Fn.FUSED["cpu"] = False
+        try:
+            ref = model.compute_logits(model(ids, pos, ctx))
+        finally:
+            Fn.FUSED["cpu"] = True
+        kv_ref = kv.clone()
+        kv.copy_(kv0)
+        fused_model = model.compute_logits(model(ids, pos, ctx))
+        tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype] * ref.abs().max().item()
+        assert (fused_model.float() - ref.float()).abs().max().item() < tol
+        assert (kv.float() - kv_ref.float()).abs().max().item() < tol
+        kv.copy_(kv_ref)
         stack, threads = lean.stack, torch.get_num_threads()
         # the Python ops; one C++ call per layer; one call for all layers (decode_layers_fwd), its rows
         # whole or split in 2 or 4 ranges run on 2 threads (B = 9: uneven ranges)
@@ -719,7 +732,6 @@ def test_lean_decode_step_is_bitwise_the_model_forward(arch, dtype):
             if not fused:
                 assert torch.equal(got, ref) and torch.equal(kv2, kv)
             else:  # one rounding of the activations' dtype, at most, where a sum of squares differs
-                tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype] * ref.abs().max().item()
                 assert (got.float() - ref.float()).abs().max().item() < tol
                 assert (kv2.float() - kv.float()).abs().max().item() < tol
     from reasonrl.ops import _backend

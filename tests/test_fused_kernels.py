@@ -1,7 +1,8 @@
-"""kernels/fused.py (RMSNorm, RoPE and SwiGLU passes of the GPU training step), forced onto CPU
-tensors through Triton's interpreter: values and gradients against float64, held to the error
-PyTorch itself makes in the same dtype (tolerance.py), and a whole model's loss and gradients with
-and without them."""
+"""The fused RMSNorm, RoPE and SwiGLU passes of a training step: kernels/fused.py (GPU; forced onto
+CPU tensors through Triton's interpreter here) and csrc/cpu/fused.cpp (CPU, reasonrl._C): values
+and gradients against float64, held to the error PyTorch itself makes in the same dtype
+(tolerance.py); a whole model's loss and gradients with and without them; the row gather of packed
+attention (models.attention.take_rows) and its scatter_rows backward."""
 import os
 
 import pytest
@@ -13,19 +14,40 @@ from reasonrl.models import AttnContext, builtin_path, init_model
 from reasonrl.models import functional as Fn
 from reasonrl.ops import _backend
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.skipif(not _backend.triton_importable(), reason="triton is not installed")]
-# CPU tensors through the interpreter here; CUDA tensors compiled on a GPU machine (pytest -m gpu)
-DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                        reason="Triton on CPU tensors needs TRITON_INTERPRET=1")),
-           pytest.param("cuda", marks=pytest.mark.gpu)]
+pytestmark = [pytest.mark.usefixtures("one_thread")]
+_no_triton = pytest.mark.skipif(not _backend.triton_importable(), reason="triton is not installed")
+# "cpu": Triton on CPU tensors through the interpreter; "cuda": Triton compiled on a GPU machine
+# (pytest -m gpu); "cpp": the C++ kernels on CPU tensors (the default on CPU)
+DEVICES = [pytest.param("cpu", marks=[_no_triton, pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                                                      reason="Triton on CPU tensors needs TRITON_INTERPRET=1")]),
+           pytest.param("cuda", marks=[_no_triton, pytest.mark.gpu]),
+           pytest.param("cpp", marks=pytest.mark.skipif(not Fn._cpp_ok(), reason="reasonrl._C is not built"))]
 
 
 @pytest.fixture
-def forced():
-    Fn.FUSED["force"] = True
+def forced(request):
+    """Triton forced on for the "cpu" device (the interpreter); C++ kernels on CPU for "cpp"."""
+    device = request.node.callspec.params.get("device", "cpu")
+    Fn.FUSED["force"] = device == "cpu"
+    Fn.FUSED["cpu"] = device == "cpp"
     yield
-    Fn.FUSED["force"] = False
+    Fn.FUSED["force"], Fn.FUSED["cpu"] = False, True
+
+
+def _dev(device):
+    return "cpu" if device == "cpp" else device
+
+
+def _plain(fn):
+    """fn with PyTorch's ops on CPU (the references)."""
+    def run(*a):
+        saved = dict(Fn.FUSED)
+        Fn.FUSED.update(force=False, cpu=False)
+        try:
+            return fn(*a)
+        finally:
+            Fn.FUSED.update(saved)
+    return run
 
 
 def rms_torch(x, w, eps):  # models.RMSNorm's PyTorch ops
@@ -43,14 +65,14 @@ def grads(fn, inputs, g, device="cpu"):
 
 
 @pytest.mark.parametrize("xdt,wdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                     (torch.float16, torch.float32)])
+                                     (torch.float16, torch.float32), (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("M,N", [(1, 16), (37, 100), (130, 576)])
 @pytest.mark.parametrize("device", DEVICES)
 def test_rms_norm(forced, xdt, wdt, M, N, device):
     x = torch.randn(M, N) * 2
     w = 1 + 0.1 * torch.randn(N)
     g = torch.randn(M, N)
-    got = grads(lambda a, b: Fn.rms_norm(a, b, 1e-6), [x.to(xdt), w.to(wdt)], g, device)
+    got = grads(lambda a, b: Fn.rms_norm(a, b, 1e-6), [x.to(xdt), w.to(wdt)], g, _dev(device))
     ref64 = grads(lambda a, b: rms_torch(a, b, 1e-6), [x.double(), w.double()], g)
     same = grads(lambda a, b: rms_torch(a, b, 1e-6), [x.to(xdt), w.to(wdt)], g)
     for name, o, r, s in zip(("y", "dx", "dw"), got, ref64, same):
@@ -58,7 +80,7 @@ def test_rms_norm(forced, xdt, wdt, M, N, device):
     assert got[0].dtype == torch.promote_types(xdt, wdt) and got[2].dtype == wdt
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T,H,D", [(1, 1, 2), (13, 7, 12), (40, 20, 64)])
 @pytest.mark.parametrize("device", DEVICES)
 def test_rope(forced, dtype, T, H, D, device):
@@ -66,16 +88,16 @@ def test_rope(forced, dtype, T, H, D, device):
     ang = torch.rand(T, 1, D // 2) * 100
     cos, sin = ang.cos(), ang.sin()
     g = torch.randn(T, H, D)
-    got = grads(lambda a: Fn.apply_rope(a, cos.to(device), sin.to(device)), [x.to(dtype)], g, device)
-    Fn.FUSED["force"] = False
-    ref64 = grads(lambda a: Fn.apply_rope(a, cos.double(), sin.double()), [x.double()], g)
-    same = grads(lambda a: Fn.apply_rope(a, cos, sin), [x.to(dtype)], g)
+    dev = _dev(device)
+    got = grads(lambda a: Fn.apply_rope(a, cos.to(dev), sin.to(dev)), [x.to(dtype)], g, dev)
+    ref64 = grads(_plain(lambda a: Fn.apply_rope(a, cos.double(), sin.double())), [x.double()], g)
+    same = grads(_plain(lambda a: Fn.apply_rope(a, cos, sin)), [x.to(dtype)], g)
     for name, o, r, s in zip(("y", "dx"), got, ref64, same):
         assert_close_to_ref(o, r, s, dtype, name, factor=3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N,H,I", [(1, 8, 8), (33, 24, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,H,I", [(1, 8, 8), (33, 24, 100), (7, 16, 1037)])
 @pytest.mark.parametrize("device", DEVICES)
 def test_swiglu(forced, dtype, N, H, I, device):
     x = torch.randn(N, H)
@@ -85,39 +107,101 @@ def test_swiglu(forced, dtype, N, H, I, device):
     def plain(a, wg, wu, wd):
         return F.linear(F.silu(F.linear(a, wg)) * F.linear(a, wu), wd)
 
-    got = grads(Fn.SwiGLUFunction.apply, [x.to(dtype)] + [w.to(dtype) for w in ws], g, device)
+    got = grads(Fn.SwiGLUFunction.apply, [x.to(dtype)] + [w.to(dtype) for w in ws], g, _dev(device))
     ref64 = grads(plain, [x.double()] + [w.double() for w in ws], g)
     same = grads(plain, [x.to(dtype)] + [w.to(dtype) for w in ws], g)
     for name, o, r, s in zip(("y", "dx", "dw_gate", "dw_up", "dw_down"), got, ref64, same):
         assert_close_to_ref(o, r, s, dtype, name, factor=3)
 
 
+BACKENDS = [pytest.param("triton", marks=[_no_triton, pytest.mark.skipif(
+                os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1")]),
+            pytest.param("cpp", marks=pytest.mark.skipif(not Fn._cpp_ok(), reason="reasonrl._C is not built"))]
+
+
+def _packed(layout):
+    """ids, positions and AttnContext for a packed batch: "varlen" (6 ragged sequences: the padded
+    SDPA plan) or "shared" (2 prompts with 3 and 2 completions each: shared-prefix attention)."""
+    if layout == "varlen":
+        lengths, prefix_of, start = [20, 30, 17, 25, 22, 28], None, [0] * 6
+    else:
+        lengths, prefix_of = [9, 6, 7, 5, 8, 4, 6], [-1, -1, 0, 0, 0, 1, 1]
+        start = [0, 0, 9, 9, 9, 6, 6]
+    pos = torch.cat([torch.arange(s0, s0 + n) for s0, n in zip(start, lengths)])
+    ctx = AttnContext.from_lengths(lengths, prefix_of=prefix_of) if prefix_of else AttnContext.from_lengths(lengths)
+    return pos, ctx
+
+
 @pytest.mark.parametrize("arch", ["tiny", "qwen3"])
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
-def test_model_loss_and_grads_with_fused_kernels(arch):
-    """A training forward and backward through the model (RMSNorm, q/k norms, RoPE) with the kernels
-    forced on, against the same model without them: float32, equal up to float32 rounding."""
+@pytest.mark.parametrize("layout", ["varlen", "shared"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_loss_and_grads_with_fused_kernels(arch, layout, backend):
+    """A training forward and backward through the model (RMSNorm, q/k norms, RoPE, SwiGLU, the row
+    gathers of packed attention) with the kernels on, against the same model with PyTorch's ops:
+    float32, equal up to float32 rounding."""
     from reasonrl.models import ModelConfig
 
     cfg = builtin_path("tiny") if arch == "tiny" else ModelConfig(
         arch="qwen3", vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, qk_norm=True)
     model = init_model(cfg, seed=0)
-    V = model.config.vocab_size
-    ids = torch.randint(0, V, (50,))
-    pos = torch.cat([torch.arange(20), torch.arange(30)])
-    ctx = AttnContext.from_lengths([20, 30])
+    pos, ctx = _packed(layout)
+    ids = torch.randint(0, model.config.vocab_size, pos.shape)
     outs = []
-    for force in (False, True):
-        Fn.FUSED["force"] = force
+    for on in (False, True):
+        Fn.FUSED.update(force=on and backend == "triton", cpu=on and backend == "cpp")
         try:
             model.zero_grad()
             h = model(ids, pos, ctx)
             (h.double().sin().sum()).backward()
         finally:
-            Fn.FUSED["force"] = False
+            Fn.FUSED.update(force=False, cpu=True)
         outs.append((h.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (h0, g0), (h1, g1) = outs
     assert (h1 - h0).abs().max() <= 1e-5 * h0.abs().max()
     for n in g0:
         assert (g1[n] - g0[n]).abs().max() <= 1e-4 * g0[n].abs().max() + 1e-6, n
+
+
+@pytest.mark.skipif(not Fn._cpp_ok(), reason="reasonrl._C is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["repeats", "unused rows", "permutation", "empty"])
+def test_take_rows_backward(dtype, case):
+    """take_rows (x[idx] with scatter_rows as the backward) against x[idx] in float64: rows gathered
+    several times, rows never gathered (zero gradient), a permutation, an empty index; (n, H, D)."""
+    from reasonrl.models.attention import Rows, take_rows
+
+    n = 37
+    idx = {"repeats": torch.randint(0, n, (300,)), "unused rows": torch.arange(0, n, 3).repeat(2),
+           "permutation": torch.randperm(n), "empty": torch.zeros(0, dtype=torch.long)}[case]
+    x = torch.randn(n, 3, 5)
+    g = torch.randn(idx.numel(), 3, 5)
+    rows = Rows(idx, n)
+    got = grads(lambda a: take_rows(a, rows), [x.to(dtype)], g)
+    ref64 = grads(lambda a: a[idx], [x.double()], g)
+    same = grads(lambda a: a[idx], [x.to(dtype)], g)
+    for name, o, r, s_ in zip(("y", "dx"), got, ref64, same):
+        assert_close_to_ref(o, r, s_, dtype, name)
+    assert torch.equal(got[1], grads(lambda a: take_rows(a, rows), [x.to(dtype)], g)[1])  # deterministic
+    with pytest.raises(ValueError, match="made for 37 rows"):
+        take_rows(torch.randn(n + 1, 3, 5, requires_grad=True), rows)
+
+
+@pytest.mark.skipif(not Fn._cpp_ok(), reason="reasonrl._C is not built")
+def test_cpp_fused_ops_reject_bad_input():
+    ops = torch.ops.reasonrl
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="x must be float32, bfloat16 or float16"):
+        ops.fused_rms_norm_fwd(x.double(), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match=r"w must be \(8,\)"):
+        ops.fused_rms_norm_fwd(x, torch.ones(7), 1e-6)
+    with pytest.raises(ValueError, match="u must have g's shape"):
+        ops.fused_silu_mul(x, torch.randn(4, 9))
+    with pytest.raises(ValueError, match="share one dtype"):
+        ops.fused_swiglu_bwd(x, x, x.bfloat16())
+    with pytest.raises(ValueError, match="D even"):
+        ops.fused_rope(torch.randn(2, 3, 5), torch.randn(2, 2), torch.randn(2, 2), 1.0)
+    with pytest.raises(ValueError, match="offsets must run from 0 to 3"):
+        ops.scatter_rows(torch.randn(3, 2), torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]), 2)
+    with pytest.raises(ValueError, match=r"order values must be in \[0, 3\)"):
+        ops.scatter_rows(torch.randn(3, 2), torch.tensor([0, 1, 3]), torch.tensor([0, 1, 5]), 2)

@@ -34,6 +34,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/rows.h"
 #include "cpu/simd.h"
 #include "cpu/vec8.h"
 #include "paged.h"
@@ -230,48 +231,20 @@ RR_INLINE void decode_range(void* out_, const void* q_, const void* kc_, const v
 // w -> dtype; each rotated element -> dtype. Elem's conversions are branch-free, so the loops vectorize.
 template <DType DT>
 RR_INLINE void rms_rows_t(void* out_, const void* x_, const void* w_, int64_t rows, int64_t n, float eps) {
-  using E = Elem<DT>;
-  using T = typename E::T;
+  using T = typename Elem<DT>::T;
   T* out = static_cast<T*>(out_);
   const T* x = static_cast<const T*>(x_);
   const T* w = static_cast<const T*>(w_);
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * n;
-    T* o = out + r * n;
-    float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = E::load(xr[i]);
-      ss += v * v;
-    }
-    const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) o[i] = E::store(E::load(w[i]) * E::load(E::store(E::load(xr[i]) * inv)));
-  }
+  for (int64_t r = 0; r < rows; ++r) rms_row<DT, DT, DT>(out + r * n, x + r * n, w, n, eps);
 }
 
 template <DType DT>
 RR_INLINE void rope_rows_t(void* out_, const void* x_, const float* cos, const float* sin, int64_t B, int64_t H,
                            int64_t D) {
-  using E = Elem<DT>;
-  using T = typename E::T;
+  using T = typename Elem<DT>::T;
   T* out = static_cast<T*>(out_);
   const T* x = static_cast<const T*>(x_);
-  const int64_t half = D / 2;
-  for (int64_t b = 0; b < B; ++b) {
-    const float* c = cos + b * half;
-    const float* sn = sin + b * half;
-    for (int64_t h = 0; h < H; ++h) {
-      const T* xr = x + (b * H + h) * D;
-      T* o = out + (b * H + h) * D;
-#pragma omp simd
-      for (int64_t i = 0; i < half; ++i) {
-        const float x1 = E::load(xr[i]), x2 = E::load(xr[i + half]);
-        o[i] = E::store(x1 * c[i] - x2 * sn[i]);
-        o[i + half] = E::store(x2 * c[i] + x1 * sn[i]);
-      }
-    }
-  }
+  for (int64_t b = 0; b < B; ++b) rope_row<DT>(out + b * H * D, x + b * H * D, cos + b * (D / 2), sin + b * (D / 2), H, D, 1.f);
 }
 
 #define RR_ROWS_DISPATCH(fn, ...)                                  \

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 _STATE = {"deterministic": False}
 MASK_BUDGET = 1 << 26  # mask entries (batch x queries x keys) of one shared-prefix SDPA call
@@ -93,6 +94,62 @@ def _math_attention(q, k, v, causal, scale, mask):
     return torch.matmul(torch.softmax(s, dim=-1), v).to(dt)
 
 
+class Rows:
+    """An index of rows to gather from a tensor of n rows (x[idx]), made once per forward plan.
+
+    NOTE: the backward of x[idx] on CPU is index_put_ with accumulate, which runs serially, element by
+    element: 21 of 231 ms of the tiny model's bf16 GRPO update (16 x 8 x 48, 2 cores) went to the
+    q/k/v/o gathers of shared-prefix attention. take_rows's backward instead sums each source row's
+    gradients in float32 (csrc/cpu/fused.cpp scatter_rows), in parallel, over the index's transpose
+    (made once per plan, at the first backward)."""
+    __slots__ = ("idx", "n", "_csr")
+
+    def __init__(self, idx: torch.Tensor, n: int):
+        self.idx, self.n, self._csr = idx, int(n), None
+
+    def numel(self) -> int:
+        return self.idx.numel()
+
+    def csr(self):
+        """(offsets (n + 1,), order): the positions i with idx[i] == r are order[offsets[r]:offsets[r + 1]]."""
+        if self._csr is None:
+            idx = self.idx.cpu()
+            offsets = torch.zeros(self.n + 1, dtype=torch.long)
+            offsets[1:] = torch.bincount(idx, minlength=self.n).cumsum(0)
+            self._csr = (offsets, torch.argsort(idx, stable=True))
+        return self._csr
+
+
+class _TakeRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rows):
+        ctx.rows = rows
+        return x.index_select(0, rows.idx)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        offsets, order = ctx.rows.csr()
+        return torch.ops.reasonrl.scatter_rows(g.contiguous(), offsets, order, ctx.rows.n), None
+
+
+def take_rows(x: torch.Tensor, rows) -> torch.Tensor:
+    """x[rows] for a Rows index (or a slice): on CPU with gradients, with scatter_rows as the backward."""
+    if isinstance(rows, slice):
+        return x[rows]
+    if (x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _cpp_fused()):
+        if x.shape[0] != rows.n:
+            raise ValueError(f"take_rows: the index was made for {rows.n} rows, the tensor has {x.shape[0]}")
+        return _TakeRows.apply(x, rows)
+    return x[rows.idx]
+
+
+def _cpp_fused() -> bool:
+    from .functional import FUSED, _cpp_ok
+    return FUSED["cpu"] and _cpp_ok()
+
+
 def pad_plan(lengths, device):
     """Gather indices for one right-padded SDPA call over many packed sequences, or None.
 
@@ -111,7 +168,7 @@ def pad_plan(lengths, device):
     real = j[None, :] < lens[:, None]  # (B, L)
     src = torch.where(real, starts[:, None] + j[None, :], starts[:, None])  # pad rows repeat row 0 of the sequence
     dst = (torch.arange(B)[:, None] * L + j[None, :])[real]  # (T,), in packed order
-    return src.reshape(-1).to(device), dst.to(device)
+    return Rows(src.reshape(-1).to(device), sum(lengths)), Rows(dst.to(device), B * L)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, lengths, scale, pad=None):
@@ -133,9 +190,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, lengths, scale, pad=None):
     if pad is not None:  # many sequences of similar length: one right-padded batched call
         src, dst = pad  # (B * L,) rows of q to gather, (T,) rows of the padded output to keep
         B, L = len(lengths), max(lengths)
-        qb, kb, vb = (t[src].view(B, L, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        qb, kb, vb = (take_rows(t, src).view(B, L, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
         o = _sdpa(qb, kb, vb, True, scale).transpose(1, 2).reshape(B * L, q.shape[1], q.shape[2])
-        return o[dst]
+        return take_rows(o, dst)
     # NOTE: torch.cat, not writes into slices of one output: the backward of B slice-writes zero-fills
     # and adds a full (T, Hq, D) gradient per sequence (O(B * T)); it took 2.4 of 4.7 s per tiny-model
     # step at 64 sequences on 2 CPU cores.
@@ -207,11 +264,12 @@ def _sdpa_part(plan: dict) -> None:
     order = root_rows + cont_rows
     R = len(root_rows)
     root_lengths = [lengths[b] for b in roots]
-    plan["roots"] = (slice(0, R) if root_rows == list(range(R)) else torch.tensor(root_rows, device=device),
+    T = sum(lengths)
+    plan["roots"] = (slice(0, R) if root_rows == list(range(R)) else Rows(torch.tensor(root_rows, device=device), T),
                      root_lengths, torch.tensor([0] + root_lengths).cumsum(0).to(device, torch.int32),
                      max(root_lengths, default=0))
     plan["roots_pad"] = pad_plan(plan["roots"][1], device)
-    plan["inv"] = None if order == list(range(len(order))) else torch.tensor(order, device=device).argsort()
+    plan["inv"] = None if order == list(range(len(order))) else Rows(torch.tensor(order, device=device).argsort(), T)
     # Continuations: right-padded batched SDPA calls of at most MASK_BUDGET mask entries and at most 2x
     # the unpadded attention work, each query row i of sequence b at key position P_b + i. Pad query
     # rows repeat row 0 and see every real key.
@@ -238,8 +296,8 @@ def _sdpa_part(plan: dict) -> None:
             qpos = torch.arange(Lq)[:, None] + len(pre)  # the key position each query row sits at
             mask[i, 0] = (torch.arange(Lk)[None, :] <= qpos) & (torch.arange(Lk)[None, :] < len(keys))
         dst = torch.cat([torch.arange(lengths[b]) + i * Lq for i, b in enumerate(chunk)])
-        plan["conts"].append((torch.tensor(qsrc, device=device), torch.tensor(ksrc, device=device),
-                              mask.to(device), dst.to(device), Bc, Lq, Lk))
+        plan["conts"].append((Rows(torch.tensor(qsrc, device=device), T), Rows(torch.tensor(ksrc, device=device), T),
+                              mask.to(device), Rows(dst.to(device), Bc * Lq), Bc, Lq, Lk))
 
 
 def shared_prefix_attention(q, k, v, cu_seqlens, max_seqlen, lengths, scale, plan):
@@ -255,15 +313,16 @@ def shared_prefix_attention(q, k, v, cu_seqlens, max_seqlen, lengths, scale, pla
     sel, root_lengths, root_cu, root_max = plan["roots"]
     outs = []
     if root_lengths:
-        outs.append(varlen_attention(q[sel], k[sel], v[sel], root_cu, root_max, root_lengths, scale, plan["roots_pad"]))
+        outs.append(varlen_attention(take_rows(q, sel), take_rows(k, sel), take_rows(v, sel), root_cu, root_max,
+                                     root_lengths, scale, plan["roots_pad"]))
     Hq, D = q.shape[1], q.shape[2]
     for qsrc, ksrc, mask, dst, Bc, Lq, Lk in plan["conts"]:
-        qb = q[qsrc].view(Bc, Lq, Hq, D).transpose(1, 2)
-        kb, vb = (t[ksrc].view(Bc, Lk, t.shape[1], D).transpose(1, 2) for t in (k, v))
+        qb = take_rows(q, qsrc).view(Bc, Lq, Hq, D).transpose(1, 2)
+        kb, vb = (take_rows(t, ksrc).view(Bc, Lk, t.shape[1], D).transpose(1, 2) for t in (k, v))
         o = _sdpa(qb, kb, vb, False, scale, mask).transpose(1, 2).reshape(Bc * Lq, Hq, D)
-        outs.append(o[dst])
+        outs.append(take_rows(o, dst))
     o = torch.cat(outs) if len(outs) > 1 else outs[0]
-    return o if plan["inv"] is None else o[plan["inv"]]
+    return o if plan["inv"] is None else take_rows(o, plan["inv"])
 
 
 def _gather_cache(cache, table, n):

@@ -1,13 +1,16 @@
-"""Two autograd Functions that keep less for backward than PyTorch's autograd would.
+"""Two autograd Functions that keep less for backward than PyTorch's autograd would, and the fused
+elementwise passes of a training step (RMSNorm, RoPE, the SwiGLU product): Triton kernels on GPU
+(kernels/fused.py), C++ kernels on CPU (csrc/cpu/fused.cpp), PyTorch's ops where neither is there.
 
 SwiGLU MLP, y = W_d (silu(W_g x) * W_u x):
     autograd keeps x, g = W_g x, u = W_u x, silu(g) and h = silu(g) * u: four (N, I) tensors.
     Here only x, g and u are kept; silu(g) and h are recomputed in backward (elementwise, no
-    matmul), with silu'(g) = s (1 + g (1 - s)), s = sigmoid(g):
+    matmul, in the same single pass that makes dg and du), with silu'(g) = s (1 + g (1 - s)),
+    s = sigmoid(g):
         dW_d = dy^T h,   dh = dy W_d,   du = dh silu(g),   dg = dh u silu'(g)
         dx = dg W_g + du W_u,   dW_g = dg^T x,   dW_u = du^T x
     Two fewer (N, I) tensors per layer: 28 layers x 2 x 8192 x 8960 bf16 = 8.2 GB at the
-    Qwen2.5-1.5B shape, 2 x 4096 tokens. Used on CUDA only (see swiglu).
+    Qwen2.5-1.5B shape, 2 x 4096 tokens. Used where a fused backward pass exists (see swiglu).
 RoPE, a rotation by +angle: its backward is the rotation by -angle, so only cos/sin (shared by
 all layers) are kept, not float32 copies of q and k.
 
@@ -18,6 +21,7 @@ and what is kept for backward is in that dtype; gradients come back in each inpu
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +29,11 @@ from torch.autograd.function import once_differentiable
 
 
 # On CUDA the elementwise passes of RMSNorm, RoPE and the SwiGLU product run as Triton kernels
-# (kernels/fused.py: one pass each way). "force": also on CPU tensors, through Triton's interpreter
-# (tests only).
-FUSED = {"force": False}
+# (kernels/fused.py: one pass each way); on CPU as the C++ kernels of csrc/cpu/fused.cpp (the same
+# passes and rounding) where reasonrl._C is built. "force": Triton also on CPU tensors, through
+# Triton's interpreter (tests only); "cpu": False keeps PyTorch's ops on CPU (tests compare the two).
+FUSED = {"force": False, "cpu": True}
+_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,20 +42,55 @@ def _triton_ok() -> bool:
     return triton_importable()
 
 
+@functools.lru_cache(maxsize=1)
+def _cpp_ok() -> bool:
+    try:
+        import reasonrl._C  # noqa: F401  registers torch.ops.reasonrl.*
+    except ImportError:
+        return False
+    return hasattr(torch.ops.reasonrl, "fused_swiglu_bwd")
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_kernels():
+    from reasonrl.kernels import decode, fused
+    return types.SimpleNamespace(rms_norm_fwd=fused.rms_norm_fwd, rms_norm_bwd=fused.rms_norm_bwd, rope=fused.rope,
+                                 silu_mul=decode.silu_mul, swiglu_bwd=fused.swiglu_bwd)
+
+
+@functools.lru_cache(maxsize=1)
+def _cpp_kernels():
+    ops = torch.ops.reasonrl
+    return types.SimpleNamespace(rms_norm_fwd=ops.fused_rms_norm_fwd, rms_norm_bwd=ops.fused_rms_norm_bwd,
+                                 rope=lambda x, c, s, sign=1.0: ops.fused_rope(x, c, s, sign),
+                                 silu_mul=ops.fused_silu_mul, swiglu_bwd=ops.fused_swiglu_bwd)
+
+
+def kernels_for(x: torch.Tensor):
+    """The fused kernels for x (rms_norm_fwd, rms_norm_bwd, rope, silu_mul, swiglu_bwd, with
+    kernels/fused.py's signatures), or None: PyTorch's ops."""
+    if x.dtype not in _FLOAT:
+        return None
+    if x.is_cuda or FUSED["force"]:
+        # rows up to kernels.fused.MAX_ROW = 16384 elements are one program's registers
+        return _triton_kernels() if x.shape[-1] <= 16384 and _triton_ok() else None
+    if x.device.type == "cpu" and FUSED["cpu"] and _cpp_ok():
+        return _cpp_kernels()
+    return None
+
+
 def fused_ok(x: torch.Tensor) -> bool:
-    """kernels/fused.py for x (rows of at most kernels.fused.MAX_ROW = 16384 elements)."""
-    return (x.is_cuda or FUSED["force"]) and x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
-        and x.shape[-1] <= 16384 and _triton_ok()
+    """Whether x's elementwise passes run as fused kernels (kernels_for)."""
+    return kernels_for(x) is not None
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """y = w * dtype(x * rsqrt(mean(x^2) + eps)) over the last dim (models.RMSNorm), one Triton pass
-    each way; keeps x and the per-row rsqrt."""
+    """y = w * dtype(x * rsqrt(mean(x^2) + eps)) over the last dim (models.RMSNorm), one fused pass
+    each way (kernels_for); keeps x and the per-row rsqrt."""
     @staticmethod
     def forward(ctx, x, w, eps):
-        from reasonrl.kernels.fused import rms_norm_fwd
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        y, r = rms_norm_fwd(x2, w, eps)
+        y, r = kernels_for(x2).rms_norm_fwd(x2, w, eps)
         ctx.save_for_backward(x2, w, r)
         ctx.shape = x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -57,14 +98,13 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        from reasonrl.kernels.fused import rms_norm_bwd
         x2, w, r = ctx.saved_tensors
-        dx, dw = rms_norm_bwd(g.reshape(-1, g.shape[-1]).contiguous(), x2, w, r)
+        dx, dw = kernels_for(x2).rms_norm_bwd(g.reshape(-1, g.shape[-1]).contiguous(), x2, w, r)
         return dx.view(ctx.shape), dw.to(w.dtype), None
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """models.RMSNorm's forward through kernels/fused.py (callers check fused_ok(x))."""
+    """models.RMSNorm's forward through the fused kernels (callers check fused_ok(x))."""
     return RMSNormFunction.apply(x, w, eps)
 
 
@@ -82,9 +122,9 @@ class SwiGLUFunction(torch.autograd.Function):
         xc = x.to(dt)
         g = F.linear(xc, w_gate.to(dt))  # (N, I)
         u = F.linear(xc, w_up.to(dt))  # (N, I)
-        if fused_ok(g):
-            from reasonrl.kernels.decode import silu_mul
-            h = silu_mul(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])).view(g.shape)
+        k = kernels_for(g)
+        if k is not None:
+            h = k.silu_mul(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])).view(g.shape)
         else:
             h = F.silu(g) * u
         y = F.linear(h, w_down.to(dt))  # (N, H)
@@ -99,11 +139,11 @@ class SwiGLUFunction(torch.autograd.Function):
         dt = g.dtype
         dy = dy.to(dt)
         dh = dy @ w_down.to(dt)  # (N, I)
-        if fused_ok(g):  # h = silu(g) u, du, dg in one pass
-            from reasonrl.kernels.fused import swiglu_bwd
+        k = kernels_for(g)
+        if k is not None:  # h = silu(g) u, du, dg in one pass
             n = g.shape[-1]
-            h, dg, du = (t.view(g.shape) for t in swiglu_bwd(dh.reshape(-1, n).contiguous(), g.reshape(-1, n),
-                                                             u.reshape(-1, n)))
+            h, dg, du = (t.view(g.shape) for t in k.swiglu_bwd(dh.reshape(-1, n).contiguous(), g.reshape(-1, n),
+                                                               u.reshape(-1, n)))
         else:
             silu = F.silu(g)
             h = silu * u
@@ -118,12 +158,16 @@ class SwiGLUFunction(torch.autograd.Function):
 
 def swiglu(x, w_gate, w_up, w_down):
     """x (N, H) -> (N, H); weights in nn.Linear layout (out, in)."""
-    # NOTE: CUDA only. The recompute costs two elementwise passes over (N, I) in backward; on CPU
-    # with the 0.8M-parameter tiny model that made a training step 19% slower (2 cores) for
-    # activations that are small there anyway.
-    if x.is_cuda and torch.is_grad_enabled() and (x.requires_grad or w_gate.requires_grad):
+    # NOTE: CUDA, or a fused backward pass on CPU. With PyTorch's ops the recompute costs two more
+    # elementwise passes over (N, I) in backward; on CPU that made a tiny-model training step 19%
+    # slower (2 cores) for activations that are small there anyway.
+    if torch.is_grad_enabled() and (x.requires_grad or w_gate.requires_grad) and (x.is_cuda or fused_ok(x)):
         return SwiGLUFunction.apply(x, w_gate, w_up, w_down)
-    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+    g, u = F.linear(x, w_gate), F.linear(x, w_up)
+    k = kernels_for(g)
+    if k is not None and not g.is_cuda and g.dim() == 2:  # one pass for silu(g) u (CPU prefill, eval)
+        return F.linear(k.silu_mul(g, u), w_down)
+    return F.linear(F.silu(g) * u, w_down)
 
 
 def _rotate(x, cos, sin):
@@ -133,9 +177,9 @@ def _rotate(x, cos, sin):
 
 
 def _rope(x, cos, sin, sign=1.0):
-    if fused_ok(x) and x.dim() == 3 and x.stride(-1) == 1 and x.shape[-1] % 2 == 0:
-        from reasonrl.kernels.fused import rope
-        return rope(x, cos, sin, sign)
+    k = kernels_for(x)
+    if k is not None and x.dim() == 3 and x.stride(-1) == 1 and x.shape[-1] % 2 == 0 and cos.dtype == torch.float32:
+        return k.rope(x, cos, sin, sign)
     return _rotate(x, cos, sin if sign > 0 else -sin)
 
 

@@ -1,0 +1,201 @@
+// Torch glue of the fused training family on CPU: checks with messages that name the argument, then the
+// kernels of csrc/cpu/fused.cpp split over threads. Registers (CPU tensors; on GPU kernels/fused.py runs)
+//   reasonrl::fused_rms_norm_fwd(x (M, N), w (N,), eps) -> (y (M, N) in promote(x, w), rstd (M,) float32)
+//   reasonrl::fused_rms_norm_bwd(g (M, N), x, w, rstd) -> (dx (M, N) in x's dtype, dw (N,) float32)
+//   reasonrl::fused_rope(x (T, H, D), cos, sin (T, 1, D/2) or (T, D/2) float32, sign) -> (T, H, D) in x's dtype
+//   reasonrl::fused_silu_mul(g, u) -> silu(g) * u in g's dtype
+//   reasonrl::fused_swiglu_bwd(dh, g, u) -> (h, dg, du), all in g's dtype
+//   reasonrl::scatter_rows(g (n, ...), offsets (rows + 1,) int64, order (n,) int64, rows) -> (rows, ...): the
+//                          backward of a row gather, each destination row summed in float32 (deterministic)
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "fused.h"
+#include "glue.h"
+
+namespace reasonrl {
+namespace {
+
+using glue::dt_name;  // messages from plain strings (glue.h)
+using glue::num;
+using glue::shape;
+
+DType code(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device().str());
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kBFloat16: return DType::bf16;
+    case at::kHalf: return DType::f16;
+    default:
+      TORCH_CHECK_VALUE(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", dt_name(t));
+  }
+  return DType::f32;
+}
+
+void same_shape(const at::Tensor& a, const at::Tensor& b, const char* op, const char* na, const char* nb) {
+  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), op, ": ", nb, " must have ", na, "'s shape ", shape(a.sizes()), ", got ",
+                    shape(b.sizes()));
+}
+
+// Elementwise work in chunks of about 32k elements (a task's work far above parallel_for's overhead).
+constexpr int64_t kGrain = 1 << 15;
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x_, const at::Tensor& w_, double eps) {
+  const char* op = "fused_rms_norm_fwd";
+  const DType dx = code(x_, op, "x");
+  code(w_, op, "w");
+  TORCH_CHECK_VALUE(x_.dim() == 2, op, ": x must be (M, N), got shape ", shape(x_.sizes()));
+  const int64_t M = x_.size(0), N = x_.size(1);
+  TORCH_CHECK_VALUE(w_.dim() == 1 && w_.size(0) == N, op, ": w must be (", num(N), ",), got shape ",
+                    shape(w_.sizes()));
+  const auto out_t = at::promote_types(x_.scalar_type(), w_.scalar_type());
+  TORCH_CHECK_VALUE(out_t == x_.scalar_type() || out_t == at::kFloat, op, ": x ", dt_name(x_), " with w ",
+                    dt_name(w_), " is not supported");
+  const at::Tensor x = x_.contiguous(), w = w_.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(out_t));
+  at::Tensor r = at::empty({M}, x.options().dtype(at::kFloat));
+  const DType dy = out_t == x.scalar_type() ? dx : DType::f32;
+  at::parallel_for(0, M, std::max<int64_t>(1, kGrain / std::max<int64_t>(N, 1)), [&](int64_t r0, int64_t r1) {
+    rms_fwd_cpu(y.data_ptr(), r.data_ptr<float>(), x.data_ptr(), w.data_ptr<float>(), dx, dy, r0, r1, N,
+                static_cast<float>(eps));
+  });
+  return {y, r};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& g_, const at::Tensor& x_, const at::Tensor& w_,
+                                                const at::Tensor& rstd_) {
+  const char* op = "fused_rms_norm_bwd";
+  const DType dx = code(x_, op, "x");
+  DType dg = code(g_, op, "g");
+  code(w_, op, "w");
+  TORCH_CHECK_VALUE(x_.dim() == 2, op, ": x must be (M, N), got shape ", shape(x_.sizes()));
+  same_shape(x_, g_, op, "x", "g");
+  const int64_t M = x_.size(0), N = x_.size(1);
+  TORCH_CHECK_VALUE(w_.dim() == 1 && w_.size(0) == N, op, ": w must be (", num(N), ",), got shape ",
+                    shape(w_.sizes()));
+  TORCH_CHECK_VALUE(rstd_.dim() == 1 && rstd_.size(0) == M && rstd_.scalar_type() == at::kFloat, op,
+                    ": rstd must be float32 (", num(M), ",), got ", dt_name(rstd_), " of shape ",
+                    shape(rstd_.sizes()));
+  at::Tensor g = g_.contiguous();
+  if (dg != dx && dg != DType::f32) {  // e.g. x bf16, g f16: read g as float32
+    g = g.to(at::kFloat);
+    dg = DType::f32;
+  }
+  const at::Tensor x = x_.contiguous(), w = w_.to(at::kFloat).contiguous(), rstd = rstd_.contiguous();
+  at::Tensor d = at::empty({M, N}, x.options());
+  // dw: one float32 partial sum per chunk of rows, added at the end (a fixed split: deterministic).
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M / 16));
+  at::Tensor part = at::zeros({chunks, N}, x.options().dtype(at::kFloat));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      rms_bwd_cpu(d.data_ptr(), part.data_ptr<float>() + c * N, g.data_ptr(), x.data_ptr(), w.data_ptr<float>(),
+                  rstd.data_ptr<float>(), dx, dg, c * M / chunks, (c + 1) * M / chunks, N);
+  });
+  return {d, chunks == 1 ? part[0] : part.sum(0)};
+}
+
+at::Tensor rope(const at::Tensor& x_, const at::Tensor& cos_, const at::Tensor& sin_, double sign) {
+  const char* op = "fused_rope";
+  const DType dt = code(x_, op, "x");
+  TORCH_CHECK_VALUE(x_.dim() == 3 && x_.size(2) % 2 == 0, op, ": x must be (T, H, D) with D even, got shape ",
+                    shape(x_.sizes()));
+  const int64_t T = x_.size(0), H = x_.size(1), D = x_.size(2);
+  TORCH_CHECK_VALUE(cos_.scalar_type() == at::kFloat && sin_.scalar_type() == at::kFloat, op,
+                    ": cos and sin must be float32, got ", dt_name(cos_), " and ", dt_name(sin_));
+  TORCH_CHECK_VALUE(cos_.numel() == T * (D / 2) && sin_.numel() == T * (D / 2), op, ": cos and sin must hold (T, D/2) = (",
+                    num(T), ", ", num(D / 2), ") values, got shapes ", shape(cos_.sizes()),
+                    " and ", shape(sin_.sizes()));
+  const at::Tensor x = x_.contiguous(), c = cos_.contiguous(), s = sin_.contiguous();
+  at::Tensor y = at::empty({T, H, D}, x.options());
+  at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(H * D, 1)), [&](int64_t t0, int64_t t1) {
+    rope_cpu(y.data_ptr(), x.data_ptr(), c.data_ptr<float>(), s.data_ptr<float>(), dt, t0, t1, H, D,
+             static_cast<float>(sign));
+  });
+  return y;
+}
+
+at::Tensor silu_mul(const at::Tensor& g_, const at::Tensor& u_) {
+  const char* op = "fused_silu_mul";
+  const DType dt = code(g_, op, "g");
+  same_shape(g_, u_, op, "g", "u");
+  TORCH_CHECK_VALUE(u_.scalar_type() == g_.scalar_type(), op, ": u must be ", dt_name(g_), " as g, got ",
+                    dt_name(u_));
+  const at::Tensor g = g_.contiguous(), u = u_.contiguous();
+  at::Tensor h = at::empty(g.sizes(), g.options());
+  at::parallel_for(0, g.numel(), kGrain, [&](int64_t e0, int64_t e1) {
+    silu_mul_cpu(h.data_ptr(), g.data_ptr(), u.data_ptr(), dt, e0, e1);
+  });
+  return h;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dh_, const at::Tensor& g_,
+                                                          const at::Tensor& u_) {
+  const char* op = "fused_swiglu_bwd";
+  const DType dt = code(g_, op, "g");
+  same_shape(g_, u_, op, "g", "u");
+  same_shape(g_, dh_, op, "g", "dh");
+  TORCH_CHECK_VALUE(u_.scalar_type() == g_.scalar_type() && dh_.scalar_type() == g_.scalar_type(), op,
+                    ": dh, g and u must share one dtype, got ", dt_name(dh_), ", ", dt_name(g_), ", ", dt_name(u_));
+  const at::Tensor dh = dh_.contiguous(), g = g_.contiguous(), u = u_.contiguous();
+  at::Tensor h = at::empty(g.sizes(), g.options()), dg = at::empty_like(h), du = at::empty_like(h);
+  at::parallel_for(0, g.numel(), kGrain, [&](int64_t e0, int64_t e1) {
+    swiglu_bwd_cpu(h.data_ptr(), dg.data_ptr(), du.data_ptr(), dh.data_ptr(), g.data_ptr(), u.data_ptr(), dt, e0, e1);
+  });
+  return {h, dg, du};
+}
+
+at::Tensor scatter_rows(const at::Tensor& g_, const at::Tensor& offsets_, const at::Tensor& order_, int64_t rows) {
+  const char* op = "scatter_rows";
+  const DType dt = code(g_, op, "g");
+  TORCH_CHECK_VALUE(g_.dim() >= 1, op, ": g must have a row dimension");
+  const int64_t n = g_.size(0);
+  TORCH_CHECK_VALUE(offsets_.scalar_type() == at::kLong && order_.scalar_type() == at::kLong, op,
+                    ": offsets and order must be int64, got ", dt_name(offsets_), " and ", dt_name(order_));
+  TORCH_CHECK_VALUE(offsets_.dim() == 1 && offsets_.size(0) == rows + 1, op, ": offsets must be (rows + 1,) = (",
+                    num(rows + 1), ",), got shape ", shape(offsets_.sizes()));
+  TORCH_CHECK_VALUE(order_.dim() == 1 && order_.size(0) == n, op, ": order must be (", num(n),
+                    ",) as g's rows, got shape ", shape(order_.sizes()));
+  const at::Tensor g = g_.contiguous(), offsets = offsets_.contiguous(), order = order_.contiguous();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* ord = order.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(off[0] == 0 && off[rows] == n, op, ": offsets must run from 0 to ", num(n));
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK_VALUE(off[r] <= off[r + 1], op, ": offsets must not decrease (row ", num(r), ")");
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK_VALUE(ord[i] >= 0 && ord[i] < n, op, ": order values must be in [0, ", num(n), ")");
+  std::vector<int64_t> sizes(g.sizes().begin(), g.sizes().end());
+  sizes[0] = rows;
+  at::Tensor dx = at::empty(sizes, g.options());
+  const int64_t row_elems = n ? g.numel() / n : (rows ? dx.numel() / rows : 0);
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(row_elems, 1)), [&](int64_t r0, int64_t r1) {
+    scatter_rows_cpu(dx.data_ptr(), g.data_ptr(), off, ord, dt, r0, r1, row_elems);
+  });
+  return dx;
+}
+
+}  // namespace
+}  // namespace reasonrl
+
+TORCH_LIBRARY_FRAGMENT(reasonrl, m) {
+  m.def("fused_rms_norm_fwd(Tensor x, Tensor w, float eps) -> (Tensor, Tensor)");
+  m.def("fused_rms_norm_bwd(Tensor g, Tensor x, Tensor w, Tensor rstd) -> (Tensor, Tensor)");
+  m.def("fused_rope(Tensor x, Tensor cos, Tensor sin, float sign) -> Tensor");
+  m.def("fused_silu_mul(Tensor g, Tensor u) -> Tensor");
+  m.def("fused_swiglu_bwd(Tensor dh, Tensor g, Tensor u) -> (Tensor, Tensor, Tensor)");
+  m.def("scatter_rows(Tensor g, Tensor offsets, Tensor order, int rows) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(reasonrl, CPU, m) {
+  m.impl("fused_rms_norm_fwd", &reasonrl::rms_norm_fwd);
+  m.impl("fused_rms_norm_bwd", &reasonrl::rms_norm_bwd);
+  m.impl("fused_rope", &reasonrl::rope);
+  m.impl("fused_silu_mul", &reasonrl::silu_mul);
+  m.impl("fused_swiglu_bwd", &reasonrl::swiglu_bwd);
+  m.impl("scatter_rows", &reasonrl::scatter_rows);
+}
