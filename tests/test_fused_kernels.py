@@ -75,8 +75,11 @@ def test_rms_norm(forced, xdt, wdt, M, N, device):
     got = grads(lambda a, b: Fn.rms_norm(a, b, 1e-6), [x.to(xdt), w.to(wdt)], g, _dev(device))
     ref64 = grads(lambda a, b: rms_torch(a, b, 1e-6), [x.double(), w.double()], g)
     same = grads(lambda a, b: rms_torch(a, b, 1e-6), [x.to(xdt), w.to(wdt)], g)
+    # Tolerances at x's precision: the kernels round x * rsqrt(...) to x's dtype, as PyTorch does, and a
+    # last-bit difference in the rsqrt can move that rounding by one ulp of x's dtype, which then shows in
+    # y and dw even where those are float32 (w float32).
     for name, o, r, s in zip(("y", "dx", "dw"), got, ref64, same):
-        assert_close_to_ref(o, r, s, o.dtype if o.dtype != torch.float64 else torch.float32, name, factor=3)
+        assert_close_to_ref(o, r, s, xdt, name, factor=3)
     assert got[0].dtype == torch.promote_types(xdt, wdt) and got[2].dtype == wdt
 
 
