@@ -208,3 +208,21 @@ def test_cpp_fused_ops_reject_bad_input():
         ops.scatter_rows(torch.randn(3, 2), torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]), 2)
     with pytest.raises(ValueError, match=r"order values must be in \[0, 3\)"):
         ops.scatter_rows(torch.randn(3, 2), torch.tensor([0, 1, 3]), torch.tensor([0, 1, 5]), 2)
+
+
+@pytest.mark.skipif(not Fn._cpp_ok(), reason="reasonrl._C is not built")
+def test_cpp_fused_ops_pass_opcheck():
+    """Schemas, fake-tensor shapes (functional._register_fakes) and dispatch of csrc/fused.cpp's ops."""
+    ops = torch.ops.reasonrl
+    x, g = torch.randn(5, 12), torch.randn(5, 12)
+    w = torch.randn(12)
+    y, r = ops.fused_rms_norm_fwd(x, w, 1e-6)
+    for dt in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(ops.fused_rms_norm_fwd.default, (x.to(dt), w, 1e-6))
+        torch.library.opcheck(ops.fused_silu_mul.default, (x.to(dt), g.to(dt)))
+        torch.library.opcheck(ops.fused_swiglu_bwd.default, (x.to(dt), g.to(dt), x.to(dt)))
+        torch.library.opcheck(ops.fused_rope.default, (torch.randn(3, 2, 8).to(dt), torch.randn(3, 1, 4),
+                                                       torch.randn(3, 1, 4), -1.0))
+    torch.library.opcheck(ops.fused_rms_norm_bwd.default, (g, x, w, r))
+    torch.library.opcheck(ops.scatter_rows.default, (torch.randn(4, 3), torch.tensor([0, 2, 2, 4]),
+                                                     torch.tensor([1, 3, 0, 2]), 3))

@@ -48,7 +48,25 @@ def _cpp_ok() -> bool:
         import reasonrl._C  # noqa: F401  registers torch.ops.reasonrl.*
     except ImportError:
         return False
-    return hasattr(torch.ops.reasonrl, "fused_swiglu_bwd")
+    if not hasattr(torch.ops.reasonrl, "fused_swiglu_bwd"):
+        return False
+    _register_fakes()
+    return True
+
+
+def _register_fakes() -> None:
+    """Shapes and dtypes of csrc/fused.cpp's ops for FakeTensor / torch.compile (their C++ kernels are CPU only)."""
+    def empty(t, shape=None, dtype=None):
+        return t.new_empty(t.shape if shape is None else shape, dtype=t.dtype if dtype is None else dtype)
+
+    fake = torch.library.register_fake
+    fake("reasonrl::fused_rms_norm_fwd")(
+        lambda x, w, eps: (empty(x, dtype=torch.promote_types(x.dtype, w.dtype)), empty(x, x.shape[:1], torch.float32)))
+    fake("reasonrl::fused_rms_norm_bwd")(lambda g, x, w, rstd: (empty(x), empty(x, w.shape, torch.float32)))
+    fake("reasonrl::fused_rope")(lambda x, cos, sin, sign: empty(x))
+    fake("reasonrl::fused_silu_mul")(lambda g, u: empty(g))
+    fake("reasonrl::fused_swiglu_bwd")(lambda dh, g, u: (empty(g), empty(g), empty(g)))
+    fake("reasonrl::scatter_rows")(lambda g, offsets, order, rows: empty(g, (rows, *g.shape[1:])))
 
 
 @functools.lru_cache(maxsize=1)
