@@ -7,6 +7,9 @@
 //   reasonrl::fused_swiglu_bwd(dh, g, u) -> (h, dg, du), all in g's dtype
 //   reasonrl::scatter_rows(g (n, ...), offsets (rows + 1,) int64, order (n,) int64, rows) -> (rows, ...): the
 //                          backward of a row gather, each destination row summed in float32 (deterministic)
+//   reasonrl::fused_attn_fwd(q (B, Lq, Hq, D), k, v (B, Lk, Hkv, D), off, klen (B,) int64, scale) -> (o, lse):
+//                          query i of batch b sees keys j < min(klen[b], i + off[b] + 1) (fused.h)
+//   reasonrl::fused_attn_bwd(dout, q, k, v, o, lse, off, klen, scale) -> (dq, dk, dv)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -179,6 +182,77 @@ at::Tensor scatter_rows(const at::Tensor& g_, const at::Tensor& offsets_, const 
   return dx;
 }
 
+void check_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& off,
+                const at::Tensor& klen, const char* op) {
+  code(q, op, "q");
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+                    ": q must be (B, Lq, Hq, D) and k, v (B, Lk, Hkv, D), got shapes ", shape(q.sizes()), ", ",
+                    shape(k.sizes()), ", ", shape(v.sizes()));
+  same_shape(k, v, op, "k", "v");
+  TORCH_CHECK_VALUE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+                    ": q, k and v must share one dtype, got ", dt_name(q), ", ", dt_name(k), ", ", dt_name(v));
+  const int64_t B = q.size(0), Hq = q.size(2), Hkv = k.size(2), D = q.size(3);
+  TORCH_CHECK_VALUE(attn_head_dim_ok(D), op, ": head dim must be 16, 32, 64 or 128, got ", num(D));
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == D, op, ": k must be (", num(B), ", Lk, Hkv, ", num(D),
+                    "), got shape ", shape(k.sizes()));
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, op, ": query heads (", num(Hq), ") must be a multiple of kv heads (",
+                    num(Hkv), ")");
+  TORCH_CHECK_VALUE(off.scalar_type() == at::kLong && klen.scalar_type() == at::kLong && off.dim() == 1 &&
+                        klen.dim() == 1 && off.size(0) == B && klen.size(0) == B && off.is_cpu() && klen.is_cpu(),
+                    op, ": off and klen must be int64 CPU tensors of shape (", num(B), ",)");
+  const at::Tensor o2 = off.contiguous(), k2 = klen.contiguous();
+  const int64_t* po = o2.data_ptr<int64_t>();
+  const int64_t* pk = k2.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(po[b] >= 0, op, ": off[", num(b), "] must be >= 0, got ", num(po[b]));
+    TORCH_CHECK_VALUE(pk[b] >= 1 && pk[b] <= k.size(1), op, ": klen[", num(b), "] must be in [1, Lk=", num(k.size(1)),
+                      "], got ", num(pk[b]));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                                            const at::Tensor& off_, const at::Tensor& klen_, double scale) {
+  const char* op = "fused_attn_fwd";
+  check_attn(q_, k_, v_, off_, klen_, op);
+  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), off = off_.contiguous(),
+                   klen = klen_.contiguous();
+  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), D = q.size(3), Lk = k.size(1), Hkv = k.size(2);
+  at::Tensor o = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
+  const DType dt = code(q, op, "q");
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t w0, int64_t w1) {
+    attn_fwd_cpu(o.data_ptr(), lse.data_ptr<float>(), q.data_ptr(), k.data_ptr(), v.data_ptr(), off.data_ptr<int64_t>(),
+                 klen.data_ptr<int64_t>(), dt, Lq, Lk, Hq, Hkv, D, static_cast<float>(scale), w0, w1);
+  });
+  return {o, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(const at::Tensor& do_, const at::Tensor& q_,
+                                                        const at::Tensor& k_, const at::Tensor& v_,
+                                                        const at::Tensor& o_, const at::Tensor& lse_,
+                                                        const at::Tensor& off_, const at::Tensor& klen_, double scale) {
+  const char* op = "fused_attn_bwd";
+  check_attn(q_, k_, v_, off_, klen_, op);
+  same_shape(q_, o_, op, "q", "o");
+  same_shape(q_, do_, op, "q", "dout");
+  const int64_t B = q_.size(0), Lq = q_.size(1), Hq = q_.size(2), D = q_.size(3), Lk = k_.size(1), Hkv = k_.size(2);
+  TORCH_CHECK_VALUE(lse_.scalar_type() == at::kFloat && lse_.dim() == 3 && lse_.size(0) == B && lse_.size(1) == Hq &&
+                        lse_.size(2) == Lq,
+                    op, ": lse must be float32 (B, Hq, Lq), got ", dt_name(lse_), " of shape ", shape(lse_.sizes()));
+  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(),
+                   o = o_.to(q_.scalar_type()).contiguous(), dout = do_.to(q_.scalar_type()).contiguous(),
+                   lse = lse_.contiguous(), off = off_.contiguous(), klen = klen_.contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
+             dv = at::empty(v.sizes(), v.options());
+  const DType dt = code(q, op, "q");
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t w0, int64_t w1) {
+    attn_bwd_cpu(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dout.data_ptr(), q.data_ptr(), k.data_ptr(),
+                 v.data_ptr(), o.data_ptr(), lse.data_ptr<float>(), off.data_ptr<int64_t>(), klen.data_ptr<int64_t>(),
+                 dt, Lq, Lk, Hq, Hkv, D, static_cast<float>(scale), w0, w1);
+  });
+  return {dq, dk, dv};
+}
+
 }  // namespace
 }  // namespace reasonrl
 
@@ -189,6 +263,10 @@ TORCH_LIBRARY_FRAGMENT(reasonrl, m) {
   m.def("fused_silu_mul(Tensor g, Tensor u) -> Tensor");
   m.def("fused_swiglu_bwd(Tensor dh, Tensor g, Tensor u) -> (Tensor, Tensor, Tensor)");
   m.def("scatter_rows(Tensor g, Tensor offsets, Tensor order, int rows) -> Tensor");
+  m.def("fused_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor off, Tensor klen, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "fused_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor off, Tensor klen,"
+      " float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(reasonrl, CPU, m) {
@@ -198,4 +276,6 @@ TORCH_LIBRARY_IMPL(reasonrl, CPU, m) {
   m.impl("fused_silu_mul", &reasonrl::silu_mul);
   m.impl("fused_swiglu_bwd", &reasonrl::swiglu_bwd);
   m.impl("scatter_rows", &reasonrl::scatter_rows);
+  m.impl("fused_attn_fwd", &reasonrl::attn_fwd);
+  m.impl("fused_attn_bwd", &reasonrl::attn_bwd);
 }

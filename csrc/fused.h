@@ -39,4 +39,19 @@ void rope_cpu(void* y, const void* x, const float* cos, const float* sin, DType 
 void scatter_rows_cpu(void* dx, const void* g, const int64_t* offsets, const int64_t* order, DType dt, int64_t r0,
                       int64_t r1, int64_t row_elems);
 
+// Attention over a padded batch (CPU training): query row i of batch b sees keys j < min(klen[b], i + off[b] + 1)
+// (off 0: causal, top-left aligned; off = the keys before the queries: a shared prefix). q, o (B, Lq, Hq, D);
+// k, v (B, Lk, Hkv, D), query head h reading kv head h / (Hq / Hkv); D in {16, 32, 64, 128}
+// (attn_head_dim_ok). Work items w = b * Hkv + kv head, [w0, w1).
+//   fwd: o = softmax(scale q k^T) v (float math, o rounded to dt), lse (B, Hq, Lq) float32 kept for backward
+//   bwd: p = exp(scale q k^T - lse), dp = do v^T, ds = p (dp - rowsum(do o)); dq = scale ds k, dk = scale ds^T q,
+//        dv = p^T do (float32 accumulators per work item: no two items write the same rows)
+bool attn_head_dim_ok(int64_t D);
+void attn_fwd_cpu(void* o, float* lse, const void* q, const void* k, const void* v, const int64_t* off,
+                  const int64_t* klen, DType dt, int64_t Lq, int64_t Lk, int64_t Hq, int64_t Hkv, int64_t D, float scale,
+                  int64_t w0, int64_t w1);
+void attn_bwd_cpu(void* dq, void* dk, void* dv, const void* dout, const void* q, const void* k, const void* v,
+                  const void* o, const float* lse, const int64_t* off, const int64_t* klen, DType dt, int64_t Lq,
+                  int64_t Lk, int64_t Hq, int64_t Hkv, int64_t D, float scale, int64_t w0, int64_t w1);
+
 }  // namespace reasonrl

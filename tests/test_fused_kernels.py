@@ -226,3 +226,71 @@ def test_cpp_fused_ops_pass_opcheck():
     torch.library.opcheck(ops.fused_rms_norm_bwd.default, (g, x, w, r))
     torch.library.opcheck(ops.scatter_rows.default, (torch.randn(4, 3), torch.tensor([0, 2, 2, 4]),
                                                      torch.tensor([1, 3, 0, 2]), 3))
+    q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 7, 2, 16)
+    off, klen = torch.tensor([0, 2]), torch.tensor([7, 4])
+    o, lse = ops.fused_attn_fwd(q, k, k, off, klen, 0.25)
+    torch.library.opcheck(ops.fused_attn_fwd.default, (q, k, k, off, klen, 0.25))
+    torch.library.opcheck(ops.fused_attn_bwd.default, (torch.randn_like(o), q, k, k, o, lse, off, klen, 0.25))
+
+
+def _attn_ref(q, k, v, off, klen, scale):
+    """padded_attention's definition in float64 ops: query i of batch b sees keys j < klen[b], j <= i + off[b]."""
+    B, Lq, Hq, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    kh, vh = (t.transpose(1, 2).repeat_interleave(Hq // Hkv, 1) for t in (k, v))
+    s = q.transpose(1, 2) @ kh.transpose(-1, -2) * scale
+    i, j = torch.arange(Lq)[:, None], torch.arange(Lk)[None, :]
+    seen = (j[None] <= i[None] + off[:, None, None]) & (j[None] < klen[:, None, None])
+    return (s.masked_fill(~seen[:, None], float("-inf")).softmax(-1) @ vh).transpose(1, 2)
+
+
+@pytest.mark.skipif(not Fn._cpp_ok(), reason="reasonrl._C is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,Lq,Lk,Hq,Hkv,D", [(1, 1, 1, 1, 1, 16), (5, 7, 12, 6, 2, 32), (3, 13, 40, 4, 4, 64),
+                                             (2, 9, 17, 2, 1, 128), (4, 21, 21, 3, 3, 16)])
+def test_padded_attention(dtype, B, Lq, Lk, Hq, Hkv, D):
+    """The C++ attention of CPU training (models.attention.padded_attention) against float64, values and
+    q/k/v gradients: grouped-query heads, shared-prefix offsets, key counts short of Lk (padding), Lq
+    not a multiple of the 4-row block, Lk not a multiple of 16, a single query and key."""
+    from reasonrl.models.attention import _fused_attn_ok, padded_attention
+
+    q, k, v = torch.randn(B, Lq, Hq, D), torch.randn(B, Lk, Hkv, D), torch.randn(B, Lk, Hkv, D)
+    off = torch.randint(0, max(1, Lk - Lq + 1), (B,))
+    klen = torch.clamp(torch.randint(1, Lk + 1, (B,)), min=1)
+    klen[0] = Lk
+    g = torch.randn(B, Lq, Hq, D)
+    scale = D ** -0.5
+    assert _fused_attn_ok(q.requires_grad_(), k)
+    got = grads(lambda a, b, c: padded_attention(a, b, c, scale, off, klen), [q.to(dtype), k.to(dtype), v.to(dtype)], g)
+    ref64 = grads(lambda a, b, c: _attn_ref(a, b, c, off, klen, scale), [q.double(), k.double(), v.double()], g)
+    same = grads(lambda a, b, c: _attn_ref(a.float(), b.float(), c.float(), off, klen, scale).to(dtype),
+                 [q.to(dtype), k.to(dtype), v.to(dtype)], g)
+    for name, o, r, s_ in zip(("o", "dq", "dk", "dv"), got, ref64, same):
+        assert_close_to_ref(o, r, s_, dtype, name, factor=3)
+    # the causal default (off 0, all keys) is SDPA's is_causal
+    if Lq == Lk:
+        o = padded_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale)
+        Fn.FUSED["cpu"] = False
+        try:
+            o_sdpa = padded_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale)
+        finally:
+            Fn.FUSED["cpu"] = True
+        tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
+        assert (o.float() - o_sdpa.float()).abs().max().item() <= tol * max(1.0, o_sdpa.abs().max().item())
+
+
+@pytest.mark.skipif(not Fn._cpp_ok(), reason="reasonrl._C is not built")
+def test_fused_attention_rejects_bad_input():
+    ops = torch.ops.reasonrl
+    q, k = torch.randn(2, 3, 4, 32), torch.randn(2, 5, 2, 32)
+    off, klen = torch.zeros(2, dtype=torch.long), torch.full((2,), 5)
+    with pytest.raises(ValueError, match="head dim must be 16, 32, 64 or 128, got 24"):
+        ops.fused_attn_fwd(torch.randn(2, 3, 4, 24), torch.randn(2, 5, 2, 24), torch.randn(2, 5, 2, 24), off, klen, 1.0)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        ops.fused_attn_fwd(torch.randn(2, 3, 3, 32), k, k, off, klen, 1.0)
+    with pytest.raises(ValueError, match=r"klen\[1\] must be in \[1, Lk=5\], got 6"):
+        ops.fused_attn_fwd(q, k, k, off, torch.tensor([5, 6]), 1.0)
+    with pytest.raises(ValueError, match=r"off\[0\] must be >= 0"):
+        ops.fused_attn_fwd(q, k, k, torch.tensor([-1, 0]), klen, 1.0)
+    with pytest.raises(ValueError, match="share one dtype"):
+        ops.fused_attn_fwd(q, k.bfloat16(), k, off, klen, 1.0)

@@ -8,7 +8,9 @@
 // `omp simd` loops over elements with branch-free conversions, which GCC vectorizes.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
+#pragma GCC diagnostic ignored "-Wpsabi"  // vf16 values only cross always-inlined internal functions
 #endif
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -131,6 +133,263 @@ RR_INLINE void scatter_rows_t(void* dx_, const void* g_, const int64_t* offsets,
   }
 }
 
+// ---- attention over a padded batch (fused.h) ----------------------------------------------------------
+// Per work item (b, kv head): K and V converted to float32 once (K and V also transposed, D x ld, ld = Lk
+// rounded up to 16 and zero past the keys). Queries go in blocks of kR rows of one head: their scores are
+// made 16 keys at a time, each K vector loaded once for the kR rows; the value sums keep the kR output rows
+// in registers (NV = D / 16 vectors each) while the keys stream. The backward recomputes the probabilities
+// from the kept log-sum-exp, with the same blocking for dq, dk and dv.
+typedef float vf16 __attribute__((vector_size(64)));
+RR_INLINE vf16 ld16(const float* p) {
+  vf16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+RR_INLINE void st16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
+RR_INLINE vf16 bc16(float x) { return vf16{} + x; }
+
+constexpr int64_t kR = 4;  // query rows per block
+
+template <DType DT>
+struct AttnItem {
+  using E = Elem<DT>;
+  using T = typename E::T;
+  std::vector<float> kt, vt, kf, vf;  // (D, ld), (D, ld), (ld, D), (ld, D)
+  void load(const T* k, const T* v, int64_t n, int64_t row_stride, int64_t D, int64_t ld, bool bwd) {
+    kt.assign(static_cast<size_t>(D * ld), 0.f);
+    vf.assign(static_cast<size_t>(ld * D), 0.f);
+    if (bwd) {
+      vt.assign(static_cast<size_t>(D * ld), 0.f);
+      kf.assign(static_cast<size_t>(ld * D), 0.f);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const T* kr = k + j * row_stride;
+      const T* vr = v + j * row_stride;
+      for (int64_t d = 0; d < D; ++d) {
+        const float kv = E::load(kr[d]), vv = E::load(vr[d]);
+        kt[d * ld + j] = kv;
+        vf[j * D + d] = vv;
+        if (bwd) {
+          vt[d * ld + j] = vv;
+          kf[j * D + d] = kv;
+        }
+      }
+    }
+  }
+};
+
+// S[r * ld + j] = sum_d A[r * D + d] * mt[d * ld + j] for the kR rows and j < n rounded up to 16.
+template <int NV>
+RR_INLINE void scores_block(float* S, const float* A, const float* mt, int64_t ld, int64_t n) {
+  constexpr int64_t D = 16 * NV;
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    vf16 acc[kR] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const vf16 m = ld16(mt + d * ld + j0);
+      for (int64_t r = 0; r < kR; ++r) acc[r] += bc16(A[r * D + d]) * m;
+    }
+    for (int64_t r = 0; r < kR; ++r) st16(S + r * ld + j0, acc[r]);
+  }
+}
+
+// Rows of one query block: valid rows, their visible key counts (0 for rows past Lq), the block's widest.
+RR_INLINE int64_t block_rows(int64_t* n, int64_t i0, int64_t Lq, int64_t nk, int64_t off) {
+  int64_t nmax = 0;
+  for (int64_t r = 0; r < kR; ++r) {
+    const int64_t i = i0 + r;
+    n[r] = i < Lq ? std::min(nk, i + off + 1) : 0;
+    nmax = std::max(nmax, n[r]);
+  }
+  return nmax;
+}
+
+template <DType DT, int NV>
+RR_INLINE void attn_fwd_t(void* o_, float* lse, const void* q_, const void* k_, const void* v_, const int64_t* off,
+                          const int64_t* klen, int64_t Lq, int64_t Lk, int64_t Hq, int64_t Hkv, float scale,
+                          int64_t w0, int64_t w1) {
+  using E = Elem<DT>;
+  using T = typename E::T;
+  constexpr int64_t D = 16 * NV;
+  const T* q = static_cast<const T*>(q_);
+  const T* k = static_cast<const T*>(k_);
+  const T* v = static_cast<const T*>(v_);
+  T* o = static_cast<T*>(o_);
+  const int64_t rep = Hq / Hkv, ld = (Lk + 15) / 16 * 16;
+  AttnItem<DT> it;
+  std::vector<float> S(static_cast<size_t>(kR * ld)), A(static_cast<size_t>(kR * D));
+  for (int64_t w = w0; w < w1; ++w) {
+    const int64_t b = w / Hkv, hk = w % Hkv, nk = klen[b];
+    it.load(k + (b * Lk * Hkv + hk) * D, v + (b * Lk * Hkv + hk) * D, nk, Hkv * D, D, ld, false);
+    for (int64_t hq = hk * rep; hq < (hk + 1) * rep; ++hq) {
+      for (int64_t i0 = 0; i0 < Lq; i0 += kR) {
+        int64_t n[kR];
+        const int64_t nmax = block_rows(n, i0, Lq, nk, off[b]);
+        for (int64_t r = 0; r < kR; ++r) {
+          const T* qr = q + ((b * Lq + i0 + r) * Hq + hq) * D;
+          for (int64_t d = 0; d < D; ++d) A[r * D + d] = n[r] ? E::load(qr[d]) * scale : 0.f;
+        }
+        scores_block<NV>(S.data(), A.data(), it.kt.data(), ld, nmax);
+        float inv[kR], ls[kR];
+        for (int64_t r = 0; r < kR; ++r) {
+          float* s = S.data() + r * ld;
+          if (!n[r]) {
+            for (int64_t j = 0; j < nmax; ++j) s[j] = 0.f;
+            inv[r] = ls[r] = 0.f;
+            continue;
+          }
+          float m = s[0];
+          for (int64_t j = 1; j < n[r]; ++j) m = s[j] > m ? s[j] : m;
+          float l = 0.f;
+#pragma omp simd reduction(+ : l)
+          for (int64_t j = 0; j < n[r]; ++j) {
+            s[j] = simd::fast_exp(s[j] - m);
+            l += s[j];
+          }
+          for (int64_t j = n[r]; j < nmax; ++j) s[j] = 0.f;
+          inv[r] = 1.f / l;
+          ls[r] = m + std::log(l);
+        }
+        vf16 acc[kR][NV] = {};
+        for (int64_t j = 0; j < nmax; ++j) {
+          vf16 vv[NV];
+          for (int c = 0; c < NV; ++c) vv[c] = ld16(it.vf.data() + j * D + 16 * c);
+          for (int64_t r = 0; r < kR; ++r) {
+            const vf16 p = bc16(S[r * ld + j]);
+            for (int c = 0; c < NV; ++c) acc[r][c] += p * vv[c];
+          }
+        }
+        for (int64_t r = 0; r < kR && i0 + r < Lq; ++r) {
+          float tmp[D];
+          for (int c = 0; c < NV; ++c) st16(tmp + 16 * c, acc[r][c] * inv[r]);
+          T* orow = o + ((b * Lq + i0 + r) * Hq + hq) * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) orow[d] = E::store(tmp[d]);
+          lse[(b * Hq + hq) * Lq + i0 + r] = ls[r];
+        }
+      }
+    }
+  }
+}
+
+template <DType DT, int NV>
+RR_INLINE void attn_bwd_t(void* dq_, void* dk_, void* dv_, const void* do_, const void* q_, const void* k_,
+                          const void* v_, const void* o_, const float* lse, const int64_t* off, const int64_t* klen,
+                          int64_t Lq, int64_t Lk, int64_t Hq, int64_t Hkv, float scale, int64_t w0, int64_t w1) {
+  using E = Elem<DT>;
+  using T = typename E::T;
+  constexpr int64_t D = 16 * NV;
+  const T* q = static_cast<const T*>(q_);
+  const T* k = static_cast<const T*>(k_);
+  const T* v = static_cast<const T*>(v_);
+  const T* o = static_cast<const T*>(o_);
+  const T* dout = static_cast<const T*>(do_);
+  T* dq = static_cast<T*>(dq_);
+  T* dk = static_cast<T*>(dk_);
+  T* dv = static_cast<T*>(dv_);
+  const int64_t rep = Hq / Hkv, ld = (Lk + 15) / 16 * 16;
+  AttnItem<DT> it;
+  std::vector<float> P(static_cast<size_t>(kR * ld)), dS(static_cast<size_t>(kR * ld)), A(static_cast<size_t>(kR * D)),
+      G(static_cast<size_t>(kR * D)), dkf, dvf;
+  for (int64_t w = w0; w < w1; ++w) {
+    const int64_t b = w / Hkv, hk = w % Hkv, nk = klen[b];
+    it.load(k + (b * Lk * Hkv + hk) * D, v + (b * Lk * Hkv + hk) * D, nk, Hkv * D, D, ld, true);
+    dkf.assign(static_cast<size_t>(ld * D), 0.f);
+    dvf.assign(static_cast<size_t>(ld * D), 0.f);
+    for (int64_t hq = hk * rep; hq < (hk + 1) * rep; ++hq) {
+      for (int64_t i0 = 0; i0 < Lq; i0 += kR) {
+        int64_t n[kR];
+        const int64_t nmax = block_rows(n, i0, Lq, nk, off[b]);
+        float delta[kR], ls[kR];
+        for (int64_t r = 0; r < kR; ++r) {
+          const int64_t row = ((b * Lq + i0 + r) * Hq + hq) * D;
+          float dl = 0.f;
+          for (int64_t d = 0; d < D; ++d) {
+            A[r * D + d] = n[r] ? E::load(q[row + d]) * scale : 0.f;
+            G[r * D + d] = n[r] ? E::load(dout[row + d]) : 0.f;
+            dl += n[r] ? G[r * D + d] * E::load(o[row + d]) : 0.f;
+          }
+          delta[r] = dl;
+          ls[r] = n[r] ? lse[(b * Hq + hq) * Lq + i0 + r] : 0.f;
+        }
+        scores_block<NV>(P.data(), A.data(), it.kt.data(), ld, nmax);
+        scores_block<NV>(dS.data(), G.data(), it.vt.data(), ld, nmax);
+        for (int64_t r = 0; r < kR; ++r) {
+          float* p = P.data() + r * ld;
+          float* ds = dS.data() + r * ld;
+#pragma omp simd
+          for (int64_t j = 0; j < n[r]; ++j) {
+            p[j] = simd::fast_exp(p[j] - ls[r]);
+            ds[j] = p[j] * (ds[j] - delta[r]);
+          }
+          for (int64_t j = n[r]; j < nmax; ++j) p[j] = ds[j] = 0.f;
+        }
+        vf16 accq[kR][NV] = {};
+        vf16 qv[kR][NV], gv[kR][NV];
+        for (int64_t r = 0; r < kR; ++r)
+          for (int c = 0; c < NV; ++c) {
+            qv[r][c] = ld16(A.data() + r * D + 16 * c);
+            gv[r][c] = ld16(G.data() + r * D + 16 * c);
+          }
+        for (int64_t j = 0; j < nmax; ++j) {
+          vf16 kk[NV], dkj[NV], dvj[NV];
+          for (int c = 0; c < NV; ++c) {
+            kk[c] = ld16(it.kf.data() + j * D + 16 * c);
+            dkj[c] = ld16(dkf.data() + j * D + 16 * c);
+            dvj[c] = ld16(dvf.data() + j * D + 16 * c);
+          }
+          for (int64_t r = 0; r < kR; ++r) {
+            const vf16 s = bc16(dS[r * ld + j]), pj = bc16(P[r * ld + j]);
+            for (int c = 0; c < NV; ++c) {
+              accq[r][c] += s * kk[c];
+              dkj[c] += s * qv[r][c];
+              dvj[c] += pj * gv[r][c];
+            }
+          }
+          for (int c = 0; c < NV; ++c) {
+            st16(dkf.data() + j * D + 16 * c, dkj[c]);
+            st16(dvf.data() + j * D + 16 * c, dvj[c]);
+          }
+        }
+        for (int64_t r = 0; r < kR && i0 + r < Lq; ++r) {
+          float tmp[D];
+          for (int c = 0; c < NV; ++c) st16(tmp + 16 * c, accq[r][c] * scale);
+          T* dqr = dq + ((b * Lq + i0 + r) * Hq + hq) * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) dqr[d] = E::store(tmp[d]);
+        }
+      }
+    }
+    for (int64_t j = 0; j < Lk; ++j) {
+      const int64_t krow = ((b * Lk + j) * Hkv + hk) * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) {
+        dk[krow + d] = E::store(dkf[j * D + d]);
+        dv[krow + d] = E::store(dvf[j * D + d]);
+      }
+    }
+  }
+}
+
+#define RR_ATTN_D_DISPATCH(fn, D, ...)                             \
+  switch (D) {                                                     \
+    case 16: fn<DT, 1>(__VA_ARGS__); break;                        \
+    case 32: fn<DT, 2>(__VA_ARGS__); break;                        \
+    case 64: fn<DT, 4>(__VA_ARGS__); break;                        \
+    default: fn<DT, 8>(__VA_ARGS__); break;                        \
+  }
+template <DType DT>
+RR_INLINE void attn_fwd_d(void* o, float* lse, const void* q, const void* k, const void* v, const int64_t* off,
+                          const int64_t* klen, int64_t Lq, int64_t Lk, int64_t Hq, int64_t Hkv, int64_t D, float scale,
+                          int64_t w0, int64_t w1) {
+  RR_ATTN_D_DISPATCH(attn_fwd_t, D, o, lse, q, k, v, off, klen, Lq, Lk, Hq, Hkv, scale, w0, w1)
+}
+template <DType DT>
+RR_INLINE void attn_bwd_d(void* dq, void* dk, void* dv, const void* dout, const void* q, const void* k, const void* v,
+                          const void* o, const float* lse, const int64_t* off, const int64_t* klen, int64_t Lq,
+                          int64_t Lk, int64_t Hq, int64_t Hkv, int64_t D, float scale, int64_t w0, int64_t w1) {
+  RR_ATTN_D_DISPATCH(attn_bwd_t, D, dq, dk, dv, dout, q, k, v, o, lse, off, klen, Lq, Lk, Hq, Hkv, scale, w0, w1)
+}
+
 #define RR_DT_DISPATCH(dt, fn, ...)                          \
   switch (dt) {                                              \
     case DType::f32: fn<DType::f32>(__VA_ARGS__); break;     \
@@ -177,6 +436,17 @@ RR_INLINE void scatter_rows_t(void* dx_, const void* g_, const int64_t* offsets,
   ATTR void scatter_rows_##SUFFIX(void* dx, const void* g, const int64_t* off, const int64_t* order, DType dt,    \
                                   int64_t r0, int64_t r1, int64_t n) {                                            \
     RR_DT_DISPATCH(dt, scatter_rows_t, dx, g, off, order, r0, r1, n)                                              \
+  }                                                                                                               \
+  ATTR void attn_fwd_##SUFFIX(void* o, float* lse, const void* q, const void* k, const void* v, const int64_t* off, \
+                              const int64_t* klen, DType dt, int64_t Lq, int64_t Lk, int64_t Hq, int64_t Hkv,      \
+                              int64_t D, float scale, int64_t w0, int64_t w1) {                                  \
+    RR_DT_DISPATCH(dt, attn_fwd_d, o, lse, q, k, v, off, klen, Lq, Lk, Hq, Hkv, D, scale, w0, w1)                 \
+  }                                                                                                               \
+  ATTR void attn_bwd_##SUFFIX(void* dq, void* dk, void* dv, const void* dout, const void* q, const void* k,        \
+                              const void* v, const void* o, const float* lse, const int64_t* off,                  \
+                              const int64_t* klen, DType dt, int64_t Lq, int64_t Lk, int64_t Hq, int64_t Hkv,      \
+                              int64_t D, float scale, int64_t w0, int64_t w1) {                                  \
+    RR_DT_DISPATCH(dt, attn_bwd_d, dq, dk, dv, dout, q, k, v, o, lse, off, klen, Lq, Lk, Hq, Hkv, D, scale, w0, w1) \
   }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -224,6 +494,20 @@ void rope_cpu(void* y, const void* x, const float* cos, const float* sin, DType 
 void scatter_rows_cpu(void* dx, const void* g, const int64_t* offsets, const int64_t* order, DType dt, int64_t r0,
                       int64_t r1, int64_t row_elems) {
   RR_PICK(scatter_rows, dx, g, offsets, order, dt, r0, r1, row_elems)
+}
+
+bool attn_head_dim_ok(int64_t D) { return D == 16 || D == 32 || D == 64 || D == 128; }
+
+void attn_fwd_cpu(void* o, float* lse, const void* q, const void* k, const void* v, const int64_t* off,
+                  const int64_t* klen, DType dt, int64_t Lq, int64_t Lk, int64_t Hq, int64_t Hkv, int64_t D, float scale,
+                  int64_t w0, int64_t w1) {
+  RR_PICK(attn_fwd, o, lse, q, k, v, off, klen, dt, Lq, Lk, Hq, Hkv, D, scale, w0, w1)
+}
+
+void attn_bwd_cpu(void* dq, void* dk, void* dv, const void* dout, const void* q, const void* k, const void* v,
+                  const void* o, const float* lse, const int64_t* off, const int64_t* klen, DType dt, int64_t Lq,
+                  int64_t Lk, int64_t Hq, int64_t Hkv, int64_t D, float scale, int64_t w0, int64_t w1) {
+  RR_PICK(attn_bwd, dq, dk, dv, dout, q, k, v, o, lse, off, klen, dt, Lq, Lk, Hq, Hkv, D, scale, w0, w1)
 }
 
 }  // namespace reasonrl

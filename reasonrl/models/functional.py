@@ -67,6 +67,9 @@ def _register_fakes() -> None:
     fake("reasonrl::fused_silu_mul")(lambda g, u: empty(g))
     fake("reasonrl::fused_swiglu_bwd")(lambda dh, g, u: (empty(g), empty(g), empty(g)))
     fake("reasonrl::scatter_rows")(lambda g, offsets, order, rows: empty(g, (rows, *g.shape[1:])))
+    fake("reasonrl::fused_attn_fwd")(
+        lambda q, k, v, off, klen, scale: (empty(q), empty(q, (q.shape[0], q.shape[2], q.shape[1]), torch.float32)))
+    fake("reasonrl::fused_attn_bwd")(lambda do, q, k, v, o, lse, off, klen, scale: (empty(q), empty(k), empty(v)))
 
 
 @functools.lru_cache(maxsize=1)
