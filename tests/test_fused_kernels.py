@@ -246,7 +246,7 @@ def _attn_ref(q, k, v, off, klen, scale):
 
 @pytest.mark.skipif(not Fn._cpp_ok(), reason="reasonrl._C is not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,Lq,Lk,Hq,Hkv,D", [(1, 1, 1, 1, 1, 16), (5, 7, 12, 6, 2, 32), (3, 13, 40, 4, 4, 64),
+@pytest.mark.parametrize("B,Lq,Lk,Hq,Hkv,D", [(2, 1, 1, 1, 1, 16), (5, 7, 12, 6, 2, 32), (3, 13, 40, 4, 4, 64),
                                              (2, 9, 17, 2, 1, 128), (4, 21, 21, 3, 3, 16)])
 def test_padded_attention(dtype, B, Lq, Lk, Hq, Hkv, D):
     """The C++ attention of CPU training (models.attention.padded_attention) against float64, values and
@@ -260,7 +260,7 @@ def test_padded_attention(dtype, B, Lq, Lk, Hq, Hkv, D):
     klen[0] = Lk
     g = torch.randn(B, Lq, Hq, D)
     scale = D ** -0.5
-    assert _fused_attn_ok(q.requires_grad_(), k)
+    assert _fused_attn_ok(q.requires_grad_(), k)  # (one thread: one work item per thread is enough)
     got = grads(lambda a, b, c: padded_attention(a, b, c, scale, off, klen), [q.to(dtype), k.to(dtype), v.to(dtype)], g)
     ref64 = grads(lambda a, b, c: _attn_ref(a, b, c, off, klen, scale), [q.double(), k.double(), v.double()], g)
     same = grads(lambda a, b, c: _attn_ref(a.float(), b.float(), c.float(), off, klen, scale).to(dtype),
@@ -277,6 +277,24 @@ def test_padded_attention(dtype, B, Lq, Lk, Hq, Hkv, D):
             Fn.FUSED["cpu"] = True
         tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
         assert (o.float() - o_sdpa.float()).abs().max().item() <= tol * max(1.0, o_sdpa.abs().max().item())
+
+
+@pytest.mark.skipif(not Fn._cpp_ok(), reason="reasonrl._C is not built")
+def test_fused_attention_work_split_gate():
+    """Too few (sequence, kv head) items for the threads: SDPA, which also splits the queries."""
+    from reasonrl.models.attention import _fused_attn_ok
+
+    q, k = torch.randn(1, 64, 4, 32, requires_grad=True), torch.randn(1, 64, 2, 32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _fused_attn_ok(q, k)
+        torch.set_num_threads(2)
+        assert not _fused_attn_ok(q, k)
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        assert not _fused_attn_ok(q, k)  # training calls only
 
 
 @pytest.mark.skipif(not Fn._cpp_ok(), reason="reasonrl._C is not built")

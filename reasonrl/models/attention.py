@@ -151,11 +151,14 @@ def _cpp_fused() -> bool:
 
 
 def _fused_attn_ok(q, k) -> bool:
-    """The C++ attention (csrc/cpu/fused.cpp) for a padded CPU training call: gradients needed, float
-    dtypes, head dim 16/32/64/128, reasonrl._C built (models.functional.FUSED["cpu"])."""
+    """The C++ attention (csrc/cpu/fused.cpp) for a padded CPU training call (B, L, H, D): gradients
+    needed, float dtypes, head dim 16/32/64/128, reasonrl._C built (models.functional.FUSED["cpu"]), and
+    at least two (sequence, kv head) work items per thread: the kernel splits the work by those only,
+    so a few long sequences on many cores stay with SDPA, which also splits the queries."""
     return (q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
             and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and k.dtype == q.dtype
-            and q.shape[-1] in (16, 32, 64, 128) and _cpp_fused())
+            and q.shape[-1] in (16, 32, 64, 128) and q.shape[0] * k.shape[2] >= 2 * torch.get_num_threads()
+            and _cpp_fused())
 
 
 class _PaddedAttention(torch.autograd.Function):
