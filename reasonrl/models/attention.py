@@ -177,10 +177,10 @@ class _PaddedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def padded_attention(qb, kb, vb, scale, off=None, klen=None, mask=None):
+def padded_attention(qb, kb, vb, scale, off=None, klen=None):
     """qb (B, Lq, Hq, D), kb/vb (B, Lk, Hkv, D) -> (B, Lq, Hq, D): query i of batch b sees the keys
     j < klen[b] with j <= i + off[b] (off, klen: (B,) int64 CPU tensors; None: 0 and Lk, i.e. causal,
-    top-left aligned); mask: the same as a boolean (B, 1, Lq, Lk), for SDPA.
+    top-left aligned; SDPA gets them as a boolean mask).
 
     NOTE: CPU training calls run csrc/cpu/fused.cpp's attention: blocks of 4 query rows against 16 keys
     at a time, the log-sum-exp kept, the probabilities recomputed in backward. Fwd+bwd at the tiny
@@ -192,6 +192,12 @@ def padded_attention(qb, kb, vb, scale, off=None, klen=None, mask=None):
         off = torch.zeros(B, dtype=torch.long) if off is None else off
         klen = torch.full((B,), Lk, dtype=torch.long) if klen is None else klen
         return _PaddedAttention.apply(qb, kb, vb, off, klen, scale)
+    mask = None
+    if off is not None:
+        Lq, Lk, dev = qb.shape[1], kb.shape[1], qb.device
+        j, i = torch.arange(Lk, device=dev), torch.arange(Lq, device=dev)[:, None]
+        off, klen = off.to(dev)[:, None, None], klen.to(dev)[:, None, None]
+        mask = ((j <= i + off) & (j < klen))[:, None]  # (B, 1, Lq, Lk)
     o = _sdpa(qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2), mask is None, scale, mask)
     return o.transpose(1, 2)
 
@@ -333,21 +339,18 @@ def _sdpa_part(plan: dict) -> None:
     plan["conts"] = []
     for chunk in chunks:
         Bc, Lq, Lk = len(chunk), max(lengths[b] for b in chunk), max(klens[b] for b in chunk)
-        qsrc, ksrc, mask = [], [], torch.zeros(Bc, 1, Lq, Lk, dtype=torch.bool)
+        qsrc, ksrc = [], []
         off, klen = [], []  # per row of the chunk: its ancestors' keys, all its keys (padded_attention)
-        for i, b in enumerate(chunk):
+        for b in chunk:
             own, pre = list(rows(b)), [r for a in plan["ancestors"][b] for r in rows(a)]
             qsrc += own + [own[0]] * (Lq - len(own))
             keys = pre + own
             ksrc += keys + [keys[0]] * (Lk - len(keys))
-            qpos = torch.arange(Lq)[:, None] + len(pre)  # the key position each query row sits at
-            mask[i, 0] = (torch.arange(Lk)[None, :] <= qpos) & (torch.arange(Lk)[None, :] < len(keys))
-            off.append(len(pre))
+            off.append(len(pre))  # query row i sits at key position off + i
             klen.append(len(keys))
         dst = torch.cat([torch.arange(lengths[b]) + i * Lq for i, b in enumerate(chunk)])
         plan["conts"].append((Rows(torch.tensor(qsrc, device=device), T), Rows(torch.tensor(ksrc, device=device), T),
-                              mask.to(device), Rows(dst.to(device), Bc * Lq), torch.tensor(off), torch.tensor(klen),
-                              Bc, Lq, Lk))
+                              torch.tensor(off), Rows(dst.to(device), Bc * Lq), torch.tensor(klen), Bc, Lq, Lk))
 
 
 def shared_prefix_attention(q, k, v, cu_seqlens, max_seqlen, lengths, scale, plan):
@@ -366,10 +369,10 @@ def shared_prefix_attention(q, k, v, cu_seqlens, max_seqlen, lengths, scale, pla
         outs.append(varlen_attention(take_rows(q, sel), take_rows(k, sel), take_rows(v, sel), root_cu, root_max,
                                      root_lengths, scale, plan["roots_pad"]))
     Hq, D = q.shape[1], q.shape[2]
-    for qsrc, ksrc, mask, dst, off, klen, Bc, Lq, Lk in plan["conts"]:
+    for qsrc, ksrc, off, dst, klen, Bc, Lq, Lk in plan["conts"]:
         qb = take_rows(q, qsrc).view(Bc, Lq, Hq, D)
         kb, vb = (take_rows(t, ksrc).view(Bc, Lk, t.shape[1], D) for t in (k, v))
-        o = padded_attention(qb, kb, vb, scale, off, klen, mask).reshape(Bc * Lq, Hq, D)
+        o = padded_attention(qb, kb, vb, scale, off, klen).reshape(Bc * Lq, Hq, D)
         outs.append(take_rows(o, dst))
     o = torch.cat(outs) if len(outs) > 1 else outs[0]
     return o if plan["inv"] is None else take_rows(o, plan["inv"])

@@ -44,11 +44,8 @@ def _triton_ok() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _cpp_ok() -> bool:
-    try:
-        import reasonrl._C  # noqa: F401  registers torch.ops.reasonrl.*
-    except ImportError:
-        return False
-    if not hasattr(torch.ops.reasonrl, "fused_swiglu_bwd"):
+    from reasonrl.ops._backend import cpp_available  # imports reasonrl._C: registers torch.ops.reasonrl.*
+    if not (cpp_available() and hasattr(torch.ops.reasonrl, "fused_swiglu_bwd")):
         return False
     _register_fakes()
     return True
