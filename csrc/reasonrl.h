@@ -27,11 +27,13 @@ void logprob_bwd_cpu(void* grad_x, int64_t stride_g, const void* x, DType dtype,
                      int64_t row_end, int64_t V, int64_t vocab_start, float inv_t,
                      int64_t ignore_index);
 
-// The instruction set the CPU log-prob kernels run with: "x86-64-v4" (AVX-512), "x86-64-v3" (AVX2)
-// or "x86-64" ("generic" off x86). `force` = "" only reports; "best" or one of the names switches
-// (tests use it to reach every compiled path); an unknown name or one the CPU lacks throws
-// std::invalid_argument.
+// The instruction set the CPU log-prob kernels and the fused training kernels (csrc/cpu/fused.cpp) run
+// with: "x86-64-v4" (AVX-512), "x86-64-v3" (AVX2) or "x86-64" ("generic" off x86). `force` = "" only
+// reports; "best" or one of the names switches (tests use it to reach every compiled path); an unknown
+// name or one the CPU lacks throws std::invalid_argument.
 std::string logprob_cpu_isa(const std::string& force);
+// The same setting as a level: 4 (x86-64-v4), 3 (x86-64-v3) or 0 (baseline).
+int cpu_isa_level();
 
 #ifdef REASONRL_WITH_CUDA
 }  // namespace reasonrl

@@ -17,25 +17,44 @@ from reasonrl.ops import _backend
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 _no_triton = pytest.mark.skipif(not _backend.triton_importable(), reason="triton is not installed")
 # "cpu": Triton on CPU tensors through the interpreter; "cuda": Triton compiled on a GPU machine
-# (pytest -m gpu); "cpp": the C++ kernels on CPU tensors (the default on CPU)
+# (pytest -m gpu); "cpp": the C++ kernels on CPU tensors (the default on CPU); "cpp:<isa>": those
+# kernels' build for a lower instruction set than this CPU's best (each is compiled for x86-64-v4, -v3
+# and the baseline; ops.logprob_cpu_isa picks one for these and the log-prob kernels)
+
+
+def _lower_isas():
+    if not Fn._cpp_ok():
+        return []
+    best = torch.ops.reasonrl.logprob_cpu_isa("")
+    order = ["x86-64", "x86-64-v3", "x86-64-v4"]
+    return order[: order.index(best)] if best in order else []
+
+
+LOWER_ISAS = _lower_isas()
+_no_cpp = pytest.mark.skipif(not Fn._cpp_ok(), reason="reasonrl._C is not built")
 DEVICES = [pytest.param("cpu", marks=[_no_triton, pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                                                       reason="Triton on CPU tensors needs TRITON_INTERPRET=1")]),
            pytest.param("cuda", marks=[_no_triton, pytest.mark.gpu]),
-           pytest.param("cpp", marks=pytest.mark.skipif(not Fn._cpp_ok(), reason="reasonrl._C is not built"))]
+           pytest.param("cpp", marks=_no_cpp)] + [pytest.param(f"cpp:{isa}") for isa in LOWER_ISAS]
 
 
 @pytest.fixture
 def forced(request):
-    """Triton forced on for the "cpu" device (the interpreter); C++ kernels on CPU for "cpp"."""
+    """Triton forced on for the "cpu" device (the interpreter); C++ kernels on CPU for "cpp" (built for
+    the named instruction set for "cpp:<isa>")."""
     device = request.node.callspec.params.get("device", "cpu")
     Fn.FUSED["force"] = device == "cpu"
-    Fn.FUSED["cpu"] = device == "cpp"
+    Fn.FUSED["cpu"] = device.startswith("cpp")
+    if device.startswith("cpp:"):
+        torch.ops.reasonrl.logprob_cpu_isa(device[4:])
     yield
     Fn.FUSED["force"], Fn.FUSED["cpu"] = False, True
+    if device.startswith("cpp:"):
+        torch.ops.reasonrl.logprob_cpu_isa("best")
 
 
 def _dev(device):
-    return "cpu" if device == "cpp" else device
+    return "cpu" if device.startswith("cpp") else device
 
 
 def _plain(fn):
@@ -244,14 +263,15 @@ def _attn_ref(q, k, v, off, klen, scale):
     return (s.masked_fill(~seen[:, None], float("-inf")).softmax(-1) @ vh).transpose(1, 2)
 
 
-@pytest.mark.skipif(not Fn._cpp_ok(), reason="reasonrl._C is not built")
+@pytest.mark.parametrize("device", [pytest.param("cpp", marks=_no_cpp)] + [f"cpp:{isa}" for isa in LOWER_ISAS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,Lq,Lk,Hq,Hkv,D", [(2, 1, 1, 1, 1, 16), (5, 7, 12, 6, 2, 32), (3, 13, 40, 4, 4, 64),
                                              (2, 9, 17, 2, 1, 128), (4, 21, 21, 3, 3, 16)])
-def test_padded_attention(dtype, B, Lq, Lk, Hq, Hkv, D):
+def test_padded_attention(forced, device, dtype, B, Lq, Lk, Hq, Hkv, D):
     """The C++ attention of CPU training (models.attention.padded_attention) against float64, values and
-    q/k/v gradients: grouped-query heads, shared-prefix offsets, key counts short of Lk (padding), Lq
-    not a multiple of the 4-row block, Lk not a multiple of 16, a single query and key."""
+    q/k/v gradients, for each instruction set's build: grouped-query heads, shared-prefix offsets, key
+    counts short of Lk (padding), Lq not a multiple of the 4-row block, Lk not a multiple of 16, a single
+    query and key."""
     from reasonrl.models.attention import _fused_attn_ok, padded_attention
 
     q, k, v = torch.randn(B, Lq, Hq, D), torch.randn(B, Lk, Hkv, D), torch.randn(B, Lk, Hkv, D)

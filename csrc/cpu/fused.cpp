@@ -8,7 +8,7 @@
 // `omp simd` loops over elements with branch-free conversions, which GCC vectorizes.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
-#pragma GCC diagnostic ignored "-Wpsabi"  // vf16 values only cross always-inlined internal functions
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector values only cross always-inlined internal functions
 #endif
 #include <algorithm>
 #include <cmath>
@@ -136,60 +136,142 @@ RR_INLINE void scatter_rows_t(void* dx_, const void* g_, const int64_t* offsets,
 // ---- attention over a padded batch (fused.h) ----------------------------------------------------------
 // Per work item (b, kv head): K and V converted to float32 once (K and V also transposed, D x ld, ld = Lk
 // rounded up to 16 and zero past the keys). Queries go in blocks of kR rows of one head: their scores are
-// made 16 keys at a time, each K vector loaded once for the kR rows; the value sums keep the kR output rows
-// in registers (NV = D / 16 vectors each) while the keys stream. The backward recomputes the probabilities
-// from the kept log-sum-exp, with the same blocking for dq, dk and dv.
-typedef float vf16 __attribute__((vector_size(64)));
-RR_INLINE vf16 ld16(const float* p) {
-  vf16 v;
+// made 16 keys at a time, each K vector loaded once for the kR rows; the value sums keep tiles of output
+// rows in registers while the keys stream. The backward recomputes the probabilities from the kept
+// log-sum-exp, with the same blocking for dq, dk and dv.
+// Vectors are the ISA's own width W (16 floats with AVX-512, 8 with AVX2, 4 otherwise) and accumulator
+// tiles stay within the register file (kAcc vectors): GCC lowers a wider vector type to pairs of narrower
+// registers and spills what does not fit (64-byte vectors on AVX2 made this kernel 2x slower than SDPA).
+template <int W>
+struct VecT;
+template <>
+struct VecT<16> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct VecT<8> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct VecT<4> {
+  typedef float type __attribute__((vector_size(16)));
+};
+template <int W>
+using vf = typename VecT<W>::type;
+template <int W>
+RR_INLINE vf<W> vld(const float* p) {
+  vf<W> v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-RR_INLINE void st16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
-RR_INLINE vf16 bc16(float x) { return vf16{} + x; }
+template <int W>
+RR_INLINE void vst(float* p, vf<W> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <int W>
+RR_INLINE vf<W> vbc(float x) {
+  return vf<W>{} + x;
+}
 
 constexpr int64_t kR = 4;  // query rows per block
+// Accumulator vectors of a register tile: 8 of the 16 ymm / xmm registers; with AVX-512 (32 zmm) the
+// tiling measured on 2026-11-27 (all kR rows x D / 16 vectors; D = 128 spills some).
+template <int W>
+constexpr int kAcc = W == 16 ? 32 : 8;
 
 template <DType DT>
 struct AttnItem {
   using E = Elem<DT>;
   using T = typename E::T;
   std::vector<float> kt, vt, kf, vf;  // (D, ld), (D, ld), (ld, D), (ld, D)
+  // Rows j < n of k and v converted (vector loads), then transposed in cache; the transposes are zero
+  // past n, up to ld.
   void load(const T* k, const T* v, int64_t n, int64_t row_stride, int64_t D, int64_t ld, bool bwd) {
-    kt.assign(static_cast<size_t>(D * ld), 0.f);
-    vf.assign(static_cast<size_t>(ld * D), 0.f);
-    if (bwd) {
-      vt.assign(static_cast<size_t>(D * ld), 0.f);
-      kf.assign(static_cast<size_t>(ld * D), 0.f);
-    }
+    kt.resize(static_cast<size_t>(D * ld));
+    kf.resize(static_cast<size_t>(ld * D));
+    vf.resize(static_cast<size_t>(ld * D));
+    if (bwd) vt.resize(static_cast<size_t>(D * ld));
     for (int64_t j = 0; j < n; ++j) {
       const T* kr = k + j * row_stride;
       const T* vr = v + j * row_stride;
+      float* kj = kf.data() + j * D;
+      float* vj = vf.data() + j * D;
+#pragma omp simd
       for (int64_t d = 0; d < D; ++d) {
-        const float kv = E::load(kr[d]), vv = E::load(vr[d]);
-        kt[d * ld + j] = kv;
-        vf[j * D + d] = vv;
-        if (bwd) {
-          vt[d * ld + j] = vv;
-          kf[j * D + d] = kv;
-        }
+        kj[d] = E::load(kr[d]);
+        vj[d] = E::load(vr[d]);
       }
+    }
+    transpose(kt.data(), kf.data(), n, D, ld);
+    if (bwd) transpose(vt.data(), vf.data(), n, D, ld);
+  }
+  static void transpose(float* mt, const float* m, int64_t n, int64_t D, int64_t ld) {
+    for (int64_t d = 0; d < D; ++d) {
+      float* row = mt + d * ld;
+      for (int64_t j = 0; j < n; ++j) row[j] = m[j * D + d];
+      for (int64_t j = n; j < ld; ++j) row[j] = 0.f;
     }
   }
 };
 
-// S[r * ld + j] = sum_d A[r * D + d] * mt[d * ld + j] for the kR rows and j < n rounded up to 16.
-template <int NV>
+// S[r * ld + j] = sum_d A[r * D + d] * mt[d * ld + j] for the kR rows and j < n rounded up to 16 (8 with
+// 4-wide vectors).
+template <int W, int D>
 RR_INLINE void scores_block(float* S, const float* A, const float* mt, int64_t ld, int64_t n) {
-  constexpr int64_t D = 16 * NV;
-  for (int64_t j0 = 0; j0 < n; j0 += 16) {
-    vf16 acc[kR] = {};
+  constexpr int C = W == 4 ? 2 : 16 / W;  // vectors per chunk of keys
+  for (int64_t j0 = 0; j0 < n; j0 += C * W) {
+    vf<W> acc[kR][C] = {};
     for (int64_t d = 0; d < D; ++d) {
-      const vf16 m = ld16(mt + d * ld + j0);
-      for (int64_t r = 0; r < kR; ++r) acc[r] += bc16(A[r * D + d]) * m;
+      vf<W> m[C];
+      for (int c = 0; c < C; ++c) m[c] = vld<W>(mt + d * ld + j0 + c * W);
+      for (int64_t r = 0; r < kR; ++r) {
+        const vf<W> a = vbc<W>(A[r * D + d]);
+        for (int c = 0; c < C; ++c) acc[r][c] += a * m[c];
+      }
     }
-    for (int64_t r = 0; r < kR; ++r) st16(S + r * ld + j0, acc[r]);
+    for (int64_t r = 0; r < kR; ++r)
+      for (int c = 0; c < C; ++c) vst<W>(S + r * ld + j0 + c * W, acc[r][c]);
   }
+}
+
+// out[r * D + :] = sum_{j < n} P[r * ld + j] * M[j * D + :] for the kR rows (fwd: P V; bwd: dS K), in
+// register tiles of RP rows x CC vectors while the rows of M stream.
+template <int W, int D>
+RR_INLINE void rows_times(float* out, const float* P, const float* M, int64_t ld, int64_t n) {
+  constexpr int NV = D / W;
+  constexpr int RP = NV >= kAcc<W> ? 1 : (kAcc<W> / NV < kR ? kAcc<W> / NV : kR);
+  constexpr int CC = NV < kAcc<W> / RP ? NV : kAcc<W> / RP;
+  for (int r0 = 0; r0 < kR; r0 += RP)
+    for (int c0 = 0; c0 < NV; c0 += CC) {
+      vf<W> acc[RP][CC] = {};
+      for (int64_t j = 0; j < n; ++j) {
+        vf<W> m[CC];
+        for (int c = 0; c < CC; ++c) m[c] = vld<W>(M + j * D + (c0 + c) * W);
+        for (int r = 0; r < RP; ++r) {
+          const vf<W> p = vbc<W>(P[(r0 + r) * ld + j]);
+          for (int c = 0; c < CC; ++c) acc[r][c] += p * m[c];
+        }
+      }
+      for (int r = 0; r < RP; ++r)
+        for (int c = 0; c < CC; ++c) vst<W>(out + (r0 + r) * D + (c0 + c) * W, acc[r][c]);
+    }
+}
+
+// Mf[j * D + :] += sum_r X[r * ld + j] * Y[r * D + :] over the kR rows, for j < n (bwd: dK += dS^T q,
+// dV += P^T dout), rows r in order.
+template <int W, int D>
+RR_INLINE void rank_update(float* Mf, const float* X, const float* Y, int64_t ld, int64_t n) {
+  constexpr int NV = D / W, CC = NV < kAcc<W> ? NV : kAcc<W>;
+  for (int c0 = 0; c0 < NV; c0 += CC)
+    for (int64_t j = 0; j < n; ++j) {
+      vf<W> acc[CC];
+      for (int c = 0; c < CC; ++c) acc[c] = vld<W>(Mf + j * D + (c0 + c) * W);
+      for (int64_t r = 0; r < kR; ++r) {
+        const vf<W> x = vbc<W>(X[r * ld + j]);
+        for (int c = 0; c < CC; ++c) acc[c] += x * vld<W>(Y + r * D + (c0 + c) * W);
+      }
+      for (int c = 0; c < CC; ++c) vst<W>(Mf + j * D + (c0 + c) * W, acc[c]);
+    }
 }
 
 // Rows of one query block: valid rows, their visible key counts (0 for rows past Lq), the block's widest.
@@ -203,20 +285,19 @@ RR_INLINE int64_t block_rows(int64_t* n, int64_t i0, int64_t Lq, int64_t nk, int
   return nmax;
 }
 
-template <DType DT, int NV>
+template <DType DT, int W, int D>
 RR_INLINE void attn_fwd_t(void* o_, float* lse, const void* q_, const void* k_, const void* v_, const int64_t* off,
                           const int64_t* klen, int64_t Lq, int64_t Lk, int64_t Hq, int64_t Hkv, float scale,
                           int64_t w0, int64_t w1) {
   using E = Elem<DT>;
   using T = typename E::T;
-  constexpr int64_t D = 16 * NV;
   const T* q = static_cast<const T*>(q_);
   const T* k = static_cast<const T*>(k_);
   const T* v = static_cast<const T*>(v_);
   T* o = static_cast<T*>(o_);
   const int64_t rep = Hq / Hkv, ld = (Lk + 15) / 16 * 16;
   AttnItem<DT> it;
-  std::vector<float> S(static_cast<size_t>(kR * ld)), A(static_cast<size_t>(kR * D));
+  std::vector<float> S(static_cast<size_t>(kR * ld)), A(static_cast<size_t>(kR * D)), Ob(static_cast<size_t>(kR * D));
   for (int64_t w = w0; w < w1; ++w) {
     const int64_t b = w / Hkv, hk = w % Hkv, nk = klen[b];
     it.load(k + (b * Lk * Hkv + hk) * D, v + (b * Lk * Hkv + hk) * D, nk, Hkv * D, D, ld, false);
@@ -228,7 +309,7 @@ RR_INLINE void attn_fwd_t(void* o_, float* lse, const void* q_, const void* k_, 
           const T* qr = q + ((b * Lq + i0 + r) * Hq + hq) * D;
           for (int64_t d = 0; d < D; ++d) A[r * D + d] = n[r] ? E::load(qr[d]) * scale : 0.f;
         }
-        scores_block<NV>(S.data(), A.data(), it.kt.data(), ld, nmax);
+        scores_block<W, D>(S.data(), A.data(), it.kt.data(), ld, nmax);
         float inv[kR], ls[kR];
         for (int64_t r = 0; r < kR; ++r) {
           float* s = S.data() + r * ld;
@@ -249,21 +330,12 @@ RR_INLINE void attn_fwd_t(void* o_, float* lse, const void* q_, const void* k_, 
           inv[r] = 1.f / l;
           ls[r] = m + std::log(l);
         }
-        vf16 acc[kR][NV] = {};
-        for (int64_t j = 0; j < nmax; ++j) {
-          vf16 vv[NV];
-          for (int c = 0; c < NV; ++c) vv[c] = ld16(it.vf.data() + j * D + 16 * c);
-          for (int64_t r = 0; r < kR; ++r) {
-            const vf16 p = bc16(S[r * ld + j]);
-            for (int c = 0; c < NV; ++c) acc[r][c] += p * vv[c];
-          }
-        }
+        rows_times<W, D>(Ob.data(), S.data(), it.vf.data(), ld, nmax);
         for (int64_t r = 0; r < kR && i0 + r < Lq; ++r) {
-          float tmp[D];
-          for (int c = 0; c < NV; ++c) st16(tmp + 16 * c, acc[r][c] * inv[r]);
           T* orow = o + ((b * Lq + i0 + r) * Hq + hq) * D;
+          const float* ob = Ob.data() + r * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) orow[d] = E::store(tmp[d]);
+          for (int64_t d = 0; d < D; ++d) orow[d] = E::store(ob[d] * inv[r]);
           lse[(b * Hq + hq) * Lq + i0 + r] = ls[r];
         }
       }
@@ -271,13 +343,13 @@ RR_INLINE void attn_fwd_t(void* o_, float* lse, const void* q_, const void* k_, 
   }
 }
 
-template <DType DT, int NV>
+template <DType DT, int W, int D>
 RR_INLINE void attn_bwd_t(void* dq_, void* dk_, void* dv_, const void* do_, const void* q_, const void* k_,
                           const void* v_, const void* o_, const float* lse, const int64_t* off, const int64_t* klen,
                           int64_t Lq, int64_t Lk, int64_t Hq, int64_t Hkv, float scale, int64_t w0, int64_t w1) {
   using E = Elem<DT>;
   using T = typename E::T;
-  constexpr int64_t D = 16 * NV;
+  constexpr int NV = D / W;
   const T* q = static_cast<const T*>(q_);
   const T* k = static_cast<const T*>(k_);
   const T* v = static_cast<const T*>(v_);
@@ -289,7 +361,7 @@ RR_INLINE void attn_bwd_t(void* dq_, void* dk_, void* dv_, const void* do_, cons
   const int64_t rep = Hq / Hkv, ld = (Lk + 15) / 16 * 16;
   AttnItem<DT> it;
   std::vector<float> P(static_cast<size_t>(kR * ld)), dS(static_cast<size_t>(kR * ld)), A(static_cast<size_t>(kR * D)),
-      G(static_cast<size_t>(kR * D)), dkf, dvf;
+      G(static_cast<size_t>(kR * D)), Qb(static_cast<size_t>(kR * D)), dkf, dvf;
   for (int64_t w = w0; w < w1; ++w) {
     const int64_t b = w / Hkv, hk = w % Hkv, nk = klen[b];
     it.load(k + (b * Lk * Hkv + hk) * D, v + (b * Lk * Hkv + hk) * D, nk, Hkv * D, D, ld, true);
@@ -311,8 +383,8 @@ RR_INLINE void attn_bwd_t(void* dq_, void* dk_, void* dv_, const void* do_, cons
           delta[r] = dl;
           ls[r] = n[r] ? lse[(b * Hq + hq) * Lq + i0 + r] : 0.f;
         }
-        scores_block<NV>(P.data(), A.data(), it.kt.data(), ld, nmax);
-        scores_block<NV>(dS.data(), G.data(), it.vt.data(), ld, nmax);
+        scores_block<W, D>(P.data(), A.data(), it.kt.data(), ld, nmax);
+        scores_block<W, D>(dS.data(), G.data(), it.vt.data(), ld, nmax);
         for (int64_t r = 0; r < kR; ++r) {
           float* p = P.data() + r * ld;
           float* ds = dS.data() + r * ld;
@@ -323,39 +395,47 @@ RR_INLINE void attn_bwd_t(void* dq_, void* dk_, void* dv_, const void* do_, cons
           }
           for (int64_t j = n[r]; j < nmax; ++j) p[j] = ds[j] = 0.f;
         }
-        vf16 accq[kR][NV] = {};
-        vf16 qv[kR][NV], gv[kR][NV];
-        for (int64_t r = 0; r < kR; ++r)
-          for (int c = 0; c < NV; ++c) {
-            qv[r][c] = ld16(A.data() + r * D + 16 * c);
-            gv[r][c] = ld16(G.data() + r * D + 16 * c);
-          }
-        for (int64_t j = 0; j < nmax; ++j) {
-          vf16 kk[NV], dkj[NV], dvj[NV];
-          for (int c = 0; c < NV; ++c) {
-            kk[c] = ld16(it.kf.data() + j * D + 16 * c);
-            dkj[c] = ld16(dkf.data() + j * D + 16 * c);
-            dvj[c] = ld16(dvf.data() + j * D + 16 * c);
-          }
-          for (int64_t r = 0; r < kR; ++r) {
-            const vf16 s = bc16(dS[r * ld + j]), pj = bc16(P[r * ld + j]);
+        if constexpr (W == 16) {
+          // AVX-512: dq, dk and dv in one pass over the keys, the block's q, dout and dq in registers
+          vf<W> accq[kR][NV] = {};
+          vf<W> qv[kR][NV], gv[kR][NV];
+          for (int64_t r = 0; r < kR; ++r)
             for (int c = 0; c < NV; ++c) {
-              accq[r][c] += s * kk[c];
-              dkj[c] += s * qv[r][c];
-              dvj[c] += pj * gv[r][c];
+              qv[r][c] = vld<W>(A.data() + r * D + W * c);
+              gv[r][c] = vld<W>(G.data() + r * D + W * c);
+            }
+          for (int64_t j = 0; j < nmax; ++j) {
+            vf<W> kk[NV], dkj[NV], dvj[NV];
+            for (int c = 0; c < NV; ++c) {
+              kk[c] = vld<W>(it.kf.data() + j * D + W * c);
+              dkj[c] = vld<W>(dkf.data() + j * D + W * c);
+              dvj[c] = vld<W>(dvf.data() + j * D + W * c);
+            }
+            for (int64_t r = 0; r < kR; ++r) {
+              const vf<W> s = vbc<W>(dS[r * ld + j]), pj = vbc<W>(P[r * ld + j]);
+              for (int c = 0; c < NV; ++c) {
+                accq[r][c] += s * kk[c];
+                dkj[c] += s * qv[r][c];
+                dvj[c] += pj * gv[r][c];
+              }
+            }
+            for (int c = 0; c < NV; ++c) {
+              vst<W>(dkf.data() + j * D + W * c, dkj[c]);
+              vst<W>(dvf.data() + j * D + W * c, dvj[c]);
             }
           }
-          for (int c = 0; c < NV; ++c) {
-            st16(dkf.data() + j * D + 16 * c, dkj[c]);
-            st16(dvf.data() + j * D + 16 * c, dvj[c]);
-          }
+          for (int64_t r = 0; r < kR; ++r)
+            for (int c = 0; c < NV; ++c) vst<W>(Qb.data() + r * D + W * c, accq[r][c]);
+        } else {  // fewer registers: one pass over the keys each for dq, dk, dv
+          rows_times<W, D>(Qb.data(), dS.data(), it.kf.data(), ld, nmax);
+          rank_update<W, D>(dkf.data(), dS.data(), A.data(), ld, nmax);
+          rank_update<W, D>(dvf.data(), P.data(), G.data(), ld, nmax);
         }
         for (int64_t r = 0; r < kR && i0 + r < Lq; ++r) {
-          float tmp[D];
-          for (int c = 0; c < NV; ++c) st16(tmp + 16 * c, accq[r][c] * scale);
           T* dqr = dq + ((b * Lq + i0 + r) * Hq + hq) * D;
+          const float* qb = Qb.data() + r * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) dqr[d] = E::store(tmp[d]);
+          for (int64_t d = 0; d < D; ++d) dqr[d] = E::store(qb[d] * scale);
         }
       }
     }
@@ -372,18 +452,18 @@ RR_INLINE void attn_bwd_t(void* dq_, void* dk_, void* dv_, const void* do_, cons
 
 #define RR_ATTN_D_DISPATCH(fn, D, ...)                             \
   switch (D) {                                                     \
-    case 16: fn<DT, 1>(__VA_ARGS__); break;                        \
-    case 32: fn<DT, 2>(__VA_ARGS__); break;                        \
-    case 64: fn<DT, 4>(__VA_ARGS__); break;                        \
-    default: fn<DT, 8>(__VA_ARGS__); break;                        \
+    case 16: fn<DT, W, 16>(__VA_ARGS__); break;                    \
+    case 32: fn<DT, W, 32>(__VA_ARGS__); break;                    \
+    case 64: fn<DT, W, 64>(__VA_ARGS__); break;                    \
+    default: fn<DT, W, 128>(__VA_ARGS__); break;                   \
   }
-template <DType DT>
+template <DType DT, int W>
 RR_INLINE void attn_fwd_d(void* o, float* lse, const void* q, const void* k, const void* v, const int64_t* off,
                           const int64_t* klen, int64_t Lq, int64_t Lk, int64_t Hq, int64_t Hkv, int64_t D, float scale,
                           int64_t w0, int64_t w1) {
   RR_ATTN_D_DISPATCH(attn_fwd_t, D, o, lse, q, k, v, off, klen, Lq, Lk, Hq, Hkv, scale, w0, w1)
 }
-template <DType DT>
+template <DType DT, int W>
 RR_INLINE void attn_bwd_d(void* dq, void* dk, void* dv, const void* dout, const void* q, const void* k, const void* v,
                           const void* o, const float* lse, const int64_t* off, const int64_t* klen, int64_t Lq,
                           int64_t Lk, int64_t Hq, int64_t Hkv, int64_t D, float scale, int64_t w0, int64_t w1) {
@@ -395,6 +475,12 @@ RR_INLINE void attn_bwd_d(void* dq, void* dk, void* dv, const void* dout, const 
     case DType::f32: fn<DType::f32>(__VA_ARGS__); break;     \
     case DType::bf16: fn<DType::bf16>(__VA_ARGS__); break;   \
     case DType::f16: fn<DType::f16>(__VA_ARGS__); break;     \
+  }
+#define RR_DT_W_DISPATCH(dt, W, fn, ...)                        \
+  switch (dt) {                                                 \
+    case DType::f32: fn<DType::f32, W>(__VA_ARGS__); break;     \
+    case DType::bf16: fn<DType::bf16, W>(__VA_ARGS__); break;   \
+    case DType::f16: fn<DType::f16, W>(__VA_ARGS__); break;     \
   }
 // Two storage dtypes: the second is the first, or float32 (checked by the glue).
 #define RR_DT2_DISPATCH(a, b, fn, ...)                                                       \
@@ -413,7 +499,7 @@ RR_INLINE void attn_bwd_d(void* dq, void* dk, void* dv, const void* dout, const 
   }
 
 // One non-template function per kernel and ISA; the template bodies are inlined into each.
-#define RR_FUSED_KERNELS(SUFFIX, ATTR)                                                                            \
+#define RR_FUSED_KERNELS(SUFFIX, W, ATTR)                                                                            \
   ATTR void rms_fwd_##SUFFIX(void* y, float* rstd, const void* x, const float* w, DType dx, DType dy, int64_t r0,  \
                              int64_t r1, int64_t n, float eps) {                                                  \
     RR_DT2_DISPATCH(dx, dy, rms_fwd_t, y, rstd, x, w, r0, r1, n, eps)                                            \
@@ -440,24 +526,24 @@ RR_INLINE void attn_bwd_d(void* dq, void* dk, void* dv, const void* dout, const 
   ATTR void attn_fwd_##SUFFIX(void* o, float* lse, const void* q, const void* k, const void* v, const int64_t* off, \
                               const int64_t* klen, DType dt, int64_t Lq, int64_t Lk, int64_t Hq, int64_t Hkv,      \
                               int64_t D, float scale, int64_t w0, int64_t w1) {                                  \
-    RR_DT_DISPATCH(dt, attn_fwd_d, o, lse, q, k, v, off, klen, Lq, Lk, Hq, Hkv, D, scale, w0, w1)                 \
+    RR_DT_W_DISPATCH(dt, W, attn_fwd_d, o, lse, q, k, v, off, klen, Lq, Lk, Hq, Hkv, D, scale, w0, w1)                 \
   }                                                                                                               \
   ATTR void attn_bwd_##SUFFIX(void* dq, void* dk, void* dv, const void* dout, const void* q, const void* k,        \
                               const void* v, const void* o, const float* lse, const int64_t* off,                  \
                               const int64_t* klen, DType dt, int64_t Lq, int64_t Lk, int64_t Hq, int64_t Hkv,      \
                               int64_t D, float scale, int64_t w0, int64_t w1) {                                  \
-    RR_DT_DISPATCH(dt, attn_bwd_d, dq, dk, dv, dout, q, k, v, o, lse, off, klen, Lq, Lk, Hq, Hkv, D, scale, w0, w1) \
+    RR_DT_W_DISPATCH(dt, W, attn_bwd_d, dq, dk, dv, dout, q, k, v, o, lse, off, klen, Lq, Lk, Hq, Hkv, D, scale, w0, w1) \
   }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-RR_FUSED_KERNELS(v4, __attribute__((target("arch=x86-64-v4,prefer-vector-width=512"))))
-RR_FUSED_KERNELS(v3, __attribute__((target("arch=x86-64-v3"))))
+RR_FUSED_KERNELS(v4, 16, __attribute__((target("arch=x86-64-v4,prefer-vector-width=512"))))
+RR_FUSED_KERNELS(v3, 8, __attribute__((target("arch=x86-64-v3"))))
 #endif
-RR_FUSED_KERNELS(base, )
+RR_FUSED_KERNELS(base, 4, )
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define RR_PICK(name, ...)                                           \
-  static const int isa = cpu_x86_64_v4() ? 4 : cpu_x86_64_v3() ? 3 : 0; \
+  const int isa = cpu_isa_level(); /* logprob_cpu_isa: the best, or forced by tests */ \
   if (isa == 4) return name##_v4(__VA_ARGS__);                       \
   if (isa == 3) return name##_v3(__VA_ARGS__);                       \
   return name##_base(__VA_ARGS__);

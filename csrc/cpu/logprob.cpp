@@ -263,6 +263,11 @@ void logprob_bwd_cpu(void* grad_x, int64_t stride_g, const void* x, DType dtype,
   }
 }
 
+int cpu_isa_level() {
+  const int isa = isa_in_use().load(std::memory_order_relaxed);
+  return isa == kV4 ? 4 : isa == kV3 ? 3 : 0;
+}
+
 std::string logprob_cpu_isa(const std::string& force) {
   if (!force.empty()) {
     int want = force == "best"        ? best_isa()
