@@ -190,7 +190,7 @@ def run(preset, B, T, vary, device, amp, ckpt, hf_ckpt, rep):
         r["speedup"] = rows[1]["ms"] / r["ms"]
         r["mem_ratio"] = r["peak_GiB"] / rows[1]["peak_GiB"]
     rows[0]["loss_diff"] = abs(l_ours - l_hf)  # same weights and tokens: should agree
-    del ours, hf, b
+    fns = ours = hf = b = None  # freed before empty_cache
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
