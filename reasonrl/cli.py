@@ -13,8 +13,8 @@
 
 Every config field is a flag (`reasonrl grpo --help` lists them with defaults); `--config run.toml`
 reads a TOML file first. `--threads N` (before or after the command; after `bench` it goes to the
-benchmark script) sets torch's CPU threads; the default is 1 unless OMP_NUM_THREADS is set (see
-_threads: OpenMP threads spinning against other work on a shared machine cost 100x).
+benchmark script) sets torch's CPU threads; the default is torch's own (one per physical core, or
+OMP_NUM_THREADS). On a machine shared with other work, `--threads 1` (see _threads).
 """
 from __future__ import annotations
 
@@ -26,21 +26,19 @@ COMMANDS = ("train", "sft", "grpo", "sample", "distill", "generate", "bench", "c
 
 
 def _threads(argv: list[str]) -> list[str]:
-    """--threads N sets torch's CPU threads. Default: 1 unless OMP_NUM_THREADS is set. Why: on this
-    2-core machine shared with other work, a 128x128 @ 128x384 matmul took 24 ms with 2 OpenMP threads
-    against 0.24 ms with 1 (2026-11-26); the default run's measured result used 1 thread."""
-    n = None
+    """--threads N sets torch's CPU threads; without it torch keeps its default (one per physical
+    core, or OMP_NUM_THREADS). Why not 1, the default until 2026-11-27: on a 2-core AVX2 machine the
+    default run took 903 s with 1 thread (past its 15 minutes; GRPO fit 192 steps, +9.6 points over
+    the control) and 723 s with 2 (292 steps, +17.6). With two such runs sharing 2 cores, or other
+    work on them, give each --threads 1: OpenMP threads spinning against other work once made a
+    128x128 @ 128x384 matmul 100x slower (24 ms against 0.24 ms, 2026-11-26)."""
     if "--threads" in argv:
         i = argv.index("--threads")
         if i + 1 >= len(argv) or not argv[i + 1].isdigit() or int(argv[i + 1]) < 1:
             raise SystemExit("reasonrl: --threads needs a positive integer")
-        n = int(argv[i + 1])
-        argv = argv[:i] + argv[i + 2:]
-    elif "OMP_NUM_THREADS" not in os.environ:
-        n = 1
-    if n is not None:
         import torch
-        torch.set_num_threads(n)
+        torch.set_num_threads(int(argv[i + 1]))
+        argv = argv[:i] + argv[i + 2:]
     return argv
 
 

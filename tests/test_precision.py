@@ -145,3 +145,21 @@ def test_engine_bf16_rollout_copy_matches_a_bf16_model():
         LLMEngine(model, dtype=torch.int8)
     with pytest.raises(ValueError, match="rollout_dtype"):
         GRPOConfig(rollout_dtype="fp16")
+
+
+def test_bf16_on_a_cpu_that_emulates_it_warns_once(monkeypatch, capsys):
+    """precision / rollout_dtype bf16 on a CPU without native bf16 matmuls: one warning per field;
+    none with native support, none on an unknown CPU, none for CUDA."""
+    from reasonrl.train import common
+
+    cpu = torch.device("cpu")
+    for has, want in ((True, 0), (None, 0), (False, 1)):
+        monkeypatch.setattr(common, "cpu_has_bf16_matmul", lambda has=has: has)
+        monkeypatch.setattr(common, "_warned_bf16", set())
+        common.warn_if_slow_bf16(cpu, "precision")
+        common.warn_if_slow_bf16(cpu, "precision")
+        common.warn_if_slow_bf16(torch.device("cuda"), "rollout_dtype")
+        out = capsys.readouterr().out
+        assert out.count("warning: precision bf16 on a CPU without AVX512-BF16") == want, (has, out)
+        assert "rollout_dtype" not in out
+    assert common.cpu_has_bf16_matmul() in (True, False, None)

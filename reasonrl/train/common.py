@@ -58,6 +58,29 @@ def autocast(model, precision: str):
     return torch.autocast(dev, dtype=torch.bfloat16, enabled=on and dev in ("cpu", "cuda"))
 
 
+def cpu_has_bf16_matmul() -> bool | None:
+    """Whether this CPU multiplies bf16 natively (x86: AVX512-BF16 or AMX-BF16; Arm: the BF16
+    extension), read from /proc/cpuinfo; None where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            words = set(f.read().split())
+    except OSError:
+        return None
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+_warned_bf16 = set()
+
+
+def warn_if_slow_bf16(device: torch.device, what: str) -> None:
+    """Says once per `what` when bf16 is asked for on a CPU that emulates it: there oneDNN's bf16
+    matmuls ran about 12x slower than float32 (AVX2-only AMD EPYC, 2026-11-27), so fp32 is faster."""
+    if device.type == "cpu" and what not in _warned_bf16 and cpu_has_bf16_matmul() is False:
+        _warned_bf16.add(what)
+        print(f"warning: {what} bf16 on a CPU without AVX512-BF16 or AMX: bf16 matmuls are emulated here and "
+              "run many times slower than float32; fp32 (the CPU default) is faster on this machine")
+
+
 def moe_aux_loss(model):
     """The load-balancing loss of an MoE policy's last forward (router_aux_loss_coef x transformers'
     aux_loss), or None for a dense model or a zero coefficient. The trainers add it whenever the

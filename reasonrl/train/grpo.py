@@ -30,7 +30,7 @@ from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import StepGuard, on_interrupt, resume_or_start, save_checkpoint
 from reasonrl.train.common import (autocast, common_template_len, copy_model, encode_prompt, load_model_and_tokenizer,
                                    lr_at, make_optimizer, moe_aux_loss, pack, pack_shared, resolve_device, step_seed,
-                                   token_budget_batches)
+                                   token_budget_batches, warn_if_slow_bf16)
 from reasonrl.train.config import GRPOConfig
 from reasonrl.train.logger import plot_metrics
 from reasonrl.models import save_model
@@ -201,6 +201,10 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed, cfg.device)
     model = model.to(resolve_device(cfg.device))
+    if cfg.precision == "bf16":
+        warn_if_slow_bf16(resolve_device(cfg.device), "precision")
+    if cfg.rollout_dtype == "bf16":
+        warn_if_slow_bf16(resolve_device(cfg.device), "rollout_dtype")
     tasks = make_tasks(cfg)
     ref_model = copy_model(model).eval().requires_grad_(False) if cfg.beta > 0 else None
     loss_cfg = GRPOLossConfig(advantage=cfg.advantage, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
