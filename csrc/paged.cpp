@@ -170,8 +170,8 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 }
 
 // A decode step's Linear: for at most kSmallRows float32 rows and a weight of at least kSmallMinWeight
-// bytes, where the CPU has AVX-512 and K % 16 == 0, the small GEMM of csrc/cpu/gemm.cpp (weights read in
-// place, columns split over threads); else at::linear.
+// bytes, where the CPU has AVX-512 (K % 16 == 0) or AVX2 (K % 8 == 0; M <= 16 or a weight of >= 8 MiB), the
+// small GEMM of csrc/cpu/gemm.cpp (weights read in place, columns split over threads); else at::linear.
 // NOTE: rollouts alternating in one process (2026-11-26): SmolLM2-135M, 32 rows, 48 tokens: 6.10 s
 // against 7.41 s with 2 threads, 10.98 against 11.64 s with 1 thread. The tiny model (all weights in
 // cache, every matrix under 256 KiB): no gain (263 vs 246 ms, 178 vs 177 ms), so MKL keeps those.
@@ -184,7 +184,7 @@ at::Tensor dlinear(const at::Tensor& x, const at::Tensor& w, const std::optional
                      w.size(1) == x.size(1) && x.device().is_cpu() && w.device().is_cpu() &&
                      (!b.has_value() || (b->scalar_type() == at::kFloat && b->is_contiguous() &&
                                          b->numel() == w.size(0))) &&
-                     w.numel() * 4 >= kSmallMinWeight && small_gemm_available(x.size(1));
+                     w.numel() * 4 >= kSmallMinWeight && small_gemm_available(x.size(0), w.size(0), x.size(1));
   if (!small) return at::linear(x, w, b);
   const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
   at::Tensor y = at::empty({M, N}, x.options());

@@ -29,8 +29,9 @@ void rope_rows_cpu(void* out, const void* x, const float* cos, const float* sin,
                    int64_t D);
 
 // The decode steps' small-M float32 GEMM (csrc/cpu/gemm.cpp): y (M, N) = x (M, K) W^T + bias (nullptr: none)
-// for output columns [n_begin, n_end), all contiguous; only where small_gemm_available(K) (AVX-512, K % 16 == 0).
-bool small_gemm_available(int64_t K);
+// for output columns [n_begin, n_end), all contiguous; only where small_gemm_available(M, N, K) (AVX-512 and
+// K % 16 == 0; or AVX2, K % 8 == 0 and M <= 16 or a weight of >= 8 MiB).
+bool small_gemm_available(int64_t M, int64_t N, int64_t K);
 void small_gemm_f32(const float* x, const float* W, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
                     int64_t n_begin, int64_t n_end);
 

@@ -231,31 +231,46 @@ def test_decode_layers_fwd_bad_arguments_are_named():
         op(x, cs, cs, w, kc, kc, slots, tables, lens, 2, 1e-6, 0.5, 1, torch.ones(H))
 
 
-def _has_avx512():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f " in f.read().replace("\n", " ")
-    except OSError:
+def _gemm_isas():
+    """The instruction sets whose small GEMM this CPU can run (logprob_cpu_isa forces one)."""
+    if not _backend.cpp_available():
+        return ["none"]
+    best = torch.ops.reasonrl.logprob_cpu_isa("")
+    return {"x86-64-v4": ["x86-64-v4", "x86-64-v3"], "x86-64-v3": ["x86-64-v3"]}.get(best, [best])
+
+
+def _small_gemm_runs(isa, M, N, K):
+    """csrc/cpu/gemm.cpp's small_gemm_available, as dlinear calls it (M <= 64, weight >= 256 KiB)."""
+    if M > 64 or N * K * 4 < 256 * 1024:
         return False
+    if isa == "x86-64-v4":
+        return K % 16 == 0
+    return isa == "x86-64-v3" and K % 8 == 0 and (M <= 16 or N * K * 4 >= 8 << 20)
 
 
 @pytest.mark.skipif(not _backend.cpp_available(), reason="reasonrl._C not built")
-@pytest.mark.parametrize("M", [1, 3, 5, 33, 64, 65])
-@pytest.mark.parametrize("N,K", [(1031, 64), (4099, 16), (517, 128), (7, 48), (85, 128), (2000, 40)])
+@pytest.mark.parametrize("isa", _gemm_isas())
+@pytest.mark.parametrize("M", [1, 3, 5, 16, 33, 64, 65])
+@pytest.mark.parametrize("N,K", [(1031, 64), (4099, 16), (517, 128), (7, 48), (85, 128), (2000, 40), (4099, 520),
+                                 (5, 520)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_decode_linear(M, N, K, bias):
-    """The decode layers' Linear against float64: the small GEMM (M <= 64 rows, a weight of >= 256 KiB,
-    K % 16 == 0, AVX-512) with its row and column tails, and at::linear for everything else."""
+def test_decode_linear(isa, M, N, K, bias):
+    """The decode layers' Linear against float64: the small GEMM (M <= 64 rows, a weight of >= 256 KiB;
+    AVX-512 with K % 16 == 0, or AVX2 with K % 8 == 0 and M <= 16 or a weight of >= 8 MiB) with its row
+    and column tails, for each ISA this CPU runs, and at::linear for everything else."""
     import torch.nn.functional as F
     torch.manual_seed(M * 7 + N + K)
     x, w = torch.randn(M, K), torch.randn(N, K)
     b = torch.randn(N) if bias else None
-    y = torch.ops.reasonrl.decode_linear(x, w, b)
+    torch.ops.reasonrl.logprob_cpu_isa(isa)
+    try:
+        y = torch.ops.reasonrl.decode_linear(x, w, b)
+    finally:
+        torch.ops.reasonrl.logprob_cpu_isa("best")
     ref = F.linear(x.double(), w.double(), None if b is None else b.double())
     same = F.linear(x, w, b)
-    assert_close_to_ref(y, ref, same, torch.float32, f"decode_linear M={M} N={N} K={K}")
-    small = M <= 64 and N * K * 4 >= 256 * 1024 and K % 16 == 0 and _has_avx512()
-    if not small:  # at::linear itself
+    assert_close_to_ref(y, ref, same, torch.float32, f"decode_linear {isa} M={M} N={N} K={K}")
+    if not _small_gemm_runs(isa, M, N, K):  # at::linear itself
         assert torch.equal(y, same)
     else:  # the kernel ran: another summation order than MKL's somewhere in M x N outputs
         assert not torch.equal(y, same)

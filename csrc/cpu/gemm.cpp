@@ -1,5 +1,6 @@
 // A float32 GEMM for decode steps' few rows: y (M, N) = x (M, K) W^T (+ bias), W (N, K) in nn.Linear's
-// layout, read where it lies (no packing). AVX-512 (x86-64-v4) only; small_gemm_available() says when.
+// layout, read where it lies (no packing). AVX-512 (x86-64-v4) or AVX2 (x86-64-v3, tile8); small_gemm_available()
+// says when.
 //
 // Why: with M <= 64 rows a decode step's matmuls are short, and MKL's sgemm copies (packs) every weight
 // matrix before using it: in a SmolLM2-135M rollout (M = 32, fp32, 2 threads) the packing was 30% of
@@ -86,15 +87,59 @@ __attribute__((target("arch=x86-64-v4"))) void tile(const float* x, const float*
     for (int i = 0; i < MR; ++i) y[(m + i) * N + n + j] = out[j][i] + (bias ? bias[n + j] : 0.f);
 }
 
+// AVX2 + FMA (x86-64-v3), 16 ymm registers: 8-lane accumulators in MR x NR tiles with MR * NR <= 8
+// (4 rows x 2 columns: 8 accumulators + 4 x loads + 1 W load live), K % 8 == 0; a full tile's 8
+// accumulators become its 8 dot products in one sum8 tree.
+RR_INLINE v8 load8f(const float* p) {
+  v8 r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+
+template <int MR, int NR>
+__attribute__((target("arch=x86-64-v3"))) void tile8(const float* x, const float* W, const float* bias, float* y,
+                                                     int64_t N, int64_t K, int64_t m, int64_t n) {
+  v8 acc[NR * MR] = {};  // acc[j * MR + i]: row m + i, column n + j
+  const float* xr = x + m * K;
+  const float* wr = W + n * K;
+  for (int64_t k = 0; k < K; k += 8) {
+    v8 c[MR];
+    for (int i = 0; i < MR; ++i) c[i] = load8f(xr + i * K + k);
+    for (int j = 0; j < NR; ++j) {
+      const v8 b = load8f(wr + j * K + k);
+      for (int i = 0; i < MR; ++i) acc[j * MR + i] += c[i] * b;
+    }
+  }
+  float out[NR * MR];
+  if constexpr (MR * NR == 8) {
+    const v8 r = sum8(acc);
+    for (int t = 0; t < 8; ++t) out[t] = r[t];
+  } else {
+    for (int t = 0; t < NR * MR; ++t) {
+      float s = 0.f;
+      for (int l = 0; l < 8; ++l) s += acc[t][l];
+      out[t] = s;
+    }
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int i = 0; i < MR; ++i) y[(m + i) * N + n + j] = out[j * MR + i] + (bias ? bias[n + j] : 0.f);
+}
+
 }  // namespace
 #endif
 
-bool small_gemm_available(int64_t K) {
+bool small_gemm_available(int64_t M, int64_t N, int64_t K) {
 #ifdef RR_GEMM_V4
-  static const bool v4 = cpu_x86_64_v4();
-  return K > 0 && K % 16 == 0 && v4;
+  // cpu_isa_level(): the best ISA, or the one tests force through logprob_cpu_isa.
+  // AVX2 (2 threads, AMD EPYC without AVX-512, 2026-11-27; SmolLM2's shapes against MKL): 1.45-1.5x at
+  // M = 16, 0.9-1.05x at M = 24-48, 0.77x at M = 64 for its 0.4-3.4 MiB layer weights; the 108 MiB LM
+  // head 1.9-2.2x at every M (MKL's packing copies it each call). So: few rows, or a large weight.
+  const int isa = cpu_isa_level();
+  if (K <= 0) return false;
+  if (isa == 4) return K % 16 == 0;
+  return isa == 3 && K % 8 == 0 && (M <= 16 || N * K * 4 >= (int64_t{8} << 20));
 #else
-  (void)K;
+  (void)M, (void)N, (void)K;
   return false;
 #endif
 }
@@ -103,6 +148,19 @@ void small_gemm_f32(const float* x, const float* W, const float* bias, float* y,
                     int64_t n_begin, int64_t n_end) {
 #ifdef RR_GEMM_V4
   int64_t n = n_begin;
+  if (cpu_isa_level() == 3 || K % 16 != 0) {  // AVX2 tiles (small_gemm_available: K % 8 == 0 then)
+    for (; n + 2 <= n_end; n += 2) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) tile8<4, 2>(x, W, bias, y, N, K, m, n);
+      for (; m < M; ++m) tile8<1, 2>(x, W, bias, y, N, K, m, n);
+    }
+    for (; n < n_end; ++n) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) tile8<4, 1>(x, W, bias, y, N, K, m, n);
+      for (; m < M; ++m) tile8<1, 1>(x, W, bias, y, N, K, m, n);
+    }
+    return;
+  }
   for (; n + 4 <= n_end; n += 4) {
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) tile<4, 4>(x, W, bias, y, N, K, m, n);
