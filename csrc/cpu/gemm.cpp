@@ -125,6 +125,32 @@ __attribute__((target("arch=x86-64-v3"))) void tile8(const float* x, const float
     for (int i = 0; i < MR; ++i) y[(m + i) * N + n + j] = out[j * MR + i] + (bias ? bias[n + j] : 0.f);
 }
 
+// One tile of VW-lane accumulators: the AVX-512 tile (VW = 16) or the AVX2 one (VW = 8).
+template <int VW, int MR, int NR>
+RR_INLINE void run_tile(const float* x, const float* W, const float* bias, float* y, int64_t N, int64_t K, int64_t m,
+                        int64_t n) {
+  if constexpr (VW == 16)
+    tile<MR, NR>(x, W, bias, y, N, K, m, n);
+  else
+    tile8<MR, NR>(x, W, bias, y, N, K, m, n);
+}
+
+// Columns [n, n_end) NR at a time, then one at a time; for each, rows 4 at a time, then one.
+template <int VW, int NR>
+void tile_loops(const float* x, const float* W, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                int64_t n, int64_t n_end) {
+  for (; n + NR <= n_end; n += NR) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) run_tile<VW, 4, NR>(x, W, bias, y, N, K, m, n);
+    for (; m < M; ++m) run_tile<VW, 1, NR>(x, W, bias, y, N, K, m, n);
+  }
+  for (; n < n_end; ++n) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) run_tile<VW, 4, 1>(x, W, bias, y, N, K, m, n);
+    for (; m < M; ++m) run_tile<VW, 1, 1>(x, W, bias, y, N, K, m, n);
+  }
+}
+
 }  // namespace
 #endif
 
@@ -147,30 +173,10 @@ bool small_gemm_available(int64_t M, int64_t N, int64_t K) {
 void small_gemm_f32(const float* x, const float* W, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
                     int64_t n_begin, int64_t n_end) {
 #ifdef RR_GEMM_V4
-  int64_t n = n_begin;
-  if (cpu_isa_level() == 3 || K % 16 != 0) {  // AVX2 tiles (small_gemm_available: K % 8 == 0 then)
-    for (; n + 2 <= n_end; n += 2) {
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) tile8<4, 2>(x, W, bias, y, N, K, m, n);
-      for (; m < M; ++m) tile8<1, 2>(x, W, bias, y, N, K, m, n);
-    }
-    for (; n < n_end; ++n) {
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) tile8<4, 1>(x, W, bias, y, N, K, m, n);
-      for (; m < M; ++m) tile8<1, 1>(x, W, bias, y, N, K, m, n);
-    }
-    return;
-  }
-  for (; n + 4 <= n_end; n += 4) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) tile<4, 4>(x, W, bias, y, N, K, m, n);
-    for (; m < M; ++m) tile<1, 4>(x, W, bias, y, N, K, m, n);
-  }
-  for (; n < n_end; ++n) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) tile<4, 1>(x, W, bias, y, N, K, m, n);
-    for (; m < M; ++m) tile<1, 1>(x, W, bias, y, N, K, m, n);
-  }
+  if (cpu_isa_level() == 3 || K % 16 != 0)  // AVX2 tiles (small_gemm_available: K % 8 == 0 then)
+    tile_loops<8, 2>(x, W, bias, y, M, N, K, n_begin, n_end);
+  else
+    tile_loops<16, 4>(x, W, bias, y, M, N, K, n_begin, n_end);
 #else
   (void)x, (void)W, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)n_begin, (void)n_end;
 #endif

@@ -200,11 +200,12 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
     """Train; returns (model, tokenizer, summary). Ctrl-C saves a checkpoint, then re-raises."""
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed, cfg.device)
-    model = model.to(resolve_device(cfg.device))
+    dev = resolve_device(cfg.device)
+    model = model.to(dev)
     if cfg.precision == "bf16":
-        warn_if_slow_bf16(resolve_device(cfg.device), "precision")
+        warn_if_slow_bf16(dev, "precision")
     if cfg.rollout_dtype == "bf16":
-        warn_if_slow_bf16(resolve_device(cfg.device), "rollout_dtype")
+        warn_if_slow_bf16(dev, "rollout_dtype")
     tasks = make_tasks(cfg)
     ref_model = copy_model(model).eval().requires_grad_(False) if cfg.beta > 0 else None
     loss_cfg = GRPOLossConfig(advantage=cfg.advantage, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
