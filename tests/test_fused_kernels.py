@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from cpu_isa import runnable_isas
 from tolerance import assert_close_to_ref
 
 from reasonrl.models import AttnContext, builtin_path, init_model
@@ -22,15 +23,7 @@ _no_triton = pytest.mark.skipif(not _backend.triton_importable(), reason="triton
 # and the baseline; ops.logprob_cpu_isa picks one for these and the log-prob kernels)
 
 
-def _lower_isas():
-    if not Fn._cpp_ok():
-        return []
-    best = torch.ops.reasonrl.logprob_cpu_isa("")
-    order = ["x86-64", "x86-64-v3", "x86-64-v4"]
-    return order[: order.index(best)] if best in order else []
-
-
-LOWER_ISAS = _lower_isas()
+LOWER_ISAS = runnable_isas()[:-1] if Fn._cpp_ok() else []
 _no_cpp = pytest.mark.skipif(not Fn._cpp_ok(), reason="reasonrl._C is not built")
 DEVICES = [pytest.param("cpu", marks=[_no_triton, pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                                                       reason="Triton on CPU tensors needs TRITON_INTERPRET=1")]),

@@ -7,6 +7,7 @@ rows on both sides, thread-count independence, special values, and the glue's er
 import pytest
 import torch
 
+from cpu_isa import forced_isa, runnable_isas
 from tolerance import assert_close_to_ref
 
 C = pytest.importorskip("reasonrl._C")
@@ -15,17 +16,10 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IGNORE = -100
 
 
-def _isas():
-    best = ops.logprob_cpu_isa("")
-    order = ["x86-64", "x86-64-v3", "x86-64-v4"]
-    return order[: order.index(best) + 1] if best in order else [best]
-
-
-@pytest.fixture(params=_isas())
+@pytest.fixture(params=runnable_isas())
 def isa(request):
-    ops.logprob_cpu_isa(request.param)
-    yield request.param
-    ops.logprob_cpu_isa("best")
+    with forced_isa(request.param):
+        yield request.param
 
 
 def entropy(logz):
@@ -143,12 +137,9 @@ def test_isa_paths_agree(dtype):
     x, ids = make(9, 4099, dtype)
     gl, ge = torch.randn(9), torch.randn(9)
     outs = {}
-    try:
-        for name in _isas():
-            ops.logprob_cpu_isa(name)
+    for name in runnable_isas():
+        with forced_isa(name):
             outs[name] = run(x, ids, 0.9, gl, ge)
-    finally:
-        ops.logprob_cpu_isa("best")
     first = next(iter(outs.values()))
     for name, out in outs.items():
         for a, b in zip(out, first):  # default tolerances of each dtype: about one rounding apart
