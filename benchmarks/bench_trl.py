@@ -10,6 +10,8 @@ max_tokens), so both generate exactly max_tokens per completion: equal work.
 
 Each backend runs in its own subprocess so that peak memory (ru_maxrss: CPU resident set, or
 torch.cuda.max_memory_allocated on GPU) is its own. TRL is an optional extra (pip install trl).
+reasonrl's side keeps freed memory in its heap as run_grpo does (train.common.keep_freed_memory;
+REASONRL_KEEP_HEAP=0 turns that off); TRL runs with glibc's defaults.
 
     python benchmarks/bench_trl.py [--steps 3] [--prompts 16] [--group 8] [--max-tokens 48] [--model DIR]
                                    [--no-share-prefix] [--bf16] [--bf16-rollouts]
@@ -48,12 +50,13 @@ def run_reasonrl(args):
 
     from reasonrl.ops.grpo import GRPOLossConfig
     from reasonrl.rl.rewards import parse_reward_spec
-    from reasonrl.train.common import load_model_and_tokenizer, make_optimizer
+    from reasonrl.train.common import keep_freed_memory, load_model_and_tokenizer, make_optimizer
     from reasonrl.train.config import GRPOConfig
     from reasonrl.train.grpo import rollout, train_on_groups
 
     path, problems = _setup(args)
     model, tok = load_model_and_tokenizer(path)
+    keep_freed_memory(next(model.parameters()).device)  # as run_grpo does (REASONRL_KEEP_HEAP=0: off)
     cfg = GRPOConfig(prompts_per_step=args.prompts, group_size=args.group, max_tokens=args.max_tokens, lr=1e-4,
                      dynamic_sampling=False, truncation="keep", loss_type="dapo", micro_batch_tokens=1 << 20,
                      prompt_template=args.template, share_prefix=not args.no_share_prefix,

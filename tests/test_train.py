@@ -4,8 +4,11 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -641,3 +644,35 @@ def test_old_and_ref_logprobs_only_for_unmasked_tokens():
     for got in (old, ref):
         assert got.shape == resp_ids.shape and (got[mask == 0] == 0).all()
         assert (got - want).abs().max().item() < 1e-10
+
+
+_HEAP_PROBE = r"""
+import json, resource, sys, torch
+from reasonrl.train.common import keep_freed_memory
+def faults():  # minor page faults of allocating, filling and freeing a 48 MiB tensor (above glibc's 32 MiB cap)
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(12 << 20).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+faults()
+before = faults()
+on = keep_freed_memory(torch.device(sys.argv[1]))
+again = keep_freed_memory(torch.device("cpu"))
+faults()  # the heap grows once
+print(json.dumps({"on": on, "again": again, "before": before, "after": faults()}))
+"""
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"), reason="glibc only")
+@pytest.mark.parametrize("device,env", [("cpu", "1"), ("cpu", "0"), ("meta", "1")])
+def test_keep_freed_memory(device, env):
+    """A 48 MiB tensor is a fresh mapping each time by glibc's default (12k page faults per step of a
+    loop that makes one); after keep_freed_memory its memory comes back from the heap (no faults).
+    REASONRL_KEEP_HEAP=0 turns it off for the process; a non-CPU device leaves malloc alone (a later CPU
+    call still turns it on)."""
+    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, device], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "REASONRL_KEEP_HEAP": env, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["before"] > 10_000, r  # 12,288 pages of 4 KiB
+    assert r["on"] is (device == "cpu" and env == "1") and r["again"] is (env == "1"), r
+    assert (r["after"] < 500) if env == "1" else (r["after"] > 10_000), r

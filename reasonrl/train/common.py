@@ -5,6 +5,7 @@ import copy
 
 import math
 import os
+import sys
 import zlib
 
 import torch
@@ -79,6 +80,40 @@ def warn_if_slow_bf16(device: torch.device, what: str) -> None:
         _warned_bf16.add(what)
         print(f"warning: {what} bf16 on a CPU without AVX512-BF16 or AMX: bf16 matmuls are emulated here and "
               "run many times slower than float32; fp32 (the CPU default) is faster on this machine")
+
+
+_KEEP_HEAP_LIMIT = 1 << 30
+_heap_kept = None
+
+
+def keep_freed_memory(device: torch.device) -> bool:
+    """On Linux with glibc and a CPU device: freed tensors' memory stays in the process's heap for the
+    next step instead of going back to the kernel, so steps stop page-faulting fresh memory in. glibc
+    hands allocations above its mmap threshold (at most 32 MiB, adapting) their own mappings, unmapped
+    on free, and trims the heap's top: each step's activations, gradients and logits chunks were new
+    pages, zeroed by the kernel on first touch. Sets M_MMAP_THRESHOLD and M_TRIM_THRESHOLD to 1 GiB
+    (mallopt) at the first call with a CPU device (other devices change nothing); REASONRL_KEEP_HEAP=0
+    turns it off. -> whether it is on.
+    NOTE: tiny-model GRPO step (16 x 8 x 48, 2 threads, AVX2-only EPYC VM, 2026-11-27): 20-28k minor
+    faults per step before, under 1k after (fresh pages cost 1.4-5 us each there), step median
+    0.81 -> 0.71 s over five interleaved runs, peak RSS +2-4%."""
+    global _heap_kept
+    if _heap_kept is not None or device.type != "cpu":
+        return bool(_heap_kept)
+    _heap_kept = False
+    if os.environ.get("REASONRL_KEEP_HEAP", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    _heap_kept = bool(libc.mallopt(M_MMAP_THRESHOLD, _KEEP_HEAP_LIMIT) and libc.mallopt(M_TRIM_THRESHOLD, _KEEP_HEAP_LIMIT))
+    return _heap_kept
 
 
 def moe_aux_loss(model):

@@ -28,9 +28,9 @@ from reasonrl.ops.grpo import GRPOLossConfig, grpo_loss
 from reasonrl.rl.rewards import compute_rewards, format_reward, parse_reward_spec
 from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import StepGuard, on_interrupt, resume_or_start, save_checkpoint
-from reasonrl.train.common import (autocast, common_template_len, copy_model, encode_prompt, load_model_and_tokenizer,
-                                   lr_at, make_optimizer, moe_aux_loss, pack, pack_shared, resolve_device, step_seed,
-                                   token_budget_batches, warn_if_slow_bf16)
+from reasonrl.train.common import (autocast, common_template_len, copy_model, encode_prompt, keep_freed_memory,
+                                   load_model_and_tokenizer, lr_at, make_optimizer, moe_aux_loss, pack, pack_shared,
+                                   resolve_device, step_seed, token_budget_batches, warn_if_slow_bf16)
 from reasonrl.train.config import GRPOConfig
 from reasonrl.train.logger import plot_metrics
 from reasonrl.models import save_model
@@ -202,6 +202,7 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed, cfg.device)
     dev = resolve_device(cfg.device)
     model = model.to(dev)
+    keep_freed_memory(dev)
     if cfg.precision == "bf16":
         warn_if_slow_bf16(dev, "precision")
     if cfg.rollout_dtype == "bf16":

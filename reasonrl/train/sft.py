@@ -11,8 +11,9 @@ import torch
 from reasonrl.ops import linear_token_logprobs
 from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import StepGuard, on_interrupt, resume_or_start, save_checkpoint
-from reasonrl.train.common import (autocast, encode_prompt, encode_response, load_model_and_tokenizer, lr_at,
-                                   make_optimizer, moe_aux_loss, pack_sft, resolve_device, step_seed, warn_if_slow_bf16)
+from reasonrl.train.common import (autocast, encode_prompt, encode_response, keep_freed_memory, load_model_and_tokenizer,
+                                   lr_at, make_optimizer, moe_aux_loss, pack_sft, resolve_device, step_seed,
+                                   warn_if_slow_bf16)
 from reasonrl.train.config import SFTConfig
 from reasonrl.train.logger import plot_metrics
 from reasonrl.models import save_model
@@ -45,6 +46,7 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed, cfg.device)
     model = model.to(dev)
+    keep_freed_memory(dev)
     if cfg.precision == "bf16":
         warn_if_slow_bf16(dev, "precision")
     examples = examples if examples is not None else sft_examples(cfg)
