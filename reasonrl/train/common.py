@@ -5,7 +5,6 @@ import copy
 
 import math
 import os
-import sys
 import zlib
 
 import torch
@@ -101,11 +100,9 @@ def keep_freed_memory(device: torch.device) -> bool:
     if _heap_kept is not None or device.type != "cpu":
         return bool(_heap_kept)
     _heap_kept = False
-    if os.environ.get("REASONRL_KEEP_HEAP", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
     import ctypes
     import platform
-    if platform.libc_ver()[0] != "glibc":
+    if os.environ.get("REASONRL_KEEP_HEAP", "1") == "0" or platform.libc_ver()[0] != "glibc":  # glibc: Linux
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
