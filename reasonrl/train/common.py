@@ -95,7 +95,14 @@ def keep_freed_memory(device: torch.device) -> bool:
     turns it off. -> whether it is on.
     NOTE: tiny-model GRPO step (16 x 8 x 48, 2 threads, AVX2-only EPYC VM, 2026-11-27): 20-28k minor
     faults per step before, under 1k after (fresh pages cost 1.4-5 us each there), step median
-    0.81 -> 0.71 s over five interleaved runs, peak RSS +2-4%."""
+    0.81 -> 0.71 s over five interleaved runs, peak RSS +2-4%.
+    NOTE: a buffer of one size made and freed over and over can take up to 8 copies of heap before it
+    settles: torch allocates with posix_memalign, glibc splits a small remainder off each aligned
+    chunk, and while glibc's per-thread cache (tcache, 7 chunks per size) holds that remainder, the
+    freed chunk cannot merge with the top of the heap, and the next request, a few bytes larger than
+    it, grows the heap instead. Seen here: settled after 3-7 allocations of 48 MiB (GLIBC_TUNABLES=
+    glibc.malloc.tcache_count=0: after 1). Off (False) where another allocator (jemalloc, tcmalloc
+    through LD_PRELOAD) serves malloc: mallopt sets only glibc's."""
     global _heap_kept
     if _heap_kept is not None or device.type != "cpu":
         return bool(_heap_kept)
@@ -107,6 +114,9 @@ def keep_freed_memory(device: torch.device) -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
+        return False
+    addr = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
+    if addr(ctypes.CDLL(None).malloc) != addr(libc.malloc):  # another allocator is preloaded
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     _heap_kept = bool(libc.mallopt(M_MMAP_THRESHOLD, _KEEP_HEAP_LIMIT) and libc.mallopt(M_TRIM_THRESHOLD, _KEEP_HEAP_LIMIT))
