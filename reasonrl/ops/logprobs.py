@@ -257,7 +257,12 @@ def _check_common(op, temperature, backend_name, dtype):
 def _default_chunk_bytes(device):
     # NOTE: 512 MiB chunks keep the GEMMs large (>= 1.7k x 152k) on GPU while the live chunk and
     # the float32 grad_hidden accumulator stay well under the 2 GiB extra-memory goal.
-    return (512 << 20) if device.type == "cuda" else (32 << 20)
+    # NOTE: on CPU, MKL packs a GEMM's whole B operand (here the LM head, 113 MB for SmolLM2) on
+    # every call, so row chunks of logits pay a pass over the weight each. 2 cores, AVX2-only EPYC,
+    # fp32, grpo_loss fused fwd+bwd (2026-11-27): B=16 T=32 H=576 V=49152 (SmolLM2's LM head, 311
+    # live rows) 1110-1221 ms in 32 MiB chunks, 776-809 ms in 128 MiB; B=8 T=256 H=512 V=32000
+    # 1519-1669 -> 1393-1447 ms; 256 MiB was no faster.
+    return (512 << 20) if device.type == "cuda" else (128 << 20)
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -301,7 +306,7 @@ def linear_token_logprobs(hidden, weight, ids, temperature=1.0, *, ignore_index=
     hidden: (..., H); weight: (V, H) (the LM head), same dtype; ids: hidden's leading shape.
     With grad disabled (or no input requiring grad) this is the no-grad path for old-policy and
     reference-policy log-probs: nothing is saved for backward.
-    chunk_bytes: size of the logits chunk alive at a time (default 512 MiB on GPU, 32 MiB on CPU).
+    chunk_bytes: size of the logits chunk alive at a time (default 512 MiB on GPU, 128 MiB on CPU).
     """
     op = "linear_token_logprobs"
     for name, t in (("hidden", hidden), ("weight", weight)):
