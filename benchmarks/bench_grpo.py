@@ -9,7 +9,8 @@ triton_grpo_loss / LigerFusedLinearGRPOLoss where installed.
 Two forms: from logits (B, T, V), and fused with the LM head (hidden (N, H), weight (V, H)).
 Floors are counted in this run: the logits form moves 3 x the logits' bytes (forward reads them,
 backward reads them and writes the gradient), over the copy bandwidth measured here; the fused
-form needs 6NHV FLOPs (logits, grad hidden, grad weight), over the matmul rate measured here.
+form needs 6NHV FLOPs (logits, grad hidden, grad weight) for its N live rows (completions are T/2
+to T long: masked rows need no logits), over the matmul rate measured here.
 Peak memory is the peak above what was allocated before the call (CUDA allocator stats on GPU,
 the process's peak RSS, reset through /proc/self/clear_refs, on CPU). The last line is JSON.
 """
@@ -130,10 +131,15 @@ def matmul_rate(dev, dtype, m):
 
 # ---- the cases -----------------------------------------------------------------------------------
 
-def make_inputs(B, T, V, G, dtype, dev, H=None):
+def _ids_and_lengths(B, T, V):
     g = torch.Generator(device="cpu").manual_seed(0)
-    ids = torch.randint(0, V, (B, T), generator=g).to(dev)
-    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    return ids, torch.randint(T // 2, T + 1, (B,), generator=g), g
+
+
+def make_inputs(B, T, V, G, dtype, dev, H=None):
+    ids, lengths, g = _ids_and_lengths(B, T, V)
+    ids = ids.to(dev)
     mask = (torch.arange(T)[None] < lengths[:, None]).float().to(dev)  # (B, T)
     rewards = torch.randint(0, 2, (B,), generator=g).float().to(dev)
     if H is None:
@@ -333,7 +339,8 @@ def main(argv=None):
         print(f"# fused form: N={s['B'] * s['T']} H={s['H']} V={s['V']} {s['dtype']}")
         r = run_case("fused", s["B"], s["T"], s["V"], s["G"], s["dtype"], dev, s["H"], warmup, reps,
                      not a.no_compile, a.only)
-        annotate(r, "fused", s["B"] * s["T"] * s["H"] * s["V"], dev, bw, mm)
+        live = int(_ids_and_lengths(s["B"], s["T"], s["V"])[1].sum())  # rows with a loss: the op's work
+        annotate(r, "fused", live * s["H"] * s["V"], dev, bw, mm)
         rows += r
     print_table(rows)
     meta = dict(device=torch.cuda.get_device_name() if a.gpu else f"cpu-{os.cpu_count()}cores",
