@@ -136,10 +136,14 @@ def _lin_run(fn, h, w, ids, g, gh, **kw):
     return lp.detach(), ent.detach(), gx, gw
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends() + ["cpp-rows"])
 @pytest.mark.parametrize("N,H,V", [(1, 16, 7), (37, 24, 1000), (64, 8, 32000)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_token_logprobs_matches_float64(backend, N, H, V, dtype):
+def test_linear_token_logprobs_matches_float64(backend, N, H, V, dtype, monkeypatch):
+    """"cpp-rows": the forward in row chunks, as on GPU (the CPU splits by vocabulary columns)."""
+    if backend == "cpp-rows":
+        monkeypatch.setattr("reasonrl.ops.logprobs.VOCAB_CHUNKED_FWD", ())
+        backend = "cpp"
     h = (torch.randn(N, H, dtype=torch.float64)).to(dtype)
     w = (torch.randn(V, H, dtype=torch.float64) * (2.0 / H**0.5)).to(dtype)
     ids = _ids(N, V)
@@ -151,6 +155,36 @@ def test_linear_token_logprobs_matches_float64(backend, N, H, V, dtype):
     same = _lin_run(linear_token_logprobs, h, w, ids, g, gh, temperature=0.8, backend="reference")
     for name, o, r, s in zip(("logp", "entropy", "grad_hidden", "grad_weight"), out, ref, same):
         assert_close_to_ref(o, r, s, dtype, name=f"{backend} {name} N={N} V={V} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_forward_by_vocabulary(dtype, monkeypatch):
+    """The CPU forward over column chunks (lse and entropy merged across chunks), against float64,
+    with an ignore_index that is a valid id in a later chunk, a row whose softmax sits almost all on
+    one token, and an out-of-range id with check_ids=False (an error that names it, never a
+    plausible number)."""
+    import reasonrl.ops.logprobs as lp_mod
+    monkeypatch.setattr(lp_mod, "VOCAB_FWD_COLS", 300)
+    N, H, V = 29, 16, 1000
+    h = torch.randn(N, H, dtype=torch.float64)
+    w = torch.randn(V, H, dtype=torch.float64) * (2.0 / H**0.5)
+    w[777] = h[5] * 8.0  # row 5: p(777) ~ 1
+    ids = torch.randint(0, V, (N,))
+    ids[0], ids[5], ids[7], ids[8] = 650, 777, 650, 299  # 650: the ignore_index below
+    h, w = h.to(dtype), w.to(dtype)
+    g, gh = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    kw = dict(temperature=1.3, ignore_index=650, chunk_bytes=N * 128 * h.element_size())
+    out = _lin_run(linear_token_logprobs, h, w, ids, g, gh, backend="cpp", **kw)
+    ref = _lin_run(linear_token_logprobs, h.double(), w.double(), ids, g, gh, backend="reference", **kw)
+    same = _lin_run(linear_token_logprobs, h, w, ids, g, gh, backend="reference", **kw)
+    for name, o, r, s in zip(("logp", "entropy", "grad_hidden", "grad_weight"), out, ref, same):
+        assert_close_to_ref(o, r, s, dtype, name=f"by vocabulary: {name} {dtype}")
+    assert (out[0][[0, 7]] == 0).all() and (out[1][[0, 7]] == 0).all()  # ignored rows
+    assert out[1][5] < 1e-2 and float(out[0][5]) > -1e-2  # one token holds the mass
+    bad = ids.clone()
+    bad[3] = V + 5
+    with torch.no_grad(), pytest.raises(RuntimeError, match=f"{V + 5} is out of range"):
+        linear_token_logprobs(h, w, bad, check_ids=False, backend="cpp", **kw)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
