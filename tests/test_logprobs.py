@@ -168,7 +168,7 @@ def test_linear_forward_by_vocabulary(dtype, monkeypatch):
     N, H, V = 29, 16, 1000
     h = torch.randn(N, H, dtype=torch.float64)
     w = torch.randn(V, H, dtype=torch.float64) * (2.0 / H**0.5)
-    w[777] = h[5] * 8.0  # row 5: p(777) ~ 1
+    w[777] = h[5] * (40.0 / h[5].dot(h[5]))  # row 5: logit 40 for id 777, the others ~N(0, |h|^2 / 4): p(777) ~ 1
     ids = torch.randint(0, V, (N,))
     ids[0], ids[5], ids[7], ids[8] = 650, 777, 650, 299  # 650: the ignore_index below
     h, w = h.to(dtype), w.to(dtype)
