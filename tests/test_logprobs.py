@@ -187,6 +187,22 @@ def test_linear_forward_by_vocabulary(dtype, monkeypatch):
         linear_token_logprobs(h, w, bad, check_ids=False, backend="cpp", **kw)
 
 
+@pytest.mark.parametrize("devices,chunk_bytes,want", [(("cpu",), 4096, True), (("cpu",), None, False),
+                                                      ((), 4096, False)])
+def test_linear_forward_split_choice(devices, chunk_bytes, want, monkeypatch):
+    """The column split runs only on the devices named (CPU) and only where the logits exceed one
+    chunk; elsewhere (the GPU's row chunks) it is never called."""
+    import reasonrl.ops.logprobs as lp_mod
+    calls, orig = [], lp_mod._linear_fwd_by_vocab
+    monkeypatch.setattr(lp_mod, "VOCAB_CHUNKED_FWD", devices)
+    monkeypatch.setattr(lp_mod, "_linear_fwd_by_vocab", lambda *a: calls.append(1) or orig(*a))
+    h, w, ids = torch.randn(37, 16), torch.randn(1000, 16), torch.randint(0, 1000, (37,))
+    with torch.no_grad():
+        lp = linear_token_logprobs(h, w, ids, chunk_bytes=chunk_bytes, backend="cpp")
+    assert bool(calls) is want
+    assert torch.allclose(lp.double(), token_logprobs_reference(h.double() @ w.double().T, ids), atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_linear_no_grad_path(backend):
     h, w = torch.randn(37, 16), torch.randn(1000, 16) * 0.5

@@ -218,7 +218,8 @@ def _vocab_step(device, chunk_bytes, N, V, elt):
 
 def _linear_fwd(hidden, weight, ids, temperature, ignore_index, with_entropy, chunk_bytes, backend):
     N, V = hidden.shape[0], weight.shape[0]
-    if _vocab_step(hidden.device, chunk_bytes, N, V, hidden.element_size()) < V:
+    if hidden.device.type in VOCAB_CHUNKED_FWD and _vocab_step(hidden.device, chunk_bytes, N, V,
+                                                                hidden.element_size()) < V:
         return _linear_fwd_by_vocab(hidden, weight, ids, 1.0 / temperature, ignore_index, with_entropy,
                                     chunk_bytes, backend)
     logp = hidden.new_empty(N, dtype=torch.float32)
