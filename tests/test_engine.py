@@ -672,6 +672,32 @@ def test_decode_window_equals_single_steps(hf_and_ours, temperature, top_p, bloc
     assert stats[1]["steps"] == stats[0]["steps"]  # the same model steps, fewer schedules
 
 
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.8, 0.9), (0.0, 1.0)])
+def test_decode_window_lagged_stop_check(hf_and_ours, monkeypatch, temperature, top_p):
+    """The Python-loop window with the stop flag read one step late (CUDA's default): the extra step
+    after a stop token is discarded, and the outputs are those of one step per schedule."""
+    from reasonrl.engine.runner import Runner
+    _, model = hf_and_ours
+    prompts = random_prompts(5, 1, 14)
+    eos = torch.randint(0, V, (3,)).tolist()
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=37, seed=7, stop_token_ids=(eos[0],))
+    ref = LLMEngine(model, block_size=4, eos_token_ids=eos[1:], decode_window=1).generate(prompts, params, n=8)
+    monkeypatch.setattr(Runner, "decode_window", lambda self, *a: None)  # no C++ window: the Python loop
+    eng = LLMEngine(model, block_size=4, eos_token_ids=eos[1:], decode_window=16)
+    eng.lagged_stop_check = True
+    got = eng.generate(prompts, params, n=8)
+    for ga, gb in zip(ref, got):
+        for a, b in zip(ga, gb):
+            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+            assert torch.equal(torch.tensor(a.logprobs), torch.tensor(b.logprobs))
+    assert eng.bm.num_free == eng.bm.num_blocks
+    eng.bm.check([])
+    stops = sum(c.finish_reason == "stop" for g in got for c in g)
+    if temperature > 0:
+        assert stops > 0 and eng.stats["discarded_steps"] > 0  # the late read was exercised
+    assert eng.stats["discarded_steps"] <= stops
+
+
 def test_decode_window_under_preemption(hf_and_ours):
     _, model = hf_and_ours
     prompts = random_prompts(8, 5, 12)

@@ -76,6 +76,8 @@ class LLMEngine:
         self.eos_token_ids = self._default_eos(eos_token_ids)
         self.sampler = Sampler()
         self.stats: dict = {}
+        self.lagged_stop_check: bool | None = None  # None: on CUDA only (_lagged_stop_check)
+        self.stats_discarded_steps = 0
 
     def _default_eos(self, eos):
         if eos is None:
@@ -191,6 +193,7 @@ class LLMEngine:
         self.bm, self.scheduler, self.runner = bm, sched, runner
         bar = _progress(len(seqs), use_tqdm)
         steps, t0 = 0, time.perf_counter()
+        self.stats_discarded_steps = 0
         root = self._common_prefix([g[0] for g in groups]) if self.prefix_sharing else None
         try:
             if root is not None:  # the prompts' common prefix: prefilled once, its blocks shared
@@ -209,7 +212,7 @@ class LLMEngine:
                           "block_size": self.block_size, "peak_blocks_used": bm.peak_used,
                           "kv_bytes_allocated": runner.kv_bytes,
                           "peak_kv_bytes": bm.peak_used * runner.kv_bytes // bm.num_blocks,
-                          "preemptions": sched.num_preemptions,
+                          "preemptions": sched.num_preemptions, "discarded_steps": self.stats_discarded_steps,
                           "common_prefix_tokens": len(root) if root is not None else 0,
                           "graph_capture_s": runner.capture_s}
             runner.free()
@@ -305,14 +308,22 @@ class LLMEngine:
         else:
             toks = torch.empty(B, k, dtype=torch.int64, device=dev)
             lps = torch.empty(B, k, dtype=torch.float32, device=dev)
-            done = 0
+            done, lag = 0, self._lagged_stop_check(dev)
+            prev_hit = None  # with lag: the previous step's "any stop token" flag, still on the device
             while done < k:
                 logits = runner.decode_step(ids, pos, tables)
                 ids, lp = self.sampler(logits, **args, u=None if u is None else u[:, done])
                 toks[:, done], lps[:, done] = ids, lp
                 done += 1
-                if stop is not None and bool(torch.isin(ids, stop).any()):
-                    break
+                if stop is not None:
+                    hit = torch.isin(ids, stop).any()
+                    if not lag and bool(hit):
+                        break
+                    if lag and prev_hit is not None and bool(prev_hit):  # this step ran one too far
+                        done -= 1
+                        self.stats_discarded_steps += 1
+                        break
+                    prev_hit = hit
                 pos = pos + 1
         finished = 0
         for b, (s, t, lp) in enumerate(zip(seqs, toks[:, :done].tolist(), lps[:, :done].tolist())):
@@ -324,6 +335,14 @@ class LLMEngine:
                 s.unread_uniforms(u_host[b, done:])  # the host copy: no device sync per sequence
             finished += self._maybe_finish(s, sched)
         return finished, done
+
+    def _lagged_stop_check(self, dev) -> bool:
+        """Whether a Python-loop window reads each step's stop flag one step late. On CUDA, reading it
+        at once (a device sync) leaves the GPU idle while the host launches the next step; read one
+        step late, the next step is already queued, and a window that meets a stop token runs one
+        step too many, which is discarded (its token and uniform given back, its K/V rewritten by the
+        next step at the same slot). The outputs are the same either way (test_decode_window_*)."""
+        return dev.type == "cuda" if self.lagged_stop_check is None else bool(self.lagged_stop_check)
 
     def _sample_args(self, p: SamplingParams, B: int, dev) -> dict:
         """Sampler arguments for B rows that share one SamplingParams (tensors made once per window)."""
