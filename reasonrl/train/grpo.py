@@ -135,7 +135,7 @@ def train_on_groups(model, ref_model, opt, groups, cfg: GRPOConfig, loss_cfg: GR
         resp_ids = torch.tensor([responses[i] + [0] * (T - len(responses[i])) for i in idx])  # (B, T)
         return ids, pos, ctx, rows, resp_ids.to(dev), mask.to(dev)
 
-    sums = {"kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "tokens": 0, "loss": 0.0}
+    stats = []  # per micro-batch of the first epoch: tokens, loss * weight, and kl, clip, entropy * tokens
     for epoch in range(cfg.mu):
         for j, idx in enumerate(chunks):
             ids, pos, ctx, rows, resp_ids, mask = batch(idx)
@@ -152,18 +152,18 @@ def train_on_groups(model, ref_model, opt, groups, cfg: GRPOConfig, loss_cfg: GR
                                     backend=cfg.backend)
                 aux = moe_aux_loss(model)  # MoE policies: load balancing, read before the next forward
             ((loss + aux if aux is not None else loss) * frac).backward()
-            if epoch == 0:
-                n = float(m["num_tokens"])
-                sums["tokens"] += n
-                sums["loss"] += float(loss.detach()) * frac
-                sums["kl"] += float(m["kl"]) * n
-                sums["clip_frac"] += float(m["clip_frac_low"] + m["clip_frac_high"]) * n
-                sums["entropy"] += float(m.get("entropy", 0.0)) * n
+            if epoch == 0:  # kept on the device: read once after the loop, not a sync per micro-batch
+                n = m["num_tokens"].detach().float()
+                stats.append(torch.stack([n, loss.detach().float() * frac, m["kl"].float() * n,
+                                          (m["clip_frac_low"] + m["clip_frac_high"]).float() * n,
+                                          m["entropy"].float() * n if "entropy" in m else torch.zeros_like(n)]))
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         if not torch.isfinite(gnorm):  # never step on NaN/inf: the weights would be lost silently
             raise FloatingPointError(f"GRPO: non-finite gradient norm ({float(gnorm)}); weights left unchanged")
         opt.step()
         opt.zero_grad(set_to_none=True)
+    total = torch.stack(stats).sum(0).tolist() if stats else [0.0] * 5
+    sums = dict(zip(("tokens", "loss", "kl", "clip_frac", "entropy"), total))
     sums["grad_norm"] = float(gnorm)
     sums["train_tokens"] = sum(lengths) * cfg.mu
     return sums
