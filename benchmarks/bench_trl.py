@@ -17,6 +17,12 @@ REASONRL_KEEP_HEAP=0 turns that off); TRL runs with glibc's defaults.
                                    [--no-share-prefix] [--bf16] [--bf16-rollouts]
 reasonrl packs each group's prompt once in training (GRPOConfig.share_prefix, same gradients);
 --no-share-prefix packs prompt+completion G times, as TRL does.
+
+The floor printed last: the linear layers' matmul FLOPs of the completion tokens alone (2 per weight
+per generated token, 6 per weight per trained token; prompts and attention left out, so a lower bound)
+at the matmul rate measured in the same run (common.ceilings: a square fp32 GEMM on CPU, with the
+benchmark's threads), beside a third of TRL's step: where the floor is above it, no trainer on this
+machine can be 3x TRL's step at this configuration.
 """
 from __future__ import annotations
 
@@ -154,6 +160,29 @@ def child(args):
                       "peak_mib": peak, "peak_kind": kind}))
 
 
+def matmul_floor(args, workdir):
+    """-> (FLOPs per step of the completion tokens' linear layers, the matmul FLOP/s measured now), or None
+    (a config this count does not know: MoE)."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import ceilings
+    path = args.model if args.model != "tiny" else os.path.join(workdir, "model")
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    if any(k in c for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+        return None
+    H, inter, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    D = c.get("head_dim") or H // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * D, c.get("num_key_value_heads", c["num_attention_heads"]) * D
+    weights = L * (H * q + 2 * H * kv + q * H + 3 * H * inter) + V * H  # the LM head too (tied or not)
+    tokens = args.prompts * args.group * args.max_tokens
+    torch.set_num_threads(args.threads)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rate = ceilings(dev, torch.bfloat16 if args.bf16 else torch.float32)["mm_flops"]
+    return (2 + 6) * weights * tokens, rate
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=["both", "reasonrl", "trl"], default="both")
@@ -204,6 +233,13 @@ def main():
         summary["speedup"] = by["trl"]["s_per_step"] / by["reasonrl"]["s_per_step"]
         summary["memory_ratio"] = by["reasonrl"]["peak_mib"] / by["trl"]["peak_mib"]
         print(f"speed-up vs TRL: {summary['speedup']:.2f}x; memory reasonrl/TRL: {summary['memory_ratio']:.2f}")
+    floor = matmul_floor(args, workdir) if results else None
+    if floor is not None:
+        fl, rate = floor
+        summary["floor_s"], summary["mm_flops"] = fl / rate, rate
+        third = f"; a third of TRL's step: {by['trl']['s_per_step'] / 3:.3f} s" if "trl" in by else ""
+        print(f"floor: {fl / 1e9:.1f} GFLOP per step (completion tokens' linear layers, generation + training) "
+              f"at the measured {rate / 1e9:.0f} GFLOP/s: {fl / rate:.3f} s{third}")
     print(json.dumps(summary))
 
 
