@@ -21,8 +21,9 @@ reasonrl packs each group's prompt once in training (GRPOConfig.share_prefix, sa
 The floor printed last: the linear layers' matmul FLOPs of the completion tokens alone (2 per weight
 per generated token, 6 per weight per trained token; prompts and attention left out, so a lower bound)
 at the matmul rate measured in the same run (common.ceilings: a square fp32 GEMM on CPU, with the
-benchmark's threads), beside a third of TRL's step: where the floor is above it, no trainer on this
-machine can be 3x TRL's step at this configuration.
+benchmark's threads), beside a third of TRL's step: where the floor is above it, no trainer that
+samples and then runs the training forward and backward (as both do) can be 3x TRL's step on this
+machine at this configuration (the matmuls of these shapes run below the square GEMM's rate, too).
 """
 from __future__ import annotations
 
