@@ -509,6 +509,28 @@ def test_gpu_bf16_common_prefix_matches_unshared(hf_and_ours, monkeypatch):
         assert diff < 5e-2, diff
 
 
+@pytest.mark.gpu
+def test_gpu_decode_window_with_stop_tokens(hf_and_ours):
+    """On CUDA a window reads each step's stop flag one step late (LLMEngine._lagged_stop_check): the
+    step run past a stop token is discarded, and the outputs are those of one step per schedule."""
+    _, model = hf_and_ours
+    ours = load_model_like(model, torch.device("cuda"))
+    prompts = random_prompts(5, 1, 14)
+    eos = torch.randint(0, V, (3,)).tolist()
+    params = SamplingParams(temperature=1.0, max_tokens=37, seed=5, stop_token_ids=(eos[0],))
+    outs, engines = [], []
+    for window in (1, 16):
+        eng = LLMEngine(ours, block_size=4, eos_token_ids=eos[1:], decode_window=window)
+        outs.append(eng.generate(prompts, params, n=8))
+        engines.append(eng)
+        assert eng.bm.num_free == eng.bm.num_blocks
+    assert engines[1].stats["discarded_steps"] > 0 and engines[0].stats["discarded_steps"] == 0
+    for ga, gb in zip(*outs):
+        for a, b in zip(ga, gb):
+            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+            assert (torch.tensor(a.logprobs) - torch.tensor(b.logprobs)).abs().max() < 1e-5
+
+
 def load_model_like(model, device):
     import copy
     return copy.deepcopy(model).to(device)
