@@ -212,6 +212,16 @@ def test_bad_config_is_a_clear_error(args, exc, match):
         parse_config(EvalConfig, args)
 
 
+def test_default_k_follows_n():
+    """--k left at its default takes 1, 4, 8 as far as --n allows; a k given above n stays an error."""
+    assert EvalConfig().ks == [1, 4, 8]
+    assert parse_config(EvalConfig, ["--n", "4"]).ks == [1, 4]
+    assert parse_config(EvalConfig, ["--n", "1"]).ks == [1]
+    assert parse_config(EvalConfig, ["--n", "4", "--k", "2"]).ks == [1, 2]
+    with pytest.raises(ValueError, match="--k: every k must be <= n=4"):
+        parse_config(EvalConfig, ["--n", "4", "--k", "1,4,8"])
+
+
 def test_missing_checkpoint_unknown_task_bad_labels(tmp_path):
     with pytest.raises(FileNotFoundError, match="--models: no such checkpoint folder"):
         main(["--models", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "o")])

@@ -56,7 +56,7 @@ class EvalConfig:
     difficulty: int | None = None  # the task's knob for passk/budget/markers (None = its default)
     num_problems: int = 100        # held-out problems (test split)
     n: int = 8                     # samples per problem for pass@k / maj@k / markers
-    k: str = "1,4,8"               # k values of pass@k and maj@k (each <= n; pass@1 always reported)
+    k: str = ""                    # k values of pass@k and maj@k, each <= n ("": those of 1,4,8 up to n); pass@1 always
     temperature: float = 1.0       # sampling temperature of the passk samples
     top_p: float = 1.0
     max_tokens: int = 128          # completion cap (room for "Wait" extensions)
@@ -84,7 +84,8 @@ class EvalConfig:
         if self.n < 1:
             bad("n", "must be >= 1")
         if any(k > self.n for k in self.ks):
-            bad("k", f"every k must be <= n={self.n} (samples per problem)")
+            bad("k", f"every k must be <= n={self.n} (samples per problem): give --k values up to {self.n} "
+                     f"or a larger --n")
         if not self.temperature > 0:
             bad("temperature", "must be > 0 (pass@k needs different samples)")
         if not 0 < self.top_p <= 1:
@@ -116,6 +117,8 @@ class EvalConfig:
     # comma-separated fields, parsed and checked
     @property
     def ks(self) -> list[int]:
+        if not self.k.strip():  # the default: 1, 4, 8 as far as n allows (--n 4 alone: 1, 4)
+            return [k for k in (1, 4, 8) if k <= max(self.n, 1)]
         return sorted(set([1] + _ints(self.k, "k", lo=1)))
 
     @property
