@@ -222,6 +222,18 @@ def test_default_k_follows_n():
         parse_config(EvalConfig, ["--n", "4", "--k", "1,4,8"])
 
 
+def test_default_budgets_and_difficulties_follow_the_other_flags():
+    """Left at "auto", the thinking budgets stay below --max_tokens and the difficulty levels apply to
+    built-in tasks only (a JSONL task skips the section); given explicitly, both are checked."""
+    assert EvalConfig().budget_list == [4, 8, 16, 24, 32] and EvalConfig().difficulty_list == [3, 4, 5, 6]
+    assert parse_config(EvalConfig, ["--max_tokens", "16"]).budget_list == [4, 8]
+    assert parse_config(EvalConfig, ["--max_tokens", "4"]).budget_list == []
+    assert parse_config(EvalConfig, ["--task", "jsonl:q.jsonl"]).difficulty_list == []
+    assert parse_config(EvalConfig, ["--budgets", ""]).budget_list == []
+    with pytest.raises(ValueError, match="--budgets: every budget must be < max_tokens=16"):
+        parse_config(EvalConfig, ["--max_tokens", "16", "--budgets", "8,16"])
+
+
 def test_missing_checkpoint_unknown_task_bad_labels(tmp_path):
     with pytest.raises(FileNotFoundError, match="--models: no such checkpoint folder"):
         main(["--models", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "o")])
@@ -236,7 +248,7 @@ def test_missing_checkpoint_unknown_task_bad_labels(tmp_path):
         main(["--models", "tiny,tiny", "--out_dir", str(tmp_path / "o")])
     task = _test_questions_file(tmp_path / "q.jsonl")
     with pytest.raises(ValueError, match="--difficulties: task .* has no difficulty knob"):
-        main(["--task", task, "--num_problems", "2", "--out_dir", str(tmp_path / "o")])
+        main(["--task", task, "--num_problems", "2", "--difficulties", "3,4", "--out_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()  # every error came before any output
 
 

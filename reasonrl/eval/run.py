@@ -60,10 +60,10 @@ class EvalConfig:
     temperature: float = 1.0       # sampling temperature of the passk samples
     top_p: float = 1.0
     max_tokens: int = 128          # completion cap (room for "Wait" extensions)
-    budgets: str = "4,8,16,24,32"  # thinking-token caps ("" = none)
+    budgets: str = "auto"          # thinking-token caps ("auto": those of 4,8,16,24,32 below max_tokens; "" = none)
     extends: str = "1,2"           # "Wait" extensions ("" = none)
     extend_text: str = "Wait"
-    difficulties: str = "3,4,5,6"  # get_task difficulty levels ("" = skip; built-in tasks only)
+    difficulties: str = "auto"     # get_task difficulty levels, built-in tasks only ("auto": 3,4,5,6 where the task has the knob; "" = skip)
     curve_temperature: float = 0.0  # budget and difficulty curves (0 = greedy)
     curve_samples: int = 1         # samples per problem for those curves (> 1 needs temperature > 0)
     markers: str = ",".join(DEFAULT_MARKERS)
@@ -123,6 +123,8 @@ class EvalConfig:
 
     @property
     def budget_list(self) -> list[int]:
+        if self.budgets.strip() == "auto":  # --max_tokens 16 alone: budgets 4, 8
+            return [b for b in (4, 8, 16, 24, 32) if b < self.max_tokens]
         return _ints(self.budgets, "budgets", lo=0)
 
     @property
@@ -131,6 +133,9 @@ class EvalConfig:
 
     @property
     def difficulty_list(self) -> list[int]:
+        if self.difficulties.strip() == "auto":  # a JSONL or reasoning-gym task has no knob: the section is skipped
+            from reasonrl.rl.tasks import BUILTIN
+            return [3, 4, 5, 6] if self.task in BUILTIN else []
         return _ints(self.difficulties, "difficulties", lo=1)
 
     @property
