@@ -531,6 +531,24 @@ def test_gpu_decode_window_with_stop_tokens(hf_and_ours):
             assert (torch.tensor(a.logprobs) - torch.tensor(b.logprobs)).abs().max() < 1e-5
 
 
+def test_graph_sizes_reuse_a_captured_graph():
+    """Runner._graph_rows: a CUDA graph captured in this call serves smaller batches (padded) up to
+    max(2n, GRAPH_REUSE_ROWS) rows; otherwise the next size of GRAPH_BATCH_SIZES. The rule alone,
+    on a CPU runner with its graph table filled by hand (graphs themselves need CUDA)."""
+    from types import SimpleNamespace
+
+    from reasonrl.engine.runner import GRAPH_REUSE_ROWS, Runner
+    r = SimpleNamespace(use_graphs=True, max_graph_bs=512, graphs={})
+    rows = lambda n: Runner._graph_rows(r, n)  # noqa: E731
+    assert [rows(n) for n in (1, 3, 5, 20, 64, 65, 300)] == [1, 4, 8, 24, 64, 96, 384]  # none captured yet
+    r.graphs = {64: None}
+    assert [rows(n) for n in (1, 7, 33, 64)] == [64] * 4  # one graph serves the tail of a 64-row rollout
+    assert rows(65) == 96 and GRAPH_REUSE_ROWS == 64
+    r.graphs = {256: None, 64: None}
+    assert rows(129) == 256 and rows(100) == 128 and rows(40) == 64  # above 64 rows: at most 2x the rows
+    assert rows(513) == 0 and Runner._graph_rows(SimpleNamespace(use_graphs=False, max_graph_bs=0), 4) == 0
+
+
 def load_model_like(model, device):
     import copy
     return copy.deepcopy(model).to(device)

@@ -24,6 +24,7 @@ from reasonrl.models.context import AttnContext
 from reasonrl.ops.paged import empty_kv_cache
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+GRAPH_REUSE_ROWS = 64  # a captured graph of up to this many rows serves any smaller batch (Runner._graph_rows)
 
 
 def _cpp_paged(dtype) -> bool:
@@ -162,10 +163,17 @@ class Runner:
         return self.lean.window(ids, pos, tables, self.block_size, self.kv_caches, temperature, u, stop, k)
 
     def _graph_rows(self, n: int) -> int:
-        """The captured batch size that runs n rows, or 0 for eager."""
-        if self.use_graphs and n <= self.max_graph_bs:
-            return next(b for b in GRAPH_BATCH_SIZES if b >= n)
-        return 0
+        """The captured batch size that runs n rows, or 0 for eager: a graph already captured in this
+        call where it has at most max(2n, GRAPH_REUSE_ROWS) rows, else the next size of
+        GRAPH_BATCH_SIZES (captured on first use). Why: as the sequences of a rollout finish, the batch
+        walks down the sizes (64 samples with EOS: up to 9 captures per generate() call, each a warm-up
+        step, a capture and two syncs), while a decode step of up to a few dozen rows costs about the
+        same at any row count (it reads every weight once; padding rows read one key and write nowhere).
+        NOTE: not yet timed on a GPU; engine.stats["graph_capture_s"] shows the capture time per call."""
+        if not self.use_graphs or n > self.max_graph_bs:
+            return 0
+        reuse = [b for b in self.graphs if n <= b <= max(2 * n, GRAPH_REUSE_ROWS)]
+        return min(reuse) if reuse else next(b for b in GRAPH_BATCH_SIZES if b >= n)
 
     def _forward_decode(self, ids, pos, slots, lens, tables, n) -> torch.Tensor:
         """Inputs padded to a graph size when graphs run (padding rows write nowhere, read block 0)."""
