@@ -89,7 +89,8 @@ at::Tensor moe_router_fwd(const at::Tensor& logits, int64_t K, bool sigmoid, con
     return ids;
   }
 #ifdef REASONRL_WITH_CUDA
-  TORCH_CHECK_VALUE(E <= 2048, op, ": the CUDA router takes at most 2048 experts, got E=", num(E));
+  TORCH_CHECK_VALUE(E <= 2048, op, ": the CUDA router takes at most 2048 experts, got E=", num(E),
+                    " (backend='auto' runs the reference there)");
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor z = logits.scalar_type() == at::kDouble ? logits.to(at::kFloat) : logits;
   z = z.contiguous();
@@ -112,6 +113,9 @@ std::vector<at::Tensor> moe_dispatch_fwd(const at::Tensor& topk_ids, int64_t E, 
   TORCH_CHECK_VALUE(block_size >= 0, op, ": block_size must be >= 0, got ", num(block_size));
   const int64_t N = topk_ids.numel();
   TORCH_CHECK_VALUE(N < (int64_t(1) << 31), op, ": T*K = ", num(N), " does not fit the int32 indices");
+  TORCH_CHECK_VALUE(block_size == 0 || N + E * (block_size - 1) < (int64_t(1) << 31), op, ": block_size=",
+                    num(block_size), " with ", num(E), " experts and T*K = ", num(N),
+                    " can pad past the int32 indices (T*K + E*(block_size-1) must be < 2**31)");
   const auto iopt = topk_ids.options().dtype(at::kInt);
   at::Tensor counts = at::empty({E}, iopt), offsets = at::empty({E + 1}, iopt), sorted = at::empty({N}, iopt);
   at::Tensor poff = at::empty({block_size > 0 ? E + 1 : 0}, iopt);
@@ -129,6 +133,8 @@ std::vector<at::Tensor> moe_dispatch_fwd(const at::Tensor& topk_ids, int64_t E, 
     return {counts, offsets, sorted, poff, pidx, bexp};
   }
 #ifdef REASONRL_WITH_CUDA
+  TORCH_CHECK_VALUE(E <= 12288, op, ": the CUDA dispatch takes at most 12288 experts (a 48 KiB histogram per "
+                    "block), got E=", num(E), " (backend='auto' runs the reference there)");
   const c10::cuda::CUDAGuard guard(topk_ids.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor ids = topk_ids.contiguous();

@@ -56,8 +56,9 @@ void moe_expert_rows_fwd_cpu(float* y, float* h, const float* xs, const float* w
 #include <cuda_runtime.h>
 namespace reasonrl {
 // ---- routing (CUDA, csrc/cuda/moe.cu) --------------------------------------------------------------
-// logits (T, E) contiguous in `dtype`, bias (E,) float32 or null -> ids (T, K) int64, the same
-// selection as moe_router_cpu (NaN scores compare as -inf). E is at most 2048 (shared memory).
+// logits (T, E) contiguous in `dtype`, bias (E,) float32 or null -> ids (T, K) int64: moe_router_cpu's
+// selection up to near-ties (scores in double here, float there, summed in another order; NaN scores
+// rank last and a softmax row of only -inf scores 0 in both). E is at most 2048 (shared memory).
 cudaError_t moe_router_cuda(int64_t* ids, const void* logits, DType dtype, const float* bias, int64_t T,
                             int64_t E, int64_t K, bool sigmoid, cudaStream_t stream);
 

@@ -11,6 +11,7 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -31,12 +32,17 @@ void moe_router_cpu(int64_t* ids, const float* logits, const float* bias, int64_
     } else {
       float m = -INFINITY, sum = 0.f;
       for (int64_t e = 0; e < E; ++e) m = z[e] > m ? z[e] : m;
-      for (int64_t e = 0; e < E; ++e) sum += (s[e] = std::exp(z[e] - m));
-      for (int64_t e = 0; e < E; ++e) s[e] /= sum;
+      if (m == -INFINITY) {  // a row of only -inf: scores 0 (the reference's dead row), picked by bias
+        std::fill(s.begin(), s.end(), 0.f);
+      } else {
+        for (int64_t e = 0; e < E; ++e) sum += (s[e] = std::exp(z[e] - m));
+        for (int64_t e = 0; e < E; ++e) s[e] /= sum;
+      }
     }
     int64_t filled = 0;
     for (int64_t e = 0; e < E; ++e) {
-      const float v = bias ? s[e] + bias[e] : s[e];
+      float v = bias ? s[e] + bias[e] : s[e];
+      if (v != v) v = -INFINITY;  // a NaN score ranks last (the reference and the CUDA kernel agree)
       if (filled == K && !(v > best[K - 1])) continue;
       int64_t j = filled < K ? filled++ : K - 1;
       for (; j > 0 && v > best[j - 1]; --j) {  // strict: an equal value stays behind the lower id

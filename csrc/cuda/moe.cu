@@ -2,7 +2,7 @@
 // the stream). The expert GEMMs run in Triton (kernels/moe.py); these produce what they consume.
 //
 // Router, one warp per token: s = softmax(z) (warp max, then sum of exp) or sigmoid(z), sel = s + bias
-// kept in shared memory; K rounds of a warp arg-max over the experts not yet taken, ordered by
+// kept in shared memory (double: see moe_router_kernel); K rounds of a warp arg-max over the experts not yet taken, ordered by
 // (value desc, id asc): ties go to the lower expert id, as on the CPU and in the reference. A NaN
 // score compares as -inf, so every row still gets K distinct ids.
 //
@@ -40,17 +40,21 @@ __device__ __forceinline__ float load_f(const void* p, DType dt, int64_t i) {
   return __half2float(__ushort_as_half(v));
 }
 
-__device__ __forceinline__ bool better(float v, int i, float bv, int bi) {
+__device__ __forceinline__ bool better(double v, int i, double bv, int bi) {
   return v > bv || (v == bv && i < bi);
 }
 
 // ---- router -------------------------------------------------------------------------------------------
+// Scores and selection values in double: the build's --use_fast_math makes float expf approximate and
+// flushes subnormal floats to zero, which reordered experts the CPU kernel and the reference keep apart
+// (softmax of [0, -100, -90], K = 2: both tiny scores became 0 and tied). In double neither happens;
+// the warp's sum order still differs from the CPU's, so ids agree up to near-ties.
 __global__ void moe_router_kernel(int64_t* __restrict__ ids, const void* __restrict__ logits, DType dt,
                                   const float* __restrict__ bias, int64_t T, int E, int K, bool sigmoid) {
   extern __shared__ unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* sel = reinterpret_cast<float*>(smem) + warp * E;  // (E,) per warp
-  unsigned char* taken = smem + sizeof(float) * kRouterWarps * E + warp * E;
+  double* sel = reinterpret_cast<double*>(smem) + static_cast<int64_t>(warp) * E;  // (E,) per warp
+  unsigned char* taken = smem + sizeof(double) * kRouterWarps * E + warp * E;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouterWarps + warp;
   if (t >= T) return;  // whole warps leave together
   const int64_t row = t * E;
@@ -59,10 +63,11 @@ __global__ void moe_router_kernel(int64_t* __restrict__ ids, const void* __restr
     for (int e = lane; e < E; e += 32) m = fmaxf(m, load_f(logits, dt, row + e));
     for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
   }
-  float sum = 0.f;
+  const bool dead = !sigmoid && m == -INFINITY;  // only -inf: scores 0, as the reference's dead row
+  double sum = 0.0;
   for (int e = lane; e < E; e += 32) {
-    const float z = load_f(logits, dt, row + e);
-    const float s = sigmoid ? 1.f / (1.f + expf(-z)) : expf(z - m);
+    const double z = static_cast<double>(load_f(logits, dt, row + e));
+    const double s = sigmoid ? 1.0 / (1.0 + exp(-z)) : dead ? 0.0 : exp(z - static_cast<double>(m));
     sel[e] = s;
     sum += s;
     taken[e] = 0;
@@ -70,14 +75,14 @@ __global__ void moe_router_kernel(int64_t* __restrict__ ids, const void* __restr
   if (!sigmoid) {
     for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   }
-  const float inv = sigmoid ? 1.f : 1.f / sum;
+  const double inv = sigmoid || dead ? 1.0 : 1.0 / sum;
   for (int e = lane; e < E; e += 32) {
-    const float v = sel[e] * inv + (bias ? bias[e] : 0.f);
-    sel[e] = v != v ? -INFINITY : v;
+    const double v = sel[e] * inv + (bias ? static_cast<double>(bias[e]) : 0.0);
+    sel[e] = v != v ? -INFINITY : v;  // a NaN score ranks last
   }
   __syncwarp();
   for (int k = 0; k < K; ++k) {
-    float bv = -INFINITY;
+    double bv = -INFINITY;
     int bi = 0x7fffffff;
     for (int e = lane; e < E; e += 32) {
       if (!taken[e] && better(sel[e], e, bv, bi)) {
@@ -86,7 +91,7 @@ __global__ void moe_router_kernel(int64_t* __restrict__ ids, const void* __restr
       }
     }
     for (int o = 16; o; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const double ov = __shfl_xor_sync(0xffffffffu, bv, o);
       const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
       if (better(ov, oi, bv, bi)) {
         bv = ov;
@@ -204,8 +209,13 @@ int64_t num_chunks(int64_t N) { return (N + kChunk - 1) / kChunk; }
 cudaError_t moe_router_cuda(int64_t* ids, const void* logits, DType dtype, const float* bias, int64_t T, int64_t E,
                             int64_t K, bool sigmoid, cudaStream_t stream) {
   if (T == 0) return cudaSuccess;
-  const size_t smem = static_cast<size_t>(kRouterWarps) * E * (sizeof(float) + 1);
-  if (smem > 48 * 1024) return cudaErrorInvalidValue;  // the glue caps E first, with a message
+  const size_t smem = static_cast<size_t>(kRouterWarps) * E * (sizeof(double) + 1);  // 72 KiB at E = 2048
+  if (smem > 96 * 1024) return cudaErrorInvalidValue;  // the glue caps E first, with a message
+  if (smem > 48 * 1024) {  // past the default: opt in (sm_80: up to 163 KiB, sm_90: 227 KiB)
+    const cudaError_t err = cudaFuncSetAttribute(moe_router_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
   const unsigned grid = static_cast<unsigned>((T + kRouterWarps - 1) / kRouterWarps);
   moe_router_kernel<<<grid, 32 * kRouterWarps, smem, stream>>>(ids, logits, dtype, bias, T, static_cast<int>(E),
                                                                 static_cast<int>(K), sigmoid);

@@ -43,6 +43,10 @@ class MoEDispatch(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # checks
 # ---------------------------------------------------------------------------------------------
+CUDA_ROUTER_MAX_EXPERTS = 2048  # csrc/moe.cpp: the CUDA router's per-warp scores in shared memory
+CUDA_DISPATCH_MAX_EXPERTS = 12288  # csrc/moe.cpp: the CUDA dispatch's per-block histogram (48 KiB)
+
+
 def _check_logits(op, router_logits, top_k):
     if router_logits.dim() != 2:
         raise ValueError(f"{op}: router_logits must be (T, E), got shape {tuple(router_logits.shape)}")
@@ -124,6 +128,7 @@ def moe_router_reference(router_logits, top_k, scoring="softmax", renormalize=Tr
     """-> (topk_weights (T, K) float32 (float64 for float64 logits), topk_ids (T, K) int64)."""
     scores = _scores(router_logits, scoring)  # (T, E)
     sel = scores.detach() if bias is None else scores.detach() + bias.to(scores.dtype)
+    sel = torch.where(sel.isnan(), float("-inf"), sel)  # a NaN score ranks last, as in the C++/CUDA kernels
     # A stable descending sort keeps equal scores in id order: ties go to the lower expert id.
     ids = torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :top_k]  # (T, K)
     w = scores.gather(1, ids)  # (T, K)
@@ -290,6 +295,8 @@ def moe_router(router_logits, top_k: int, *, scoring="softmax", renormalize: boo
             raise ValueError(f"{op}: bias must be a float (E,) = ({E},) tensor, got {bias.dtype} of shape {tuple(bias.shape)}")
         check_same_device(op, router_logits=router_logits, bias=bias)
     b = _resolve(backend, router_logits.device, op, "moe_router_fwd", True, False)
+    if b == "cuda" and E > CUDA_ROUTER_MAX_EXPERTS and backend == "auto":
+        b = "reference"
     if b == "reference" or router_logits.dtype == torch.float64 or router_logits.shape[0] == 0:
         return moe_router_reference(router_logits, top_k, scoring, renormalize, bias)
     # The compiled kernels pick the ids (no gradient); the weights are re-gathered in PyTorch so
@@ -308,7 +315,12 @@ def moe_dispatch(topk_ids, num_experts: int, block_size: int = 0, *, backend="au
     _check_ids(op, topk_ids, num_experts)
     if not isinstance(block_size, int) or block_size < 0:
         raise ValueError(f"{op}: block_size must be an int >= 0, got {block_size!r}")
+    if block_size and topk_ids.numel() + num_experts * (block_size - 1) >= 2**31:
+        raise ValueError(f"{op}: block_size={block_size} with {num_experts} experts and T*K={topk_ids.numel()} "
+                         f"can pad past the int32 indices (T*K + E*(block_size-1) must be < 2**31)")
     b = _resolve(backend, topk_ids.device, op, "moe_dispatch_fwd", True, False)
+    if b == "cuda" and num_experts > CUDA_DISPATCH_MAX_EXPERTS and backend == "auto":
+        b = "reference"
     if b == "reference":
         _check_id_values(op, topk_ids, num_experts)
         return moe_dispatch_reference(topk_ids, num_experts, block_size)
@@ -325,7 +337,7 @@ def moe_experts(x, topk_ids, topk_weights, w_gate_up, w_down, *, backend="auto")
         if backend == "cpp":
             raise ValueError(f"{op}: backend='cpp' takes float32, bfloat16 or float16, got {x.dtype}")
         b = "reference"
-    if b == "reference" or x.shape[0] == 0:
+    if b == "reference" or x.shape[0] == 0 or topk_ids.shape[1] == 0:
         return moe_experts_reference(x, topk_ids, topk_weights, w_gate_up, w_down)
     if b == "triton":
         from reasonrl.kernels.moe import triton_moe_experts
