@@ -164,9 +164,9 @@ void logprob_bwd(const at::Tensor& logits, const at::Tensor& ids, const at::Tens
   TORCH_CHECK(grad_logits.device() == logits.device(), op, ": grad_logits is on ", dev_str(grad_logits),
               " but logits is on ", dev_str(logits), "; all tensors must be on one device");
   check_logits(grad_logits, op, "grad_logits");
-  TORCH_CHECK(at::has_internal_overlap(grad_logits) != at::MemOverlap::Yes, op,
-              ": grad_logits has elements that share memory (an expanded tensor?); pass a tensor with "
-              "its own storage");
+  TORCH_CHECK(at::has_internal_overlap(grad_logits) != at::MemOverlap::Yes && (N <= 1 || grad_logits.stride(0) >= V),
+              op, ": grad_logits has elements that share memory (an expanded tensor, or rows closer than V = ",
+              V, " apart?); pass a tensor with its own storage");
   TORCH_CHECK(!partially_overlaps(grad_logits, logits), op,
               ": grad_logits overlaps logits without being logits itself; pass logits (in place) or a "
               "separate buffer");

@@ -288,6 +288,7 @@ def test_fwd_errors_name_the_argument(change, match):
         (lambda a: {"g": torch.empty(4, 10, dtype=torch.bfloat16)}, "grad_logits must have the dtype"),
         (lambda a: {"g": torch.empty(10, 4).t()}, "grad_logits must have a contiguous last dim"),
         (lambda a: {"g": torch.empty(1, 10).expand(4, 10)}, "grad_logits has elements that share memory"),
+        (lambda a: {"g": torch.empty(40).as_strided((4, 10), (9, 1))}, "grad_logits has elements that share memory"),
         (lambda a: {"lse": a["lse"][:2]}, r"lse must have shape \(N,\)"),
         (lambda a: {"lse": a["lse"].double()}, "lse must be Float"),
         (lambda a: {"gl": a["gl"].half()}, "grad_logp must be Float"),

@@ -327,7 +327,7 @@ def grpo_loss_from_logprobs_reference(logp, entropy=None, *, mask, rewards, grou
     per_token = pg
     if config.beta != 0:
         d = torch.clamp(ref_logprobs - logp, -C, C)
-        kl = torch.exp(d) - d - 1
+        kl = torch.expm1(d) - d  # exp(d) - d - 1 without the cancellation near d = 0
         per_token = per_token + config.beta * kl
     if entropy is not None and config.entropy_coef != 0:
         per_token = per_token - config.entropy_coef * entropy
