@@ -109,7 +109,9 @@ def check_combos(backend, combos, B, T, G, device="cpu"):
     b = make_batch(B, T, G)
     lp = -3 * torch.rand(B, T)  # (B, T) float32 log-probs
     ent = 2 * torch.rand(B, T)
-    b["old"], b["ref"] = near(lp, 0.3), near(lp, 0.5)
+    # no token's ratio within 0.05 (in log) of a clip edge: CUDA's fast-math expf (a few ulp) may
+    # decide such a token on the other side than the float32 reference does
+    b["old"], b["ref"] = away_from_clip(lp, near(lp, 0.3)), near(lp, 0.5)
     b, lp, ent = {k: v.to(device) for k, v in b.items()}, lp.to(device), ent.to(device)
     up = torch.randn(()).to(device)  # one shared upstream gradient
     for c in combos:

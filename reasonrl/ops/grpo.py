@@ -613,7 +613,11 @@ def grpo_loss(logits=None, *, hidden=None, weight=None, ids, mask, rewards, grou
     device = check_same_device("grpo_loss", logits=logits, hidden=hidden, weight=weight, ids=ids,
                                mask=mask, rewards=rewards, old_logprobs=old_logprobs,
                                ref_logprobs=ref_logprobs if config.beta != 0 else None)
-    b = resolve(backend, device, "grpo_loss")
+    from reasonrl.ops.logprobs import AUTO_ON_CUDA
+
+    # "auto" on CUDA: the log-prob op family's order (its CUDA kernels are the measured ones, and they
+    # are most of this op's time); resolve's default would have taken Triton for both parts.
+    b = resolve(backend, device, "grpo_loss", prefer_cuda=AUTO_ON_CUDA)
     if hidden is not None and weight is not None:  # under torch.autocast: the LM head in its dtype
         hidden, weight = autocast_operands(hidden, weight)
     if b == "reference":
