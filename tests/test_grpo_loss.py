@@ -244,6 +244,12 @@ def test_inplace_backward_overwrites_logits(backend):
 def test_fused_hidden_weight_form(backend, single_pass, config):
     if backend not in CPU_BACKENDS:
         pytest.skip(f"{backend} not available on CPU here")
+    check_fused_form(backend, single_pass, config, torch.device("cpu"))
+
+
+def check_fused_form(backend, single_pass, config, device):
+    """The fused form (hidden, LM-head weight) against the float64 reference; single_pass: gradients
+    in forward over several chunks of whole sequences (row0 > 0, groups split across chunks)."""
     B, T, H, V, G = 6, 7, 16, 300, 3
     b = make_batch(B, T, G)
     hidden, weight = torch.randn(B * T, H), torch.randn(V, H) / 2
@@ -252,6 +258,8 @@ def test_fused_hidden_weight_form(backend, single_pass, config):
         lp = torch.log_softmax((hidden @ weight.T).double(), -1).gather(-1, ids.view(-1, 1)).view(B, T)
     old, ref = away_from_clip(lp, near(lp, 0.3)), near(lp, 0.5)
     up = torch.randn(())
+    b = {k: v.to(device) for k, v in b.items()}
+    hidden, weight, ids, old, ref, up = (t.to(device) for t in (hidden, weight, ids, old, ref, up))
     cfg = make_config(LOGIT_CONFIGS[config], linear_single_pass=single_pass)
     if single_pass:  # several chunks of whole sequences, groups split across chunks
         monkeypatch_chunk = pytest.MonkeyPatch()
@@ -611,6 +619,17 @@ def test_agrees_with_trl_formula(loss_type, level):
 
 
 # ---- GPU ---------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("single_pass,config", [(True, 0), (True, 1), (False, 0)])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_fused_hidden_weight_form(backend, single_pass, config):
+    """check_fused_form on the GPU: the single-pass path's row offsets (row0 > 0) in the GPU kernels."""
+    dev = torch.device("cuda")
+    if _backend.why_unavailable(backend, dev) is not None:
+        pytest.skip(_backend.why_unavailable(backend, dev))
+    check_fused_form(backend, single_pass, config, dev)
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
