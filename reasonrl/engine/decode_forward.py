@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reasonrl.models.functional import _rotate, _triton_ok
+from reasonrl.models.functional import _interpret, _rotate, _triton_ok
 from reasonrl.ops.paged import _CPP_FLOATS, _cpp_has, paged_attention_decode, store_kv
 
 
@@ -62,7 +62,7 @@ class LeanDecode:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         # On GPU: the elementwise work between the GEMMs as 3 Triton launches per layer (kernels/decode.py)
         self.triton = p.device.type == "cuda" and p.dtype in (torch.float16, torch.bfloat16, torch.float32) \
-            and model.config.hidden_size <= 16384 and _triton_ok()  # a row per program
+            and model.config.hidden_size <= 16384 and _triton_ok() and not _interpret()  # a row per program
         # Whole decode windows in C++ (decode_window_fwd): the stacked layers, and RoPE from inv_freq
         # (not dynamic NTK, which recomputes it from the positions)
         self.windows = self.stack is not None and _cpp_has("decode_window_fwd") and not model.rotary.dynamic

@@ -23,6 +23,7 @@ Thinking control (needs the tokenizer, for the ids of "<think>", "</think>" and 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 
@@ -93,7 +94,10 @@ class LLMEngine:
                  use_tqdm: bool = False) -> list[list[Completion]]:
         params = SamplingParams() if params is None else params
         groups = self._make_sequences(prompts, params, n)
-        with torch.inference_mode():
+        dev = next(self.model.parameters()).device
+        # CUDA graphs, Triton launches and syncs act on the current device: make it the model's
+        on_dev = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+        with torch.inference_mode(), on_dev:
             self._run([s for g in groups for s in g], groups, use_tqdm)
         return [[self._completion(s) for s in g] for g in groups]
 

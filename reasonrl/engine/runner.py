@@ -36,6 +36,15 @@ def _cpp_paged(dtype) -> bool:
         return False
 
 
+def _triton_paged(device) -> bool:
+    from reasonrl.ops.paged import _resolve
+    try:
+        return (_resolve("auto", device, "store_kv", "store_kv_fwd") == "triton"
+                and _resolve("auto", device, "paged_attention_decode", "paged_attention_decode_fwd") == "triton")
+    except RuntimeError:
+        return False
+
+
 def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
     cfg = model.config
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * model.head_dim * dtype.itemsize
@@ -60,7 +69,10 @@ class Runner:
             self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(cfg.num_hidden_layers)]
         # MoE models read routing counts on the host: no graphs (CausalLM.supports_cuda_graphs)
-        self.use_graphs = use_cuda_graphs and self.device.type == "cuda" and getattr(model, "supports_cuda_graphs", True)
+        # and only where the paged ops run as Triton kernels: their reference fallback (no Triton, or
+        # TRITON_INTERPRET=1) indexes with masks, a host sync that a stream capture refuses
+        self.use_graphs = (use_cuda_graphs and self.device.type == "cuda" and getattr(model, "supports_cuda_graphs", True)
+                           and _triton_paged(self.device))
         self.lean = lean_decode(model)  # eager decode steps without the module machinery, or None
         self.graphs: dict[int, tuple] = {}
         self.graph_pool = None

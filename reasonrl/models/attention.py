@@ -42,11 +42,13 @@ def set_deterministic(on: bool = True) -> None:
 def _flash_varlen():
     if _STATE["deterministic"]:
         return None
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError:
-        return None
-    return flash_attn_varlen_func
+    if "flash" not in _STATE:  # imported once: a failed import is not cached by Python, and this runs per layer
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError:
+            flash_attn_varlen_func = None
+        _STATE["flash"] = flash_attn_varlen_func
+    return _STATE["flash"]
 
 
 def _sdpa(q, k, v, causal, scale, mask=None):

@@ -42,6 +42,11 @@ def _triton_ok() -> bool:
     return triton_importable()
 
 
+def _interpret() -> bool:
+    from reasonrl.ops._backend import triton_interpret
+    return triton_interpret()
+
+
 @functools.lru_cache(maxsize=1)
 def _cpp_ok() -> bool:
     from reasonrl.ops._backend import cpp_available  # imports reasonrl._C: registers torch.ops.reasonrl.*
@@ -90,6 +95,8 @@ def kernels_for(x: torch.Tensor):
     if x.dtype not in _FLOAT:
         return None
     if x.is_cuda or FUSED["force"]:
+        if x.is_cuda and _interpret():  # the interpreter would copy every CUDA operand to the host
+            return None
         # rows up to kernels.fused.MAX_ROW = 16384 elements are one program's registers
         return _triton_kernels() if x.shape[-1] <= 16384 and _triton_ok() else None
     if x.device.type == "cpu" and FUSED["cpu"] and _cpp_ok():
