@@ -36,14 +36,17 @@ def _logprob_fwd_kernel(
         c = start + cols
         z = tl.load(x_row + c, mask=c < V, other=float("-inf")).to(tl.float32) * inv_t
         m_new = tl.maximum(m, tl.max(z, 0))
-        alpha = tl.exp(m - m_new)  # exp(-inf) = 0 on the first tile
-        e = tl.exp(z - m_new)  # masked lanes: exp(-inf) = 0
+        # While every logit so far is -inf (a masked vocabulary's first tiles), m_new is -inf and
+        # exp(-inf - -inf) would be NaN for good: the exps subtract 0 instead (s stays 0 there).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)  # exp(-inf) = 0 on the first tile
+        e = tl.exp(z - m_safe)  # masked lanes: exp(-inf) = 0
         if WITH_ENT:
             # t is kept relative to the running max so that no terms of size |z| cancel later
             # (at logits near 1e4 a plain sum of e * z loses three digits of the entropy).
-            d = tl.maximum(m - m_new, -3.0e38)  # first tile: s = 0, keep 0 * d finite
+            d = tl.maximum(m - m_safe, -3.0e38)  # first tile: s = 0, keep 0 * d finite
             # -inf logits (a masked vocabulary, and the lanes past V) have e = 0: add 0, not 0 * -inf
-            t = alpha * (t + d * s) + e * tl.where(z > float("-inf"), z - m_new, 0.0)
+            t = alpha * (t + d * s) + e * tl.where(z > float("-inf"), z - m_safe, 0.0)
         s = s * alpha + e
         m = m_new
     s_tot = tl.sum(s, 0)

@@ -304,6 +304,50 @@ def test_masked_vocabulary_entropy_and_grad_are_finite(backend):
     assert (gx[:, masked] == 0).all()
 
 
+def _check_masked_first_tiles(backend, device, V, masked):
+    N = 3
+    x = _logits(N, V, torch.float64)
+    x[:, :masked] = float("-inf")
+    ids = masked + torch.randint(0, V - masked, (N,))
+    g, gh = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    lp, ent, gx = _run(token_logprobs, x.float().to(device), ids.to(device), g.to(device), gh.to(device),
+                       backend=backend)
+    ref = _run(token_logprobs_reference, x[:, masked:], ids - masked, g, gh)
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all() and torch.isfinite(gx).all()
+    torch.testing.assert_close(lp.cpu().double(), ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.cpu().double(), ref[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx[:, masked:].cpu().double(), ref[2], rtol=1e-5, atol=1e-5)
+    assert (gx[:, :masked] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_masked_first_tiles(backend):
+    """A row whose whole first tile of the vocabulary is -inf (Triton's tile: 16384 columns under the
+    interpreter, 4096 on GPU): the online max starts at -inf and must not turn the sums into NaN."""
+    if backend != "reference" and backend not in cpu_backends():
+        pytest.skip(f"{backend} not available on CPU here")
+    _check_masked_first_tiles(backend, "cpu", 16384 + 300, 16384)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_masked_first_tiles_gpu(backend):
+    dev = torch.device("cuda")
+    if _backend.why_unavailable(backend, dev) is not None:
+        pytest.skip(_backend.why_unavailable(backend, dev))
+    _check_masked_first_tiles(backend, dev, 3 * 4096 + 300, 2 * 4096 + 7)
+
+
+def test_inplace_backward_refuses_rows_that_share_memory():
+    x = torch.randn(1, 50).expand(4, 50)
+    with pytest.raises(ValueError, match="inplace_backward writes the gradient over the logits"):
+        token_logprobs(x, torch.randint(0, 50, (4,)), inplace_backward=True, backend="auto")
+    overlapping = torch.randn(200).as_strided((4, 50), (40, 1))
+    with pytest.raises(ValueError, match="rows share memory"):
+        token_logprobs(overlapping, torch.randint(0, 50, (4,)), inplace_backward=True)
+    token_logprobs(torch.randn(4, 50), torch.randint(0, 50, (4,)), inplace_backward=True)  # fine
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 @pytest.mark.parametrize("temperature", [float("inf"), float("nan"), -1.0, 0.0, 5e-324, True, "1.0"])
 def test_temperature_must_be_finite_and_positive(backend, temperature):

@@ -176,6 +176,18 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None, None
 
 
+def _rows_overlap(x) -> bool:
+    """Whether rows of x ((N, V) or (B, T, V), unit last stride: _flat_rows' output) may share memory:
+    the outer dims, by increasing stride, must each step past everything the inner ones span (the
+    usual sufficient test; permuted batches pass it)."""
+    extent = x.shape[-1]
+    for stride, size in sorted((x.stride(i), x.shape[i]) for i in range(x.dim() - 1) if x.shape[i] > 1):
+        if stride < extent:
+            return True
+        extent += (size - 1) * stride
+    return False
+
+
 def _flat_rows(logits):
     """logits as (N, V) with unit last stride and one row stride, without copying where possible;
     else (B, T, V) with unit last stride (each batch row uniform); else a contiguous copy."""
@@ -352,6 +364,10 @@ def token_logprobs(logits, ids, temperature=1.0, *, ignore_index=-100, return_en
         return token_logprobs_reference(logits, ids, temperature, ignore_index, return_entropy)
     lead = ids.shape
     x = _flat_rows(logits)
+    if inplace_backward and _rows_overlap(x):
+        raise ValueError(f"{op}: inplace_backward writes the gradient over the logits, whose rows share memory "
+                         f"here (an expanded tensor? strides {tuple(logits.stride())}); pass a tensor with its own "
+                         f"storage or inplace_backward=False")
     flat_ids = ids.reshape(-1).to(torch.int64).contiguous()
     out = TokenLogprobsFunction.apply(x, flat_ids, float(temperature), int(ignore_index),
                                       bool(return_entropy), bool(inplace_backward), name)
