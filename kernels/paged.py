@@ -47,8 +47,8 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
 @triton.jit
 def _paged_decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, mid_o_ptr, mid_lse_ptr, scale,
                                stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb,
-                               split_len, BS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                               S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                               split_len, S, BS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                               BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
                                UPCAST: tl.constexpr):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -94,8 +94,8 @@ def _paged_decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, mid_o
 
 
 @triton.jit
-def _paged_decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_ob, stride_oh, Hq,
-                                S: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _paged_decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_ob, stride_oh, Hq, S,
+                                D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     b, hq = tl.program_id(0), tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
@@ -154,10 +154,12 @@ def paged_attention_decode_fwd(q, k_cache, v_cache, block_tables, context_lens, 
     _paged_decode_split_kernel[(B, Hkv, S)](
         q, k_cache, v_cache, block_tables, context_lens.contiguous(), mid_o, mid_lse, float(scale),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        split_len, BS=bs, G=G, D=D, S=S, BLOCK_G=max(16, triton.next_power_of_2(G)),
+        split_len, S, BS=bs, G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=BLOCK_N,
         PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)
-    _paged_decode_reduce_kernel[(B, Hq)](mid_o, mid_lse, out, out.stride(0), out.stride(1), Hq,
-                                         S=S, D=D, BLOCK_S=max(2, triton.next_power_of_2(S)),
+    # S is a runtime argument (only index arithmetic): without CUDA graphs the block tables widen as
+    # sequences grow, and a constexpr S compiled both kernels again at every new split count
+    _paged_decode_reduce_kernel[(B, Hq)](mid_o, mid_lse, out, out.stride(0), out.stride(1), Hq, S,
+                                         D=D, BLOCK_S=max(2, triton.next_power_of_2(S)),
                                          BLOCK_D=triton.next_power_of_2(D))
     return out

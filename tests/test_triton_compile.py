@@ -48,13 +48,13 @@ def _builds():
             dict(q_ptr=f"*{dt}", kc_ptr=f"*{dt}", vc_ptr=f"*{dt}", table_ptr="*i32", lens_ptr="*i32",
                  mid_o_ptr="*fp32", mid_lse_ptr="*fp32"),
             dict(scale=0.125, stride_qb=Hkv * G * D, stride_qh=D, stride_cb=BS * Hkv * D, stride_cs=Hkv * D,
-                 stride_ch=D, stride_tb=37, split_len=256),
-            dict(BS=BS, G=G, D=D, S=4, BLOCK_G=max(16, 1 << (G - 1).bit_length()), BLOCK_D=BD, BLOCK_N=32,
+                 stride_ch=D, stride_tb=37, split_len=256, S=4),
+            dict(BS=BS, G=G, D=D, BLOCK_G=max(16, 1 << (G - 1).bit_length()), BLOCK_D=BD, BLOCK_N=32,
                  PRECISION=prec, UPCAST=False))))
         out.append((f"paged_decode_reduce {dt} D={D}", _c(
             P._paged_decode_reduce_kernel, dict(mid_o_ptr="*fp32", mid_lse_ptr="*fp32", out_ptr=f"*{dt}"),
-            dict(stride_ob=Hkv * G * D, stride_oh=D, Hq=Hkv * G),
-            dict(S=4, D=D, BLOCK_S=4, BLOCK_D=BD))))
+            dict(stride_ob=Hkv * G * D, stride_oh=D, Hq=Hkv * G, S=3),
+            dict(D=D, BLOCK_S=4, BLOCK_D=BD))))
         out.append((f"store_kv {dt} Hkv={Hkv} D={D}", _c(
             P._store_kv_kernel, dict(k_ptr="*bf16", v_ptr="*bf16", kc_ptr=f"*{dt}", vc_ptr=f"*{dt}", slot_ptr="*i64"),
             dict(stride_kt=3 * Hkv * D, stride_kh=D, stride_vt=3 * Hkv * D, stride_vh=D, stride_cs=Hkv * D,
