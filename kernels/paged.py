@@ -31,7 +31,7 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cs, stride_ch,  # cache viewed as (num_blocks * bs, Hkv, D); last dim contiguous
                      H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # t * stride_kt in int64, as every other kernel's row offsets
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         h = tl.arange(0, BLOCK_H)[:, None]
