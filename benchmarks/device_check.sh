@@ -27,6 +27,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # optional peers (liger-kernel) carried 
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 BENCHES=${BENCHES:-"logprobs grpo moe rollout model"}
+nc=(); [ "${NO_COMPILE:-0}" = 1 ] && nc=(--no-compile)  # skip the torch.compile rows (their compiles take longest)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   stamp "build"
@@ -37,7 +38,10 @@ fi
 python3 -c "import torch, reasonrl._C as c; print('built_with_cuda', c.built_with_cuda())"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   stamp "gpu tests"
-  timeout "$(cap "${TEST_TIMEOUT:-150}")" python3 -m pytest -q -m gpu tests -p no:cacheprovider >"$OUT/tests.log" 2>&1
+  # the GPU tests spend most of their time compiling Triton kernels (CPU work): spread them over workers
+  xd=(); python3 -c "import xdist" 2>/dev/null && xd=(-n "${TEST_WORKERS:-8}")
+  timeout "$(cap "${TEST_TIMEOUT:-150}")" python3 -m pytest -q -m gpu tests -p no:cacheprovider "${xd[@]}" \
+    -rfE --tb=short --durations=10 >"$OUT/tests.log" 2>&1
   echo "tests exit $?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 fi
@@ -49,8 +53,8 @@ run_bench() {  # name, timeout, command...
 }
 for name in $BENCHES; do  # in the order given
   case $name in
-    logprobs) run_bench logprobs "${BENCH_TIMEOUT:-150}" python3 benchmarks/bench_logprobs.py --gpu --json "$OUT/logprobs.json";;
-    grpo) run_bench grpo 180 python3 benchmarks/bench_grpo.py --gpu --json "$OUT/grpo.json";;
+    logprobs) run_bench logprobs "${BENCH_TIMEOUT:-150}" python3 benchmarks/bench_logprobs.py --gpu "${nc[@]}" --json "$OUT/logprobs.json";;
+    grpo) run_bench grpo 180 python3 benchmarks/bench_grpo.py --gpu "${nc[@]}" --json "$OUT/grpo.json";;
     moe) run_bench moe 120 python3 benchmarks/bench_moe.py --gpu --json "$OUT/moe.json";;
     rollout) run_bench rollout 150 python3 benchmarks/bench_rollout.py --gpu --rep 2 --json "$OUT/rollout.json";;
     model) run_bench model 90 python3 benchmarks/bench_model.py --gpu --json "$OUT/model.json";;
@@ -68,3 +72,8 @@ for f in "$OUT"/*.log; do
   case $f in *build.log|*tests.log) continue;; esac
   echo "== $(basename "$f")"; grep -v '^{' "$f" | tail -n 14
 done
+# the device tool brings back at most 8 files: pack the logs and JSON into one archive beside the GPU line
+if [ "${PACK:-1}" = 1 ] && [ "$(ls "$OUT" | wc -l)" -gt 7 ]; then
+  (cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz --exclude=gpu.txt -- * && find . -mindepth 1 ! -name logs.tgz ! -name gpu.txt -delete)
+  echo "logs packed: $OUT/logs.tgz"
+fi
