@@ -502,7 +502,8 @@ def _nan_and_dead_rows(E):
     z[1, E - 1] = float("nan")
     z[2] = float("-inf")  # softmax: scores 0 (a dead row), picked by the bias alone
     z[3, : E // 2] = float("-inf")
-    z[4] = torch.tensor([0.0, -100.0, -90.0, -95.0] + [-97.0 - 2 * i for i in range(E - 4)])  # subnormal scores
+    # softmax: subnormal scores, kept apart; float32 sigmoid: 0 (exp(-z) overflows), ties by id
+    z[4] = torch.tensor([0.0, -100.0, -90.0, -95.0] + [-97.0 - 2 * i for i in range(E - 4)])
     return z, torch.randperm(E).float() * 0.01
 
 

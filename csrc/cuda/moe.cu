@@ -32,6 +32,7 @@ namespace {
 
 constexpr int kChunk = 2048;  // assignments per chunk of the counting sort
 constexpr int kRouterWarps = 4;
+constexpr double kLnFltMax = 88.72283905206835;  // expf(x) is inf above this
 
 __device__ __forceinline__ float load_f(const void* p, DType dt, int64_t i) {
   if (dt == DType::f32) return static_cast<const float*>(p)[i];
@@ -67,7 +68,10 @@ __global__ void moe_router_kernel(int64_t* __restrict__ ids, const void* __restr
   double sum = 0.0;
   for (int e = lane; e < E; e += 32) {
     const double z = static_cast<double>(load_f(logits, dt, row + e));
-    const double s = sigmoid ? 1.0 / (1.0 + exp(-z)) : dead ? 0.0 : exp(z - static_cast<double>(m));
+    // sigmoid as float32 computes it (the reference, the CPU kernel): exp(-z) overflows to inf below
+    // z = -ln(FLT_MAX) and the score is 0, not the subnormal that double gives (those ranked apart)
+    const double s = sigmoid ? (-z > kLnFltMax ? 0.0 : 1.0 / (1.0 + exp(-z)))
+                             : dead ? 0.0 : exp(z - static_cast<double>(m));
     sel[e] = s;
     sum += s;
     taken[e] = 0;
