@@ -53,10 +53,12 @@ def _logprob_fwd_kernel(
     log_s = tl.log(s_tot)
     lse = m + log_s
     keep = tid != ignore_index
-    safe = tl.where(keep, tid, 0)
+    in_range = (tid >= 0) & (tid < V)  # the host checks ids; an id out of range never reads outside the row
+    safe = tl.where(keep & in_range, tid, 0)
     zt = tl.load(x_row + safe).to(tl.float32) * inv_t
     tl.store(LSE + row, lse)
-    tl.store(LOGP + row, tl.where(keep, (zt - m) - log_s, 0.0))  # not zt - lse: lse rounds at 1e4
+    lp = tl.where(in_range, (zt - m) - log_s, float("nan"))  # not zt - lse: lse rounds at 1e4
+    tl.store(LOGP + row, tl.where(keep, lp, 0.0))
     if WITH_ENT:
         tl.store(ENT + row, tl.where(keep, log_s - tl.sum(t, 0) / s_tot, 0.0))
 

@@ -720,6 +720,25 @@ def test_mask_and_logprob_values_are_checked(backend, change, match):
         grpo_loss_from_logprobs(lp, backend=backend, **kw)
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto", *CPU_BACKENDS])
+@pytest.mark.parametrize("fused", [False, True])
+def test_ids_out_of_range_where_mask_is_on_raise(backend, fused):
+    """The ids' range is one of the value checks (on CUDA made after the kernels are enqueued):
+    an id outside [0, V) where the mask is on raises naming it; under mask 0 it is never read."""
+    kw = _args()
+    if fused:
+        H = 6
+        kw = {**kw, "hidden": torch.randn(12, H, requires_grad=True), "weight": torch.randn(5, H)}
+        del kw["logits"]
+    kw["ids"][2, 1] = 5
+    with pytest.raises(IndexError, match=r"ids out of range \[0, 5\).*found 5 at \(b, t\) = \(2, 1\)"):
+        grpo_loss(**kw, backend=backend)
+    kw["ids"][2, 1] = -7
+    kw["mask"][2, 1] = 0
+    loss, _ = grpo_loss(**kw, backend=backend)
+    assert torch.isfinite(loss)
+
+
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_garbage_at_masked_positions_is_still_fine(backend):
     """Only unmasked positions are checked: NaN old / ref log-probs under mask 0 are never read."""

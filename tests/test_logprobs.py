@@ -338,6 +338,39 @@ def test_masked_first_tiles_gpu(backend):
     _check_masked_first_tiles(backend, dev, 3 * 4096 + 300, 2 * 4096 + 7)
 
 
+def _check_unchecked_ids_stay_in_row(backend, dev):
+    """check_ids=False with an id outside [0, V) (grpo_loss checks the range after its kernels are
+    enqueued): that row's log-prob is NaN, the others are right, and nothing is read outside a row
+    (the bad ids sit on the last row, whose row + id would pass the buffer's end)."""
+    N, V = 5, 300
+    x = torch.randn(N, V, device=dev)
+    ids = torch.randint(0, V, (N,), device=dev)
+    good = token_logprobs(x, ids, backend=backend)
+    for bad in (V, V + 10**6, -3):
+        ids_bad = ids.clone()
+        ids_bad[N - 1] = bad
+        with torch.no_grad():
+            out = token_logprobs(x, ids_bad, check_ids=False, backend=backend)
+        assert torch.isnan(out[N - 1]), (bad, out)
+        torch.testing.assert_close(out[: N - 1], good[: N - 1].detach())
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_unchecked_ids_stay_in_row(backend):
+    if backend not in cpu_backends() or _backend.why_unavailable(backend, torch.device("cpu")):
+        pytest.skip(f"{backend} not available on CPU here")
+    _check_unchecked_ids_stay_in_row(backend, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_unchecked_ids_stay_in_row_gpu(backend):
+    dev = torch.device("cuda")
+    if _backend.why_unavailable(backend, dev) is not None:
+        pytest.skip(_backend.why_unavailable(backend, dev))
+    _check_unchecked_ids_stay_in_row(backend, dev)
+
+
 def test_inplace_backward_refuses_rows_that_share_memory():
     x = torch.randn(1, 50).expand(4, 50)
     with pytest.raises(ValueError, match="inplace_backward writes the gradient over the logits"):
