@@ -278,6 +278,11 @@ def test_linear_gpu(backend, dtype):
     same = _lin_run(linear_token_logprobs, h, w, ids, g, gh, backend="reference")
     for name, o, r, s in zip(("logp", "entropy", "grad_hidden", "grad_weight"), out, ref, same):
         assert_close_to_ref(o.cpu(), r.cpu(), s.cpu(), dtype, name=f"{backend} {name} {dtype}")
+    # five row chunks, each one's row kernel on a side stream beside the next GEMM: the no-grad path
+    # gives the grad path's forward to the bit
+    with torch.no_grad():
+        lp, ent = linear_token_logprobs(h, w, ids, return_entropy=True, backend=backend, chunk_bytes=N * V)
+    assert torch.equal(lp, out[0]) and torch.equal(ent, out[1])
 
 
 # ----------------------------------------------------------------------------- bad input

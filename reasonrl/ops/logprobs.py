@@ -21,6 +21,7 @@ so the backward costs 6NHV FLOPs and the whole op 8NHV, with one chunk of logits
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -238,13 +239,40 @@ def _linear_fwd(hidden, weight, ids, temperature, ignore_index, with_entropy, ch
     lse = hidden.new_empty(N, dtype=torch.float32)
     ent = hidden.new_empty(N, dtype=torch.float32) if with_entropy else None
     step = _chunk(chunk_bytes, V, N, hidden.element_size(), align=64)
+    side = _side_stream(hidden.device) if step < N else None
+    main = torch.cuda.current_stream(hidden.device) if side is not None else None
     for r0 in range(0, N, step):
         z = hidden[r0:r0 + step] @ weight.T  # (rows, V), dropped after this chunk
-        lp, ls, en = _rows_fwd(backend, z, ids[r0:r0 + step], 1.0 / temperature, ignore_index, with_entropy)
-        logp[r0:r0 + step], lse[r0:r0 + step] = lp, ls
-        if with_entropy:
-            ent[r0:r0 + step] = en
+        if side is not None:
+            # The row kernel (a pass over the chunk's logits, memory-bound) of chunk i runs on a side
+            # stream beside the next chunk's GEMM (compute-bound) on the main one; two chunks live.
+            side.wait_stream(main)
+            z.record_stream(side)  # its memory is not handed to the main stream's next chunk early
+            ctx = torch.cuda.stream(side)
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            lp, ls, en = _rows_fwd(backend, z, ids[r0:r0 + step], 1.0 / temperature, ignore_index, with_entropy)
+            logp[r0:r0 + step], lse[r0:r0 + step] = lp, ls
+            if with_entropy:
+                ent[r0:r0 + step] = en
+    if side is not None:
+        main.wait_stream(side)  # the outputs (allocated on main, written on side) are ready on main
     return logp, lse, ent
+
+
+_SIDE_STREAMS = {}
+
+
+def _side_stream(device):
+    """A second CUDA stream per device for _linear_fwd's overlap; None off CUDA, under torch.compile
+    (streams inside a traced graph) or while a CUDA graph is being captured."""
+    if device.type != "cuda" or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SIDE_STREAMS:
+        _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
+    return _SIDE_STREAMS[idx]
 
 
 def _linear_fwd_by_vocab(hidden, weight, ids, inv_t, ignore_index, with_entropy, chunk_bytes, backend):
