@@ -38,7 +38,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ceilings, device_name, emit_json, peak_extra_bytes, print_table, sync  # noqa: E402
+from common import ceilings, device_name, emit_json, peak_extra_bytes, print_table, profile_table, sync  # noqa: E402
 
 from reasonrl.models import AttnContext, CausalLM, ModelConfig, builtin_path  # noqa: E402
 from reasonrl.ops import linear_token_logprobs  # noqa: E402
@@ -164,7 +164,7 @@ def flops(cfg, lens):
     return 6 * per_tok * sum(lens) + attn
 
 
-def run(preset, B, T, vary, device, amp, ckpt, hf_ckpt, rep):
+def run(preset, B, T, vary, device, amp, ckpt, hf_ckpt, rep, profile=False):
     cfg = make_config(preset)
     ours, hf = build_models(cfg, device, seed=0)
     ours.gradient_checkpointing = ckpt
@@ -181,6 +181,8 @@ def run(preset, B, T, vary, device, amp, ckpt, hf_ckpt, rep):
         fns["reasonrl, PyTorch elementwise"] = lambda: _unfused(step_ours, ours, b, amp, device)
     times = time_alternating(list(fns.values()), device, warmup=1, rep=rep)
     for (name, fn), ms in zip(fns.items(), times):
+        if profile:
+            profile_table(fn, device, f"{preset} training step, {name}")
         peak = peak_bytes(fn, device)
         rows.append(dict(preset=preset, backend=name, B=B, T=T, tokens=ntok, lengths="vary" if vary else "equal",
                          dtype="bf16-autocast" if amp else "fp32", ckpt=ckpt if name == "reasonrl" else hf_ckpt,
@@ -209,6 +211,7 @@ def main():
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
     ap.add_argument("--rep", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the JSON line to this file")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step of each side")
     a = ap.parse_args()
     device = torch.device("cuda" if a.gpu or (a.preset and a.preset != ["tiny"] and torch.cuda.is_available()) else "cpu")
     presets = a.preset or (list(PRESETS) if a.gpu else ["tiny"])
@@ -219,7 +222,7 @@ def main():
     rows = []
     for p in presets:
         rows += run(p, B, T, vary, device, amp=gpu and not a.fp32, ckpt=a.ckpt, hf_ckpt=a.hf_ckpt,
-                    rep=a.rep or (5 if gpu else 7))
+                    rep=a.rep or (5 if gpu else 7), profile=a.profile)
     print(f"device: {device_name(device)}; torch {torch.__version__}")
     print_table(rows, ["preset", "backend", "B", "T", "tokens", "lengths", "dtype", "ckpt", "ms", "tok_per_s",
                        "peak_GiB", "TFLOPs", "floor_ms", "speedup", "mem_ratio", "loss_diff"])

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    ceilings, device_name, emit_json, exec_with_fixed_mmap_threshold, measured, peak_extra_bytes, print_table,
+    ceilings, device_name, emit_json, exec_with_fixed_mmap_threshold, measured, peak_extra_bytes, print_table, profile_table,
     time_ms,
 )
 
@@ -150,6 +150,8 @@ def bench_shape(name, T, H, I, E, K, dtype, device, ceil, args, rows, decode=Fal
         except Exception as e:  # noqa: BLE001 - print and go on: one failing reference must not stop the table
             print(f"# {impl} at {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
             continue
+        if getattr(args, "profile", False) and impl.startswith("reasonrl"):
+            profile_table(fwd if decode else fb, device, f"{impl} at {name}")
         t = t_f if decode else t_fb
         base = base or t
         floor = (flop_f if decode else 3 * flop_f) / ceil["mm_flops"] * 1e3
@@ -170,6 +172,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rep", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the JSON line to this file")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one call of ours per shape")
     p.add_argument("--no-pin", action="store_true",
                    help="CPU: keep glibc's dynamic mmap threshold (what a training process has): truer times, "
                         "but the peak-memory column then misses freed heap memory")

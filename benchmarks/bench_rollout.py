@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ceilings, device_name, emit_json, print_table, time_ms  # noqa: E402
+from common import ceilings, device_name, emit_json, print_table, profile_table, time_ms  # noqa: E402
 
 from reasonrl.engine import LLMEngine, SamplingParams  # noqa: E402
 from reasonrl.ops import _backend  # noqa: E402
@@ -115,6 +115,7 @@ def main():
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="weights and KV cache of both sides (default: bfloat16 on GPU, float32 on CPU)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one more call of ours")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,6 +163,8 @@ def main():
     if args.gpu:
         wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         floor = gen_tokens / (new * wbytes / ceilings(device)["copy_Bps"])
+    if args.profile:
+        profile_table(ours, device, f"LLMEngine.generate, {P} x {G} samples, {new} new tokens")
     op_rows = bench_decode_op(cfg, model.head_dim, P * G, plen + new, args.block_size, device, dtype)
     print(f"device: {device_name(device)}; model {cfg.arch} H={cfg.hidden_size} L={cfg.num_hidden_layers} "
           f"V={cfg.vocab_size} {str(dtype).replace('torch.', '')}; {P} prompts x {G} samples, prompt {plen}, "

@@ -151,3 +151,21 @@ def emit_json(obj, path=None):
         with open(path, "w") as f:
             f.write(line + "\n")
     print(line)
+
+
+def profile_table(fn, device, title, rows=20):
+    """One call of fn under torch.profiler (after the timed runs, so compiles and graph captures are
+    done): the ops and kernels that took the most device (or CPU) time, and the call's wall time.
+    For finding where a step's time goes; the numbers in tables come from the timed runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    wall = (time.perf_counter() - t) * 1e3
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"# profile: {title}: one call {wall:.2f} ms wall under the profiler")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
