@@ -162,6 +162,9 @@ def backends_for(dev):
     return [b for b in ("cpp", "triton", "cuda") if _backend.why_unavailable(b, dev) is None]
 
 
+PROFILE = False  # --profile
+
+
 def run_case(form, B, T, V, G, dtype, dev, H, warmup, reps, with_compile, only):
     x, ids, mask, rewards, old, ref = make_inputs(B, T, V, G, dtype, dev, H)
     leaves = {k: v.requires_grad_(True) for k, v in x.items()}
@@ -209,6 +212,11 @@ def run_case(form, B, T, V, G, dtype, dev, H, warmup, reps, with_compile, only):
                     ms_fwd_ng, _ = measure(f, dev, warmup, reps)
                 ms_fwd, _ = measure(f, dev, warmup, reps)
             ms, peak = measure(fwd_bwd(f), dev, warmup, reps)
+            if PROFILE and (name.startswith("reasonrl") or name.startswith("liger")):
+                sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+                from common import profile_table
+
+                profile_table(fwd_bwd(f), dev, f"{form} form, {name}, fwd+bwd")
             rows.append(dict(form=form, backend=name, fwd_nograd_ms=ms_fwd_ng, fwd_ms=ms_fwd, fwd_bwd_ms=ms,
                              peak_extra_GiB=peak))
         except Exception as ex:  # a missing or failing baseline is reported, not fatal
@@ -307,7 +315,11 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile on CPU)")
     ap.add_argument("--only", nargs="*", default=None, help="substrings of backend names to run")
     ap.add_argument("--forms", nargs="*", default=["logits", "fused"])
+    ap.add_argument("--profile", action="store_true",
+                    help="print a torch.profiler table of one fwd+bwd of ours and Liger's")
     a = ap.parse_args(argv)
+    global PROFILE
+    PROFILE = a.profile
     dev = torch.device("cuda" if a.gpu else "cpu")
     if not a.gpu and argv is None:
         _exec_with_fixed_mmap_threshold()

@@ -4,16 +4,19 @@
 # Usage on a GPU machine, from the repo root:  bash benchmarks/device_check.sh
 # It keeps to a wall-clock budget (DEADLINE_S, default 540 s: inside one 600 s device call): each
 # stage's timeout is cut to what is left, and a benchmark that would start with under 45 s left is
-# skipped and named, so the call always ends with the summary. Benchmarks run in BENCHES order, the
-# goals never measured on a GPU first (logprobs, grpo, moe); the build and tests leave the first call
-# time for about logprobs and grpo, so a second call on the same warm machine runs the rest, e.g.
+# skipped and named, so the call always ends with the summary. Benchmarks run in BENCHES order.
+# Measured on an H200 (2026-11-27, NO_COMPILE=1, a fresh machine; the start took about 30 s more):
+# build 82 s, GPU tests 99 s (8 xdist workers; one test alone 60 s), grpo 54 s, moe 57 s, logprobs
+# 28 s, rollout 58 s, model 28 s: 407 s in all. Without NO_COMPILE=1 the torch.compile rows add their
+# compiles, so then run the rest in a second call on the same warm machine, e.g.
 #   SKIP_BUILD=1 SKIP_TESTS=1 BENCHES="moe rollout model train" bash benchmarks/device_check.sh
+# PROFILE=1 adds a torch.profiler table of ours to grpo, moe, rollout and model (the rollout's needs
+# about 40 s more). "train": six GRPO steps of `reasonrl grpo` on the GPU (23 s).
 # The Liger-Kernel wheel in .whl/ (git-ignored) reaches the machine only when the call carries it
 # (the device tool's carry: [".whl"]); without it every Liger reference row is skipped.
 # Every benchmark prints "# measured {...}" per row as it finishes, so a stage cut off by its cap
-# keeps its finished rows in $OUT/NAME.log.
-# ("train": six GRPO steps of `reasonrl grpo` on the GPU.) Nothing here has been timed on a GPU since
-# the benchmarks grew; the per-stage caps below are guesses from the CPU.
+# keeps its finished rows in $OUT/NAME.log. Past 7 files in $OUT the logs are packed into logs.tgz
+# (the device tool brings back at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device_out}; mkdir -p "$OUT"
@@ -28,6 +31,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # optional peers (liger-kernel) carried 
 fi
 BENCHES=${BENCHES:-"logprobs grpo moe rollout model"}
 nc=(); [ "${NO_COMPILE:-0}" = 1 ] && nc=(--no-compile)  # skip the torch.compile rows (their compiles take longest)
+pf=(); [ "${PROFILE:-0}" = 1 ] && pf=(--profile)  # grpo, moe, rollout, model: a torch.profiler table of ours
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   stamp "build"
@@ -54,10 +58,10 @@ run_bench() {  # name, timeout, command...
 for name in $BENCHES; do  # in the order given
   case $name in
     logprobs) run_bench logprobs "${BENCH_TIMEOUT:-150}" python3 benchmarks/bench_logprobs.py --gpu "${nc[@]}" --json "$OUT/logprobs.json";;
-    grpo) run_bench grpo 180 python3 benchmarks/bench_grpo.py --gpu "${nc[@]}" --json "$OUT/grpo.json";;
-    moe) run_bench moe 120 python3 benchmarks/bench_moe.py --gpu --json "$OUT/moe.json";;
-    rollout) run_bench rollout 150 python3 benchmarks/bench_rollout.py --gpu --rep 2 --json "$OUT/rollout.json";;
-    model) run_bench model 90 python3 benchmarks/bench_model.py --gpu --json "$OUT/model.json";;
+    grpo) run_bench grpo 180 python3 benchmarks/bench_grpo.py --gpu "${nc[@]}" "${pf[@]}" --json "$OUT/grpo.json";;
+    moe) run_bench moe 120 python3 benchmarks/bench_moe.py --gpu "${pf[@]}" --json "$OUT/moe.json";;
+    rollout) run_bench rollout 150 python3 benchmarks/bench_rollout.py --gpu --rep 2 "${pf[@]}" --json "$OUT/rollout.json";;
+    model) run_bench model 90 python3 benchmarks/bench_model.py --gpu "${pf[@]}" --json "$OUT/model.json";;
     train)  # the trainer itself on the GPU (device cuda, bf16 autocast): s/step in its log
       # random weights score 0 everywhere: without --dynamic_sampling false every group is dropped and
       # nothing trains; mu 2 and beta > 0 take the old-policy and reference paths too

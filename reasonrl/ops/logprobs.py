@@ -238,7 +238,9 @@ def _linear_fwd(hidden, weight, ids, temperature, ignore_index, with_entropy, ch
     logp = hidden.new_empty(N, dtype=torch.float32)
     lse = hidden.new_empty(N, dtype=torch.float32)
     ent = hidden.new_empty(N, dtype=torch.float32) if with_entropy else None
-    step = _chunk(chunk_bytes, V, N, hidden.element_size(), align=64)
+    # NOTE: rows in multiples of 256, the GEMM's tile height (128 or 256): at N=16384, V=151936 bf16 a
+    # 512 MiB chunk held 1728 rows (64-aligned), 13.5 tiles of 128, the last tile row half empty
+    step = _chunk(chunk_bytes, V, N, hidden.element_size(), align=256 if hidden.is_cuda else 64)
     side = _side_stream(hidden.device) if step < N else None
     main = torch.cuda.current_stream(hidden.device) if side is not None else None
     for r0 in range(0, N, step):
@@ -411,7 +413,8 @@ def linear_token_logprobs(hidden, weight, ids, temperature=1.0, *, ignore_index=
     hidden: (..., H); weight: (V, H) (the LM head), same dtype; ids: hidden's leading shape.
     With grad disabled (or no input requiring grad) this is the no-grad path for old-policy and
     reference-policy log-probs: nothing is saved for backward.
-    chunk_bytes: size of the logits chunk alive at a time (default 512 MiB on GPU, 128 MiB on CPU).
+    chunk_bytes: size of a chunk of logits (default 512 MiB on GPU, 128 MiB on CPU); the forward on
+        CUDA keeps two alive (one in its GEMM, the one before in the log-prob kernel on a side stream).
     """
     op = "linear_token_logprobs"
     for name, t in (("hidden", hidden), ("weight", weight)):
