@@ -105,19 +105,26 @@ def test_silu_mul(dtype, M, N, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_triton_decode_step_matches_model_forward(arch, dtype, device):
+@pytest.mark.parametrize("packed", [False, True])
+def test_triton_decode_step_matches_model_forward(arch, dtype, device, packed):
     """LeanDecode's GPU path (on CPU tensors forced, through the interpreter): the logits and the KV
-    cache of the model's decode forward, up to rounding."""
+    cache of the model's decode forward, up to rounding; packed: q/k/v (with Qwen2's biases) and
+    gate/up stored back to back by pack_for_decode, run as one GEMM each over row-strided views."""
     with torch.device(device):
-        from reasonrl.engine.decode_forward import lean_decode
+        from reasonrl.engine.decode_forward import lean_decode, pack_for_decode
 
         model, ids, pos, slots, lens, tables, kv = decode_case(arch, dtype, seed=3, pad_row=3)
         B = ids.shape[0]
         kv2 = kv.clone()
         model.to(device)
+        if packed:
+            assert pack_for_decode(model, force=True) and not pack_for_decode(model, force=True)  # once
         lean = lean_decode(model)
         assert lean is not None and lean.triton == (device == "cuda")  # on GPUs only, unless forced
         lean.triton = True
+        fused = lean.fused_weights()
+        assert all((w is not None, gu is not None) == (packed, packed) for w, _, gu in fused)
+        assert all((b is not None) == (packed and arch != "llama") for _, b, _ in fused)  # biases: qwen2, qwen3 here
         with torch.inference_mode():
             ctx = AttnContext(cu_seqlens=torch.arange(B + 1, dtype=torch.int32), max_seqlen=1, is_prefill=False,
                               slot_mapping=slots, block_tables=tables, context_lens=lens,
@@ -128,3 +135,37 @@ def test_triton_decode_step_matches_model_forward(arch, dtype, device):
         tol = {torch.float32: 1e-5, torch.bfloat16: 4e-2}[dtype]
         assert (got - ref).abs().max().item() < tol * scale
         assert (kv2.float() - kv.float()).abs().max().item() < tol * kv.float().abs().max().item()
+
+
+def test_pack_for_decode_keeps_parameters_training_and_checkpoints(tmp_path):
+    """pack_for_decode rebinds each parameter's storage (same Parameter objects, same values): a
+    training step on the packed model equals one on an unpacked copy to the bit, and it saves and
+    loads as before (safetensors refuses tensors that share storage: the saver copies them apart)."""
+    import copy
+
+    from reasonrl.engine.decode_forward import adjacent_rows, pack_for_decode
+    from reasonrl.models import load_model, save_model
+
+    model = decode_case("qwen2", torch.float32, seed=5, pad_row=0)[0]
+    plain = copy.deepcopy(model)
+    params = list(model.parameters())
+    assert pack_for_decode(model, force=True)
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    a = model.model.layers[0].self_attn
+    assert adjacent_rows([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) is not None
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    for m in (model, plain):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        m.train()
+        logits = m.compute_logits(m(ids[0], torch.arange(9), AttnContext.from_lengths([9])))
+        torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:]).backward()
+        opt.step()
+    for (name, x), y in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(x, y), name
+    assert adjacent_rows([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) is not None  # still packed
+    save_model(model, str(tmp_path / "m"))
+    back = load_model(str(tmp_path / "m"))
+    for (name, x), y in zip(back.named_parameters(), model.parameters()):
+        assert torch.equal(x, y), name

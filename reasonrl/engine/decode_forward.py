@@ -28,6 +28,41 @@ from reasonrl.ops.paged import _CPP_FLOATS, _cpp_has, paged_attention_decode, st
 SPLIT_MAX_WEIGHT_BYTES = 16 * 2**20
 
 
+def adjacent_rows(ts):
+    """One view over tensors stored back to back in one storage (2-D with the same columns: rows
+    stacked; 1-D: concatenated), or None where they are not: q/k/v (or gate/up) as one GEMM's weight
+    without a copy."""
+    t0 = ts[0]
+    if any(t is None for t in ts):
+        return None
+    cols = t0.shape[1:]
+    if not all(t.is_contiguous() and t.dtype == t0.dtype and t.device == t0.device and t.shape[1:] == cols
+               and t.untyped_storage().data_ptr() == t0.untyped_storage().data_ptr() for t in ts):
+        return None
+    off = t0.storage_offset()
+    for t in ts:
+        if t.storage_offset() != off:
+            return None
+        off += t.numel()
+    shape = (sum(t.shape[0] for t in ts), *cols)
+    return t0.as_strided(shape, torch.empty(shape, device="meta").stride(), t0.storage_offset())
+
+
+def pack_rows(params):
+    """Store the parameters back to back in one new buffer, so that adjacent_rows sees them as one:
+    the same Parameter objects (their .data rebound; an optimizer holding them is unaffected), the same
+    values, the old storage freed. Made outside inference mode, so training can use them after."""
+    with torch.inference_mode(False), torch.no_grad():
+        p0 = params[0]
+        buf = torch.empty(sum(p.numel() for p in params), dtype=p0.dtype, device=p0.device)
+        off = 0
+        for p in params:
+            n = p.numel()
+            buf[off:off + n].copy_(p.detach().reshape(-1))
+            p.data = buf[off:off + n].view(p.shape)
+            off += n
+
+
 def _rms(x, w, eps):
     xf = x.float()  # as RMSNorm.forward
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -47,6 +82,28 @@ def lean_decode(model):
     return LeanDecode(model)
 
 
+def pack_for_decode(model, force=False) -> bool:
+    """Where the decode step runs its GPU path (LeanDecode.triton), store each layer's q/k/v weights
+    (and biases) and gate/up weights back to back (pack_rows), so that they run as one GEMM each.
+    Called by the engine before it sizes the KV cache (the packing briefly holds one group twice).
+    Cheap when already packed. force: on any device (tests). -> whether anything was packed."""
+    lean = lean_decode(model)
+    if lean is None or not (lean.triton or force):
+        return False
+    packed = False
+    for layer in model.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        bs = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
+        groups = [[a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], [mlp.gate_proj.weight, mlp.up_proj.weight]]
+        if all(b is not None for b in bs):
+            groups.append(bs)
+        for g in groups:
+            if adjacent_rows(g) is None:
+                pack_rows(g)
+                packed = True
+    return packed
+
+
 class LeanDecode:
     def __init__(self, model):
         self.model = model
@@ -63,6 +120,10 @@ class LeanDecode:
         # On GPU: the elementwise work between the GEMMs as 3 Triton launches per layer (kernels/decode.py)
         self.triton = p.device.type == "cuda" and p.dtype in (torch.float16, torch.bfloat16, torch.float32) \
             and model.config.hidden_size <= 16384 and _triton_ok() and not _interpret()  # a row per program
+        # There, q/k/v and gate/up run as one GEMM each (two and one fewer launches per layer, wider
+        # GEMMs at decode's few rows) over views of the model's own weights where the engine stored
+        # them back to back (pack_for_decode: once; nothing is copied per step); else three and two
+        self._fused = None
         # Whole decode windows in C++ (decode_window_fwd): the stacked layers, and RoPE from inv_freq
         # (not dynamic NTK, which recomputes it from the positions)
         self.windows = self.stack is not None and _cpp_has("decode_window_fwd") and not model.rotary.dynamic
@@ -126,13 +187,19 @@ class LeanDecode:
 
         m, B = self.model, x.shape[0]
         layers = m.model.layers
+        fused = self.fused_weights()
         n0 = layers[0].input_layernorm
         h, s = add_rms_norm(x, n0.weight, n0.eps)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(layers, kv_caches)):
             a = layer.self_attn
-            q = F.linear(h, a.q_proj.weight, a.q_proj.bias).view(B, a.nh, a.hd)
-            k = F.linear(h, a.k_proj.weight, a.k_proj.bias).view(B, a.nkv, a.hd)
-            v = F.linear(h, a.v_proj.weight, a.v_proj.bias).view(B, a.nkv, a.hd)
+            w_qkv, b_qkv, w_gu = fused[i] if fused else (None, None, None)
+            if w_qkv is not None:  # one GEMM, split into row-strided views (the kernels take strides)
+                q, k, v = F.linear(h, w_qkv, b_qkv).split([a.nh * a.hd, a.nkv * a.hd, a.nkv * a.hd], 1)
+                q, k, v = q.view(B, a.nh, a.hd), k.view(B, a.nkv, a.hd), v.view(B, a.nkv, a.hd)
+            else:
+                q = F.linear(h, a.q_proj.weight, a.q_proj.bias).view(B, a.nh, a.hd)
+                k = F.linear(h, a.k_proj.weight, a.k_proj.bias).view(B, a.nkv, a.hd)
+                v = F.linear(h, a.v_proj.weight, a.v_proj.bias).view(B, a.nkv, a.hd)
             if a.qk_norm:
                 q = add_rms_norm(q.reshape(B * a.nh, a.hd), a.q_norm.weight, a.q_norm.eps)[0].view(B, a.nh, a.hd)
                 k = add_rms_norm(k.reshape(B * a.nkv, a.hd), a.k_norm.weight, a.k_norm.eps)[0].view(B, a.nkv, a.hd)
@@ -142,11 +209,33 @@ class LeanDecode:
             n2 = layer.post_attention_layernorm
             h, s = add_rms_norm(o, n2.weight, n2.eps, residual=s)  # s = x + attention
             mlp = layer.mlp
-            y = F.linear(silu_mul(F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight)),
-                         mlp.down_proj.weight)
+            if w_gu is not None:
+                gu = F.linear(h, w_gu)  # (B, 2I): [gate | up]
+                inner = gu.shape[1] // 2
+                act = silu_mul(gu[:, :inner], gu[:, inner:])
+            else:
+                act = silu_mul(F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight))
+            y = F.linear(act, mlp.down_proj.weight)
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else m.model.norm
             h, s = add_rms_norm(y, nxt.weight, nxt.eps, residual=s)  # s = x + mlp; h: the next norm
         return m.compute_logits(h)
+
+    def fused_weights(self):
+        """Per layer (q/k/v weight, its bias or None, gate/up weight) as single views over the model's
+        parameters where they lie back to back (pack_for_decode), else Nones. Computed once per
+        LeanDecode (one generate() call: the parameters do not change inside it)."""
+        if self._fused is None:
+            out = []
+            for layer in self.model.model.layers:
+                a, mlp = layer.self_attn, layer.mlp
+                bs = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
+                w = adjacent_rows([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+                b = adjacent_rows(bs) if all(t is not None for t in bs) else None
+                if any(t is not None for t in bs) and b is None:  # biases not packed (or only some): 3 GEMMs
+                    w = None
+                out.append((w, b, adjacent_rows([mlp.gate_proj.weight, mlp.up_proj.weight])))
+            self._fused = out
+        return self._fused
 
     @staticmethod
     def _layer(layer, x, cos, sin, k_cache, v_cache, slots, lens, tables):

@@ -30,6 +30,7 @@ import time
 import torch
 
 from reasonrl.engine.block_manager import BlockManager
+from reasonrl.engine.decode_forward import pack_for_decode
 from reasonrl.engine.runner import Runner, kv_bytes_per_block
 from reasonrl.engine.sampler import Sampler
 from reasonrl.engine.scheduler import Scheduler
@@ -182,6 +183,7 @@ class LLMEngine:
         max_len = max(s.num_prompt_tokens + s.params.max_tokens for s in seqs)
         max_blocks = (max_len + self.block_size - 1) // self.block_size
         model = self._rollout_model()
+        pack_for_decode(model)  # q/k/v and gate/up back to back for the GPU decode step, before KV sizing
         bm = BlockManager(self._num_blocks(seqs, max_blocks, model), self.block_size)
         sched = Scheduler(bm, self.max_num_seqs, self.max_num_batched_tokens)
         for g in groups:
