@@ -4,8 +4,8 @@ store_kv: program t copies token t's (Hkv, D) keys and values to its slot (block
 slot -1 writes nothing.
 
 Decode attention (flash-decoding): one query token per sequence b. The context 0..n-1
-(n = context_lens[b]) is cut into S splits; program (b, h, s) handles kv head h, its G = Hq / Hkv
-query heads together (each key/value row is read once for the whole group: grouped-query
+(n = context_lens[b]) is cut into S splits of ceil(n / S) keys (rounded up to whole tiles of
+BLOCK_N keys); program (b, h, s) handles kv head h, its G = Hq / Hkv query heads together (each key/value row is read once for the whole group: grouped-query
 attention's bandwidth saving; the G heads are padded to 16 rows so both products run as tl.dot on
 tensor cores) and the keys of split s, with an online softmax in float32:
     m = max_j s_j,  l = sum_j exp(s_j - m),  o = sum_j exp(s_j - m) v_j / l,  lse = m + log l
@@ -47,7 +47,7 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
 @triton.jit
 def _paged_decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, mid_o_ptr, mid_lse_ptr, scale,
                                stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb,
-                               split_len, S, BS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                               S, BS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                                BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
                                UPCAST: tl.constexpr):
@@ -64,6 +64,9 @@ def _paged_decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, mid_o
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    # this sequence's own context cut into S splits (whole BLOCK_N tiles): every split of a sequence
+    # has work, whatever the width of the block tables (a CUDA graph's are the longest sequence's)
+    split_len = tl.cdiv(tl.cdiv(n, S), BLOCK_N) * BLOCK_N
     start = s * split_len
     end = tl.minimum(start + split_len, n)
     for j0 in range(start, end, BLOCK_N):
@@ -126,8 +129,9 @@ def store_kv_fwd(k, v, k_cache, v_cache, slot_mapping):
 
 
 def num_splits_for(B: int, Hkv: int, max_len: int) -> int:
-    """Enough programs to fill a GPU (~1024 of them), but at least 128 keys per split."""
-    by_len = triton.cdiv(max_len, 128)
+    """Enough programs to fill a GPU (~1024 of them), with at least 64 keys a split at the longest
+    context (each sequence splits its own context: shorter ones get shorter splits)."""
+    by_len = triton.cdiv(max_len, 64)
     by_fill = max(1, 1024 // max(1, B * Hkv))
     return max(1, min(by_len, by_fill, 64))
 
@@ -148,13 +152,12 @@ def paged_attention_decode_fwd(q, k_cache, v_cache, block_tables, context_lens, 
     S = num_splits or num_splits_for(B, Hkv, max_len)
     BLOCK_N = 32
     upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
-    split_len = triton.cdiv(triton.cdiv(max_len, S), BLOCK_N) * BLOCK_N
     mid_o = torch.empty(B, Hq, S, D, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
     _paged_decode_split_kernel[(B, Hkv, S)](
         q, k_cache, v_cache, block_tables, context_lens.contiguous(), mid_o, mid_lse, float(scale),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        split_len, S, BS=bs, G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)),
+        S, BS=bs, G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=BLOCK_N,
         PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)
     # S is a runtime argument (only index arithmetic): without CUDA graphs the block tables widen as

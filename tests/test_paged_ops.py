@@ -45,6 +45,23 @@ def make_case(B, Hq, Hkv, D, bs, max_len, dtype, num_blocks=None):
     return q, kc, vc, tables, lens
 
 
+@pytest.mark.parametrize("num_splits", [2, 8, 64])
+def test_triton_decode_splits_follow_each_context(num_splits):
+    """Each sequence cuts its own context into the splits (whole 32-key tiles), whatever the width of
+    the block tables: a CUDA graph's tables are as wide as the longest sequence allows; contexts
+    below, at and past tile edges, and shorter than the split count."""
+    from reasonrl.kernels.paged import paged_attention_decode_fwd
+
+    q, kc, vc, _, lens = make_case(5, 4, 2, 16, 4, 300, torch.float32)
+    lens.copy_(torch.tensor([1, 33, 64, 65, 300], dtype=lens.dtype))
+    tables = torch.randperm(kc.shape[0])[: 5 * 75].view(5, 75).int()  # every block of 300 keys its own
+    wide = torch.cat([tables, torch.zeros(5, 200, dtype=tables.dtype)], 1)  # 800 keys more than any
+    ref64 = loop_decode(q, kc, vc, tables, lens, 0.3)
+    out = paged_attention_decode_fwd(q, kc, vc, wide, lens, 0.3, num_splits=num_splits)
+    same = paged_attention_decode_reference(q, kc, vc, tables, lens, 0.3)
+    assert_close_to_ref(out, ref64, same, torch.float32, f"splits={num_splits}")
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,Hq,Hkv,D,bs,max_len", [(3, 4, 2, 16, 16, 37), (2, 6, 1, 12, 5, 23), (4, 2, 2, 32, 1, 9),
