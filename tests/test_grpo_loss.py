@@ -88,6 +88,20 @@ def away_from_clip(lp, old, margin=0.05, bounds=(math.log(0.8), math.log(1.28), 
     return (lp.double() - r).float()
 
 
+def seq_away_from_clip(lp, old, mask, margin=0.05, bounds=(math.log(0.8), math.log(1.28), math.log(1.5))):
+    """GSPO's version: shift each row's old log-probs so that its mean log-ratio over the mask (the
+    sequence ratio's log) sits at least `margin` from every clip boundary. Per-token margins do not
+    keep the mean away (one bf16 seed in about 1,000 flipped a sequence's clip decision)."""
+    m = mask.double()
+    cnt = m.sum(1)
+    r = (m * (lp.double() - old.double())).sum(1) / cnt.clamp(min=1)  # (B,)
+    shift = torch.zeros_like(r)
+    for b in bounds:
+        close = ((r + shift - b).abs() < margin) & (cnt > 0)
+        shift = torch.where(close, b + torch.where(r + shift >= b, margin, -margin) - r, shift)
+    return (old.double() - shift[:, None]).float()  # r = lp - old rises by shift
+
+
 # ---- the GRPO kernels alone (log-probs given), every combination --------------------------------
 
 def run_from_logprobs(backend, c, lp, ent, b, G, up):
@@ -112,12 +126,15 @@ def check_combos(backend, combos, B, T, G, device="cpu"):
     # no token's ratio within 0.05 (in log) of a clip edge: CUDA's fast-math expf (a few ulp) may
     # decide such a token on the other side than the float32 reference does
     b["old"], b["ref"] = away_from_clip(lp, near(lp, 0.3)), near(lp, 0.5)
-    b, lp, ent = {k: v.to(device) for k, v in b.items()}, lp.to(device), ent.to(device)
+    b_seq = {**b, "old": seq_away_from_clip(lp, b["old"], b["mask"])}  # for GSPO's sequence ratios
+    b, b_seq = ({k: v.to(device) for k, v in x.items()} for x in (b, b_seq))
+    lp, ent = lp.to(device), ent.to(device)
     up = torch.randn(()).to(device)  # one shared upstream gradient
     for c in combos:
-        r64 = run_from_logprobs("reference", c, lp.double(), ent.double(), b, G, up)
-        r32 = run_from_logprobs("reference", c, lp, ent, b, G, up)
-        out = run_from_logprobs(backend, c, lp, ent, b, G, up)
+        bc = b_seq if c["importance_sampling"] == "sequence" else b
+        r64 = run_from_logprobs("reference", c, lp.double(), ent.double(), bc, G, up)
+        r32 = run_from_logprobs("reference", c, lp, ent, bc, G, up)
+        out = run_from_logprobs(backend, c, lp, ent, bc, G, up)
         for i, name in ((0, "loss"), (2, "grad_logp"), (3, "grad_entropy")):
             assert_close_to_ref(out[i], r64[i], r32[i], torch.float32, f"{backend} {c} {name}")
         assert set(out[1]) == set(r64[1]), f"{c}: metric keys {sorted(out[1])} != {sorted(r64[1])}"
@@ -257,6 +274,8 @@ def check_fused_form(backend, single_pass, config, device):
     with torch.no_grad():
         lp = torch.log_softmax((hidden @ weight.T).double(), -1).gather(-1, ids.view(-1, 1)).view(B, T)
     old, ref = away_from_clip(lp, near(lp, 0.3)), near(lp, 0.5)
+    if LOGIT_CONFIGS[config]["importance_sampling"] == "sequence":
+        old = seq_away_from_clip(lp, old, b["mask"])
     up = torch.randn(())
     b = {k: v.to(device) for k, v in b.items()}
     hidden, weight, ids, old, ref, up = (t.to(device) for t in (hidden, weight, ids, old, ref, up))
