@@ -475,6 +475,11 @@ def test_gpu_greedy_matches_transformers(hf_and_ours, graphs, template):
     out = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
     assert eng.stats["common_prefix_tokens"] == (16 if template else 0)
     assert (eng.stats["graph_capture_s"] > 0) == graphs
+    from reasonrl.engine.decode_forward import adjacent_rows
+
+    a, mlp = ours.model.layers[0].self_attn, ours.model.layers[0].mlp  # the fused GEMMs' weights are packed
+    assert adjacent_rows([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) is not None
+    assert adjacent_rows([mlp.gate_proj.weight, mlp.up_proj.weight]) is not None
     for p, g in zip(prompts[::4], out[::4]):
         ids = torch.tensor([p], device=dev)
         ref = hf_gpu.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
