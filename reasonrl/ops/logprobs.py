@@ -21,7 +21,6 @@ so the backward costs 6NHV FLOPs and the whole op 8NHV, with one chunk of logits
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 
@@ -242,24 +241,46 @@ def _linear_fwd(hidden, weight, ids, temperature, ignore_index, with_entropy, ch
     # 512 MiB chunk held 1728 rows (64-aligned), 13.5 tiles of 128, the last tile row half empty
     step = _chunk(chunk_bytes, V, N, hidden.element_size(), align=256 if hidden.is_cuda else 64)
     side = _side_stream(hidden.device) if step < N else None
-    main = torch.cuda.current_stream(hidden.device) if side is not None else None
+    if side is not None:
+        return _linear_fwd_overlapped(hidden, weight, ids, temperature, ignore_index, with_entropy, backend,
+                                      step, side, logp, lse, ent)
     for r0 in range(0, N, step):
         z = hidden[r0:r0 + step] @ weight.T  # (rows, V), dropped after this chunk
-        if side is not None:
-            # The row kernel (a pass over the chunk's logits, memory-bound) of chunk i runs on a side
-            # stream beside the next chunk's GEMM (compute-bound) on the main one; two chunks live.
+        lp, ls, en = _rows_fwd(backend, z, ids[r0:r0 + step], 1.0 / temperature, ignore_index, with_entropy)
+        logp[r0:r0 + step], lse[r0:r0 + step] = lp, ls
+        if with_entropy:
+            ent[r0:r0 + step] = en
+    return logp, lse, ent
+
+
+def _linear_fwd_overlapped(hidden, weight, ids, temperature, ignore_index, with_entropy, backend, step, side,
+                           logp, lse, ent):
+    """_linear_fwd on CUDA: the row kernel (a pass over a chunk's logits, memory-bound) of chunk i runs
+    on a side stream beside chunk i + 1's GEMM (compute-bound) on the main one, in two buffers of
+    `step` rows taken in turn: a buffer's next GEMM waits for the row kernel that read it (an event),
+    so exactly two chunks of logits are alive however far the host runs ahead (freed chunks handed
+    between streams with record_stream would stay reserved until the side stream caught up)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    main = torch.cuda.current_stream(hidden.device)
+    bufs, done = [], [None, None]
+    with torch.autocast("cuda", enabled=False):
+        for i, r0 in enumerate(range(0, N, step)):
+            rows, j = min(step, N - r0), i % 2
+            if len(bufs) <= j:
+                bufs.append(torch.empty(min(step, N), V, dtype=hidden.dtype, device=hidden.device))
+            if done[j] is not None:
+                main.wait_event(done[j])  # the row kernel that read this buffer two chunks ago
+            z = bufs[j][:rows]
+            torch.mm(hidden[r0:r0 + rows], weight.t(), out=z)
             side.wait_stream(main)
-            z.record_stream(side)  # its memory is not handed to the main stream's next chunk early
-            ctx = torch.cuda.stream(side)
-        else:
-            ctx = contextlib.nullcontext()
-        with ctx:
-            lp, ls, en = _rows_fwd(backend, z, ids[r0:r0 + step], 1.0 / temperature, ignore_index, with_entropy)
-            logp[r0:r0 + step], lse[r0:r0 + step] = lp, ls
-            if with_entropy:
-                ent[r0:r0 + step] = en
-    if side is not None:
-        main.wait_stream(side)  # the outputs (allocated on main, written on side) are ready on main
+            with torch.cuda.stream(side):
+                lp, ls, en = _rows_fwd(backend, z, ids[r0:r0 + rows], 1.0 / temperature, ignore_index,
+                                       with_entropy)
+                logp[r0:r0 + rows], lse[r0:r0 + rows] = lp, ls
+                if with_entropy:
+                    ent[r0:r0 + rows] = en
+                done[j] = side.record_event()
+    main.wait_stream(side)  # the outputs (allocated on main, written on side) and the buffers' last reads
     return logp, lse, ent
 
 
