@@ -169,3 +169,25 @@ def test_pack_for_decode_keeps_parameters_training_and_checkpoints(tmp_path):
     back = load_model(str(tmp_path / "m"))
     for (name, x), y in zip(back.named_parameters(), model.parameters()):
         assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_engine_packs_the_model_and_its_rollout_copy(dtype, monkeypatch):
+    """pack_for_decode where the engine calls it on CUDA (forced here): on the model itself, and on the
+    dtype-cast copy the engine makes for a call (made outside inference mode so that it can be
+    packed; as inference tensors it had failed at its next use): the same completions as unpacked."""
+    import copy
+
+    import reasonrl.engine.llm_engine as le
+    from reasonrl.engine import LLMEngine, SamplingParams
+    from reasonrl.engine.decode_forward import pack_for_decode
+
+    model = decode_case("qwen2", torch.float32, seed=5)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    ref = LLMEngine(copy.deepcopy(model), max_num_seqs=4, dtype=dtype).generate(prompts, params)
+    calls = []
+    monkeypatch.setattr(le, "pack_for_decode", lambda m: calls.append(pack_for_decode(m, force=True)))
+    got = LLMEngine(model, max_num_seqs=4, dtype=dtype).generate(prompts, params)
+    assert calls == [True]
+    assert [c.token_ids for g in got for c in g] == [c.token_ids for g in ref for c in g]

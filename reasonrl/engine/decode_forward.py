@@ -51,7 +51,11 @@ def adjacent_rows(ts):
 def pack_rows(params):
     """Store the parameters back to back in one new buffer, so that adjacent_rows sees them as one:
     the same Parameter objects (their .data rebound; an optimizer holding them is unaffected), the same
-    values, the old storage freed. Made outside inference mode, so training can use them after."""
+    values, the old storage freed. Made outside inference mode, so training can use them after.
+    Parameters that are inference tensors (made in inference mode) are left as they are: rebinding
+    their .data leaves tensors that fail at their next use. -> whether they were packed."""
+    if any(p.is_inference() for p in params):
+        return False
     with torch.inference_mode(False), torch.no_grad():
         p0 = params[0]
         buf = torch.empty(sum(p.numel() for p in params), dtype=p0.dtype, device=p0.device)
@@ -61,6 +65,7 @@ def pack_rows(params):
             buf[off:off + n].copy_(p.detach().reshape(-1))
             p.data = buf[off:off + n].view(p.shape)
             off += n
+    return True
 
 
 def _rms(x, w, eps):
@@ -98,8 +103,7 @@ def pack_for_decode(model, force=False) -> bool:
         if all(b is not None for b in bs):
             groups.append(bs)
         for g in groups:
-            if adjacent_rows(g) is None:
-                pack_rows(g)
+            if adjacent_rows(g) is None and pack_rows(g):
                 packed = True
     return packed
 

@@ -155,9 +155,12 @@ class LLMEngine:
         p = next(self.model.parameters())
         if self.dtype is None or p.dtype == self.dtype:
             return self.model
-        memo = {id(q): torch.nn.Parameter(q.detach().to(self.dtype), requires_grad=False)
-                for q in self.model.parameters()}
-        return copy.deepcopy(self.model, memo).eval()
+        # made outside inference mode (generate() runs in it): inference tensors as parameters could
+        # not be stored back to back by pack_for_decode (their .data cannot be rebound)
+        with torch.inference_mode(False):
+            memo = {id(q): torch.nn.Parameter(q.detach().to(self.dtype), requires_grad=False)
+                    for q in self.model.parameters()}
+            return copy.deepcopy(self.model, memo).eval()
 
     def _num_blocks(self, seqs, max_len_blocks, model):
         bpb = kv_bytes_per_block(model, self.block_size, next(model.parameters()).dtype)
