@@ -504,6 +504,7 @@ def _nan_and_dead_rows(E):
     z[3, : E // 2] = float("-inf")
     # softmax: subnormal scores, kept apart; float32 sigmoid: 0 (exp(-z) overflows), ties by id
     z[4] = torch.tensor([0.0, -100.0, -90.0, -95.0] + [-97.0 - 2 * i for i in range(E - 4)])
+    z[5] = 17.0 + torch.arange(E, dtype=torch.float32).flip(0)  # float32 sigmoid: all 1.0, ties by id
     return z, torch.randperm(E).float() * 0.01
 
 

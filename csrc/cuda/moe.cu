@@ -70,8 +70,11 @@ __global__ void moe_router_kernel(int64_t* __restrict__ ids, const void* __restr
     const double z = static_cast<double>(load_f(logits, dt, row + e));
     // sigmoid as float32 computes it (the reference, the CPU kernel): exp(-z) overflows to inf below
     // z = -ln(FLT_MAX) and the score is 0, not the subnormal that double gives (those ranked apart)
-    const double s = sigmoid ? (-z > kLnFltMax ? 0.0 : 1.0 / (1.0 + exp(-z)))
-                             : dead ? 0.0 : exp(z - static_cast<double>(m));
+    // and above 0.5 rounded to float, as float32 rounds it: from z ~ 16.6 up every score is 1.0f and
+    // the experts tie (ids by index there), where double would rank them apart
+    double s = sigmoid ? (-z > kLnFltMax ? 0.0 : 1.0 / (1.0 + exp(-z)))
+                       : dead ? 0.0 : exp(z - static_cast<double>(m));
+    if (sigmoid && s > 0.5) s = static_cast<double>(__double2float_rn(s));  // a normal float: no flush
     sel[e] = s;
     sum += s;
     taken[e] = 0;
