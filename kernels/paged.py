@@ -5,9 +5,10 @@ slot -1 writes nothing.
 
 Decode attention (flash-decoding): one query token per sequence b. The context 0..n-1
 (n = context_lens[b]) is cut into S splits of ceil(n / S) keys (rounded up to whole tiles of
-BLOCK_N keys); program (b, h, s) handles kv head h, its G = Hq / Hkv query heads together (each key/value row is read once for the whole group: grouped-query
-attention's bandwidth saving; the G heads are padded to 16 rows so both products run as tl.dot on
-tensor cores) and the keys of split s, with an online softmax in float32:
+BLOCK_N keys); program (b, h, s) handles kv head h, its G = Hq / Hkv query heads together (each
+key/value row is read once for the whole group: grouped-query attention's bandwidth saving; the G
+heads are padded to 16 rows so both products run as tl.dot on tensor cores) and the keys of split
+s, with an online softmax in float32:
     m = max_j s_j,  l = sum_j exp(s_j - m),  o = sum_j exp(s_j - m) v_j / l,  lse = m + log l
 A second pass merges the splits of each (b, head):
     out = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M),   M = max_s lse_s

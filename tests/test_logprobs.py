@@ -334,13 +334,19 @@ def test_masked_first_tiles(backend):
     _check_masked_first_tiles(backend, "cpu", 16384 + 300, 16384)
 
 
+def _cuda_for(backend):
+    """The CUDA device, or a skip naming why the backend cannot run there."""
+    dev = torch.device("cuda")
+    why = _backend.why_unavailable(backend, dev)
+    if why is not None:
+        pytest.skip(why)
+    return dev
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_masked_first_tiles_gpu(backend):
-    dev = torch.device("cuda")
-    if _backend.why_unavailable(backend, dev) is not None:
-        pytest.skip(_backend.why_unavailable(backend, dev))
-    _check_masked_first_tiles(backend, dev, 3 * 4096 + 300, 2 * 4096 + 7)
+    _check_masked_first_tiles(backend, _cuda_for(backend), 3 * 4096 + 300, 2 * 4096 + 7)
 
 
 def _check_unchecked_ids_stay_in_row(backend, dev):
@@ -370,10 +376,7 @@ def test_unchecked_ids_stay_in_row(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_unchecked_ids_stay_in_row_gpu(backend):
-    dev = torch.device("cuda")
-    if _backend.why_unavailable(backend, dev) is not None:
-        pytest.skip(_backend.why_unavailable(backend, dev))
-    _check_unchecked_ids_stay_in_row(backend, dev)
+    _check_unchecked_ids_stay_in_row(backend, _cuda_for(backend))
 
 
 def test_inplace_backward_refuses_rows_that_share_memory():

@@ -87,6 +87,14 @@ def lean_decode(model):
     return LeanDecode(model)
 
 
+def _fusable(layer):
+    """A layer's weights that the GPU decode step runs as one GEMM each: ([q, k, v] weights, their
+    biases [bq, bk, bv] (entries None where a projection has none), [gate, up] weights)."""
+    a, mlp = layer.self_attn, layer.mlp
+    return ([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias],
+            [mlp.gate_proj.weight, mlp.up_proj.weight])
+
+
 def pack_for_decode(model, force=False) -> bool:
     """Where the decode step runs its GPU path (LeanDecode.triton), store each layer's q/k/v weights
     (and biases) and gate/up weights back to back (pack_rows), so that they run as one GEMM each.
@@ -97,12 +105,8 @@ def pack_for_decode(model, force=False) -> bool:
         return False
     packed = False
     for layer in model.model.layers:
-        a, mlp = layer.self_attn, layer.mlp
-        bs = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
-        groups = [[a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], [mlp.gate_proj.weight, mlp.up_proj.weight]]
-        if all(b is not None for b in bs):
-            groups.append(bs)
-        for g in groups:
+        ws, bs, gu = _fusable(layer)
+        for g in [ws, gu] + ([bs] if all(b is not None for b in bs) else []):
             if adjacent_rows(g) is None and pack_rows(g):
                 packed = True
     return packed
@@ -231,13 +235,11 @@ class LeanDecode:
         if self._fused is None:
             out = []
             for layer in self.model.model.layers:
-                a, mlp = layer.self_attn, layer.mlp
-                bs = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
-                w = adjacent_rows([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-                b = adjacent_rows(bs) if all(t is not None for t in bs) else None
+                ws, bs, gu = _fusable(layer)
+                w, b = adjacent_rows(ws), adjacent_rows(bs)  # None where any bias is None
                 if any(t is not None for t in bs) and b is None:  # biases not packed (or only some): 3 GEMMs
                     w = None
-                out.append((w, b, adjacent_rows([mlp.gate_proj.weight, mlp.up_proj.weight])))
+                out.append((w, b, adjacent_rows(gu)))
             self._fused = out
         return self._fused
 

@@ -119,8 +119,9 @@ def _scores(router_logits, scoring):
 def _renormalize(w):
     """w / sum(w) per row, the sum clamped to the dtype's smallest normal (DeepSeek-V3 adds 1e-20):
     a row whose selected scores are all 0 (a row of -inf logits; float32 sigmoid of logits below
-    about -88.7, where exp(-z) overflows) keeps weights 0 instead of 0/0 = NaN; a row whose sum is a normal number is unchanged
-    (float32 sigmoid scores whose sum is subnormal, logits below about -87, come out below 1 in sum)."""
+    about -88.7, where exp(-z) overflows) keeps weights 0 instead of 0/0 = NaN; a row whose sum is a
+    normal number is unchanged (float32 sigmoid scores whose sum is subnormal, logits below about
+    -87, come out below 1 in sum)."""
     return w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
 
 
