@@ -8,7 +8,9 @@ triton_grpo_loss / LigerFusedLinearGRPOLoss where installed.
 
 Two forms: from logits (B, T, V), and fused with the LM head (hidden (N, H), weight (V, H)).
 Floors are counted in this run: the logits form moves 3 x the logits' bytes (forward reads them,
-backward reads them and writes the gradient), over the copy bandwidth measured here; the fused
+backward reads them and writes the gradient), over the copy bandwidth measured here (the single pass
+of the C++ / CUDA backends, the default for a token-level ratio, needs 2 x: its second read of a row
+comes from cache; "-2pass" rows time the forward and backward kernels it replaces); the fused
 form needs 6NHV FLOPs (logits, grad hidden, grad weight) for its N live rows (completions are T/2
 to T long: masked rows need no logits), over the matmul rate measured here.
 Peak memory is the peak above what was allocated before the call (CUDA allocator stats on GPU,
@@ -163,6 +165,17 @@ def backends_for(dev):
 
 
 PROFILE = False  # --profile
+STAGE_KB = (0, 64, 112)  # CUDA single pass: REASONRL_GRPO_STAGE_KB settings beside the default (all that fits)
+
+
+def _with_stage(kb, f):
+    def go():
+        os.environ["REASONRL_GRPO_STAGE_KB"] = str(kb)
+        try:
+            return f()
+        finally:
+            del os.environ["REASONRL_GRPO_STAGE_KB"]
+    return go
 
 
 def run_case(form, B, T, V, G, dtype, dev, H, warmup, reps, with_compile, only):
@@ -187,9 +200,19 @@ def run_case(form, B, T, V, G, dtype, dev, H, warmup, reps, with_compile, only):
     args = (lambda: (leaves["logits"],)) if form == "logits" else (lambda: (leaves["hidden"], leaves["weight"]))
     fns["eager-trl"] = lambda: trl(*args(), ids, mask, rewards, G, old, ref)
     fns.update(liger_fns(form, leaves, ids, mask, rewards, G, old, ref, B, T))
-    if form == "logits":  # after the others: the in-place backward leaves gradients in the logits
+    if form == "logits":
+        # the two-kernel path (forward kernel, backward kernel) where the single pass is the default
+        two = GRPOLossConfig(**{**cfg.__dict__, "logits_single_pass": False})
+        for b in backends_for(dev):
+            if b != "triton":
+                fns[f"reasonrl-{b}-2pass"] = (lambda b=b: grpo_loss(leaves["logits"], config=two, backend=b, **kw)[0])
+        # after the others: the in-place paths leave gradients in the logits
         for b in backends_for(dev):
             fns[f"reasonrl-{b}-inplace"] = (lambda b=b: grpo_loss(leaves["logits"], config=inplace, backend=b, **kw)[0])
+        if "cuda" in backends_for(dev):  # how much of each row the single pass keeps in shared memory
+            for kb in STAGE_KB:
+                fns[f"reasonrl-cuda-inplace-stage{kb}"] = _with_stage(kb, lambda: grpo_loss(
+                    leaves["logits"], config=inplace, backend="cuda", **kw)[0])
     if with_compile:  # last: compiling takes longest, and a timeout should cut only this
         compiled = torch.compile(trl, dynamic=False)
         fns["compile-trl"] = lambda: compiled(*args(), ids, mask, rewards, G, old, ref)
@@ -355,6 +378,10 @@ def main(argv=None):
         annotate(r, "fused", live * s["H"] * s["V"], dev, bw, mm)
         rows += r
     print_table(rows)
+    if "logits" in a.forms:
+        s = logits_shape
+        size = s["B"] * s["T"] * s["V"] * torch.empty((), dtype=s["dtype"]).element_size()
+        print(f"# logits form, the single pass's own floor (one read, one write): {2 * size / bw * 1e3:.2f} ms")
     meta = dict(device=torch.cuda.get_device_name() if a.gpu else f"cpu-{os.cpu_count()}cores",
                 torch=torch.__version__, copy_GBps=bw / 1e9, matmul_TFLOPs=mm / 1e12)
     if a.json:

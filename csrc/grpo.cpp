@@ -4,14 +4,22 @@
 //   reasonrl::grpo_fwd(logp, old?, ref?, entropy?, mask, rewards, ..., row0) -> stats (B, 8)
 //   reasonrl::grpo_bwd(scale, logp, old?, ref?, mask, rewards, ..., with_entropy, row0) ->
 //       (grad_logp (B, T), grad_entropy (B, T), or (0,) when with_entropy is false)
+//   reasonrl::grpo_logits(logits (B, T, V), grad (B, T, V) mutated, may be logits, ids (B*T,),
+//       rewards, scale (B,), old?, ref?, ..., temperature, with_entropy, stage_bytes) ->
+//       (logp (B*T,), entropy (B*T,) or (0,)): the token-level loss from logits in one pass per row
+//       (the gradient of the loss written before the op returns; see grpo_logits below)
 // The (B, T) tensors may be rows [row0, row0 + B) of a larger batch whose rewards are all given
 // (the fused LM-head path runs a chunk of whole sequences at a time).
 // Every tensor is float32 and contiguous; the Python side (reasonrl/ops/grpo.py) converts.
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
+#include <tuple>
+#include <utility>
 
 #include "grpo.h"
 
@@ -159,10 +167,150 @@ std::tuple<at::Tensor, at::Tensor> grpo_bwd(const at::Tensor& scale, const at::T
   return {grad_logp, grad_ent};
 }
 
+// ---- the token-level loss from logits, one pass per row -------------------------------------------
+// A token's d loss / d logp depends only on its own logp (and its old / ref log-probs, its row's
+// advantage and weight) when the ratio is per token, so each row of logits is read, its log-prob and
+// coefficient computed, and its gradient written right away: the second read of the row comes from
+// cache (CPU: a 32000-wide f32 row is 125 KiB of L2; CUDA: shared memory and L2, csrc/cuda/logprob.cu)
+// instead of a later backward's pass over all B*T*V logits. scale (B,) is the row weight w_b of
+// reasonrl/ops/grpo.py's aggregation at upstream gradient 1. Rows whose id is -100 are masked: log-prob
+// and entropy 0, a zero gradient row. GSPO (sequence ratios) is not row-local: refused here.
+void check_rows3(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+  GRPO_CHECK(t.dim() == 3, name, " must be (B, T, V), got shape ", shape_str(t.sizes()));
+  GRPO_CHECK(t.sizes() == shape, name, " must have shape ", shape_str(shape), ", got ", shape_str(t.sizes()));
+  GRPO_CHECK(t.size(2) > 0 && t.size(2) <= INT32_MAX, name, " must have 1 to 2^31 - 1 columns, got ",
+             num(t.size(2)));
+  GRPO_CHECK(t.stride(2) == 1 || t.size(2) == 1, name, " must have a contiguous last dim, got strides ",
+             shape_str(t.strides()));
+}
+
+// Whether rows of a (B, T, V) tensor with unit last stride may share memory: by increasing stride,
+// each outer dim must step past everything the inner ones span (reasonrl.ops.logprobs._rows_overlap).
+bool rows_overlap(const at::Tensor& t) {
+  std::pair<int64_t, int64_t> d[2] = {{t.stride(0), t.size(0)}, {t.stride(1), t.size(1)}};
+  if (d[1].first < d[0].first) std::swap(d[0], d[1]);
+  int64_t extent = t.size(2);
+  for (const auto& [stride, size] : d) {
+    if (size <= 1) continue;
+    if (stride < extent) return true;
+    extent += (size - 1) * stride;
+  }
+  return false;
+}
+
+DType logits_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kBFloat16: return DType::bf16;
+    case at::kHalf: return DType::f16;
+    default:
+      GRPO_CHECK(false, "logits must be float32, bfloat16 or float16, got ",
+                 std::string(c10::toString(t.scalar_type())));
+  }
+  return DType::f32;
+}
+
+std::tuple<at::Tensor, at::Tensor> grpo_logits(const at::Tensor& x, at::Tensor& grad, const at::Tensor& ids,
+                                               const at::Tensor& rewards, const at::Tensor& scale,
+                                               const OptT& old, const OptT& ref, int64_t group_size,
+                                               int64_t advantage, double std_eps, double eps_low,
+                                               double eps_high, double dual_clip, double beta,
+                                               double entropy_coef, double clamp, bool sequence,
+                                               double temperature, bool with_entropy, int64_t stage_bytes) {
+  check_rows3(x, "logits", x.sizes());
+  const int64_t B = x.size(0), T = x.size(1), V = x.size(2), N = B * T;
+  const auto dev = x.device();
+  GRPO_CHECK(!sequence, "grpo_logits takes the token-level ratio only (a GSPO sequence ratio is not "
+             "known until the whole row of tokens is)");
+  // make_params reads B and T from a (B, T) tensor: a view of the ids
+  GRPO_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.size(0) == N && ids.is_contiguous(),
+             "ids must be a contiguous int64 vector of B * T = ", num(N), " elements, got ",
+             std::string(c10::toString(ids.scalar_type())), " of shape ", shape_str(ids.sizes()));
+  GRPO_CHECK(ids.device() == dev, "ids must be on ", dev_str(dev), " like logits");
+  GRPOParams p = make_params(ids.view({B, T}), rewards, group_size, advantage, std_eps, eps_low, eps_high,
+                             dual_clip, beta, entropy_coef, clamp, false, 0);
+  GRPO_CHECK(rewards.size(0) == B, "rewards must have shape (B,) = (", num(B), ",), got ",
+             shape_str(rewards.sizes()));
+  const DType dt = logits_dtype(x);
+  check_rows3(grad, "grad", x.sizes());
+  GRPO_CHECK(grad.scalar_type() == x.scalar_type(), "grad must have the dtype of logits");
+  GRPO_CHECK(grad.device() == dev, "grad must be on ", dev_str(dev), " like logits");
+  GRPO_CHECK(!rows_overlap(grad), "grad has rows that share memory (strides ", shape_str(grad.strides()),
+             "); pass a tensor with its own storage");
+  const bool same = grad.data_ptr() == x.data_ptr() && grad.strides() == x.strides();
+  GRPO_CHECK(same || !grad.storage().is_alias_of(x.storage()),
+             "grad shares memory with logits without being logits itself; pass logits (in place) or a "
+             "separate buffer");
+  check_f32(scale, "scale", {B}, dev);
+  const float* old_p = opt_ptr(old, "old_logprobs", {B, T}, dev);
+  const float* ref_p = opt_ptr(ref, "ref_logprobs", {B, T}, dev);
+  GRPO_CHECK(p.beta == 0.f || ref_p, "beta != 0 needs ref_logprobs");
+  GRPO_CHECK(std::isfinite(temperature) && temperature > 0, "temperature must be a finite number > 0, got ",
+             std::to_string(temperature));
+  const float inv_t = (float)(1.0 / temperature);
+  const bool ent_f = with_entropy || p.entropy_coef != 0.f;  // the entropy bonus needs the entropy
+  auto opts = x.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({N}, opts), ent = at::empty({ent_f ? N : 0}, opts);
+  if (N == 0) return {logp, ent};
+  float* lp = logp.data_ptr<float>();
+  float* en = ent_f ? ent.data_ptr<float>() : nullptr;
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  const float *rw = rewards.data_ptr<float>(), *sc = scale.data_ptr<float>();
+  const int64_t sxb = x.stride(0), sxt = x.stride(1), sgb = grad.stride(0), sgt = grad.stride(1);
+  if (dev.is_cuda()) {
+#ifdef REASONRL_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(dev);
+    try {
+      grpo_logits_cuda(grad.data_ptr(), sgb, sgt, x.data_ptr(), sxb, sxt, dt, V, idp, lp, en, rw, sc, old_p,
+                       ref_p, p, inv_t, stage_bytes, at::cuda::getCurrentCUDAStream());
+    } catch (const std::exception& e) {
+      GRPO_CHECK(false, "grpo_logits (cuda): ", e.what());
+    }
+#else
+    GRPO_CHECK(false, "reasonrl._C was built without CUDA; got a tensor on ", dev_str(dev));
+#endif
+    return {logp, ent};
+  }
+  GRPO_CHECK(dev.is_cpu(), "logits must be a CPU or CUDA tensor, got one on ", dev_str(dev));
+  for (int64_t r = 0; r < N; ++r)  // N reads beside N x V: free here (on CUDA: Python's deferred check)
+    GRPO_CHECK(idp[r] == -100 || (idp[r] >= 0 && idp[r] < V), "ids[", num(r), "] = ", num(idp[r]),
+               " is out of range [0, ", num(V), ") and is not -100 (masked)");
+  const size_t es = x.element_size();
+  const char* xb = static_cast<const char*>(x.data_ptr());
+  char* gb = static_cast<char*>(grad.data_ptr());
+  const float ent_coef = p.entropy_coef;
+  at::parallel_for(0, N, std::max<int64_t>(1, (int64_t{1} << 16) / V), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / T, t = r % T;
+      const void* xr = xb + (b * sxb + t * sxt) * (int64_t)es;
+      void* gr = gb + (b * sgb + t * sgt) * (int64_t)es;
+      float lse = 0.f, h = 0.f, g = 0.f, gh = 0.f;
+      if (idp[r] != -100) {
+        logprob_fwd_cpu(lp + r, &lse, ent_f ? &h : nullptr, xr, dt, V, idp + r, 0, 1, V, inv_t, -100);
+        bool zero_std;
+        const float A = grpo_advantage(rw, b, p, &zero_std);
+        grpo_token_coefs(lp[r], old_p ? old_p + r : nullptr, ref_p ? ref_p + r : nullptr, A, sc[b], p, &g, &gh);
+      } else {
+        lp[r] = 0.f;
+      }
+      if (en) en[r] = h;
+      // (the row was just read: the gradient pass reads it from cache) rows with id -100 get zeros
+      logprob_bwd_cpu(gr, V, xr, dt, V, idp + r, &lse, ent_coef != 0.f ? &h : nullptr, &g,
+                      ent_coef != 0.f ? &gh : nullptr, 0, 1, V, 0, inv_t, -100);
+    }
+  });
+  return {logp, ent};
+}
+
 }  // namespace
 }  // namespace reasonrl
 
 TORCH_LIBRARY_FRAGMENT(reasonrl, m) {
+  m.def(
+      "grpo_logits(Tensor logits, Tensor(a!) grad, Tensor ids, Tensor rewards, Tensor scale, Tensor? old, "
+      "Tensor? ref, int group_size, int advantage, float std_eps, float eps_low, float eps_high, "
+      "float dual_clip, float beta, float entropy_coef, float clamp, bool sequence, float temperature, "
+      "bool with_entropy, int stage_bytes=-1) -> (Tensor, Tensor)");
   m.def(
       "grpo_fwd(Tensor logp, Tensor? old, Tensor? ref, Tensor? entropy, Tensor mask, Tensor rewards, "
       "int group_size, int advantage, float std_eps, float eps_low, float eps_high, float dual_clip, "
@@ -177,11 +325,14 @@ TORCH_LIBRARY_FRAGMENT(reasonrl, m) {
 TORCH_LIBRARY_IMPL(reasonrl, CPU, m) {
   m.impl("grpo_fwd", &reasonrl::grpo_fwd);
   m.impl("grpo_bwd", &reasonrl::grpo_bwd);
+  m.impl("grpo_logits", &reasonrl::grpo_logits);
 }
+
 
 #ifdef REASONRL_WITH_CUDA
 TORCH_LIBRARY_IMPL(reasonrl, CUDA, m) {
   m.impl("grpo_fwd", &reasonrl::grpo_fwd);
   m.impl("grpo_bwd", &reasonrl::grpo_bwd);
+  m.impl("grpo_logits", &reasonrl::grpo_logits);
 }
 #endif

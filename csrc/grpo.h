@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "reasonrl.h"
+
 #if defined(__CUDACC__)
 #define GRPO_HD __host__ __device__ __forceinline__
 #else
@@ -125,6 +127,15 @@ GRPO_HD float grpo_token_grad(float logp, const float* old, const float* ref, fl
   return g;
 }
 
+// d loss / d logp and d loss / d entropy of token (b, t) of the token-level loss, unmasked, at row
+// scale s (upstream grad * the row's weight): what grpo_bwd writes for it, known as soon as logp is.
+// The single-pass logits kernels (grpo_logits) compute it between their two reads of the row.
+GRPO_HD void grpo_token_coefs(float logp, const float* old, const float* ref, float A, float s,
+                              const GRPOParams& p, float* g, float* gh) {
+  *g = s * grpo_token_grad(logp, old, ref, A, 0.f, p);
+  *gh = -p.entropy_coef * s;
+}
+
 // CPU kernels (csrc/cpu/grpo.cpp). old / ref / entropy may be null (on-policy / beta 0 / none).
 void grpo_fwd_cpu(float* stats, const float* logp, const float* old, const float* ref,
                   const float* entropy, const float* mask, const float* rewards, const GRPOParams& p);
@@ -145,5 +156,12 @@ cudaError_t grpo_fwd_cuda(float* stats, const float* logp, const float* old, con
 cudaError_t grpo_bwd_cuda(float* grad_logp, float* grad_entropy, const float* scale,
                           const float* logp, const float* old, const float* ref, const float* mask,
                           const float* rewards, const GRPOParams& p, cudaStream_t stream);
+// GRPO from logits in one kernel (csrc/cuda/logprob.cu): see grpo_logits_cpu. stage_bytes: how much of
+// each row the block keeps in shared memory between its two reads (< 0: as much as fits).
+void grpo_logits_cuda(void* grad_x, int64_t stride_gb, int64_t stride_gt, const void* x,
+                      int64_t stride_xb, int64_t stride_xt, DType dtype, int64_t V, const int64_t* ids,
+                      float* logp, float* entropy, const float* rewards, const float* scale,
+                      const float* old, const float* ref, const GRPOParams& p, float inv_t,
+                      int64_t stage_bytes, cudaStream_t stream);
 }  // namespace reasonrl
 #endif

@@ -256,6 +256,127 @@ def test_inplace_backward_overwrites_logits(backend):
     assert x.grad.data_ptr() == x.data_ptr(), "in-place backward should reuse the logits' buffer"
 
 
+TOKEN_COMBOS = [c for c in ALL_COMBOS if c["importance_sampling"] == "token"]
+TOKEN_PAIRWISE = [c for c in PAIRWISE if c["importance_sampling"] == "token"]
+
+
+def check_logits_single_pass(backend, combos, device, dtype=torch.float32, V=37, B=8, T=6, G=4, slice_=False,
+                             inplace=False):
+    """The single-pass logits path (gradient in the forward) against the float64 reference, for every
+    token-level combination in `combos`; slice_: logits[:, :-1] of a (B, T + 1, V) tensor (rows not one
+    stride apart); inplace: the gradient over the logits' own buffer."""
+    b = make_batch(B, T, G, V, dtype, device=device, temperature=0.7)
+    lp = torch.log_softmax(b["logits"].double() / 0.7, -1).gather(-1, b["ids"].clamp(min=0)[..., None])[..., 0]
+    b["old"] = away_from_clip(lp.float(), b["old"])
+    up = torch.randn((), device=device)
+    for c in combos:
+        r64 = run_logits("reference", c, b, G, up, b["logits"].double())
+        r_same = run_logits("reference", c, b, G, up, b["logits"])
+        if slice_:  # (B, T + 1, V), the last position sliced off
+            leaf = torch.cat([b["logits"], torch.randn(B, 1, V, device=device).to(dtype)], 1).requires_grad_(True)
+            x = leaf[:, :-1]
+        else:
+            leaf = x = b["logits"].clone().requires_grad_(True)
+        before = x.detach().clone()
+        old = None if c["on_policy"] else b["old"]
+        loss, met = grpo_loss(x, ids=b["ids"], mask=b["mask"], rewards=b["rewards"], group_size=G, old_logprobs=old,
+                              ref_logprobs=b["ref"], temperature=0.7, backend=backend,
+                              config=make_config(c, inplace_backward=inplace))
+        if inplace:  # the single pass has written the gradient already
+            assert not torch.equal(x.detach(), before), f"{c}: the single-pass path was not taken"
+        else:
+            assert torch.equal(x.detach(), before), f"{c}: the logits changed"
+        loss.backward(up)
+        grad = leaf.grad[:, :-1] if slice_ else x.grad
+        if slice_:
+            assert (leaf.grad[:, -1] == 0).all()
+        assert_close_to_ref(loss.detach(), r64[0], r_same[0], torch.float32, f"{c} loss")
+        assert grad.dtype == dtype
+        assert_close_to_ref(grad, r64[2], r_same[2], dtype, f"{c} grad_logits")
+        for k in r64[1]:
+            assert_close_to_ref(met[k], r64[1][k], r_same[1][k], torch.float32, f"{c} metric {k}")
+        assert (grad[~b["mask"]] == 0).all()
+
+
+@pytest.mark.parametrize("part", range(4))
+def test_logits_single_pass_every_token_combination(part):
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("reasonrl._C not built")
+    check_logits_single_pass("cpp", TOKEN_COMBOS[part::4], "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("slice_,inplace", [(False, True), (True, False), (True, True)])
+def test_logits_single_pass_layouts_and_dtypes(dtype, slice_, inplace):
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("reasonrl._C not built")
+    check_logits_single_pass("cpp", TOKEN_PAIRWISE[:4], "cpu", dtype, V=1001, B=4, T=5, G=2, slice_=slice_,
+                             inplace=inplace)
+
+
+def test_logits_single_pass_backward_semantics():
+    """Upstream 1 returns the stored gradient (a second backward is fine); another upstream scales it
+    in place, after which a second backward raises instead of scaling twice; in place, an op that saved
+    the logits for its own backward raises rather than read the gradient."""
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("reasonrl._C not built")
+    B, T, V, G = 4, 5, 50, 2
+    b = make_batch(B, T, G, V, temperature=0.7)
+    c = LOGIT_CONFIGS[0]
+    kw = dict(ids=b["ids"], mask=b["mask"], rewards=b["rewards"], group_size=G, old_logprobs=b["old"],
+              ref_logprobs=b["ref"], temperature=0.7)
+    ref = run_logits("reference", c, b, G, torch.tensor(1.0), b["logits"].double())
+    x = b["logits"].clone().requires_grad_(True)
+    loss, _ = grpo_loss(x, backend="cpp", config=make_config(c), **kw)
+    loss.backward(retain_graph=True)
+    g1 = x.grad.clone()
+    assert_close_to_ref(g1, ref[2], ref[2].float(), torch.float32, "upstream 1")
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * g1)
+
+    x = b["logits"].clone().requires_grad_(True)
+    loss, _ = grpo_loss(x, backend="cpp", config=make_config(c), **kw)
+    (3 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, 3 * g1)
+    with pytest.raises(RuntimeError, match="already scaled by an upstream gradient of 3"):
+        loss.backward()
+
+    leaf = b["logits"].clone().requires_grad_(True)
+    x = leaf * 1.0
+    y = x.sin()  # saves x for its backward
+    loss, _ = grpo_loss(x, backend="cpp", config=make_config(c, inplace_backward=True), **kw)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + y.sum()).backward()
+
+    with torch.no_grad():  # no gradient wanted: the two-pass forward, logits untouched
+        x = b["logits"].clone()
+        loss0, _ = grpo_loss(x, backend="cpp", config=make_config(c, inplace_backward=True), **kw)
+    assert torch.equal(x, b["logits"])
+    torch.testing.assert_close(loss0, ref[0].float())
+
+
+def test_logits_single_pass_matches_two_passes():
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("reasonrl._C not built")
+    B, T, V, G = 8, 7, 300, 4
+    b = make_batch(B, T, G, V, temperature=0.7)
+    for c in PAIRWISE:
+        if c["importance_sampling"] != "token":
+            continue
+        outs = []
+        for single in (True, False):
+            x = b["logits"].clone().requires_grad_(True)
+            loss, met = grpo_loss(x, ids=b["ids"], mask=b["mask"], rewards=b["rewards"], group_size=G,
+                                  old_logprobs=None if c["on_policy"] else b["old"], ref_logprobs=b["ref"],
+                                  temperature=0.7, backend="cpp", config=make_config(c, logits_single_pass=single))
+            loss.backward()
+            outs.append((loss.detach(), met, x.grad))
+        torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(outs[0][2], outs[1][2], rtol=1e-5, atol=1e-8)
+        for k in outs[1][1]:
+            torch.testing.assert_close(outs[0][1][k], outs[1][1][k], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("single_pass,config", [(True, 0), (True, 1), (False, 0)])
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_fused_hidden_weight_form(backend, single_pass, config):
@@ -326,6 +447,13 @@ def test_compiled_ops_pass_opcheck(sequence, beta):
     torch.library.opcheck(torch.ops.reasonrl.grpo_fwd, (lp, old, ref if beta else None, ent, mask, rewards, *opts))
     torch.library.opcheck(torch.ops.reasonrl.grpo_bwd,
                           (torch.randn(B), lp, old, ref if beta else None, mask, rewards, *opts, True))
+    if not sequence:
+        V = 11
+        x, ids = torch.randn(B, T, V), torch.randint(0, V, (B * T,))
+        ids[::3] = -100
+        torch.library.opcheck(torch.ops.reasonrl.grpo_logits,
+                              (x, torch.empty_like(x), ids, rewards, torch.rand(B), old, ref if beta else None,
+                               *opts, 0.7, True, -1))
 
 
 def test_compiled_op_rejects_bad_tensors():
@@ -683,6 +811,28 @@ def test_gpu_logits_form(backend, dtype):
             out = run_logits(backend, c, b, G, up, b["logits"])
             assert_close_to_ref(out[0], r64[0], r_same[0], torch.float32, f"{c} loss")
             assert_close_to_ref(out[2], r64[2], r_same[2], dtype, f"{c} grad_logits")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage_kb", [None, "0", "16"])
+def test_gpu_logits_single_pass(stage_kb, monkeypatch):
+    """The CUDA single-pass kernel: every token-level combination (one stage setting), then layouts and
+    dtypes at a vocabulary whose rows are not 16-byte aligned (scalar heads and tails), a sliced batch
+    (rows not one stride apart) written out of place (misaligned against the fresh gradient: the all-
+    scalar path) and in place, and the anchor vocabulary with rows staged whole, in part, or not."""
+    dev = torch.device("cuda")
+    if _backend.why_unavailable("cuda", dev) is not None:
+        pytest.skip(_backend.why_unavailable("cuda", dev))
+    if stage_kb is not None:
+        monkeypatch.setenv("REASONRL_GRPO_STAGE_KB", stage_kb)
+    if stage_kb is None:
+        check_logits_single_pass("cuda", TOKEN_COMBOS, dev)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for slice_, inplace in ((False, True), (True, False), (True, True)):
+            check_logits_single_pass("cuda", TOKEN_PAIRWISE[:3], dev, dtype, V=1001, B=4, T=5, G=2, slice_=slice_,
+                                     inplace=inplace)
+    check_logits_single_pass("cuda", LOGIT_CONFIGS[:1], dev, torch.bfloat16, V=151936, B=8, T=64, G=4,
+                             inplace=True)
 
 
 # ---- bad input: masked vocabularies, mask / old / ref values, argument types ----------------------

@@ -29,6 +29,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "grpo.h"
 #include "reasonrl.h"
 
 namespace reasonrl {
@@ -267,6 +268,166 @@ __global__ void logprob_bwd_kernel(void* grad_x, int64_t stride_g, const void* x
   }
 }
 
+// ---- GRPO from logits: one pass per row (grpo_logits; formulas: reasonrl/ops/grpo.py) -------------
+// One block per row of logits, for the token-level loss, whose d loss / d logp of a token is known as
+// soon as its log-prob is (csrc/grpo.h, grpo_token_coefs): the block reads the row (the forward's
+// online triple), reduces it, computes logp, entropy and the token's coefficients, then reads the row
+// again and writes its gradient (in place or to grad_x). The second read does not go to DRAM: the
+// first `stage` 16-byte vectors of the row are kept in shared memory by the first read, and the rest
+// is read back in reverse order, so the part read last comes back first, from L2 (the first read
+// loads staged vectors with evict-first hints, the gradient is stored with them too, so L2 keeps the
+// unstaged rest). DRAM traffic: one read and one write of the logits instead of the two reads and one
+// write of a forward kernel plus a backward kernel. Each thread reads back only the vectors it read
+// (vector i belongs to thread i mod blockDim in both passes), so in place is safe as in the backward.
+template <DType D, bool EntF, bool EntB>
+__global__ void __launch_bounds__(1024)
+grpo_logits_kernel(void* grad_x, int64_t sgb, int64_t sgt, const void* x, int64_t sxb, int64_t sxt,
+                   int64_t T, int64_t V, const int64_t* __restrict__ ids, float* __restrict__ logp_out,
+                   float* __restrict__ ent_out, const float* __restrict__ rewards,
+                   const float* __restrict__ scale, const float* __restrict__ old,
+                   const float* __restrict__ ref, GRPOParams p, float inv_t, int64_t stage) {
+  using Tr = Traits<D>;
+  using E = typename Tr::T;
+  constexpr int K = Tr::kVec;
+  extern __shared__ uint4 staged[];  // `stage` vectors of the row
+  __shared__ State red[32];
+  __shared__ float bc[4];
+  const int64_t r = blockIdx.x, b = r / T, t = r - b * T;
+  // No __restrict__ on x / grad_x: they may be one buffer (in place).
+  const E* xr = static_cast<const E*>(x) + b * sxb + t * sxt;
+  E* gr = static_cast<E*>(grad_x) + b * sgb + t * sgt;
+  const int64_t id = ids[r];
+  const int64_t h0 = head_len(xr, V);
+  const bool vec = head_len(gr, V) == h0;  // same misalignment on both sides; else all scalar
+  const int64_t nvec = vec ? (V - h0) / K : 0;
+  const int64_t hs = vec ? h0 : V;                // scalar columns: [0, hs) and [tail, V)
+  const int64_t tail = vec ? h0 + nvec * K : V;
+  const int64_t nscalar = hs + (V - tail);
+  const int64_t nst = stage < nvec ? stage : nvec;
+  const uint4* vx = reinterpret_cast<const uint4*>(xr + h0);
+  uint4* vg = reinterpret_cast<uint4*>(gr + h0);
+  const int64_t bd = blockDim.x;
+
+  if (id == -100) {  // masked token: no log-prob, a zero gradient row (uniform over the block)
+    Pack<E, K> z;
+#pragma unroll
+    for (int k = 0; k < K; ++k) z.e[k] = Tr::from_f(0.f);
+    for (int64_t i = threadIdx.x; i < nvec; i += bd) __stcs(vg + i, z.raw);
+    for (int64_t j = threadIdx.x; j < nscalar; j += bd) gr[j < hs ? j : tail + (j - hs)] = Tr::from_f(0.f);
+    if (threadIdx.x == 0) {
+      logp_out[r] = 0.f;
+      if (EntF) ent_out[r] = 0.f;
+    }
+    return;
+  }
+
+  // pass 1: the online triple over the row; vectors [0, nst) kept in shared memory
+  const float c = inv_t * kLog2e;
+  State st{-INFINITY, 0.f, 0.f};
+  int64_t i = threadIdx.x;
+  for (; i + bd < nvec; i += 2 * bd) {
+    Pack<E, K> p0, p1;
+    p0.raw = i < nst ? __ldcs(vx + i) : vx[i];
+    p1.raw = i + bd < nst ? __ldcs(vx + i + bd) : vx[i + bd];
+    if (i < nst) staged[i] = p0.raw;
+    if (i + bd < nst) staged[i + bd] = p1.raw;
+    float v[2 * K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      v[k] = Tr::to_f(p0.e[k]);
+      v[K + k] = Tr::to_f(p1.e[k]);
+    }
+    absorb<EntF>(st, v, 2 * K, c);
+  }
+  if (i < nvec) {
+    Pack<E, K> p0;
+    p0.raw = i < nst ? __ldcs(vx + i) : vx[i];
+    if (i < nst) staged[i] = p0.raw;
+    float v[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] = Tr::to_f(p0.e[k]);
+    absorb<EntF>(st, v, K, c);
+  }
+  for (int64_t j = threadIdx.x; j < nscalar; j += bd) {
+    const float v = Tr::to_f(xr[j < hs ? j : tail + (j - hs)]);
+    absorb<EntF>(st, &v, 1, c);
+  }
+
+  // block reduction (as the forward kernel), then lane 0 of warp 0 makes the row's constants
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    State o{__shfl_xor_sync(0xffffffffu, st.m, off), __shfl_xor_sync(0xffffffffu, st.s, off),
+            __shfl_xor_sync(0xffffffffu, st.t, off)};
+    merge<EntF>(st, o, c);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) red[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    const int nwarps = blockDim.x / 32;
+    st = lane < nwarps ? red[lane] : State{-INFINITY, 0.f, 0.f};
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      State o{__shfl_xor_sync(0xffffffffu, st.m, off), __shfl_xor_sync(0xffffffffu, st.s, off),
+              __shfl_xor_sync(0xffffffffu, st.t, off)};
+      merge<EntF>(st, o, c);
+    }
+    if (lane == 0) {
+      const float log2s = log2f(st.s);
+      const float L = st.m * inv_t + kLn2 * log2s;
+      // ids are range-checked by the caller (deferred); an id out of range never reads outside the row
+      const bool in_range = id >= 0 && id < V;
+      const float lp = in_range ? (Tr::to_f(xr[id]) - st.m) * inv_t - kLn2 * log2s : NAN;
+      const float H = EntF ? kLn2 * (log2s - st.t / st.s) : 0.f;
+      logp_out[r] = lp;
+      if (EntF) ent_out[r] = H;
+      bool zero_std;
+      const float A = grpo_advantage(rewards, b, p, &zero_std);
+      float g, gh;
+      grpo_token_coefs(lp, old ? old + r : nullptr, ref ? ref + r : nullptr, A, scale[b], p, &g, &gh);
+      bc[0] = L;
+      bc[1] = g * inv_t;  // 1/T folded into the row constants, as in the backward kernel
+      bc[2] = EntB ? gh * inv_t : 0.f;
+      bc[3] = EntB ? L - H : 0.f;
+    }
+  }
+  __syncthreads();
+  const float L = bc[0], g = bc[1], gh = bc[2], S = bc[3];
+
+  // pass 2, in reverse: this thread's vectors i = threadIdx.x + k * bd for k descending, two at a time
+  if (threadIdx.x < nvec) {
+    int64_t k = (nvec - 1 - threadIdx.x) / bd;
+    for (; k >= 1; k -= 2) {
+      const int64_t i0 = threadIdx.x + k * bd, i1 = i0 - bd;
+      Pack<E, K> a0, a1, o0, o1;
+      a0.raw = i0 < nst ? staged[i0] : vx[i0];
+      a1.raw = i1 < nst ? staged[i1] : vx[i1];
+      const int64_t j0 = h0 + i0 * K, j1 = h0 + i1 * K;
+#pragma unroll
+      for (int e = 0; e < K; ++e) {
+        o0.e[e] = Tr::from_f(grad_elem<EntB>(Tr::to_f(a0.e[e]), j0 + e, id, inv_t, L, g, gh, S));
+        o1.e[e] = Tr::from_f(grad_elem<EntB>(Tr::to_f(a1.e[e]), j1 + e, id, inv_t, L, g, gh, S));
+      }
+      __stcs(vg + i0, o0.raw);
+      __stcs(vg + i1, o1.raw);
+    }
+    if (k == 0) {
+      const int64_t i0 = threadIdx.x;
+      Pack<E, K> a0, o0;
+      a0.raw = i0 < nst ? staged[i0] : vx[i0];
+      const int64_t j0 = h0 + i0 * K;
+#pragma unroll
+      for (int e = 0; e < K; ++e)
+        o0.e[e] = Tr::from_f(grad_elem<EntB>(Tr::to_f(a0.e[e]), j0 + e, id, inv_t, L, g, gh, S));
+      __stcs(vg + i0, o0.raw);
+    }
+  }
+  for (int64_t j = threadIdx.x; j < nscalar; j += bd) {
+    const int64_t col = j < hs ? j : tail + (j - hs);
+    gr[col] = Tr::from_f(grad_elem<EntB>(Tr::to_f(xr[col]), col, id, inv_t, L, g, gh, S));
+  }
+}
+
 void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
@@ -330,6 +491,38 @@ void launch_bwd(void* grad_x, int64_t stride_g, const void* x, DType dtype, int6
 #undef RR_BWD_LAUNCH
 }
 
+template <DType D, bool EntF, bool EntB>
+void launch_grpo_logits(void* grad_x, int64_t sgb, int64_t sgt, const void* x, int64_t sxb, int64_t sxt,
+                        int64_t N, int64_t T, int64_t V, const int64_t* ids, float* logp, float* ent,
+                        const float* rewards, const float* scale, const float* old, const float* ref,
+                        const GRPOParams& p, float inv_t, int64_t stage_bytes, cudaStream_t stream) {
+  auto kernel = grpo_logits_kernel<D, EntF, EntB>;
+  // Shared memory: the static part plus the staged vectors, at most what one block may opt into.
+  static int max_dyn = -1;  // per instantiation: the opt-in limit, set once
+  if (max_dyn < 0) {
+    int dev = 0, optin = 0;
+    cudaFuncAttributes attr{};
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+        cudaFuncGetAttributes(&attr, kernel) != cudaSuccess)
+      throw std::runtime_error("grpo_logits_cuda: cannot query the device's shared memory");
+    const int avail = optin - static_cast<int>(attr.sharedSizeBytes);
+    if (avail > 48 * 1024 &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, avail) != cudaSuccess)
+      throw std::runtime_error("grpo_logits_cuda: cannot raise the kernel's shared memory limit");
+    max_dyn = avail > 0 ? avail : 0;
+  }
+  const int64_t K = D == DType::f32 ? 4 : 8;
+  const int64_t row_vecs = (V + K - 1) / K;
+  const int64_t want = stage_bytes < 0 ? row_vecs : std::min<int64_t>(row_vecs, stage_bytes / 16);
+  const int64_t stage = std::min<int64_t>(want, max_dyn / 16);
+  // More than half an SM's shared memory staged: one block per SM, so a large one (1024 threads keep
+  // 32 KiB of the first read in flight); less: blocks of 512, two per SM (64 registers a thread).
+  const int threads = stage * 16 > 114 * 1024 ? 1024 : stage > 0 ? 512 : fwd_threads(V);
+  kernel<<<static_cast<unsigned>(N), threads, static_cast<size_t>(stage * 16), stream>>>(
+      grad_x, sgb, sgt, x, sxb, sxt, T, V, ids, logp, ent, rewards, scale, old, ref, p, inv_t, stage);
+}
+
 }  // namespace
 
 void logprob_fwd_cuda(float* logp, float* lse, float* entropy, const void* x, DType dtype,
@@ -357,6 +550,38 @@ void logprob_bwd_cuda(void* grad_x, int64_t stride_g, const void* x, DType dtype
     launch_bwd<false>(grad_x, stride_g, x, dtype, stride_x, ids, lse, entropy, grad_logp, grad_entropy,
                       N, V, vocab_start, inv_t, ignore_index, stream);
   check_launch("logprob_bwd_cuda");
+}
+
+void grpo_logits_cuda(void* grad_x, int64_t stride_gb, int64_t stride_gt, const void* x,
+                      int64_t stride_xb, int64_t stride_xt, DType dtype, int64_t V, const int64_t* ids,
+                      float* logp, float* entropy, const float* rewards, const float* scale,
+                      const float* old, const float* ref, const GRPOParams& p, float inv_t,
+                      int64_t stage_bytes, cudaStream_t stream) {
+  const int64_t N = p.B * p.T;
+  if (N <= 0) return;
+  if (N > 0x7fffffff) throw std::runtime_error("grpo_logits_cuda: at most 2^31 - 1 rows");
+  const bool ent_f = entropy != nullptr, ent_b = p.entropy_coef != 0.f;
+  if (ent_b && !ent_f) throw std::runtime_error("grpo_logits_cuda: an entropy bonus needs the entropy");
+#define RR_GL_LAUNCH(DT, EF, EB)                                                                     \
+  launch_grpo_logits<DT, EF, EB>(grad_x, stride_gb, stride_gt, x, stride_xb, stride_xt, N, p.T, V, ids, \
+                                 logp, entropy, rewards, scale, old, ref, p, inv_t, stage_bytes, stream)
+#define RR_GL_DTYPE(DT)                         \
+  do {                                          \
+    if (ent_b)                                  \
+      RR_GL_LAUNCH(DT, true, true);             \
+    else if (ent_f)                             \
+      RR_GL_LAUNCH(DT, true, false);            \
+    else                                        \
+      RR_GL_LAUNCH(DT, false, false);           \
+  } while (0)
+  switch (dtype) {
+    case DType::f32: RR_GL_DTYPE(DType::f32); break;
+    case DType::bf16: RR_GL_DTYPE(DType::bf16); break;
+    case DType::f16: RR_GL_DTYPE(DType::f16); break;
+  }
+#undef RR_GL_DTYPE
+#undef RR_GL_LAUNCH
+  check_launch("grpo_logits_cuda");
 }
 
 }  // namespace reasonrl

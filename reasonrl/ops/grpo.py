@@ -45,7 +45,10 @@ The fast backends split the op in two: log-probs (and entropies) from reasonrl.o
 optionally with an in-place backward; or hidden + LM-head weight without ever materializing N x V),
 then one per-row GRPO kernel (kernels/grpo.py, csrc/cpu/grpo.cpp, csrc/cuda/grpo.cu) that owns a
 whole completion, so that GSPO's sequence ratio and the per-sequence aggregation need no second
-launch. The fused form with grad (config.linear_single_pass) goes further: a token's gradient
+launch. The logits form with grad and a token-level ratio (config.logits_single_pass, C++ and CUDA)
+writes each row's gradient as soon as its log-prob is known (LogitsGRPOLossFunction): the logits are
+read once from memory instead of twice. The fused form with grad (config.linear_single_pass) goes
+further: a token's gradient
 depends only on its own sequence and the row weights only on the mask, so one pass over chunks of
 whole sequences computes logits, loss and the gradients to hidden and weight (6NHV FLOPs instead of
 the 8NHV of a forward plus a backward that recomputes the logits; backward only scales them).
@@ -57,6 +60,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +91,11 @@ class GRPOLossConfig:
     compute_entropy: bool = True             # entropy metric even when entropy_coef == 0
     log_ratio_clamp: float = 20.0            # C: log-ratios clamped to [-C, C]
     inplace_backward: bool = False           # logits form: the logits' grad overwrites the logits
+                                             # (with logits_single_pass: already in the forward)
+    logits_single_pass: bool = True          # logits form, token-level ratio, C++ / CUDA backends:
+                                             # the gradient written by the forward's pass over each
+                                             # row (read, reread from cache, write: one read of the
+                                             # logits less); backward only scales it
     linear_single_pass: bool = True          # fused form: gradients in the forward pass (6NHV FLOPs);
                                              # False: linear_token_logprobs' backward recomputes (8NHV)
 
@@ -112,7 +121,7 @@ class GRPOLossConfig:
         v = self.max_completion_length
         if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
             wrong_type("max_completion_length", "None or an int")
-        for name in ("compute_entropy", "inplace_backward", "linear_single_pass"):
+        for name in ("compute_entropy", "inplace_backward", "linear_single_pass", "logits_single_pass"):
             if not isinstance(getattr(self, name), bool):
                 wrong_type(name, "a bool")
         if self.advantage not in ADVANTAGES:
@@ -425,6 +434,14 @@ def _register_fakes():
                   eps_high, dual_clip, beta, entropy_coef, clamp, sequence, row0=0):
         return logp.new_empty(logp.shape[0], 8)  # (B, 8)
 
+    @torch.library.register_fake("reasonrl::grpo_logits")
+    def _logits_fake(logits, grad, ids, rewards, scale, old, ref, group_size, advantage, std_eps, eps_low,
+                     eps_high, dual_clip, beta, entropy_coef, clamp, sequence, temperature, with_entropy,
+                     stage_bytes=-1):
+        n = logits.shape[0] * logits.shape[1]
+        f32 = dict(dtype=torch.float32, device=logits.device)
+        return logits.new_empty(n, **f32), logits.new_empty(n if with_entropy or entropy_coef != 0 else 0, **f32)
+
     @torch.library.register_fake("reasonrl::grpo_bwd")
     def _bwd_fake(scale, logp, old, ref, mask, rewards, group_size, advantage, std_eps, eps_low,
                   eps_high, dual_clip, beta, entropy_coef, clamp, sequence, with_entropy, row0=0):
@@ -554,6 +571,70 @@ class LinearGRPOLossFunction(torch.autograd.Function):
         return gh, gw, None, None, None, None, None, None, None, None, None, None
 
 
+def _stage_bytes():
+    """REASONRL_GRPO_STAGE_KB: how much of each row of logits the CUDA single-pass kernel keeps in
+    shared memory between its two reads (unset: as much as fits; 0: none, the second read from L2)."""
+    kb = os.environ.get("REASONRL_GRPO_STAGE_KB", "").strip()
+    if not kb:
+        return -1
+    try:
+        v = int(kb)
+    except ValueError:
+        raise ValueError(f"REASONRL_GRPO_STAGE_KB must be an integer number of KiB, got {kb!r}") from None
+    if v < 0:
+        raise ValueError(f"REASONRL_GRPO_STAGE_KB must be >= 0, got {v}")
+    return v * 1024
+
+
+class LogitsGRPOLossFunction(torch.autograd.Function):
+    """logits (B, T, V) -> (loss, per-row stats (B, 8)) for the token-level ratio, gradient in forward.
+
+    A token's d loss / d logp depends only on its own log-prob (csrc/grpo.h, grpo_token_coefs) and
+    each row's weight w_b only on the mask, so the compiled op reasonrl::grpo_logits reads each row of
+    logits, makes its log-prob, entropy and coefficients, and writes the row's gradient while the row
+    is still in cache: the logits are read once from memory and the gradient written once, where a
+    forward kernel plus a backward kernel read them twice. The stats come from the per-row GRPO kernel
+    over the log-probs, as in the two-pass path. Backward returns the stored gradient as it is when
+    the upstream gradient is 1 (one host sync to learn that) and scales it in place otherwise: a second
+    backward of a graph kept with retain_graph=True then raises instead of scaling twice.
+    inplace: the gradient is written over the logits themselves, during the forward; their version
+    counter is bumped, so that an op that saved them for its own backward raises there."""
+
+    @staticmethod
+    @no_autocast
+    def forward(ctx, logits, ids, mask, rewards, w, p, temperature, need_ent, inplace, backend):
+        grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        args = _cpp_args(p)
+        logp, ent = torch.ops.reasonrl.grpo_logits(logits, grad, ids, rewards, w, p["old"], p["ref"], *args,
+                                                   float(temperature), need_ent, _stage_bytes())
+        B, T = mask.shape
+        lp2 = logp.view(B, T)
+        ent2 = ent.view(B, T) if need_ent else None  # need_ent covers an entropy bonus
+        stats = _fwd(backend, lp2, ent2, mask, rewards, p)  # (B, 8)
+        if inplace:
+            torch.autograd.graph.increment_version(logits)
+        ctx.save_for_backward(grad)
+        ctx.scaled = None
+        ctx.mark_non_differentiable(stats)
+        return (stats[:, 0] * w).sum(), stats
+
+    @staticmethod
+    @no_autocast
+    def backward(ctx, grad_loss, grad_stats):
+        if ctx.scaled is not None:  # (before saved_tensors, whose version check would raise less clearly)
+            raise RuntimeError("grpo_loss (logits_single_pass): this graph's logits gradient was already "
+                               f"scaled by an upstream gradient of {ctx.scaled} in an earlier backward; "
+                               "use GRPOLossConfig(logits_single_pass=False) to backward more than once")
+        (grad,) = ctx.saved_tensors
+        s = float(grad_loss)  # one host sync: the gradient is kept as it is when s == 1
+        if s != 1.0:
+            grad.mul_(s)
+            ctx.scaled = s
+        # a new tensor object over the same memory: the saved one is still referenced here, so a leaf's
+        # AccumulateGrad would copy it; this alias it takes as the leaf's .grad
+        return grad.view(grad.shape), None, None, None, None, None, None, None, None, None
+
+
 def _rows(t, s0, s1):
     return None if t is None else t[s0:s1]
 
@@ -626,6 +707,15 @@ def _all_metrics(stats, B, G, with_entropy):
     return metrics
 
 
+def _single_pass_logits(backend, logits, config):
+    """Whether grpo_loss takes LogitsGRPOLossFunction: the compiled backends, a gradient wanted, and a
+    token-level ratio (GSPO's sequence ratio needs the whole row of tokens before any coefficient)."""
+    from reasonrl.ops.logprobs import KERNEL_DTYPES
+
+    return (config.logits_single_pass and backend in ("cpp", "cuda") and config.importance_sampling == "token"
+            and torch.is_grad_enabled() and logits.requires_grad and logits.dtype in KERNEL_DTYPES)
+
+
 # ---- public op --------------------------------------------------------------------------------------
 
 def grpo_loss(logits=None, *, hidden=None, weight=None, ids, mask, rewards, group_size,
@@ -682,6 +772,20 @@ def grpo_loss(logits=None, *, hidden=None, weight=None, ids, mask, rewards, grou
         loss, stats = LinearGRPOLossFunction.apply(
             hidden.contiguous(), weight, ids_eff.view(-1), _f32(mask), _f32(rewards), p, config,
             num_items_in_batch, float(temperature), need_ent, _default_chunk_bytes(hidden.device), b)
+        result = loss, _all_metrics(stats, B, G, need_ent)
+    elif logits is not None and _single_pass_logits(b, logits, config):
+        from reasonrl.ops.logprobs import _rows_overlap
+
+        x = logits if logits.stride(-1) == 1 else logits.contiguous()
+        if config.inplace_backward and _rows_overlap(x):
+            raise ValueError(f"grpo_loss: inplace_backward writes the gradient over the logits, whose rows share "
+                             f"memory here (an expanded tensor? strides {tuple(logits.stride())}); pass a tensor "
+                             f"with its own storage or inplace_backward=False")
+        p = _kernel_params(config, _f32(old_logprobs), _f32(ref_logprobs) if config.beta != 0 else None, G)
+        m32 = _f32(mask)
+        w = _row_weights(m32.sum(1), config, T, num_items_in_batch).contiguous()  # (B,): from the mask alone
+        loss, stats = LogitsGRPOLossFunction.apply(x, ids_eff.reshape(-1).contiguous(), m32, _f32(rewards), w, p,
+                                                   float(temperature), need_ent, config.inplace_backward, b)
         result = loss, _all_metrics(stats, B, G, need_ent)
     else:
         # the ids' range is part of the value checks (finish), not token_logprobs' own sync
