@@ -17,6 +17,7 @@ Floor (GPU): every decode step reads all weights once: steps x weight bytes / co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -163,8 +164,11 @@ def main():
     if args.gpu:
         wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         floor = gen_tokens / (new * wbytes / ceilings(device)["copy_Bps"])
-    if args.profile:
-        profile_table(ours, device, f"LLMEngine.generate, {P} x {G} samples, {new} new tokens")
+    if args.profile:  # a short call: a whole rollout's tens of thousands of kernels overran the profiler's time
+        short = min(new, 32)
+        profile_table(lambda: eng.generate(prompts.tolist(), dataclasses.replace(params, max_tokens=short), n=G),
+                      device, f"LLMEngine.generate, {P} x {G} samples, {short} new tokens (per decode step: "
+                      f"divide by {short})", rows=30)
     op_rows = bench_decode_op(cfg, model.head_dim, P * G, plen + new, args.block_size, device, dtype)
     print(f"device: {device_name(device)}; model {cfg.arch} H={cfg.hidden_size} L={cfg.num_hidden_layers} "
           f"V={cfg.vocab_size} {str(dtype).replace('torch.', '')}; {P} prompts x {G} samples, prompt {plen}, "
