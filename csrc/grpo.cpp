@@ -7,7 +7,8 @@
 //   reasonrl::grpo_logits(logits (B, T, V), grad (B, T, V) mutated, may be logits, ids (B*T,),
 //       rewards, scale (B,), old?, ref?, ..., temperature, with_entropy, stage_bytes) ->
 //       (logp (B*T,), entropy (B*T,) or (0,)): the token-level loss from logits in one pass per row
-//       (the gradient of the loss written before the op returns; see grpo_logits below)
+//       (the gradient of the loss written before the op returns; see grpo_logits below);
+//       reasonrl::grpo_logits_inplace(logits mutated, ids, ...): the same with grad = logits
 // The (B, T) tensors may be rows [row0, row0 + B) of a larger batch whose rewards are all given
 // (the fused LM-head path runs a chunk of whole sequences at a time).
 // Every tensor is float32 and contiguous; the Python side (reasonrl/ops/grpo.py) converts.
@@ -302,10 +303,27 @@ std::tuple<at::Tensor, at::Tensor> grpo_logits(const at::Tensor& x, at::Tensor& 
   return {logp, ent};
 }
 
+// The in-place form: the gradient over the logits themselves (a schema of its own, so that the
+// mutated tensor is not also passed as an input that is read only).
+std::tuple<at::Tensor, at::Tensor> grpo_logits_inplace(at::Tensor& x, const at::Tensor& ids, const at::Tensor& rewards,
+                                                       const at::Tensor& scale, const OptT& old, const OptT& ref,
+                                                       int64_t group_size, int64_t advantage, double std_eps,
+                                                       double eps_low, double eps_high, double dual_clip, double beta,
+                                                       double entropy_coef, double clamp, bool sequence,
+                                                       double temperature, bool with_entropy, int64_t stage_bytes) {
+  return grpo_logits(x, x, ids, rewards, scale, old, ref, group_size, advantage, std_eps, eps_low, eps_high,
+                     dual_clip, beta, entropy_coef, clamp, sequence, temperature, with_entropy, stage_bytes);
+}
+
 }  // namespace
 }  // namespace reasonrl
 
 TORCH_LIBRARY_FRAGMENT(reasonrl, m) {
+  m.def(
+      "grpo_logits_inplace(Tensor(a!) logits, Tensor ids, Tensor rewards, Tensor scale, Tensor? old, "
+      "Tensor? ref, int group_size, int advantage, float std_eps, float eps_low, float eps_high, "
+      "float dual_clip, float beta, float entropy_coef, float clamp, bool sequence, float temperature, "
+      "bool with_entropy, int stage_bytes=-1) -> (Tensor, Tensor)");
   m.def(
       "grpo_logits(Tensor logits, Tensor(a!) grad, Tensor ids, Tensor rewards, Tensor scale, Tensor? old, "
       "Tensor? ref, int group_size, int advantage, float std_eps, float eps_low, float eps_high, "
@@ -326,6 +344,7 @@ TORCH_LIBRARY_IMPL(reasonrl, CPU, m) {
   m.impl("grpo_fwd", &reasonrl::grpo_fwd);
   m.impl("grpo_bwd", &reasonrl::grpo_bwd);
   m.impl("grpo_logits", &reasonrl::grpo_logits);
+  m.impl("grpo_logits_inplace", &reasonrl::grpo_logits_inplace);
 }
 
 
@@ -334,5 +353,6 @@ TORCH_LIBRARY_IMPL(reasonrl, CUDA, m) {
   m.impl("grpo_fwd", &reasonrl::grpo_fwd);
   m.impl("grpo_bwd", &reasonrl::grpo_bwd);
   m.impl("grpo_logits", &reasonrl::grpo_logits);
+  m.impl("grpo_logits_inplace", &reasonrl::grpo_logits_inplace);
 }
 #endif

@@ -282,10 +282,10 @@ def check_logits_single_pass(backend, combos, device, dtype=torch.float32, V=37,
         loss, met = grpo_loss(x, ids=b["ids"], mask=b["mask"], rewards=b["rewards"], group_size=G, old_logprobs=old,
                               ref_logprobs=b["ref"], temperature=0.7, backend=backend,
                               config=make_config(c, inplace_backward=inplace))
-        if inplace:  # the single pass has written the gradient already
+        if inplace and dtype != torch.float16:  # the single pass has written the gradient already
             assert not torch.equal(x.detach(), before), f"{c}: the single-pass path was not taken"
-        else:
-            assert torch.equal(x.detach(), before), f"{c}: the logits changed"
+        else:  # out of place, or float16 (the two-pass path: a single pass's float16 gradient would underflow)
+            assert torch.equal(x.detach(), before), f"{c}: the logits changed in the forward"
         loss.backward(up)
         grad = leaf.grad[:, :-1] if slice_ else x.grad
         if slice_:
@@ -315,9 +315,9 @@ def test_logits_single_pass_layouts_and_dtypes(dtype, slice_, inplace):
 
 
 def test_logits_single_pass_backward_semantics():
-    """Upstream 1 returns the stored gradient (a second backward is fine); another upstream scales it
-    in place, after which a second backward raises instead of scaling twice; in place, an op that saved
-    the logits for its own backward raises rather than read the gradient."""
+    """Upstream 1 returns the stored gradient, another upstream scales it; a second backward raises
+    (the first handed the buffer out: it is the leaf's .grad here); in place, an op that saved the
+    logits for its own backward raises rather than read the gradient."""
     if "cpp" not in CPU_BACKENDS:
         pytest.skip("reasonrl._C not built")
     B, T, V, G = 4, 5, 50, 2
@@ -331,15 +331,22 @@ def test_logits_single_pass_backward_semantics():
     loss.backward(retain_graph=True)
     g1 = x.grad.clone()
     assert_close_to_ref(g1, ref[2], ref[2].float(), torch.float32, "upstream 1")
-    loss.backward()
-    torch.testing.assert_close(x.grad, 2 * g1)
+    with pytest.raises(RuntimeError, match="handed out by an earlier backward"):
+        (3 * loss).backward()
+    torch.testing.assert_close(x.grad, g1, rtol=0, atol=0)  # untouched by the refused backward
 
     x = b["logits"].clone().requires_grad_(True)
     loss, _ = grpo_loss(x, backend="cpp", config=make_config(c), **kw)
     (3 * loss).backward(retain_graph=True)
     torch.testing.assert_close(x.grad, 3 * g1)
-    with pytest.raises(RuntimeError, match="already scaled by an upstream gradient of 3"):
+    with pytest.raises(RuntimeError, match="handed out by an earlier backward"):
         loss.backward()
+    two = make_config(c, logits_single_pass=False)  # the two-pass path backs through twice
+    x = b["logits"].clone().requires_grad_(True)
+    loss, _ = grpo_loss(x, backend="cpp", config=two, **kw)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * g1, rtol=1e-5, atol=1e-8)
 
     leaf = b["logits"].clone().requires_grad_(True)
     x = leaf * 1.0
@@ -451,9 +458,9 @@ def test_compiled_ops_pass_opcheck(sequence, beta):
         V = 11
         x, ids = torch.randn(B, T, V), torch.randint(0, V, (B * T,))
         ids[::3] = -100
-        torch.library.opcheck(torch.ops.reasonrl.grpo_logits,
-                              (x, torch.empty_like(x), ids, rewards, torch.rand(B), old, ref if beta else None,
-                               *opts, 0.7, True, -1))
+        tail = (ids, rewards, torch.rand(B), old, ref if beta else None, *opts, 0.7, True, -1)
+        torch.library.opcheck(torch.ops.reasonrl.grpo_logits, (x, torch.empty_like(x), *tail))
+        torch.library.opcheck(torch.ops.reasonrl.grpo_logits_inplace, (x.clone(), *tail))
 
 
 def test_compiled_op_rejects_bad_tensors():
@@ -813,13 +820,42 @@ def test_gpu_logits_form(backend, dtype):
             assert_close_to_ref(out[2], r64[2], r_same[2], dtype, f"{c} grad_logits")
 
 
+def check_against_two_pass(dev, dtype, V, B, T, G, slice_, c, rel):
+    """Single pass against the same backend's two-pass path at upstream 1: the same per-element formula,
+    so the gradients agree to a rounding of the dtype relative to their own size (the float64 check's
+    absolute floor, 2e-2 in bf16, is above a whole 151936-wide gradient row: it could not see one)."""
+    b = make_batch(B, T, G, V, dtype, device=dev, temperature=0.7)
+    lp = torch.log_softmax(b["logits"].double() / 0.7, -1).gather(-1, b["ids"].clamp(min=0)[..., None])[..., 0]
+    b["old"] = away_from_clip(lp.float(), b["old"])  # the two paths' log-probs differ in their last bits
+    extra = torch.randn(B, 1, V, device=dev).to(dtype)
+    kw = dict(ids=b["ids"], mask=b["mask"], rewards=b["rewards"], group_size=G, ref_logprobs=b["ref"],
+              old_logprobs=None if c["on_policy"] else b["old"], temperature=0.7, backend="cuda")
+    out = []
+    for single in (True, False):
+        leaf = torch.cat([b["logits"], extra], 1) if slice_ else b["logits"].clone()
+        leaf.requires_grad_(True)
+        x = leaf[:, :-1] if slice_ else leaf
+        loss, _ = grpo_loss(x, config=make_config(c, logits_single_pass=single), **kw)
+        loss.backward()
+        out.append((loss.detach(), leaf.grad))
+    (l1, g1), (l2, g2) = out
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-7)
+    scale = g2.abs().max().item()
+    assert scale > 0
+    err = (g1.double() - g2.double()).abs().max().item()
+    assert err <= rel * scale, f"{c} V={V} slice={slice_}: max err {err:.3e} > {rel} x {scale:.3e}"
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("stage_kb", [None, "0", "16"])
+@pytest.mark.parametrize("stage_kb", [None, "0", "1", "16"])
 def test_gpu_logits_single_pass(stage_kb, monkeypatch):
-    """The CUDA single-pass kernel: every token-level combination (one stage setting), then layouts and
-    dtypes at a vocabulary whose rows are not 16-byte aligned (scalar heads and tails), a sliced batch
-    (rows not one stride apart) written out of place (misaligned against the fresh gradient: the all-
-    scalar path) and in place, and the anchor vocabulary with rows staged whole, in part, or not."""
+    """The CUDA single-pass kernel. Against the float64 reference: every token-level combination (one
+    stage setting), layouts (rows not 16-byte aligned: V = 1001; a sliced batch written out of place,
+    whose rows are misaligned against the fresh gradient: the all-scalar path; and in place) and dtypes.
+    Against the CUDA two-pass path, relative to the gradient's size: V = 5003 sliced (the pairs-of-
+    vectors loops on misaligned rows) and the anchor vocabulary in bf16, where the default stages part
+    of each 297 KiB row (227 KiB fit) and reads the rest back from L2, stage 1 KiB almost none, 16 KiB
+    some, 0 none."""
     dev = torch.device("cuda")
     if _backend.why_unavailable("cuda", dev) is not None:
         pytest.skip(_backend.why_unavailable("cuda", dev))
@@ -827,12 +863,15 @@ def test_gpu_logits_single_pass(stage_kb, monkeypatch):
         monkeypatch.setenv("REASONRL_GRPO_STAGE_KB", stage_kb)
     if stage_kb is None:
         check_logits_single_pass("cuda", TOKEN_COMBOS, dev)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype in (torch.float32, torch.bfloat16):
         for slice_, inplace in ((False, True), (True, False), (True, True)):
             check_logits_single_pass("cuda", TOKEN_PAIRWISE[:3], dev, dtype, V=1001, B=4, T=5, G=2, slice_=slice_,
                                      inplace=inplace)
-    check_logits_single_pass("cuda", LOGIT_CONFIGS[:1], dev, torch.bfloat16, V=151936, B=8, T=64, G=4,
-                             inplace=True)
+    c = LOGIT_CONFIGS[0]  # KL and entropy bonus: the entropy term of the gradient too
+    for dtype, rel in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -7)):
+        check_against_two_pass(dev, dtype, 5003, 4, 5, 2, True, c, rel)
+    check_against_two_pass(dev, torch.bfloat16, 151936, 8, 64, 4, False, c, 2 ** -7)
+    check_against_two_pass(dev, torch.bfloat16, 151936, 4, 16, 4, False, LOGIT_CONFIGS[2], 2 ** -7)
 
 
 # ---- bad input: masked vocabularies, mask / old / ref values, argument types ----------------------

@@ -497,29 +497,31 @@ void launch_grpo_logits(void* grad_x, int64_t sgb, int64_t sgt, const void* x, i
                         const float* rewards, const float* scale, const float* old, const float* ref,
                         const GRPOParams& p, float inv_t, int64_t stage_bytes, cudaStream_t stream) {
   auto kernel = grpo_logits_kernel<D, EntF, EntB>;
-  // Shared memory: the static part plus the staged vectors, at most what one block may opt into.
-  static int max_dyn = -1;  // per instantiation: the opt-in limit, set once
-  if (max_dyn < 0) {
-    int dev = 0, optin = 0;
+  // The opt-in shared memory limit is a property of the device, and raising a kernel's limit acts on
+  // the current device only: both are looked up per call (cheap), the kernel's static part once.
+  static const int static_smem = [&] {
     cudaFuncAttributes attr{};
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-        cudaFuncGetAttributes(&attr, kernel) != cudaSuccess)
-      throw std::runtime_error("grpo_logits_cuda: cannot query the device's shared memory");
-    const int avail = optin - static_cast<int>(attr.sharedSizeBytes);
-    if (avail > 48 * 1024 &&
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, avail) != cudaSuccess)
-      throw std::runtime_error("grpo_logits_cuda: cannot raise the kernel's shared memory limit");
-    max_dyn = avail > 0 ? avail : 0;
-  }
+    return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess ? static_cast<int>(attr.sharedSizeBytes) : -1;
+  }();
+  int dev = 0, optin = 0, per_sm = 0;
+  if (static_smem < 0 || cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess)
+    throw std::runtime_error("grpo_logits_cuda: cannot query the device's shared memory");
   const int64_t K = D == DType::f32 ? 4 : 8;
   const int64_t row_vecs = (V + K - 1) / K;
   const int64_t want = stage_bytes < 0 ? row_vecs : std::min<int64_t>(row_vecs, stage_bytes / 16);
-  const int64_t stage = std::min<int64_t>(want, max_dyn / 16);
-  // More than half an SM's shared memory staged: one block per SM, so a large one (1024 threads keep
-  // 32 KiB of the first read in flight); less: blocks of 512, two per SM (64 registers a thread).
-  const int threads = stage * 16 > 114 * 1024 ? 1024 : stage > 0 ? 512 : fwd_threads(V);
-  kernel<<<static_cast<unsigned>(N), threads, static_cast<size_t>(stage * 16), stream>>>(
+  const int64_t stage = std::max<int64_t>(0, std::min<int64_t>(want, (optin - static_smem) / 16));
+  const int64_t dyn = stage * 16;
+  if (dyn > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dyn)) != cudaSuccess)
+    throw std::runtime_error("grpo_logits_cuda: cannot raise the kernel's shared memory limit");
+  // Where two blocks' shared memory (with the 1 KiB the hardware reserves for each) does not fit an
+  // SM, one block runs per SM: make it 1024 threads (32 KiB of the first read in flight); else blocks
+  // of 512, two per SM (64 registers a thread: two of 1024 would not fit the register file).
+  const bool one_per_sm = 2 * (dyn + static_smem + 1024) > per_sm;
+  const int threads = stage == 0 ? fwd_threads(V) : one_per_sm ? 1024 : 512;
+  kernel<<<static_cast<unsigned>(N), threads, static_cast<size_t>(dyn), stream>>>(
       grad_x, sgb, sgt, x, sxb, sxt, T, V, ids, logp, ent, rewards, scale, old, ref, p, inv_t, stage);
 }
 

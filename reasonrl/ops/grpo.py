@@ -92,10 +92,11 @@ class GRPOLossConfig:
     log_ratio_clamp: float = 20.0            # C: log-ratios clamped to [-C, C]
     inplace_backward: bool = False           # logits form: the logits' grad overwrites the logits
                                              # (with logits_single_pass: already in the forward)
-    logits_single_pass: bool = True          # logits form, token-level ratio, C++ / CUDA backends:
-                                             # the gradient written by the forward's pass over each
-                                             # row (read, reread from cache, write: one read of the
-                                             # logits less); backward only scales it
+    logits_single_pass: bool = True          # logits form, token-level ratio, C++ / CUDA backends,
+                                             # float32 / bfloat16: the gradient written by the
+                                             # forward's pass over each row (read, reread from cache,
+                                             # write: one read of the logits less); backward only
+                                             # scales it, once (no retain_graph double backward)
     linear_single_pass: bool = True          # fused form: gradients in the forward pass (6NHV FLOPs);
                                              # False: linear_token_logprobs' backward recomputes (8NHV)
 
@@ -442,6 +443,13 @@ def _register_fakes():
         f32 = dict(dtype=torch.float32, device=logits.device)
         return logits.new_empty(n, **f32), logits.new_empty(n if with_entropy or entropy_coef != 0 else 0, **f32)
 
+    @torch.library.register_fake("reasonrl::grpo_logits_inplace")
+    def _logits_inplace_fake(logits, ids, rewards, scale, old, ref, group_size, advantage, std_eps, eps_low,
+                             eps_high, dual_clip, beta, entropy_coef, clamp, sequence, temperature, with_entropy,
+                             stage_bytes=-1):
+        return _logits_fake(logits, logits, ids, rewards, scale, old, ref, group_size, advantage, std_eps, eps_low,
+                            eps_high, dual_clip, beta, entropy_coef, clamp, sequence, temperature, with_entropy)
+
     @torch.library.register_fake("reasonrl::grpo_bwd")
     def _bwd_fake(scale, logp, old, ref, mask, rewards, group_size, advantage, std_eps, eps_low,
                   eps_high, dual_clip, beta, entropy_coef, clamp, sequence, with_entropy, row0=0):
@@ -595,18 +603,23 @@ class LogitsGRPOLossFunction(torch.autograd.Function):
     is still in cache: the logits are read once from memory and the gradient written once, where a
     forward kernel plus a backward kernel read them twice. The stats come from the per-row GRPO kernel
     over the log-probs, as in the two-pass path. Backward returns the stored gradient as it is when
-    the upstream gradient is 1 (one host sync to learn that) and scales it in place otherwise: a second
-    backward of a graph kept with retain_graph=True then raises instead of scaling twice.
-    inplace: the gradient is written over the logits themselves, during the forward; their version
-    counter is bumped, so that an op that saved them for its own backward raises there."""
+    the upstream gradient is 1 (one host sync to learn that) and scales it in place otherwise, once: a
+    second backward of a graph kept with retain_graph=True raises (the buffer it handed out may be a
+    leaf's .grad by then). inplace: the gradient is written over the logits themselves, during the
+    forward (also when the deferred value checks then raise); their version counter is bumped, so that
+    an op that saved them for its own backward raises there. float16 logits take the two-pass path:
+    a gradient rounded to float16 at upstream 1 would underflow where a loss scaler scales it up."""
 
     @staticmethod
     @no_autocast
     def forward(ctx, logits, ids, mask, rewards, w, p, temperature, need_ent, inplace, backend):
-        grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        args = _cpp_args(p)
-        logp, ent = torch.ops.reasonrl.grpo_logits(logits, grad, ids, rewards, w, p["old"], p["ref"], *args,
-                                                   float(temperature), need_ent, _stage_bytes())
+        args = (ids, rewards, w, p["old"], p["ref"], *_cpp_args(p), float(temperature), need_ent, _stage_bytes())
+        if inplace:
+            grad = logits
+            logp, ent = torch.ops.reasonrl.grpo_logits_inplace(logits, *args)
+        else:
+            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            logp, ent = torch.ops.reasonrl.grpo_logits(logits, grad, *args)
         B, T = mask.shape
         lp2 = logp.view(B, T)
         ent2 = ent.view(B, T) if need_ent else None  # need_ent covers an entropy bonus
@@ -614,22 +627,22 @@ class LogitsGRPOLossFunction(torch.autograd.Function):
         if inplace:
             torch.autograd.graph.increment_version(logits)
         ctx.save_for_backward(grad)
-        ctx.scaled = None
+        ctx.done = False
         ctx.mark_non_differentiable(stats)
         return (stats[:, 0] * w).sum(), stats
 
     @staticmethod
     @no_autocast
     def backward(ctx, grad_loss, grad_stats):
-        if ctx.scaled is not None:  # (before saved_tensors, whose version check would raise less clearly)
-            raise RuntimeError("grpo_loss (logits_single_pass): this graph's logits gradient was already "
-                               f"scaled by an upstream gradient of {ctx.scaled} in an earlier backward; "
-                               "use GRPOLossConfig(logits_single_pass=False) to backward more than once")
+        if ctx.done:  # (before saved_tensors, whose version check would raise less clearly)
+            raise RuntimeError("grpo_loss (logits_single_pass): this graph's logits gradient was handed out by "
+                               "an earlier backward (it may be a leaf's .grad now, or scaled in place); use "
+                               "GRPOLossConfig(logits_single_pass=False) to backward through it more than once")
+        ctx.done = True
         (grad,) = ctx.saved_tensors
         s = float(grad_loss)  # one host sync: the gradient is kept as it is when s == 1
         if s != 1.0:
             grad.mul_(s)
-            ctx.scaled = s
         # a new tensor object over the same memory: the saved one is still referenced here, so a leaf's
         # AccumulateGrad would copy it; this alias it takes as the leaf's .grad
         return grad.view(grad.shape), None, None, None, None, None, None, None, None, None
@@ -712,8 +725,11 @@ def _single_pass_logits(backend, logits, config):
     token-level ratio (GSPO's sequence ratio needs the whole row of tokens before any coefficient)."""
     from reasonrl.ops.logprobs import KERNEL_DTYPES
 
+    # float16: the gradient is rounded to the logits' dtype at upstream 1; GradScaler's scale comes after
+    # (measured: 83% of a V=32000 gradient's entries flushed to 0 at scale 65536; the two-pass path: 0.06%)
     return (config.logits_single_pass and backend in ("cpp", "cuda") and config.importance_sampling == "token"
-            and torch.is_grad_enabled() and logits.requires_grad and logits.dtype in KERNEL_DTYPES)
+            and torch.is_grad_enabled() and logits.requires_grad
+            and logits.dtype in KERNEL_DTYPES and logits.dtype != torch.float16)
 
 
 # ---- public op --------------------------------------------------------------------------------------
