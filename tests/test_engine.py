@@ -994,3 +994,61 @@ def test_engine_init_checks_arguments(hf_and_ours, kw, err, msg):
     with pytest.raises(err, match=msg):
         LLMEngine(model, **kw)
     LLMEngine(model, kv_cache_bytes=1 << 20, eos_token_ids=[2, 3])
+
+
+# ---- the Triton sampler (kernels/sample.py): the GPU path of all-sampling batches ------------------------
+def _kernel_and_torch(logits, temp, u):
+    from reasonrl.engine.sampler import Sampler
+
+    B = logits.shape[0]
+    ones = torch.ones(B, device=logits.device)
+    args = (logits, temp, torch.zeros(B, dtype=torch.int64, device=logits.device), ones, ones * 0)
+    s = Sampler()
+    s.kernel = True
+    got = s(*args, u=u, any_filter=False, any_greedy=False)
+    s.kernel = False
+    ref = s(*args, u=u, any_filter=False, any_greedy=False)
+    return got, ref
+
+
+@pytest.mark.parametrize("V,B,dtype", [(50, 33, torch.float32), (4096, 4, torch.float32), (4097, 5, torch.float16),
+                                       (151936, 6, torch.bfloat16)])
+def test_sampler_kernel_draws_as_the_torch_path(V, B, dtype, monkeypatch):
+    """The same uniforms give the same tokens (a draw within float rounding of a CDF step could differ;
+    none does in these cases) and the same log-probs up to float32 rounding; -inf logits (a masked
+    vocabulary) are never drawn, also for uniforms at the ends of [0, 1)."""
+    from reasonrl.ops._backend import triton_importable
+    if not triton_importable():
+        pytest.skip("triton not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(V)
+    logits = (3 * torch.randn(B, V, generator=g)).to(dtype)
+    logits[0, ::2] = float("-inf")
+    logits[-1, 1:] = float("-inf")  # one token left
+    temp = torch.rand(B, generator=g) + 0.3
+    u = torch.rand(B, generator=g)
+    u[0], u[1] = 0.0, 1.0 - 2**-24
+    (tok, lp), (rt, rl) = _kernel_and_torch(logits, temp, u)
+    # at u = 1 - 2^-24 the last tokens' probabilities are below the CDF's rounding: any of them is a draw
+    assert torch.equal(tok[2:], rt[2:]) and tok[0] == rt[0]
+    assert torch.isfinite(logits[torch.arange(B), tok].float()).all() and tok[-1] == 0
+    same = tok == rt
+    torch.testing.assert_close(lp[same], rl[same], rtol=0, atol=5e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_sampler_kernel_draws_as_the_torch_path():
+    """On the GPU at the rollout anchor's shape (64 rows, Qwen2's vocabulary, bf16 logits)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = (3 * torch.randn(64, 151936, device="cuda", generator=g)).bfloat16()
+    logits[0, ::2] = float("-inf")
+    temp = torch.rand(64, device="cuda", generator=g) + 0.3
+    u = torch.rand(64, device="cuda", generator=g)
+    (tok, lp), (rt, rl) = _kernel_and_torch(logits, temp, u)
+    same = tok == rt
+    assert same.sum() >= 63, f"{int((~same).sum())} of 64 draws differ"
+    assert torch.isfinite(logits[torch.arange(64, device="cuda"), tok].float()).all()
+    torch.testing.assert_close(lp[same], rl[same], rtol=0, atol=1e-4)
+

@@ -1,4 +1,4 @@
-"""The log-prob, paged-KV, decode-step and training-step Triton kernels compile for sm_90a as launched on a GPU.
+"""The log-prob, paged-KV, decode-step, sampler and training-step Triton kernels compile for sm_90a as launched on a GPU.
 
 The CPU interpreter accepts code that compiled Triton rejects (types of loop-carried values, dot
 shapes under 16, ...), and these kernels' tests here run only interpreted. So each kernel is
@@ -100,6 +100,17 @@ def _builds():
         out.append((f"swiglu_bwd {dt}", _c(Fk._swiglu_bwd_kernel,
                                            dict(DH=f"*{dt}", G=f"*{dt}", U=f"*{dt}", H_OUT=f"*{dt}", DG=f"*{dt}",
                                                 DU=f"*{dt}"), dict(N=4864), dict(BLOCK=1024))))
+    from reasonrl.kernels import sample as S
+
+    # the rollout sampler (kernels/sample.py) on Qwen2's vocabulary, bf16 and float32 logits
+    for dt in ("bf16", "fp32"):
+        out.append((f"sample_partial {dt}", _c(
+            S._sample_partial_kernel, dict(L=f"*{dt}", TEMP="*fp32", PM="*fp32", PS="*fp32"),
+            dict(stride_l=151936, V=151936, NS=38), dict(CHUNK=S.CHUNK, SEG_CHUNKS=S.SEG_CHUNKS))))
+        out.append((f"sample_pick {dt}", _c(
+            S._sample_pick_kernel, dict(L=f"*{dt}", TEMP="*fp32", U="*fp32", PM="*fp32", PS="*fp32", TOK="*i64",
+                                        LP="*fp32"),
+            dict(stride_l=151936, V=151936, NS=38), dict(BLOCK_S=64, CHUNK=S.CHUNK, SEG_CHUNKS=S.SEG_CHUNKS))))
     return out
 
 
@@ -107,7 +118,7 @@ def _builds():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the gpu tests compile and run the kernels")
 def test_logprob_and_paged_kernels_compile_for_sm90():
     report = report_of(__file__)
-    assert len(report) == 6 * 2 + 4 * 3 + 3 * 4 + 8, sorted(report)
+    assert len(report) == 6 * 2 + 4 * 3 + 3 * 4 + 8 + 4, sorted(report)
     for name, rep in report.items():
         assert rep["cubin"], f"{name}: no cubin"
         assert rep["shared"] <= 227 * 1024, f"{name}: {rep['shared']} bytes of shared memory"

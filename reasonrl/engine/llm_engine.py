@@ -370,9 +370,12 @@ class LLMEngine:
         top_k, forced = cols[:, 3].long(), cols[:, 4].long()
         any_sample = any(p.temperature > 0 for p in ps)
         any_filter = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in ps if p.temperature > 0)
+        any_greedy = any(p.temperature == 0 for p in ps)
         u = torch.cat([s.uniforms(1) for s in seqs]) if any_sample else None
-        tokens, logprobs = self.sampler(logits, temp, top_k, top_p, min_p, None, forced,
-                                        any_sample=any_sample, any_filter=any_filter, u=u)
+        # host-side facts, as a decode window's: a batch of one kind takes one sampler path in both
+        tokens, logprobs = self.sampler(logits, temp, top_k, top_p, min_p, None,
+                                        forced if any(s.forced for s in seqs) else None, any_sample=any_sample,
+                                        any_filter=any_filter, any_greedy=any_greedy, u=u)
         out = torch.stack([tokens.double(), logprobs.double()]).cpu()  # one device -> host copy
         return [int(t) for t in out[0].tolist()], out[1].tolist()
 

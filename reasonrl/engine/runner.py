@@ -154,7 +154,8 @@ class Runner:
     def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """One decode step from device tensors: ids, pos (B,) int64, tables (B, width) int32 that
         already hold the slot of every position. Slots and context lengths are derived here, so a
-        window of steps never goes back to the Python sequences. -> logits (B, V) float32."""
+        window of steps never goes back to the Python sequences. -> logits (B, V): float32, or under
+        CUDA graphs the model's dtype in the graph's buffer (read them before the next step)."""
         bs = self.block_size
         slots = tables.gather(1, (pos // bs)[:, None]).squeeze(1).long() * bs + pos % bs  # (B,)
         lens = (pos + 1).int()
@@ -197,7 +198,9 @@ class Runner:
             for name, t in zip(("ids", "pos", "slots", "lens", "tables"), (ids, pos, slots, lens, tables)):
                 buf[name].copy_(t)
             graph.replay()
-            return out[:n].float()
+            # in the model's dtype, a view of the graph's output buffer: valid until the next replay (the
+            # sampler reads it first, in stream order; a float32 copy was one more pass over B x V a step)
+            return out[:n]
         if self.lean is not None:
             return self.lean(ids, pos, slots, lens, tables, self.kv_caches).float()
         ctx = AttnContext(cu_seqlens=torch.arange(rows + 1, dtype=torch.int32, device=self.device), max_seqlen=1,

@@ -62,6 +62,21 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor, chunk: int = 1024) -> tor
 
 
 class Sampler:
+    # kernels/sample.py for batches where every row samples without filters or forced tokens, given
+    # their uniforms: "auto" on CUDA (2 launches for the ~12 full passes below), True also elsewhere
+    # (tests, through the Triton interpreter), False never. It draws from the same distribution with the
+    # same uniforms, but its sums run in another order: a draw within rounding of a CDF step can give
+    # the neighbouring token, so every step of an engine takes the same path for the same batch kind.
+    kernel = "auto"
+
+    def _use_kernel(self, logits, u, forced, any_sample, any_filter, any_greedy) -> bool:
+        if self.kernel is False or u is None or forced is not None or not any_sample or any_filter or any_greedy:
+            return False
+        if self.kernel == "auto" and logits.device.type != "cuda":
+            return False
+        from reasonrl.ops._backend import triton_importable, triton_interpret
+        return triton_importable() and (logits.device.type == "cuda") != triton_interpret()
+
     def __call__(self, logits, temperatures, top_k, top_p, min_p, generators=None, forced=None, *,
                  any_sample=True, any_filter=True, any_greedy=True, u=None):
         """logits (B, V); temperatures/top_p/min_p (B,) float32, top_k (B,) int64, forced (B,) int64
@@ -69,6 +84,9 @@ class Sampler:
         next draws (the engine takes them from each sequence's stream, several steps at once).
         any_sample / any_filter / any_greedy: host-side facts about the rows (False skips that work).
         -> tokens (B,) int64, logprobs (B,) float32."""
+        if self._use_kernel(logits, u, forced, any_sample, any_filter, any_greedy):
+            from reasonrl.kernels.sample import sample_rows
+            return sample_rows(logits, temperatures, u)
         logits = logits.float()
         greedy = temperatures == 0
         t = torch.where(greedy, torch.ones_like(temperatures), temperatures)
