@@ -164,6 +164,66 @@ def bench_shape(name, T, H, I, E, K, dtype, device, ceil, args, rows, decode=Fal
         torch.cuda.empty_cache()
 
 
+# --tune: block configs tried one kernel at a time (the others at kernels/moe.py's values), bf16 on GPU.
+# NOTE: kernels/moe.py's GPU configs were chosen without a GPU; the H200 profile (2026-11-27) had the
+# weight-gradient GEMMs at 216 TFLOP/s, 5.72 of 11.8 ms. Each candidate compiles its kernel once
+# (the weight-gradient one twice: two operand layouts), a few seconds each on the GPU machine.
+TUNE_CANDIDATES = {
+    "wgrad": [dict(BLOCK_1=128, BLOCK_2=128, BLOCK_R=64, num_warps=8, num_stages=3),
+              dict(BLOCK_1=128, BLOCK_2=128, BLOCK_R=64, num_warps=4, num_stages=4),
+              dict(BLOCK_1=128, BLOCK_2=256, BLOCK_R=64, num_warps=8, num_stages=4),
+              dict(BLOCK_1=256, BLOCK_2=128, BLOCK_R=64, num_warps=8, num_stages=3),
+              dict(BLOCK_1=128, BLOCK_2=256, BLOCK_R=32, num_warps=8, num_stages=5),
+              dict(BLOCK_1=64, BLOCK_2=256, BLOCK_R=64, num_warps=4, num_stages=4)],
+    "gate_up": [dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+                dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+                dict(BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3)],
+    "rows": [dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+             dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
+             dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4)],
+    "swiglu_bwd": [dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4),
+                   dict(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=4)],
+}
+
+
+def tune(device, args, rows):
+    """fwd+bwd of the Triton backend at the GPU train shape with one kernel's config changed at a time
+    (kernels/moe.py's _CONFIGS_GPU), then with the row tile (the dispatch padding) at 64: which block
+    sizes to keep. Prints a row per try as it finishes."""
+    from reasonrl.kernels import moe as M
+
+    T, H, I, E, K = 16384, 2048, 768, 128, 8
+    x, ids, w, gu, wd = make_inputs(T, H, I, E, K, torch.bfloat16, device)
+    g = torch.randn(T, H, device=device).to(torch.bfloat16)
+
+    def fb():
+        moe_experts(x, ids, w, gu, wd, backend="triton").backward(g)
+        for t in (x, w, gu, wd):
+            t.grad = None
+
+    def run(kernel, cfg):
+        try:
+            ms = time_ms(fb, device, args.warmup, args.rep)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile or fit is a row, not the end
+            ms, cfg = float("nan"), {**cfg, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"}
+        rows.append({"shape": "tune", "impl": f"triton {kernel}", "config": str(cfg), "fwd+bwd_ms": ms})
+        measured(rows[-1])
+
+    run("defaults", {})
+    base = {k: dict(v) for k, v in M._CONFIGS_GPU.items() if isinstance(v, dict)}
+    for kernel, cands in TUNE_CANDIDATES.items():
+        for cfg in cands:
+            M._CONFIGS_GPU[kernel] = cfg
+            run(kernel, cfg)
+        M._CONFIGS_GPU[kernel] = base[kernel]
+    orig = M._block_m
+    M._block_m = lambda dev, rpe, dt: 64 if dev.type == "cuda" and rpe >= 256 else orig(dev, rpe, dt)
+    try:
+        run("row tile", {"BLOCK_M": 64})
+    finally:
+        M._block_m = orig
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="the anchor shape on the GPU")
@@ -173,6 +233,8 @@ def main():
     p.add_argument("--rep", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the JSON line to this file")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one call of ours per shape")
+    p.add_argument("--tune", action="store_true", help="GPU: block configs of the Triton kernels, one kernel at a time "
+                   "(TUNE_CANDIDATES), instead of the comparison")
     p.add_argument("--no-pin", action="store_true",
                    help="CPU: keep glibc's dynamic mmap threshold (what a training process has): truer times, "
                         "but the peak-memory column then misses freed heap memory")
@@ -189,6 +251,13 @@ def main():
     ceil = ceilings(device)
     print(f"device: {device_name(device)}; measured {ceil['mm_dtype']} matmul {ceil['mm_flops'] / 1e12:.3f} TFLOP/s")
     rows = []
+    if a.tune:
+        if not gpu:
+            sys.exit("--tune is for the GPU (--gpu)")
+        tune(device, a, rows)
+        print_table(rows, ["impl", "config", "fwd+bwd_ms"])
+        emit_json({"bench": "moe-tune", "device": device_name(device), "rows": rows}, a.json)
+        return
     if gpu:
         shapes = [("train", 16384, 2048, 768, 128, 8, False), ("decode", 64, 2048, 768, 128, 8, True)]
         dtype = torch.bfloat16

@@ -11,7 +11,8 @@
 # compiles, so then run the rest in a second call on the same warm machine, e.g.
 #   SKIP_BUILD=1 SKIP_TESTS=1 BENCHES="moe rollout model train" bash benchmarks/device_check.sh
 # PROFILE=1 adds a torch.profiler table of ours to grpo, moe, rollout and model (the rollout's needs
-# about 40 s more). "train": six GRPO steps of `reasonrl grpo` on the GPU (23 s).
+# about 40 s more). "train": six GRPO steps of `reasonrl grpo` on the GPU (23 s). "moe-tune": the MoE
+# Triton kernels' block configs one kernel at a time (bench_moe.py --tune; ~17 compiles: a call of its own).
 # The Liger-Kernel wheel in .whl/ (git-ignored) reaches the machine only when the call carries it
 # (the device tool's carry: [".whl"]); without it every Liger reference row is skipped.
 # Every benchmark prints "# measured {...}" per row as it finishes, so a stage cut off by its cap
@@ -62,12 +63,13 @@ for name in $BENCHES; do  # in the order given
     moe) run_bench moe 120 python3 benchmarks/bench_moe.py --gpu "${pf[@]}" --json "$OUT/moe.json";;
     rollout) run_bench rollout 150 python3 benchmarks/bench_rollout.py --gpu --rep 2 "${pf[@]}" --json "$OUT/rollout.json";;
     model) run_bench model 90 python3 benchmarks/bench_model.py --gpu "${pf[@]}" --json "$OUT/model.json";;
+    moe-tune) run_bench moe-tune 300 python3 benchmarks/bench_moe.py --gpu --tune --rep 10 --json "$OUT/moe-tune.json";;
     train)  # the trainer itself on the GPU (device cuda, bf16 autocast): s/step in its log
       # random weights score 0 everywhere: without --dynamic_sampling false every group is dropped and
       # nothing trains; mu 2 and beta > 0 take the old-policy and reference paths too
       run_bench train 150 python3 -m reasonrl grpo --model tiny --steps 6 --device cuda --dynamic_sampling false \
         --mu 2 --beta 0.05 --out_dir "$OUT/grpo_gpu";;
-    *) echo "unknown bench '$name' (logprobs grpo moe rollout model train)";;
+    *) echo "unknown bench '$name' (logprobs grpo moe rollout model train moe-tune)";;
   esac
 done
 stamp "summary"
