@@ -305,6 +305,35 @@ def test_cuda_forward_fp32_and_bf16_autocast_match_cpu_float64():
                for n, p in model.named_parameters() if n != "lm_head.weight")
 
 
+@pytest.mark.gpu
+def test_cuda_native_gqa_matches_repeated_heads():
+    """SDPA's native grouped-query attention (flash backend, bf16) against repeating the k/v heads:
+    outputs and every gradient agree up to bf16 rounding (flash's dK/dV sums run in another order)."""
+    from reasonrl.models import attention as A
+
+    cfg = ModelConfig(arch="qwen2", vocab_size=300, hidden_size=448, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=7, num_key_value_heads=1, head_dim=64)
+    lens = [256, 256]  # one batched causal call, no mask: the native path
+    ids = torch.randint(0, 300, (sum(lens),)).cuda()
+    pos = torch.cat([torch.arange(n) for n in lens]).cuda()
+    outs = []
+    for native in (True, False):
+        model = init_model(cfg, seed=3).float().cuda()
+        A._STATE["native_gqa"] = native
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                h = model(ids, pos, AttnContext.from_lengths(lens, "cuda"))
+            h.float().square().mean().backward()
+        finally:
+            A._STATE["native_gqa"] = True
+        outs.append((h.float(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (h1, g1), (h2, g2) = outs
+    assert (h1 - h2).abs().max().item() <= 2e-2 * h2.abs().max().item()
+    for n in g2:
+        scale = g2[n].abs().max().item()
+        assert (g1[n] - g2[n]).abs().max().item() <= 3e-2 * scale + 1e-8, n
+
+
 def test_prefill_with_cached_prefix_matches_packed_forward():
     cfg = ModelConfig(arch="qwen2", vocab_size=40, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)

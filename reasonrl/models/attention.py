@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-_STATE = {"deterministic": False}
+_STATE = {"deterministic": False, "native_gqa": True}
 MASK_BUDGET = 1 << 26  # mask entries (batch x queries x keys) of one shared-prefix SDPA call
 MATH_BUDGET = 1 << 23  # scores (batch x heads x queries x keys) of one CPU training call through _math_attention
 
@@ -51,8 +51,23 @@ def _flash_varlen():
     return _STATE["flash"]
 
 
+def _native_gqa(q, mask) -> bool:
+    """Whether SDPA takes the grouped k/v as they are (enable_gqa, torch >= 2.5): only its flash
+    backend reads each k/v head once for its group, without a mask (with one, or elsewhere, SDPA falls
+    back to its math backend: slower than repeating the heads first). CUDA, fp16/bf16, head dim <= 256.
+    Why: the repetition writes Hq/Hkv copies of k and v per layer (7 for Qwen2.5-0.5B) and its backward
+    sums them again."""
+    if not (_STATE["native_gqa"] and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None
+            and not _STATE["deterministic"] and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0):
+        return False
+    return torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(q.device)[0] >= 8
+
+
 def _sdpa(q, k, v, causal, scale, mask=None):
-    """q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> (B, Hq, Lq, D); grouped-query by head repetition."""
+    """q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> (B, Hq, Lq, D); grouped-query natively (flash backend)
+    or by head repetition."""
+    if k.shape[1] != q.shape[1] and _native_gqa(q, mask):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
