@@ -68,9 +68,10 @@ def _sample_pick_kernel(L, stride_l, TEMP, U, PM, PS, TOK, LP, V, NS,
     lse = M + tl.log(tl.sum(tl.where(pm > float("-inf"), ps * tl.exp(pm - M), 0.0), 0))
     mass = tl.where(pm > float("-inf"), ps * tl.exp(pm - lse), 0.0)  # (S,) probability of each segment
     csum = tl.cumsum(mass, 0)
-    total = tl.sum(mass, 0)
+    total = tl.max(csum, 0)  # the scan's own total (not tl.sum: another order)
     x = tl.minimum(u * total, _below(total))
-    seg = tl.minimum(tl.sum((csum <= x).to(tl.int32), 0), NS - 1)  # first segment whose running sum passes x
+    last = tl.max(tl.where(mass > 0, ks, 0), 0)  # never a segment of zero mass
+    seg = tl.minimum(tl.sum((csum <= x).to(tl.int32), 0), last)
     rem = x - tl.sum(tl.where(ks < seg, mass, 0.0), 0)
     cols = tl.arange(0, CHUNK)
     base = L + row * stride_l
@@ -82,7 +83,8 @@ def _sample_pick_kernel(L, stride_l, TEMP, U, PM, PS, TOK, LP, V, NS,
         acc += tl.exp(z - lse)
     rem = tl.maximum(tl.minimum(rem, _below(tl.sum(acc, 0))), 0.0)
     run = 0.0
-    tok = (seg * SEG_CHUNKS + SEG_CHUNKS) * CHUNK - 1
+    tok = -1
+    lastpos = -1
     found = 0
     for c in range(0, SEG_CHUNKS):
         j0 = (seg * SEG_CHUNKS + c) * CHUNK
@@ -90,11 +92,13 @@ def _sample_pick_kernel(L, stride_l, TEMP, U, PM, PS, TOK, LP, V, NS,
         z = tl.load(base + j, mask=j < V, other=float("-inf")).to(tl.float32) / t
         p = tl.exp(z - lse)
         inner = tl.cumsum(p, 0) + run
-        here = (found == 0) & (tl.max(inner, 0) > rem)
-        i = tl.sum((inner <= rem).to(tl.int32), 0)
-        tok = tl.where(here, j0 + i, tok)
+        first = tl.min(tl.where((inner > rem) & (p > 0), j, 2147483647), 0)  # first positive-p index past rem
+        here = (found == 0) & (first < 2147483647)
+        tok = tl.where(here, first, tok)
         found = tl.where(here, 1, found)
+        lastpos = tl.maximum(lastpos, tl.max(tl.where(p > 0, j, -1), 0))
         run = tl.max(inner, 0)
+    tok = tl.where(found == 1, tok, lastpos)  # rounding left rem past the scan's total: the last positive p
     tok = tl.minimum(tok, V - 1).to(tl.int64)
     zt = tl.load(base + tok).to(tl.float32) / t
     tl.store(TOK + row, tok)

@@ -1,5 +1,6 @@
 """The paged rollout engine: against transformers' greedy generate, prefix sharing, preemption,
 block-manager invariants, seeded sampling, log-probs against the training path, thinking control."""
+import os
 import random
 
 import pytest
@@ -1011,27 +1012,38 @@ def _kernel_and_torch(logits, temp, u):
     return got, ref
 
 
+def _masked_rows(logits, g):
+    """Rows that stress the sampler's ends: every other token masked; a masked tail (the last 100
+    columns, or half the row); the last 4096-column segment masked whole (where V allows); one token left."""
+    B, V = logits.shape
+    logits[0, ::2] = float("-inf")
+    logits[1, -min(100, V // 2):] = float("-inf")
+    if V > 4096:
+        logits[2, (V - 1) // 4096 * 4096:] = float("-inf")
+    logits[-1, 1:] = float("-inf")
+    u = torch.rand(B, generator=g)
+    u[0], u[1], u[2] = 0.0, 1.0 - 2**-24, 1.0 - 2**-24  # torch.rand's ends
+    return u
+
+
 @pytest.mark.parametrize("V,B,dtype", [(50, 33, torch.float32), (4096, 4, torch.float32), (4097, 5, torch.float16),
-                                       (151936, 6, torch.bfloat16)])
-def test_sampler_kernel_draws_as_the_torch_path(V, B, dtype, monkeypatch):
+                                       (12288, 6, torch.float32), (151936, 6, torch.bfloat16)])
+def test_sampler_kernel_draws_as_the_torch_path(V, B, dtype):
     """The same uniforms give the same tokens (a draw within float rounding of a CDF step could differ;
-    none does in these cases) and the same log-probs up to float32 rounding; -inf logits (a masked
-    vocabulary) are never drawn, also for uniforms at the ends of [0, 1)."""
+    none does at random uniforms here) and the same log-probs up to float32 rounding; -inf logits (a
+    masked vocabulary, a masked tail, a whole masked segment) are never drawn, also at u = 1 - 2^-24,
+    where the last tokens' probabilities lie below the CDF's rounding and any positive one is a draw."""
     from reasonrl.ops._backend import triton_importable
-    if not triton_importable():
-        pytest.skip("triton not installed")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not triton_importable() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest without REASONRL_GPU_TESTS)")
     g = torch.Generator().manual_seed(V)
     logits = (3 * torch.randn(B, V, generator=g)).to(dtype)
-    logits[0, ::2] = float("-inf")
-    logits[-1, 1:] = float("-inf")  # one token left
+    u = _masked_rows(logits, g)
     temp = torch.rand(B, generator=g) + 0.3
-    u = torch.rand(B, generator=g)
-    u[0], u[1] = 0.0, 1.0 - 2**-24
     (tok, lp), (rt, rl) = _kernel_and_torch(logits, temp, u)
-    # at u = 1 - 2^-24 the last tokens' probabilities are below the CDF's rounding: any of them is a draw
-    assert torch.equal(tok[2:], rt[2:]) and tok[0] == rt[0]
+    assert torch.equal(tok[3:], rt[3:]) and tok[0] == rt[0]
     assert torch.isfinite(logits[torch.arange(B), tok].float()).all() and tok[-1] == 0
+    assert torch.isfinite(lp).all()
     same = tok == rt
     torch.testing.assert_close(lp[same], rl[same], rtol=0, atol=5e-5)
 
@@ -1041,14 +1053,24 @@ def test_gpu_sampler_kernel_draws_as_the_torch_path():
     """On the GPU at the rollout anchor's shape (64 rows, Qwen2's vocabulary, bf16 logits)."""
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    logits = (3 * torch.randn(64, 151936, device="cuda", generator=g)).bfloat16()
-    logits[0, ::2] = float("-inf")
-    temp = torch.rand(64, device="cuda", generator=g) + 0.3
-    u = torch.rand(64, device="cuda", generator=g)
-    (tok, lp), (rt, rl) = _kernel_and_torch(logits, temp, u)
-    same = tok == rt
-    assert same.sum() >= 63, f"{int((~same).sum())} of 64 draws differ"
-    assert torch.isfinite(logits[torch.arange(64, device="cuda"), tok].float()).all()
-    torch.testing.assert_close(lp[same], rl[same], rtol=0, atol=1e-4)
+    from reasonrl.engine.sampler import Sampler
+    from reasonrl.kernels.sample import sample_rows
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(64, 151936, generator=g)).bfloat16()
+    u = _masked_rows(logits, g)
+    temp = torch.rand(64, generator=g) + 0.3
+    logits, temp, u = logits.cuda(), temp.cuda(), u.cuda()
+    tok, lp = sample_rows(logits, temp, u)  # the kernel itself (not through Sampler's routing)
+    s = Sampler()
+    s.kernel = False
+    ones = torch.ones(64, device="cuda")
+    rt, rl = s(logits, temp, torch.zeros(64, dtype=torch.int64, device="cuda"), ones, ones * 0, u=u,
+               any_filter=False, any_greedy=False)
+    same = (tok == rt)[3:]
+    assert same.sum() >= 60, f"{int((~same).sum())} of 61 draws at random uniforms differ"
+    assert torch.isfinite(logits[torch.arange(64, device="cuda"), tok].float()).all() and torch.isfinite(lp).all()
+    torch.testing.assert_close(lp[3:][same], rl[3:][same], rtol=0, atol=1e-4)
+    s.kernel = "auto"  # and the engine's sampler routes such a batch to it
+    assert s._use_kernel(logits, u, None, True, False, False)
 

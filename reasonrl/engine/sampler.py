@@ -4,7 +4,10 @@ Rows with temperature 0 take the argmax. The others sample from softmax(logits /
 filters: top-k (keep the k largest), top-p (the smallest set whose mass reaches p, by descending
 probability), min-p (drop p < min_p * p_max). Sampling is inverse-CDF with ONE uniform per row,
 drawn on the CPU from that sequence's own torch.Generator: a seeded sequence draws the same
-numbers whatever else is in the batch and whatever the device. Every decode step draws one number
+numbers whatever else is in the batch and whatever the device (on CUDA, batches where every row
+samples without filters take kernels/sample.py, whose sums run in another order than this module's:
+a draw within float rounding of a CDF step can then give the neighbouring token, so a seeded
+sequence's tokens can depend on whether its batch takes that path). Every decode step draws one number
 per running sequence (greedy and forced rows too), so draw j of a sequence belongs to its step j
 however the steps are grouped into windows.
 
