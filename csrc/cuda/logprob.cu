@@ -128,6 +128,39 @@ __device__ __forceinline__ void merge(State& a, const State& b, float c) {
   a.m = M;
 }
 
+// Merges the triples of a warp's lanes (butterfly: every lane ends with the warp's triple).
+template <bool Ent>
+__device__ __forceinline__ void warp_merge(State& st, float c) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    State o{__shfl_xor_sync(0xffffffffu, st.m, off), __shfl_xor_sync(0xffffffffu, st.s, off),
+            __shfl_xor_sync(0xffffffffu, st.t, off)};
+    merge<Ent>(st, o, c);
+  }
+}
+
+// Absorbs the elements of one or two 16-byte packs.
+template <typename Tr, bool Ent, typename P>
+__device__ __forceinline__ void absorb_packs(State& st, const P& p0, const P& p1, float c) {
+  constexpr int K = Tr::kVec;
+  float v[2 * K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    v[k] = Tr::to_f(p0.e[k]);
+    v[K + k] = Tr::to_f(p1.e[k]);
+  }
+  absorb<Ent>(st, v, 2 * K, c);
+}
+
+template <typename Tr, bool Ent, typename P>
+__device__ __forceinline__ void absorb_pack(State& st, const P& p0, float c) {
+  constexpr int K = Tr::kVec;
+  float v[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = Tr::to_f(p0.e[k]);
+  absorb<Ent>(st, v, K, c);
+}
+
 template <DType D, bool Ent>
 __global__ void logprob_fwd_kernel(float* __restrict__ logp, float* __restrict__ lse,
                                    float* __restrict__ entropy, const void* __restrict__ x,
@@ -150,21 +183,12 @@ __global__ void logprob_fwd_kernel(float* __restrict__ logp, float* __restrict__
     Pack<T, K> p0, p1;
     p0.raw = __ldg(vrow + i);
     p1.raw = __ldg(vrow + i + blockDim.x);
-    float v[2 * K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      v[k] = Tr::to_f(p0.e[k]);
-      v[K + k] = Tr::to_f(p1.e[k]);
-    }
-    absorb<Ent>(st, v, 2 * K, c);
+    absorb_packs<Tr, Ent>(st, p0, p1, c);
   }
   if (i < nvec) {
     Pack<T, K> p0;
     p0.raw = __ldg(vrow + i);
-    float v[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) v[k] = Tr::to_f(p0.e[k]);
-    absorb<Ent>(st, v, K, c);
+    absorb_pack<Tr, Ent>(st, p0, c);
   }
   // scalar head [0, h) and tail [h + nvec K, V): fewer than 2 K elements each
   const int64_t tail = h + nvec * K;
@@ -176,24 +200,14 @@ __global__ void logprob_fwd_kernel(float* __restrict__ logp, float* __restrict__
 
   // block reduction: warps by shuffles, then warp 0 over the per-warp results
   __shared__ State smem[32];
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    State o{__shfl_xor_sync(0xffffffffu, st.m, off), __shfl_xor_sync(0xffffffffu, st.s, off),
-            __shfl_xor_sync(0xffffffffu, st.t, off)};
-    merge<Ent>(st, o, c);
-  }
+  warp_merge<Ent>(st, c);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) smem[warp] = st;
   __syncthreads();
   if (warp != 0) return;
   const int nwarps = blockDim.x / 32;
   st = lane < nwarps ? smem[lane] : State{-INFINITY, 0.f, 0.f};
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    State o{__shfl_xor_sync(0xffffffffu, st.m, off), __shfl_xor_sync(0xffffffffu, st.s, off),
-            __shfl_xor_sync(0xffffffffu, st.t, off)};
-    merge<Ent>(st, o, c);
-  }
+  warp_merge<Ent>(st, c);
   if (lane != 0) return;
   const float log2s = log2f(st.s);
   lse[r] = st.m * inv_t + kLn2 * log2s;
@@ -331,22 +345,13 @@ grpo_logits_kernel(void* grad_x, int64_t sgb, int64_t sgt, const void* x, int64_
     p1.raw = i + bd < nst ? __ldcs(vx + i + bd) : vx[i + bd];
     if (i < nst) staged[i] = p0.raw;
     if (i + bd < nst) staged[i + bd] = p1.raw;
-    float v[2 * K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      v[k] = Tr::to_f(p0.e[k]);
-      v[K + k] = Tr::to_f(p1.e[k]);
-    }
-    absorb<EntF>(st, v, 2 * K, c);
+    absorb_packs<Tr, EntF>(st, p0, p1, c);
   }
   if (i < nvec) {
     Pack<E, K> p0;
     p0.raw = i < nst ? __ldcs(vx + i) : vx[i];
     if (i < nst) staged[i] = p0.raw;
-    float v[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) v[k] = Tr::to_f(p0.e[k]);
-    absorb<EntF>(st, v, K, c);
+    absorb_pack<Tr, EntF>(st, p0, c);
   }
   for (int64_t j = threadIdx.x; j < nscalar; j += bd) {
     const float v = Tr::to_f(xr[j < hs ? j : tail + (j - hs)]);
@@ -354,24 +359,14 @@ grpo_logits_kernel(void* grad_x, int64_t sgb, int64_t sgt, const void* x, int64_
   }
 
   // block reduction (as the forward kernel), then lane 0 of warp 0 makes the row's constants
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    State o{__shfl_xor_sync(0xffffffffu, st.m, off), __shfl_xor_sync(0xffffffffu, st.s, off),
-            __shfl_xor_sync(0xffffffffu, st.t, off)};
-    merge<EntF>(st, o, c);
-  }
+  warp_merge<EntF>(st, c);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) red[warp] = st;
   __syncthreads();
   if (warp == 0) {
     const int nwarps = blockDim.x / 32;
     st = lane < nwarps ? red[lane] : State{-INFINITY, 0.f, 0.f};
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      State o{__shfl_xor_sync(0xffffffffu, st.m, off), __shfl_xor_sync(0xffffffffu, st.s, off),
-              __shfl_xor_sync(0xffffffffu, st.t, off)};
-      merge<EntF>(st, o, c);
-    }
+    warp_merge<EntF>(st, c);
     if (lane == 0) {
       const float log2s = log2f(st.s);
       const float L = st.m * inv_t + kLn2 * log2s;
