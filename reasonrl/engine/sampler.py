@@ -20,6 +20,8 @@ per step is the final copy of tokens and log-probs to the host.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -70,7 +72,8 @@ class Sampler:
     # (tests, through the Triton interpreter), False never. It draws from the same distribution with the
     # same uniforms, but its sums run in another order: a draw within rounding of a CDF step can give
     # the neighbouring token, so every step of an engine takes the same path for the same batch kind.
-    kernel = "auto"
+    # REASONRL_SAMPLE_KERNEL=0 turns it off (1: on wherever Triton runs).
+    kernel = {"0": False, "1": True}.get(os.environ.get("REASONRL_SAMPLE_KERNEL", "auto"), "auto")
 
     def _use_kernel(self, logits, u, forced, any_sample, any_filter, any_greedy) -> bool:
         if self.kernel is False or u is None or forced is not None or not any_sample or any_filter or any_greedy:
