@@ -188,6 +188,18 @@ def run_case(form, B, T, V, G, dtype, dev, H, warmup, reps, with_compile, only):
     fns = {}
     inplace = GRPOLossConfig(**{**cfg.__dict__, "inplace_backward": True})
     two_pass = GRPOLossConfig(**{**cfg.__dict__, "linear_single_pass": False})  # recompute in backward
+    trl = trl_loss_from_logits if form == "logits" else trl_loss_fused
+    args = (lambda: (leaves["logits"],)) if form == "logits" else (lambda: (leaves["hidden"], leaves["weight"]))
+    # the references first: a kernel that faults the GPU takes every later row of this process with it
+    fns["eager-trl"] = lambda: trl(*args(), ids, mask, rewards, G, old, ref)
+    fns.update(liger_fns(form, leaves, ids, mask, rewards, G, old, ref, B, T))
+    if form == "logits":
+        # the two-kernel path (forward kernel, backward kernel) where the single pass is the default,
+        # before the single pass (new code runs after what was measured before)
+        two = GRPOLossConfig(**{**cfg.__dict__, "logits_single_pass": False})
+        for b in backends_for(dev):
+            if b != "triton":
+                fns[f"reasonrl-{b}-2pass"] = (lambda b=b: grpo_loss(leaves["logits"], config=two, backend=b, **kw)[0])
     for b in backends_for(dev):
         if form == "logits":
             fns[f"reasonrl-{b}"] = (lambda b=b: grpo_loss(leaves["logits"], config=cfg, backend=b, **kw)[0])
@@ -196,17 +208,9 @@ def run_case(form, B, T, V, G, dtype, dev, H, warmup, reps, with_compile, only):
                                                           config=cfg, backend=b, **kw)[0])
             fns[f"reasonrl-{b}-2pass"] = (lambda b=b: grpo_loss(hidden=leaves["hidden"], weight=leaves["weight"],
                                                                 config=two_pass, backend=b, **kw)[0])
-    trl = trl_loss_from_logits if form == "logits" else trl_loss_fused
-    args = (lambda: (leaves["logits"],)) if form == "logits" else (lambda: (leaves["hidden"], leaves["weight"]))
-    fns["eager-trl"] = lambda: trl(*args(), ids, mask, rewards, G, old, ref)
-    fns.update(liger_fns(form, leaves, ids, mask, rewards, G, old, ref, B, T))
     if form == "logits":
-        # the two-kernel path (forward kernel, backward kernel) where the single pass is the default
-        two = GRPOLossConfig(**{**cfg.__dict__, "logits_single_pass": False})
-        for b in backends_for(dev):
-            if b != "triton":
-                fns[f"reasonrl-{b}-2pass"] = (lambda b=b: grpo_loss(leaves["logits"], config=two, backend=b, **kw)[0])
-        # after the others: the in-place paths leave gradients in the logits
+        # last: the in-place paths leave gradients in the logits (Liger's, run above, in place too: the
+        # rows after it read its gradients as logits; these kernels' time does not depend on the values)
         for b in backends_for(dev):
             fns[f"reasonrl-{b}-inplace"] = (lambda b=b: grpo_loss(leaves["logits"], config=inplace, backend=b, **kw)[0])
         if "cuda" in backends_for(dev):  # how much of each row the single pass keeps in shared memory

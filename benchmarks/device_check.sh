@@ -61,7 +61,11 @@ for name in $BENCHES; do  # in the order given
     logprobs) run_bench logprobs "${BENCH_TIMEOUT:-150}" python3 benchmarks/bench_logprobs.py --gpu "${nc[@]}" --json "$OUT/logprobs.json";;
     grpo) run_bench grpo 180 python3 benchmarks/bench_grpo.py --gpu "${nc[@]}" "${pf[@]}" --json "$OUT/grpo.json";;
     moe) run_bench moe 120 python3 benchmarks/bench_moe.py --gpu "${pf[@]}" --json "$OUT/moe.json";;
-    rollout) run_bench rollout 150 python3 benchmarks/bench_rollout.py --gpu --rep 2 "${pf[@]}" --json "$OUT/rollout.json";;
+    rollout) run_bench rollout 150 python3 benchmarks/bench_rollout.py --gpu --rep 2 "${pf[@]}" --json "$OUT/rollout.json"
+      if [ ! -s "$OUT/rollout.json" ]; then  # no result: once more without the sampling kernel (first GPU run of it)
+        REASONRL_SAMPLE_KERNEL=0 run_bench rollout-nokernel 150 python3 benchmarks/bench_rollout.py --gpu --rep 2 \
+          --json "$OUT/rollout.json"
+      fi;;
     model) run_bench model 90 python3 benchmarks/bench_model.py --gpu "${pf[@]}" --json "$OUT/model.json";;
     moe-tune) run_bench moe-tune 300 python3 benchmarks/bench_moe.py --gpu --tune --rep 10 --json "$OUT/moe-tune.json";;
     train)  # the trainer itself on the GPU (device cuda, bf16 autocast): s/step in its log
