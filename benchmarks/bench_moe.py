@@ -190,13 +190,13 @@ TUNE_CANDIDATES = {
 }
 
 
-def tune(device, args, rows):
+def tune(device, args, rows, shape=(16384, 2048, 768, 128, 8)):
     """fwd+bwd of the Triton backend at the GPU train shape with one kernel's config changed at a time
     (kernels/moe.py's _CONFIGS_GPU), then with the row tile (the dispatch padding) at 64: which block
-    sizes to keep. Prints a row per try as it finishes."""
+    sizes to keep. Prints a row per try as it finishes. (shape: (T, H, I, E, K), smaller for a dry run.)"""
     from reasonrl.kernels import moe as M
 
-    T, H, I, E, K = 16384, 2048, 768, 128, 8
+    T, H, I, E, K = shape
     x, ids, w, gu, wd = make_inputs(T, H, I, E, K, torch.bfloat16, device)
     g = torch.randn(T, H, device=device).to(torch.bfloat16)
 
