@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <string>
 
+#include "reasonrl.h"
+
 namespace reasonrl {
 namespace glue {
 
@@ -20,6 +22,19 @@ inline std::string shape(c10::IntArrayRef a) {
 inline std::string num(int64_t v) { return std::to_string(v); }
 
 inline std::string dt_name(const at::Tensor& t) { return c10::toString(t.scalar_type()); }
+
+// The kernels' element-type code of a float32 / bfloat16 / float16 tensor; other dtypes raise,
+// naming the op and the argument.
+inline DType dtype_code(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kBFloat16: return DType::bf16;
+    case at::kHalf: return DType::f16;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", dt_name(t));
+  }
+  return DType::f32;
+}
 
 }  // namespace glue
 }  // namespace reasonrl

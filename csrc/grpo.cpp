@@ -22,6 +22,7 @@
 #include <tuple>
 #include <utility>
 
+#include "glue.h"
 #include "grpo.h"
 
 #ifdef REASONRL_WITH_CUDA
@@ -199,17 +200,6 @@ bool rows_overlap(const at::Tensor& t) {
   return false;
 }
 
-DType logits_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kBFloat16: return DType::bf16;
-    case at::kHalf: return DType::f16;
-    default:
-      GRPO_CHECK(false, "logits must be float32, bfloat16 or float16, got ",
-                 std::string(c10::toString(t.scalar_type())));
-  }
-  return DType::f32;
-}
 
 std::tuple<at::Tensor, at::Tensor> grpo_logits(const at::Tensor& x, at::Tensor& grad, const at::Tensor& ids,
                                                const at::Tensor& rewards, const at::Tensor& scale,
@@ -232,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> grpo_logits(const at::Tensor& x, at::Tensor& 
                              dual_clip, beta, entropy_coef, clamp, false, 0);
   GRPO_CHECK(rewards.size(0) == B, "rewards must have shape (B,) = (", num(B), ",), got ",
              shape_str(rewards.sizes()));
-  const DType dt = logits_dtype(x);
+  const DType dt = glue::dtype_code(x, "reasonrl::grpo_logits", "logits");
   check_rows3(grad, "grad", x.sizes());
   GRPO_CHECK(grad.scalar_type() == x.scalar_type(), "grad must have the dtype of logits");
   GRPO_CHECK(grad.device() == dev, "grad must be on ", dev_str(dev), " like logits");

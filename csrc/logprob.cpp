@@ -21,6 +21,7 @@
 #include <tuple>
 #include <utility>
 
+#include "glue.h"
 #include "reasonrl.h"
 
 #ifdef REASONRL_WITH_CUDA
@@ -47,15 +48,6 @@ std::string dev_str(const at::Tensor& t) {
 
 std::string num(int64_t v) { return std::to_string(v); }
 
-DType dtype_code(const at::Tensor& t, const char* op, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kBFloat16: return DType::bf16;
-    case at::kHalf: return DType::f16;
-    default:
-      TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
-  }
-}
 
 void check_logits(const at::Tensor& x, const char* op, const char* name) {
   TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be 2-D (N, V), got shape ", shape_str(x.sizes()));
@@ -105,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_fwd(const at::Tensor& log
                                                            int64_t ignore_index, bool with_entropy) {
   const char* op = "logprob_fwd";
   check_logits(logits, op, "logits");
-  const DType dt = dtype_code(logits, op, "logits");
+  const DType dt = glue::dtype_code(logits, op, "logits");
   const int64_t N = logits.size(0), V = logits.size(1);
   check_row_vec(ids, op, "ids", N, at::kLong, logits);
   const float inv_t = inv_temperature(temperature, op);
@@ -154,7 +146,7 @@ void logprob_bwd(const at::Tensor& logits, const at::Tensor& ids, const at::Tens
                  int64_t ignore_index, int64_t vocab_start, at::Tensor& grad_logits) {
   const char* op = "logprob_bwd";
   check_logits(logits, op, "logits");
-  const DType dt = dtype_code(logits, op, "logits");
+  const DType dt = glue::dtype_code(logits, op, "logits");
   const int64_t N = logits.size(0), V = logits.size(1);
   TORCH_CHECK(grad_logits.sizes() == logits.sizes(), op, ": grad_logits must have the shape of logits ",
               shape_str(logits.sizes()), ", got ", shape_str(grad_logits.sizes()));

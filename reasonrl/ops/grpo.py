@@ -790,13 +790,11 @@ def grpo_loss(logits=None, *, hidden=None, weight=None, ids, mask, rewards, grou
             num_items_in_batch, float(temperature), need_ent, _default_chunk_bytes(hidden.device), b)
         result = loss, _all_metrics(stats, B, G, need_ent)
     elif logits is not None and _single_pass_logits(b, logits, config):
-        from reasonrl.ops.logprobs import _rows_overlap
+        from reasonrl.ops.logprobs import check_inplace_rows
 
         x = logits if logits.stride(-1) == 1 else logits.contiguous()
-        if config.inplace_backward and _rows_overlap(x):
-            raise ValueError(f"grpo_loss: inplace_backward writes the gradient over the logits, whose rows share "
-                             f"memory here (an expanded tensor? strides {tuple(logits.stride())}); pass a tensor "
-                             f"with its own storage or inplace_backward=False")
+        if config.inplace_backward:
+            check_inplace_rows("grpo_loss", x, logits)
         p = _kernel_params(config, _f32(old_logprobs), _f32(ref_logprobs) if config.beta != 0 else None, G)
         m32 = _f32(mask)
         w = _row_weights(m32.sum(1), config, T, num_items_in_batch).contiguous()  # (B,): from the mask alone

@@ -188,6 +188,15 @@ def _rows_overlap(x) -> bool:
     return False
 
 
+def check_inplace_rows(op, x, logits):
+    """An in-place gradient needs rows of their own: raise where x's rows (_flat_rows(logits), or a
+    (B, T, V) view with unit last stride) may share memory."""
+    if _rows_overlap(x):
+        raise ValueError(f"{op}: inplace_backward writes the gradient over the logits, whose rows share memory "
+                         f"here (an expanded tensor? strides {tuple(logits.stride())}); pass a tensor with its own "
+                         f"storage or inplace_backward=False")
+
+
 def _flat_rows(logits):
     """logits as (N, V) with unit last stride and one row stride, without copying where possible;
     else (B, T, V) with unit last stride (each batch row uniform); else a contiguous copy."""
@@ -415,10 +424,8 @@ def token_logprobs(logits, ids, temperature=1.0, *, ignore_index=-100, return_en
         return token_logprobs_reference(logits, ids, temperature, ignore_index, return_entropy)
     lead = ids.shape
     x = _flat_rows(logits)
-    if inplace_backward and _rows_overlap(x):
-        raise ValueError(f"{op}: inplace_backward writes the gradient over the logits, whose rows share memory "
-                         f"here (an expanded tensor? strides {tuple(logits.stride())}); pass a tensor with its own "
-                         f"storage or inplace_backward=False")
+    if inplace_backward:
+        check_inplace_rows(op, x, logits)
     flat_ids = ids.reshape(-1).to(torch.int64).contiguous()
     out = TokenLogprobsFunction.apply(x, flat_ids, float(temperature), int(ignore_index),
                                       bool(return_entropy), bool(inplace_backward), name)
