@@ -29,11 +29,14 @@ NSTATS = 8
 
 @triton.jit
 def _advantage(R, row, G, std_eps, ADV: tl.constexpr, BLOCK_G: tl.constexpr):
+    """A of the row in float64, as csrc/grpo.h does: compiled float32 `/` is an approximate division
+    on the GPU (a few ulp), which turned RLOO's exact 0 for a reward equal to its group's other mean
+    ((2 - 0.5) / 3 == 0.5) into -6e-8, flipping that row's clip counts against PyTorch's."""
     g0 = (row // G) * G
     offs = tl.arange(0, BLOCK_G)
     ok = offs < G
-    r = tl.load(R + g0 + offs, mask=ok, other=0.0)
-    rb = tl.load(R + row)
+    r = tl.load(R + g0 + offs, mask=ok, other=0.0).to(tl.float64)
+    rb = tl.load(R + row).to(tl.float64)
     s = tl.sum(r, 0)
     mean = s / G
     zero = tl.min(tl.where(ok, r, float("inf")), 0) == tl.max(tl.where(ok, r, float("-inf")), 0)
@@ -45,7 +48,7 @@ def _advantage(R, row, G, std_eps, ADV: tl.constexpr, BLOCK_G: tl.constexpr):
         A = rb - mean
     else:
         A = rb - (s - rb) / (G - 1)
-    return tl.where(zero, 0.0, A), zero
+    return tl.where(zero, 0.0, A).to(tl.float32), zero
 
 
 @triton.jit

@@ -35,4 +35,5 @@ def _seed_fresh():
     # Fresh random inputs each run (STYLE.md), but reproducible within a run from the printed seed.
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
+    print(f"torch.manual_seed({seed})")  # shown with a failure's captured output
     yield seed

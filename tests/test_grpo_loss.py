@@ -145,6 +145,42 @@ def check_combos(backend, combos, B, T, G, device="cpu"):
         assert (out[2][masked] == 0).all(), f"{c}: masked positions got a gradient"
 
 
+def check_exact_zero_advantages(backend, device):
+    """Rows whose reward equals their group's mean (grpo, dr_grpo) or the mean of the others (rloo) have
+    A == 0 exactly, and so count in neither clip fraction: every token below 1 - eps_low and above
+    1 + eps_high. The GPU's approximate float32 division once made RLOO's (2 - 0.5) / 3 differ from
+    0.5 by an ulp: A = -6e-8 and a whole row counted as clipped low (loss and gradients barely moved)."""
+    T = 8
+    for G, r in ((3, [0.5, 0.0, 1.0, 1.0, 0.5, 0.0]), (4, [0.5, 0.0, 1.0, 0.5, 1.0, 0.5, 0.5, 0.0])):
+        rewards = torch.tensor(r)  # (B,): in each group one row below and one above the mean, the rest at it
+        B = rewards.numel()
+        lp = torch.full((B, T), -1.0)
+        old = lp - torch.tensor([-0.5, 0.5] * (T // 2))  # ratios e^-0.5 (below 0.8) and e^0.5 (above 1.28)
+        mask = torch.ones(B, T, dtype=torch.bool, device=device)
+        for adv in ("grpo", "dr_grpo", "rloo"):
+            cfg = GRPOLossConfig(epsilon_low=0.2, epsilon_high=0.28, advantage=adv, loss_type="grpo")
+            _, met = grpo_loss_from_logprobs(lp.to(device), mask=mask, rewards=rewards.to(device), group_size=G,
+                                             old_logprobs=old.to(device), config=cfg, backend=backend)
+            # two rows with A < 0 (T/2 tokens each clipped low), two with A > 0 (T/2 clipped high)
+            for k in ("clip_frac_low", "clip_frac_high"):
+                n = met[k].item() * B * T  # a wrong row moves it by T / 2
+                assert abs(n - 2 * (T // 2)) < 1e-3, f"{backend} G={G} {adv}: {k} counts {n} tokens, not {2 * (T // 2)}"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_exact_zero_advantages(backend):
+    check_exact_zero_advantages(backend, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_exact_zero_advantages(backend):
+    dev = torch.device("cuda")
+    if _backend.why_unavailable(backend, dev) is not None:
+        pytest.skip(_backend.why_unavailable(backend, dev))
+    check_exact_zero_advantages(backend, dev)
+
+
 @pytest.mark.parametrize("T,G,B", [(1, 2, 4), (37, 4, 12), (37, 16, 32)])
 def test_kernels_all_option_combinations_cpp(T, G, B):
     if "cpp" not in CPU_BACKENDS:
