@@ -165,12 +165,13 @@ def bench_shape(name, T, H, I, E, K, dtype, device, ceil, args, rows, decode=Fal
 
 
 # --tune: block configs tried one kernel at a time (the others at kernels/moe.py's values), bf16 on GPU.
-# NOTE: kernels/moe.py's GPU configs were chosen without a GPU; the H200 profile (2026-11-27) had the
-# weight-gradient GEMMs at 216 TFLOP/s, 5.72 of 11.8 ms. Each candidate compiles its kernel once
+# The first sweep on an H200 (2026-11-27, benchmarks/RESULTS.md) moved the weight gradient's tile from
+# 128 x 256 to 128 x 128 (12.4 -> 11.5 ms); the rest stayed. Each candidate compiles its kernel once
 # (the weight-gradient one twice: two operand layouts), a few seconds each on the GPU machine.
 TUNE_CANDIDATES = {
-    "wgrad": [dict(BLOCK_1=128, BLOCK_2=128, BLOCK_R=64, num_warps=8, num_stages=3),
+    "wgrad": [dict(BLOCK_1=128, BLOCK_2=256, BLOCK_R=64, num_warps=8, num_stages=3),  # the old default
               dict(BLOCK_1=128, BLOCK_2=128, BLOCK_R=64, num_warps=4, num_stages=4),
+              dict(BLOCK_1=128, BLOCK_2=128, BLOCK_R=32, num_warps=8, num_stages=4),
               dict(BLOCK_1=128, BLOCK_2=256, BLOCK_R=64, num_warps=8, num_stages=4),
               dict(BLOCK_1=256, BLOCK_2=128, BLOCK_R=64, num_warps=8, num_stages=3),
               dict(BLOCK_1=128, BLOCK_2=256, BLOCK_R=32, num_warps=8, num_stages=5),

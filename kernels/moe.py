@@ -275,17 +275,20 @@ def _moe_wgrad_kernel(
 
 # Block sizes. BLOCK_M is also the dispatch padding, so it is fixed before any launch (no autotune
 # over it); the rest are fixed too, so a first call compiles once per dtype and nothing is timed
-# at run time. NOTE: the GPU values follow the usual Hopper tl.dot configs (128-row tiles, BK 64,
-# 8 warps, 3 stages: 128 x 256 float32 outputs a program, the shape Triton's Hopper matmuls favour)
-# and were NOT timed: no GPU was available when this was written. Compiled for sm_90a at the goal
-# shape (test_kernels_compile_for_hopper) they take 175-242 registers a thread without spills and
-# 96-168 KiB of shared memory; the SwiGLU backward keeps 128 x 64 (three accumulators when it
+# at run time. The GPU values start from the usual Hopper tl.dot configs (128-row tiles, BK 64,
+# 8 warps, 3 stages) and were then swept one kernel at a time on an H200 (2026-11-27, bench_moe.py
+# --tune at T=16384 H=2048 I=768 E=128 top-8, bf16 fwd+bwd, benchmarks/RESULTS.md): the weight
+# gradient's 128 x 128 output tile (11.5 ms against 12.4 for 128 x 256; 256 x 128: 12.2; 64 x 256:
+# 14.1) is the one change that paid; no gate_up, rows or SwiGLU-backward candidate beat these by more
+# than the run-to-run spread (12.3-12.8 ms), and a 64-row BLOCK_M cost 14.3 ms. Compiled for sm_90a
+# at the goal shape (test_kernels_compile_for_hopper) they take 175-242 registers a thread without
+# spills and 96-168 KiB of shared memory; the SwiGLU backward keeps 128 x 64 (three accumulators when it
 # recomputes [g | u]; 255 registers and 56 bytes of spill in its epilogue when it loads them, 228
 # and none when it recomputes), since at 128 x 32 every go tile would be gathered 24 times.
 _CONFIGS_GPU = dict(gate_up=dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),  # g and u: 128 x 256
                     rows=dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
                     swiglu_bwd=dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
-                    wgrad=dict(BLOCK_1=128, BLOCK_2=256, BLOCK_R=64, num_warps=8, num_stages=3),
+                    wgrad=dict(BLOCK_1=128, BLOCK_2=128, BLOCK_R=64, num_warps=8, num_stages=3),
                     GROUP_M=8)
 # float32 on GPU: exact float32 products (PyTorch's default, not TF32) run as FMA, not wgmma, and
 # hold their operand tiles in registers: the tiles above need 10-18 KiB of stack a thread there.
