@@ -45,7 +45,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   stamp "gpu tests"
   # the GPU tests spend most of their time compiling Triton kernels (CPU work): spread them over workers
   xd=(); python3 -c "import xdist" 2>/dev/null && xd=(-n "${TEST_WORKERS:-8}")
-  timeout "$(cap "${TEST_TIMEOUT:-150}")" python3 -m pytest -q -m gpu tests -p no:cacheprovider "${xd[@]}" \
+  kk=(); [ -n "${TESTS_K:-}" ] && kk=(-k "$TESTS_K")  # e.g. TESTS_K="grpo or moe": a subset, for a short rerun
+  timeout "$(cap "${TEST_TIMEOUT:-150}")" python3 -m pytest -q -m gpu tests -p no:cacheprovider "${xd[@]}" "${kk[@]}" \
     -rfE --tb=short --durations=10 >"$OUT/tests.log" 2>&1
   echo "tests exit $?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20

@@ -9,6 +9,8 @@
 //       (logp (B*T,), entropy (B*T,) or (0,)): the token-level loss from logits in one pass per row
 //       (the gradient of the loss written before the op returns; see grpo_logits below);
 //       reasonrl::grpo_logits_inplace(logits mutated, ids, ...): the same with grad = logits
+//   reasonrl::grpo_scale_grad_(grad (B, T, V) mutated, scale (1,)): grad *= scale unless scale == 1
+//       (the single pass's backward; on CUDA without a host sync)
 // The (B, T) tensors may be rows [row0, row0 + B) of a larger batch whose rewards are all given
 // (the fused LM-head path runs a chunk of whole sequences at a time).
 // Every tensor is float32 and contiguous; the Python side (reasonrl/ops/grpo.py) converts.
@@ -305,10 +307,42 @@ std::tuple<at::Tensor, at::Tensor> grpo_logits_inplace(at::Tensor& x, const at::
                      dual_clip, beta, entropy_coef, clamp, sequence, temperature, with_entropy, stage_bytes);
 }
 
+// The single pass's backward: grad (B, T, V) (rows contiguous) *= scale[0] unless scale[0] == 1, the
+// common case that leaves it as the forward wrote it. On CUDA the kernel reads the scale itself, so the
+// host never waits to learn it (a sync there left the GPU idle for the rest of the backward's host
+// work); on the CPU the value is read here.
+void grpo_scale_grad_(at::Tensor& grad, const at::Tensor& scale) {
+  GRPO_CHECK(grad.dim() == 3, "grad must be (B, T, V), got shape ", shape_str(grad.sizes()));
+  GRPO_CHECK(grad.size(2) <= 1 || grad.stride(2) == 1, "grad's rows (its last dim) must be contiguous");
+  const at::Device dev = grad.device();
+  check_f32(scale, "scale", {1}, dev);
+  const DType dt = glue::dtype_code(grad, "reasonrl::grpo_scale_grad_", "grad");
+  const int64_t B = grad.size(0), T = grad.size(1), V = grad.size(2);
+  if (B * T == 0 || V == 0) return;
+  if (dev.is_cuda()) {
+#ifdef REASONRL_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(dev);
+    try {
+      grpo_scale_grad_cuda(grad.data_ptr(), grad.stride(0), grad.stride(1), dt, B, T, V, scale.data_ptr<float>(),
+                           at::cuda::getCurrentCUDAStream());
+    } catch (const std::exception& e) {
+      GRPO_CHECK(false, "grpo_scale_grad_ (cuda): ", e.what());
+    }
+#else
+    GRPO_CHECK(false, "reasonrl._C was built without CUDA; got a tensor on ", dev_str(dev));
+#endif
+    return;
+  }
+  GRPO_CHECK(dev.is_cpu(), "grad must be a CPU or CUDA tensor, got one on ", dev_str(dev));
+  const float v = scale.item<float>();
+  if (v != 1.f) grad.mul_(v);
+}
+
 }  // namespace
 }  // namespace reasonrl
 
 TORCH_LIBRARY_FRAGMENT(reasonrl, m) {
+  m.def("grpo_scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
   m.def(
       "grpo_logits_inplace(Tensor(a!) logits, Tensor ids, Tensor rewards, Tensor scale, Tensor? old, "
       "Tensor? ref, int group_size, int advantage, float std_eps, float eps_low, float eps_high, "
@@ -335,6 +369,7 @@ TORCH_LIBRARY_IMPL(reasonrl, CPU, m) {
   m.impl("grpo_bwd", &reasonrl::grpo_bwd);
   m.impl("grpo_logits", &reasonrl::grpo_logits);
   m.impl("grpo_logits_inplace", &reasonrl::grpo_logits_inplace);
+  m.impl("grpo_scale_grad_", &reasonrl::grpo_scale_grad_);
 }
 
 
@@ -344,5 +379,6 @@ TORCH_LIBRARY_IMPL(reasonrl, CUDA, m) {
   m.impl("grpo_bwd", &reasonrl::grpo_bwd);
   m.impl("grpo_logits", &reasonrl::grpo_logits);
   m.impl("grpo_logits_inplace", &reasonrl::grpo_logits_inplace);
+  m.impl("grpo_scale_grad_", &reasonrl::grpo_scale_grad_);
 }
 #endif

@@ -163,5 +163,9 @@ void grpo_logits_cuda(void* grad_x, int64_t stride_gb, int64_t stride_gt, const 
                       float* logp, float* entropy, const float* rewards, const float* scale,
                       const float* old, const float* ref, const GRPOParams& p, float inv_t,
                       int64_t stage_bytes, cudaStream_t stream);
+// grad (B*T rows of V, row r at b * stride_gb + t * stride_gt elements) *= *scale unless *scale == 1;
+// the kernel reads the scale (device memory), the host never does.
+void grpo_scale_grad_cuda(void* grad, int64_t stride_gb, int64_t stride_gt, DType dtype, int64_t B, int64_t T,
+                          int64_t V, const float* scale, cudaStream_t stream);
 }  // namespace reasonrl
 #endif

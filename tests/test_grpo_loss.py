@@ -350,20 +350,18 @@ def test_logits_single_pass_layouts_and_dtypes(dtype, slice_, inplace):
                              inplace=inplace)
 
 
-def test_logits_single_pass_backward_semantics():
-    """Upstream 1 returns the stored gradient, another upstream scales it; a second backward raises
-    (the first handed the buffer out: it is the leaf's .grad here); in place, an op that saved the
-    logits for its own backward raises rather than read the gradient."""
-    if "cpp" not in CPU_BACKENDS:
-        pytest.skip("reasonrl._C not built")
+def check_single_pass_backward_semantics(backend, dev):
+    """Upstream 1 returns the stored gradient, another upstream scales it (3, 0 and NaN); a second
+    backward raises (the first handed the buffer out: it is the leaf's .grad here); in place, an op
+    that saved the logits for its own backward raises rather than read the gradient."""
     B, T, V, G = 4, 5, 50, 2
-    b = make_batch(B, T, G, V, temperature=0.7)
+    b = make_batch(B, T, G, V, temperature=0.7, device=dev)
     c = LOGIT_CONFIGS[0]
     kw = dict(ids=b["ids"], mask=b["mask"], rewards=b["rewards"], group_size=G, old_logprobs=b["old"],
               ref_logprobs=b["ref"], temperature=0.7)
-    ref = run_logits("reference", c, b, G, torch.tensor(1.0), b["logits"].double())
+    ref = run_logits("reference", c, b, G, torch.tensor(1.0, device=dev), b["logits"].double())
     x = b["logits"].clone().requires_grad_(True)
-    loss, _ = grpo_loss(x, backend="cpp", config=make_config(c), **kw)
+    loss, _ = grpo_loss(x, backend=backend, config=make_config(c), **kw)
     loss.backward(retain_graph=True)
     g1 = x.grad.clone()
     assert_close_to_ref(g1, ref[2], ref[2].float(), torch.float32, "upstream 1")
@@ -372,14 +370,19 @@ def test_logits_single_pass_backward_semantics():
     torch.testing.assert_close(x.grad, g1, rtol=0, atol=0)  # untouched by the refused backward
 
     x = b["logits"].clone().requires_grad_(True)
-    loss, _ = grpo_loss(x, backend="cpp", config=make_config(c), **kw)
+    loss, _ = grpo_loss(x, backend=backend, config=make_config(c), **kw)
     (3 * loss).backward(retain_graph=True)
     torch.testing.assert_close(x.grad, 3 * g1)
     with pytest.raises(RuntimeError, match="handed out by an earlier backward"):
         loss.backward()
+    for up in (0.0, float("nan")):  # zero and NaN upstreams reach the gradient (no shortcut but 1)
+        x = b["logits"].clone().requires_grad_(True)
+        loss, _ = grpo_loss(x, backend=backend, config=make_config(c), **kw)
+        loss.backward(torch.tensor(up, device=dev))
+        assert (x.grad == 0).all() if up == 0 else x.grad.isnan().all()
     two = make_config(c, logits_single_pass=False)  # the two-pass path backs through twice
     x = b["logits"].clone().requires_grad_(True)
-    loss, _ = grpo_loss(x, backend="cpp", config=two, **kw)
+    loss, _ = grpo_loss(x, backend=backend, config=two, **kw)
     loss.backward(retain_graph=True)
     loss.backward()
     torch.testing.assert_close(x.grad, 2 * g1, rtol=1e-5, atol=1e-8)
@@ -387,15 +390,61 @@ def test_logits_single_pass_backward_semantics():
     leaf = b["logits"].clone().requires_grad_(True)
     x = leaf * 1.0
     y = x.sin()  # saves x for its backward
-    loss, _ = grpo_loss(x, backend="cpp", config=make_config(c, inplace_backward=True), **kw)
+    loss, _ = grpo_loss(x, backend=backend, config=make_config(c, inplace_backward=True), **kw)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (loss + y.sum()).backward()
 
     with torch.no_grad():  # no gradient wanted: the two-pass forward, logits untouched
         x = b["logits"].clone()
-        loss0, _ = grpo_loss(x, backend="cpp", config=make_config(c, inplace_backward=True), **kw)
+        loss0, _ = grpo_loss(x, backend=backend, config=make_config(c, inplace_backward=True), **kw)
     assert torch.equal(x, b["logits"])
     torch.testing.assert_close(loss0, ref[0].float())
+
+
+def test_logits_single_pass_backward_semantics():
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("reasonrl._C not built")
+    check_single_pass_backward_semantics("cpp", torch.device("cpu"))
+
+
+def check_scale_grad(dev):
+    """reasonrl::grpo_scale_grad_ (the single pass's backward) on strided batches, every dtype: a
+    multiply by the scale (one rounding of the dtype, or two where the CPU rounds the scale to it
+    first) unless the scale is exactly 1, where the gradient is left bit for bit; what a view leaves
+    out is never written."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        eps = torch.finfo(dtype).eps
+        base = torch.randn(3, 9, 1003, device=dev).to(dtype)
+        for pick in (lambda t: t, lambda t: t[:, 1:7], lambda t: t[::2, ::3]):  # rows contiguous, batch strided
+            for s in (1.0, 0.37, -2.0, 0.0):
+                y = base.clone()
+                view = pick(y)
+                torch.ops.reasonrl.grpo_scale_grad_(view, torch.tensor([s], device=dev))
+                if s == 1.0:
+                    assert torch.equal(y, base), f"{dtype}: scale 1 changed the gradient"
+                    continue
+                want = pick(base).double() * s
+                tiny = torch.finfo(dtype).smallest_normal * eps  # a subnormal step (float16's 6e-8)
+                torch.testing.assert_close(view.double(), want, rtol=2 * eps, atol=tiny,
+                                           msg=lambda m: f"{dtype} scale {s} {tuple(view.shape)}: {m}")
+                mark = torch.zeros(y.shape, dtype=torch.bool, device=dev)
+                pick(mark).fill_(True)
+                assert torch.equal(y[~mark], base[~mark]), f"{dtype}: written outside the view"
+    g = torch.zeros(2, 3, 4, device=dev)
+    with pytest.raises(RuntimeError, match="scale must be float32"):
+        torch.ops.reasonrl.grpo_scale_grad_(g, torch.tensor([1.0], dtype=torch.float64, device=dev))
+    with pytest.raises(RuntimeError, match="scale must have shape"):
+        torch.ops.reasonrl.grpo_scale_grad_(g, torch.ones(2, device=dev))
+    with pytest.raises(RuntimeError, match="rows .* must be contiguous"):
+        torch.ops.reasonrl.grpo_scale_grad_(g.transpose(1, 2), torch.ones(1, device=dev))
+    with pytest.raises(RuntimeError, match="must be float32, bfloat16 or float16"):
+        torch.ops.reasonrl.grpo_scale_grad_(g.double(), torch.ones(1, device=dev))
+
+
+def test_scale_grad_op():
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("reasonrl._C not built")
+    check_scale_grad(torch.device("cpu"))
 
 
 def test_logits_single_pass_matches_two_passes():
@@ -880,6 +929,17 @@ def check_against_two_pass(dev, dtype, V, B, T, G, slice_, c, rel):
     assert scale > 0
     err = (g1.double() - g2.double()).abs().max().item()
     assert err <= rel * scale, f"{c} V={V} slice={slice_}: max err {err:.3e} > {rel} x {scale:.3e}"
+
+
+@pytest.mark.gpu
+def test_gpu_single_pass_backward_and_scale_grad():
+    """The CUDA backward of the single pass: the scale kernel that reads the upstream value on the
+    device (no host sync), against torch's multiply; and the backward semantics as on the CPU."""
+    dev = torch.device("cuda")
+    if _backend.why_unavailable("cuda", dev) is not None:
+        pytest.skip(_backend.why_unavailable("cuda", dev))
+    check_scale_grad(dev)
+    check_single_pass_backward_semantics("cuda", dev)
 
 
 @pytest.mark.gpu

@@ -581,4 +581,46 @@ void grpo_logits_cuda(void* grad_x, int64_t stride_gb, int64_t stride_gt, const 
   check_launch("grpo_logits_cuda");
 }
 
+
+namespace {
+
+template <DType D>
+__global__ void __launch_bounds__(256) grpo_scale_grad_kernel(void* grad, int64_t sgb, int64_t sgt, int64_t T,
+                                                              int64_t V, int64_t N, const float* scale) {
+  using Tr = Traits<D>;
+  using E = typename Tr::T;
+  const float s = *scale;
+  if (s == 1.f) return;  // upstream 1: the forward's gradient stands (the usual case: no pass at all)
+  E* base = static_cast<E*>(grad);
+  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+    E* row = base + (r / T) * sgb + (r % T) * sgt;
+    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) row[j] = Tr::from_f(Tr::to_f(row[j]) * s);
+  }
+}
+
+}  // namespace
+
+void grpo_scale_grad_cuda(void* grad, int64_t stride_gb, int64_t stride_gt, DType dtype, int64_t B, int64_t T,
+                          int64_t V, const float* scale, cudaStream_t stream) {
+  const int64_t N = B * T;
+  if (N <= 0 || V <= 0) return;
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0)
+    sms = 132;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(N, (int64_t)sms * 8));
+  switch (dtype) {
+    case DType::f32:
+      grpo_scale_grad_kernel<DType::f32><<<blocks, 256, 0, stream>>>(grad, stride_gb, stride_gt, T, V, N, scale);
+      break;
+    case DType::bf16:
+      grpo_scale_grad_kernel<DType::bf16><<<blocks, 256, 0, stream>>>(grad, stride_gb, stride_gt, T, V, N, scale);
+      break;
+    case DType::f16:
+      grpo_scale_grad_kernel<DType::f16><<<blocks, 256, 0, stream>>>(grad, stride_gb, stride_gt, T, V, N, scale);
+      break;
+  }
+  check_launch("grpo_scale_grad_cuda");
+}
+
 }  // namespace reasonrl
