@@ -13,7 +13,8 @@
 //       (the single pass's backward; on CUDA without a host sync)
 // The (B, T) tensors may be rows [row0, row0 + B) of a larger batch whose rewards are all given
 // (the fused LM-head path runs a chunk of whole sequences at a time).
-// Every tensor is float32 and contiguous; the Python side (reasonrl/ops/grpo.py) converts.
+// Every tensor but the logits and their gradient (float32, bfloat16 or float16, rows contiguous) is
+// float32 and contiguous; the Python side (reasonrl/ops/grpo.py) converts.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -315,10 +316,15 @@ void grpo_scale_grad_(at::Tensor& grad, const at::Tensor& scale) {
   GRPO_CHECK(grad.dim() == 3, "grad must be (B, T, V), got shape ", shape_str(grad.sizes()));
   GRPO_CHECK(grad.size(2) <= 1 || grad.stride(2) == 1, "grad's rows (its last dim) must be contiguous");
   const at::Device dev = grad.device();
-  check_f32(scale, "scale", {1}, dev);
+  GRPO_CHECK(scale.scalar_type() == at::kFloat, "scale must be float32, got ",
+             std::string(c10::toString(scale.scalar_type())));
+  GRPO_CHECK(scale.sizes() == at::IntArrayRef({1}), "scale must have shape (1,), got ", shape_str(scale.sizes()));
+  GRPO_CHECK(scale.device() == dev, "scale must be on ", dev_str(dev), " like grad, got ", dev_str(scale.device()));
   const DType dt = glue::dtype_code(grad, "reasonrl::grpo_scale_grad_", "grad");
   const int64_t B = grad.size(0), T = grad.size(1), V = grad.size(2);
   if (B * T == 0 || V == 0) return;
+  GRPO_CHECK(!rows_overlap(grad), "grad has rows that share memory (strides ", shape_str(grad.strides()),
+             "): each would be scaled more than once");
   if (dev.is_cuda()) {
 #ifdef REASONRL_WITH_CUDA
     const c10::cuda::CUDAGuard guard(dev);
@@ -335,7 +341,11 @@ void grpo_scale_grad_(at::Tensor& grad, const at::Tensor& scale) {
   }
   GRPO_CHECK(dev.is_cpu(), "grad must be a CPU or CUDA tensor, got one on ", dev_str(dev));
   const float v = scale.item<float>();
-  if (v != 1.f) grad.mul_(v);
+  if (v != 1.f) {
+    // below autograd and the version counter, as the CUDA kernel is: the caller bumps the version
+    at::AutoDispatchBelowADInplaceOrView guard;
+    grad.mul_(v);
+  }
 }
 
 }  // namespace

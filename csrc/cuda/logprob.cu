@@ -589,12 +589,23 @@ __global__ void __launch_bounds__(256) grpo_scale_grad_kernel(void* grad, int64_
                                                               int64_t V, int64_t N, const float* scale) {
   using Tr = Traits<D>;
   using E = typename Tr::T;
+  constexpr int K = Tr::kVec;
   const float s = *scale;
   if (s == 1.f) return;  // upstream 1: the forward's gradient stands (the usual case: no pass at all)
   E* base = static_cast<E*>(grad);
   for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
     E* row = base + (r / T) * sgb + (r % T) * sgt;
-    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) row[j] = Tr::from_f(Tr::to_f(row[j]) * s);
+    const int64_t h = head_len(row, V), nv = (V - h) / K;  // scalars to a 16-byte boundary, then packs
+    for (int64_t j = threadIdx.x; j < h; j += blockDim.x) row[j] = Tr::from_f(Tr::to_f(row[j]) * s);
+    uint4* vp = reinterpret_cast<uint4*>(row + h);
+    for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
+      Pack<E, K> p;
+      p.raw = vp[j];
+#pragma unroll
+      for (int k = 0; k < K; ++k) p.e[k] = Tr::from_f(Tr::to_f(p.e[k]) * s);
+      vp[j] = p.raw;
+    }
+    for (int64_t j = h + nv * K + threadIdx.x; j < V; j += blockDim.x) row[j] = Tr::from_f(Tr::to_f(row[j]) * s);
   }
 }
 

@@ -256,9 +256,14 @@ def _check_values(op, mask, rewards, old_logprobs, ref_logprobs, ids_vocab=None,
     out-of-range id gives NaN there)."""
     ready = None
     dev = rewards.device
-    if defer and dev.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-        ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(dev))  # the inputs as they are now, before the kernels
+    if dev.type == "cuda":
+        with torch.cuda.device(dev):
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"{op}: its value checks read a result on the host, which CUDA graph capture "
+                                   "does not allow; call it outside the captured region")
+        if defer:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(dev))  # the inputs as they are now, before the kernels
 
     def flags_of():
         flags = {"rewards": ~torch.isfinite(rewards.detach().double()).all()}
@@ -681,6 +686,7 @@ class LogitsGRPOLossFunction(torch.autograd.Function):
         # the GPU idle through the rest of the backward's host work: on the H200 fwd+bwd took 4.05 ms
         # around a 2.66 ms kernel)
         torch.ops.reasonrl.grpo_scale_grad_(grad, grad_loss.detach().float().reshape(1))
+        torch.autograd.graph.increment_version(grad)  # (the op may have written it; the same on every device)
         # a new tensor object over the same memory: the saved one is still referenced here, so a leaf's
         # AccumulateGrad would copy it; this alias it takes as the leaf's .grad
         return grad.view(grad.shape), None, None, None, None, None, None, None, None, None
