@@ -477,6 +477,32 @@ def test_swiglu_and_rope_functions_gradcheck():
     assert torch.autograd.gradcheck(lambda q: apply_rope(q, ang.cos(), ang.sin()), (q,))
 
 
+def test_swiglu_function_under_autocast():
+    """SwiGLUFunction as a GPU training step runs it: float32 weights and input under bf16 autocast. The
+    output is bf16; gradients come back in each argument's own dtype (float32), within bf16's error of
+    the float64 gradients; the weights' bf16 casts are made once, in the forward."""
+    from reasonrl.models.functional import SwiGLUFunction
+
+    N, H, I = 37, 24, 40
+    x = torch.randn(N, H, requires_grad=True)
+    ws = [(torch.randn(I, H) / H ** 0.5).requires_grad_(True), (torch.randn(I, H) / H ** 0.5).requires_grad_(True),
+          (torch.randn(H, I) / I ** 0.5).requires_grad_(True)]
+    dy = torch.randn(N, H)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = SwiGLUFunction.apply(x, *ws)
+    assert y.dtype == torch.bfloat16
+    got = torch.autograd.grad(y, [x, *ws], dy.bfloat16())
+    x64, w64 = x.detach().double().requires_grad_(True), [w.detach().double().requires_grad_(True) for w in ws]
+    g64, u64 = x64 @ w64[0].t(), x64 @ w64[1].t()
+    y64 = (torch.nn.functional.silu(g64) * u64) @ w64[2].t()
+    want = torch.autograd.grad(y64, [x64, *w64], dy.double())
+    for name, a, b in zip(("x", "w_gate", "w_up", "w_down"), got, want):
+        assert a.dtype == torch.float32, name
+        err = (a.double() - b).abs().max().item()
+        assert err <= 3e-2 * b.abs().max().item(), f"{name}: {err:.3e} vs {b.abs().max().item():.3e}"
+    assert (y.double() - y64).abs().max().item() <= 3e-2 * y64.abs().max().item()
+
+
 @pytest.mark.parametrize("family,force_fn", [("qwen2", False), ("qwen3", True)])
 def test_gradients_match_transformers(family, force_fn, tmp_path, monkeypatch):
     """Training parity, not just logits: the gradient of every parameter against transformers'.

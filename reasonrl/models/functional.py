@@ -145,25 +145,29 @@ class SwiGLUFunction(torch.autograd.Function):
     def forward(ctx, x, w_gate, w_up, w_down):
         dt = _compute_dtype(x)
         xc = x.to(dt)
-        g = F.linear(xc, w_gate.to(dt))  # (N, I)
-        u = F.linear(xc, w_up.to(dt))  # (N, I)
+        # the weights in the compute dtype, kept for the backward as autocast keeps its casts: casting
+        # them again there was 3 more kernels a layer (the GPU step waits on the host's launches)
+        wg, wu, wd = w_gate.to(dt), w_up.to(dt), w_down.to(dt)
+        g = F.linear(xc, wg)  # (N, I)
+        u = F.linear(xc, wu)  # (N, I)
         k = kernels_for(g)
         if k is not None:
             h = k.silu_mul(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])).view(g.shape)
         else:
             h = F.silu(g) * u
-        y = F.linear(h, w_down.to(dt))  # (N, H)
-        ctx.save_for_backward(xc, g, u, w_gate, w_up, w_down)
-        ctx.x_dtype = x.dtype
+        y = F.linear(h, wd)  # (N, H)
+        ctx.save_for_backward(xc, g, u, wg, wu, wd)
+        ctx.dtypes = (x.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        xc, g, u, w_gate, w_up, w_down = ctx.saved_tensors
+        xc, g, u, wg, wu, wd = ctx.saved_tensors
+        x_dt, g_dt, u_dt, d_dt = ctx.dtypes
         dt = g.dtype
         dy = dy.to(dt)
-        dh = dy @ w_down.to(dt)  # (N, I)
+        dh = dy @ wd  # (N, I)
         k = kernels_for(g)
         if k is not None:  # h = silu(g) u, du, dg in one pass
             n = g.shape[-1]
@@ -175,10 +179,11 @@ class SwiGLUFunction(torch.autograd.Function):
             du = dh * silu
             dg = torch.ops.aten.silu_backward(dh * u, g)  # one fused kernel for dh u silu'(g)
         dw_down = dy.flatten(0, -2).t() @ h.flatten(0, -2)  # (H, I)
-        dx = dg @ w_gate.to(dt) + du @ w_up.to(dt)
-        dw_gate = dg.flatten(0, -2).t() @ xc.flatten(0, -2)
-        dw_up = du.flatten(0, -2).t() @ xc.flatten(0, -2)
-        return (dx.to(ctx.x_dtype), dw_gate.to(w_gate.dtype), dw_up.to(w_up.dtype), dw_down.to(w_down.dtype))
+        dg2, du2 = dg.flatten(0, -2), du.flatten(0, -2)
+        dx = torch.addmm(dg2 @ wg, du2, wu).view(*dg.shape[:-1], wg.shape[1])  # the sum in the GEMM's epilogue
+        dw_gate = dg2.t() @ xc.flatten(0, -2)
+        dw_up = du2.t() @ xc.flatten(0, -2)
+        return dx.to(x_dt), dw_gate.to(g_dt), dw_up.to(u_dt), dw_down.to(d_dt)
 
 
 def swiglu(x, w_gate, w_up, w_down):
