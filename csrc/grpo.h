@@ -157,7 +157,8 @@ cudaError_t grpo_bwd_cuda(float* grad_logp, float* grad_entropy, const float* sc
                           const float* logp, const float* old, const float* ref, const float* mask,
                           const float* rewards, const GRPOParams& p, cudaStream_t stream);
 // GRPO from logits in one kernel (csrc/cuda/logprob.cu): see grpo_logits_cpu. stage_bytes: how much of
-// each row the block keeps in shared memory between its two reads (< 0: as much as fits).
+// each row the block keeps in shared memory between its two reads (< 0: the whole row where it fits
+// one block, else what lets two blocks share an SM).
 void grpo_logits_cuda(void* grad_x, int64_t stride_gb, int64_t stride_gt, const void* x,
                       int64_t stride_xb, int64_t stride_xt, DType dtype, int64_t V, const int64_t* ids,
                       float* logp, float* entropy, const float* rewards, const float* scale,

@@ -959,15 +959,15 @@ def test_gpu_single_pass_backward_and_scale_grad():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("stage_kb", [None, "0", "1", "16"])
+@pytest.mark.parametrize("stage_kb", [None, "0", "1", "16", "256"])
 def test_gpu_logits_single_pass(stage_kb, monkeypatch):
     """The CUDA single-pass kernel. Against the float64 reference: every token-level combination (one
     stage setting), layouts (rows not 16-byte aligned: V = 1001; a sliced batch written out of place,
     whose rows are misaligned against the fresh gradient: the all-scalar path; and in place) and dtypes.
     Against the CUDA two-pass path, relative to the gradient's size: V = 5003 sliced (the pairs-of-
     vectors loops on misaligned rows) and the anchor vocabulary in bf16, where the default stages part
-    of each 297 KiB row (227 KiB fit) and reads the rest back from L2, stage 1 KiB almost none, 16 KiB
-    some, 0 none."""
+    of each 297 KiB row (112 KiB: two blocks an SM) and reads the rest back from L2, stage 1 KiB almost none, 16 KiB
+    some, 0 none, 256 KiB all that one block per SM can hold (227 KiB, 1024 threads)."""
     dev = torch.device("cuda")
     if _backend.why_unavailable("cuda", dev) is not None:
         pytest.skip(_backend.why_unavailable("cuda", dev))

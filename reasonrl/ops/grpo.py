@@ -622,7 +622,8 @@ class LinearGRPOLossFunction(torch.autograd.Function):
 
 def _stage_bytes():
     """REASONRL_GRPO_STAGE_KB: how much of each row of logits the CUDA single-pass kernel keeps in
-    shared memory between its two reads (unset: as much as fits; 0: none, the second read from L2)."""
+    shared memory between its two reads (unset: the whole row where it fits one block, else what
+    lets two blocks share an SM, 112 KiB on an H200; 0: none, the second read from L2)."""
     kb = os.environ.get("REASONRL_GRPO_STAGE_KB", "").strip()
     if not kb:
         return -1
