@@ -34,6 +34,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "glue.h"
 #include "paged.h"
 
 namespace reasonrl {
@@ -49,17 +50,7 @@ std::string shape(c10::IntArrayRef a) {
 
 std::string num(int64_t v) { return std::to_string(v); }
 
-const char* dt_name(const at::Tensor& t) { return c10::toString(t.scalar_type()); }
-
-DType paged_dtype(const at::Tensor& t, const char* op, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kBFloat16: return DType::bf16;
-    case at::kHalf: return DType::f16;
-    default:
-      TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", dt_name(t));
-  }
-}
+using glue::dt_name;
 
 void check_caches(const at::Tensor& kc, const at::Tensor& vc, const char* op) {
   TORCH_CHECK(kc.dim() == 4, op, ": k_cache must be (num_blocks, block_size, Hkv, D), got ", shape(kc.sizes()));
@@ -69,7 +60,7 @@ void check_caches(const at::Tensor& kc, const at::Tensor& vc, const char* op) {
               dt_name(kc));
   TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous(), op, ": k_cache and v_cache must be contiguous");
   TORCH_CHECK(kc.device().is_cpu() && vc.device().is_cpu(), op, ": the cpp backend takes CPU tensors");
-  paged_dtype(kc, op, "k_cache");
+  glue::dtype_code(kc, op, "k_cache");
 }
 
 void check_vec(const at::Tensor& t, const char* op, const char* name, at::ScalarType dt, int64_t n) {
@@ -130,7 +121,7 @@ at::Tensor paged_attention_decode_fwd(const at::Tensor& q, const at::Tensor& k_c
     }
   }
   at::Tensor out = at::empty_like(q);
-  const DType dt = paged_dtype(q, op, "q");
+  const DType dt = glue::dtype_code(q, op, "q");
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     paged_attention_decode_fwd_cpu(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), dt, bt,
                                    cl, Hq, Hkv, D, bs, M, static_cast<float>(scale), b0, b1);
@@ -152,7 +143,7 @@ at::Tensor rms(const at::Tensor& x, const at::Tensor& w, double eps) {
               num(w.numel()), " ", dt_name(w), " for rows of ", num(n), " ", dt_name(x));
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   at::Tensor out = at::empty_like(xc);
-  rms_norm_rows_cpu(out.data_ptr(), xc.data_ptr(), wc.data_ptr(), paged_dtype(xc, "decode_layer_fwd", "x"),
+  rms_norm_rows_cpu(out.data_ptr(), xc.data_ptr(), wc.data_ptr(), glue::dtype_code(xc, "decode_layer_fwd", "x"),
                     xc.numel() / n, n, static_cast<float>(eps));
   return out;
 }
@@ -165,7 +156,7 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   const at::Tensor xc = x.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
   at::Tensor out = at::empty_like(xc);
   rope_rows_cpu(out.data_ptr(), xc.data_ptr(), cc.data_ptr<float>(), sc.data_ptr<float>(),
-                paged_dtype(xc, "decode_layer_fwd", "q/k"), B, H, D);
+                glue::dtype_code(xc, "decode_layer_fwd", "q/k"), B, H, D);
   return out;
 }
 
