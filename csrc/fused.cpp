@@ -3,6 +3,7 @@
 //   reasonrl::fused_rms_norm_fwd(x (M, N), w (N,), eps) -> (y (M, N) in promote(x, w), rstd (M,) float32)
 //   reasonrl::fused_rms_norm_bwd(g (M, N), x, w, rstd) -> (dx (M, N) in x's dtype, dw (N,) float32)
 //   reasonrl::fused_rope(x (T, H, D), cos, sin (T, 1, D/2) or (T, D/2) float32, sign) -> (T, H, D) in x's dtype
+//     (contiguous; x may be strided with a contiguous last dim)
 //   reasonrl::fused_silu_mul(g, u) -> silu(g) * u in g's dtype
 //   reasonrl::fused_swiglu_bwd(dh, g, u) -> (h, dg, du), all in g's dtype
 //   reasonrl::scatter_rows(g (n, ...), offsets (rows + 1,) int64, order (n,) int64, rows) -> (rows, ...): the
@@ -114,11 +115,13 @@ at::Tensor rope(const at::Tensor& x_, const at::Tensor& cos_, const at::Tensor& 
   TORCH_CHECK_VALUE(cos_.numel() == T * (D / 2) && sin_.numel() == T * (D / 2), op, ": cos and sin must hold (T, D/2) = (",
                     num(T), ", ", num(D / 2), ") values, got shapes ", shape(cos_.sizes()),
                     " and ", shape(sin_.sizes()));
-  const at::Tensor x = x_.contiguous(), c = cos_.contiguous(), s = sin_.contiguous();
-  at::Tensor y = at::empty({T, H, D}, x.options());
+  // a strided x (a column view of the packed q/k/v output) is read in place if its last dim is contiguous
+  const at::Tensor x = x_.stride(2) == 1 ? x_ : x_.contiguous(), c = cos_.contiguous(), s = sin_.contiguous();
+  const int64_t xs_t = x.stride(0), xs_h = x.stride(1);
+  at::Tensor y = at::empty({T, H, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
   at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(H * D, 1)), [&](int64_t t0, int64_t t1) {
     rope_cpu(y.data_ptr(), x.data_ptr(), c.data_ptr<float>(), s.data_ptr<float>(), dt, t0, t1, H, D,
-             static_cast<float>(sign));
+             static_cast<float>(sign), xs_t, xs_h);
   });
   return y;
 }

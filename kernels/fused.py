@@ -94,10 +94,10 @@ def _row_warps(block: int, interpret: bool) -> int:
     return 1 if interpret else (16 if block >= 8192 else max(1, min(8, block // 256)))
 
 
-def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float):
-    """x (M, N) contiguous -> (y (M, N) in promote(x, w) dtype, r (M,) float32)."""
+def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None):
+    """x (M, N) contiguous -> (y (M, N) in out_dtype (None: promote(x, w)), r (M,) float32)."""
     M, N = x.shape
-    y = torch.empty((M, N), dtype=torch.promote_types(x.dtype, w.dtype), device=x.device)
+    y = torch.empty((M, N), dtype=out_dtype or torch.promote_types(x.dtype, w.dtype), device=x.device)
     r = torch.empty(M, dtype=torch.float32, device=x.device)
     if M:
         BLOCK = triton.next_power_of_2(N)

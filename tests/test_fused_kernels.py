@@ -95,6 +95,23 @@ def test_rms_norm(forced, xdt, wdt, M, N, device):
     assert got[0].dtype == torch.promote_types(xdt, wdt) and got[2].dtype == wdt
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N", [(1, 16), (37, 100)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm_out_dtype(forced, out_dtype, M, N, device):
+    """out_dtype (the norm before an autocast GEMM): float32 x and w, y written in out_dtype, the gradient
+    arriving in out_dtype; y as PyTorch's float32 norm cast to out_dtype, dx and dw float32."""
+    x = torch.randn(M, N) * 2
+    w = 1 + 0.1 * torch.randn(N)
+    g = torch.randn(M, N)
+    got = grads(lambda a, b: Fn.rms_norm(a, b, 1e-6, out_dtype), [x, w], g, _dev(device))
+    ref64 = grads(lambda a, b: rms_torch(a, b, 1e-6), [x.double(), w.double()], g.to(out_dtype))
+    same = grads(lambda a, b: rms_torch(a, b, 1e-6).to(out_dtype), [x, w], g)
+    assert got[0].dtype == out_dtype and got[1].dtype == got[2].dtype == torch.float32
+    for name, o, r, s, dt in zip(("y", "dx", "dw"), got, ref64, same, (out_dtype, torch.float32, torch.float32)):
+        assert_close_to_ref(o, r, s, dt, name, factor=3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T,H,D", [(1, 1, 2), (13, 7, 12), (40, 20, 64)])
 @pytest.mark.parametrize("device", DEVICES)

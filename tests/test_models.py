@@ -503,6 +503,98 @@ def test_swiglu_function_under_autocast():
     assert (y.double() - y64).abs().max().item() <= 3e-2 * y64.abs().max().item()
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_qkv_function_gradcheck(bias):
+    from reasonrl.models.functional import QKVFunction
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(n, 6, dtype=torch.float64, requires_grad=True) for n in (8, 4, 4)]
+    bs = [torch.randn(n, dtype=torch.float64, requires_grad=True) if bias else None for n in (8, 4, 4)]
+    assert torch.autograd.gradcheck(lambda *a: QKVFunction.apply(*a), (x, *ws, *bs))
+    # only some outputs used (the others get zero gradients); x alone needing a gradient
+    q, k, v = QKVFunction.apply(x, *(w.detach() for w in ws), *bs)
+    gx, = torch.autograd.grad(k.sum(), [x])
+    assert torch.allclose(gx, ws[1].detach().sum(0).expand(7, 6))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_qkv_function_under_autocast(bias):
+    """The packed projection as a GPU training step runs it: float32 weights under bf16 autocast. Outputs
+    are the three Linears' under autocast (one GEMM over the stacked weights); gradients come back float32,
+    within bf16's error of float64, the weights' as row views of one stacked gradient that accumulate
+    like any other (a second backward adds)."""
+    from reasonrl.models.functional import QKVFunction
+    N, H, sizes = 33, 24, (32, 8, 8)
+    x = torch.randn(N, H).requires_grad_(True)
+    ws = [(torch.randn(n, H) / H ** 0.5).requires_grad_(True) for n in sizes]
+    bs = [(0.1 * torch.randn(n)).requires_grad_(True) if bias else None for n in sizes]
+    dys = [torch.randn(N, n) for n in sizes]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = QKVFunction.apply(x, *ws, *bs)
+        want = [torch.nn.functional.linear(x, w, b) for w, b in zip(ws, bs)]
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16 and g.shape == w.shape
+        assert (g.float() - w.float()).abs().max().item() <= 2e-2 * w.float().abs().max().item()
+    params = [x, *ws, *(b for b in bs if b is not None)]
+    sum((g.float() * d).sum() for g, d in zip(got, dys)).backward()
+    first = [p.grad.clone() for p in params]
+    x64 = x.detach().double().requires_grad_(True)
+    p64 = [t.detach().double().requires_grad_(True) for t in params[1:]]
+    w64, b64 = p64[:3], (p64[3:] if bias else [None] * 3)
+    ys = [torch.nn.functional.linear(x64, w, b) for w, b in zip(w64, b64)]
+    ref = torch.autograd.grad(sum((y * d.double()).sum() for y, d in zip(ys, dys)), [x64, *p64])
+    for p, g, r in zip(params, first, ref):
+        assert g.dtype == torch.float32 and g.shape == p.shape
+        assert (g.double() - r).abs().max().item() <= 3e-2 * r.abs().max().item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = QKVFunction.apply(x, *ws, *bs)
+    sum((g.float() * d).sum() for g, d in zip(got, dys)).backward()
+    for p, g in zip(params, first):
+        assert torch.allclose(p.grad, 2 * g, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_training_forward_under_autocast_matches_separate_projections(family, monkeypatch):
+    """Under bf16 autocast the training forward writes the norms' outputs in bf16 and runs q/k/v as one
+    GEMM (QKVFunction): the same values autocast's casts and three Linears make, so hidden states and
+    every gradient match that path within bf16 rounding; with no autocast nothing changes dtype."""
+    import reasonrl.models.model as mm
+    cfg = ModelConfig(arch=family, vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, qk_norm=family == "qwen3",
+                      attention_bias=family == "qwen2")
+    model = init_model(cfg, seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    lens = [11, 7, 14]
+    ids = torch.randint(0, 61, (sum(lens),))
+    pos = torch.cat([torch.arange(n) for n in lens])
+    ctx = AttnContext.from_lengths(lens)
+    seen = []
+    monkeypatch.setattr(mm.Attention, "forward", lambda self, x, *a, _f=mm.Attention.forward: (
+        seen.append(x.dtype), _f(self, x, *a))[1])
+
+    def run(amp):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            h = model(ids, pos, ctx)
+        (h.float() * torch.linspace(-1, 1, h.numel()).view(h.shape)).sum().backward()
+        return h.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    new = run(True)
+    assert seen == [torch.bfloat16] * 2  # the attention's input: the norm wrote bf16
+    seen.clear()
+    fp32 = run(False)
+    assert seen == [torch.float32] * 2
+    monkeypatch.setattr(mm, "qkv_proj", lambda x, q, k, v: (q(x), k(x), v(x)))
+    monkeypatch.setattr(mm, "_gemm_dtype", lambda x: None)
+    old = run(True)
+    assert (new[0] - old[0]).abs().max().item() <= 2e-2 * old[0].abs().max().item()
+    for n in old[1]:
+        ref = old[1][n].abs().max().item()
+        assert (new[1][n] - old[1][n]).abs().max().item() <= 3e-2 * ref + 1e-6, n
+        assert (new[1][n] - fp32[1][n]).abs().max().item() <= 6e-2 * fp32[1][n].abs().max().item() + 1e-6, n
+
+
 @pytest.mark.parametrize("family,force_fn", [("qwen2", False), ("qwen3", True)])
 def test_gradients_match_transformers(family, force_fn, tmp_path, monkeypatch):
     """Training parity, not just logits: the gradient of every parameter against transformers'.

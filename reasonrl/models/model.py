@@ -17,7 +17,9 @@ ops take `hidden` and `lm_head_weight`.
 
 Mixed precision (bf16 on GPU): keep the parameters in float32 (the optimizer's master weights) and
 run the forward under `torch.autocast("cuda", dtype=torch.bfloat16)`. Matmuls and attention then
-run in bf16, RMSNorm and RoPE in float32, and the residual stream stays float32. For rollouts
+run in bf16, RMSNorm and RoPE in float32, and the residual stream stays float32. The norms before
+the GEMMs write bf16 directly (the values autocast's casts would make), and a forward with gradients
+runs q/k/v as one GEMM over the stacked weights (functional.QKVFunction): fewer kernels to launch. For rollouts
 alone, load_model(dtype=torch.bfloat16) gives a bf16 model.
 Activation checkpointing: `model.gradient_checkpointing = True` (each decoder layer is recomputed
 in backward; saves about the per-layer activations, costs one more forward).
@@ -34,7 +36,7 @@ from .attention import (_flash_varlen, pad_plan, paged_ops, prefix_prefill_atten
                         shared_prefix_plan, varlen_attention)
 from .config import ModelConfig
 from .context import AttnContext
-from .functional import apply_rope, fused_ok, rms_norm, swiglu
+from .functional import apply_rope, fused_ok, qkv_proj, rms_norm, swiglu
 from .moe import SparseMoeBlock, load_balancing_loss_hf
 from .rope import RotaryEmbedding
 
@@ -45,12 +47,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """out_dtype: round the result to it (None: promote(x, weight)), as the consumer would (autocast)."""
         if fused_ok(x):  # CUDA: one Triton pass each way (kernels/fused.py)
-            return rms_norm(x, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps, out_dtype)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)  # the multiply in x's dtype, as transformers does
+        y = self.weight * xf.to(x.dtype)  # the multiply in x's dtype, as transformers does
+        return y if out_dtype is None else y.to(out_dtype)
 
 
 class Attention(nn.Module):
@@ -69,9 +73,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, ctx: AttnContext, plan: dict, layer: int):
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.nh, self.hd)  # (T, Hq, D)
-        k = self.k_proj(x).view(T, self.nkv, self.hd)  # (T, Hkv, D)
-        v = self.v_proj(x).view(T, self.nkv, self.hd)
+        q, k, v = qkv_proj(x, self.q_proj, self.k_proj, self.v_proj)  # one GEMM where gradients are taken
+        q = q.view(T, self.nh, self.hd)  # (T, Hq, D)
+        k = k.view(T, self.nkv, self.hd)  # (T, Hkv, D)
+        v = v.view(T, self.nkv, self.hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -135,11 +140,23 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, ctx, plan, layer):
         """-> x, or (x, router_logits (T, E), topk_ids (T, K)) in a sparse layer (returned, not
         stashed, so that activation checkpointing's recompute does not record them twice)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, plan, layer)
+        dt = _gemm_dtype(x)
+        x = x + self.self_attn(self.input_layernorm(x, dt), cos, sin, ctx, plan, layer)
         if not self.sparse:
-            return x + self.mlp(self.post_attention_layernorm(x))
+            return x + self.mlp(self.post_attention_layernorm(x, dt))
         y, logits, ids = self.mlp(self.post_attention_layernorm(x))
         return x + y, logits, ids
+
+
+def _gemm_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the GEMMs after a norm compute in when it is not x's: autocast's, for a float32 residual
+    stream. The norms then write it directly (the values autocast's casts would make, one pass fewer
+    per norm and per consumer, forward and backward)."""
+    dev = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return None if dt == torch.float32 else dt
+    return None
 
 
 class DecoderModel(nn.Module):
