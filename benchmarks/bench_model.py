@@ -24,6 +24,9 @@ autocast, at commit 2b5fd1c (before the SwiGLU/RoPE autograd Functions, not re-m
     python benchmarks/bench_model.py                 # CPU: the built-in tiny model, 64 seqs of 32-64 tokens
     python benchmarks/bench_model.py --gpu           # Qwen2.5-0.5B and 1.5B shapes, 2 x 4096 tokens
     python benchmarks/bench_model.py --preset qwen2.5-1.5b --batch 4 --seq 4096 --ckpt
+    python benchmarks/bench_model.py --preset qwen2.5-0.5b --batch 2 --seq 16 --count-ops --amp-cpu --narrow
+                                                     # ops one step dispatches (what a GPU step launches;
+                                                     # on CPU the attention and LM-head ops are CPU's own)
 """
 from __future__ import annotations
 
@@ -54,8 +57,15 @@ PRESETS = {  # public config.json numbers of the Qwen2.5 models (random weights 
 }
 
 
-def make_config(name):
-    return ModelConfig.from_json(builtin_path("tiny")) if name == "tiny" else ModelConfig(**PRESETS[name])
+def make_config(name, narrow=False):
+    """narrow: the preset's layers, heads, biases and tying at a small width (hidden 64, head_dim 16,
+    intermediate 128, vocab 512): the same ops per step, counted in seconds (--count-ops)."""
+    if name == "tiny":
+        return ModelConfig.from_json(builtin_path("tiny"))
+    kw = dict(PRESETS[name])
+    if narrow:
+        kw.update(hidden_size=64, head_dim=16, intermediate_size=128, vocab_size=512)
+    return ModelConfig(**kw)
 
 
 def build_models(cfg, device, seed):
@@ -156,6 +166,35 @@ def time_alternating(fns, device, warmup, rep):
     return [statistics.median(t) for t in ts]
 
 
+# Ops that make views or metadata, not a kernel launch (a GPU step's host cost is mostly its launches)
+_VIEW_OPS = {"view", "_unsafe_view", "detach", "t", "transpose", "permute", "expand", "alias", "as_strided", "slice",
+             "select", "split", "split_with_sizes", "unsqueeze", "squeeze", "_reshape_alias", "lift_fresh", "empty",
+             "empty_like", "new_empty", "empty_strided"}
+
+
+def count_ops(fn):
+    """The ATen (and reasonrl) ops one call of fn dispatches, forward and backward, by name: a count of
+    what a GPU step launches (views and allocations left out). -> (total, {name: count})."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in _VIEW_OPS:
+                self.n[f"{func.namespace}.{name}"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as c:
+        fn()
+    return sum(c.n.values()), dict(c.n.most_common())
+
+
 def flops(cfg, lens):
     H, I, nl = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     qkvo = H * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
@@ -164,8 +203,8 @@ def flops(cfg, lens):
     return 6 * per_tok * sum(lens) + attn
 
 
-def run(preset, B, T, vary, device, amp, ckpt, hf_ckpt, rep, profile=False):
-    cfg = make_config(preset)
+def run(preset, B, T, vary, device, amp, ckpt, hf_ckpt, rep, profile=False, ops_only=False, narrow=False):
+    cfg = make_config(preset, narrow)
     ours, hf = build_models(cfg, device, seed=0)
     ours.gradient_checkpointing = ckpt
     if hf_ckpt:
@@ -173,6 +212,15 @@ def run(preset, B, T, vary, device, amp, ckpt, hf_ckpt, rep, profile=False):
     b = make_batch(cfg, B, T, vary, device, seed=1)
     ntok = sum(b["lens"])
     l_ours, l_hf = step_ours(ours, b, amp, device).item(), step_hf(hf, b, amp, device).item()
+    if ops_only:
+        rows = []
+        for name, step, model in (("reasonrl", step_ours, ours), ("transformers", step_hf, hf)):
+            n, by = count_ops(lambda: step(model, b, amp, device))
+            top = ", ".join(f"{k.split('.', 1)[1]} {v}" for k, v in list(by.items())[:6])
+            rows.append(dict(preset=preset + (" (narrow)" if narrow else ""), backend=name, B=B, T=T, dtype="bf16-autocast" if amp else "fp32",
+                             ops=n, ops_per_layer=n / cfg.num_hidden_layers, top=top))
+        rows[0]["vs_transformers"] = rows[0]["ops"] / rows[1]["ops"]
+        return rows
     ceil = ceilings(device)
     fl = flops(cfg, b["lens"])
     rows = []
@@ -212,6 +260,12 @@ def main():
     ap.add_argument("--rep", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the JSON line to this file")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step of each side")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="no timing: count the ops one step of each side dispatches (views left out), on any device; "
+                         "--amp-cpu counts the autocast path on CPU")
+    ap.add_argument("--amp-cpu", action="store_true", help="bf16 autocast on CPU too (as on GPU)")
+    ap.add_argument("--narrow", action="store_true",
+                    help="the presets at a small width (hidden 64, vocab 512), their layer and head counts kept")
     a = ap.parse_args()
     device = torch.device("cuda" if a.gpu or (a.preset and a.preset != ["tiny"] and torch.cuda.is_available()) else "cpu")
     presets = a.preset or (list(PRESETS) if a.gpu else ["tiny"])
@@ -221,9 +275,13 @@ def main():
     vary = (a.lengths or ("equal" if gpu else "vary")) == "vary"
     rows = []
     for p in presets:
-        rows += run(p, B, T, vary, device, amp=gpu and not a.fp32, ckpt=a.ckpt, hf_ckpt=a.hf_ckpt,
-                    rep=a.rep or (5 if gpu else 7), profile=a.profile)
+        rows += run(p, B, T, vary, device, amp=(gpu or a.amp_cpu) and not a.fp32, ckpt=a.ckpt, hf_ckpt=a.hf_ckpt,
+                    rep=a.rep or (5 if gpu else 7), profile=a.profile, ops_only=a.count_ops, narrow=a.narrow)
     print(f"device: {device_name(device)}; torch {torch.__version__}")
+    if a.count_ops:
+        print_table(rows, ["preset", "backend", "B", "T", "dtype", "ops", "ops_per_layer", "vs_transformers", "top"])
+        emit_json({"bench": "model-ops", "device": device_name(device), "rows": rows}, a.json)
+        return
     print_table(rows, ["preset", "backend", "B", "T", "tokens", "lengths", "dtype", "ckpt", "ms", "tok_per_s",
                        "peak_GiB", "TFLOPs", "floor_ms", "speedup", "mem_ratio", "loss_diff"])
     emit_json({"bench": "model", "device": device_name(device), "rows": rows}, a.json)

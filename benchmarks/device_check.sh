@@ -67,7 +67,8 @@ for name in $BENCHES; do  # in the order given
         REASONRL_SAMPLE_KERNEL=0 run_bench rollout-nokernel 150 python3 benchmarks/bench_rollout.py --gpu --rep 2 \
           --json "$OUT/rollout.json"
       fi;;
-    model) run_bench model 90 python3 benchmarks/bench_model.py --gpu "${pf[@]}" --json "$OUT/model.json";;
+    model) run_bench model 90 python3 benchmarks/bench_model.py --gpu "${pf[@]}" --json "$OUT/model.json"
+           run_bench model-ops 60 python3 benchmarks/bench_model.py --gpu --count-ops --json "$OUT/model-ops.json";;
     moe-tune) run_bench moe-tune 300 python3 benchmarks/bench_moe.py --gpu --tune --rep 10 --json "$OUT/moe-tune.json";;
     train)  # the trainer itself on the GPU (device cuda, bf16 autocast): s/step in its log
       # random weights score 0 everywhere: without --dynamic_sampling false every group is dropped and

@@ -4,8 +4,9 @@
 //   reasonrl::fused_rms_norm_bwd(g (M, N), x, w, rstd) -> (dx (M, N) in x's dtype, dw (N,) float32)
 //   reasonrl::fused_rope(x (T, H, D), cos, sin (T, 1, D/2) or (T, D/2) float32, sign) -> (T, H, D) in x's dtype
 //     (contiguous; x may be strided with a contiguous last dim)
-//   reasonrl::fused_silu_mul(g, u) -> silu(g) * u in g's dtype
-//   reasonrl::fused_swiglu_bwd(dh, g, u) -> (h, dg, du), all in g's dtype
+//   reasonrl::fused_silu_mul(g, u) -> silu(g) * u in g's dtype (2-D g, u read at their row strides)
+//   reasonrl::fused_swiglu_bwd(dh, g, u (M, N)) -> (h (M, N), dgu (M, 2N) = [dg | du]), all in g's dtype (g, u
+//     read at their row strides: the two halves of the packed gate/up GEMM output)
 //   reasonrl::scatter_rows(g (n, ...), offsets (rows + 1,) int64, order (n,) int64, rows) -> (rows, ...): the
 //                          backward of a row gather, each destination row summed in float32 (deterministic)
 //   reasonrl::fused_attn_fwd(q (B, Lq, Hq, D), k, v (B, Lk, Hkv, D), off, klen (B,) int64, scale) -> (o, lse):
@@ -126,12 +127,36 @@ at::Tensor rope(const at::Tensor& x_, const at::Tensor& cos_, const at::Tensor& 
   return y;
 }
 
+namespace {
+// A 2-D tensor as it is where its rows are contiguous (a column view of the packed gate/up GEMM output),
+// else a contiguous copy; with its row stride in elements.
+std::pair<at::Tensor, int64_t> rows_view(const at::Tensor& t) {
+  const at::Tensor r = t.stride(1) == 1 || t.size(1) <= 1 ? t : t.contiguous();
+  return {r, r.stride(0)};
+}
+
+char* at_row(const at::Tensor& t, int64_t row, int64_t stride) {
+  return static_cast<char*>(t.data_ptr()) + row * stride * static_cast<int64_t>(t.element_size());
+}
+}  // namespace
+
 at::Tensor silu_mul(const at::Tensor& g_, const at::Tensor& u_) {
   const char* op = "fused_silu_mul";
   const DType dt = code(g_, op, "g");
   same_shape(g_, u_, op, "g", "u");
   TORCH_CHECK_VALUE(u_.scalar_type() == g_.scalar_type(), op, ": u must be ", dt_name(g_), " as g, got ",
                     dt_name(u_));
+  if (g_.dim() == 2 && g_.size(1) > 0) {  // rows at their strides: no copy of a column view
+    const auto [g, sg] = rows_view(g_);
+    const auto [u, su] = rows_view(u_);
+    const int64_t M = g.size(0), N = g.size(1);
+    at::Tensor h = at::empty({M, N}, g.options().memory_format(at::MemoryFormat::Contiguous));
+    at::parallel_for(0, M, std::max<int64_t>(1, kGrain / N), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        silu_mul_cpu(at_row(h, r, N), at_row(g, r, sg), at_row(u, r, su), dt, 0, N);
+    });
+    return h;
+  }
   const at::Tensor g = g_.contiguous(), u = u_.contiguous();
   at::Tensor h = at::empty(g.sizes(), g.options());
   at::parallel_for(0, g.numel(), kGrain, [&](int64_t e0, int64_t e1) {
@@ -140,20 +165,30 @@ at::Tensor silu_mul(const at::Tensor& g_, const at::Tensor& u_) {
   return h;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dh_, const at::Tensor& g_,
-                                                          const at::Tensor& u_) {
+std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dh_, const at::Tensor& g_, const at::Tensor& u_) {
   const char* op = "fused_swiglu_bwd";
   const DType dt = code(g_, op, "g");
+  TORCH_CHECK_VALUE(g_.dim() == 2, op, ": g must be (M, N), got shape ", shape(g_.sizes()));
   same_shape(g_, u_, op, "g", "u");
   same_shape(g_, dh_, op, "g", "dh");
   TORCH_CHECK_VALUE(u_.scalar_type() == g_.scalar_type() && dh_.scalar_type() == g_.scalar_type(), op,
                     ": dh, g and u must share one dtype, got ", dt_name(dh_), ", ", dt_name(g_), ", ", dt_name(u_));
-  const at::Tensor dh = dh_.contiguous(), g = g_.contiguous(), u = u_.contiguous();
-  at::Tensor h = at::empty(g.sizes(), g.options()), dg = at::empty_like(h), du = at::empty_like(h);
-  at::parallel_for(0, g.numel(), kGrain, [&](int64_t e0, int64_t e1) {
-    swiglu_bwd_cpu(h.data_ptr(), dg.data_ptr(), du.data_ptr(), dh.data_ptr(), g.data_ptr(), u.data_ptr(), dt, e0, e1);
+  const int64_t M = g_.size(0), N = g_.size(1);
+  // dg and du side by side in one (M, 2N) tensor: the gradient of the packed gate/up GEMM's output
+  at::Tensor h = at::empty({M, N}, g_.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dgu = at::empty({M, 2 * N}, h.options());
+  if (N == 0) return {h, dgu};
+  const auto [dh, sd] = rows_view(dh_);
+  const auto [g, sg] = rows_view(g_);
+  const auto [u, su] = rows_view(u_);
+  const int64_t es = static_cast<int64_t>(h.element_size());
+  at::parallel_for(0, M, std::max<int64_t>(1, kGrain / N), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      char* d = at_row(dgu, r, 2 * N);
+      swiglu_bwd_cpu(at_row(h, r, N), d, d + N * es, at_row(dh, r, sd), at_row(g, r, sg), at_row(u, r, su), dt, 0, N);
+    }
   });
-  return {h, dg, du};
+  return {h, dgu};
 }
 
 at::Tensor scatter_rows(const at::Tensor& g_, const at::Tensor& offsets_, const at::Tensor& order_, int64_t rows) {
@@ -264,7 +299,7 @@ TORCH_LIBRARY_FRAGMENT(reasonrl, m) {
   m.def("fused_rms_norm_bwd(Tensor g, Tensor x, Tensor w, Tensor rstd) -> (Tensor, Tensor)");
   m.def("fused_rope(Tensor x, Tensor cos, Tensor sin, float sign) -> Tensor");
   m.def("fused_silu_mul(Tensor g, Tensor u) -> Tensor");
-  m.def("fused_swiglu_bwd(Tensor dh, Tensor g, Tensor u) -> (Tensor, Tensor, Tensor)");
+  m.def("fused_swiglu_bwd(Tensor dh, Tensor g, Tensor u) -> (Tensor, Tensor)");
   m.def("scatter_rows(Tensor g, Tensor offsets, Tensor order, int rows) -> Tensor");
   m.def("fused_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor off, Tensor klen, float scale) -> (Tensor, Tensor)");
   m.def(

@@ -12,7 +12,9 @@ of the step (4096 x 2 tokens, 24 layers, ~3 TB/s). Fused, each is one pass each 
   rope        y = [x1 c - x2 s, x2 c + x1 s] in float32, rounded to x's dtype; backward: the same
               kernel with -s (a rotation by -angle)
   swiglu_bwd  h = silu(g) u (for dW_down), du = dh silu(g), dg = dh u silu'(g),
-              silu'(g) = s (1 + g (1 - s)), s = sigmoid(g); forward: decode.silu_mul
+              silu'(g) = s (1 + g (1 - s)), s = sigmoid(g), written as [dg | du] (the gradient of the
+              packed gate/up GEMM's output, whose halves g and u are read at their row strides);
+              forward: decode.silu_mul
 
 Used by models/functional.py and models/model.py on CUDA tensors (reasonrl.models.functional.fused_ok).
 """
@@ -66,19 +68,19 @@ def _rope_kernel(X, COS, SIN, Y, stride_xt, stride_xh, stride_ct, sign, H, HALF:
 
 
 @triton.jit
-def _swiglu_bwd_kernel(DH, G, U, H_OUT, DG, DU, N, BLOCK: tl.constexpr):
+def _swiglu_bwd_kernel(DH, G, U, H_OUT, DGU, stride_dh, stride_g, stride_u, N, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < N
-    off = row * N + cols
-    dh = tl.load(DH + off, mask=m, other=0.0).to(tl.float32)
-    g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(U + off, mask=m, other=0.0).to(tl.float32)
+    dh = tl.load(DH + row * stride_dh + cols, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(G + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=m, other=0.0).to(tl.float32)
     s = 1.0 / (1.0 + tl.exp(-g))
     silu = (g * s).to(G.dtype.element_ty).to(tl.float32)  # F.silu(g) in g's dtype, as decode.silu_mul
-    tl.store(H_OUT + off, (silu * u).to(H_OUT.dtype.element_ty), mask=m)
-    tl.store(DU + off, (dh * silu).to(DU.dtype.element_ty), mask=m)
-    tl.store(DG + off, (dh * u * (s * (1.0 + g * (1.0 - s)))).to(DG.dtype.element_ty), mask=m)
+    tl.store(H_OUT + row * N + cols, (silu * u).to(H_OUT.dtype.element_ty), mask=m)
+    d = DGU + row * (2 * N) + cols  # [dg | du]
+    tl.store(d, (dh * u * (s * (1.0 + g * (1.0 - s)))).to(DGU.dtype.element_ty), mask=m)
+    tl.store(d + N, (dh * silu).to(DGU.dtype.element_ty), mask=m)
 
 
 # Rows up to this many elements are one program's registers (the backward spilled past 8192 with 8
@@ -141,13 +143,16 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float = 1.
 
 
 def swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
-    """dh, g, u (M, N) contiguous, one dtype -> (h = silu(g) u, dg, du), all in g's dtype."""
+    """dh, g, u (M, N), one dtype, each with contiguous rows (g and u: the halves of the packed gate/up
+    GEMM output) -> (h = silu(g) u (M, N), dgu = [dg | du] (M, 2N)), in g's dtype."""
     M, N = g.shape
-    if not (dh.is_contiguous() and g.is_contiguous() and u.is_contiguous()) or not dh.shape == g.shape == u.shape:
-        raise ValueError("swiglu_bwd (triton): dh, g and u must be contiguous and of one shape")
-    h, dg, du = torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
+    if not dh.shape == g.shape == u.shape or any(t.stride(1) != 1 and N > 1 for t in (dh, g, u)):
+        raise ValueError("swiglu_bwd (triton): dh, g and u must be (M, N) of one shape with contiguous rows")
+    h = torch.empty((M, N), dtype=g.dtype, device=g.device)
+    dgu = torch.empty((M, 2 * N), dtype=g.dtype, device=g.device)
     if M and N:
         BLOCK = min(triton.next_power_of_2(N), 16384 if _interp(g) else 1024)
-        _swiglu_bwd_kernel[(M, triton.cdiv(N, BLOCK))](dh, g, u, h, dg, du, N, BLOCK=BLOCK,
+        _swiglu_bwd_kernel[(M, triton.cdiv(N, BLOCK))](dh, g, u, h, dgu, dh.stride(0), g.stride(0), u.stride(0), N,
+                                                       BLOCK=BLOCK,
                                                        num_warps=1 if _interp(g) else max(1, min(4, BLOCK // 256)))
-    return h, dg, du
+    return h, dgu

@@ -146,6 +146,33 @@ def test_swiglu(forced, dtype, N, H, I, device):
         assert_close_to_ref(o, r, s, dtype, name, factor=3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N", [(1, 1), (9, 37), (5, 300)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_swiglu_kernels_read_packed_halves(forced, dtype, M, N, device):
+    """silu_mul and swiglu_bwd on g and u as the two halves of one (M, 2N) GEMM output (row stride 2N,
+    read in place), dh contiguous: h = silu(g) u and [dg | du] against float64, and bitwise the same as
+    on contiguous copies of g and u."""
+    dev = _dev(device)
+    gu = (torch.randn(M, 2 * N) * 3).to(dtype).to(dev)
+    dh = torch.randn(M, N).to(dtype).to(dev)
+    g, u = gu[:, :N], gu[:, N:]
+    k = Fn.kernels_for(gu)
+    h, dgu = k.swiglu_bwd(dh, g, u)
+    assert h.shape == (M, N) and dgu.shape == (M, 2 * N) and h.dtype == dgu.dtype == dtype
+    g64, u64, dh64 = g.double().cpu(), u.double().cpu(), dh.double().cpu()
+    s64 = torch.sigmoid(g64)
+    want = (F.silu(g64) * u64, torch.cat((dh64 * u64 * s64 * (1 + g64 * (1 - s64)), dh64 * F.silu(g64)), 1))
+    same = (F.silu(g.cpu()) * u.cpu(), torch.cat((torch.ops.aten.silu_backward(dh.cpu() * u.cpu(), g.cpu()),
+                                                  dh.cpu() * F.silu(g.cpu())), 1))
+    for name, o, r, s_ in zip(("h", "dgu"), (h.cpu(), dgu.cpu()), want, same):
+        assert_close_to_ref(o, r, s_, dtype, name, factor=3)
+    h2, dgu2 = k.swiglu_bwd(dh, g.contiguous(), u.contiguous())
+    assert torch.equal(h, h2) and torch.equal(dgu, dgu2)
+    hf = k.silu_mul(g, u)
+    assert torch.equal(hf, k.silu_mul(g.contiguous(), u.contiguous())) and torch.equal(hf, h)
+
+
 BACKENDS = [pytest.param("triton", marks=[_no_triton, pytest.mark.skipif(
                 os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1")]),
             pytest.param("cpp", marks=pytest.mark.skipif(not Fn._cpp_ok(), reason="reasonrl._C is not built"))]
@@ -231,6 +258,8 @@ def test_cpp_fused_ops_reject_bad_input():
         ops.fused_silu_mul(x, torch.randn(4, 9))
     with pytest.raises(ValueError, match="share one dtype"):
         ops.fused_swiglu_bwd(x, x, x.bfloat16())
+    with pytest.raises(ValueError, match=r"g must be \(M, N\)"):
+        ops.fused_swiglu_bwd(x[None], x[None], x[None])
     with pytest.raises(ValueError, match="D even"):
         ops.fused_rope(torch.randn(2, 3, 5), torch.randn(2, 2), torch.randn(2, 2), 1.0)
     with pytest.raises(ValueError, match="offsets must run from 0 to 3"):
@@ -250,6 +279,9 @@ def test_cpp_fused_ops_pass_opcheck():
         torch.library.opcheck(ops.fused_rms_norm_fwd.default, (x.to(dt), w, 1e-6))
         torch.library.opcheck(ops.fused_silu_mul.default, (x.to(dt), g.to(dt)))
         torch.library.opcheck(ops.fused_swiglu_bwd.default, (x.to(dt), g.to(dt), x.to(dt)))
+        gu = torch.randn(5, 24).to(dt)  # the halves of a packed gate/up output, read at their row stride
+        torch.library.opcheck(ops.fused_silu_mul.default, (gu[:, :12], gu[:, 12:]))
+        torch.library.opcheck(ops.fused_swiglu_bwd.default, (x.to(dt), gu[:, :12], gu[:, 12:]))
         torch.library.opcheck(ops.fused_rope.default, (torch.randn(3, 2, 8).to(dt), torch.randn(3, 1, 4),
                                                        torch.randn(3, 1, 4), -1.0))
     torch.library.opcheck(ops.fused_rms_norm_bwd.default, (g, x, w, r))

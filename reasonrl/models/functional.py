@@ -1,16 +1,18 @@
-"""Two autograd Functions that keep less for backward than PyTorch's autograd would, and the fused
-elementwise passes of a training step (RMSNorm, RoPE, the SwiGLU product): Triton kernels on GPU
-(kernels/fused.py), C++ kernels on CPU (csrc/cpu/fused.cpp), PyTorch's ops where neither is there.
+"""The autograd Functions of a training step that keep less for backward, or launch fewer kernels,
+than PyTorch's autograd over Linears would, and its fused elementwise passes (RMSNorm, RoPE, the
+SwiGLU product): Triton kernels on GPU (kernels/fused.py), C++ kernels on CPU (csrc/cpu/fused.cpp),
+PyTorch's ops where neither is there.
 
-SwiGLU MLP, y = W_d (silu(W_g x) * W_u x):
+SwiGLU MLP, y = W_d (silu(W_g x) * W_u x), with gate and up as one GEMM ([g | u] = x [W_g; W_u]^T):
     autograd keeps x, g = W_g x, u = W_u x, silu(g) and h = silu(g) * u: four (N, I) tensors.
-    Here only x, g and u are kept; silu(g) and h are recomputed in backward (elementwise, no
+    Here only x and [g | u] are kept; silu(g) and h are recomputed in backward (elementwise, no
     matmul, in the same single pass that makes dg and du), with silu'(g) = s (1 + g (1 - s)),
     s = sigmoid(g):
         dW_d = dy^T h,   dh = dy W_d,   du = dh silu(g),   dg = dh u silu'(g)
-        dx = dg W_g + du W_u,   dW_g = dg^T x,   dW_u = du^T x
+        dx = [dg | du] [W_g; W_u],   [dW_g; dW_u] = [dg | du]^T x
     Two fewer (N, I) tensors per layer: 28 layers x 2 x 8192 x 8960 bf16 = 8.2 GB at the
     Qwen2.5-1.5B shape, 2 x 4096 tokens. Used where a fused backward pass exists (see swiglu).
+q/k/v projections: one GEMM over the stacked weights each way (QKVFunction).
 RoPE, a rotation by +angle: its backward is the rotation by -angle, so only cos/sin (shared by
 all layers) are kept, not float32 copies of q and k.
 
@@ -67,7 +69,7 @@ def _register_fakes() -> None:
     fake("reasonrl::fused_rms_norm_bwd")(lambda g, x, w, rstd: (empty(x), empty(x, w.shape, torch.float32)))
     fake("reasonrl::fused_rope")(lambda x, cos, sin, sign: empty(x))
     fake("reasonrl::fused_silu_mul")(lambda g, u: empty(g))
-    fake("reasonrl::fused_swiglu_bwd")(lambda dh, g, u: (empty(g), empty(g), empty(g)))
+    fake("reasonrl::fused_swiglu_bwd")(lambda dh, g, u: (empty(g, g.shape), empty(g, (g.shape[0], 2 * g.shape[1]))))
     fake("reasonrl::scatter_rows")(lambda g, offsets, order, rows: empty(g, (rows, *g.shape[1:])))
     fake("reasonrl::fused_attn_fwd")(
         lambda q, k, v, off, klen, scale: (empty(q), empty(q, (q.shape[0], q.shape[2], q.shape[1]), torch.float32)))
@@ -149,49 +151,54 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class SwiGLUFunction(torch.autograd.Function):
+    """The SwiGLU MLP (module docstring) with gate and up as one GEMM over their stacked weights: g and
+    u are the two halves of its (N, 2I) output, read at their row strides; the backward's fused pass
+    writes [dg | du] side by side, so dx is one GEMM and dW_gate, dW_up one more (split as row views).
+    Kernels a layer under autocast, against three Linears: forward 5 (2 weight casts, 2 GEMMs, the
+    product), backward 7 (3 GEMMs for dh, dW_down, dx, one for dW_gate|up, the fused pass, 2 casts)."""
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down):
         dt = _compute_dtype(x)
         xc = x.to(dt)
         # the weights in the compute dtype, kept for the backward as autocast keeps its casts: casting
-        # them again there was 3 more kernels a layer (the GPU step waits on the host's launches)
-        wg, wu, wd = w_gate.to(dt), w_up.to(dt), w_down.to(dt)
-        g = F.linear(xc, wg)  # (N, I)
-        u = F.linear(xc, wu)  # (N, I)
-        k = kernels_for(g)
+        # them again there was more kernels a layer (the GPU step waits on the host's launches)
+        wgu, wd = _cat_rows((w_gate, w_up), dt), w_down.to(dt)  # (2I, H), (H, I)
+        I = w_gate.shape[0]
+        gu = F.linear(xc, wgu)  # (N, 2I)
+        g, u = gu[..., :I], gu[..., I:]
+        k = kernels_for(gu)
         if k is not None:
-            h = k.silu_mul(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])).view(g.shape)
+            h = k.silu_mul(g.reshape(-1, I), u.reshape(-1, I)).view(g.shape)
         else:
             h = F.silu(g) * u
         y = F.linear(h, wd)  # (N, H)
-        ctx.save_for_backward(xc, g, u, wg, wu, wd)
+        ctx.save_for_backward(xc, gu, wgu, wd)
         ctx.dtypes = (x.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        xc, g, u, wg, wu, wd = ctx.saved_tensors
+        xc, gu, wgu, wd = ctx.saved_tensors
         x_dt, g_dt, u_dt, d_dt = ctx.dtypes
-        dt = g.dtype
-        dy = dy.to(dt)
-        dh = dy @ wd  # (N, I)
-        k = kernels_for(g)
-        if k is not None:  # h = silu(g) u, du, dg in one pass
-            n = g.shape[-1]
-            h, dg, du = (t.view(g.shape) for t in k.swiglu_bwd(dh.reshape(-1, n).contiguous(), g.reshape(-1, n),
-                                                               u.reshape(-1, n)))
+        dt, I = gu.dtype, gu.shape[-1] // 2
+        dy2 = dy.to(dt).reshape(-1, dy.shape[-1])
+        gu2 = gu.reshape(-1, 2 * I)
+        g, u = gu2[:, :I], gu2[:, I:]
+        dh = dy2 @ wd  # (N, I)
+        k = kernels_for(gu)
+        if k is not None:  # h = silu(g) u and [dg | du] in one pass
+            h, dgu = k.swiglu_bwd(dh, g, u)
         else:
             silu = F.silu(g)
             h = silu * u
-            du = dh * silu
-            dg = torch.ops.aten.silu_backward(dh * u, g)  # one fused kernel for dh u silu'(g)
-        dw_down = dy.flatten(0, -2).t() @ h.flatten(0, -2)  # (H, I)
-        dg2, du2 = dg.flatten(0, -2), du.flatten(0, -2)
-        dx = torch.addmm(dg2 @ wg, du2, wu).view(*dg.shape[:-1], wg.shape[1])  # the sum in the GEMM's epilogue
-        dw_gate = dg2.t() @ xc.flatten(0, -2)
-        dw_up = du2.t() @ xc.flatten(0, -2)
-        return dx.to(x_dt), dw_gate.to(g_dt), dw_up.to(u_dt), dw_down.to(d_dt)
+            dgu = torch.cat((torch.ops.aten.silu_backward(dh * u, g), dh * silu), 1)  # dh u silu'(g) fused
+        dw_down = dy2.t() @ h  # (H, I)
+        dx = (dgu @ wgu).view(*gu.shape[:-1], wgu.shape[1])
+        dw_gate, dw_up = (dgu.t() @ xc.reshape(-1, xc.shape[-1])).to(g_dt).split(I)  # row views
+        if u_dt != g_dt:
+            dw_up = dw_up.to(u_dt)
+        return dx.to(x_dt), dw_gate, dw_up, dw_down.to(d_dt)
 
 
 def _cat_rows(ts, dt):
