@@ -4,6 +4,7 @@
 //   reasonrl::fused_rms_norm_bwd(g (M, N), x, w, rstd) -> (dx (M, N) in x's dtype, dw (N,) float32)
 //   reasonrl::fused_rope(x (T, H, D), cos, sin (T, 1, D/2) or (T, D/2) float32, sign) -> (T, H, D) in x's dtype
 //     (contiguous; x may be strided with a contiguous last dim)
+//   reasonrl::fused_rope_(x, cos, sin, sign): the same in place (x strided, last dim contiguous)
 //   reasonrl::fused_silu_mul(g, u) -> silu(g) * u in g's dtype (2-D g, u read at their row strides)
 //   reasonrl::fused_swiglu_bwd(dh, g, u (M, N)) -> (h (M, N), dgu (M, 2N) = [dg | du]), all in g's dtype (g, u
 //     read at their row strides: the two halves of the packed gate/up GEMM output)
@@ -105,26 +106,46 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& g_, const at::
   return {d, chunks == 1 ? part[0] : part.sum(0)};
 }
 
-at::Tensor rope(const at::Tensor& x_, const at::Tensor& cos_, const at::Tensor& sin_, double sign) {
-  const char* op = "fused_rope";
+namespace {
+// Checks of a rope call; -> x's dtype code.
+DType rope_checks(const at::Tensor& x_, const at::Tensor& cos_, const at::Tensor& sin_, const char* op) {
   const DType dt = code(x_, op, "x");
   TORCH_CHECK_VALUE(x_.dim() == 3 && x_.size(2) % 2 == 0, op, ": x must be (T, H, D) with D even, got shape ",
                     shape(x_.sizes()));
-  const int64_t T = x_.size(0), H = x_.size(1), D = x_.size(2);
+  const int64_t T = x_.size(0), D = x_.size(2);
   TORCH_CHECK_VALUE(cos_.scalar_type() == at::kFloat && sin_.scalar_type() == at::kFloat, op,
                     ": cos and sin must be float32, got ", dt_name(cos_), " and ", dt_name(sin_));
   TORCH_CHECK_VALUE(cos_.numel() == T * (D / 2) && sin_.numel() == T * (D / 2), op, ": cos and sin must hold (T, D/2) = (",
                     num(T), ", ", num(D / 2), ") values, got shapes ", shape(cos_.sizes()),
                     " and ", shape(sin_.sizes()));
-  // a strided x (a column view of the packed q/k/v output) is read in place if its last dim is contiguous
-  const at::Tensor x = x_.stride(2) == 1 ? x_ : x_.contiguous(), c = cos_.contiguous(), s = sin_.contiguous();
-  const int64_t xs_t = x.stride(0), xs_h = x.stride(1);
-  at::Tensor y = at::empty({T, H, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  return dt;
+}
+
+void rope_into(const at::Tensor& y, const at::Tensor& x, const at::Tensor& cos_, const at::Tensor& sin_, DType dt,
+               double sign) {
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2);
+  const at::Tensor c = cos_.contiguous(), s = sin_.contiguous();
   at::parallel_for(0, T, std::max<int64_t>(1, kGrain / std::max<int64_t>(H * D, 1)), [&](int64_t t0, int64_t t1) {
     rope_cpu(y.data_ptr(), x.data_ptr(), c.data_ptr<float>(), s.data_ptr<float>(), dt, t0, t1, H, D,
-             static_cast<float>(sign), xs_t, xs_h);
+             static_cast<float>(sign), x.stride(0), x.stride(1), y.stride(0), y.stride(1));
   });
+}
+}  // namespace
+
+at::Tensor rope(const at::Tensor& x_, const at::Tensor& cos_, const at::Tensor& sin_, double sign) {
+  const DType dt = rope_checks(x_, cos_, sin_, "fused_rope");
+  // a strided x (a column view of the packed q/k/v GEMM output) is read in place if its last dim is contiguous
+  const at::Tensor x = x_.stride(2) == 1 ? x_ : x_.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  rope_into(y, x, cos_, sin_, dt, sign);
   return y;
+}
+
+void rope_(const at::Tensor& x, const at::Tensor& cos_, const at::Tensor& sin_, double sign) {
+  const DType dt = rope_checks(x, cos_, sin_, "fused_rope_");
+  TORCH_CHECK_VALUE(x.stride(2) == 1 || x.size(2) == 0, "fused_rope_: x's last dim must be contiguous, got strides ",
+                    shape(x.strides()));
+  rope_into(x, x, cos_, sin_, dt, sign);
 }
 
 namespace {
@@ -298,6 +319,7 @@ TORCH_LIBRARY_FRAGMENT(reasonrl, m) {
   m.def("fused_rms_norm_fwd(Tensor x, Tensor w, float eps) -> (Tensor, Tensor)");
   m.def("fused_rms_norm_bwd(Tensor g, Tensor x, Tensor w, Tensor rstd) -> (Tensor, Tensor)");
   m.def("fused_rope(Tensor x, Tensor cos, Tensor sin, float sign) -> Tensor");
+  m.def("fused_rope_(Tensor(a!) x, Tensor cos, Tensor sin, float sign) -> ()");
   m.def("fused_silu_mul(Tensor g, Tensor u) -> Tensor");
   m.def("fused_swiglu_bwd(Tensor dh, Tensor g, Tensor u) -> (Tensor, Tensor)");
   m.def("scatter_rows(Tensor g, Tensor offsets, Tensor order, int rows) -> Tensor");
@@ -311,6 +333,7 @@ TORCH_LIBRARY_IMPL(reasonrl, CPU, m) {
   m.impl("fused_rms_norm_fwd", &reasonrl::rms_norm_fwd);
   m.impl("fused_rms_norm_bwd", &reasonrl::rms_norm_bwd);
   m.impl("fused_rope", &reasonrl::rope);
+  m.impl("fused_rope_", &reasonrl::rope_);
   m.impl("fused_silu_mul", &reasonrl::silu_mul);
   m.impl("fused_swiglu_bwd", &reasonrl::swiglu_bwd);
   m.impl("scatter_rows", &reasonrl::scatter_rows);

@@ -30,9 +30,9 @@ void swiglu_bwd_cpu(void* h, void* dg, void* du, const void* dh, const void* g, 
 
 // Rows [t0, t1) of x, y (T, H, D), cos/sin (T, D/2) float32: y = dt([x1 c - x2 s, x2 c + x1 s]) (sign -1:
 // s negated, the inverse rotation). x's last dim contiguous, its tokens xs_t and heads xs_h elements apart
-// (a column view of a packed q/k/v GEMM output); y contiguous.
+// (a column view of a packed q/k/v GEMM output); y's ys_t and ys_h apart; y may be x (in place).
 void rope_cpu(void* y, const void* x, const float* cos, const float* sin, DType dt, int64_t t0, int64_t t1, int64_t H,
-              int64_t D, float sign, int64_t xs_t, int64_t xs_h);
+              int64_t D, float sign, int64_t xs_t, int64_t xs_h, int64_t ys_t, int64_t ys_h);
 
 // The backward of a row gather out = x[idx]: dx[r] = dt(sum over i with idx[i] == r of g[i]), in float32,
 // the terms in order of i (deterministic). offsets (rows + 1), order (numel of idx): the positions i of

@@ -9,6 +9,9 @@ of the step (4096 x 2 tokens, 24 layers, ~3 TB/s). Fused, each is one pass each 
               (decode._add_rms_norm_kernel without a residual)
               bwd: xn = x r, gw = g w; dx = r (gw - xn mean(gw xn)); dw = sum_rows g xn
               (partial sums per program, added by one torch.sum)
+  add_rms_norm  s = x + a (the residual add) and rms_norm(s) in one pass (decode's kernel with its
+              residual); backward: rms_norm's, plus the residual stream's own gradient, written
+              also in a's dtype (the gradient of the added branch)
   rope        y = [x1 c - x2 s, x2 c + x1 s] in float32, rounded to x's dtype; backward: the same
               kernel with -s (a rotation by -angle)
   swiglu_bwd  h = silu(g) u (for dW_down), du = dh silu(g), dg = dh u silu'(g),
@@ -28,8 +31,8 @@ from .decode import _add_rms_norm_kernel  # the forward: decode's kernel, keepin
 
 
 @triton.jit
-def _rms_bwd_kernel(G, X, W, R, DX, DW, stride_g, stride_x, stride_dx, M, N, rows_per_prog,
-                    BLOCK: tl.constexpr):
+def _rms_bwd_kernel(G, X, W, R, DX, DW, GS, DA, stride_g, stride_x, stride_dx, stride_gs, stride_da, M, N,
+                    rows_per_prog, HAS_GS: tl.constexpr, HAS_DA: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     m = cols < N
@@ -45,13 +48,17 @@ def _rms_bwd_kernel(G, X, W, R, DX, DW, stride_g, stride_x, stride_dx, M, N, row
             xn = x * r
             gw = g * w
             dx = r * (gw - xn * (tl.sum(gw * xn, 0) / N))
+            if HAS_GS:  # the residual stream's own gradient (add_rms_norm: x is s = x0 + a)
+                dx += tl.load(GS + row * stride_gs + cols, mask=m, other=0.0).to(tl.float32)
             tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=m)
+            if HAS_DA:  # the same gradient in the added branch's dtype
+                tl.store(DA + row * stride_da + cols, dx.to(DA.dtype.element_ty), mask=m)
             dw += g * xn.to(X.dtype.element_ty).to(tl.float32)
     tl.store(DW + pid * N + cols, dw, mask=m)
 
 
 @triton.jit
-def _rope_kernel(X, COS, SIN, Y, stride_xt, stride_xh, stride_ct, sign, H, HALF: tl.constexpr,
+def _rope_kernel(X, COS, SIN, Y, stride_xt, stride_xh, stride_yt, stride_yh, stride_ct, sign, H, HALF: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]).to(tl.int64)
@@ -62,7 +69,7 @@ def _rope_kernel(X, COS, SIN, Y, stride_xt, stride_xh, stride_ct, sign, H, HALF:
     s = tl.load(SIN + t * stride_ct + d, mask=dm, other=0.0).to(tl.float32) * sign
     x1 = tl.load(X + t * stride_xt + h * stride_xh + d, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(X + t * stride_xt + h * stride_xh + HALF + d, mask=m, other=0.0).to(tl.float32)
-    y = Y + (t * H + h) * (2 * HALF) + d
+    y = Y + t * stride_yt + h * stride_yh + d  # Y may be X (in place): both halves are loaded first
     tl.store(y, (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=m)
     tl.store(y + HALF, (x2 * c + x1 * s).to(Y.dtype.element_ty), mask=m)
 
@@ -111,33 +118,70 @@ def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float, out_dtype: torch.
 
 def rms_norm_bwd(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, r: torch.Tensor):
     """-> dx (M, N) in x's dtype, dw (N,) float32."""
+    dx, dw, _ = _rms_bwd(g, x, w, r, None, None)
+    return dx, dw
+
+
+def add_rms_norm_fwd(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float,
+                     out_dtype: torch.dtype | None = None):
+    """The residual add and the norm after it, one pass: x (M, N), a (M, N) (last dims contiguous) ->
+    (y = w * dtype(s * r) in out_dtype (None: promote(x, w)), s = x + a in x's dtype, r (M,) float32)."""
+    M, N = x.shape
+    if a.shape != x.shape or x.stride(1) != 1 or a.stride(1) != 1:
+        raise ValueError("add_rms_norm_fwd (triton): x and a must be (M, N) of one shape with contiguous rows")
+    y = torch.empty((M, N), dtype=out_dtype or torch.promote_types(x.dtype, w.dtype), device=x.device)
+    s = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    r = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M:
+        BLOCK = triton.next_power_of_2(N)
+        _add_rms_norm_kernel[(M,)](x, a, w, y, s, r, x.stride(0), a.stride(0), y.stride(0), s.stride(0), N,
+                                   float(eps), HAS_RES=True, STORE_RSTD=True, BLOCK=BLOCK,
+                                   num_warps=_row_warps(BLOCK, _interp(x)))
+    return y, s, r
+
+
+def add_rms_norm_bwd(g: torch.Tensor, s: torch.Tensor, w: torch.Tensor, r: torch.Tensor, g_s: torch.Tensor,
+                     a_dtype: torch.dtype):
+    """Backward of add_rms_norm_fwd: g (grad of y), g_s (grad of s) -> (dx in s's dtype (= ds), dw (N,)
+    float32, da = ds in a_dtype (dx itself where that is s's dtype)), one pass."""
+    dx, dw, da = _rms_bwd(g, s, w, r, g_s, None if a_dtype == s.dtype else a_dtype)
+    return dx, dw, dx if da is None else da
+
+
+def _rms_bwd(g, x, w, r, g_s, a_dtype):
     M, N = x.shape
     dx = torch.empty_like(x)
+    da = None if a_dtype is None else torch.empty((M, N), dtype=a_dtype, device=x.device)
     if M == 0:
-        return dx, torch.zeros(N, dtype=torch.float32, device=x.device)
+        return dx, torch.zeros(N, dtype=torch.float32, device=x.device), da
     progs = min(M, 4 if _interp(x) else 4 * 132)
     rows = triton.cdiv(M, progs)
     progs = triton.cdiv(M, rows)
     dw = torch.empty((progs, N), dtype=torch.float32, device=x.device)
     BLOCK = triton.next_power_of_2(N)
-    _rms_bwd_kernel[(progs,)](g, x, w, r, dx, dw, g.stride(0), x.stride(0), dx.stride(0), M, N, rows, BLOCK=BLOCK,
+    gs = x if g_s is None else g_s
+    _rms_bwd_kernel[(progs,)](g, x, w, r, dx, dw, gs, dx if da is None else da, g.stride(0), x.stride(0),
+                              dx.stride(0), gs.stride(0), dx.stride(0) if da is None else da.stride(0), M, N, rows,
+                              HAS_GS=g_s is not None, HAS_DA=da is not None, BLOCK=BLOCK,
                               num_warps=_row_warps(BLOCK, _interp(x)))
-    return dx, dw.sum(0)
+    return dx, dw.sum(0), da
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float = 1.0, out: torch.Tensor | None = None):
     """x (T, H, D) (last dim contiguous), cos/sin (T, 1, D/2) float32 -> rotated (T, H, D) in x's dtype
-    (sign -1: the inverse rotation)."""
+    (sign -1: the inverse rotation), into `out` where given (last dim contiguous; may be x: in place)."""
     T, H, D = x.shape
     cos, sin = cos.reshape(T, D // 2), sin.reshape(T, D // 2)
     if cos.stride(1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
-    y = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
+    y = torch.empty((T, H, D), dtype=x.dtype, device=x.device) if out is None else out
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or (D > 1 and out.stride(2) != 1)):
+        raise ValueError("rope (triton): out must be x's shape and dtype with a contiguous last dim")
     if T:
         BH = min(triton.next_power_of_2(H), 16)
         BD = triton.next_power_of_2(D // 2)
-        _rope_kernel[(T, triton.cdiv(H, BH))](x, cos, sin, y, x.stride(0), x.stride(1), cos.stride(0), float(sign), H,
-                                            HALF=D // 2, BLOCK_H=BH, BLOCK_D=BD,
+        _rope_kernel[(T, triton.cdiv(H, BH))](x, cos, sin, y, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                                            cos.stride(0), float(sign), H, HALF=D // 2, BLOCK_H=BH, BLOCK_D=BD,
                                             num_warps=1 if _interp(x) else max(1, min(4, BH * BD // 128)))
     return y
 

@@ -95,6 +95,41 @@ def test_rms_norm(forced, xdt, wdt, M, N, device):
     assert got[0].dtype == torch.promote_types(xdt, wdt) and got[2].dtype == wdt
 
 
+@pytest.mark.parametrize("xdt,adt,out_dtype", [(torch.float32, torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.float32, None),
+                                               (torch.bfloat16, torch.bfloat16, None)])
+@pytest.mark.parametrize("M,N", [(1, 16), (37, 100)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_rms_norm(forced, xdt, adt, out_dtype, M, N, device):
+    """(s, y) = (x + a, rms_norm(x + a)) in one pass each way (the post-attention residual add and norm;
+    under autocast x is the float32 residual stream, a the bf16 attention output, y bf16 for the MLP's
+    GEMM): values and the gradients of x, a and w against float64 and against PyTorch's add-then-norm
+    in the same dtypes, with gradients arriving for both s and y."""
+    dev = _dev(device)
+    x, a = torch.randn(M, N) * 2, torch.randn(M, N)
+    w = 1 + 0.1 * torch.randn(N)
+    ydt = out_dtype or torch.promote_types(xdt, torch.float32)
+    g_s, g_y = torch.randn(M, N).to(xdt), torch.randn(M, N).to(ydt)
+
+    def run(fn, xx, aa, ww, dev="cpu"):
+        xx, aa, ww = (t.detach().to(dev).requires_grad_(True) for t in (xx, aa, ww))
+        s_, y_ = fn(xx, aa, ww)
+        torch.autograd.backward([s_, y_], [g_s.to(dev, s_.dtype), g_y.to(dev, y_.dtype)])
+        return [t.detach().cpu() for t in (s_, y_, xx.grad, aa.grad, ww.grad)]
+
+    def plain(xx, aa, ww):
+        s_ = (xx + aa).to(xx.dtype)
+        y_ = rms_torch(s_, ww, 1e-6)
+        return s_, (y_ if out_dtype is None or xx.dtype == torch.float64 else y_.to(out_dtype))
+
+    got = run(lambda *t: Fn.add_rms_norm(*t, 1e-6, out_dtype), x.to(xdt), a.to(adt), w, dev)
+    ref64 = run(plain, x.double(), a.to(adt).double(), w.double())
+    same = run(plain, x.to(xdt), a.to(adt), w)
+    assert [t.dtype for t in got] == [xdt, ydt, xdt, adt, torch.float32]
+    for name, o, r, s_, dt in zip(("s", "y", "dx", "da", "dw"), got, ref64, same, (xdt, ydt, xdt, adt, xdt)):
+        assert_close_to_ref(o, r, s_, dt, name, factor=3)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M,N", [(1, 16), (37, 100)])
 @pytest.mark.parametrize("device", DEVICES)
@@ -126,6 +161,28 @@ def test_rope(forced, dtype, T, H, D, device):
     same = grads(_plain(lambda a: Fn.apply_rope(a, cos, sin)), [x.to(dtype)], g)
     for name, o, r, s in zip(("y", "dx"), got, ref64, same):
         assert_close_to_ref(o, r, s, dtype, name, factor=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,H,D", [(1, 1, 2), (13, 7, 12), (40, 20, 64)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_in_place(forced, dtype, T, H, D, device):
+    """rope_ (QKVFunction's RoPE on the q and k columns of its GEMM output, in place, strided): the same
+    values as the out-of-place kernel; the columns around it untouched; sign -1 undoes it."""
+    dev = _dev(device)
+    buf = torch.randn(T, (H + 2) * D).to(dtype).to(dev)
+    ang = torch.rand(T, 1, D // 2) * 100
+    cos, sin = ang.cos().to(dev), ang.sin().to(dev)
+    x = buf[:, D:(H + 1) * D].view(T, H, D)  # strided over tokens
+    before = buf.clone()
+    want = Fn._rope(x.clone(), cos, sin)
+    Fn.rope_(x, cos, sin)
+    assert torch.equal(x, want)
+    assert torch.equal(buf[:, :D], before[:, :D]) and torch.equal(buf[:, (H + 1) * D:], before[:, (H + 1) * D:])
+    Fn.rope_(x, cos, sin, -1.0)
+    assert_close_to_ref(x.cpu(), before[:, D:(H + 1) * D].view(T, H, D).double().cpu(),
+                        _plain(lambda a: Fn._rope(Fn._rope(a, cos.cpu(), sin.cpu()), cos.cpu(), sin.cpu(), -1.0))(
+                            before[:, D:(H + 1) * D].view(T, H, D).cpu()), dtype, "round trip", factor=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -284,6 +341,8 @@ def test_cpp_fused_ops_pass_opcheck():
         torch.library.opcheck(ops.fused_swiglu_bwd.default, (x.to(dt), gu[:, :12], gu[:, 12:]))
         torch.library.opcheck(ops.fused_rope.default, (torch.randn(3, 2, 8).to(dt), torch.randn(3, 1, 4),
                                                        torch.randn(3, 1, 4), -1.0))
+        torch.library.opcheck(ops.fused_rope_.default, (torch.randn(3, 4, 8).to(dt)[:, 1:3], torch.randn(3, 1, 4),
+                                                        torch.randn(3, 1, 4), 1.0))
     torch.library.opcheck(ops.fused_rms_norm_bwd.default, (g, x, w, r))
     torch.library.opcheck(ops.scatter_rows.default, (torch.randn(4, 3), torch.tensor([0, 2, 2, 4]),
                                                      torch.tensor([1, 3, 0, 2]), 3))

@@ -1,4 +1,6 @@
 """The lean decoder against transformers, and its paged prefill/decode against its own packed forward."""
+import os
+
 import pytest
 import torch
 
@@ -514,6 +516,17 @@ def test_qkv_function_gradcheck(bias):
     q, k, v = QKVFunction.apply(x, *(w.detach() for w in ws), *bs)
     gx, = torch.autograd.grad(k.sum(), [x])
     assert torch.allclose(gx, ws[1].detach().sum(0).expand(7, 6))
+    # with RoPE on q and k inside (head_dim 4: q two heads, k one): against the Linears then apply_rope
+    from reasonrl.models.functional import apply_rope
+    ang = torch.randn(7, 1, 2, dtype=torch.float64)
+    cos, sin = ang.cos(), ang.sin()
+    assert torch.autograd.gradcheck(lambda *a: QKVFunction.apply(*a, cos, sin, 4), (x, *ws, *bs))
+    got = QKVFunction.apply(x, *ws, *bs, cos, sin, 4)
+    lin = [torch.nn.functional.linear(x, w, b) for w, b in zip(ws, bs)]
+    want = [apply_rope(lin[0].view(7, 2, 4), cos, sin).view(7, 8), apply_rope(lin[1].view(7, 1, 4), cos, sin).view(7, 4),
+            lin[2]]
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-12)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -553,11 +566,16 @@ def test_qkv_function_under_autocast(bias):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_training_forward_under_autocast_matches_separate_projections(family, monkeypatch):
+@pytest.mark.parametrize("kernels", ["default", pytest.param("triton", marks=pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))])
+def test_training_forward_under_autocast_matches_separate_projections(family, kernels, monkeypatch):
     """Under bf16 autocast the training forward writes the norms' outputs in bf16 and runs q/k/v as one
     GEMM (QKVFunction): the same values autocast's casts and three Linears make, so hidden states and
     every gradient match that path within bf16 rounding; with no autocast nothing changes dtype."""
     import reasonrl.models.model as mm
+    from reasonrl.models import functional as Fn
+    if kernels == "triton":  # the GPU path's kernels (RMSNorm with bf16 out, add+norm, RoPE in place, SwiGLU)
+        monkeypatch.setitem(Fn.FUSED, "force", True)
     cfg = ModelConfig(arch=family, vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, qk_norm=family == "qwen3",
                       attention_bias=family == "qwen2")
@@ -585,14 +603,19 @@ def test_training_forward_under_autocast_matches_separate_projections(family, mo
     seen.clear()
     fp32 = run(False)
     assert seen == [torch.float32] * 2
-    monkeypatch.setattr(mm, "qkv_proj", lambda x, q, k, v: (q(x), k(x), v(x)))
+    monkeypatch.setattr(mm, "qkv_proj", lambda x, q, k, v, rope=None: (q(x), k(x), v(x), False))
     monkeypatch.setattr(mm, "_gemm_dtype", lambda x: None)
     old = run(True)
-    assert (new[0] - old[0]).abs().max().item() <= 2e-2 * old[0].abs().max().item()
+    # Triton's interpreter rounds float32 -> bf16 toward zero (compiled Triton rounds to nearest, as
+    # torch's casts do), so with its kernels the new path's bf16 norm outputs and in-kernel RoPE drift
+    # further from the old path's torch casts (largest seen over 20 seeds: hidden 1.9e-2, gradients
+    # 6.2e-2), hence the wider bounds there; an error of the path itself (a sign, a wrong column) is O(1).
+    tol, htol = (1e-1, 4e-2) if kernels == "triton" else (3e-2, 2e-2)
+    assert (new[0] - old[0]).abs().max().item() <= htol * old[0].abs().max().item()
     for n in old[1]:
         ref = old[1][n].abs().max().item()
-        assert (new[1][n] - old[1][n]).abs().max().item() <= 3e-2 * ref + 1e-6, n
-        assert (new[1][n] - fp32[1][n]).abs().max().item() <= 6e-2 * fp32[1][n].abs().max().item() + 1e-6, n
+        assert (new[1][n] - old[1][n]).abs().max().item() <= tol * ref + 1e-6, n
+        assert (new[1][n] - fp32[1][n]).abs().max().item() <= 2 * tol * fp32[1][n].abs().max().item() + 1e-6, n
 
 
 @pytest.mark.parametrize("family,force_fn", [("qwen2", False), ("qwen3", True)])

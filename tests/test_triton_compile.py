@@ -89,13 +89,22 @@ def _builds():
             Dk._add_rms_norm_kernel, dict(X=f"*{xdt}", R=f"*{xdt}", W=f"*{wdt}", Y=f"*{ydt}", S=f"*{xdt}", RSTD="*fp32"),
             dict(stride_x=896, stride_r=896, stride_y=896, stride_s=896, N=896, eps=1e-6),
             dict(HAS_RES=False, STORE_RSTD=True, BLOCK=1024))))
+        if xdt != ydt:  # add_rms_norm's forward: float32 residual + bf16 attention output, bf16 out
+            out.append(("add_rms_fwd fp32 + bf16 -> bf16", _c(
+                Dk._add_rms_norm_kernel, dict(X="*fp32", R="*bf16", W="*fp32", Y="*bf16", S="*fp32", RSTD="*fp32"),
+                dict(stride_x=896, stride_r=896, stride_y=896, stride_s=896, N=896, eps=1e-6),
+                dict(HAS_RES=True, STORE_RSTD=True, BLOCK=1024))))
+        fused = xdt != ydt  # add_rms_norm's backward: the residual's gradient added, da written in bf16
         out.append((f"rms_bwd {xdt} (g {ydt})", _c(Fk._rms_bwd_kernel,
-                                         dict(G=f"*{ydt}", X=f"*{xdt}", W=f"*{wdt}", R="*fp32", DX=f"*{xdt}", DW="*fp32"),
-                                         dict(stride_g=896, stride_x=896, stride_dx=896, M=8192, N=896,
-                                              rows_per_prog=16), dict(BLOCK=1024))))
+                                         dict(G=f"*{ydt}", X=f"*{xdt}", W=f"*{wdt}", R="*fp32", DX=f"*{xdt}", DW="*fp32",
+                                              GS=f"*{xdt}", DA=f"*{ydt}"),
+                                         dict(stride_g=896, stride_x=896, stride_dx=896, stride_gs=896, stride_da=896,
+                                              M=8192, N=896, rows_per_prog=16),
+                                         dict(HAS_GS=fused, HAS_DA=fused, BLOCK=1024))))
     for dt in ("bf16", "fp32"):
         out.append((f"rope {dt}", _c(Fk._rope_kernel, dict(X=f"*{dt}", COS="*fp32", SIN="*fp32", Y=f"*{dt}"),
-                                     dict(stride_xt=896, stride_xh=64, stride_ct=32, sign=-1.0, H=14),
+                                     dict(stride_xt=1152, stride_xh=64, stride_yt=1152, stride_yh=64, stride_ct=32,
+                                          sign=-1.0, H=16),
                                      dict(HALF=32, BLOCK_H=16, BLOCK_D=32), num_warps=4)))
         out.append((f"swiglu_bwd {dt}", _c(Fk._swiglu_bwd_kernel,
                                            dict(DH=f"*{dt}", G=f"*{dt}", U=f"*{dt}", H_OUT=f"*{dt}", DGU=f"*{dt}"),
@@ -119,7 +128,7 @@ def _builds():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the gpu tests compile and run the kernels")
 def test_logprob_and_paged_kernels_compile_for_sm90():
     report = report_of(__file__)
-    assert len(report) == 6 * 2 + 4 * 3 + 3 * 4 + 8 + 6, sorted(report)
+    assert len(report) == 6 * 2 + 4 * 3 + 3 * 4 + 8 + 7, sorted(report)
     for name, rep in report.items():
         assert rep["cubin"], f"{name}: no cubin"
         assert rep["shared"] <= 227 * 1024, f"{name}: {rep['shared']} bytes of shared memory"

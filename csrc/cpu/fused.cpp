@@ -98,12 +98,12 @@ RR_INLINE void swiglu_bwd_t(void* h_, void* dg_, void* du_, const void* dh_, con
 
 template <DType DT>
 RR_INLINE void rope_t(void* y_, const void* x_, const float* cos, const float* sin, int64_t t0, int64_t t1, int64_t H,
-                      int64_t D, float sign, int64_t xs_t, int64_t xs_h) {
+                      int64_t D, float sign, int64_t xs_t, int64_t xs_h, int64_t ys_t, int64_t ys_h) {
   using T = typename Elem<DT>::T;
   const T* x = static_cast<const T*>(x_);
   T* y = static_cast<T*>(y_);
   for (int64_t t = t0; t < t1; ++t)
-    rope_row<DT>(y + t * H * D, x + t * xs_t, cos + t * (D / 2), sin + t * (D / 2), H, D, sign, xs_h);
+    rope_row<DT>(y + t * ys_t, x + t * xs_t, cos + t * (D / 2), sin + t * (D / 2), H, D, sign, xs_h, ys_h);
 }
 
 template <DType DT>
@@ -517,8 +517,9 @@ RR_INLINE void attn_bwd_d(void* dq, void* dk, void* dv, const void* dout, const 
     RR_DT_DISPATCH(dt, swiglu_bwd_t, h, dg, du, dh, g, u, e0, e1)                                                 \
   }                                                                                                               \
   ATTR void rope_##SUFFIX(void* y, const void* x, const float* c, const float* s, DType dt, int64_t t0,           \
-                          int64_t t1, int64_t H, int64_t D, float sign, int64_t xs_t, int64_t xs_h) {             \
-    RR_DT_DISPATCH(dt, rope_t, y, x, c, s, t0, t1, H, D, sign, xs_t, xs_h)                                        \
+                          int64_t t1, int64_t H, int64_t D, float sign, int64_t xs_t, int64_t xs_h, int64_t ys_t, \
+                          int64_t ys_h) {                                                                         \
+    RR_DT_DISPATCH(dt, rope_t, y, x, c, s, t0, t1, H, D, sign, xs_t, xs_h, ys_t, ys_h)                            \
   }                                                                                                               \
   ATTR void scatter_rows_##SUFFIX(void* dx, const void* g, const int64_t* off, const int64_t* order, DType dt,    \
                                   int64_t r0, int64_t r1, int64_t n) {                                            \
@@ -574,8 +575,8 @@ void swiglu_bwd_cpu(void* h, void* dg, void* du, const void* dh, const void* g, 
 }
 
 void rope_cpu(void* y, const void* x, const float* cos, const float* sin, DType dt, int64_t t0, int64_t t1, int64_t H,
-              int64_t D, float sign, int64_t xs_t, int64_t xs_h) {
-  RR_PICK(rope, y, x, cos, sin, dt, t0, t1, H, D, sign, xs_t, xs_h)
+              int64_t D, float sign, int64_t xs_t, int64_t xs_h, int64_t ys_t, int64_t ys_h) {
+  RR_PICK(rope, y, x, cos, sin, dt, t0, t1, H, D, sign, xs_t, xs_h, ys_t, ys_h)
 }
 
 void scatter_rows_cpu(void* dx, const void* g, const int64_t* offsets, const int64_t* order, DType dt, int64_t r0,

@@ -244,7 +244,7 @@ RR_INLINE void rope_rows_t(void* out_, const void* x_, const float* cos, const f
   using T = typename Elem<DT>::T;
   T* out = static_cast<T*>(out_);
   const T* x = static_cast<const T*>(x_);
-  for (int64_t b = 0; b < B; ++b) rope_row<DT>(out + b * H * D, x + b * H * D, cos + b * (D / 2), sin + b * (D / 2), H, D, 1.f, D);
+  for (int64_t b = 0; b < B; ++b) rope_row<DT>(out + b * H * D, x + b * H * D, cos + b * (D / 2), sin + b * (D / 2), H, D, 1.f, D, D);
 }
 
 #define RR_ROWS_DISPATCH(fn, ...)                                  \

@@ -12,7 +12,8 @@ SwiGLU MLP, y = W_d (silu(W_g x) * W_u x), with gate and up as one GEMM ([g | u]
         dx = [dg | du] [W_g; W_u],   [dW_g; dW_u] = [dg | du]^T x
     Two fewer (N, I) tensors per layer: 28 layers x 2 x 8192 x 8960 bf16 = 8.2 GB at the
     Qwen2.5-1.5B shape, 2 x 4096 tokens. Used where a fused backward pass exists (see swiglu).
-q/k/v projections: one GEMM over the stacked weights each way (QKVFunction).
+q/k/v projections: one GEMM over the stacked weights each way, RoPE on q and k in place inside it
+(QKVFunction).
 RoPE, a rotation by +angle: its backward is the rotation by -angle, so only cos/sin (shared by
 all layers) are kept, not float32 copies of q and k.
 
@@ -68,6 +69,7 @@ def _register_fakes() -> None:
         lambda x, w, eps: (empty(x, dtype=torch.promote_types(x.dtype, w.dtype)), empty(x, x.shape[:1], torch.float32)))
     fake("reasonrl::fused_rms_norm_bwd")(lambda g, x, w, rstd: (empty(x), empty(x, w.shape, torch.float32)))
     fake("reasonrl::fused_rope")(lambda x, cos, sin, sign: empty(x))
+    fake("reasonrl::fused_rope_")(lambda x, cos, sin, sign: None)
     fake("reasonrl::fused_silu_mul")(lambda g, u: empty(g))
     fake("reasonrl::fused_swiglu_bwd")(lambda dh, g, u: (empty(g, g.shape), empty(g, (g.shape[0], 2 * g.shape[1]))))
     fake("reasonrl::scatter_rows")(lambda g, offsets, order, rows: empty(g, (rows, *g.shape[1:])))
@@ -80,6 +82,8 @@ def _register_fakes() -> None:
 def _triton_kernels():
     from reasonrl.kernels import decode, fused
     return types.SimpleNamespace(rms_norm_fwd=fused.rms_norm_fwd, rms_norm_bwd=fused.rms_norm_bwd, rope=fused.rope,
+                                 add_rms_norm_fwd=fused.add_rms_norm_fwd, add_rms_norm_bwd=fused.add_rms_norm_bwd,
+                                 rope_=lambda x, c, s, sign=1.0: fused.rope(x, c, s, sign, out=x),
                                  silu_mul=decode.silu_mul, swiglu_bwd=fused.swiglu_bwd)
 
 
@@ -91,13 +95,25 @@ def _cpp_kernels():
         y, r = ops.fused_rms_norm_fwd(x, w, eps)
         return (y if out_dtype is None else y.to(out_dtype)), r  # the C++ kernel writes x's dtype or float32
 
-    return types.SimpleNamespace(rms_norm_fwd=rms_norm_fwd, rms_norm_bwd=ops.fused_rms_norm_bwd,
+    def add_rms_norm_fwd(x, a, w, eps, out_dtype=None):  # the ops autograd would run: add, then the norm
+        s_ = (x + a).to(x.dtype)
+        y, r = rms_norm_fwd(s_, w, eps, out_dtype)
+        return y, s_, r
+
+    def add_rms_norm_bwd(g, s_, w, r, g_s, a_dtype):
+        dx, dw = ops.fused_rms_norm_bwd(g, s_, w, r)
+        dx = dx + g_s
+        return dx, dw, dx.to(a_dtype)
+
+    return types.SimpleNamespace(rms_norm_fwd=rms_norm_fwd, add_rms_norm_fwd=add_rms_norm_fwd,
+                                 add_rms_norm_bwd=add_rms_norm_bwd, rms_norm_bwd=ops.fused_rms_norm_bwd,
                                  rope=lambda x, c, s, sign=1.0: ops.fused_rope(x, c, s, sign),
+                                 rope_=lambda x, c, s, sign=1.0: ops.fused_rope_(x, c, s, sign),
                                  silu_mul=ops.fused_silu_mul, swiglu_bwd=ops.fused_swiglu_bwd)
 
 
 def kernels_for(x: torch.Tensor):
-    """The fused kernels for x (rms_norm_fwd, rms_norm_bwd, rope, silu_mul, swiglu_bwd, with
+    """The fused kernels for x (rms_norm_fwd, rms_norm_bwd, rope, rope_ (in place), silu_mul, swiglu_bwd, with
     kernels/fused.py's signatures), or None: PyTorch's ops."""
     if x.dtype not in _FLOAT:
         return None
@@ -141,6 +157,37 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """models.RMSNorm's forward through the fused kernels (callers check fused_ok(x))."""
     return RMSNormFunction.apply(x, w, eps, out_dtype)
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    """(s, y) = (x + a, rms_norm(x + a)): the residual add and the norm after it (post-attention), one
+    fused pass each way on GPU (kernels/fused.py add_rms_norm_*). s is in x's dtype (the residual stream),
+    y in out_dtype (None: promote(s, w)). Backward: ds = g_s + the norm's backward of g_y, written for
+    x and, in a's dtype, for a, in the same pass; autograd ran an add, the norm's pass, another add and
+    a cast there."""
+    @staticmethod
+    def forward(ctx, x, a, w, eps, out_dtype=None):
+        n = x.shape[-1]
+        y, s, r = kernels_for(x).add_rms_norm_fwd(x.reshape(-1, n).contiguous(), a.reshape(-1, n).contiguous(), w,
+                                                  eps, out_dtype)
+        ctx.save_for_backward(s, w, r)
+        ctx.meta = (x.shape, a.dtype)
+        return s.view(x.shape), y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_s, g_y):
+        s, w, r = ctx.saved_tensors
+        shape, a_dt = ctx.meta
+        n = shape[-1]
+        dx, dw, da = kernels_for(s).add_rms_norm_bwd(g_y.reshape(-1, n).contiguous(), s, w, r,
+                                                     g_s.reshape(-1, n).contiguous(), a_dt)
+        return dx.view(shape), da.view(shape), dw.to(w.dtype), None, None
+
+
+def add_rms_norm(x, a, w, eps, out_dtype=None):
+    """(x + a, rms_norm(x + a)) through the fused kernels (callers check fused_ok(x))."""
+    return AddRMSNormFunction.apply(x, a, w, eps, out_dtype)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -219,13 +266,17 @@ class QKVFunction(torch.autograd.Function):
     of x, 6 of the weights and biases) and 20 backward; this is 5 and 6. A GPU training step waits on
     the host's launches (H200 profile of the Qwen2.5-0.5B shape: GPU busy 76 of 104 ms)."""
     @staticmethod
-    def forward(ctx, x, wq, wk, wv, bq, bk, bv):
+    def forward(ctx, x, wq, wk, wv, bq, bk, bv, cos=None, sin=None, head_dim=0):
         dt = _compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dt)
         w = _cat_rows((wq, wk, wv), dt)  # (Q + K + V, H)
         y = x2 @ w.t() if bq is None else torch.addmm(_cat_rows((bq, bk, bv), dt), x2, w.t())
-        ctx.save_for_backward(x2, w)
         ctx.sizes = (wq.shape[0], wk.shape[0], wv.shape[0])
+        ctx.rot = None
+        if cos is not None:  # RoPE on q and k (adjacent columns) in place: one pass for both
+            ctx.rot = (cos, sin, head_dim)
+            rope_(y[:, :ctx.sizes[0] + ctx.sizes[1]].view(y.shape[0], -1, head_dim), cos, sin)
+        ctx.save_for_backward(x2, w)
         ctx.meta = (x.dtype, x.shape, wq.dtype, None if bq is None else bq.dtype)
         lead = x.shape[:-1]
         return tuple(t.view(*lead, t.shape[1]) for t in y.split(ctx.sizes, dim=1))
@@ -236,6 +287,9 @@ class QKVFunction(torch.autograd.Function):
         x2, w = ctx.saved_tensors
         x_dt, x_shape, w_dt, b_dt = ctx.meta
         dy = _cat_cols([d.reshape(-1, d.shape[-1]) for d in (dq, dk, dv)], w.dtype)  # (N, Q + K + V)
+        if ctx.rot is not None:  # through RoPE: the rotation by -angle, in place
+            cos, sin, D = ctx.rot
+            rope_(dy[:, :ctx.sizes[0] + ctx.sizes[1]].view(dy.shape[0], -1, D), cos, sin, -1.0)
         dx = (dy @ w).view(x_shape).to(x_dt) if ctx.needs_input_grad[0] else None
         dws = (None,) * 3
         if any(ctx.needs_input_grad[1:4]):
@@ -243,7 +297,7 @@ class QKVFunction(torch.autograd.Function):
         dbs = (None,) * 3
         if b_dt is not None and any(ctx.needs_input_grad[4:7]):
             dbs = dy.sum(0, dtype=b_dt).split(ctx.sizes)
-        return (dx, *dws, *dbs)
+        return (dx, *dws, *dbs, None, None, None)
 
 
 def _cat_cols(ts, dt):
@@ -251,15 +305,17 @@ def _cat_cols(ts, dt):
     return torch.cat(ts, dim=1, out=out)
 
 
-def qkv_proj(x, q_proj, k_proj, v_proj):
-    """(q, k, v) of three nn.Linear: one GEMM each way (QKVFunction) where gradients are taken; three
-    Linears otherwise (rollouts: stacking the weights on every decode step would be a pass over them)."""
+def qkv_proj(x, q_proj, k_proj, v_proj, rope=None):
+    """(q, k, v, rotated) of three nn.Linear: one GEMM each way (QKVFunction) where gradients are taken,
+    with RoPE applied to q and k inside it (rotated True) where rope = (cos, sin, head_dim) is given; three
+    Linears otherwise (rollouts: stacking the weights on every decode step would be a pass over them), and
+    rotated False: the caller applies RoPE."""
     ws, bs = (q_proj.weight, k_proj.weight, v_proj.weight), (q_proj.bias, k_proj.bias, v_proj.bias)
     if (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in ws))
             and len({w.dtype for w in ws}) == 1 and len({b is None for b in bs}) == 1):
-        return QKVFunction.apply(x, q_proj.weight, k_proj.weight, v_proj.weight, q_proj.bias, k_proj.bias,
-                                 v_proj.bias)
-    return q_proj(x), k_proj(x), v_proj(x)
+        cos, sin, hd = rope if rope is not None else (None, None, 0)
+        return (*QKVFunction.apply(x, *ws, *bs, cos, sin, hd), rope is not None)
+    return q_proj(x), k_proj(x), v_proj(x), False
 
 
 def swiglu(x, w_gate, w_up, w_down):
@@ -287,6 +343,15 @@ def _rope(x, cos, sin, sign=1.0):
     if k is not None and x.dim() == 3 and x.stride(-1) == 1 and x.shape[-1] % 2 == 0 and cos.dtype == torch.float32:
         return k.rope(x, cos, sin, sign)
     return _rotate(x, cos, sin if sign > 0 else -sin)
+
+
+def rope_(x, cos, sin, sign=1.0) -> None:
+    """x (T, H, D) rotated in place (a column view of the packed q/k/v GEMM output; sign -1: inverse)."""
+    k = kernels_for(x)
+    if k is not None and x.stride(-1) == 1 and x.shape[-1] % 2 == 0 and cos.dtype == torch.float32:
+        k.rope_(x, cos, sin, sign)
+    else:
+        x.copy_(_rotate(x, cos, sin if sign > 0 else -sin))
 
 
 class RopeFunction(torch.autograd.Function):

@@ -36,7 +36,7 @@ from .attention import (_flash_varlen, pad_plan, paged_ops, prefix_prefill_atten
                         shared_prefix_plan, varlen_attention)
 from .config import ModelConfig
 from .context import AttnContext
-from .functional import apply_rope, fused_ok, qkv_proj, rms_norm, swiglu
+from .functional import add_rms_norm, apply_rope, fused_ok, qkv_proj, rms_norm, swiglu
 from .moe import SparseMoeBlock, load_balancing_loss_hf
 from .rope import RotaryEmbedding
 
@@ -73,13 +73,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, ctx: AttnContext, plan: dict, layer: int):
         T = x.shape[0]
-        q, k, v = qkv_proj(x, self.q_proj, self.k_proj, self.v_proj)  # one GEMM where gradients are taken
+        # one GEMM where gradients are taken, RoPE inside it unless q/k norms come first
+        q, k, v, rotated = qkv_proj(x, self.q_proj, self.k_proj, self.v_proj,
+                                    None if self.qk_norm else (cos, sin, self.hd))
         q = q.view(T, self.nh, self.hd)  # (T, Hq, D)
         k = k.view(T, self.nkv, self.hd)  # (T, Hkv, D)
         v = v.view(T, self.nkv, self.hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if not rotated:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if q.dtype != v.dtype:  # bf16 autocast with fp32 q/k-norm weights: q, k come out fp32, v bf16.
             # SDPA's autocast casts all three to bf16 anyway; doing it here lets flash-attn (and the CPU
             # bf16 path) see one dtype, as transformers' flash path does.
@@ -141,10 +144,16 @@ class DecoderLayer(nn.Module):
         """-> x, or (x, router_logits (T, E), topk_ids (T, K)) in a sparse layer (returned, not
         stashed, so that activation checkpointing's recompute does not record them twice)."""
         dt = _gemm_dtype(x)
-        x = x + self.self_attn(self.input_layernorm(x, dt), cos, sin, ctx, plan, layer)
+        a = self.self_attn(self.input_layernorm(x, dt), cos, sin, ctx, plan, layer)
+        n2, dt2 = self.post_attention_layernorm, None if self.sparse else dt
+        if fused_ok(x) and a.shape == x.shape:  # the residual add and the norm in one pass each way
+            x, h = add_rms_norm(x, a, n2.weight, n2.eps, dt2)
+        else:
+            x = x + a
+            h = n2(x, dt2)
         if not self.sparse:
-            return x + self.mlp(self.post_attention_layernorm(x, dt))
-        y, logits, ids = self.mlp(self.post_attention_layernorm(x))
+            return x + self.mlp(h)
+        y, logits, ids = self.mlp(h)
         return x + y, logits, ids
 
 
