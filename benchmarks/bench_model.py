@@ -173,8 +173,9 @@ _VIEW_OPS = {"view", "_unsafe_view", "detach", "t", "transpose", "permute", "exp
 
 
 def count_ops(fn):
-    """The ATen (and reasonrl) ops one call of fn dispatches, forward and backward, by name: a count of
-    what a GPU step launches (views and allocations left out). -> (total, {name: count})."""
+    """The ATen (and reasonrl) ops one call of fn dispatches and the Triton kernels it launches, forward
+    and backward, by name: a count of what a GPU step launches (views and allocations left out).
+    -> (total, {name: count})."""
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -184,14 +185,37 @@ def count_ops(fn):
             super().__init__()
             self.n = Counter()
 
+        inside = 0  # >0 while a Triton launch runs (the interpreter's own copies are not the step's)
+
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
-            if name not in _VIEW_OPS:
+            if name not in _VIEW_OPS and not self.inside:
                 self.n[f"{func.namespace}.{name}"] += 1
             return func(*args, **(kwargs or {}))
 
-    with Count() as c:
-        fn()
+    c = Count()
+    patched = []  # Triton kernels launch without the dispatcher: counted at their launch
+    try:
+        from triton.runtime import interpreter, jit
+        for cls in (jit.JITFunction, interpreter.InterpretedFunction):
+            def run(self, *a, _run=cls.run, **kw):
+                if not c.inside:
+                    c.n[f"triton.{getattr(self, '__name__', None) or getattr(self.fn, '__name__', '?')}"] += 1
+                c.inside += 1
+                try:
+                    return _run(self, *a, **kw)
+                finally:
+                    c.inside -= 1
+            patched.append((cls, cls.run))
+            cls.run = run
+    except ImportError:
+        pass
+    try:
+        with c:
+            fn()
+    finally:
+        for cls, orig in patched:
+            cls.run = orig
     return sum(c.n.values()), dict(c.n.most_common())
 
 
@@ -218,7 +242,7 @@ def run(preset, B, T, vary, device, amp, ckpt, hf_ckpt, rep, profile=False, ops_
             n, by = count_ops(lambda: step(model, b, amp, device))
             top = ", ".join(f"{k.split('.', 1)[1]} {v}" for k, v in list(by.items())[:6])
             rows.append(dict(preset=preset + (" (narrow)" if narrow else ""), backend=name, B=B, T=T, dtype="bf16-autocast" if amp else "fp32",
-                             ops=n, ops_per_layer=n / cfg.num_hidden_layers, top=top))
+                             ops=n, ops_per_layer=n / cfg.num_hidden_layers, top=top, by_op=by))
         rows[0]["vs_transformers"] = rows[0]["ops"] / rows[1]["ops"]
         return rows
     ceil = ceilings(device)
@@ -264,6 +288,9 @@ def main():
                     help="no timing: count the ops one step of each side dispatches (views left out), on any device; "
                          "--amp-cpu counts the autocast path on CPU")
     ap.add_argument("--amp-cpu", action="store_true", help="bf16 autocast on CPU too (as on GPU)")
+    ap.add_argument("--triton-cpu", action="store_true",
+                    help="with --count-ops on CPU: the GPU path (its Triton kernels through the interpreter; "
+                         "needs TRITON_INTERPRET=1) instead of the C++ kernels")
     ap.add_argument("--narrow", action="store_true",
                     help="the presets at a small width (hidden 64, vocab 512), their layer and head counts kept")
     a = ap.parse_args()
@@ -273,6 +300,9 @@ def main():
     B = a.batch or (2 if gpu else 64)
     T = a.seq or (4096 if gpu else 64)
     vary = (a.lengths or ("equal" if gpu else "vary")) == "vary"
+    if a.triton_cpu:
+        from reasonrl.models import functional as Fn
+        Fn.FUSED["force"] = True
     rows = []
     for p in presets:
         rows += run(p, B, T, vary, device, amp=(gpu or a.amp_cpu) and not a.fp32, ckpt=a.ckpt, hf_ckpt=a.hf_ckpt,
