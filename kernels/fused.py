@@ -105,14 +105,7 @@ def _row_warps(block: int, interpret: bool) -> int:
 
 def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None):
     """x (M, N) contiguous -> (y (M, N) in out_dtype (None: promote(x, w)), r (M,) float32)."""
-    M, N = x.shape
-    y = torch.empty((M, N), dtype=out_dtype or torch.promote_types(x.dtype, w.dtype), device=x.device)
-    r = torch.empty(M, dtype=torch.float32, device=x.device)
-    if M:
-        BLOCK = triton.next_power_of_2(N)
-        _add_rms_norm_kernel[(M,)](x, x, w, y, x, r, x.stride(0), x.stride(0), y.stride(0), x.stride(0), N,
-                                   float(eps), HAS_RES=False, STORE_RSTD=True, BLOCK=BLOCK,
-                                   num_warps=_row_warps(BLOCK, _interp(x)))
+    y, _, r = _norm_fwd(x, None, w, eps, out_dtype)
     return y, r
 
 
@@ -126,16 +119,22 @@ def add_rms_norm_fwd(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: flo
                      out_dtype: torch.dtype | None = None):
     """The residual add and the norm after it, one pass: x (M, N), a (M, N) (last dims contiguous) ->
     (y = w * dtype(s * r) in out_dtype (None: promote(x, w)), s = x + a in x's dtype, r (M,) float32)."""
-    M, N = x.shape
     if a.shape != x.shape or x.stride(1) != 1 or a.stride(1) != 1:
         raise ValueError("add_rms_norm_fwd (triton): x and a must be (M, N) of one shape with contiguous rows")
+    return _norm_fwd(x, a, w, eps, out_dtype)
+
+
+def _norm_fwd(x, a, w, eps, out_dtype):
+    """decode's add+norm kernel keeping rsqrt per row; a None: no residual add (s is then x itself)."""
+    M, N = x.shape
     y = torch.empty((M, N), dtype=out_dtype or torch.promote_types(x.dtype, w.dtype), device=x.device)
-    s = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    s = x if a is None else torch.empty((M, N), dtype=x.dtype, device=x.device)
     r = torch.empty(M, dtype=torch.float32, device=x.device)
     if M:
         BLOCK = triton.next_power_of_2(N)
-        _add_rms_norm_kernel[(M,)](x, a, w, y, s, r, x.stride(0), a.stride(0), y.stride(0), s.stride(0), N,
-                                   float(eps), HAS_RES=True, STORE_RSTD=True, BLOCK=BLOCK,
+        res = x if a is None else a
+        _add_rms_norm_kernel[(M,)](x, res, w, y, s, r, x.stride(0), res.stride(0), y.stride(0), s.stride(0), N,
+                                   float(eps), HAS_RES=a is not None, STORE_RSTD=True, BLOCK=BLOCK,
                                    num_warps=_row_warps(BLOCK, _interp(x)))
     return y, s, r
 

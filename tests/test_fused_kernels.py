@@ -126,8 +126,11 @@ def test_add_rms_norm(forced, xdt, adt, out_dtype, M, N, device):
     ref64 = run(plain, x.double(), a.to(adt).double(), w.double())
     same = run(plain, x.to(xdt), a.to(adt), w)
     assert [t.dtype for t in got] == [xdt, ydt, xdt, adt, torch.float32]
+    # Triton's interpreter ("cpu") rounds float32 -> bf16 toward zero where compiled Triton and torch round
+    # to nearest: with bf16 x, s and then y are truncated, up to ~4x PyTorch's own error (seen 3.6x)
+    factor = 6 if device == "cpu" and torch.bfloat16 in (xdt, adt, ydt) else 3
     for name, o, r, s_, dt in zip(("s", "y", "dx", "da", "dw"), got, ref64, same, (xdt, ydt, xdt, adt, xdt)):
-        assert_close_to_ref(o, r, s_, dt, name, factor=3)
+        assert_close_to_ref(o, r, s_, dt, name, factor=factor)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
