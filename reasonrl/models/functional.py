@@ -209,7 +209,7 @@ class SwiGLUFunction(torch.autograd.Function):
         xc = x.to(dt)
         # the weights in the compute dtype, kept for the backward as autocast keeps its casts: casting
         # them again there was more kernels a layer (the GPU step waits on the host's launches)
-        wgu, wd = _cat_rows((w_gate, w_up), dt), w_down.to(dt)  # (2I, H), (H, I)
+        wgu, wd = _cat_to((w_gate, w_up), dt), w_down.to(dt)  # (2I, H), (H, I)
         I = w_gate.shape[0]
         gu = F.linear(xc, wgu)  # (N, 2I)
         g, u = gu[..., :I], gu[..., I:]
@@ -248,11 +248,12 @@ class SwiGLUFunction(torch.autograd.Function):
         return dx.to(x_dt), dw_gate, dw_up, dw_down.to(d_dt)
 
 
-def _cat_rows(ts, dt):
-    """torch.cat(ts) (along dim 0) written in dt: one pass, also where the parts are float32 master
-    weights and dt is autocast's bf16 (a cat then a cast would be two)."""
-    out = torch.empty((sum(t.shape[0] for t in ts), *ts[0].shape[1:]), dtype=dt, device=ts[0].device)
-    return torch.cat(ts, out=out)
+def _cat_to(ts, dt, dim=0):
+    """torch.cat(ts, dim) written in dt: one pass, also where the parts are float32 master weights and
+    dt is autocast's bf16 (a cat then a cast would be two)."""
+    shape = list(ts[0].shape)
+    shape[dim] = sum(t.shape[dim] for t in ts)
+    return torch.cat(ts, dim=dim, out=torch.empty(shape, dtype=dt, device=ts[0].device))
 
 
 class QKVFunction(torch.autograd.Function):
@@ -269,8 +270,8 @@ class QKVFunction(torch.autograd.Function):
     def forward(ctx, x, wq, wk, wv, bq, bk, bv, cos=None, sin=None, head_dim=0):
         dt = _compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dt)
-        w = _cat_rows((wq, wk, wv), dt)  # (Q + K + V, H)
-        y = x2 @ w.t() if bq is None else torch.addmm(_cat_rows((bq, bk, bv), dt), x2, w.t())
+        w = _cat_to((wq, wk, wv), dt)  # (Q + K + V, H)
+        y = x2 @ w.t() if bq is None else torch.addmm(_cat_to((bq, bk, bv), dt), x2, w.t())
         ctx.sizes = (wq.shape[0], wk.shape[0], wv.shape[0])
         ctx.rot = None
         if cos is not None:  # RoPE on q and k (adjacent columns) in place: one pass for both
@@ -286,7 +287,7 @@ class QKVFunction(torch.autograd.Function):
     def backward(ctx, dq, dk, dv):
         x2, w = ctx.saved_tensors
         x_dt, x_shape, w_dt, b_dt = ctx.meta
-        dy = _cat_cols([d.reshape(-1, d.shape[-1]) for d in (dq, dk, dv)], w.dtype)  # (N, Q + K + V)
+        dy = _cat_to([d.reshape(-1, d.shape[-1]) for d in (dq, dk, dv)], w.dtype, 1)  # (N, Q + K + V)
         if ctx.rot is not None:  # through RoPE: the rotation by -angle, in place
             cos, sin, D = ctx.rot
             rope_(dy[:, :ctx.sizes[0] + ctx.sizes[1]].view(dy.shape[0], -1, D), cos, sin, -1.0)
@@ -298,11 +299,6 @@ class QKVFunction(torch.autograd.Function):
         if b_dt is not None and any(ctx.needs_input_grad[4:7]):
             dbs = dy.sum(0, dtype=b_dt).split(ctx.sizes)
         return (dx, *dws, *dbs, None, None, None)
-
-
-def _cat_cols(ts, dt):
-    out = torch.empty((ts[0].shape[0], sum(t.shape[1] for t in ts)), dtype=dt, device=ts[0].device)
-    return torch.cat(ts, dim=1, out=out)
 
 
 def qkv_proj(x, q_proj, k_proj, v_proj, rope=None):
