@@ -141,6 +141,49 @@ def bench_linear(args, device, ceil, rows):
                      "fwd_x_floor": t_f / (flop / ceil["mm_flops"] * 1e3),
                      "peak_extra_GiB": peak / GiB, "speedup_vs_eager": base / t_fb})
         measured(rows[-1])
+    if device.type == "cuda" and args.fwd_sweep:
+        fwd_sweep(args, device, ceil, rows, h.detach(), w.detach(), ids, flop)
+
+
+def fwd_sweep(args, device, ceil, rows, h, w, ids, flop):
+    """The no-grad forward against the GEMM it cannot beat: cuBLAS's h @ W^T alone, as one GEMM into a
+    preallocated (N, V) buffer and in the row chunks the op uses, and the op at each chunk size (rows
+    "fwd only"). Where the bare GEMM is itself above 1.3x the FLOP floor, no chunking reaches issue 2's
+    forward goal: only a GEMM with the log-sum-exp in its epilogue (no logits written) would."""
+    from reasonrl.ops.logprobs import _chunk
+
+    N, V = h.shape[0], w.shape[0]
+    floor = flop / ceil["mm_flops"] * 1e3
+    shape = f"N={N} H={h.shape[1]} V={V} {args.dtype}"
+    buf = torch.empty(N, V, device=device, dtype=h.dtype)
+
+    def row(impl, t):
+        rows.append({"op": "linear_token_logprobs", "impl": impl, "shape": shape, "fwd_ms": t,
+                     "TFLOP/s": flop / (t / 1e3) / 1e12, "fwd_x_floor": t / floor})
+        measured(rows[-1])
+
+    with torch.no_grad():
+        row("cuBLAS GEMM alone, one (N, V)", time_ms(lambda: torch.mm(h, w.t(), out=buf), device, args.warmup,
+                                                     args.rep))
+        for mib in args.fwd_sweep:
+            step = _chunk(mib << 20, V, N, h.element_size(), align=256)
+
+            def gemms(step=step):
+                for r0 in range(0, N, step):
+                    torch.mm(h[r0:r0 + step], w.t(), out=buf[r0:r0 + step])
+            row(f"cuBLAS GEMMs alone, rows of {mib} MiB ({step})", time_ms(gemms, device, args.warmup, args.rep))
+        del buf
+        torch.cuda.empty_cache()
+        for b in backends_for(device):
+            for mib in args.fwd_sweep:
+                row(f"reasonrl {b}, no grad, chunks of {mib} MiB",
+                    time_ms(lambda b=b, mib=mib: linear_token_logprobs(h, w, ids, 1.0, backend=b, check_ids=False,
+                                                                       chunk_bytes=mib << 20),
+                            device, args.warmup, args.rep))
+
+
+def _mib_list(s):
+    return [] if s in ("", "none") else [int(x) for x in s.split(",")]
 
 
 def main():
@@ -156,6 +199,9 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rep", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the JSON line to this file")
+    p.add_argument("--fwd-sweep", type=_mib_list, default=[128, 256, 512, 1024, 2048], metavar="MiB,MiB,...",
+                   help="GPU: the linear op's no-grad forward at these chunk sizes beside cuBLAS's GEMM alone "
+                        "('none': skip)")
     a = p.parse_args()
     if not a.gpu:
         exec_with_fixed_mmap_threshold()

@@ -10,7 +10,7 @@
 # 28 s, rollout 58 s, model 28 s: 407 s in all. Without NO_COMPILE=1 the torch.compile rows add their
 # compiles, so then run the rest in a second call on the same warm machine, e.g.
 #   SKIP_BUILD=1 SKIP_TESTS=1 BENCHES="moe rollout model train" bash benchmarks/device_check.sh
-# PROFILE=1 adds a torch.profiler table of ours to grpo, moe, rollout and model (the rollout's needs
+# PROFILE=1 adds a torch.profiler table of ours to grpo, rollout and model (moe prints its own always; the rollout's needs
 # about 40 s more). "train": six GRPO steps of `reasonrl grpo` on the GPU (23 s). "moe-tune": the MoE
 # Triton kernels' block configs one kernel at a time (bench_moe.py --tune; ~17 compiles: a call of its own).
 # The Liger-Kernel wheel in .whl/ (git-ignored) reaches the machine only when the call carries it
@@ -32,7 +32,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # optional peers (liger-kernel) carried 
 fi
 BENCHES=${BENCHES:-"logprobs grpo moe rollout model"}
 nc=(); [ "${NO_COMPILE:-0}" = 1 ] && nc=(--no-compile)  # skip the torch.compile rows (their compiles take longest)
-pf=(); [ "${PROFILE:-0}" = 1 ] && pf=(--profile)  # grpo, moe, rollout, model: a torch.profiler table of ours
+pf=(); [ "${PROFILE:-0}" = 1 ] && pf=(--profile)  # grpo, rollout, model: a torch.profiler table of ours
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   stamp "build"
@@ -61,7 +61,8 @@ for name in $BENCHES; do  # in the order given
   case $name in
     logprobs) run_bench logprobs "${BENCH_TIMEOUT:-150}" python3 benchmarks/bench_logprobs.py --gpu "${nc[@]}" --json "$OUT/logprobs.json";;
     grpo) run_bench grpo 180 python3 benchmarks/bench_grpo.py --gpu "${nc[@]}" "${pf[@]}" --json "$OUT/grpo.json";;
-    moe) run_bench moe 120 python3 benchmarks/bench_moe.py --gpu "${pf[@]}" --json "$OUT/moe.json";;
+    # moe: always with its profile (a few seconds): which Triton kernel holds the backward's time (never measured yet)
+    moe) run_bench moe 120 python3 benchmarks/bench_moe.py --gpu --profile --json "$OUT/moe.json";;
     rollout) run_bench rollout 150 python3 benchmarks/bench_rollout.py --gpu --rep 2 "${pf[@]}" --json "$OUT/rollout.json"
       if [ ! -s "$OUT/rollout.json" ]; then  # no result: once more without the sampling kernel (first GPU run of it)
         REASONRL_SAMPLE_KERNEL=0 run_bench rollout-nokernel 150 python3 benchmarks/bench_rollout.py --gpu --rep 2 \
