@@ -565,6 +565,92 @@ def test_qkv_function_under_autocast(bias):
         assert torch.allclose(p.grad, 2 * g, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_function(bias):
+    """LinearFunction (the attention's output projection on CUDA): float64 gradcheck; under bf16 autocast
+    the Linear's values, float32 gradients within bf16's error of float64 that accumulate."""
+    from reasonrl.models.functional import LinearFunction
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True) if bias else None
+    assert torch.autograd.gradcheck(lambda *a: LinearFunction.apply(*a), (x, w, b))
+    N, H, O = 33, 24, 40
+    x = torch.randn(N, H).requires_grad_(True)
+    w = (torch.randn(O, H) / H ** 0.5).requires_grad_(True)
+    b = (0.1 * torch.randn(O)).requires_grad_(True) if bias else None
+    dy = torch.randn(N, O)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = LinearFunction.apply(x, w, b)
+        want = torch.nn.functional.linear(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert (got.float() - want.float()).abs().max().item() <= 2e-2 * want.float().abs().max().item()
+    (got.float() * dy).sum().backward()
+    params = [x, w] + ([b] if bias else [])
+    first = [p.grad.clone() for p in params]
+    p64 = [p.detach().double().requires_grad_(True) for p in params]
+    ref = torch.autograd.grad((torch.nn.functional.linear(*p64, *([] if bias else [None])) * dy.double()).sum(), p64)
+    for p, g, r in zip(params, first, ref):
+        assert g.dtype == torch.float32 and g.shape == p.shape
+        assert (g.double() - r).abs().max().item() <= 3e-2 * r.abs().max().item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (LinearFunction.apply(x, w, b).float() * dy).sum().backward()
+    for p, g in zip(params, first):
+        assert torch.allclose(p.grad, 2 * g, rtol=1e-6, atol=1e-6)
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket) + ("." + func._overloadname if func._overloadname != "default" else ""))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_weight_gradient_gemm_writes_float32(device):
+    """_mm_to: on CUDA a bf16 weight-gradient GEMM writes float32 from its accumulator (aten::mm.dtype;
+    no bf16 rounding, no cast kernel); on CPU the product and a cast. Then through the three Functions
+    under autocast: float32 weight gradients, and on CUDA no cast in their backward."""
+    from reasonrl.models.functional import LinearFunction, QKVFunction, SwiGLUFunction, _mm_to
+    torch.manual_seed(0)
+    a = torch.randn(300, 64, device=device).bfloat16()
+    b = torch.randn(300, 48, device=device).bfloat16()
+    with _OpNames() as ops:
+        got = _mm_to(a.t(), b, torch.float32)
+    ref = a.t().double() @ b.double()
+    assert got.dtype == torch.float32 and got.shape == (64, 48)
+    rounded = (a.t() @ b).to(torch.float32)  # what autocast's Linear gives: bf16, then cast up
+    if device == "cuda":
+        assert "aten.mm.dtype" in ops.names and "aten._to_copy" not in ops.names, ops.names
+        assert (got.double() - ref).abs().max() <= (rounded.double() - ref).abs().max()
+        assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    else:
+        assert torch.equal(got, rounded)
+    N, H, I = 40, 32, 48
+    x = torch.randn(N, H, device=device).bfloat16().requires_grad_(True)  # as the norms write it under autocast
+    ws = {"linear": [torch.randn(16, H, device=device)], "qkv": [torch.randn(n, H, device=device) for n in (32, 16, 16)],
+          "swiglu": [torch.randn(I, H, device=device), torch.randn(I, H, device=device), torch.randn(H, I, device=device)]}
+    for name, w in ws.items():
+        w = [(t / H ** 0.5).requires_grad_(True) for t in w]
+        with torch.autocast(device, dtype=torch.bfloat16):
+            if name == "linear":
+                out = LinearFunction.apply(x, w[0], None).sum()
+            elif name == "qkv":
+                out = sum(o.sum() for o in QKVFunction.apply(x, *w, None, None, None))
+            else:
+                out = SwiGLUFunction.apply(x, *w).sum()
+        assert out.dtype == torch.bfloat16  # so that the loss's own backward casts nothing
+        with _OpNames() as ops:
+            out.backward()
+        for t in w:
+            assert t.grad is not None and t.grad.dtype == torch.float32 and t.grad.shape == t.shape
+        if device == "cuda":
+            assert ops.names.count("aten.mm.dtype") == {"linear": 1, "qkv": 1, "swiglu": 2}[name], (name, ops.names)
+            assert "aten._to_copy" not in ops.names, (name, ops.names)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 @pytest.mark.parametrize("kernels", ["default", pytest.param("triton", marks=pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))])

@@ -202,7 +202,8 @@ class SwiGLUFunction(torch.autograd.Function):
     u are the two halves of its (N, 2I) output, read at their row strides; the backward's fused pass
     writes [dg | du] side by side, so dx is one GEMM and dW_gate, dW_up one more (split as row views).
     Kernels a layer under autocast, against three Linears: forward 5 (2 weight casts, 2 GEMMs, the
-    product), backward 7 (3 GEMMs for dh, dW_down, dx, one for dW_gate|up, the fused pass, 2 casts)."""
+    product), backward 7 (3 GEMMs for dh, dW_down, dx, one for dW_gate|up, the fused pass, 2 casts; 5
+    on CUDA, where the two weight-gradient GEMMs write float32 themselves: _mm_to)."""
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down):
         dt = _compute_dtype(x)
@@ -240,12 +241,76 @@ class SwiGLUFunction(torch.autograd.Function):
             silu = F.silu(g)
             h = silu * u
             dgu = torch.cat((torch.ops.aten.silu_backward(dh * u, g), dh * silu), 1)  # dh u silu'(g) fused
-        dw_down = dy2.t() @ h  # (H, I)
+        dw_down = _mm_to(dy2.t(), h, d_dt)  # (H, I)
         dx = (dgu @ wgu).view(*gu.shape[:-1], wgu.shape[1])
-        dw_gate, dw_up = (dgu.t() @ xc.reshape(-1, xc.shape[-1])).to(g_dt).split(I)  # row views
+        dw_gate, dw_up = _mm_to(dgu.t(), xc.reshape(-1, xc.shape[-1]), g_dt).split(I)  # row views
         if u_dt != g_dt:
             dw_up = dw_up.to(u_dt)
-        return dx.to(x_dt), dw_gate, dw_up, dw_down.to(d_dt)
+        return dx.to(x_dt), dw_gate, dw_up, dw_down
+
+
+_MM_OUT_DTYPE = {}
+
+
+def _mm_out_dtype_ok(device) -> bool:
+    """Whether torch.mm(a, b, out_dtype=torch.float32) runs for bf16 operands on this CUDA device
+    (aten::mm.dtype: torch >= 2.8, CUDA only): probed once per device with a transposed operand, as
+    the weight gradients use it; not probed (False) while a CUDA graph is being captured."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _MM_OUT_DTYPE:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        try:
+            a = torch.ones(64, 16, device=device, dtype=torch.bfloat16)
+            out = torch.mm(a.t(), a, out_dtype=torch.float32)
+            _MM_OUT_DTYPE[idx] = out.dtype == torch.float32 and bool((out == 64).all())
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[idx] = False
+    return _MM_OUT_DTYPE[idx]
+
+
+def _mm_to(a, b, dt):
+    """a @ b written in dt. A weight gradient on CUDA (bf16/fp16 operands, float32 master weight): one
+    GEMM that writes its float32 accumulator as float32 (torch.mm out_dtype), where autocast's Linear
+    rounds dW to bf16 and then casts it up: one kernel fewer per weight (the GPU step waits on the
+    host's launches), and dW without the bf16 rounding. Elsewhere the product, then a cast to dt."""
+    if (dt == torch.float32 and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype
+            and _mm_out_dtype_ok(a.device)):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).to(dt)
+
+
+class LinearFunction(torch.autograd.Function):
+    """y = x W^T (+ b) as a Linear under autocast computes it (x and W in the compute dtype, one GEMM),
+    with W's gradient written by its GEMM in W's own dtype (_mm_to) instead of rounded to bf16 and cast
+    back up: the attention's output projection on CUDA (Attention.forward)."""
+    @staticmethod
+    def forward(ctx, x, w, b):
+        dt = _compute_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)
+        wc = w.to(dt)
+        y = x2 @ wc.t() if b is None else torch.addmm(b.to(dt), x2, wc.t())
+        ctx.save_for_backward(x2, wc)
+        ctx.meta = (x.dtype, x.shape, w.dtype, None if b is None else b.dtype)
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x2, wc = ctx.saved_tensors
+        x_dt, x_shape, w_dt, b_dt = ctx.meta
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(wc.dtype)
+        dx = (dy2 @ wc).view(x_shape).to(x_dt) if ctx.needs_input_grad[0] else None
+        dw = _mm_to(dy2.t(), x2, w_dt) if ctx.needs_input_grad[1] else None
+        db = dy2.sum(0, dtype=b_dt) if b_dt is not None and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def linear(x, layer: torch.nn.Linear):
+    """layer(x); on CUDA with gradients, through LinearFunction (its weight gradient in one kernel)."""
+    if x.is_cuda and torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad):
+        return LinearFunction.apply(x, layer.weight, layer.bias)
+    return layer(x)
 
 
 def _cat_to(ts, dt, dim=0):
@@ -264,8 +329,9 @@ class QKVFunction(torch.autograd.Function):
     added), one for the stacked dW (split into the three weights' gradients as row views) and one
     column sum for the biases, in their own dtype.
     Why: the separate projections under autocast were 12 kernels a layer forward (3 GEMMs, 3 casts
-    of x, 6 of the weights and biases) and 20 backward; this is 5 and 6. A GPU training step waits on
-    the host's launches (H200 profile of the Qwen2.5-0.5B shape: GPU busy 76 of 104 ms)."""
+    of x, 6 of the weights and biases) and 20 backward; this is 5 and 6 (5 on CUDA, where dW's GEMM
+    writes float32 itself: _mm_to). A GPU training step waits on the host's launches (H200 profile
+    of the Qwen2.5-0.5B shape: GPU busy 76 of 104 ms)."""
     @staticmethod
     def forward(ctx, x, wq, wk, wv, bq, bk, bv, cos=None, sin=None, head_dim=0):
         dt = _compute_dtype(x)
@@ -294,7 +360,7 @@ class QKVFunction(torch.autograd.Function):
         dx = (dy @ w).view(x_shape).to(x_dt) if ctx.needs_input_grad[0] else None
         dws = (None,) * 3
         if any(ctx.needs_input_grad[1:4]):
-            dws = (dy.t() @ x2).to(w_dt).split(ctx.sizes)  # row views: each contiguous
+            dws = _mm_to(dy.t(), x2, w_dt).split(ctx.sizes)  # row views: each contiguous
         dbs = (None,) * 3
         if b_dt is not None and any(ctx.needs_input_grad[4:7]):
             dbs = dy.sum(0, dtype=b_dt).split(ctx.sizes)

@@ -36,7 +36,7 @@ from .attention import (_flash_varlen, pad_plan, paged_ops, prefix_prefill_atten
                         shared_prefix_plan, varlen_attention)
 from .config import ModelConfig
 from .context import AttnContext
-from .functional import add_rms_norm, apply_rope, fused_ok, qkv_proj, rms_norm, swiglu
+from .functional import add_rms_norm, apply_rope, fused_ok, linear, qkv_proj, rms_norm, swiglu
 from .moe import SparseMoeBlock, load_balancing_loss_hf
 from .rope import RotaryEmbedding
 
@@ -104,7 +104,7 @@ class Attention(nn.Module):
             else:
                 o = varlen_attention(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, plan["lengths"], self.scale,
                                      _pad(plan, q))
-        return self.o_proj(o.reshape(T, self.nh * self.hd))
+        return linear(o.reshape(T, self.nh * self.hd), self.o_proj)  # CUDA: dW in one kernel (LinearFunction)
 
 
 def _pad(plan: dict, q: torch.Tensor):
