@@ -172,7 +172,7 @@ def fwd_sweep(args, device, ceil, rows, h, w, ids, flop):
                 for r0 in range(0, N, step):
                     torch.mm(h[r0:r0 + step], w.t(), out=buf[r0:r0 + step])
             row(f"cuBLAS GEMMs alone, rows of {mib} MiB ({step})", time_ms(gemms, device, args.warmup, args.rep))
-        del buf
+        buf = None  # freed before the op runs (its own chunks)
         torch.cuda.empty_cache()
         for b in backends_for(device):
             for mib in args.fwd_sweep:
