@@ -133,6 +133,42 @@ def test_add_rms_norm(forced, xdt, adt, out_dtype, M, N, device):
         assert_close_to_ref(o, r, s_, dt, name, factor=factor)
 
 
+@pytest.mark.parametrize("used", ["y", "s"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_rms_norm_one_output_used(forced, used, device):
+    """Only y used (the final norm after the last layer's residual add: no gradient arrives for s, and
+    none is made of zeros) or only s: the gradients of x, a and w are PyTorch's add-then-norm's."""
+    dev = _dev(device)
+    M, N = 37, 100
+    x, a, w = torch.randn(M, N) * 2, torch.randn(M, N).bfloat16(), 1 + 0.1 * torch.randn(N)
+    g = torch.randn(M, N)
+
+    def run(fn, xx, aa, ww, dev="cpu"):
+        xx, aa, ww = (t.detach().to(dev).requires_grad_(True) for t in (xx, aa, ww))
+        s_, y_ = fn(xx, aa, ww)
+        out = y_ if used == "y" else s_
+        out.backward(g.to(dev, out.dtype))
+        return [t.detach().cpu() if t is not None else torch.zeros(N) for t in (out, xx.grad, aa.grad, ww.grad)]
+
+    def plain(xx, aa, ww):
+        s_ = (xx + aa).to(xx.dtype)
+        y_ = rms_torch(s_, ww, 1e-6)
+        return s_, (y_ if xx.dtype == torch.float64 else y_.to(torch.bfloat16))
+
+    got = run(lambda *t: Fn.add_rms_norm(*t, 1e-6, torch.bfloat16), x, a, w, dev)
+    ref64 = run(plain, x.double(), a.double(), w.double())
+    same = run(plain, x, a, w)
+    factor = 6 if device == "cpu" else 3
+    for name, o, r, s_, dt in zip(("out", "dx", "da", "dw"), got, ref64, same,
+                                  (torch.bfloat16 if used == "y" else torch.float32, torch.float32, torch.bfloat16,
+                                   torch.float32)):
+        if used == "s" and name == "dw":
+            assert (o == 0).all()  # w does not reach s
+            continue
+        assert o.dtype == s_.dtype, name
+        assert_close_to_ref(o, r, s_, dt, name, factor=factor)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M,N", [(1, 16), (37, 100)])
 @pytest.mark.parametrize("device", DEVICES)

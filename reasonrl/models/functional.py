@@ -102,7 +102,8 @@ def _cpp_kernels():
 
     def add_rms_norm_bwd(g, s_, w, r, g_s, a_dtype):
         dx, dw = ops.fused_rms_norm_bwd(g, s_, w, r)
-        dx = dx + g_s
+        if g_s is not None:
+            dx = dx + g_s
         return dx, dw, dx.to(a_dtype)
 
     return types.SimpleNamespace(rms_norm_fwd=rms_norm_fwd, add_rms_norm_fwd=add_rms_norm_fwd,
@@ -164,9 +165,11 @@ class AddRMSNormFunction(torch.autograd.Function):
     fused pass each way on GPU (kernels/fused.py add_rms_norm_*). s is in x's dtype (the residual stream),
     y in out_dtype (None: promote(s, w)). Backward: ds = g_s + the norm's backward of g_y, written for
     x and, in a's dtype, for a, in the same pass; autograd ran an add, the norm's pass, another add and
-    a cast there."""
+    a cast there. Also the MLP's residual add with the next layer's input norm (DecoderLayer), and the
+    last one with the final norm, whose s is not used (no gradient for it: none is made of zeros)."""
     @staticmethod
     def forward(ctx, x, a, w, eps, out_dtype=None):
+        ctx.set_materialize_grads(False)
         n = x.shape[-1]
         y, s, r = kernels_for(x).add_rms_norm_fwd(x.reshape(-1, n).contiguous(), a.reshape(-1, n).contiguous(), w,
                                                   eps, out_dtype)
@@ -180,8 +183,10 @@ class AddRMSNormFunction(torch.autograd.Function):
         s, w, r = ctx.saved_tensors
         shape, a_dt = ctx.meta
         n = shape[-1]
-        dx, dw, da = kernels_for(s).add_rms_norm_bwd(g_y.reshape(-1, n).contiguous(), s, w, r,
-                                                     g_s.reshape(-1, n).contiguous(), a_dt)
+        if g_y is None:  # only s was used: the add's backward
+            return g_s, None if g_s is None else g_s.to(a_dt), None, None, None
+        g_s = None if g_s is None else g_s.reshape(-1, n).contiguous()
+        dx, dw, da = kernels_for(s).add_rms_norm_bwd(g_y.reshape(-1, n).contiguous(), s, w, r, g_s, a_dt)
         return dx.view(shape), da.view(shape), dw.to(w.dtype), None, None
 
 

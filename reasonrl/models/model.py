@@ -19,7 +19,9 @@ Mixed precision (bf16 on GPU): keep the parameters in float32 (the optimizer's m
 run the forward under `torch.autocast("cuda", dtype=torch.bfloat16)`. Matmuls and attention then
 run in bf16, RMSNorm and RoPE in float32, and the residual stream stays float32. The norms before
 the GEMMs write bf16 directly (the values autocast's casts would make), and a forward with gradients
-runs q/k/v as one GEMM over the stacked weights (functional.QKVFunction): fewer kernels to launch. For rollouts
+runs q/k/v as one GEMM over the stacked weights (functional.QKVFunction), and each residual add
+inside the next norm's kernel (add_rms_norm; a layer returns (x, y) for the next to add): fewer kernels
+to launch. For rollouts
 alone, load_model(dtype=torch.bfloat16) gives a bf16 model.
 Activation checkpointing: `model.gradient_checkpointing = True` (each decoder layer is recomputed
 in backward; saves about the per-layer activations, costs one more forward).
@@ -140,21 +142,30 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, ctx, plan, layer):
-        """-> x, or (x, router_logits (T, E), topk_ids (T, K)) in a sparse layer (returned, not
-        stashed, so that activation checkpointing's recompute does not record them twice)."""
+    def forward(self, x, pending, cos, sin, ctx, plan, layer):
+        """The layer's output is x + y, returned as (x, y) (pending: the previous layer's y, None for the
+        first), so that each residual add runs inside the next norm's pass (add_rms_norm, one kernel
+        each way where fused_ok: x + y, the norm, and in backward the residual's gradient and y's, in
+        its own dtype, for both); in a sparse layer (x, y, router_logits (T, E), topk_ids (T, K))
+        (returned, not stashed, so that activation checkpointing's recompute does not record them twice)."""
         dt = _gemm_dtype(x)
-        a = self.self_attn(self.input_layernorm(x, dt), cos, sin, ctx, plan, layer)
-        n2, dt2 = self.post_attention_layernorm, None if self.sparse else dt
-        if fused_ok(x) and a.shape == x.shape:  # the residual add and the norm in one pass each way
-            x, h = add_rms_norm(x, a, n2.weight, n2.eps, dt2)
-        else:
-            x = x + a
-            h = n2(x, dt2)
+        x, h = _add_norm(x, pending, self.input_layernorm, dt)
+        a = self.self_attn(h, cos, sin, ctx, plan, layer)
+        x, h = _add_norm(x, a, self.post_attention_layernorm, None if self.sparse else dt)
         if not self.sparse:
-            return x + self.mlp(h)
+            return x, self.mlp(h)
         y, logits, ids = self.mlp(h)
-        return x + y, logits, ids
+        return x, y, logits, ids
+
+
+def _add_norm(x, a, norm: RMSNorm, out_dtype):
+    """(x + a, norm(x + a)); a None: (x, norm(x)). One pass each way where the fused kernels run."""
+    if a is None:
+        return x, norm(x, out_dtype)
+    if fused_ok(x) and a.shape == x.shape:
+        return add_rms_norm(x, a, norm.weight, norm.eps, out_dtype)
+    x = x + a
+    return x, norm(x, out_dtype)
 
 
 def _gemm_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -211,17 +222,17 @@ class CausalLM(nn.Module):
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         record = torch.is_grad_enabled()  # rollouts and eval keep nothing
         self.router_logits, self.router_topk_ids = [], []
+        y = None  # the last layer's branch, added inside the next norm (DecoderLayer.forward)
         for i, layer in enumerate(self.model.layers):
             if ckpt:
-                x = checkpoint(layer, x, cos, sin, ctx, plan, i, use_reentrant=False)
+                out = checkpoint(layer, x, y, cos, sin, ctx, plan, i, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, ctx, plan, i)
-            if layer.sparse:
-                x, logits, ids = x
-                if record:
-                    self.router_logits.append(logits)
-                    self.router_topk_ids.append(ids)
-        return self.model.norm(x)
+                out = layer(x, y, cos, sin, ctx, plan, i)
+            x, y = out[0], out[1]
+            if layer.sparse and record:
+                self.router_logits.append(out[2])
+                self.router_topk_ids.append(out[3])
+        return _add_norm(x, y, self.model.norm, None)[1]
 
     def load_balancing_loss(self, mask: torch.Tensor | None = None) -> torch.Tensor:
         """transformers' `aux_loss` (no coefficient) over the sparse layers of the last forward with
