@@ -21,8 +21,7 @@ run in bf16, RMSNorm and RoPE in float32, and the residual stream stays float32.
 the GEMMs write bf16 directly (the values autocast's casts would make), and a forward with gradients
 runs q/k/v as one GEMM over the stacked weights (functional.QKVFunction), and each residual add
 inside the next norm's kernel (add_rms_norm; a layer returns (x, y) for the next to add): fewer kernels
-to launch. For rollouts
-alone, load_model(dtype=torch.bfloat16) gives a bf16 model.
+to launch. For rollouts alone, load_model(dtype=torch.bfloat16) gives a bf16 model.
 Activation checkpointing: `model.gradient_checkpointing = True` (each decoder layer is recomputed
 in backward; saves about the per-layer activations, costs one more forward).
 Deterministic mode (tests): reasonrl.models.set_deterministic(True).
