@@ -651,6 +651,40 @@ def test_weight_gradient_gemm_writes_float32(device):
             assert "aten._to_copy" not in ops.names, (name, ops.names)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_step_packing_ablation_is_the_same_model(family, monkeypatch):
+    """FUSED["step"] off (bench_model.py's ablation): three q/k/v Linears and RoPE after them, each residual
+    add before its norm; the same hidden states and gradients in float32, and neither QKVFunction nor
+    AddRMSNormFunction runs."""
+    from reasonrl.models import functional as Fn
+    cfg = ModelConfig(arch=family, vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=family == "qwen2")
+    model = init_model(cfg, seed=5)
+    lens = [9, 13]
+    ids = torch.randint(0, 61, (sum(lens),))
+    pos = torch.cat([torch.arange(n) for n in lens])
+    ctx = AttnContext.from_lengths(lens)
+    calls = []
+    for cls in (Fn.QKVFunction, Fn.AddRMSNormFunction):
+        monkeypatch.setattr(cls, "apply", classmethod(lambda c, *a, _f=cls.apply: (calls.append(c.__name__), _f(*a))[1]))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        h = model(ids, pos, ctx)
+        (h * torch.linspace(-1, 1, h.numel()).view(h.shape)).sum().backward()
+        return h.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    on = run()
+    assert calls.count("QKVFunction") == 3 and calls.count("AddRMSNormFunction") == 3 * 2, calls
+    calls.clear()
+    monkeypatch.setitem(Fn.FUSED, "step", False)
+    off = run()
+    assert calls == []
+    assert (on[0] - off[0]).abs().max() <= 1e-5 * off[0].abs().max()
+    for n in on[1]:  # float32 sums in other orders (one GEMM for q/k/v's dx, not three added)
+        assert (on[1][n] - off[1][n]).abs().max() <= 1e-5 * off[1][n].abs().max(), n
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 @pytest.mark.parametrize("kernels", ["default", pytest.param("triton", marks=pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))])

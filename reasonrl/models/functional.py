@@ -35,7 +35,10 @@ from torch.autograd.function import once_differentiable
 # (kernels/fused.py: one pass each way); on CPU as the C++ kernels of csrc/cpu/fused.cpp (the same
 # passes and rounding) where reasonrl._C is built. "force": Triton also on CPU tensors, through
 # Triton's interpreter (tests only); "cpu": False keeps PyTorch's ops on CPU (tests compare the two).
-FUSED = {"force": False, "cpu": True}
+# "step": False turns off the step-level packing that only cuts kernel launches (q/k/v as one GEMM with
+# RoPE inside, each residual add inside the next norm, weight gradients written float32 by their
+# GEMM): an ablation for bench_model.py --gpu, which times the step both ways in one process.
+FUSED = {"force": False, "cpu": True, "step": True}
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -280,7 +283,7 @@ def _mm_to(a, b, dt):
     rounds dW to bf16 and then casts it up: one kernel fewer per weight (the GPU step waits on the
     host's launches), and dW without the bf16 rounding. Elsewhere the product, then a cast to dt."""
     if (dt == torch.float32 and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype
-            and _mm_out_dtype_ok(a.device)):
+            and FUSED["step"] and _mm_out_dtype_ok(a.device)):
         return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).to(dt)
 
@@ -313,7 +316,7 @@ class LinearFunction(torch.autograd.Function):
 
 def linear(x, layer: torch.nn.Linear):
     """layer(x); on CUDA with gradients, through LinearFunction (its weight gradient in one kernel)."""
-    if x.is_cuda and torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad):
+    if x.is_cuda and FUSED["step"] and torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad):
         return LinearFunction.apply(x, layer.weight, layer.bias)
     return layer(x)
 
@@ -378,7 +381,7 @@ def qkv_proj(x, q_proj, k_proj, v_proj, rope=None):
     Linears otherwise (rollouts: stacking the weights on every decode step would be a pass over them), and
     rotated False: the caller applies RoPE."""
     ws, bs = (q_proj.weight, k_proj.weight, v_proj.weight), (q_proj.bias, k_proj.bias, v_proj.bias)
-    if (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in ws))
+    if (FUSED["step"] and torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in ws))
             and len({w.dtype for w in ws}) == 1 and len({b is None for b in bs}) == 1):
         cos, sin, hd = rope if rope is not None else (None, None, 0)
         return (*QKVFunction.apply(x, *ws, *bs, cos, sin, hd), rope is not None)

@@ -37,7 +37,7 @@ from .attention import (_flash_varlen, pad_plan, paged_ops, prefix_prefill_atten
                         shared_prefix_plan, varlen_attention)
 from .config import ModelConfig
 from .context import AttnContext
-from .functional import add_rms_norm, apply_rope, fused_ok, linear, qkv_proj, rms_norm, swiglu
+from .functional import FUSED, add_rms_norm, apply_rope, fused_ok, linear, qkv_proj, rms_norm, swiglu
 from .moe import SparseMoeBlock, load_balancing_loss_hf
 from .rope import RotaryEmbedding
 
@@ -161,7 +161,7 @@ def _add_norm(x, a, norm: RMSNorm, out_dtype):
     """(x + a, norm(x + a)); a None: (x, norm(x)). One pass each way where the fused kernels run."""
     if a is None:
         return x, norm(x, out_dtype)
-    if fused_ok(x) and a.shape == x.shape:
+    if FUSED["step"] and fused_ok(x) and a.shape == x.shape:
         return add_rms_norm(x, a, norm.weight, norm.eps, out_dtype)
     x = x + a
     return x, norm(x, out_dtype)
