@@ -128,6 +128,9 @@ def bench_linear(args, device, ceil, rows):
              ("chunked+checkpoint (8)", lambda: chunked_linear(h, w, ids, T))]
     for b in backends_for(device):
         impls.append((f"reasonrl {b}", lambda b=b: linear_token_logprobs(h, w, ids, T, backend=b, check_ids=False)))
+    for b in backends_for(device):  # the logits kept from forward to backward (no recompute; N x V alive)
+        impls.append((f"reasonrl {b}, logits kept", lambda b=b: linear_token_logprobs(h, w, ids, T, backend=b,
+                                                                                     check_ids=False, keep_logits=True)))
     if not args.no_compile:  # last, as above
         impls.append(("torch.compile chunked (8)", lambda: compiled_chunked_linear(h, w, ids, T)))
     base = None

@@ -99,14 +99,14 @@ def make_batch(cfg, B, T, vary, device, seed):
                 padded=padded.to(device), labels=labels.to(device), mask=mask.to(device))
 
 
-def step_ours(model, b, amp, device):
+def step_ours(model, b, amp, device, keep_logits=False):
     model.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         h = model(b["packed"], b["pos"], b["ctx"])  # (N, H)
         w = model.lm_head_weight
         if amp:
             h, w = h.to(torch.bfloat16), w.to(torch.bfloat16)
-    lp = linear_token_logprobs(h, w, b["tgt"])  # (N,) float32, 0 at ignore_index
+    lp = linear_token_logprobs(h, w, b["tgt"], keep_logits=keep_logits)  # (N,) float32, 0 at ignore_index
     loss = -lp.sum() / (b["tgt"] != -100).sum()
     loss.backward()
     return loss.detach()
@@ -260,6 +260,9 @@ def run(preset, B, T, vary, device, amp, ckpt, hf_ckpt, rep, profile=False, ops_
         fns["reasonrl, PyTorch elementwise"] = lambda: _unfused(step_ours, ours, b, amp, device)
     else:  # an ablation: the packing that only cuts launches off (what it buys a host-bound step)
         fns["reasonrl, step packing off"] = lambda: _unfused(step_ours, ours, b, amp, device, key="step")
+    # the LM head's logits kept from forward to backward (linear_token_logprobs keep_logits: no recompute,
+    # N x V in the compute dtype alive from forward to backward; its peak is in the row)
+    fns["reasonrl, logits kept"] = lambda: step_ours(ours, b, amp, device, keep_logits=True)
     times = time_alternating(list(fns.values()), device, warmup=1, rep=rep)
     for (name, fn), ms in zip(fns.items(), times):
         if profile:

@@ -157,6 +157,29 @@ def test_linear_token_logprobs_matches_float64(backend, N, H, V, dtype, monkeypa
         assert_close_to_ref(o, r, s, dtype, name=f"{backend} {name} N={N} V={V} {dtype}")
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("N,H,V", [(1, 16, 7), (37, 24, 1000), (64, 8, 32000)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_keep_logits_matches_float64(backend, N, H, V, dtype):
+    """keep_logits=True: one GEMM forward, the logits kept and their gradient written over them; values and
+    both gradients held to PyTorch's own error, as the chunked path is. A second backward through the same
+    graph is refused (the logits are gone), not a wrong gradient."""
+    h = (torch.randn(N, H, dtype=torch.float64)).to(dtype)
+    w = (torch.randn(V, H, dtype=torch.float64) * (2.0 / H**0.5)).to(dtype)
+    ids = _ids(N, V)
+    g, gh = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    out = _lin_run(linear_token_logprobs, h, w, ids, g, gh, temperature=0.8, backend=backend, keep_logits=True)
+    ref = _lin_run(linear_token_logprobs, h.double(), w.double(), ids, g, gh, temperature=0.8, backend="reference")
+    same = _lin_run(linear_token_logprobs, h, w, ids, g, gh, temperature=0.8, backend="reference")
+    for name, o, r, s in zip(("logp", "entropy", "grad_hidden", "grad_weight"), out, ref, same):
+        assert_close_to_ref(o, r, s, dtype, name=f"{backend} keep {name} N={N} V={V} {dtype}")
+    hh = h.detach().clone().requires_grad_(True)
+    lp = linear_token_logprobs(hh, w, ids, backend=backend, keep_logits=True)
+    lp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="keep_logits"):
+        lp.sum().backward()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_forward_by_vocabulary(dtype, monkeypatch):
     """The CPU forward over column chunks (lse and entropy merged across chunks), against float64,
@@ -278,6 +301,9 @@ def test_linear_gpu(backend, dtype):
     same = _lin_run(linear_token_logprobs, h, w, ids, g, gh, backend="reference")
     for name, o, r, s in zip(("logp", "entropy", "grad_hidden", "grad_weight"), out, ref, same):
         assert_close_to_ref(o.cpu(), r.cpu(), s.cpu(), dtype, name=f"{backend} {name} {dtype}")
+    keep = _lin_run(linear_token_logprobs, h, w, ids, g, gh, backend=backend, keep_logits=True)
+    for name, o, r, s in zip(("logp", "entropy", "grad_hidden", "grad_weight"), keep, ref, same):
+        assert_close_to_ref(o.cpu(), r.cpu(), s.cpu(), dtype, name=f"{backend} keep_logits {name} {dtype}")
     # five row chunks, each one's row kernel on a side stream beside the next GEMM: the no-grad path
     # gives the grad path's forward to the bit
     with torch.no_grad():
