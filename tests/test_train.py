@@ -93,6 +93,25 @@ def test_sft_runs_and_saves(tmp_path):
         assert torch.equal(a, b), n
 
 
+@pytest.mark.parametrize("mib,want", [(256, True), (0, False)])
+def test_sft_keeps_logits_that_fit(tmp_path, monkeypatch, mib, want):
+    """SFTConfig.keep_logits_mib: a batch's logits that fit are kept for backward (linear_token_logprobs
+    keep_logits), else recomputed; the same losses either way; a negative budget is a clear error."""
+    import reasonrl.train.sft as sft
+    seen, real = [], sft.linear_token_logprobs
+    monkeypatch.setattr(sft, "linear_token_logprobs", lambda *a, **k: (seen.append(k["keep_logits"]), real(*a, **k))[1])
+    model, tok = micro_model()
+    run_sft(_sft_cfg(tmp_path, steps=3, keep_logits_mib=mib), model=model, tokenizer=tok)
+    assert seen == [want] * 3
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "sft" / "metrics.jsonl")]
+    model, tok = micro_model()
+    run_sft(_sft_cfg(tmp_path / "b", steps=3, keep_logits_mib=256 - mib), model=model, tokenizer=tok)
+    other = [json.loads(line)["loss"] for line in open(tmp_path / "b" / "sft" / "metrics.jsonl")]
+    assert other == pytest.approx(losses, rel=1e-5)
+    with pytest.raises(ValueError, match="keep_logits_mib"):
+        _sft_cfg(tmp_path, keep_logits_mib=-1)
+
+
 def _interrupt_after(monkeypatch, module, name, calls):
     real, count = getattr(module, name), [0]
 

@@ -107,6 +107,7 @@ class SFTConfig:
     grad_clip: float = 1.0
     precision: str = "auto"        # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 (autocast; fp32 weights)
     device: str = "auto"           # auto (the GPU when torch sees one, else the CPU) | cpu | cuda | cuda:N
+    keep_logits_mib: int = 256     # LM-head logits of a batch up to this size kept for backward (0: recompute)
     prompt_template: str = "{question}\n"
     seed: int = 0
     out_dir: str = "runs/sft"
@@ -121,6 +122,8 @@ class SFTConfig:
             _bad(self, "num_examples", "must be >= 1")
         if self.batch_size < 1:
             _bad(self, "batch_size", "must be >= 1")
+        if self.keep_logits_mib < 0:
+            _bad(self, "keep_logits_mib", "must be >= 0 (0: always recompute the logits in backward)")
         _check_template(self)
         if "=" in self.task:
             _check_mix(self, "task", rewards=False)
