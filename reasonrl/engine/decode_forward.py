@@ -20,32 +20,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reasonrl.models.functional import _interpret, _rotate, _triton_ok
+from reasonrl.models.functional import _interpret, _rotate, _triton_ok, adjacent_rows
 from reasonrl.ops.paged import _CPP_FLOATS, _cpp_has, paged_attention_decode, store_kv
 
 
 # Weights (bytes) up to which a decode step splits its rows over threads (LeanDecode.chunks).
 SPLIT_MAX_WEIGHT_BYTES = 16 * 2**20
-
-
-def adjacent_rows(ts):
-    """One view over tensors stored back to back in one storage (2-D with the same columns: rows
-    stacked; 1-D: concatenated), or None where they are not: q/k/v (or gate/up) as one GEMM's weight
-    without a copy."""
-    t0 = ts[0]
-    if any(t is None for t in ts):
-        return None
-    cols = t0.shape[1:]
-    if not all(t.is_contiguous() and t.dtype == t0.dtype and t.device == t0.device and t.shape[1:] == cols
-               and t.untyped_storage().data_ptr() == t0.untyped_storage().data_ptr() for t in ts):
-        return None
-    off = t0.storage_offset()
-    for t in ts:
-        if t.storage_offset() != off:
-            return None
-        off += t.numel()
-    shape = (sum(t.shape[0] for t in ts), *cols)
-    return t0.as_strided(shape, torch.empty(shape, device="meta").stride(), t0.storage_offset())
 
 
 def pack_rows(params):

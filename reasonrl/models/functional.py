@@ -328,13 +328,32 @@ def linear(x, layer: torch.nn.Linear):
     return layer(x)
 
 
+def adjacent_rows(ts):
+    """One view over tensors stored back to back in one storage (2-D with the same columns: rows
+    stacked; 1-D: concatenated), or None where they are not: q/k/v (or gate/up) as one GEMM's weight
+    without a copy."""
+    t0 = ts[0]
+    if any(t is None for t in ts):
+        return None
+    cols = t0.shape[1:]
+    if not all(t.is_contiguous() and t.dtype == t0.dtype and t.device == t0.device and t.shape[1:] == cols
+               and t.untyped_storage().data_ptr() == t0.untyped_storage().data_ptr() for t in ts):
+        return None
+    off = t0.storage_offset()
+    for t in ts:
+        if t.storage_offset() != off:
+            return None
+        off += t.numel()
+    shape = (sum(t.shape[0] for t in ts), *cols)
+    return t0.as_strided(shape, torch.empty(shape, device="meta").stride(), t0.storage_offset())
+
+
 def _cat_to(ts, dt, dim=0):
     """torch.cat(ts, dim) written in dt: one pass, also where the parts are float32 master weights and
     dt is autocast's bf16 (a cat then a cast would be two). Rows already back to back in dt (the
     engine packs q/k/v and gate/up that way, decode_forward.pack_rows) come back as one view, no copy.
     NOTE: CPU, float32, Qwen2.5-0.5B shapes: stacking gate/up (2 x 4864 x 896) took 17.5 ms a layer."""
     if dim == 0 and all(t.dtype == dt for t in ts):
-        from reasonrl.engine.decode_forward import adjacent_rows
         v = adjacent_rows(ts)
         if v is not None:
             return v
