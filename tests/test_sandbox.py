@@ -126,3 +126,77 @@ def test_bad_arguments():
         run_tests("", "", timeout=0)
     with pytest.raises(ValueError, match="memory_mb"):
         run_tests("", "", memory_mb=1)
+
+
+@pytest.mark.parametrize("code", ["import sys\nsys.exit(0)\n", "raise SystemExit\n", "import os\nos._exit(0)\n",
+                                  "import sys\nsys.stdout.flush()\nimport os\nos.kill(os.getpid(), 9)\n",
+                                  "print('passed')\nexit()\n"])
+def test_exiting_before_the_tests_is_not_a_pass(code):
+    """A solution that ends the process with status 0 before its tests ran gets no pass (reward hacking
+    an RL policy can find), whatever it prints."""
+    r = run_tests(code, "assert 1 == 2")
+    assert not r.passed and r.status != "passed", (code, r)
+
+
+def test_the_tests_are_not_readable_and_not_swallowed():
+    r = run_tests("import os\nprint(sorted(os.listdir('.')))\n", "assert True")
+    assert r.passed and "tests.py" not in r.stdout and "harness" not in r.stdout, r.stdout
+    # an open triple-quoted string at the end of the solution cannot turn the tests into a string
+    r = run_tests("def f():\n    return 1\nx = '''\n", "assert f() == 2\n'''")
+    assert not r.passed
+
+
+def test_the_hook_cannot_be_switched_off(tmp_path):
+    target = str(tmp_path / "escaped.txt")
+    attacks = [
+        # the old harness kept its rules as __main__ globals
+        "import sys\nm = sys.modules['__main__']\nfor k in list(vars(m)):\n"
+        "    v = getattr(m, k)\n    if isinstance(v, (set, dict)):\n        v.clear()\n"
+        "m._root = '/'\n",
+        # the check's helpers, patched where the hook would look them up
+        "import os, os.path, builtins\nos.path.realpath = lambda p: os.getcwd() + '/x'\n"
+        "os.path.abspath = os.path.realpath\nos.lstat = lambda p: os.stat('.')\nbuiltins.isinstance = lambda *a: True\n"
+        "builtins.any = lambda *a: False\n",
+    ]
+    for prep in attacks:
+        for act in [f"open({target!r}, 'w').write('x')", "import os\nos.fork()\n", "import socket\n"]:
+            r = run_tests(prep + act, "")
+            assert not r.passed and "PermissionError" in r.stderr, (prep, act, r.stderr[-300:])
+    assert not os.path.exists(target)
+
+
+def test_paths_that_change_or_hide_their_target(tmp_path):
+    target = str(tmp_path / "escaped.txt")
+    # a PathLike that would show the hook an inside path and open() the outside one (open converts once)
+    run_tests("class P:\n    n = 0\n    def __fspath__(self):\n        P.n += 1\n"
+              f"        return 'inside.txt' if P.n == 1 else {target!r}\nopen(P(), 'w').write('x')\n", "")
+    assert not os.path.exists(target)
+    for code in [
+        f"import pathlib\npathlib.Path({target!r}).write_text('x')\n",
+        f"class S(str):\n    def startswith(self, *a):\n        return True\nopen(S({target!r}), 'w').write('x')\n",
+        # a directory descriptor as the base of a relative path
+        f"import os\nfd = os.open({str(tmp_path)!r}, os.O_RDONLY)\n"
+        "os.open('escaped.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd)\n",
+        "import os\nfd = os.open('.', os.O_RDONLY)\nos.mkdir('a')\nos.chdir('a')\n"
+        "os.open('../../escaped.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd)\n",
+    ]:
+        r = run_tests(code, "")
+        assert not r.passed and "PermissionError" in r.stderr, (code, r.stderr[-300:])
+    assert not os.path.exists(target)
+
+
+def test_ordinary_code_still_runs():
+    code = ("import collections, typing, enum, dataclasses, json, re, math, pathlib, gc\n"
+            "P = collections.namedtuple('P', 'x y')\nT = typing.TypeVar('T')\n"
+            "class C(enum.Enum):\n    A = 1\n@dataclasses.dataclass\nclass D:\n    v: int\n"
+            "gc.collect()\npathlib.Path('out.txt').parent\nopen('out.txt', 'w').write(json.dumps([1]))\n"
+            "def solve(n):\n    return P(n, D(n).v).x * 2\n")
+    r = run_tests(code, "assert solve(3) == 6\nassert open('out.txt').read() == '[1]'\nprint('ok')")
+    assert r.passed and "ok" in r.stdout, r.stderr[-500:]
+
+
+def test_endless_output_is_capped():
+    t = time.perf_counter()
+    r = run_tests("while True:\n    print('x' * 1000)\n", "", timeout=2, max_output=5000)
+    assert r.status == "timeout" and len(r.stdout) <= 5000
+    assert time.perf_counter() - t < 8

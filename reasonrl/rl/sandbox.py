@@ -8,20 +8,28 @@ Model output is untrusted, so several independent layers stand between it and th
    kernel does not enforce it for root, hence layer 4);
 3. a network namespace of its own when the kernel allows it (unshare(CLONE_NEWNET), plus
    CLONE_NEWUSER when not root): no interface but a downed loopback, so nothing is reachable;
-4. an audit hook (PEP 578) installed before the untrusted code runs, which cannot be removed: it
-   refuses process creation (os.fork, os.system, os.exec*, os.posix_spawn, subprocess), sockets,
-   ctypes / native-library loading, and any write, rename, removal or mkdir outside the working
-   directory;
+4. an audit hook (PEP 578) installed before the untrusted code runs, which cannot be removed and
+   whose rules live in a closure the code cannot reach or patch: it refuses process creation
+   (os.fork, os.system, os.exec*, os.posix_spawn, subprocess), sockets, ctypes / native-library
+   loading, symlinks, opening directories, and any write, rename, removal or mkdir outside the
+   working directory (paths only as plain str/bytes);
 5. a wall-clock timeout, after which the whole process group is killed (start_new_session=True,
-   os.killpg), so children that slipped through die with it.
+   os.killpg), so children that slipped through die with it; output past max_output is dropped as
+   it arrives.
+A pass is exit status 0 *and* a nonce the harness writes to a channel of its own after the tests
+ran; the tests reach the child through a pipe, never its directory. So sys.exit(0) before the
+tests, printing a verdict, or reading the tests' expected values earn nothing.
 This is a filter for reward computation, not a security boundary for hostile humans: use a
 container or VM when that is the threat.
 """
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import resource
+import secrets
+import selectors
 import shutil
 import signal
 import subprocess
@@ -33,54 +41,115 @@ from dataclasses import dataclass
 
 _CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
 
-# Runs inside the child before the untrusted code. Arguments: the working directory, audit hook on.
-_HARNESS = textwrap.dedent(r'''
-    import sys, os
-    _root = os.path.realpath(sys.argv[1])
-    _BLOCKED = {"os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
-                "subprocess.Popen", "socket.__new__", "socket.connect", "socket.bind",
-                "socket.getaddrinfo", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
-                "os.kill", "os.killpg", "signal.pthread_kill", "sys.setprofile"}
-    _NO_IMPORT = {"ctypes", "_ctypes", "_posixsubprocess", "socket", "_socket", "pty", "multiprocessing",
-                  "_multiprocessing", "resource"}
-    _PATH_EVENTS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.symlink", "os.link",
-                    "os.chmod", "os.chown", "os.truncate", "os.utime", "shutil.rmtree", "shutil.move",
-                    "shutil.copyfile", "shutil.copytree", "os.chdir", "os.chroot"}
-    _W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    _realpath, _fspath, _sep = os.path.realpath, os.fspath, os.sep
+# Runs inside the child before the untrusted code. argv: the working directory, audit hook on ("1"),
+# the descriptor of the pass channel. stdin: the nonce line, then the solution and the tests as JSON.
+# Everything the hook uses is bound inside _install's closure (the builtins and os functions too), so
+# nothing the untrusted code can reach through modules (sys.modules["__main__"], os.path, builtins)
+# changes what it checks; gc's object lists and tracing, ways back to that closure, are refused. The
+# pass line (a nonce the parent made) is written to its own descriptor only after the tests ran: a
+# program that exits early (sys.exit(0), os._exit(0)), prints a verdict or kills itself has not passed,
+# and the tests are never on disk for the solution to read. Limit: frames stay readable (namedtuple,
+# typing and enum need sys._getframe), so code that walks up to the harness's frame could read the
+# nonce: a deliberate attack on this harness, which a container stops, not this filter.
+_HARNESS = textwrap.dedent(r"""
+    import sys, os, json
 
-    def _inside(p):
-        if isinstance(p, int):
-            return True  # already-open descriptor, opened under this same hook
-        p = _realpath(_fspath(p))
-        return p == _root or p.startswith(_root + _sep)
+    def _install(root, hook_on):
+        blocked = frozenset({
+            "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
+            "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "ctypes.dlopen",
+            "ctypes.dlsym", "ctypes.cdata", "os.kill", "os.killpg", "signal.pthread_kill", "sys.setprofile",
+            "sys.settrace", "sys._current_frames", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+            "os.symlink", "sys.monitoring.register_callback"})
+        no_import = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "socket", "_socket", "pty",
+                               "multiprocessing", "_multiprocessing", "resource"})
+        # event -> positions of its path arguments (the rest: modes, ids, times, dir_fd)
+        path_events = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,), "os.chown": (0,),
+                       "os.truncate": (0,), "os.utime": (0,), "shutil.rmtree": (0,), "os.chdir": (0,),
+                       "os.chroot": (0,), "os.rename": (0, 1), "os.link": (0, 1), "shutil.move": (0, 1),
+                       "shutil.copyfile": (0, 1), "shutil.copytree": (0, 1)}
+        W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
-    def _hook(event, args):
-        if event in _BLOCKED:
-            raise PermissionError(f"sandbox: {event} is not allowed")
-        if event == "import" and args[0].split(".")[0] in _NO_IMPORT:
-            raise PermissionError(f"sandbox: import {args[0]} is not allowed")
-        if event == "open":
-            path, mode, flags = args
-            writing = (mode is not None and any(c in str(mode) for c in "wax+")) or (flags or 0) & _W
-            if writing and not _inside(path):
-                raise PermissionError(f"sandbox: writing {path!r} outside the working directory")
-        elif event in _PATH_EVENTS:
-            for a in args[:2]:
-                if isinstance(a, (str, bytes)) and not _inside(a):
-                    raise PermissionError(f"sandbox: {event} on {a!r} outside the working directory")
+        def inside(p, getcwd=os.getcwd, type=type, int=int, str=str, bytes=bytes):
+            # Only exact int (an already-open descriptor, opened under this same hook), str or bytes: a
+            # PathLike's __fspath__ or a str subclass could show the hook one path and the call another.
+            # Lexical: no symlink can be made (os.symlink is refused), no directory opened (so no dir_fd
+            # or fchdir moves the base of a relative path), and a hard link is checked at its source, so
+            # the text of the path is where the write lands.
+            t = type(p)
+            if t is int:
+                return True
+            if t is bytes:
+                p = bytes.decode(p, "utf-8", "surrogateescape")
+            elif t is not str:
+                return False
+            if not str.startswith(p, "/"):
+                p = getcwd() + "/" + p
+            parts = []
+            for part in str.split(p, "/"):
+                if part == "..":
+                    if parts:
+                        parts.pop()
+                elif part and part != ".":
+                    parts.append(part)
+            p = "/" + "/".join(parts)
+            return p == root or str.startswith(p, root + "/")
 
-    if sys.argv[2] == "1":
-        sys.addaudithook(_hook)
-    del _hook
-    _src = open("solution.py").read() + "\n\n" + open("tests.py").read()
-    exec(compile(_src, "solution.py", "exec"), {"__name__": "__main__"})
-''')
+        def is_dir(p, stat=os.stat, S_ISDIR=__import__("stat").S_ISDIR, type=type, str=str, bytes=bytes):
+            try:  # no user code inside the hook: a PathLike's __fspath__ is not called
+                return (type(p) is str or type(p) is bytes) and S_ISDIR(stat(p).st_mode)
+            except Exception:
+                return False
+
+        def hook(event, args, PermissionError=PermissionError, any=any, str=str, type=type, repr=repr,
+                 len=len):
+            if event in blocked:
+                raise PermissionError("sandbox: " + event + " is not allowed")
+            if event == "import" and str.split(str(args[0]), ".")[0] in no_import:
+                raise PermissionError("sandbox: import " + str(args[0]) + " is not allowed")
+            if event == "open":
+                path, mode, flags = args
+                writing = (mode is not None and any(c in str(mode) for c in "wax+")) or (flags or 0) & W
+                if is_dir(path):  # no directory descriptors: a dir_fd would move the base of a relative path
+                    raise PermissionError("sandbox: opening a directory (" + repr(path) + ") is not allowed")
+                if writing and not inside(path):
+                    raise PermissionError("sandbox: writing " + repr(path) + " outside the working directory "
+                                          "(or not a str path)")
+            elif event in path_events:
+                for i in path_events[event]:
+                    if i < len(args) and not inside(args[i]):
+                        raise PermissionError("sandbox: " + event + " on " + repr(args[i]) +
+                                              " outside the working directory (or not a str path)")
+
+        if hook_on:
+            sys.addaudithook(hook)
+
+    def _run():
+        os.unlink(sys.argv[0])  # this file: nothing in the working directory tells how the verdict is made
+        nonce = sys.stdin.readline().strip()
+        job = json.loads(sys.stdin.read())
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        fd, write = int(sys.argv[3]), os.write
+        code = (compile(job["code"], "solution.py", "exec"), compile(job["tests"], "tests.py", "exec"))
+        _install(os.path.realpath(sys.argv[1]), sys.argv[2] == "1")
+        ns = {"__name__": "__main__", "__builtins__": __builtins__}
+        exec(code[0], ns)  # the solution, then the tests in its namespace (compiled apart: the solution's
+        exec(code[1], ns)  # text cannot swallow the tests, e.g. with an open string)
+        sys.stdout.flush()
+        write(fd, (nonce + "\n").encode())
+
+    try:
+        _run()
+    finally:
+        del _run, _install
+""")
 
 
 @dataclass
 class SandboxResult:
-    passed: bool       # exit status 0 within the limits
+    passed: bool       # the tests ran to their end, exit status 0, within the limits
     status: str        # "passed" | "failed" | "timeout" | "memory" | "error"
     returncode: int | None
     stdout: str
@@ -112,39 +181,99 @@ def run_tests(code: str, tests: str, *, timeout: float = 5.0, memory_mb: int = 5
     if memory_mb < 32:
         raise ValueError(f"run_tests: memory_mb must be >= 32 (the interpreter needs it), got {memory_mb}")
     workdir = tempfile.mkdtemp(prefix="reasonrl-sandbox-")
+    r_pass, w_pass = os.pipe()
     try:
-        for name, text in (("solution.py", code), ("tests.py", tests), ("_harness.py", _HARNESS)):
-            with open(os.path.join(workdir, name), "w") as f:
-                f.write(text)
+        with open(os.path.join(workdir, "_harness.py"), "w") as f:
+            f.write(_HARNESS)
+        nonce = secrets.token_hex(16)
+        job = (nonce + "\n" + json.dumps({"code": code, "tests": tests})).encode()
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
         start = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-B", "_harness.py", workdir, "1" if audit_hook else "0"], cwd=workdir, env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True, preexec_fn=_limits(int(timeout) + 1, memory_mb, file_mb, network_namespace))
-        try:
-            out, err = proc.communicate(timeout=timeout)
-            status = None
-        except subprocess.TimeoutExpired:
-            _kill_group(proc.pid)
-            out, err = proc.communicate()
-            status = "timeout"
+            [sys.executable, "-I", "-S", "-B", "_harness.py", workdir, "1" if audit_hook else "0", str(w_pass)],
+            cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            pass_fds=(w_pass,), start_new_session=True,
+            preexec_fn=_limits(int(timeout) + 1, memory_mb, file_mb, network_namespace))
+        os.close(w_pass)
+        w_pass = None
+        out, err, said, timed_out = _collect(proc, job, r_pass, start + timeout, max_output)
         _kill_group(proc.pid)  # stragglers left in the group after a normal exit
         seconds = time.monotonic() - start
-        out, err = out.decode(errors="replace")[:max_output], err.decode(errors="replace")[:max_output]
         rc = proc.returncode
-        if status is None:
-            if rc == 0:
-                status = "passed"
-            elif "MemoryError" in err:
-                status = "memory"
-            elif rc is not None and rc < 0 and -rc in (signal.SIGXCPU, signal.SIGKILL):
-                status = "timeout"
-            else:
-                status = "failed" if "AssertionError" in err else "error"
+        completed = said.strip() == nonce.encode()
+        if timed_out:
+            status = "timeout"
+        elif rc == 0 and completed:
+            status = "passed"
+        elif "MemoryError" in err:
+            status = "memory"
+        elif rc is not None and rc < 0 and -rc in (signal.SIGXCPU, signal.SIGKILL):
+            status = "timeout"
+        elif rc == 0:  # exit status 0 before the tests finished (sys.exit(0), os._exit(0)): not a pass
+            status = "error"
+            err = (err + "\nsandbox: the program exited before its tests finished")[-max_output:]
+        else:
+            status = "failed" if "AssertionError" in err else "error"
         return SandboxResult(status == "passed", status, rc, out, err, seconds)
     finally:
+        os.close(r_pass)
+        if w_pass is not None:
+            os.close(w_pass)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _collect(proc, job: bytes, r_pass: int, deadline: float, max_output: int):
+    """Feed the job to stdin and read stdout, stderr and the pass channel until the child exits or the
+    deadline passes (then its process group is killed). Each stream keeps its first max_output bytes
+    and drops the rest as it arrives, so a program that prints without end costs no memory.
+    -> (stdout, stderr, pass channel bytes, timed out)."""
+    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray(), r_pass: bytearray()}
+    sel = selectors.DefaultSelector()
+    for fd in bufs:
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ)
+    try:
+        proc.stdin.write(job)
+        proc.stdin.close()
+    except (BrokenPipeError, OSError):  # it died before reading its job
+        pass
+    timed_out = False
+    open_fds = set(bufs)
+    while open_fds:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            timed_out = True
+            _kill_group(proc.pid)
+            break
+        for key, _ in sel.select(timeout=min(left, 0.5)):
+            fd = key.fd
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                sel.unregister(fd)
+                open_fds.discard(fd)
+                continue
+            room = max_output - len(bufs[fd]) if fd != r_pass else 256 - len(bufs[fd])
+            if room > 0:
+                bufs[fd] += chunk[:room]
+    sel.close()
+    if timed_out:  # what was already written before the kill
+        for fd in bufs:
+            try:
+                while len(bufs[fd]) < max_output and (chunk := os.read(fd, 1 << 16)):
+                    bufs[fd] += chunk[:max_output - len(bufs[fd])]
+            except (BlockingIOError, OSError):
+                pass
+    try:
+        proc.wait(timeout=max(deadline - time.monotonic(), 0) + 5)
+    except subprocess.TimeoutExpired:  # streams closed but the process lingers: kill it
+        _kill_group(proc.pid)
+        proc.wait()
+        timed_out = True
+    dec = lambda b: bytes(b).decode(errors="replace")  # noqa: E731
+    return dec(bufs[proc.stdout.fileno()]), dec(bufs[proc.stderr.fileno()]), bytes(bufs[r_pass]), timed_out
 
 
 def _kill_group(pgid: int):
