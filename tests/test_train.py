@@ -719,3 +719,34 @@ def test_keep_freed_memory(device, env, preload, tmp_path):
         assert max(r["after"][-12:]) < 500 and r["grew_mib"] <= 8 * 48 + 16, r
     else:
         assert min(r["after"]) > 10_000, r
+
+
+def test_fresh_run_sets_an_earlier_runs_checkpoints_aside(tmp_path, capsys):
+    """A fresh run into a folder that holds an earlier run: its step-N folders were kept (a step already
+    saved is not rewritten), `latest` then named the earlier run's weights, and a later --resume loaded
+    them. Now they move to previous-<time>/, nothing deleted; the new run's checkpoints are its own."""
+    cfg = _sft_cfg(tmp_path, steps=4, save_every=2, keep_checkpoints=0)
+    run_sft(cfg, *micro_model()[:2])
+    first = load_model(os.path.join(latest_checkpoint(cfg.out_dir)))
+    run_sft(dataclasses.replace(cfg, lr=1e-3, seed=4), *micro_model(seed=5)[:2])
+    assert "held an earlier run's checkpoints: moved to" in capsys.readouterr().out
+    aside = [d for d in os.listdir(cfg.out_dir) if d.startswith("previous-")]
+    assert len(aside) == 1
+    old = os.path.join(cfg.out_dir, aside[0])
+    assert sorted(d for d in os.listdir(old) if d.startswith("step-")) == ["step-0000002", "step-0000004"]
+    assert os.path.isfile(os.path.join(old, "metrics.jsonl")) and os.path.isdir(os.path.join(old, "final"))
+    now = latest_checkpoint(cfg.out_dir)
+    assert now.endswith("step-0000004") and json.load(open(os.path.join(now, "state.json")))["config"]["lr"] == 1e-3
+    second = load_model(now)
+    assert not all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+    assert [json.loads(x)["step"] for x in open(os.path.join(cfg.out_dir, "metrics.jsonl"))] == [1, 2, 3, 4]
+
+
+def test_resume_warns_about_changed_settings(tmp_path, capsys):
+    cfg = _sft_cfg(tmp_path, steps=2)
+    run_sft(cfg, *micro_model()[:2])
+    capsys.readouterr()
+    run_sft(dataclasses.replace(cfg, resume=True, steps=3, lr=5e-3), *micro_model()[:2])
+    out = capsys.readouterr().out
+    assert "settings that differ from its run's: lr 0.003 -> 0.005" in out
+    assert "steps" not in out.split("differ from its run's:")[1].splitlines()[0]  # extending a run is free

@@ -8,10 +8,12 @@ half of one. No pickle anywhere: loading a checkpoint runs no code.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import shutil
+import time
 
 import numpy as np
 import torch
@@ -329,8 +331,57 @@ def resume_or_start(cfg, model, opt, tag):
     if cfg.resume and resume_from is None:
         print(f"[{tag}] --resume: no checkpoint in {cfg.out_dir}; starting fresh")
     if resume_from:
-        check_stage(resume_from, read_state(resume_from), cfg, tag)
+        saved = read_state(resume_from)
+        check_stage(resume_from, saved, cfg, tag)
+        changed = config_changes(saved.get("config"), cfg)
+        if changed:
+            print(f"[{tag}] warning: resuming {resume_from} with settings that differ from its run's: "
+                  + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed))
         state = load_checkpoint(resume_from, model, opt)
         step, elapsed = state["step"], state.get("elapsed", 0.0)
         print(f"[{tag}] resumed from {resume_from} at step {step}")
+    else:
+        set_aside_previous_run(cfg.out_dir, tag)
     return step, elapsed, MetricsLogger(cfg.out_dir, resume_step=step if resume_from else None)
+
+
+# Fields that may change when a run is resumed without changing what it trains on or how.
+_RESUME_FREE = {"resume", "steps", "max_seconds", "save_every", "log_every", "keep_checkpoints", "out_dir",
+                "threads", "device"}
+
+
+def config_changes(saved, cfg) -> list[tuple[str, object, object]]:
+    """(field, saved value, current value) for each setting a resumed run changes, other than the ones
+    a resume may change freely (_RESUME_FREE): the resumed metrics no longer match an uninterrupted run."""
+    if not isinstance(saved, dict):
+        return []
+    now = dataclasses.asdict(cfg)
+    return [(k, saved[k], v) for k, v in now.items()
+            if k in saved and k not in _RESUME_FREE and saved[k] != v
+            and not (isinstance(v, tuple) and list(v) == saved[k])]  # JSON keeps tuples as lists
+
+
+_RUN_FILES = ("latest", "final", "metrics.jsonl", "metrics.png")
+
+
+def set_aside_previous_run(run_dir: str, tag: str) -> str | None:
+    """A fresh (not resumed) stage whose folder holds an earlier run's checkpoints: move them, with that
+    run's metrics and final weights, into run_dir/previous-<time>/ (nothing is deleted), so that a later
+    --resume cannot pick up the earlier run's step-N, and `latest` never names a step this run did not
+    write. -> the folder they went to, or None when there was nothing."""
+    if not os.path.isdir(run_dir):
+        return None
+    names = [d for d in os.listdir(run_dir) if d.startswith("step-") or d.startswith(".tmp-step-") or d in _RUN_FILES]
+    if not any(d.startswith("step-") or d in ("latest", "final") for d in names):
+        return None
+    dest = os.path.join(run_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
+    n = 1
+    while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(run_dir, time.strftime("previous-%Y%m%d-%H%M%S") + f"-{n}")
+    os.makedirs(dest)
+    for d in names:
+        os.replace(os.path.join(run_dir, d), os.path.join(dest, d))
+    _fsync_dir(run_dir)
+    print(f"[{tag}] {run_dir} held an earlier run's checkpoints: moved to {dest} (pass --resume to continue a run)")
+    return dest
