@@ -109,6 +109,33 @@ def test_inplace_writes_over_logits_buffer(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+def test_inplace_never_gives_a_silently_wrong_gradient(backend):
+    """inplace_backward writes the gradient over the logits: an op that saved them before this one, or a
+    second backward through the graph, now raises (they read the overwritten buffer silently: the leaf's
+    gradient was off by 0.06-0.24). An op that saved them after this one still gets the right values."""
+    leaf = _logits(6, 50, torch.float32).requires_grad_(True)
+    ids = _ids(6, 50, pad_frac=0.0)
+    y = leaf * 1.0
+    sq = (y * y).sum()  # mul saves y
+    lp = token_logprobs(y, ids, backend=backend, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (lp.sum() + sq).backward()
+    y = leaf * 1.0
+    lp = token_logprobs(y, ids, backend=backend, inplace_backward=True)
+    lp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through the same graph"):
+        lp.sum().backward()
+    grads = []
+    for inplace in (True, False):
+        leaf.grad = None
+        y = leaf * 1.0
+        lp = token_logprobs(y, ids, backend=backend, inplace_backward=inplace)
+        (lp.sum() + (y * y).sum()).backward()  # mul after token_logprobs: its backward runs first
+        grads.append(leaf.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_extreme_logits_and_fully_padded(backend, dtype):
     N, V = 9, 1000

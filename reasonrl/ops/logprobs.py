@@ -111,8 +111,11 @@ class TokenLogprobsFunction(torch.autograd.Function):
         parts = [_rows_fwd(backend, x, i, inv_t, ignore_index, with_entropy) for x, i in _row_views(logits, ids)]
         logp, lse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         ent = torch.cat([p[2] for p in parts]) if with_entropy else None
+        if inplace:  # backward will write over the logits: an op that saved them before now raises
+            torch.autograd.graph.increment_version(logits)  # (autograd's "modified by an inplace operation")
         ctx.save_for_backward(logits, ids, lse, ent)
         ctx.cfg = (temperature, ignore_index, with_entropy, inplace, backend)
+        ctx.spent = False
         if with_entropy:
             return logp, ent
         return logp
@@ -120,8 +123,14 @@ class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     @no_autocast
     def backward(ctx, grad_logp, grad_ent=None):
-        logits, ids, lse, ent = ctx.saved_tensors
         temperature, ignore_index, with_entropy, inplace, backend = ctx.cfg
+        if inplace:
+            if ctx.spent:
+                raise RuntimeError("token_logprobs(inplace_backward=True): the logits were overwritten by their "
+                                   "gradient in the first backward; a second backward through the same graph "
+                                   "(retain_graph=True) needs inplace_backward=False")
+            ctx.spent = True
+        logits, ids, lse, ent = ctx.saved_tensors
         g, gh = _grads(grad_logp, grad_ent, ids.shape[0], logits.device, with_entropy)
         grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
         r0 = 0
@@ -130,6 +139,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
             _rows_bwd(backend, gx, x, i, lse[r0:r1], None if ent is None else ent[r0:r1], g[r0:r1],
                       None if gh is None else gh[r0:r1], 1.0 / temperature, ignore_index)
             r0 = r1
+        if inplace:  # an op that saved the logits after this one's forward and runs its backward later raises
+            torch.autograd.graph.increment_version(logits)
         return grad, None, None, None, None, None, None
 
 
