@@ -864,3 +864,28 @@ def test_config_json_errors_name_the_file_and_the_key(tmp_path):
     # rope_theta 0 was silently replaced by 10000 (`or` chain), in both spellings
     raises(json.dumps({**good, "rope_theta": 0, "rope_parameters": None}), "rope_theta")
     raises(json.dumps({**good, "rope_parameters": {"rope_type": "default", "rope_theta": 0}}), "rope_theta")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"])
+def test_missing_config_keys_take_transformers_defaults(arch):
+    """A config.json that leaves out head_dim, rope_theta, rms_norm_eps, num_key_value_heads or
+    max_position_embeddings loads as the model transformers' class of that family builds (Qwen3 without
+    head_dim took hidden / heads = 8 instead of 128; Mixtral without rope_theta and rms_norm_eps loaded
+    silently with 1e4 and 1e-6 instead of 1e6 and 1e-5)."""
+    from transformers import AutoConfig
+
+    from reasonrl.models.config import ARCHITECTURES, ModelConfig
+    keys = dict(vocab_size=100, hidden_size=256, intermediate_size=128, num_hidden_layers=2, num_attention_heads=32)
+    keys.update({"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+                 "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                   shared_expert_intermediate_size=64),
+                 "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)}.get(arch, {}))
+    ours = ModelConfig.from_hf_dict(dict(model_type=arch, architectures=[ARCHITECTURES[arch]], **keys))
+    hf = AutoConfig.for_model(arch, **keys)
+    rope = getattr(hf, "rope_parameters", None) or {}
+    assert ours.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+    assert ours.rope_theta == rope.get("rope_theta", getattr(hf, "rope_theta", None))
+    assert ours.rms_norm_eps == hf.rms_norm_eps
+    assert ours.num_key_value_heads == hf.num_key_value_heads
+    assert ours.max_position_embeddings == hf.max_position_embeddings
+    assert ours.tie_word_embeddings == hf.tie_word_embeddings

@@ -165,7 +165,8 @@ class ModelConfig:
         if rope and any(isinstance(v, dict) for v in rope.values()):
             raise ValueError("config.json: per-layer-type rope_parameters are not supported")
         theta = rope.pop("rope_theta", None)
-        theta = next((t for t in (theta, d.get("rope_theta")) if t is not None), 10000.0)
+        dflt = _HF_DEFAULTS.get(arch, {})
+        theta = next((t for t in (theta, d.get("rope_theta")) if t is not None), dflt.get("rope_theta", 10000.0))
         if rope.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) not in (1, 1.0, None):
             raise ValueError("config.json: partial_rotary_factor != 1 is not supported")
         rtype = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
@@ -177,6 +178,8 @@ class ModelConfig:
                 scaling.setdefault("original_max_position_embeddings", orig)
         n_heads = d["num_attention_heads"]
         n_kv = d.get("num_key_value_heads")
+        if n_kv is None and "num_key_value_heads" not in d:
+            n_kv = dflt.get("num_key_value_heads")  # transformers' class default; None: one per query head
         known = {f.name for f in dataclasses.fields(cls)}
         extra = {k: v for k, v in d.items() if k not in known and k not in _DERIVED_KEYS}
         moe = _moe_from_hf_dict(arch, d)
@@ -186,12 +189,13 @@ class ModelConfig:
             arch=arch, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
             num_attention_heads=n_heads, num_key_value_heads=n_heads if n_kv is None else n_kv,
-            head_dim=d.get("head_dim") or 0, rope_theta=theta,  # head_dim 0: hidden_size // num_attention_heads
-            rope_scaling=scaling, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            head_dim=d.get("head_dim") or (dflt.get("head_dim", 0) if "head_dim" not in d else 0),
+            rope_theta=theta,  # head_dim 0: hidden_size // num_attention_heads
+            rope_scaling=scaling, rms_norm_eps=d.get("rms_norm_eps", dflt.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=_json_bool(d, "tie_word_embeddings", False),
             attention_bias=attention_bias,
             qk_norm=arch in ("qwen3", "qwen3_moe"),
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            max_position_embeddings=d.get("max_position_embeddings", dflt.get("max_position_embeddings", 2048)),
             bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), extra=extra, **moe,
         )
 
@@ -261,6 +265,18 @@ _DERIVED_KEYS = {"architectures", "model_type", "rope_parameters", "rope_scaling
                  "use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "dtype",
                  "torch_dtype", "transformers_version", "partial_rotary_factor",
                  "original_max_position_embeddings", "num_local_experts", "qkv_bias", "router_jitter_noise"}
+# What transformers' config class of each family assumes for a key that config.json leaves out, where
+# that is not the Llama default used above (rope_theta 1e4, rms_norm_eps 1e-6, head_dim hidden / heads,
+# one kv head per query head, 2048 positions): a config.json that relies on them must load as the same
+# model here (tests/test_models.py holds each against transformers' classes).
+_HF_DEFAULTS = {
+    "qwen2": dict(num_key_value_heads=32, max_position_embeddings=32768),
+    "qwen3": dict(head_dim=128, num_key_value_heads=32, max_position_embeddings=32768),
+    "qwen2_moe": dict(num_key_value_heads=16, max_position_embeddings=32768),
+    "qwen3_moe": dict(num_key_value_heads=4, max_position_embeddings=32768),
+    "mixtral": dict(rope_theta=1e6, rms_norm_eps=1e-5, num_key_value_heads=8, max_position_embeddings=131072),
+}
+
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "max_position_embeddings", "decoder_sparse_step")
