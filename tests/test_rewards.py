@@ -142,3 +142,23 @@ def test_custom_reward_errors_name_the_spec():
         compute_rewards(["a"], [Problem("1+1", "2")], [("myrew:boom", boom, 1.0)])
     total, parts = compute_rewards(["a"], [Problem("1+1", "2")], [("ok", lambda r, p: True, 0.5)])
     assert total == [0.5] and parts["ok"] == [1.0]  # bools and ints are numbers
+
+
+def test_superscripts_are_not_digits_and_fractions_fold():
+    """NFKC made the superscript in '4²' a digit: '4²' verified equal to 42."""
+    from reasonrl.rl.rewards import answers_equal
+    assert not answers_equal("4²", "42") and not answers_equal("x₂", "x2")
+    assert answers_equal("½", "0.5") and answers_equal("３⁄４", "0.75") and answers_equal("٤٢", "42")
+
+
+def test_repeated_tags_take_linear_time():
+    """The format regex backtracked quadratically over repeated tags: 85 KB took 5 s, 340 KB 78 s."""
+    import time
+
+    from reasonrl.rl.rewards import accuracy_reward, format_reward
+    from reasonrl.rl.tasks import Problem
+    for text in ["<think>" + "</think><answer>x" * 20000, "<answer>1" * 40000, "<think>" * 50000 + "</think><answer>1</answer>"]:
+        t = time.perf_counter()
+        assert format_reward(text) == 0.0
+        accuracy_reward(text, Problem("q", "1"))
+        assert time.perf_counter() - t < 2.0, len(text)
