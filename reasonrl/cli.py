@@ -64,7 +64,7 @@ def _wants_r1(argv) -> bool:
     if path is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
         path = argv[argv.index("--config") + 1]
     if path is not None:
-        import tomllib
+        from reasonrl.train.config import tomllib
         try:
             with open(path, "rb") as f:
                 return "stages" in tomllib.load(f)

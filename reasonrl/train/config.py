@@ -15,7 +15,10 @@ import math
 import re
 import textwrap
 import tokenize
-import tomllib
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the same parser as a package (pyproject's tomli)
+    import tomli as tomllib
 import typing
 from dataclasses import dataclass, field
 
