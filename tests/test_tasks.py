@@ -63,6 +63,8 @@ def test_difficulty_knob():
     assert all(len(p.meta["numbers"]) == 5 for p in get_task("countdown", difficulty=5).problems(10, 0))
     with pytest.raises(ValueError, match="difficulty"):
         get_task("add", difficulty=0)
+    with pytest.raises(ValueError, match=r"difficulty: task 'multiply' takes 1..1000, got 5000"):
+        get_task("multiply", difficulty=5000)  # failed deep inside int() with Python's 4300-digit limit
     with pytest.raises(ValueError, match="digits"):
         MultiplyTask(digits=(3, 2))
     with pytest.raises(ValueError, match="unknown-task|expected one of"):
@@ -103,6 +105,12 @@ def test_jsonl_shapes(tmp_path):
     ('{"question": "a"}', "missing 'answer'"),
     ('{"question": "a", "answer": ""}', "missing 'answer'"),
     ('{"problem": "a", "solution": "no box here"}', "missing 'answer'"),
+    ('{"question": "a", "answer": NaN}', "finite number"),  # json.loads takes NaN: 'nan' == 'nan' verified
+    ('{"question": "a", "answer": -Infinity}', "finite number"),
+    ('{"question": "ok", "answer": "2"}', "the question of line 1 again, with another answer"),
+    ('{"question": "c", "answer": "1", "checker": "countdown", "meta": {"numbers": ["1", 2], "target": 3}}',
+     "list of ints"),
+    ('{"question": "c", "checker": "code"}', "checker 'code' needs 'tests'"),
 ])
 def test_jsonl_errors_name_file_and_line(tmp_path, line, msg):
     f = _write(tmp_path / "bad.jsonl", ['{"question": "ok", "answer": "1"}', "", line])
@@ -137,3 +145,19 @@ def test_jsonl_invalid_utf8_names_file_and_line(tmp_path):
     path.write_text('{"question": "1+1 \\ud800", "answer": "2"}\n')  # valid JSON, a lone surrogate
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:1: 'question' is not valid Unicode"):
         load_jsonl(str(path))
+
+
+def test_jsonl_code_problems_run_their_tests(tmp_path):
+    """checker 'code': the response's last ```python block runs against the line's tests in the sandbox."""
+    f = _write(tmp_path / "code.jsonl", [
+        json.dumps({"question": "Write add(a, b).", "checker": "code", "tests": "assert add(2, 3) == 5"}),
+        json.dumps({"question": "Write neg(x).", "checker": "code", "meta": {"tests": "assert neg(2) == -2"}}),
+        json.dumps({"question": "Same question, same tests.", "checker": "code", "tests": "assert True"}),
+        json.dumps({"question": "Same question, same tests.", "checker": "code", "tests": "assert True"}),
+    ])
+    ps = load_jsonl(f)
+    good = "<think>easy</think><answer>```python\ndef add(a, b):\n    return a + b\n```</answer>"
+    bad = good.replace("a + b", "a - b")
+    cheat = "<think>x</think><answer>```python\nimport sys\nsys.exit(0)\n```</answer>"
+    assert [accuracy_reward(r, ps[0]) for r in (good, bad, cheat)] == [1.0, 0.0, 0.0]
+    assert accuracy_reward("<answer>```python\ndef neg(x):\n    return -x\n```</answer>", ps[1]) == 1.0

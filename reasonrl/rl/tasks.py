@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -160,10 +161,12 @@ class JsonlTask(Task):
     {"question", "answer"}; GSM8K {"question", "answer": "... #### 42"}; MATH {"problem",
     "solution" with \\boxed{}} (or an explicit "answer"). An optional "response" in the training
     format is used as the worked solution for SFT (what `reasonrl sample` writes); optional
-    "checker" ("math" | "countdown" | "none") and "meta" (e.g. countdown's numbers and target) say how
-    rewards.accuracy_reward verifies an answer (default: math equivalence). "none" marks open-ended
-    prompts with no answer to verify (the helpfulness side of a mix, scored by an "rm:FOLDER"
-    reward); their "answer" may be omitted and their accuracy is 0."""
+    "checker" ("math" | "countdown" | "none" | "code") and "meta" (e.g. countdown's numbers and target)
+    say how rewards.accuracy_reward verifies an answer (default: math equivalence). "none" marks
+    open-ended prompts with no answer to verify (the helpfulness side of a mix, scored by an
+    "rm:FOLDER" reward); their "answer" may be omitted and their accuracy is 0. "code" runs the
+    response's last ```python block against the line's "tests" (or meta.tests: plain asserts) in the
+    sandbox (rl/sandbox.py); "answer" may be omitted. A question given twice must have one answer."""
 
     def __init__(self, path: str):
         self.path, self.name = path, f"jsonl:{os.path.basename(path)}"
@@ -191,8 +194,10 @@ def _jsonl_problem(obj, where: str) -> Problem:
     if answer is None and isinstance(obj.get("solution"), str):  # MATH
         rationale, answer = obj["solution"], extract_boxed(obj["solution"])
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        if not math.isfinite(answer):  # json.loads takes NaN and Infinity: 'nan' verified equal to 'nan'
+            raise ValueError(f"{where}: 'answer' must be a finite number, got {answer}")
         answer = str(answer)
-    if answer is None and obj.get("checker") == "none":  # open-ended prompt: a reward model scores it
+    if answer is None and obj.get("checker") in ("none", "code"):  # scored by a reward model / by its tests
         answer = ""
     elif not isinstance(answer, str) or not answer.strip():
         raise ValueError(f"{where}: missing 'answer' (a string or number, '#### x', or a \\boxed{{}} solution)")
@@ -213,19 +218,31 @@ def _jsonl_problem(obj, where: str) -> Problem:
         raise ValueError(f"{where}: 'checker' must be one of {JSONL_CHECKERS}, got {checker!r}")
     if not isinstance(meta, dict):
         raise ValueError(f"{where}: 'meta' must be a JSON object")
-    if checker == "countdown" and not (isinstance(meta.get("numbers"), list) and isinstance(meta.get("target"), int)):
-        raise ValueError(f"{where}: checker 'countdown' needs meta.numbers (a list) and meta.target (an int)")
+    def _int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+    if checker == "countdown" and not (isinstance(meta.get("numbers"), list) and meta["numbers"]
+                                       and all(_int(x) for x in meta["numbers"]) and _int(meta.get("target"))):
+        raise ValueError(f"{where}: checker 'countdown' needs meta.numbers (a non-empty list of ints) and "
+                         "meta.target (an int)")
+    if checker == "code":
+        if "tests" in obj and "tests" not in meta:
+            meta = {**meta, "tests": obj["tests"]}
+        if not isinstance(meta.get("tests"), str) or not meta["tests"].strip():
+            raise ValueError(f"{where}: checker 'code' needs 'tests' (or meta.tests): Python asserts that the "
+                             "answer's code must pass, run in the sandbox (rl/sandbox.py)")
     return Problem(question.strip(), answer, solution, checker, meta)
 
 
-JSONL_CHECKERS = ("math", "countdown", "none")  # plain-JSON checkers; "none": no verifiable answer
+# plain-JSON checkers; "none": no verifiable answer; "code": the response's last ```python block (or its
+# answer) runs against the line's tests in rl/sandbox.py
+JSONL_CHECKERS = ("math", "countdown", "none", "code")
 
 
 def load_jsonl(path: str) -> list[Problem]:
     """Problems from a JSONL file; a malformed line raises ValueError naming the file and line."""
     if not os.path.isfile(path):
         raise ValueError(f"dataset {path!r}: no such file")
-    out = []
+    out, seen = [], {}  # question -> (line, answer)
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -236,7 +253,12 @@ def load_jsonl(path: str) -> list[Problem]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-                out.append(_jsonl_problem(obj, where))
+                p = _jsonl_problem(obj, where)
+                if p.question in seen and seen[p.question][1] != (p.answer, p.checker):
+                    raise ValueError(f"{where}: the question of line {seen[p.question][0]} again, with another "
+                                     f"answer ({p.answer!r} against {seen[p.question][1][0]!r}): which is right?")
+                seen.setdefault(p.question, (lineno, (p.answer, p.checker)))
+                out.append(p)
     except UnicodeDecodeError as e:  # decoded in blocks: find the line in the raw bytes
         raise ValueError(f"{_bad_utf8_line(path)}: invalid UTF-8 ({e.reason}); the file must be UTF-8 text") from None
     if not out:
@@ -283,6 +305,9 @@ class ReasoningGymTask(Task):
 
 
 BUILTIN = {"multiply": MultiplyTask, "add": AddTask, "countdown": CountdownTask}
+# Largest difficulty each built-in takes: operands of up to 1000 digits (products stay under Python's
+# 4300-digit int/str limit), up to 12 numbers in countdown.
+MAX_DIFFICULTY = {"multiply": 1000, "add": 1000, "countdown": 12}
 
 
 def get_task(name: str, difficulty: int | None = None) -> Task:
@@ -298,8 +323,9 @@ def get_task(name: str, difficulty: int | None = None) -> Task:
         raise ValueError(f"task {name!r}: expected one of {sorted(BUILTIN)}, 'jsonl:PATH' or 'rg:DATASET'")
     if difficulty is None:
         return BUILTIN[name]()
-    if difficulty < 1:
-        raise ValueError(f"task difficulty must be >= 1, got {difficulty}")
+    top = MAX_DIFFICULTY[name]
+    if not 1 <= difficulty <= top:
+        raise ValueError(f"difficulty: task {name!r} takes 1..{top}, got {difficulty}")
     if name == "countdown":
         return CountdownTask(count=max(2, difficulty))
     return BUILTIN[name](digits=(min(2, difficulty), difficulty))
