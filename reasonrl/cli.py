@@ -52,7 +52,7 @@ def cmd_train(argv):
         from reasonrl.train.r1 import run_pipeline
         return run_pipeline(parse_config(PipelineConfig, argv, "reasonrl train"))
     from reasonrl.train.pipeline import run_train
-    run_train(parse_config(TrainConfig, argv, "reasonrl train"))
+    run_train(parse_config(TrainConfig, argv, "reasonrl train").refuse_overridden())
 
 
 def _wants_r1(argv) -> bool:

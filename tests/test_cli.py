@@ -50,6 +50,19 @@ def test_bad_values_name_the_field(capsys):
     assert "--steps" in fails("sft", "--steps", "x")
     assert "unknown command" in fails("frobnicate")
     assert "unrecognized arguments" in (fails("sft", "--no_such_field", "1") + capsys.readouterr().err)
+    # a nested stage's error says which stage (SFTConfig.lr could be sft's, rs_sft's or the control's)
+    assert "[rs_sft] SFTConfig.lr: must be > 0" in fails("train", "--stages", "all", "--rs_sft.lr", "0")
+    assert "[sft] SFTConfig.lr" in fails("train", "--sft.lr", "-1")
+
+
+@pytest.mark.parametrize("flag, instead", [("--sft.seed", "--seed"), ("--grpo.seed", "--seed"),
+                                           ("--sft.out_dir", "--out_dir"), ("--grpo.out_dir", "--out_dir"),
+                                           ("--grpo.model", "--sft.model")])
+def test_train_refuses_flags_it_would_override(flag, instead):
+    """`reasonrl train` sets each stage's seed and out_dir, and GRPO's model, itself: these flags were
+    listed in --help and then silently replaced."""
+    msg = fails("train", flag, "7")
+    assert "sets it itself" in msg and f"set {instead} instead" in msg
 
 
 def test_console_script_reports_errors_without_traceback():

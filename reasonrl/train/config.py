@@ -291,6 +291,18 @@ class TrainConfig:
         if self.eval_problems < 1:
             _bad(self, "eval_problems", "must be >= 1")
 
+    def refuse_overridden(self):
+        """The command line's check (the Python API may pass whole stage configs): fields that
+        pipeline.run_train sets itself, which a flag would set for nothing."""
+        for stage, name, instead in (("sft", "seed", "seed"), ("grpo", "seed", "seed"), ("sft", "out_dir", "out_dir"),
+                                     ("grpo", "out_dir", "out_dir"), ("grpo", "model", "sft.model")):
+            sub = getattr(self, stage)
+            if getattr(sub, name) != getattr(type(sub)(), name):
+                raise ValueError(f"TrainConfig.{stage}.{name}: `reasonrl train` sets it itself (from its "
+                                 f"{'SFT stage' if name == 'model' else repr(name)}); set --{instead} instead, "
+                                 f"got {getattr(sub, name)!r}")
+        return self
+
 
 STAGES = ("sft", "grpo", "sample", "rs_sft", "mt_grpo")
 
@@ -602,7 +614,12 @@ def _from_dict(cls, d: dict, where: str, table: str = ""):
                 raise ValueError(f"{where}: {at}{k} = {shown}: expected {_type_name(t)} ({cls.__name__}.{k}), "
                                  f"got {type(v).__name__}")
             kwargs[k] = value
-    return cls(**kwargs)
+    if not table:
+        return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a nested stage's check: say which stage (SFTConfig.lr could be sft's or rs_sft's)
+        raise ValueError(f"{where + ': ' if where != 'config' else ''}[{table}] {e}") from None
 
 
 def parse_config(cls, argv: list[str] | None, prog: str = "reasonrl"):
