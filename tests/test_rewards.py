@@ -162,3 +162,19 @@ def test_repeated_tags_take_linear_time():
         assert format_reward(text) == 0.0
         accuracy_reward(text, Problem("q", "1"))
         assert time.perf_counter() - t < 2.0, len(text)
+
+
+def test_reward_module_in_the_working_directory(tmp_path, monkeypatch):
+    """The `reasonrl` console script has no working directory on sys.path (`python -m reasonrl` has):
+    `--rewards myrw:fn` from the folder holding myrw.py failed to import there."""
+    import os
+    import sys
+
+    from reasonrl.rl.rewards import load_reward_fn
+    (tmp_path / "myrw_cwd_test.py").write_text("def fn(response, problem):\n    return 0.25\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd(), str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "myrw_cwd_test", raising=False)
+    assert load_reward_fn("myrw_cwd_test:fn")("x", None) == 0.25
+    with pytest.raises(ValueError, match="cannot import module 'no_such_reward_mod'"):
+        load_reward_fn("no_such_reward_mod:fn")

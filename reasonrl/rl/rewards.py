@@ -26,6 +26,7 @@ import math
 import os
 import re
 import signal
+import sys
 import threading
 import unicodedata
 from fractions import Fraction
@@ -370,6 +371,17 @@ def load_reward_fn(spec: str) -> Callable:
     mod_name, fn_name = spec.split(":", 1)
     try:
         mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name != mod_name.split(".")[0] or os.getcwd() in sys.path:
+            raise ValueError(f"reward {spec!r}: cannot import module {mod_name!r}: {e}") from e
+        # the `reasonrl` console script, unlike `python -m reasonrl`, has no working directory on
+        # sys.path: a reward module beside the run's files was not found
+        sys.path.append(os.getcwd())
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e2:
+            raise ValueError(f"reward {spec!r}: cannot import module {mod_name!r} (searched sys.path and the "
+                             f"working directory): {e2}") from e2
     except ImportError as e:
         raise ValueError(f"reward {spec!r}: cannot import module {mod_name!r}: {e}") from e
     fn = getattr(mod, fn_name, None)
