@@ -750,3 +750,22 @@ def test_resume_warns_about_changed_settings(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "settings that differ from its run's: lr 0.003 -> 0.005" in out
     assert "steps" not in out.split("differ from its run's:")[1].splitlines()[0]  # extending a run is free
+
+
+def test_stage_bar_by_steps_or_by_time(monkeypatch, capsys):
+    """Both stages show a progress bar on a terminal: by steps, or by seconds where a wall-clock budget
+    ends the stage (the default run's GRPO and control stages: steps 10**4 and 10**9)."""
+    from reasonrl.train.common import StageBar
+    monkeypatch.setattr(os, "isatty", lambda fd: True)
+    bar = StageBar("grpo", 10_000, 240.0)
+    assert bar.by_time and bar.bar.total == 240
+    bar.tick(3, 12.4)
+    bar.write("[grpo] a log line")
+    bar.close()
+    bar = StageBar("sft", 950, 0.0, step=10)
+    assert not bar.by_time and bar.bar.total == 950 and bar.bar.n == 10
+    bar.tick(11, 1.0)
+    assert bar.bar.n == 11
+    bar.close()
+    out, err = capsys.readouterr()
+    assert "[grpo] a log line" in out and "grpo" in err and "step 3" in err

@@ -162,6 +162,35 @@ def lr_at(step: int, progress: float, lr: float, warmup: int, min_ratio: float) 
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+class StageBar:
+    """A stage's progress bar on the terminal (none when stderr is not one): by steps, or by seconds
+    where the stage runs on a wall-clock budget that ends it before its steps do (the default run's
+    GRPO stage and its control: steps=10**4 or 10**9, max_seconds=240). Log lines go through write()
+    so that they print above the bar."""
+
+    def __init__(self, tag: str, steps: int, max_seconds: float, step: int = 0, elapsed: float = 0.0):
+        from tqdm import tqdm
+        self.by_time = bool(max_seconds) and math.isfinite(max_seconds) and steps >= 10_000
+        total, initial = (round(max_seconds), round(elapsed)) if self.by_time else (steps, step)
+        self.bar = tqdm(total=total, initial=min(initial, total), desc=tag, unit="s" if self.by_time else "step",
+                        dynamic_ncols=True, leave=False, disable=not os.isatty(2))
+        self.shown = initial
+
+    def tick(self, step: int, elapsed: float):
+        now = min(round(elapsed), self.bar.total) if self.by_time else step
+        if now > self.shown:
+            self.bar.update(now - self.shown)
+            self.shown = now
+        if self.by_time:
+            self.bar.set_postfix_str(f"step {step}", refresh=False)
+
+    def write(self, line: str):
+        self.bar.write(line)
+
+    def close(self):
+        self.bar.close()
+
+
 def make_optimizer(model, cfg):
     """AdamW, fused (one kernel over all parameters on CPU and CUDA): elementwise, so as bit-for-bit
     reproducible after a resume as the for-loop form (tests/test_train.py resume equivalence).

@@ -30,7 +30,7 @@ from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import StepGuard, on_interrupt, resume_or_start, save_checkpoint
 from reasonrl.train.common import (autocast, common_template_len, copy_model, encode_prompt, keep_freed_memory,
                                    load_model_and_tokenizer, lr_at, make_optimizer, moe_aux_loss, pack, pack_shared,
-                                   resolve_device, step_seed, token_budget_batches, warn_if_slow_bf16)
+                                   resolve_device, StageBar, step_seed, token_budget_batches, warn_if_slow_bf16)
 from reasonrl.train.config import GRPOConfig
 from reasonrl.train.logger import plot_metrics
 from reasonrl.models import save_model
@@ -222,6 +222,7 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
 
     exclude, start = set(exclude), time.perf_counter() - elapsed
     model.train()
+    bar = StageBar(tag, cfg.steps, cfg.max_seconds, step, elapsed)
     try:
         with StepGuard(tag, opt) as guard:
             while step < cfg.steps and not (cfg.max_seconds and elapsed >= cfg.max_seconds):
@@ -239,16 +240,19 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
                 if cfg.tasks:
                     row.update(_task_metrics(rs, [t[0] for t in tasks]))
                 line = logger.log(row, LOG_KEYS + tuple(k for k in row if "/" in k))
+                bar.tick(step, elapsed)
                 if step % cfg.log_every == 0:
-                    print(f"[{tag}] {line}", flush=True)
+                    bar.write(f"[{tag}] {line}")
                 if cfg.save_every and step % cfg.save_every == 0:
                     save()
                 guard.step_done()
                 if guard.stop_requested:
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
+        bar.close()
         on_interrupt(tag, guard, save, cfg.out_dir)
         raise
+    bar.close()
     save()
     save_model(model, os.path.join(cfg.out_dir, "final"), tokenizer=tokenizer)
     plot_metrics(logger.path, os.path.join(cfg.out_dir, "metrics.png"),

@@ -14,7 +14,7 @@ from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import StepGuard, on_interrupt, resume_or_start, save_checkpoint
 from reasonrl.train.common import (autocast, encode_prompt, encode_response, keep_freed_memory, load_model_and_tokenizer,
                                    lr_at, make_optimizer, moe_aux_loss, pack_sft, resolve_device, step_seed,
-                                   warn_if_slow_bf16)
+                                   StageBar, warn_if_slow_bf16)
 from reasonrl.train.config import SFTConfig
 from reasonrl.train.logger import plot_metrics
 from reasonrl.models import save_model
@@ -62,7 +62,7 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
         return save_checkpoint(cfg.out_dir, model, opt, state, tokenizer, keep=cfg.keep_checkpoints)
 
     start = time.perf_counter() - elapsed
-    bar = _bar(cfg.steps, step, tag)
+    bar = StageBar(tag, cfg.steps, cfg.max_seconds, step, elapsed)
     try:
         with StepGuard(tag, opt) as guard:
             while step < cfg.steps and not (cfg.max_seconds and elapsed >= cfg.max_seconds):
@@ -89,7 +89,7 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 elapsed = time.perf_counter() - start
-                bar.update(1)
+                bar.tick(step, elapsed)
                 last = step == cfg.steps or (cfg.max_seconds and elapsed >= cfg.max_seconds)
                 if step % cfg.log_every == 0 or last:
                     loss_v = loss.item()  # waits for the GPU (the optimizer step too) before the clock is read
@@ -111,12 +111,6 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
     save_model(model, os.path.join(cfg.out_dir, "final"), tokenizer=tokenizer)
     plot_metrics(logger.path, os.path.join(cfg.out_dir, "metrics.png"))
     return model, tokenizer, {"steps": step, "seconds": elapsed}
-
-
-def _bar(total, initial, tag):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=tag, dynamic_ncols=True, leave=False,
-                disable=not os.isatty(2))
 
 
 def _logits_fit(hidden, weight, cfg) -> bool:
