@@ -769,3 +769,13 @@ def test_stage_bar_by_steps_or_by_time(monkeypatch, capsys):
     bar.close()
     out, err = capsys.readouterr()
     assert "[grpo] a log line" in out and "grpo" in err and "step 3" in err
+
+
+def test_metrics_lines_are_strict_json(tmp_path):
+    """accuracy is NaN without an accuracy reward: metrics.jsonl holds null there, not a bare NaN."""
+    from reasonrl.train.logger import MetricsLogger
+    m = MetricsLogger(str(tmp_path))
+    assert "accuracy nan" in m.log({"step": 1, "accuracy": float("nan"), "kl": float("inf"), "loss": 0.5})
+    line = open(m.path).read()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == \
+        {"step": 1, "accuracy": None, "kl": None, "loss": 0.5}

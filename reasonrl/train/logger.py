@@ -36,8 +36,11 @@ class MetricsLogger:
             os.remove(self.path)
 
     def log(self, row: dict, keys: tuple = ()) -> str:
+        # a non-finite number (accuracy without an accuracy reward: NaN) as null: JSON has no NaN, and
+        # json.dumps would write the bare NaN that strict JSON readers reject
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
         return " ".join(f"{k} {_fmt(row[k])}" for k in (keys or row) if k in row)
 
     def rows(self) -> list[dict]:
