@@ -484,3 +484,17 @@ def test_argument_types_are_named():
     for backend in ("reference", "cpp"):
         with pytest.raises(ValueError, match="weight has an empty vocabulary"):
             linear_token_logprobs(h, w[:0], torch.full((4,), -100), backend=backend)
+
+
+def test_the_tolerance_catches_a_kernel_that_computes_in_bf16():
+    """The bound's atol follows the output's dtype where it is wider than the input's: float32 log-probs
+    of bf16 logits computed in bf16 (about 5e4 x PyTorch's error) passed the bf16 input's atol before."""
+    from tolerance import assert_close_to_ref
+    x = _logits(37, 1000, torch.bfloat16)
+    ids = _ids(37, 1000, pad_frac=0.0)
+    ref64 = token_logprobs_reference(x.double(), ids)
+    same = token_logprobs_reference(x, ids)
+    sloppy = x.log_softmax(-1).gather(1, ids[:, None]).squeeze(1).float()  # log_softmax in bf16
+    with pytest.raises(AssertionError, match="max err"):
+        assert_close_to_ref(sloppy, ref64, same, torch.bfloat16, "bf16 log_softmax")
+    assert_close_to_ref(token_logprobs(x, ids, backend="cpp"), ref64, same, torch.bfloat16, "cpp")
