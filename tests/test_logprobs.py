@@ -184,6 +184,52 @@ def test_linear_token_logprobs_matches_float64(backend, N, H, V, dtype, monkeypa
         assert_close_to_ref(o, r, s, dtype, name=f"{backend} {name} N={N} V={V} {dtype}")
 
 
+def _lin_check(backend, h, w, ids, dtype, what, **kw):
+    N = ids.numel()
+    g, gh = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    out = _lin_run(linear_token_logprobs, h, w, ids, g, gh, backend=backend, **kw)
+    ref = _lin_run(linear_token_logprobs, h.double(), w.double(), ids, g, gh, backend="reference")
+    same = _lin_run(linear_token_logprobs, h, w, ids, g, gh, backend="reference")
+    for name, o, r, s in zip(("logp", "entropy", "grad_hidden", "grad_weight"), out, ref, same):
+        assert_close_to_ref(o, r, s, dtype, name=f"{backend} {what} {name} {dtype}")
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_issue_shapes_and_edge_cases(dtype):
+    """The issue's list for the fused LM-head op too (the token op has its own above): N = 2048 and
+    V = 151936, a non-contiguous hidden, logits near +-1e4, fully padded rows; cpp backend (Triton runs
+    the small shapes above under the interpreter)."""
+    def mk(N, H, V, scale=1.0):
+        h = torch.randn(N, H, dtype=torch.float64).to(dtype)
+        w = (torch.randn(V, H, dtype=torch.float64) * (scale / H ** 0.5)).to(dtype)
+        return h, w
+    h, w = mk(2048, 8, 1000)
+    _lin_check("cpp", h, w, _ids(2048, 1000), dtype, "N=2048")
+    h, w = mk(3, 8, 151936)
+    _lin_check("cpp", h, w, _ids(3, 151936, pad_frac=0.0), dtype, "V=151936")
+    base, w = mk(37, 48, 1000)
+    _lin_check("cpp", base[:, ::2], w[:, :24].contiguous(), _ids(37, 1000), dtype, "non-contiguous hidden")
+    # logits near +-1e4: one vocabulary row far out along each hidden row's direction
+    h, w = mk(9, 16, 1000)
+    w = w.double()
+    w[0] = 1e4 * h[0].double() / h[0].double().pow(2).sum()
+    w[1] = -1e4 * h[1].double() / h[1].double().pow(2).sum()
+    w = w.to(dtype)
+    z = (h.double() @ w.double().T)
+    assert z.abs().max() > 5e3
+    _lin_check("cpp", h, w, _ids(9, 1000, pad_frac=0.0), dtype, "extreme logits")
+    # fully padded rows: log-prob 0, entropy 0, no gradient from them
+    h, w = mk(6, 16, 1000)
+    ids = _ids(6, 1000, pad_frac=0.0)
+    ids[[1, 4]] = -100
+    lp, ent, gx, gw = _lin_check("cpp", h, w, ids, dtype, "padded rows")
+    assert (lp[[1, 4]] == 0).all() and (ent[[1, 4]] == 0).all() and (gx[[1, 4]] == 0).all()
+    lp, ent, gx, gw = _lin_run(linear_token_logprobs, h, w, torch.full((6,), -100), torch.randn(6), torch.randn(6),
+                               backend="cpp")
+    assert (lp == 0).all() and (gx == 0).all() and (gw == 0).all()
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("N,H,V", [(1, 16, 7), (37, 24, 1000), (64, 8, 32000)])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -498,3 +544,10 @@ def test_the_tolerance_catches_a_kernel_that_computes_in_bf16():
     with pytest.raises(AssertionError, match="max err"):
         assert_close_to_ref(sloppy, ref64, same, torch.bfloat16, "bf16 log_softmax")
     assert_close_to_ref(token_logprobs(x, ids, backend="cpp"), ref64, same, torch.bfloat16, "cpp")
+
+
+def test_linear_errors_name_hidden():
+    with pytest.raises(ValueError, match="hidden's leading shape"):
+        linear_token_logprobs(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"empty hidden dimension \(H = 0\)"):
+        linear_token_logprobs(torch.randn(4, 0), torch.randn(10, 0), torch.zeros(4, dtype=torch.long))

@@ -1,7 +1,8 @@
 """Backend discovery and selection shared by every op family.
 
 `backend="auto"` picks the fastest implementation available for the tensors' device:
-CUDA tensors -> "triton" (then "cuda"), CPU tensors -> "cpp" (then "reference").
+CUDA tensors -> "triton" (then "cuda") unless the op names its own order (resolve's prefer_cuda: the
+log-prob ops take "cuda" first, logprobs.AUTO_ON_CUDA), CPU tensors -> "cpp" (then "reference").
 An explicitly named backend that is not available raises, naming why.
 """
 from __future__ import annotations

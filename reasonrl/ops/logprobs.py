@@ -384,14 +384,14 @@ def _linear_fwd_by_vocab(hidden, weight, ids, inv_t, ignore_index, with_entropy,
 ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
-def _check_ids(op, ids, lead_shape, V, ignore_index, check_range):
+def _check_ids(op, ids, lead_shape, V, ignore_index, check_range, of="the logits'"):
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{op}: ids must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype not in ID_DTYPES:
         raise TypeError(f"{op}: ids must be an integer tensor of dtype int64, int32, int16 or uint8, "
                         f"got {ids.dtype}")
     if tuple(ids.shape) != tuple(lead_shape):
-        raise ValueError(f"{op}: ids has shape {tuple(ids.shape)} but the logits' leading shape is {tuple(lead_shape)}")
+        raise ValueError(f"{op}: ids has shape {tuple(ids.shape)} but {of} leading shape is {tuple(lead_shape)}")
     if check_range and ids.numel():
         bad = ((ids < 0) | (ids >= V)) & (ids != ignore_index)
         if bool(bad.any()):
@@ -494,7 +494,9 @@ def linear_token_logprobs(hidden, weight, ids, temperature=1.0, *, ignore_index=
     V, H = weight.shape
     if V == 0:
         raise ValueError(f"{op}: weight has an empty vocabulary dimension (V = 0 rows)")
-    _check_ids(op, ids, hidden.shape[:-1], V, ignore_index, check_ids)
+    if H == 0:
+        raise ValueError(f"{op}: hidden and weight have an empty hidden dimension (H = 0)")
+    _check_ids(op, ids, hidden.shape[:-1], V, ignore_index, check_ids, of="hidden's")
     if name == "reference":
         return linear_token_logprobs_reference(hidden, weight, ids, temperature, ignore_index, return_entropy)
     lead = ids.shape
