@@ -779,3 +779,22 @@ def test_metrics_lines_are_strict_json(tmp_path):
     line = open(m.path).read()
     assert json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == \
         {"step": 1, "accuracy": None, "kl": None, "loss": 0.5}
+
+
+def test_accuracy_filter_without_an_accuracy_reward_says_so(tmp_path, capsys):
+    """filter_on='accuracy' (the default) falls back to the total reward's variance for a task with no
+    accuracy reward: said once at the start, not silently."""
+    model, tok = micro_model()
+    run_grpo(_grpo_cfg(tmp_path, steps=1, rewards="test_train:length_reward:1.0", filter_on="accuracy"),
+             model=model, tokenizer=tok)
+    assert "have no accuracy reward: their groups are kept or dropped by the variance of their total" in \
+        capsys.readouterr().out
+    from reasonrl.rl.tasks import get_task
+    get_task("jsonl:" + str(_jsonl_for_difficulty(tmp_path)), difficulty=3)
+    assert "has no difficulty knob" in capsys.readouterr().out
+
+
+def _jsonl_for_difficulty(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    return f

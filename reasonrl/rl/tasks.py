@@ -313,6 +313,8 @@ MAX_DIFFICULTY = {"multiply": 1000, "add": 1000, "countdown": 12}
 def get_task(name: str, difficulty: int | None = None) -> Task:
     """'multiply' | 'add' | 'countdown' | 'jsonl:PATH' | 'rg:DATASET'. `difficulty` (built-ins):
     the largest operand's digit count (multiply, add) or how many numbers (countdown)."""
+    if difficulty is not None and (name.startswith(("jsonl:", "rg:")) or name.endswith(".jsonl")):
+        print(f"note: task {name!r} has no difficulty knob; difficulty={difficulty} does not apply to it")
     if name.startswith("jsonl:"):
         return JsonlTask(name[len("jsonl:"):])
     if name.endswith(".jsonl"):

@@ -208,6 +208,10 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
     if cfg.rollout_dtype == "bf16":
         warn_if_slow_bf16(dev, "rollout_dtype")
     tasks = make_tasks(cfg)
+    no_acc = [t[0] for t in tasks if not any(name == "accuracy" for name, _, _ in t[2])]
+    if cfg.dynamic_sampling and cfg.filter_on == "accuracy" and no_acc:
+        print(f"[{tag}] note: filter_on='accuracy' but task(s) {no_acc} have no accuracy reward: their groups are "
+              "kept or dropped by the variance of their total reward", flush=True)
     ref_model = copy_model(model).eval().requires_grad_(False) if cfg.beta > 0 else None
     loss_cfg = GRPOLossConfig(advantage=cfg.advantage, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                               beta=cfg.beta, loss_type=cfg.loss_type, max_completion_length=cfg.max_tokens)
