@@ -4,7 +4,7 @@ import torch
 
 from reasonrl.ops import _backend, linear_token_logprobs, token_logprobs
 from reasonrl.ops.logprobs import token_logprobs_reference
-from tolerance import assert_close_to_ref
+from tolerance import assert_close_to_ref, atol_for
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -42,7 +42,7 @@ def _check(backend, x, ids, temperature, inplace=False):
     kw = dict(temperature=temperature, backend=backend, inplace_backward=inplace)
     out = _run(token_logprobs, x, ids, g, gh, **kw)
     for name, o, r, s in zip(("logp", "entropy", "grad"), out, ref, same):
-        assert_close_to_ref(o, r, s, dtype, name=f"{backend} {name} N={N} dtype={dtype}")
+        assert_close_to_ref(o, r, s, dtype, name=f"{backend} {name} N={N} dtype={dtype}", atol=atol_for(o, dtype))
     keep = ids != -100
     assert (out[0][~keep] == 0).all() and (out[2][~keep] == 0).all()
     assert out[0].dtype == torch.float32 and out[2].dtype == dtype
@@ -181,7 +181,7 @@ def test_linear_token_logprobs_matches_float64(backend, N, H, V, dtype, monkeypa
     ref = _lin_run(linear_token_logprobs, h.double(), w.double(), ids, g, gh, temperature=0.8, backend="reference")
     same = _lin_run(linear_token_logprobs, h, w, ids, g, gh, temperature=0.8, backend="reference")
     for name, o, r, s in zip(("logp", "entropy", "grad_hidden", "grad_weight"), out, ref, same):
-        assert_close_to_ref(o, r, s, dtype, name=f"{backend} {name} N={N} V={V} {dtype}")
+        assert_close_to_ref(o, r, s, dtype, name=f"{backend} {name} N={N} V={V} {dtype}", atol=atol_for(o, dtype))
 
 
 def _lin_check(backend, h, w, ids, dtype, what, **kw):
@@ -191,7 +191,7 @@ def _lin_check(backend, h, w, ids, dtype, what, **kw):
     ref = _lin_run(linear_token_logprobs, h.double(), w.double(), ids, g, gh, backend="reference")
     same = _lin_run(linear_token_logprobs, h, w, ids, g, gh, backend="reference")
     for name, o, r, s in zip(("logp", "entropy", "grad_hidden", "grad_weight"), out, ref, same):
-        assert_close_to_ref(o, r, s, dtype, name=f"{backend} {what} {name} {dtype}")
+        assert_close_to_ref(o, r, s, dtype, name=f"{backend} {what} {name} {dtype}", atol=atol_for(o, dtype))
     return out
 
 
@@ -245,7 +245,7 @@ def test_linear_keep_logits_matches_float64(backend, N, H, V, dtype):
     ref = _lin_run(linear_token_logprobs, h.double(), w.double(), ids, g, gh, temperature=0.8, backend="reference")
     same = _lin_run(linear_token_logprobs, h, w, ids, g, gh, temperature=0.8, backend="reference")
     for name, o, r, s in zip(("logp", "entropy", "grad_hidden", "grad_weight"), out, ref, same):
-        assert_close_to_ref(o, r, s, dtype, name=f"{backend} keep {name} N={N} V={V} {dtype}")
+        assert_close_to_ref(o, r, s, dtype, name=f"{backend} keep {name} N={N} V={V} {dtype}", atol=atol_for(o, dtype))
     hh = h.detach().clone().requires_grad_(True)
     lp = linear_token_logprobs(hh, w, ids, backend=backend, keep_logits=True)
     lp.sum().backward(retain_graph=True)
@@ -533,17 +533,17 @@ def test_argument_types_are_named():
 
 
 def test_the_tolerance_catches_a_kernel_that_computes_in_bf16():
-    """The bound's atol follows the output's dtype where it is wider than the input's: float32 log-probs
-    of bf16 logits computed in bf16 (about 5e4 x PyTorch's error) passed the bf16 input's atol before."""
-    from tolerance import assert_close_to_ref
+    """atol_for: the output's dtype where it is wider than the input's: float32 log-probs of bf16 logits
+    computed in bf16 (about 5e4 x PyTorch's error) passed the bf16 input's atol before."""
     x = _logits(37, 1000, torch.bfloat16)
     ids = _ids(37, 1000, pad_frac=0.0)
     ref64 = token_logprobs_reference(x.double(), ids)
     same = token_logprobs_reference(x, ids)
     sloppy = x.log_softmax(-1).gather(1, ids[:, None]).squeeze(1).float()  # log_softmax in bf16
     with pytest.raises(AssertionError, match="max err"):
-        assert_close_to_ref(sloppy, ref64, same, torch.bfloat16, "bf16 log_softmax")
-    assert_close_to_ref(token_logprobs(x, ids, backend="cpp"), ref64, same, torch.bfloat16, "cpp")
+        assert_close_to_ref(sloppy, ref64, same, torch.bfloat16, "bf16 log_softmax", atol=atol_for(sloppy, x.dtype))
+    out = token_logprobs(x, ids, backend="cpp")
+    assert_close_to_ref(out, ref64, same, torch.bfloat16, "cpp", atol=atol_for(out, x.dtype))
 
 
 def test_linear_errors_name_hidden():
