@@ -128,6 +128,10 @@ def bench_linear(args, device, ceil, rows):
              ("chunked+checkpoint (8)", lambda: chunked_linear(h, w, ids, T))]
     for b in backends_for(device):
         impls.append((f"reasonrl {b}", lambda b=b: linear_token_logprobs(h, w, ids, T, backend=b, check_ids=False)))
+    if device.type == "cuda" and "triton" in backends_for(device):  # the forward as GEMM + log-sum-exp
+        impls.append(("reasonrl triton, GEMM+LSE forward",
+                      lambda: with_gemm_lse(None, lambda: linear_token_logprobs(h, w, ids, T, backend="triton",
+                                                                                check_ids=False))))
     for b in backends_for(device):  # the logits kept from forward to backward (no recompute; N x V alive)
         impls.append((f"reasonrl {b}, logits kept", lambda b=b: linear_token_logprobs(h, w, ids, T, backend=b,
                                                                                      check_ids=False, keep_logits=True)))
@@ -148,11 +152,29 @@ def bench_linear(args, device, ceil, rows):
         fwd_sweep(args, device, ceil, rows, h.detach(), w.detach(), ids, flop)
 
 
+def with_gemm_lse(config, fn):
+    """fn() with the triton backend's linear forward as one GEMM with the log-sum-exp in its epilogue
+    (ops.logprobs.GEMM_LSE_FWD, off on CUDA until timed), in `config` (kernels.logprobs.LSE_GEMM_GPU)."""
+    import reasonrl.kernels.logprobs as K
+    import reasonrl.ops.logprobs as L
+
+    old, old_cfg = set(L.GEMM_LSE_FWD), K.LSE_GEMM_GPU
+    L.GEMM_LSE_FWD.add("cuda")
+    K.LSE_GEMM_GPU = config or old_cfg
+    try:
+        return fn()
+    finally:
+        L.GEMM_LSE_FWD.clear()
+        L.GEMM_LSE_FWD.update(old)
+        K.LSE_GEMM_GPU = old_cfg
+
+
 def fwd_sweep(args, device, ceil, rows, h, w, ids, flop):
     """The no-grad forward against the GEMM it cannot beat: cuBLAS's h @ W^T alone, as one GEMM into a
     preallocated (N, V) buffer and in the row chunks the op uses, and the op at each chunk size (rows
     "fwd only"). Where the bare GEMM is itself above 1.3x the FLOP floor, no chunking reaches issue 2's
-    forward goal: only a GEMM with the log-sum-exp in its epilogue (no logits written) would."""
+    forward goal: only a GEMM with the log-sum-exp in its epilogue (no logits written) would: the
+    Triton one (kernels.logprobs.linear_lse_fwd) in each of its candidate configs."""
     from reasonrl.ops.logprobs import _chunk
 
     N, V = h.shape[0], w.shape[0]
@@ -177,6 +199,14 @@ def fwd_sweep(args, device, ceil, rows, h, w, ids, flop):
             row(f"cuBLAS GEMMs alone, rows of {mib} MiB ({step})", time_ms(gemms, device, args.warmup, args.rep))
         buf = None  # freed before the op runs (its own chunks)
         torch.cuda.empty_cache()
+        if "triton" in backends_for(device):
+            from reasonrl.kernels.logprobs import LSE_GEMM_CANDIDATES
+
+            for cfg in LSE_GEMM_CANDIDATES:
+                tag = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} g{GROUP_M} w{num_warps} s{num_stages}".format(**cfg)
+                row(f"reasonrl triton, no grad, GEMM+LSE {tag}",
+                    time_ms(lambda cfg=cfg: with_gemm_lse(cfg, lambda: linear_token_logprobs(
+                        h, w, ids, 1.0, backend="triton", check_ids=False)), device, args.warmup, args.rep))
         for b in backends_for(device):
             for mib in args.fwd_sweep:
                 row(f"reasonrl {b}, no grad, chunks of {mib} MiB",

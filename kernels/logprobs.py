@@ -15,6 +15,9 @@ passes over the logits: the byte floor.
 Backward takes `vocab_start`: its columns are vocab ids [vocab_start, vocab_start + Vc), which
 lets the fused LM-head op run it on vocab chunks of recomputed logits.
 """
+import math
+
+import torch
 import triton
 import triton.language as tl
 
@@ -132,3 +135,193 @@ def logprob_bwd(grad_x, x, ids, lse, entropy, grad_logp, grad_entropy, inv_t: fl
         V, vocab_start, inv_t, ignore_index, WITH_ENT=with_ent, BLOCK=BLOCK,
         num_warps=1 if interpret else 8,
     )
+
+
+# ----------------------------------------------------------------------------- LM head + log-sum-exp
+# linear_token_logprobs' forward as one GEMM whose epilogue reduces its own tile: program (i, j) makes
+# the logits tile z = hidden[rows_i] @ W[cols_j]^T / T in float32 registers, rounds it to the inputs'
+# dtype (as the chunked path's GEMM output is, and as the backward's recomputed logits will be), and
+# writes per row only the tile's max m, s = sum exp(z - m) and t = sum exp(z - m) (z - m): three floats
+# per row per column block (3 N V / BLOCK_N in all). A second, small kernel merges a row's blocks and
+# takes the chosen token's logit as hidden[row] . W[id]. The N x V logits never reach memory: the
+# chunked path writes them in bf16 (N=16384, V=151936: 5 GB) and reads them back (2 x 1.0 ms at H200
+# rates, beside a 9.6-ms GEMM). Exponentials in base 2 (z2 = z log2 e): exp2 is the hardware's own.
+
+
+@triton.jit
+def _lse_gemm_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    # GROUP_M row blocks sweep the column blocks together: each W tile is read from L2 by GROUP_M
+    # programs in a row (W: 467 MB at V=151936 H=1536 bf16 does not fit L2; hidden's rows do)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def _linear_lse_kernel(
+    HID, W, PART,
+    N, V, HD, scale2,
+    stride_hn, stride_wv, stride_pc, stride_pn,
+    WITH_ENT: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_BITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """PART[0|1|2, row, j] = m2, s, t2 of z2 = (hidden[row] . W[cols_j]) * scale2 over the column block
+    j (scale2 = log2(e) / T)."""
+    num_n = tl.cdiv(V, BLOCK_N)
+    pid_m, pid_n = _lse_gemm_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), num_n, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask, cmask = rows < N, cols < V
+    # rows / cols past the end read row 0 / column 0 (no masks in the K loop); their results are
+    # masked below
+    r_safe = tl.where(rmask, rows, 0).to(tl.int64)
+    c_safe = tl.where(cmask, cols, 0).to(tl.int64)
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = HID + r_safe[:, None] * stride_hn + kk[None, :]  # (BM, BK); hidden's rows are contiguous
+    b_ptrs = W + c_safe[None, :] * stride_wv + kk[:, None]  # (BK, BN): W^T, K-major like hidden
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, HD, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            kmask = (k0 + kk) < HD
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    # rounded to the inputs' dtype first, as the backward's recomputed logits are (a GEMM writing bf16):
+    # an lse of the unrounded logits would leave that backward's softmax summing to 1 +- 1e-2 in bf16
+    if RNE_BITS:  # bf16 by its bits: Triton 3.9's interpreter truncates in .to(tl.bfloat16)
+        b = acc.to(tl.uint32, bitcast=True)
+        acc = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        acc = acc.to(HID.dtype.element_ty).to(tl.float32)
+    # Per element: the rounding, one select, the max, one FMA, exp2, the sum (plus an FMA and a
+    # select for the entropy). scale2 > 0, so the scaled tile's max is the scaled max.
+    acc = tl.where(cmask[None, :], acc, float("-inf"))  # every block has a column < V: the max is finite
+    m = tl.max(acc, 1) * scale2
+    d = acc * scale2 - m[:, None]  # <= 0; -inf past V
+    e = tl.exp2(d)
+    pbase = PART + rows.to(tl.int64) * stride_pn + pid_n
+    tl.store(pbase, m, mask=rmask)
+    tl.store(pbase + stride_pc, tl.sum(e, 1), mask=rmask)
+    if WITH_ENT:  # relative to the block's max: no terms of size |z| cancel (see _logprob_fwd_kernel)
+        tl.store(pbase + 2 * stride_pc, tl.sum(e * tl.where(cmask[None, :], d, 0.0), 1), mask=rmask)
+
+
+@triton.jit
+def _lse_merge_kernel(
+    PART, HID, W, IDS, LOGP, LSE, ENT,
+    N, NB, V, HD, scale2, ignore_index, stride_pc, stride_pn, stride_hn, stride_wv,
+    WITH_ENT: tl.constexpr, RNE_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """A row's blocks merged (base 2, converted to natural log at the end):
+    M = max m_j, S = sum s_j 2^(m_j - M), T = sum 2^(m_j - M) (t_j + (m_j - M) s_j);
+    lse = (M + log2 S) ln 2, logp = ((zt - M) - log2 S) ln 2, entropy = (log2 S - T / S) ln 2."""
+    LN2: tl.constexpr = 0.6931471805599453
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    base = PART + rows.to(tl.int64)[:, None] * stride_pn
+    cc = tl.arange(0, BLOCK_C)
+    M = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    for c0 in range(0, NB, BLOCK_C):
+        msk = rmask[:, None] & ((c0 + cc) < NB)[None, :]
+        M = tl.maximum(M, tl.max(tl.load(base + c0 + cc[None, :], mask=msk, other=float("-inf")), 1))
+    M_safe = tl.where(rmask, M, 0.0)
+    S = tl.zeros((BLOCK_R,), tl.float32)
+    T = tl.zeros((BLOCK_R,), tl.float32)
+    for c0 in range(0, NB, BLOCK_C):
+        msk = rmask[:, None] & ((c0 + cc) < NB)[None, :]
+        p = base + c0 + cc[None, :]
+        dm = tl.load(p, mask=msk, other=float("-inf")) - M_safe[:, None]  # <= 0; -inf where masked
+        w = tl.exp2(dm)
+        s = tl.load(p + stride_pc, mask=msk, other=0.0)
+        S += tl.sum(w * s, 1)
+        if WITH_ENT:
+            t = tl.load(p + 2 * stride_pc, mask=msk, other=0.0)
+            T += tl.sum(w * (t + tl.where(msk, dm, 0.0) * s), 1)
+    S = tl.where(rmask, S, 1.0)  # rows past N: no log(0)
+    log_s = tl.log2(S)
+    tid = tl.load(IDS + rows, mask=rmask, other=ignore_index)
+    keep = tid != ignore_index
+    in_range = (tid >= 0) & (tid < V)  # the host raises for the others
+    # the chosen logit: hidden[row] . W[id] (N x H reads, not a compare over every logit in the GEMM's
+    # epilogue), rounded to the inputs' dtype as the GEMM's logits are
+    hm = rmask & keep & in_range
+    t_safe = tl.where(hm, tid, 0)
+    kk = tl.arange(0, BLOCK_H)
+    zt = tl.zeros((BLOCK_R,), tl.float32)
+    for k0 in range(0, HD, BLOCK_H):
+        km = hm[:, None] & ((k0 + kk) < HD)[None, :]
+        h = tl.load(HID + rows.to(tl.int64)[:, None] * stride_hn + k0 + kk[None, :], mask=km, other=0.0)
+        w = tl.load(W + t_safe.to(tl.int64)[:, None] * stride_wv + k0 + kk[None, :], mask=km, other=0.0)
+        zt += tl.sum(h.to(tl.float32) * w.to(tl.float32), 1)
+    if RNE_BITS:
+        b = zt.to(tl.uint32, bitcast=True)
+        zt = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        zt = zt.to(HID.dtype.element_ty).to(tl.float32)
+    zt = zt * scale2
+    lp = tl.where(in_range, ((zt - M_safe) - log_s) * LN2, float("nan"))
+    tl.store(LSE + rows, (M_safe + log_s) * LN2, mask=rmask)
+    tl.store(LOGP + rows, tl.where(keep, lp, 0.0), mask=rmask)
+    if WITH_ENT:
+        tl.store(ENT + rows, tl.where(keep, (log_s - T / S) * LN2, 0.0), mask=rmask)
+
+
+# NOTE: reasoned, not timed (no GPU on 2026-11-28). 128 x 128 tiles, BK 64, 8 warps (two warpgroups of
+# m64n128 wgmma), 3 stages: compiled for sm_90a (Triton 3.9) they take 96 KiB of shared memory and
+# 113 registers a thread (127 with the entropy), no spills, so two programs share an SM and one's
+# epilogue (exp2 over its tile, no tensor-core work) runs beside the other's GEMM. The classic
+# large-GEMM config (128 x 256, 1 program an SM: 144 KiB, 200-240 registers) leaves the tensor cores
+# idle through each epilogue. bench_logprobs.py --gpu times every candidate below side by side.
+LSE_GEMM_GPU = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+LSE_GEMM_CANDIDATES = (LSE_GEMM_GPU,
+                       dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+                       dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+                       dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+                       dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16, num_warps=8, num_stages=4))
+LSE_GEMM_CPU = dict(BLOCK_M=32, BLOCK_N=512, BLOCK_K=32, GROUP_M=4)  # the interpreter: few, wide programs
+
+
+def linear_lse_fwd(hidden, weight, ids, inv_t: float, ignore_index: int, with_entropy: bool,
+                   out_logp, out_lse, out_ent, part_bytes: int, config=None):
+    """hidden (N, H) with unit last stride, weight (V, H) with unit last stride, ids (N,) int64 ->
+    float32 (N,) outputs. Rows go in chunks whose partials (3 x rows x cdiv(V, BLOCK_N) float32)
+    fit part_bytes. ids outside [0, V) that are not ignore_index get NaN: the caller checks ids."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    if N == 0:
+        return
+    interpret = hidden.device.type == "cpu"
+    c = dict(config or (LSE_GEMM_CPU if interpret else LSE_GEMM_GPU))
+    BM, BN, BK, GM = c.pop("BLOCK_M"), c.pop("BLOCK_N"), c.pop("BLOCK_K"), c.pop("GROUP_M")
+    upcast = interpret and hidden.dtype != torch.float32  # the interpreter's bf16/fp16 tl.dot is wrong
+    prec = "ieee" if hidden.dtype == torch.float32 or upcast else "tf32"  # fp32: PyTorch's exact products
+    nb = triton.cdiv(V, BN)
+    step = max(BM, part_bytes // (3 * 4 * nb) // BM * BM)
+    step = min(step, N)
+    part = torch.empty(3, step, nb, dtype=torch.float32, device=hidden.device)
+    BR, BC = (16, 64) if interpret else (16, 128)
+    scale2 = inv_t * math.log2(math.e)
+    rne = interpret and hidden.dtype == torch.bfloat16  # Triton 3.9's interpreter truncates to bf16
+    for r0 in range(0, N, step):
+        rows = min(step, N - r0)
+        h, i = hidden[r0:r0 + rows], ids[r0:r0 + rows]
+        grid = (triton.cdiv(rows, BM) * nb,)
+        _linear_lse_kernel[grid](
+            h, weight, part, rows, V, H, scale2, h.stride(0), weight.stride(0), part.stride(0), part.stride(1),
+            WITH_ENT=with_entropy, EVEN_K=H % BK == 0, UPCAST=upcast, PREC=prec, RNE_BITS=rne,
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, **c)
+        _lse_merge_kernel[(triton.cdiv(rows, BR),)](
+            part, h, weight, i, out_logp[r0:r0 + rows], out_lse[r0:r0 + rows],
+            out_ent[r0:r0 + rows] if with_entropy else out_lse[r0:r0 + rows],
+            rows, nb, V, H, scale2, ignore_index, part.stride(0), part.stride(1), h.stride(0), weight.stride(0),
+            WITH_ENT=with_entropy, RNE_BITS=rne, BLOCK_R=BR, BLOCK_C=BC, BLOCK_H=64 if interpret else 128,
+            num_warps=1 if interpret else 4)

@@ -42,6 +42,28 @@ def compile_sm90(fn, ptrs, scalars, constexprs, options):
     return triton.compile(ASTSource(fn, sig, cex, attrs=attrs), target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def ptxas_usage(kernel):
+    """(registers a thread, spill bytes) of a compiled kernel, from Triton's own ptxas -v on its PTX;
+    (None, None) where that ptxas cannot be found or run."""
+    import re
+    import tempfile
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        tool = get_ptxas(90)
+        tool = getattr(tool, "path", None) or tool[0]
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "k.ptx"), "w") as f:
+                f.write(kernel.asm["ptx"])
+            r = subprocess.run([tool, "-arch=sm_90a", "-v", os.path.join(d, "k.ptx"), "-o", os.path.join(d, "k.cubin")],
+                               capture_output=True, text=True, timeout=300, check=True)
+    except Exception:
+        return None, None
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", r.stderr)]
+    return (int(regs.group(1)) if regs else None), sum(spills)
+
+
 def report_of(test_file: str) -> dict:
     """Runs test_file as a script without TRITON_INTERPRET (the interpreter is switched on for the
     whole test session) and returns the JSON report on its last stdout line."""

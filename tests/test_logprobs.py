@@ -188,8 +188,9 @@ def _lin_check(backend, h, w, ids, dtype, what, **kw):
     N = ids.numel()
     g, gh = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
     out = _lin_run(linear_token_logprobs, h, w, ids, g, gh, backend=backend, **kw)
-    ref = _lin_run(linear_token_logprobs, h.double(), w.double(), ids, g, gh, backend="reference")
-    same = _lin_run(linear_token_logprobs, h, w, ids, g, gh, backend="reference")
+    rkw = {k: v for k, v in kw.items() if k in ("temperature", "ignore_index")}
+    ref = _lin_run(linear_token_logprobs, h.double(), w.double(), ids, g, gh, backend="reference", **rkw)
+    same = _lin_run(linear_token_logprobs, h, w, ids, g, gh, backend="reference", **rkw)
     for name, o, r, s in zip(("logp", "entropy", "grad_hidden", "grad_weight"), out, ref, same):
         assert_close_to_ref(o, r, s, dtype, name=f"{backend} {what} {name} {dtype}", atol=atol_for(o, dtype))
     return out
@@ -384,6 +385,97 @@ def test_linear_gpu(backend, dtype):
     assert torch.equal(lp, out[0]) and torch.equal(ent, out[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_gemm_lse_forward_edge_cases(dtype):
+    """The triton backend's forward in bf16 / fp16 as one GEMM with the log-sum-exp in its epilogue (the
+    interpreter runs it for every such triton case above; here its corners): logits near +-1e4, a row whose softmax sits on one
+    token, fully padded rows, an ignore_index that is a valid id, H a multiple of the K tile (no K mask)
+    and not, several row chunks with a ragged last one, N = 1; an id out of range with check_ids=False
+    raises, naming it."""
+    import reasonrl.ops.logprobs as lp_mod
+    assert "cpu" in lp_mod.GEMM_LSE_FWD  # else the cases above tested the chunked path instead
+    calls, orig = [], lp_mod._linear_fwd_gemm_lse
+    lp_mod._linear_fwd_gemm_lse = lambda *a: calls.append(1) or orig(*a)
+    try:
+        for N, H, V in ((1, 24, 7), (70, 64, 1300), (45, 40, 600)):
+            h = torch.randn(N, H, dtype=torch.float64)
+            w = torch.randn(V, H, dtype=torch.float64) * (2.0 / H ** 0.5)
+            ids = _ids(N, V, pad_frac=0.0)
+            if N > 3:
+                w[V - 1] = 1e4 * h[0] / h[0].pow(2).sum()  # row 0: one logit near +1e4 in the last, ragged block
+                w[1] = -1e4 * h[1] / h[1].pow(2).sum()  # row 1: one near -1e4
+                ids[0], ids[1] = V - 1, 1
+            h, w = h.to(dtype), w.to(dtype)
+            for ignore in (-100, 650 % V):  # 650 % V: an ignore_index that is a valid id
+                if N > 3:
+                    ids[2] = ignore  # a padded row
+                out = _lin_check("triton", h, w, ids, dtype, f"GEMM+LSE N={N} H={H} V={V}", ignore_index=ignore,
+                                 temperature=0.9)
+                # the same forward in row chunks of 32 (the interpreter's BLOCK_M: 70 rows -> 32, 32, 6)
+                from reasonrl.kernels.logprobs import linear_lse_fwd
+                lp, lse, ent = (torch.empty(N) for _ in range(3))
+                linear_lse_fwd(h, w, ids, 1 / 0.9, ignore, True, lp, lse, ent, part_bytes=3 * 4 * 3 * 32)
+                assert torch.equal(lp, out[0]) and torch.equal(ent, out[1])
+        # a fully padded batch: 0, no gradient
+        lp, ent, gx, gw = _lin_run(linear_token_logprobs, h, w, torch.full((N,), -100), torch.randn(N),
+                                   torch.randn(N), backend="triton")
+        assert (lp == 0).all() and (ent == 0).all() and (gx == 0).all() and (gw == 0).all()
+        bad = ids.clone()
+        bad[N - 1] = V + 3
+        with torch.no_grad(), pytest.raises(RuntimeError, match=f"{V + 3} is out of range"):
+            linear_token_logprobs(h, w, bad, check_ids=False, backend="triton")
+    finally:
+        lp_mod._linear_fwd_gemm_lse = orig
+    assert len(calls) == 8  # 3 shapes x 2 ignore indices, the padded batch, the bad id
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the gpu tests compile and run the kernel")
+def test_gemm_lse_kernel_compiles_for_hopper():
+    """The GEMM + log-sum-exp kernel builds for sm_90a at issue 2's shape (N=16384, H=1536, V=151936, bf16)
+    in every candidate config: wgmma, software-pipelined loads, shared memory within an H100/H200 SM, no
+    register spills; the default config fits two programs an SM (<= 128 registers, <= 113 KiB), so one's
+    epilogue runs beside the other's GEMM. No GPU needed: a subprocess without TRITON_INTERPRET."""
+    from sm90 import available, report_of
+    if not available():
+        pytest.skip("triton without its NVIDIA backend")
+    report = report_of(__file__)
+    for rep in report["configs"]:
+        name = f"{rep['config']} entropy={rep['entropy']}"
+        assert rep["wgmma"], f"{name}: tl.dot did not become wgmma"
+        assert rep["pipelined"], f"{name}: loads are not software-pipelined"
+        assert rep["shared"] <= 227 * 1024, f"{name}: {rep['shared']} bytes of shared memory"
+        if rep["regs"] is not None:
+            assert rep["spill"] == 0, f"{name}: {rep['spill']} bytes of spill"
+            if rep["default"]:
+                assert rep["regs"] <= 128 and rep["shared"] <= 113 * 1024, f"{name}: not two programs an SM"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H", [64, 72])
+def test_linear_gemm_lse_forward_gpu(dtype, H, monkeypatch):
+    """The GEMM + log-sum-exp forward on the GPU (off there by default until timed): every candidate config,
+    values and gradients against float64, H a multiple of the K tile and not, ragged N and V."""
+    import reasonrl.kernels.logprobs as kl
+    import reasonrl.ops.logprobs as lp_mod
+    if _backend.why_unavailable("triton", torch.device("cuda")):
+        pytest.skip(_backend.why_unavailable("triton", torch.device("cuda")))
+    monkeypatch.setattr(lp_mod, "GEMM_LSE_FWD", {"cpu", "cuda"})
+    N, V = 300, 50001
+    h = torch.randn(N, H, dtype=torch.float64).to(dtype).cuda()
+    w = (torch.randn(V, H, dtype=torch.float64) * (2.0 / H**0.5)).to(dtype).cuda()
+    ids = _ids(N, V).cuda()
+    g, gh = torch.randn(N, dtype=torch.float64).cuda(), torch.randn(N, dtype=torch.float64).cuda()
+    ref = _lin_run(linear_token_logprobs, h.double(), w.double(), ids, g, gh, backend="reference", temperature=0.9)
+    same = _lin_run(linear_token_logprobs, h, w, ids, g, gh, backend="reference", temperature=0.9)
+    for cfg in kl.LSE_GEMM_CANDIDATES:
+        monkeypatch.setattr(kl, "LSE_GEMM_GPU", cfg)
+        out = _lin_run(linear_token_logprobs, h, w, ids, g, gh, backend="triton", temperature=0.9)
+        for name, o, r, s in zip(("logp", "entropy", "grad_hidden", "grad_weight"), out, ref, same):
+            assert_close_to_ref(o.cpu(), r.cpu(), s.cpu(), dtype, name=f"GEMM+LSE {cfg} {name} {dtype} H={H}",
+                                atol=atol_for(o, dtype))
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_masked_vocabulary_entropy_and_grad_are_finite(backend):
@@ -551,3 +643,27 @@ def test_linear_errors_name_hidden():
         linear_token_logprobs(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"empty hidden dimension \(H = 0\)"):
         linear_token_logprobs(torch.randn(4, 0), torch.randn(10, 0), torch.zeros(4, dtype=torch.long))
+
+
+if __name__ == "__main__":  # the subprocess of test_gemm_lse_kernel_compiles_for_hopper
+    import json
+
+    from sm90 import compile_sm90, ptxas_usage
+
+    from reasonrl.kernels import logprobs as kl
+    N, H, V = 16384, 1536, 151936
+    out = []
+    for cfg in kl.LSE_GEMM_CANDIDATES:
+        for ent in (False, True):
+            c = dict(cfg)
+            opts = dict(num_warps=c.pop("num_warps"), num_stages=c.pop("num_stages"))
+            nb = -(-V // c["BLOCK_N"])
+            k = compile_sm90(kl._linear_lse_kernel, dict(HID="*bf16", W="*bf16", PART="*fp32"),
+                             dict(N=N, V=V, HD=H, scale2=1.4, stride_hn=H, stride_wv=H, stride_pc=N * nb, stride_pn=nb),
+                             dict(WITH_ENT=ent, EVEN_K=True, UPCAST=False, PREC="tf32", RNE_BITS=False, **c), opts)
+            ttgir = k.asm["ttgir"]
+            regs, spill = ptxas_usage(k)
+            out.append(dict(config=cfg, entropy=ent, default=cfg is kl.LSE_GEMM_GPU, wgmma="warp_group_dot" in ttgir,
+                            pipelined="async_copy_global_to_local" in ttgir, shared=k.metadata.shared, regs=regs,
+                            spill=spill))
+    print(json.dumps({"configs": out}))

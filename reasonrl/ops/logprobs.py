@@ -265,8 +265,45 @@ def _vocab_step(device, chunk_bytes, N, V, elt):
     return min(step, VOCAB_FWD_COLS) if device.type in VOCAB_CHUNKED_FWD else step
 
 
+# Devices on which the triton backend's linear forward is one GEMM with the log-sum-exp in its epilogue
+# (kernels/logprobs.py: linear_lse_fwd; the logits never reach memory) instead of chunks of cuBLAS
+# logits through the row kernel. "cpu" is the interpreter (the tests). NOTE: not on "cuda" until timed
+# there: written and tested without a GPU (2026-11-28); benchmarks/bench_logprobs.py times both.
+# bf16 / fp16 only: each logit is rounded to that dtype in the GEMM's registers, as the backward's
+# recomputed (cuBLAS / MKL) logits are, so the lse fits the logits the backward sees; float32 logits of
+# two GEMMs that sum in different orders differ in their last bits, which at logits near 1e4 moved the
+# backward's softmax by 1e-3 (fp32 on GPU is no tensor-core GEMM in Triton either).
+GEMM_LSE_FWD = {"cpu"}
+GEMM_LSE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _gemm_lse_ok(hidden, weight, backend):
+    dev = hidden.device.type
+    return (backend == "triton" and dev in GEMM_LSE_FWD and hidden.dtype in GEMM_LSE_DTYPES
+            and hidden.stride(-1) == 1 and weight.stride(-1) == 1 and not torch.compiler.is_compiling())
+
+
+def _linear_fwd_gemm_lse(hidden, weight, ids, temperature, ignore_index, with_entropy, chunk_bytes):
+    from reasonrl.kernels.logprobs import linear_lse_fwd
+
+    N, V = hidden.shape[0], weight.shape[0]
+    logp = hidden.new_empty(N, dtype=torch.float32)
+    lse = hidden.new_empty(N, dtype=torch.float32)
+    ent = hidden.new_empty(N, dtype=torch.float32) if with_entropy else None
+    linear_lse_fwd(hidden, weight, ids, 1.0 / temperature, ignore_index, with_entropy, logp, lse, ent,
+                   part_bytes=chunk_bytes // 4)
+    bad = (ids != ignore_index) & ((ids < 0) | (ids >= V))  # checked after the kernels are queued
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise RuntimeError(f"linear_token_logprobs: ids[{i}] = {int(ids[i])} is out of range [0, {V}) and is not "
+                           f"ignore_index ({ignore_index})")
+    return logp, lse, ent
+
+
 def _linear_fwd(hidden, weight, ids, temperature, ignore_index, with_entropy, chunk_bytes, backend):
     N, V = hidden.shape[0], weight.shape[0]
+    if _gemm_lse_ok(hidden, weight, backend):
+        return _linear_fwd_gemm_lse(hidden, weight, ids, temperature, ignore_index, with_entropy, chunk_bytes)
     if hidden.device.type in VOCAB_CHUNKED_FWD and _vocab_step(hidden.device, chunk_bytes, N, V,
                                                                 hidden.element_size()) < V:
         return _linear_fwd_by_vocab(hidden, weight, ids, 1.0 / temperature, ignore_index, with_entropy,
