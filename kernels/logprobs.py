@@ -21,6 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 
 @triton.jit
 def _logprob_fwd_kernel(
@@ -194,13 +199,43 @@ def _linear_lse_kernel(
         acc = tl.dot(a, b, acc, input_precision=PREC)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    _lse_tile_stats(acc, rows, rmask, cmask, pid_n, PART, stride_pc, stride_pn, scale2, HID.dtype.element_ty,
+                    WITH_ENT, RNE_BITS)
+
+
+@triton.jit
+def _linear_lse_tma_kernel(
+    h_desc, w_desc, PART,
+    N, V, HD, scale2, stride_pc, stride_pn,
+    WITH_ENT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_BITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """_linear_lse_kernel with its tiles loaded by TMA (host tensor descriptors: hidden in (BLOCK_M,
+    BLOCK_K) boxes, W in (BLOCK_N, BLOCK_K)); out-of-bounds rows, columns and K are read as zeros."""
+    pid_m, pid_n = _lse_gemm_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, HD, BLOCK_K):
+        a = h_desc.load([pid_m * BLOCK_M, k0])
+        b = w_desc.load([pid_n * BLOCK_N, k0])
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b.T, acc, input_precision=PREC)
+    _lse_tile_stats(acc, rows, rows < N, cols < V, pid_n, PART, stride_pc, stride_pn, scale2, h_desc.dtype,
+                    WITH_ENT, RNE_BITS)
+
+
+@triton.jit
+def _lse_tile_stats(acc, rows, rmask, cmask, pid_n, PART, stride_pc, stride_pn, scale2, IN_TY: tl.constexpr,
+                    WITH_ENT: tl.constexpr, RNE_BITS: tl.constexpr):
     # rounded to the inputs' dtype first, as the backward's recomputed logits are (a GEMM writing bf16):
     # an lse of the unrounded logits would leave that backward's softmax summing to 1 +- 1e-2 in bf16
     if RNE_BITS:  # bf16 by its bits: Triton 3.9's interpreter truncates in .to(tl.bfloat16)
         b = acc.to(tl.uint32, bitcast=True)
         acc = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
     else:
-        acc = acc.to(HID.dtype.element_ty).to(tl.float32)
+        acc = acc.to(IN_TY).to(tl.float32)
     # Per element: the rounding, one select, the max, one FMA, exp2, the sum (plus an FMA and a
     # select for the entropy). scale2 > 0, so the scaled tile's max is the scaled max.
     acc = tl.where(cmask[None, :], acc, float("-inf"))  # every block has a column < V: the max is finite
@@ -276,17 +311,20 @@ def _lse_merge_kernel(
 
 
 # NOTE: reasoned, not timed (no GPU on 2026-11-28). 128 x 128 tiles, BK 64, 8 warps (two warpgroups of
-# m64n128 wgmma), 3 stages: compiled for sm_90a (Triton 3.9) they take 96 KiB of shared memory and
-# 113 registers a thread (127 with the entropy), no spills, so two programs share an SM and one's
-# epilogue (exp2 over its tile, no tensor-core work) runs beside the other's GEMM. The classic
-# large-GEMM config (128 x 256, 1 program an SM: 144 KiB, 200-240 registers) leaves the tensor cores
-# idle through each epilogue. bench_logprobs.py --gpu times every candidate below side by side.
-LSE_GEMM_GPU = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+# m64n128 wgmma), 3 stages, tiles loaded by TMA: compiled for sm_90a (Triton 3.9) that takes 96 KiB of
+# shared memory and 100 registers a thread (146 with the entropy), no spills, so two programs share an
+# SM without the entropy and one's epilogue (exp2 over its tile, no tensor-core work) runs beside the
+# other's GEMM. The same with pointer loads: 113 / 127 registers. The classic large-GEMM config
+# (128 x 256: 144 KiB, 196-255 registers, one program an SM) leaves the tensor cores idle through each
+# epilogue. bench_logprobs.py --gpu times every candidate below side by side (TMA: H a multiple of 8).
+LSE_GEMM_GPU = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=True)
 LSE_GEMM_CANDIDATES = (LSE_GEMM_GPU,
-                       dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-                       dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
-                       dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-                       dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16, num_warps=8, num_stages=4))
+                       dict(LSE_GEMM_GPU, TMA=False),
+                       dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=True),
+                       dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=False),
+                       dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=16, num_warps=8, num_stages=4, TMA=True),
+                       dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3, TMA=False),
+                       dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=False))
 LSE_GEMM_CPU = dict(BLOCK_M=32, BLOCK_N=512, BLOCK_K=32, GROUP_M=4)  # the interpreter: few, wide programs
 
 
@@ -302,6 +340,10 @@ def linear_lse_fwd(hidden, weight, ids, inv_t: float, ignore_index: int, with_en
     interpret = hidden.device.type == "cpu"
     c = dict(config or (LSE_GEMM_CPU if interpret else LSE_GEMM_GPU))
     BM, BN, BK, GM = c.pop("BLOCK_M"), c.pop("BLOCK_N"), c.pop("BLOCK_K"), c.pop("GROUP_M")
+    # TMA wants 16-byte aligned bases and row strides (H a multiple of 8 in bf16)
+    tma = c.pop("TMA", False) and TensorDescriptor is not None and all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+                                      for t in (hidden, weight))
+    w_desc = TensorDescriptor.from_tensor(weight, [BN, BK]) if tma else None
     upcast = interpret and hidden.dtype != torch.float32  # the interpreter's bf16/fp16 tl.dot is wrong
     prec = "ieee" if hidden.dtype == torch.float32 or upcast else "tf32"  # fp32: PyTorch's exact products
     nb = triton.cdiv(V, BN)
@@ -315,10 +357,16 @@ def linear_lse_fwd(hidden, weight, ids, inv_t: float, ignore_index: int, with_en
         rows = min(step, N - r0)
         h, i = hidden[r0:r0 + rows], ids[r0:r0 + rows]
         grid = (triton.cdiv(rows, BM) * nb,)
-        _linear_lse_kernel[grid](
-            h, weight, part, rows, V, H, scale2, h.stride(0), weight.stride(0), part.stride(0), part.stride(1),
-            WITH_ENT=with_entropy, EVEN_K=H % BK == 0, UPCAST=upcast, PREC=prec, RNE_BITS=rne,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, **c)
+        if tma:
+            _linear_lse_tma_kernel[grid](
+                TensorDescriptor.from_tensor(h, [BM, BK]), w_desc, part, rows, V, H, scale2,
+                part.stride(0), part.stride(1), WITH_ENT=with_entropy, UPCAST=upcast, PREC=prec, RNE_BITS=rne,
+                BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, **c)
+        else:
+            _linear_lse_kernel[grid](
+                h, weight, part, rows, V, H, scale2, h.stride(0), weight.stride(0), part.stride(0), part.stride(1),
+                WITH_ENT=with_entropy, EVEN_K=H % BK == 0, UPCAST=upcast, PREC=prec, RNE_BITS=rne,
+                BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, **c)
         _lse_merge_kernel[(triton.cdiv(rows, BR),)](
             part, h, weight, i, out_logp[r0:r0 + rows], out_lse[r0:r0 + rows],
             out_ent[r0:r0 + rows] if with_entropy else out_lse[r0:r0 + rows],
