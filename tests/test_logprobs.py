@@ -457,7 +457,7 @@ def test_gemm_lse_kernel_compiles_for_hopper():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("H", [64, 72])
+@pytest.mark.parametrize("H", [64, 68])  # 68: no TMA (136-byte rows), a ragged K tile
 def test_linear_gemm_lse_forward_gpu(dtype, H, monkeypatch):
     """The GEMM + log-sum-exp forward on the GPU (off there by default until timed): every candidate config,
     values and gradients against float64, H a multiple of the K tile and not, ragged N and V."""
