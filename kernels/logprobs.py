@@ -170,9 +170,12 @@ def _linear_lse_kernel(
     stride_hn, stride_wv, stride_pc, stride_pn,
     WITH_ENT: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    LOGITS: tl.constexpr = False,
 ):
     """PART[0|1|2, row, j] = m2, s, t2 of z2 = (hidden[row] . W[cols_j]) * scale2 over the column block
-    j (scale2 = log2(e) / T)."""
+    j (scale2 = log2(e) / T). LOGITS: the backward's recompute instead: the rounded logits themselves
+    into PART (N, V) at row stride stride_pn, from the same main loop, so bit for bit the logits the
+    forward's lse was taken from."""
     num_n = tl.cdiv(V, BLOCK_N)
     pid_m, pid_n = _lse_gemm_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), num_n, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -199,8 +202,8 @@ def _linear_lse_kernel(
         acc = tl.dot(a, b, acc, input_precision=PREC)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    _lse_tile_stats(acc, rows, rmask, cmask, pid_n, PART, stride_pc, stride_pn, scale2, HID.dtype.element_ty,
-                    WITH_ENT, RNE_BITS)
+    _lse_tile_out(acc, rows, cols, rmask, cmask, pid_n, PART, stride_pc, stride_pn, scale2, HID.dtype.element_ty,
+                  WITH_ENT, RNE_BITS, LOGITS)
 
 
 @triton.jit
@@ -209,6 +212,7 @@ def _linear_lse_tma_kernel(
     N, V, HD, scale2, stride_pc, stride_pn,
     WITH_ENT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    LOGITS: tl.constexpr = False,
 ):
     """_linear_lse_kernel with its tiles loaded by TMA (host tensor descriptors: hidden in (BLOCK_M,
     BLOCK_K) boxes, W in (BLOCK_N, BLOCK_K)); out-of-bounds rows, columns and K are read as zeros."""
@@ -222,20 +226,29 @@ def _linear_lse_tma_kernel(
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b.T, acc, input_precision=PREC)
-    _lse_tile_stats(acc, rows, rows < N, cols < V, pid_n, PART, stride_pc, stride_pn, scale2, h_desc.dtype,
-                    WITH_ENT, RNE_BITS)
+    _lse_tile_out(acc, rows, cols, rows < N, cols < V, pid_n, PART, stride_pc, stride_pn, scale2, h_desc.dtype,
+                  WITH_ENT, RNE_BITS, LOGITS)
 
 
 @triton.jit
-def _lse_tile_stats(acc, rows, rmask, cmask, pid_n, PART, stride_pc, stride_pn, scale2, IN_TY: tl.constexpr,
-                    WITH_ENT: tl.constexpr, RNE_BITS: tl.constexpr):
-    # rounded to the inputs' dtype first, as the backward's recomputed logits are (a GEMM writing bf16):
+def _lse_tile_out(acc, rows, cols, rmask, cmask, pid_n, PART, stride_pc, stride_pn, scale2, IN_TY: tl.constexpr,
+                  WITH_ENT: tl.constexpr, RNE_BITS: tl.constexpr, LOGITS: tl.constexpr):
+    # rounded to the inputs' dtype first, as the backward's recomputed logits are (bf16 / fp16 logits):
     # an lse of the unrounded logits would leave that backward's softmax summing to 1 +- 1e-2 in bf16
     if RNE_BITS:  # bf16 by its bits: Triton 3.9's interpreter truncates in .to(tl.bfloat16)
         b = acc.to(tl.uint32, bitcast=True)
         acc = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
     else:
         acc = acc.to(IN_TY).to(tl.float32)
+    if LOGITS:
+        tl.store(PART + rows.to(tl.int64)[:, None] * stride_pn + cols[None, :], acc.to(PART.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])
+    else:
+        _lse_tile_stats(acc, rows, rmask, cmask, pid_n, PART, stride_pc, stride_pn, scale2, WITH_ENT)
+
+
+@triton.jit
+def _lse_tile_stats(acc, rows, rmask, cmask, pid_n, PART, stride_pc, stride_pn, scale2, WITH_ENT: tl.constexpr):
     # Per element: the rounding, one select, the max, one FMA, exp2, the sum (plus an FMA and a
     # select for the entropy). scale2 > 0, so the scaled tile's max is the scaled max.
     acc = tl.where(cmask[None, :], acc, float("-inf"))  # every block has a column < V: the max is finite
@@ -328,6 +341,50 @@ LSE_GEMM_CANDIDATES = (LSE_GEMM_GPU,
 LSE_GEMM_CPU = dict(BLOCK_M=32, BLOCK_N=512, BLOCK_K=32, GROUP_M=4)  # the interpreter: few, wide programs
 
 
+def lse_gemm_config(hidden, weight):
+    """The block config for linear_lse_fwd (and its backward's linear_logits) on these tensors, with
+    "TMA" resolved: TMA wants 16-byte aligned bases and row strides (H a multiple of 8 in bf16)."""
+    c = dict(LSE_GEMM_CPU if hidden.device.type == "cpu" else LSE_GEMM_GPU)
+    c["TMA"] = bool(c.get("TMA", False) and TensorDescriptor is not None and all(
+        t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in (hidden, weight)))
+    return c
+
+
+def _lse_gemm_flags(hidden):
+    interpret = hidden.device.type == "cpu"
+    upcast = interpret and hidden.dtype != torch.float32  # the interpreter's bf16/fp16 tl.dot is wrong
+    prec = "ieee" if hidden.dtype == torch.float32 or upcast else "tf32"  # fp32: PyTorch's exact products
+    rne = interpret and hidden.dtype == torch.bfloat16  # Triton 3.9's interpreter truncates to bf16
+    return interpret, upcast, prec, rne
+
+
+def linear_logits(hidden, weight, out, config):
+    """out (N, Vc) = hidden @ weight.T rounded to hidden's dtype, by linear_lse_fwd's own main loop in
+    `config` (lse_gemm_config's, as the forward used): where weight is W[v0:v0 + Vc] with v0 a multiple
+    of BLOCK_N, every tile is one of the forward's, so these logits are, bit for bit, the ones the
+    forward's lse was taken from (a cuBLAS recompute sums in another order: at a token with p ~ 1 a
+    last-bit difference moves p by exp(ulp))."""
+    N, H = hidden.shape
+    Vc = weight.shape[0]
+    if N == 0 or Vc == 0:
+        return out
+    c = dict(config)
+    BM, BN, BK, GM = (c.pop(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
+    tma = c.pop("TMA", False)
+    _, upcast, prec, rne = _lse_gemm_flags(hidden)
+    grid = (triton.cdiv(N, BM) * triton.cdiv(Vc, BN),)
+    flags = dict(WITH_ENT=False, UPCAST=upcast, PREC=prec, RNE_BITS=rne, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+                 GROUP_M=GM, LOGITS=True, **c)
+    if tma:
+        _linear_lse_tma_kernel[grid](TensorDescriptor.from_tensor(hidden, [BM, BK]),
+                                     TensorDescriptor.from_tensor(weight, [BN, BK]), out, N, Vc, H, 1.0,
+                                     0, out.stride(0), **flags)
+    else:
+        _linear_lse_kernel[grid](hidden, weight, out, N, Vc, H, 1.0, hidden.stride(0), weight.stride(0), 0,
+                                 out.stride(0), EVEN_K=H % BK == 0, **flags)
+    return out
+
+
 def linear_lse_fwd(hidden, weight, ids, inv_t: float, ignore_index: int, with_entropy: bool,
                    out_logp, out_lse, out_ent, part_bytes: int, config=None):
     """hidden (N, H) with unit last stride, weight (V, H) with unit last stride, ids (N,) int64 ->
@@ -337,22 +394,17 @@ def linear_lse_fwd(hidden, weight, ids, inv_t: float, ignore_index: int, with_en
     V = weight.shape[0]
     if N == 0:
         return
-    interpret = hidden.device.type == "cpu"
-    c = dict(config or (LSE_GEMM_CPU if interpret else LSE_GEMM_GPU))
-    BM, BN, BK, GM = c.pop("BLOCK_M"), c.pop("BLOCK_N"), c.pop("BLOCK_K"), c.pop("GROUP_M")
-    # TMA wants 16-byte aligned bases and row strides (H a multiple of 8 in bf16)
-    tma = c.pop("TMA", False) and TensorDescriptor is not None and all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
-                                      for t in (hidden, weight))
+    c = dict(config or lse_gemm_config(hidden, weight))
+    BM, BN, BK, GM = (c.pop(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
+    tma = c.pop("TMA", False)
+    interpret, upcast, prec, rne = _lse_gemm_flags(hidden)
     w_desc = TensorDescriptor.from_tensor(weight, [BN, BK]) if tma else None
-    upcast = interpret and hidden.dtype != torch.float32  # the interpreter's bf16/fp16 tl.dot is wrong
-    prec = "ieee" if hidden.dtype == torch.float32 or upcast else "tf32"  # fp32: PyTorch's exact products
     nb = triton.cdiv(V, BN)
     step = max(BM, part_bytes // (3 * 4 * nb) // BM * BM)
     step = min(step, N)
     part = torch.empty(3, step, nb, dtype=torch.float32, device=hidden.device)
     BR, BC = (16, 64) if interpret else (16, 128)
     scale2 = inv_t * math.log2(math.e)
-    rne = interpret and hidden.dtype == torch.bfloat16  # Triton 3.9's interpreter truncates to bf16
     for r0 in range(0, N, step):
         rows = min(step, N - r0)
         h, i = hidden[r0:r0 + rows], ids[r0:r0 + rows]

@@ -13,7 +13,9 @@ float32 copy of the logits or of the softmax: forward keeps three floats per row
 entropy), backward recomputes p from the logits and lse.
 
 The fused op never materializes N x V logits. Forward: row chunks of logits (hidden[rows] @ W^T)
-go through the row kernel and are dropped. Backward: vocabulary chunks are recomputed
+go through the row kernel and are dropped (on CPU: column chunks, merged per row); or, for the
+triton backend in bf16/fp16 on the devices in GEMM_LSE_FWD, one Triton GEMM whose epilogue keeps
+only each tile's max and sums (kernels/logprobs.py: linear_lse_fwd; no logits in memory at all). Backward: vocabulary chunks are recomputed
 (hidden @ W[cols]^T), turned into their gradient in place, then
     grad_weight[cols] = dz^T @ hidden  (complete: no cross-chunk accumulation, one rounding),
     grad_hidden      += dz @ W[cols]   (float32 accumulator of N x H),
@@ -167,6 +169,8 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
                                          chunk_bytes, backend)
         ctx.save_for_backward(hidden, weight, ids, lse, ent, z)
         ctx.cfg = (temperature, ignore_index, with_entropy, chunk_bytes, backend)
+        # the GEMM + log-sum-exp forward: backward recomputes its logits with the same kernel (lse_cfg)
+        ctx.lse_cfg = _gemm_lse_config(hidden, weight) if z is None and _gemm_lse_ok(hidden, weight, backend) else None
         ctx.spent = False
         return (logp, ent) if with_entropy else logp
 
@@ -191,9 +195,17 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_w = torch.empty_like(weight) if need_w else None
         step = _vocab_step(hidden.device, chunk_bytes, N, V, hidden.element_size())
+        if ctx.lse_cfg is not None:  # chunks start on the forward's column tiles
+            bn = ctx.lse_cfg["BLOCK_N"]
+            step = max(bn, step // bn * bn)
         for v0 in range(0, V, step):
             w = weight[v0:v0 + step]  # (Vc, H)
-            z = hidden @ w.T  # (N, Vc), recomputed; its gradient overwrites it
+            if ctx.lse_cfg is not None:  # the forward's logits, bit for bit (kernels/logprobs.py: linear_logits)
+                from reasonrl.kernels.logprobs import linear_logits
+
+                z = linear_logits(hidden, w, hidden.new_empty(N, w.shape[0]), ctx.lse_cfg)
+            else:
+                z = hidden @ w.T  # (N, Vc), recomputed; its gradient overwrites it
             _rows_bwd(backend, z, z, ids, lse, ent, g, gh, 1.0 / temperature, ignore_index, v0)
             if need_w:
                 torch.mm(z.T, hidden, out=grad_w[v0:v0 + step])
@@ -269,10 +281,11 @@ def _vocab_step(device, chunk_bytes, N, V, elt):
 # (kernels/logprobs.py: linear_lse_fwd; the logits never reach memory) instead of chunks of cuBLAS
 # logits through the row kernel. "cpu" is the interpreter (the tests). NOTE: not on "cuda" until timed
 # there: written and tested without a GPU (2026-11-28); benchmarks/bench_logprobs.py times both.
-# bf16 / fp16 only: each logit is rounded to that dtype in the GEMM's registers, as the backward's
-# recomputed (cuBLAS / MKL) logits are, so the lse fits the logits the backward sees; float32 logits of
-# two GEMMs that sum in different orders differ in their last bits, which at logits near 1e4 moved the
-# backward's softmax by 1e-3 (fp32 on GPU is no tensor-core GEMM in Triton either).
+# The backward recomputes the logits with the same kernel's main loop and tiles (linear_logits), bit for
+# bit the ones the lse was taken from: with cuBLAS / MKL summing in another order, a last-bit difference
+# at a token with p ~ 1 moved p by exp(ulp) (fp16 logits near 1e4: a gradient 20x PyTorch's error).
+# bf16 / fp16 only (each logit rounded to that dtype in registers, as PyTorch's logits are): fp32 on the
+# GPU is no tensor-core GEMM in Triton.
 GEMM_LSE_FWD = {"cpu"}
 GEMM_LSE_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -283,6 +296,12 @@ def _gemm_lse_ok(hidden, weight, backend):
             and hidden.stride(-1) == 1 and weight.stride(-1) == 1 and not torch.compiler.is_compiling())
 
 
+def _gemm_lse_config(hidden, weight):
+    from reasonrl.kernels.logprobs import lse_gemm_config
+
+    return lse_gemm_config(hidden, weight)
+
+
 def _linear_fwd_gemm_lse(hidden, weight, ids, temperature, ignore_index, with_entropy, chunk_bytes):
     from reasonrl.kernels.logprobs import linear_lse_fwd
 
@@ -291,7 +310,7 @@ def _linear_fwd_gemm_lse(hidden, weight, ids, temperature, ignore_index, with_en
     lse = hidden.new_empty(N, dtype=torch.float32)
     ent = hidden.new_empty(N, dtype=torch.float32) if with_entropy else None
     linear_lse_fwd(hidden, weight, ids, 1.0 / temperature, ignore_index, with_entropy, logp, lse, ent,
-                   part_bytes=chunk_bytes // 4)
+                   part_bytes=chunk_bytes // 4, config=_gemm_lse_config(hidden, weight))
     bad = (ids != ignore_index) & ((ids < 0) | (ids >= V))  # checked after the kernels are queued
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
