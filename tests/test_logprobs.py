@@ -481,6 +481,35 @@ def test_linear_gemm_lse_forward_gpu(dtype, H, monkeypatch):
                                 atol=atol_for(o, dtype))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "gemm_lse"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_extreme_logits_gpu(backend, dtype, monkeypatch):
+    """Logits near +-1e4 with a token at p ~ 1 on the GPU: the backward's recomputed logits must be the ones the
+    forward's lse came from (a last-bit difference moves p by exp(ulp)); the chunked paths' forward and backward
+    GEMMs are cuBLAS calls of different shapes, the GEMM+LSE path recomputes with its own kernel."""
+    if backend == "gemm_lse":
+        monkeypatch.setattr("reasonrl.ops.logprobs.GEMM_LSE_FWD", {"cpu", "cuda"})
+        backend = "triton"
+    dev = _cuda_for(backend)
+    N, H, V = 257, 64, 30011
+    h = torch.randn(N, H, dtype=torch.float64)
+    w = torch.randn(V, H, dtype=torch.float64) * (2.0 / H ** 0.5)
+    for r in range(0, N - 1, 16):  # every 16th row: one logit near +1e4 (p ~ 1), another near -1e4
+        w[(r * 7919) % V] = 1e4 * h[r] / h[r].pow(2).sum()
+        w[(r * 104729 + 1) % V] = -1e4 * h[r + 1] / h[r + 1].pow(2).sum()
+    h, w = h.to(dtype), w.to(dtype)
+    ids = _ids(N, V)
+    g, gh = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    kw = dict(temperature=0.9, chunk_bytes=N * 4096 * 2)  # several row and column chunks
+    out = _lin_run(linear_token_logprobs, h.to(dev), w.to(dev), ids.to(dev), g.to(dev), gh.to(dev), backend=backend,
+                   **kw)
+    ref = _lin_run(linear_token_logprobs, h.double(), w.double(), ids, g, gh, backend="reference", temperature=0.9)
+    same = _lin_run(linear_token_logprobs, h, w, ids, g, gh, backend="reference", temperature=0.9)
+    for name, o, r, s in zip(("logp", "entropy", "grad_hidden", "grad_weight"), out, ref, same):
+        assert_close_to_ref(o.cpu(), r, s, dtype, name=f"{backend} extreme {name} {dtype}", atol=atol_for(o, dtype))
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_masked_vocabulary_entropy_and_grad_are_finite(backend):
