@@ -170,12 +170,12 @@ def _linear_lse_kernel(
     stride_hn, stride_wv, stride_pc, stride_pn,
     WITH_ENT: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    LOGITS: tl.constexpr = False,
+    IDS=None, RV=None, vocab_start=0, GRAD: tl.constexpr = False,
 ):
     """PART[0|1|2, row, j] = m2, s, t2 of z2 = (hidden[row] . W[cols_j]) * scale2 over the column block
-    j (scale2 = log2(e) / T). LOGITS: the backward's recompute instead: the rounded logits themselves
-    into PART (N, V) at row stride stride_pn, from the same main loop, so bit for bit the logits the
-    forward's lse was taken from."""
+    j (scale2 = log2(e) / T). GRAD (the backward, W a column chunk starting at vocab_start, scale2 =
+    1 / T): the gradient of the chunk's logits into PART (N, Vc) at row stride stride_pn, from the same
+    main loop, so from bit for bit the logits the forward's lse was taken from (_lse_tile_grad)."""
     num_n = tl.cdiv(V, BLOCK_N)
     pid_m, pid_n = _lse_gemm_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), num_n, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -203,7 +203,7 @@ def _linear_lse_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     _lse_tile_out(acc, rows, cols, rmask, cmask, pid_n, PART, stride_pc, stride_pn, scale2, HID.dtype.element_ty,
-                  WITH_ENT, RNE_BITS, LOGITS)
+                  WITH_ENT, RNE_BITS, N, IDS, RV, vocab_start, GRAD)
 
 
 @triton.jit
@@ -212,7 +212,7 @@ def _linear_lse_tma_kernel(
     N, V, HD, scale2, stride_pc, stride_pn,
     WITH_ENT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    LOGITS: tl.constexpr = False,
+    IDS=None, RV=None, vocab_start=0, GRAD: tl.constexpr = False,
 ):
     """_linear_lse_kernel with its tiles loaded by TMA (host tensor descriptors: hidden in (BLOCK_M,
     BLOCK_K) boxes, W in (BLOCK_N, BLOCK_K)); out-of-bounds rows, columns and K are read as zeros."""
@@ -227,12 +227,12 @@ def _linear_lse_tma_kernel(
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b.T, acc, input_precision=PREC)
     _lse_tile_out(acc, rows, cols, rows < N, cols < V, pid_n, PART, stride_pc, stride_pn, scale2, h_desc.dtype,
-                  WITH_ENT, RNE_BITS, LOGITS)
+                  WITH_ENT, RNE_BITS, N, IDS, RV, vocab_start, GRAD)
 
 
 @triton.jit
 def _lse_tile_out(acc, rows, cols, rmask, cmask, pid_n, PART, stride_pc, stride_pn, scale2, IN_TY: tl.constexpr,
-                  WITH_ENT: tl.constexpr, RNE_BITS: tl.constexpr, LOGITS: tl.constexpr):
+                  WITH_ENT: tl.constexpr, RNE_BITS: tl.constexpr, N, IDS, RV, vocab_start, GRAD: tl.constexpr):
     # rounded to the inputs' dtype first, as the backward's recomputed logits are (bf16 / fp16 logits):
     # an lse of the unrounded logits would leave that backward's softmax summing to 1 +- 1e-2 in bf16
     if RNE_BITS:  # bf16 by its bits: Triton 3.9's interpreter truncates in .to(tl.bfloat16)
@@ -240,11 +240,32 @@ def _lse_tile_out(acc, rows, cols, rmask, cmask, pid_n, PART, stride_pc, stride_
         acc = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
     else:
         acc = acc.to(IN_TY).to(tl.float32)
-    if LOGITS:
-        tl.store(PART + rows.to(tl.int64)[:, None] * stride_pn + cols[None, :], acc.to(PART.dtype.element_ty),
-                 mask=rmask[:, None] & cmask[None, :])
+    if GRAD:
+        _lse_tile_grad(acc, rows, cols, rmask, cmask, PART, stride_pn, scale2, WITH_ENT, N, IDS, RV, vocab_start)
     else:
         _lse_tile_stats(acc, rows, rmask, cmask, pid_n, PART, stride_pc, stride_pn, scale2, WITH_ENT)
+
+
+@triton.jit
+def _lse_tile_grad(acc, rows, cols, rmask, cmask, DZ, stride_zn, inv_t, WITH_ENT: tl.constexpr, N, IDS, RV,
+                   vocab_start):
+    """d(sum g logp + gh entropy) / d logits for the tile, as _logprob_bwd_kernel (z = logit / T):
+    dz = (1[col == id] - p) g + gh p (S - z), times 1 / T; RV (4, N) float32 holds per row lse,
+    S = lse - entropy, and g, gh already zero on ignored rows."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    r = tl.where(rmask, rows, 0)
+    lse = tl.load(RV + r)
+    g = tl.load(RV + 2 * N + r)
+    tid = tl.load(IDS + r) - vocab_start
+    z = acc * inv_t
+    p = tl.exp2((z - lse[:, None]) * LOG2E)
+    dz = tl.where(cols[None, :] == tid[:, None], g[:, None], 0.0) - g[:, None] * p
+    if WITH_ENT:
+        S = tl.load(RV + N + r)
+        gh = tl.load(RV + 3 * N + r)
+        dz += gh[:, None] * tl.where(p > 0, p * (S[:, None] - z), 0.0)
+    tl.store(DZ + rows.to(tl.int64)[:, None] * stride_zn + cols[None, :], (dz * inv_t).to(DZ.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -342,7 +363,7 @@ LSE_GEMM_CPU = dict(BLOCK_M=32, BLOCK_N=512, BLOCK_K=32, GROUP_M=4)  # the inter
 
 
 def lse_gemm_config(hidden, weight):
-    """The block config for linear_lse_fwd (and its backward's linear_logits) on these tensors, with
+    """The block config for linear_lse_fwd (and its backward's linear_logits_grad) on these tensors, with
     "TMA" resolved: TMA wants 16-byte aligned bases and row strides (H a multiple of 8 in bf16)."""
     c = dict(LSE_GEMM_CPU if hidden.device.type == "cpu" else LSE_GEMM_GPU)
     c["TMA"] = bool(c.get("TMA", False) and TensorDescriptor is not None and all(
@@ -358,12 +379,14 @@ def _lse_gemm_flags(hidden):
     return interpret, upcast, prec, rne
 
 
-def linear_logits(hidden, weight, out, config):
-    """out (N, Vc) = hidden @ weight.T rounded to hidden's dtype, by linear_lse_fwd's own main loop in
-    `config` (lse_gemm_config's, as the forward used): where weight is W[v0:v0 + Vc] with v0 a multiple
-    of BLOCK_N, every tile is one of the forward's, so these logits are, bit for bit, the ones the
-    forward's lse was taken from (a cuBLAS recompute sums in another order: at a token with p ~ 1 a
-    last-bit difference moves p by exp(ulp))."""
+def linear_logits_grad(hidden, weight, out, config, ids, rv, vocab_start: int, inv_t: float, with_entropy: bool):
+    """out (N, Vc) = the gradient of sum g logp + gh entropy with respect to the logits hidden @ weight.T
+    (weight = W[vocab_start:vocab_start + Vc]), in hidden's dtype, straight from linear_lse_fwd's own main
+    loop in `config` (lse_gemm_config's, as the forward used): with vocab_start a multiple of BLOCK_N
+    every tile is one of the forward's, so the logits are, bit for bit, the ones the forward's lse was
+    taken from (a cuBLAS / MKL recompute sums in another order: at a token with p ~ 1 a last-bit
+    difference moves p by exp(ulp)), and no logits reach memory (one write of the gradient).
+    rv (4, N) float32: lse, lse - entropy, g and gh (zero on ignored rows); ids (N,) int64."""
     N, H = hidden.shape
     Vc = weight.shape[0]
     if N == 0 or Vc == 0:
@@ -373,14 +396,14 @@ def linear_logits(hidden, weight, out, config):
     tma = c.pop("TMA", False)
     _, upcast, prec, rne = _lse_gemm_flags(hidden)
     grid = (triton.cdiv(N, BM) * triton.cdiv(Vc, BN),)
-    flags = dict(WITH_ENT=False, UPCAST=upcast, PREC=prec, RNE_BITS=rne, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-                 GROUP_M=GM, LOGITS=True, **c)
+    flags = dict(WITH_ENT=with_entropy, UPCAST=upcast, PREC=prec, RNE_BITS=rne, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+                 GROUP_M=GM, IDS=ids, RV=rv, vocab_start=vocab_start, GRAD=True, **c)
     if tma:
         _linear_lse_tma_kernel[grid](TensorDescriptor.from_tensor(hidden, [BM, BK]),
-                                     TensorDescriptor.from_tensor(weight, [BN, BK]), out, N, Vc, H, 1.0,
+                                     TensorDescriptor.from_tensor(weight, [BN, BK]), out, N, Vc, H, inv_t,
                                      0, out.stride(0), **flags)
     else:
-        _linear_lse_kernel[grid](hidden, weight, out, N, Vc, H, 1.0, hidden.stride(0), weight.stride(0), 0,
+        _linear_lse_kernel[grid](hidden, weight, out, N, Vc, H, inv_t, hidden.stride(0), weight.stride(0), 0,
                                  out.stride(0), EVEN_K=H % BK == 0, **flags)
     return out
 

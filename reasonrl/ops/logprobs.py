@@ -195,18 +195,22 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_w = torch.empty_like(weight) if need_w else None
         step = _vocab_step(hidden.device, chunk_bytes, N, V, hidden.element_size())
-        if ctx.lse_cfg is not None:  # chunks start on the forward's column tiles
+        if ctx.lse_cfg is not None:  # the GEMM + log-sum-exp forward's: chunks start on its column tiles
+            from reasonrl.kernels.logprobs import linear_logits_grad
+
             bn = ctx.lse_cfg["BLOCK_N"]
             step = max(bn, step // bn * bn)
+            keep = ids != ignore_index
+            rv = torch.stack([lse, lse - ent if gh is not None else lse, torch.where(keep, g, 0.0),
+                              torch.where(keep, gh, 0.0) if gh is not None else g]).contiguous()
         for v0 in range(0, V, step):
             w = weight[v0:v0 + step]  # (Vc, H)
-            if ctx.lse_cfg is not None:  # the forward's logits, bit for bit (kernels/logprobs.py: linear_logits)
-                from reasonrl.kernels.logprobs import linear_logits
-
-                z = linear_logits(hidden, w, hidden.new_empty(N, w.shape[0]), ctx.lse_cfg)
+            if ctx.lse_cfg is not None:  # the gradient from the forward's own logits, bit for bit
+                z = linear_logits_grad(hidden, w, hidden.new_empty(N, w.shape[0]), ctx.lse_cfg, ids, rv, v0,
+                                       1.0 / temperature, gh is not None)
             else:
                 z = hidden @ w.T  # (N, Vc), recomputed; its gradient overwrites it
-            _rows_bwd(backend, z, z, ids, lse, ent, g, gh, 1.0 / temperature, ignore_index, v0)
+                _rows_bwd(backend, z, z, ids, lse, ent, g, gh, 1.0 / temperature, ignore_index, v0)
             if need_w:
                 torch.mm(z.T, hidden, out=grad_w[v0:v0 + step])
             if need_h:
@@ -281,8 +285,9 @@ def _vocab_step(device, chunk_bytes, N, V, elt):
 # (kernels/logprobs.py: linear_lse_fwd; the logits never reach memory) instead of chunks of cuBLAS
 # logits through the row kernel. "cpu" is the interpreter (the tests). NOTE: not on "cuda" until timed
 # there: written and tested without a GPU (2026-11-28); benchmarks/bench_logprobs.py times both.
-# The backward recomputes the logits with the same kernel's main loop and tiles (linear_logits), bit for
-# bit the ones the lse was taken from: with cuBLAS / MKL summing in another order, a last-bit difference
+# The backward recomputes the logits with the same kernel's main loop and tiles and turns them into their
+# gradient in its epilogue (linear_logits_grad): bit for bit the logits the lse was taken from, and no
+# logits pass through memory there either (one write of the gradient chunk, no row-kernel pass): with cuBLAS / MKL summing in another order, a last-bit difference
 # at a token with p ~ 1 moved p by exp(ulp) (fp16 logits near 1e4: a gradient 20x PyTorch's error).
 # bf16 / fp16 only (each logit rounded to that dtype in registers, as PyTorch's logits are): fp32 on the
 # GPU is no tensor-core GEMM in Triton.
