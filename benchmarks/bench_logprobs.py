@@ -128,8 +128,8 @@ def bench_linear(args, device, ceil, rows):
              ("chunked+checkpoint (8)", lambda: chunked_linear(h, w, ids, T))]
     for b in backends_for(device):
         impls.append((f"reasonrl {b}", lambda b=b: linear_token_logprobs(h, w, ids, T, backend=b, check_ids=False)))
-    if device.type == "cuda" and "triton" in backends_for(device):  # the forward as GEMM + log-sum-exp
-        impls.append(("reasonrl triton, GEMM+LSE forward",
+    if device.type == "cuda" and "triton" in backends_for(device):  # GEMM + log-sum-exp fwd, GEMM + gradient bwd
+        impls.append(("reasonrl triton, GEMM+LSE fwd and bwd",
                       lambda: with_gemm_lse(None, lambda: linear_token_logprobs(h, w, ids, T, backend="triton",
                                                                                 check_ids=False))))
     for b in backends_for(device):  # the logits kept from forward to backward (no recompute; N x V alive)
@@ -142,7 +142,7 @@ def bench_linear(args, device, ceil, rows):
         try:
             t_f, t_fb, peak = measure(fwd, g, [h, w], device, args)
         except Exception as e:  # an untimed kernel (GEMM+LSE) must not cost the rest of the table
-            if not name.startswith("reasonrl triton, GEMM"):
+            if not name.startswith("reasonrl triton, GEMM+LSE"):
                 raise
             print(f"# failed: {name}: {type(e).__name__}: {str(e)[:500]}", flush=True)
             continue

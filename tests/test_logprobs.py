@@ -483,6 +483,9 @@ def test_linear_gemm_lse_forward_gpu(dtype, H, monkeypatch):
         for name, o, r, s in zip(("logp", "entropy", "grad_hidden", "grad_weight"), out, ref, same):
             assert_close_to_ref(o.cpu(), r.cpu(), s.cpu(), dtype, name=f"GEMM+LSE {cfg} {name} {dtype} H={H}",
                                 atol=atol_for(o, dtype))
+        with torch.no_grad():  # the no-grad path is the grad path's forward, to the bit
+            lp, ent = linear_token_logprobs(h, w, ids, 0.9, return_entropy=True, backend="triton")
+        assert torch.equal(lp, out[0]) and torch.equal(ent, out[1])
 
 
 @pytest.mark.gpu
