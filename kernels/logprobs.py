@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .moe import _grouped_pid  # GROUP_M row blocks sweep the column blocks together (W tiles stay in L2)
+
 try:  # host-side TMA descriptors (Triton >= 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
@@ -154,16 +156,6 @@ def logprob_bwd(grad_x, x, ids, lse, entropy, grad_logp, grad_entropy, inv_t: fl
 
 
 @triton.jit
-def _lse_gemm_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    # GROUP_M row blocks sweep the column blocks together: each W tile is read from L2 by GROUP_M
-    # programs in a row (W: 467 MB at V=151936 H=1536 bf16 does not fit L2; hidden's rows do)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (pid % width) % size_m, (pid % width) // size_m
-
-
-@triton.jit
 def _linear_lse_kernel(
     HID, W, PART,
     N, V, HD, scale2,
@@ -177,7 +169,7 @@ def _linear_lse_kernel(
     1 / T): the gradient of the chunk's logits into PART (N, Vc) at row stride stride_pn, from the same
     main loop, so from bit for bit the logits the forward's lse was taken from (_lse_tile_grad)."""
     num_n = tl.cdiv(V, BLOCK_N)
-    pid_m, pid_n = _lse_gemm_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), num_n, GROUP_M)
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), num_n, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask, cmask = rows < N, cols < V
@@ -216,7 +208,7 @@ def _linear_lse_tma_kernel(
 ):
     """_linear_lse_kernel with its tiles loaded by TMA (host tensor descriptors: hidden in (BLOCK_M,
     BLOCK_K) boxes, W in (BLOCK_N, BLOCK_K)); out-of-bounds rows, columns and K are read as zeros."""
-    pid_m, pid_n = _lse_gemm_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
