@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cpu_isa import runnable_isas
-from tolerance import assert_close_to_ref
+from tolerance import ATOL, assert_close_to_ref
 
 from reasonrl.models import AttnContext, builtin_path, init_model
 from reasonrl.models import functional as Fn
@@ -127,10 +127,14 @@ def test_add_rms_norm(forced, xdt, adt, out_dtype, M, N, device):
     same = run(plain, x.to(xdt), a.to(adt), w)
     assert [t.dtype for t in got] == [xdt, ydt, xdt, adt, torch.float32]
     # Triton's interpreter ("cpu") rounds float32 -> bf16 toward zero where compiled Triton and torch round
-    # to nearest: with bf16 x, s and then y are truncated, up to ~4x PyTorch's own error (seen 3.6x)
-    factor = 6 if device == "cpu" and torch.bfloat16 in (xdt, adt, ydt) else 3
+    # to nearest: with bf16 x, s and then y are truncated, up to ~4x PyTorch's own error (seen 3.6x), and
+    # where the few elements of a 1 x 16 case happen to round well for PyTorch, more than any multiple of
+    # its error (seen 6.4x): there one bf16 ulp (2^-7 of the largest value) is allowed on top
+    trunc = device == "cpu" and torch.bfloat16 in (xdt, adt, ydt)
+    factor = 6 if trunc else 3
     for name, o, r, s_, dt in zip(("s", "y", "dx", "da", "dw"), got, ref64, same, (xdt, ydt, xdt, adt, xdt)):
-        assert_close_to_ref(o, r, s_, dt, name, factor=factor)
+        assert_close_to_ref(o, r, s_, dt, name, factor=factor,
+                            atol=max(ATOL[dt], 2.0 ** -7) if trunc else None)
 
 
 @pytest.mark.parametrize("used", ["y", "s"])
