@@ -223,15 +223,21 @@ def _linear_lse_tma_kernel(
 
 
 @triton.jit
+def _round_to(x, IN_TY: tl.constexpr, RNE_BITS: tl.constexpr):
+    """float32 x rounded to nearest in IN_TY, back in float32. RNE_BITS: bf16 by its bits (Triton 3.9's
+    interpreter truncates in .to(tl.bfloat16))."""
+    if RNE_BITS:
+        b = x.to(tl.uint32, bitcast=True)
+        return ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return x.to(IN_TY).to(tl.float32)
+
+
+@triton.jit
 def _lse_tile_out(acc, rows, cols, rmask, cmask, pid_n, PART, stride_pc, stride_pn, scale2, IN_TY: tl.constexpr,
                   WITH_ENT: tl.constexpr, RNE_BITS: tl.constexpr, N, IDS, RV, vocab_start, GRAD: tl.constexpr):
     # rounded to the inputs' dtype first, as the backward's recomputed logits are (bf16 / fp16 logits):
     # an lse of the unrounded logits would leave that backward's softmax summing to 1 +- 1e-2 in bf16
-    if RNE_BITS:  # bf16 by its bits: Triton 3.9's interpreter truncates in .to(tl.bfloat16)
-        b = acc.to(tl.uint32, bitcast=True)
-        acc = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    else:
-        acc = acc.to(IN_TY).to(tl.float32)
+    acc = _round_to(acc, IN_TY, RNE_BITS)
     if GRAD:
         _lse_tile_grad(acc, rows, cols, rmask, cmask, PART, stride_pn, scale2, WITH_ENT, N, IDS, RV, vocab_start)
     else:
@@ -323,12 +329,7 @@ def _lse_merge_kernel(
         h = tl.load(HID + rows.to(tl.int64)[:, None] * stride_hn + k0 + kk[None, :], mask=km, other=0.0)
         w = tl.load(W + t_safe.to(tl.int64)[:, None] * stride_wv + k0 + kk[None, :], mask=km, other=0.0)
         zt += tl.sum(h.to(tl.float32) * w.to(tl.float32), 1)
-    if RNE_BITS:
-        b = zt.to(tl.uint32, bitcast=True)
-        zt = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    else:
-        zt = zt.to(HID.dtype.element_ty).to(tl.float32)
-    zt = zt * scale2
+    zt = _round_to(zt, HID.dtype.element_ty, RNE_BITS) * scale2
     lp = tl.where(in_range, ((zt - M_safe) - log_s) * LN2, float("nan"))
     tl.store(LSE + rows, (M_safe + log_s) * LN2, mask=rmask)
     tl.store(LOGP + rows, tl.where(keep, lp, 0.0), mask=rmask)
@@ -383,21 +384,28 @@ def linear_logits_grad(hidden, weight, out, config, ids, rv, vocab_start: int, i
     Vc = weight.shape[0]
     if N == 0 or Vc == 0:
         return out
+    _launch_tiles(hidden, weight, out, inv_t, 0, out.stride(0), config, with_entropy,
+                  dict(IDS=ids, RV=rv, vocab_start=vocab_start, GRAD=True))
+    return out
+
+
+def _launch_tiles(hidden, weight, out, scale2, stride_pc, stride_pn, config, with_entropy, extra=None, w_desc=None):
+    """One launch of the tile kernel (TMA or pointer loads, as config["TMA"] says) over hidden x weight."""
+    N, H = hidden.shape
     c = dict(config)
     BM, BN, BK, GM = (c.pop(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
     tma = c.pop("TMA", False)
     _, upcast, prec, rne = _lse_gemm_flags(hidden)
-    grid = (triton.cdiv(N, BM) * triton.cdiv(Vc, BN),)
+    grid = (triton.cdiv(N, BM) * triton.cdiv(weight.shape[0], BN),)
     flags = dict(WITH_ENT=with_entropy, UPCAST=upcast, PREC=prec, RNE_BITS=rne, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-                 GROUP_M=GM, IDS=ids, RV=rv, vocab_start=vocab_start, GRAD=True, **c)
+                 GROUP_M=GM, **(extra or {}), **c)
     if tma:
         _linear_lse_tma_kernel[grid](TensorDescriptor.from_tensor(hidden, [BM, BK]),
-                                     TensorDescriptor.from_tensor(weight, [BN, BK]), out, N, Vc, H, inv_t,
-                                     0, out.stride(0), **flags)
+                                     w_desc or TensorDescriptor.from_tensor(weight, [BN, BK]), out, N,
+                                     weight.shape[0], H, scale2, stride_pc, stride_pn, **flags)
     else:
-        _linear_lse_kernel[grid](hidden, weight, out, N, Vc, H, inv_t, hidden.stride(0), weight.stride(0), 0,
-                                 out.stride(0), EVEN_K=H % BK == 0, **flags)
-    return out
+        _linear_lse_kernel[grid](hidden, weight, out, N, weight.shape[0], H, scale2, hidden.stride(0),
+                                 weight.stride(0), stride_pc, stride_pn, EVEN_K=H % BK == 0, **flags)
 
 
 def linear_lse_fwd(hidden, weight, ids, inv_t: float, ignore_index: int, with_entropy: bool,
@@ -409,11 +417,10 @@ def linear_lse_fwd(hidden, weight, ids, inv_t: float, ignore_index: int, with_en
     V = weight.shape[0]
     if N == 0:
         return
-    c = dict(config or lse_gemm_config(hidden, weight))
-    BM, BN, BK, GM = (c.pop(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
-    tma = c.pop("TMA", False)
-    interpret, upcast, prec, rne = _lse_gemm_flags(hidden)
-    w_desc = TensorDescriptor.from_tensor(weight, [BN, BK]) if tma else None
+    config = config or lse_gemm_config(hidden, weight)
+    BM, BN = config["BLOCK_M"], config["BLOCK_N"]
+    interpret, _, _, rne = _lse_gemm_flags(hidden)
+    w_desc = TensorDescriptor.from_tensor(weight, [BN, config["BLOCK_K"]]) if config.get("TMA") else None
     nb = triton.cdiv(V, BN)
     step = max(BM, part_bytes // (3 * 4 * nb) // BM * BM)
     step = min(step, N)
@@ -423,17 +430,7 @@ def linear_lse_fwd(hidden, weight, ids, inv_t: float, ignore_index: int, with_en
     for r0 in range(0, N, step):
         rows = min(step, N - r0)
         h, i = hidden[r0:r0 + rows], ids[r0:r0 + rows]
-        grid = (triton.cdiv(rows, BM) * nb,)
-        if tma:
-            _linear_lse_tma_kernel[grid](
-                TensorDescriptor.from_tensor(h, [BM, BK]), w_desc, part, rows, V, H, scale2,
-                part.stride(0), part.stride(1), WITH_ENT=with_entropy, UPCAST=upcast, PREC=prec, RNE_BITS=rne,
-                BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, **c)
-        else:
-            _linear_lse_kernel[grid](
-                h, weight, part, rows, V, H, scale2, h.stride(0), weight.stride(0), part.stride(0), part.stride(1),
-                WITH_ENT=with_entropy, EVEN_K=H % BK == 0, UPCAST=upcast, PREC=prec, RNE_BITS=rne,
-                BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GM, **c)
+        _launch_tiles(h, weight, part, scale2, part.stride(0), part.stride(1), config, with_entropy, w_desc=w_desc)
         _lse_merge_kernel[(triton.cdiv(rows, BR),)](
             part, h, weight, i, out_logp[r0:r0 + rows], out_lse[r0:r0 + rows],
             out_ent[r0:r0 + rows] if with_entropy else out_lse[r0:r0 + rows],

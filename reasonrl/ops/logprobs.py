@@ -15,8 +15,9 @@ entropy), backward recomputes p from the logits and lse.
 The fused op never materializes N x V logits. Forward: row chunks of logits (hidden[rows] @ W^T)
 go through the row kernel and are dropped (on CPU: column chunks, merged per row); or, for the
 triton backend in bf16/fp16 on the devices in GEMM_LSE_FWD, one Triton GEMM whose epilogue keeps
-only each tile's max and sums (kernels/logprobs.py: linear_lse_fwd; no logits in memory at all). Backward: vocabulary chunks are recomputed
-(hidden @ W[cols]^T), turned into their gradient in place, then
+only each tile's max and sums (kernels/logprobs.py: linear_lse_fwd; no logits in memory at all).
+Backward: vocabulary chunks are recomputed (hidden @ W[cols]^T; after the GEMM+LSE forward, by its own
+kernel, which writes their gradient directly), turned into their gradient in place, then
     grad_weight[cols] = dz^T @ hidden  (complete: no cross-chunk accumulation, one rounding),
     grad_hidden      += dz @ W[cols]   (float32 accumulator of N x H),
 so the backward costs 6NHV FLOPs and the whole op 8NHV, with one chunk of logits alive at a time.
@@ -160,17 +161,20 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, ids, temperature, ignore_index, with_entropy, chunk_bytes, backend,
                 keep_logits=False):
         ctx.set_materialize_grads(False)
+        ctx.lse_cfg = None
         if keep_logits:  # one GEMM; its logits stay for backward, which writes their gradient over them
             z = hidden @ weight.T  # (N, V)
             logp, lse, ent = _rows_fwd(backend, z, ids, 1.0 / temperature, ignore_index, with_entropy)
+        elif _gemm_lse_ok(hidden, weight, backend):  # backward recomputes with the same kernel and config
+            z, ctx.lse_cfg = None, _gemm_lse_config(hidden, weight)
+            logp, lse, ent = _linear_fwd_gemm_lse(hidden, weight, ids, temperature, ignore_index, with_entropy,
+                                                  chunk_bytes, ctx.lse_cfg)
         else:
             z = None
             logp, lse, ent = _linear_fwd(hidden, weight, ids, temperature, ignore_index, with_entropy,
                                          chunk_bytes, backend)
         ctx.save_for_backward(hidden, weight, ids, lse, ent, z)
         ctx.cfg = (temperature, ignore_index, with_entropy, chunk_bytes, backend)
-        # the GEMM + log-sum-exp forward: backward recomputes its logits with the same kernel (lse_cfg)
-        ctx.lse_cfg = _gemm_lse_config(hidden, weight) if z is None and _gemm_lse_ok(hidden, weight, backend) else None
         ctx.spent = False
         return (logp, ent) if with_entropy else logp
 
@@ -287,8 +291,9 @@ def _vocab_step(device, chunk_bytes, N, V, elt):
 # there: written and tested without a GPU (2026-11-28); benchmarks/bench_logprobs.py times both.
 # The backward recomputes the logits with the same kernel's main loop and tiles and turns them into their
 # gradient in its epilogue (linear_logits_grad): bit for bit the logits the lse was taken from, and no
-# logits pass through memory there either (one write of the gradient chunk, no row-kernel pass): with cuBLAS / MKL summing in another order, a last-bit difference
-# at a token with p ~ 1 moved p by exp(ulp) (fp16 logits near 1e4: a gradient 20x PyTorch's error).
+# logits pass through memory there either (one write of the gradient chunk, no row-kernel pass). With
+# cuBLAS / MKL summing in another order, a last-bit difference at a token with p ~ 1 moved p by exp(ulp)
+# (fp16 logits near 1e4: a gradient 20x PyTorch's error).
 # bf16 / fp16 only (each logit rounded to that dtype in registers, as PyTorch's logits are): fp32 on the
 # GPU is no tensor-core GEMM in Triton.
 GEMM_LSE_FWD = {"cpu"}
@@ -307,7 +312,7 @@ def _gemm_lse_config(hidden, weight):
     return lse_gemm_config(hidden, weight)
 
 
-def _linear_fwd_gemm_lse(hidden, weight, ids, temperature, ignore_index, with_entropy, chunk_bytes):
+def _linear_fwd_gemm_lse(hidden, weight, ids, temperature, ignore_index, with_entropy, chunk_bytes, config):
     from reasonrl.kernels.logprobs import linear_lse_fwd
 
     N, V = hidden.shape[0], weight.shape[0]
@@ -315,7 +320,7 @@ def _linear_fwd_gemm_lse(hidden, weight, ids, temperature, ignore_index, with_en
     lse = hidden.new_empty(N, dtype=torch.float32)
     ent = hidden.new_empty(N, dtype=torch.float32) if with_entropy else None
     linear_lse_fwd(hidden, weight, ids, 1.0 / temperature, ignore_index, with_entropy, logp, lse, ent,
-                   part_bytes=chunk_bytes // 4, config=_gemm_lse_config(hidden, weight))
+                   part_bytes=chunk_bytes // 4, config=config)
     bad = (ids != ignore_index) & ((ids < 0) | (ids >= V))  # checked after the kernels are queued
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
@@ -327,7 +332,8 @@ def _linear_fwd_gemm_lse(hidden, weight, ids, temperature, ignore_index, with_en
 def _linear_fwd(hidden, weight, ids, temperature, ignore_index, with_entropy, chunk_bytes, backend):
     N, V = hidden.shape[0], weight.shape[0]
     if _gemm_lse_ok(hidden, weight, backend):
-        return _linear_fwd_gemm_lse(hidden, weight, ids, temperature, ignore_index, with_entropy, chunk_bytes)
+        return _linear_fwd_gemm_lse(hidden, weight, ids, temperature, ignore_index, with_entropy, chunk_bytes,
+                                    _gemm_lse_config(hidden, weight))
     if hidden.device.type in VOCAB_CHUNKED_FWD and _vocab_step(hidden.device, chunk_bytes, N, V,
                                                                 hidden.element_size()) < V:
         return _linear_fwd_by_vocab(hidden, weight, ids, 1.0 / temperature, ignore_index, with_entropy,
