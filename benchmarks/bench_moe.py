@@ -14,12 +14,17 @@ References timed in the same run: "loop (HF)" is the per-expert loop as transfor
 writes it (in-place index_add_ into zeros), "loop (reasonrl reference)" the op's reference backend
 (the same loop, out-of-place, float32 combine), `torch._grouped_mm` on expert-sorted rows where this
 torch build has it and it runs on the device, Liger-Kernel's LigerFusedMoEFunction where installed (GPU).
+On a Hopper GPU in bf16 the Triton backend runs twice more, with its backward GEMMs through
+torch._grouped_mm (kernels/moe.py WGRAD_GROUPED_MM, DACT_GROUPED_MM): "wgrad" (the two weight
+gradients) and "wgrad+dact" (and the go Wd GEMM); --profile prints the kernels of ours and of the
+torch._grouped_mm reference, whose GEMMs are CUTLASS's grouped GEMM at these shapes.
 Floor: forward 2*T*K*H*3I FLOPs, forward+backward 3x that (backward does twice the forward's GEMMs;
 the C++ backend's recompute of gate/up adds 2*T*K*H*2I more, not counted), over the measured matmul rate.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -109,11 +114,51 @@ def _skip(msg):
         print(f"# skipped {msg}")
 
 
-def impls_for(device, dtype):
+# Backward GEMMs of the Triton backend that can go through torch._grouped_mm (kernels/moe.py):
+# a row each in the comparison and a try each in --tune.
+GROUPED_MM_VARIANTS = {"wgrad": ("WGRAD_GROUPED_MM",), "wgrad+dact": ("WGRAD_GROUPED_MM", "DACT_GROUPED_MM")}
+
+
+@contextlib.contextmanager
+def via_grouped_mm(device, variant):
+    """The Triton backend's backward GEMMs of `variant` through torch._grouped_mm while inside."""
+    from reasonrl.kernels import moe as M
+
+    names = GROUPED_MM_VARIANTS[variant]
+    old = {n: getattr(M, n) for n in names}
+    for n in names:
+        setattr(M, n, {device.type})
+    try:
+        yield
+    finally:
+        for n, v in old.items():
+            setattr(M, n, v)
+
+
+def grouped_mm_variant_status(device, dtype, H, I):
+    """None when the Triton backend's backward GEMMs can go through torch._grouped_mm here, else why not."""
+    from reasonrl.kernels import moe as M
+
+    if device.type != "cuda":
+        return "the Triton backend is for CUDA (its CPU runs are the interpreter's)"
+    if not M._grouped_mm_ok({device.type}, dtype, device, 2 * I, H):
+        return "they need torch._grouped_mm, bf16, rows of 16-byte multiples and a Hopper (sm_90)"
+    return None
+
+
+def impls_for(device, dtype, H=0, I=0):
+    """[(name, fn, context or None)]: fn runs (forward and backward) inside the context."""
     out = [("loop (HF)", loop_hf)]  # the baseline of speedup_vs_loop
     for b in (["triton", "cuda"] if device.type == "cuda" else ["cpp"]):  # ours before the other references
         if _backend.why_unavailable(b, device) is None and b != "cuda":
             out.append((f"reasonrl {b}", lambda *a, b=b: moe_experts(*a, backend=b)))
+            if b == "triton":
+                why = grouped_mm_variant_status(device, dtype, H, I)
+                if why is not None:
+                    _skip(f"reasonrl triton, backward GEMMs by torch._grouped_mm: {why}")
+                for v in GROUPED_MM_VARIANTS if why is None else ():
+                    out.append((f"reasonrl triton, {v} by torch._grouped_mm",
+                                lambda *a: moe_experts(*a, backend="triton"), lambda v=v: via_grouped_mm(device, v)))
     out.append(("loop (reasonrl reference)", lambda *a: moe_experts(*a, backend="reference")))
     why = grouped_mm_status(device, dtype)
     if why is None:
@@ -125,7 +170,7 @@ def impls_for(device, dtype):
         out.append(("liger fused MoE", lig))
     else:
         _skip(f"Liger: {why}")
-    return out
+    return [o if len(o) == 3 else (*o, None) for o in out]
 
 
 def bench_shape(name, T, H, I, E, K, dtype, device, ceil, args, rows, decode=False):
@@ -134,7 +179,7 @@ def bench_shape(name, T, H, I, E, K, dtype, device, ceil, args, rows, decode=Fal
     leaves = [x, w, gu, wd]
     flop_f = 2 * T * K * H * 3 * I
     base = None
-    for impl, fn in impls_for(device, dtype):
+    for impl, fn, ctx in impls_for(device, dtype, H, I):
         def fwd():
             return fn(x, ids, w, gu, wd)
 
@@ -142,16 +187,20 @@ def bench_shape(name, T, H, I, E, K, dtype, device, ceil, args, rows, decode=Fal
             fwd().backward(g)
             for t in leaves:
                 t.grad = None
+        if decode and ctx is not None:
+            continue  # a backward-only variant: its forward is the row above's
         try:
-            with torch.no_grad():
-                t_f = time_ms(fwd, device, args.warmup, args.rep)
-            t_fb = None if decode else time_ms(fb, device, args.warmup, args.rep)
-            peak = peak_extra_bytes((lambda: fwd()) if decode else fb, device)
+            with ctx() if ctx else contextlib.nullcontext():
+                with torch.no_grad():
+                    t_f = time_ms(fwd, device, args.warmup, args.rep)
+                t_fb = None if decode else time_ms(fb, device, args.warmup, args.rep)
+                peak = peak_extra_bytes((lambda: fwd()) if decode else fb, device)
+                # ours, and torch._grouped_mm's GEMMs (how fast CUTLASS's grouped GEMM runs these shapes)
+                if getattr(args, "profile", False) and (impl.startswith("reasonrl") or impl == "torch._grouped_mm"):
+                    profile_table(fwd if decode else fb, device, f"{impl} at {name}")
         except Exception as e:  # noqa: BLE001 - print and go on: one failing reference must not stop the table
             print(f"# {impl} at {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
             continue
-        if getattr(args, "profile", False) and impl.startswith("reasonrl"):
-            profile_table(fwd if decode else fb, device, f"{impl} at {name}")
         t = t_f if decode else t_fb
         base = base or t
         floor = (flop_f if decode else 3 * flop_f) / ceil["mm_flops"] * 1e3
@@ -215,6 +264,10 @@ def tune(device, args, rows, shape=(16384, 2048, 768, 128, 8)):
         measured(rows[-1])
 
     run("defaults", {})
+    if grouped_mm_variant_status(device, torch.bfloat16, H, I) is None:
+        for v in GROUPED_MM_VARIANTS:
+            with via_grouped_mm(device, v):
+                run(v, {"impl": "torch._grouped_mm"})
     base = {k: dict(v) for k, v in M._CONFIGS_GPU.items() if isinstance(v, dict)}
     for kernel, cands in TUNE_CANDIDATES.items():
         for cfg in cands:

@@ -29,6 +29,11 @@ Transient buffers (P = T*K plus padding): act (P, I) and the weighted per-assign
 (T*K, H) in forward; [dg | du] (P, 2I), w*act (P, I), the per-assignment dx (T*K, H) and
 float32 partial dots (T*K, I / BLOCK_N) in backward; each is freed when its pass returns.
 
+Optional, off until timed (WGRAD_GROUPED_MM, DACT_GROUPED_MM): the backward's weight-gradient GEMMs
+and its go Wd GEMM through torch._grouped_mm on Hopper, with go[tok] and x[tok] gathered into
+(P, H) buffers for them (transient, zeros in the padding rows); then the SwiGLU backward is an
+elementwise kernel over the given c.
+
 Verified (tests/test_moe_triton.py): values and all four gradients against a float64 per-expert
 loop under TRITON_INTERPRET=1 on CPU (float32, bfloat16 and float16, the latter two multiplied in
 float32 inside the interpreter, whose bf16 tl.dot is wrong in Triton 3.9); and, without a GPU, that
@@ -210,17 +215,43 @@ def _moe_swiglu_bwd_kernel(
         h_ptrs = HPRE + r0 * (2 * I) + loc * (2 * I) + n[None, :]
         g = tl.load(h_ptrs, mask=omask, other=0.0).to(tl.float32)
         u = tl.load(h_ptrs + I, mask=omask, other=0.0).to(tl.float32)
+    _swiglu_bwd_store(acc_c, g, u, TW, DH, ACTW, DWP, a, valid, r0, loc, n, omask, pid_n, num_n, I)
+
+
+@triton.jit
+def _swiglu_bwd_store(c, g, u, TW, DH, ACTW, DWP, a, valid, r0, loc, n, omask, pid_n, num_n, I):
+    """SwiGLU's backward from c (BM, BN) float32 and the pre-activation g, u: writes the partial dot
+    act . c of this column block, w*act and [dg | du] of rows r0 + loc (padding rows: zeros)."""
     w = tl.load(TW + a, mask=valid, other=0.0).to(tl.float32)[:, None]  # (BM, 1)
     s = tl.sigmoid(g)
     silu = g * s
     act = silu * u
-    part = tl.sum(tl.where(omask, act * acc_c, 0.0), axis=1)  # (BM,) this block's share of act . c
+    part = tl.sum(tl.where(omask, act * c, 0.0), axis=1)  # (BM,) this block's share of act . c
     tl.store(DWP + a * num_n + pid_n, part, mask=valid)
     tl.store(ACTW + r0 * I + loc * I + n[None, :], (act * w).to(ACTW.dtype.element_ty), mask=omask)
-    dact = acc_c * w
+    dact = c * w
     dh_ptrs = DH + r0 * (2 * I) + loc * (2 * I) + n[None, :]
     tl.store(dh_ptrs + I, (dact * silu).to(DH.dtype.element_ty), mask=omask)
     tl.store(dh_ptrs, (dact * u * s * (1.0 + g * (1.0 - s))).to(DH.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _moe_swiglu_bwd_ew_kernel(C, HPRE, IDX, BLOCK_EXPERT, TW, DH, ACTW, DWP, I, K,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The SwiGLU backward without its GEMM: c = go[tok] Wd[e] given (P, I) in padded row order
+    (torch._grouped_mm made it), the pre-activation [g | u] kept from forward. Grid (num_m, num_n)."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    num_n = tl.cdiv(I, BLOCK_N)
+    _e, _rows, a, _tok, valid = _rows_of_block(IDX, BLOCK_EXPERT, pid_m, K, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    omask = (n < I)[None, :]
+    r0 = pid_m.to(tl.int64) * BLOCK_M
+    loc = tl.arange(0, BLOCK_M)[:, None]
+    c = tl.load(C + r0 * I + loc * I + n[None, :], mask=omask, other=0.0).to(tl.float32)
+    h_ptrs = HPRE + r0 * (2 * I) + loc * (2 * I) + n[None, :]
+    g = tl.load(h_ptrs, mask=omask, other=0.0).to(tl.float32)
+    u = tl.load(h_ptrs + I, mask=omask, other=0.0).to(tl.float32)
+    _swiglu_bwd_store(c, g, u, TW, DH, ACTW, DWP, a, valid, r0, loc, n, omask, pid_n, num_n, I)
 
 
 @triton.jit
@@ -316,6 +347,18 @@ def _block_m(device, rows_per_expert: float, dtype) -> int:
     return 64 if rows_per_expert < 256 or dtype == torch.float32 else 128
 
 
+# Device types whose backward GEMMs go through torch._grouped_mm (CUTLASS's grouped GEMM on Hopper)
+# instead of this file's kernels, where _grouped_mm_ok allows. Empty until timed on a GPU. On an H200
+# (2026-11-28, one fwd+bwd at T=16384 H=2048 I=768 E=128 top-8, 11.7 ms) the two weight gradients took
+# 5.7 ms (about 216 TFLOP/s, against 798 measured for a dense bf16 GEMM) and the SwiGLU backward's
+# go Wd GEMM 1.9 ms (about 210); whether CUTLASS's persistent grouped GEMM does better on segments of
+# ~1024 rows, after a (P, H) gather of go and of x, is what bench_moe.py's rows "reasonrl triton,
+# ... by torch._grouped_mm" measure. Tests add "cpu".
+#   WGRAD_GROUPED_MM: dW_gate_up = [dg | du]^T x[tok] and dWd = go[tok]^T (w act), per expert
+#   DACT_GROUPED_MM: c = go[tok] Wd[e] (then _moe_swiglu_bwd_ew_kernel), when [g | u] was kept
+WGRAD_GROUPED_MM: set[str] = set()
+DACT_GROUPED_MM: set[str] = set()
+
 # Tests set this: every buffer a kernel should fill starts as NaN, so an element left unwritten (or
 # read before it is written) shows up in the outputs instead of passing as stale memory.
 POISON = False
@@ -373,9 +416,54 @@ def _rows_gemm(a, b, strides_b, d, tw, n_out, T, K, out_dtype):
     return y
 
 
-def _wgrad(a, a_gather, b, b_gather, d, K, out):
-    """out (E, N1, N2)[e] = sum over expert e's rows of a[row]^T b[row] (rows gathered by token where asked)."""
-    E, N1, N2 = out.shape
+def _grouped_mm_ok(devices, dtype, device, *widths) -> bool:
+    """Whether a GEMM goes through torch._grouped_mm (devices: WGRAD_GROUPED_MM or DACT_GROUPED_MM):
+    the set names the device type, the torch has it, rows are 16-byte multiples (its stride check), and
+    on CUDA bf16 (the only dtype its CUDA kernel takes) on a Hopper (sm_90). Why Hopper only: there an
+    expert with no rows gets a zero weight gradient, while on Blackwell (sm_100) torch._grouped_mm left
+    such groups nonzero (pytorch/pytorch#172439)."""
+    if device.type not in devices or not hasattr(torch, "_grouped_mm"):
+        return False
+    if any(w * dtype.itemsize % 16 for w in widths):  # its stride check, on CPU too
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] == 9
+    return True
+
+
+def _gather_padded(src, d, K):
+    """(P, N): src's row of each padded row's token (row a -> token a // K), zeros in the padding."""
+    T, N = src.shape
+    idx = d.padded_idx.long()
+    tok = torch.where(idx >= 0, idx // K, T)  # T: the zero row appended below
+    return torch.cat([src, src.new_zeros(1, N)]).index_select(0, tok)
+
+
+def _wgrad_grouped(a, a_gather, b, b_gather, d, K):
+    """_wgrad through torch._grouped_mm's varying-K form: (N1, P) x (P, N2) -> (E, N1, N2), groups at
+    the padded offsets. The gathered operand is made in memory, (P, width): transient, one at a time.
+    The padding rows are zero on both sides (the SwiGLU backward writes zeros there; _gather_padded
+    too), so the last group may run to P: offs[-1] = P covers any rows past padded_offsets[-1]."""
+    A = _gather_padded(a, d, K) if a_gather else a
+    B = _gather_padded(b, d, K) if b_gather else b
+    return torch._grouped_mm(A.t(), B, offs=_group_ends(d))
+
+
+def _group_ends(d):
+    """torch._grouped_mm's offs: each expert's end in the padded rows, the last one at P (rows past
+    padded_offsets[-1], if any, are padding: zero in every operand made here)."""
+    offs = d.padded_offsets[1:].to(torch.int32).clone()
+    offs[-1] = d.padded_idx.numel()
+    return offs
+
+
+def _wgrad(a, a_gather, b, b_gather, d, K, weight):
+    """-> (E, N1, N2) of weight's shape and dtype: [e] = sum over expert e's rows of a[row]^T b[row]
+    (rows gathered by token where asked)."""
+    E, N1, N2 = weight.shape
+    if _grouped_mm_ok(WGRAD_GROUPED_MM, weight.dtype, a.device, N1, N2):
+        return _wgrad_grouped(a, a_gather, b, b_gather, d, K)
+    out = _empty(weight.shape, weight.dtype, a.device)
     c = _cfg(out.device, out.dtype)["wgrad"]
     upcast = _upcast(a)
     grid = (E * triton.cdiv(N1, c["BLOCK_1"]) * triton.cdiv(N2, c["BLOCK_2"]),)
@@ -435,21 +523,35 @@ def moe_experts_bwd(go, x, topk_weights, w_gate_up, w_down, d, h, need):
     dwp = _empty((T * K, num_n), torch.float32, x.device)  # partial act . c
     tw = topk_weights.reshape(-1).contiguous()
     upcast = _upcast(x)
-    _moe_swiglu_bwd_kernel[(num_m * num_n,)](
-        go, w_down, x, w_gate_up, h if h is not None else dh, d.padded_idx, d.block_expert, tw, dh, actw, dwp,
-        num_m, H, I, K, go.stride(0), go.stride(1), *w_down.stride(), x.stride(0), x.stride(1),
-        *w_gate_up.stride(), RECOMPUTE=h is None, UPCAST=upcast, PREC=_precision(x.dtype, upcast),
-        BLOCK_M=BM, GROUP_M=cfg["GROUP_M"], **_row_cfg(c, BM))
+    dact_mm = h is not None and _grouped_mm_ok(DACT_GROUPED_MM, x.dtype, x.device, H, I)
+    # go[tok] in padded row order, made once where a torch._grouped_mm wants it (c here, dWd below)
+    go_rows = _gather_padded(go, d, K) if dact_mm or (
+        need[3] and _grouped_mm_ok(WGRAD_GROUPED_MM, w_down.dtype, x.device, H, I)) else None
+    if dact_mm:
+        cmat = torch._grouped_mm(go_rows, w_down, offs=_group_ends(d))  # (P, I): go[tok] Wd[e]
+        _moe_swiglu_bwd_ew_kernel[(num_m, num_n)](
+            cmat, h, d.padded_idx, d.block_expert, tw, dh, actw, dwp, I, K, BLOCK_M=BM, BLOCK_N=c["BLOCK_N"],
+            num_warps=1 if x.device.type == "cpu" else 8)  # 128 x 64: 118 registers (4 warps spill 1.2 KB)
+        del cmat
+    else:
+        _moe_swiglu_bwd_kernel[(num_m * num_n,)](
+            go, w_down, x, w_gate_up, h if h is not None else dh, d.padded_idx, d.block_expert, tw, dh, actw, dwp,
+            num_m, H, I, K, go.stride(0), go.stride(1), *w_down.stride(), x.stride(0), x.stride(1),
+            *w_gate_up.stride(), RECOMPUTE=h is None, UPCAST=upcast, PREC=_precision(x.dtype, upcast),
+            BLOCK_M=BM, GROUP_M=cfg["GROUP_M"], **_row_cfg(c, BM))
     gx = gw = g1 = gd = None
+    if need[3]:  # first: the gathered go rows and w*act go before the next transients come
+        gd = _wgrad(go, True, actw, False, d, K, w_down) if go_rows is None else \
+            _wgrad(go_rows, False, actw, False, d, K, w_down)
+    del go_rows, actw
     if need[0]:
         yx = _rows_gemm(dh, w_gate_up, w_gate_up.stride(), d, None, H, T, K, x.dtype)  # (T*K, H)
         gx = _combine(yx, T, K, _empty((T, H), x.dtype, x.device))
+        del yx
     if need[1]:
         gw = dwp.sum(dim=1).view(T, K)  # fixed-order reduction: deterministic
     if need[2]:
-        g1 = _wgrad(dh, False, x, True, d, K, _empty(w_gate_up.shape, w_gate_up.dtype, x.device))
-    if need[3]:
-        gd = _wgrad(go, True, actw, False, d, K, _empty(w_down.shape, w_down.dtype, x.device))
+        g1 = _wgrad(dh, False, x, True, d, K, w_gate_up)
     return gx, gw, g1, gd
 
 

@@ -116,6 +116,71 @@ def test_other_tiles(monkeypatch, block_m, block_r):
         assert_close_to_ref(a, b, c, torch.float32, name)
 
 
+GROUPED_CASES = [
+    # 2I <= H in each case on the path, so that [g | u] is kept and the dact GEMM can go too
+    ((21, 96, 40, 5, 2, "balanced"), torch.bfloat16, True),  # padded segments, two column tiles
+    ((18, 32, 16, 4, 2, "two_experts"), torch.bfloat16, True),  # experts 1, 2 empty
+    (CASES[4], torch.float32, True),  # top_k = E
+    (CASES[1], torch.float32, False),  # odd H and I: rows not 16-byte multiples, this file's kernels
+]
+
+
+@pytest.mark.parametrize("variant", ["wgrad", "dact", "wgrad+dact"])
+@pytest.mark.parametrize("case,dtype,path", GROUPED_CASES,
+                         ids=["balanced-bf16", "two_experts-empty-bf16", "topk_E-f32", "odd-widths-f32"])
+def test_backward_gemms_through_grouped_mm(monkeypatch, variant, case, dtype, path):
+    """The backward's GEMMs through torch._grouped_mm (kernels/moe.py WGRAD_GROUPED_MM: both weight
+    gradients; DACT_GROUPED_MM: c = go[tok] Wd[e], then the elementwise SwiGLU backward): the padded
+    layout's zero rows, empty experts (zero gradients), against the float64 loop, the forward
+    unchanged; widths it cannot take fall back to the Triton kernels. The buffers start as NaN
+    (POISON): a padding row left unwritten would make an expert's weight gradient NaN."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
+    T, H, I, E, K, kind = case
+    x, ids, tw, w1, wd = _inputs(T, H, I, E, K, kind, dtype)
+    g = torch.randn(T, H)
+    out0, grads0 = _run(triton_moe_experts, x, ids, tw, w1, wd, g)
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(a[1].dim()) or real(*a, **k))
+    if "wgrad" in variant:
+        monkeypatch.setattr(km, "WGRAD_GROUPED_MM", {"cpu"})
+    if "dact" in variant:
+        monkeypatch.setattr(km, "DACT_GROUPED_MM", {"cpu"})
+    out, grads = _run(triton_moe_experts, x, ids, tw, w1, wd, g)
+    want = (2 if "wgrad" in variant else 0) + (1 if "dact" in variant else 0)  # 2d x 2d: dW; 2d x 3d: c
+    assert len(calls) == (want if path else 0)
+    assert calls.count(3) == (1 if path and "dact" in variant else 0)
+    ref64, grads64 = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.float64)
+    ref, grads_ref = _run(moe_experts_reference, x, ids, tw, w1, wd, g, dtype)
+    assert torch.equal(out, out0)
+    for name, a, b, c in zip(("dx", "d topk_weights", "d w_gate_up", "d w_down"), grads, grads64, grads_ref):
+        assert a.dtype == c.dtype and a.shape == c.shape, name
+        assert_close_to_ref(a, b, c, dtype, name)
+    empty = torch.bincount(ids.flatten(), minlength=E) == 0
+    assert torch.all(grads[2][empty] == 0) and torch.all(grads[3][empty] == 0)
+
+
+def test_dact_through_grouped_mm_needs_the_kept_preactivation(monkeypatch):
+    """With [g | u] recomputed in backward (2I > H) the fused SwiGLU-backward kernel stays: c is
+    never made through torch._grouped_mm there."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
+    monkeypatch.setattr(km, "DACT_GROUPED_MM", {"cpu"})
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    T, H, I, E, K = 21, 16, 24, 3, 2
+    x, ids, tw, w1, wd = _inputs(T, H, I, E, K, "balanced", torch.float32)
+    g = torch.randn(T, H)
+    out, grads = _run(triton_moe_experts, x, ids, tw, w1, wd, g)
+    assert calls == []
+    ref64, grads64 = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.float64)
+    ref, grads_ref = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.float32)
+    for name, a, b, c in zip(("dx", "dtw", "dw1", "dwd"), grads, grads64, grads_ref):
+        assert_close_to_ref(a, b, c, torch.float32, name)
+
+
 def test_strided_inputs_deterministic_and_public_op():
     """Non-contiguous x / grad_out / weights; two runs agree bitwise (no atomics); the public op's
     backend='triton' reaches this kernel."""
@@ -227,13 +292,40 @@ def test_moe_experts_triton_gpu(case, dtype):
         assert_close_to_ref(a, b, c, dtype, name)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=[f"T{c[0]}-{c[5]}" for c in GPU_CASES])
+def test_backward_gemms_grouped_mm_gpu(monkeypatch, case):
+    """The backward's GEMMs through torch._grouped_mm on the GPU (bf16, Hopper; both switches on):
+    against float64, and zero weight gradients for the empty experts of the two_experts case
+    (pytorch#172439 saw nonzero ones on Blackwell), on a second backward too (recycled blocks)."""
+    monkeypatch.setattr(km, "WGRAD_GROUPED_MM", {"cuda"})
+    monkeypatch.setattr(km, "DACT_GROUPED_MM", {"cuda"})
+    if not km._grouped_mm_ok({"cuda"}, torch.bfloat16, torch.device("cuda"), 8, 8):
+        pytest.skip("torch._grouped_mm backward GEMMs are for bf16 on a Hopper GPU")
+    T, H, I, E, K, kind = case
+    x, ids, tw, w1, wd = (t.cuda() for t in _inputs(T, H, I, E, K, kind, torch.bfloat16))
+    g = torch.randn(T, H, device="cuda")
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for _ in range(2):
+        out, grads = _run(triton_moe_experts, x, ids, tw, w1, wd, g)
+    assert len(calls) == 6
+    ref64, grads64 = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.float64)
+    ref, grads_ref = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.bfloat16)
+    for name, a, b, c in zip(("dx", "dtw", "dw1", "dwd"), grads, grads64, grads_ref):
+        assert_close_to_ref(a, b, c, torch.bfloat16, name)
+    empty = torch.bincount(ids.flatten(), minlength=E) == 0
+    assert torch.all(grads[2][empty] == 0) and torch.all(grads[3][empty] == 0)
+
+
 def _hopper_build(kernel):
     """Compile one GEMM kernel at the goal shape (T=16384, H=2048, I=768, E=128, top-8, bf16,
     BLOCK_M 128) with the GPU config."""
     T, H, I, K, BM = 16384, 2048, 768, 8, 128  # E = 128 experts: only strides of one expert enter
     num_m = T * K // BM
     G = km._CONFIGS_GPU
-    c = dict(G[kernel])
+    c = dict(G["swiglu_bwd" if kernel == "swiglu_bwd_ew" else kernel])
     opts = dict(num_warps=c.pop("num_warps"), num_stages=c.pop("num_stages"))
     bf = "*bf16"
     rows = dict(BLOCK_M=BM, GROUP_M=G["GROUP_M"], UPCAST=False, PREC="tf32", **c)
@@ -255,6 +347,11 @@ def _hopper_build(kernel):
                              dict(num_m=num_m, H=H, I=I, K=K, stride_gt=H, stride_gh=1, stride_de=H * I,
                                   stride_dh=I, stride_di=1, stride_xt=H, stride_xh=1, **w1s),
                              dict(RECOMPUTE=False, **rows), opts)
+    if kernel == "swiglu_bwd_ew":  # the elementwise SwiGLU backward after a torch._grouped_mm c
+        return compile_sm90(km._moe_swiglu_bwd_ew_kernel,
+                             dict(C=bf, HPRE=bf, IDX="*i32", BLOCK_EXPERT="*i32", TW="*fp32", DH=bf, ACTW=bf,
+                                  DWP="*fp32"),
+                             dict(I=I, K=K), dict(BLOCK_M=BM, BLOCK_N=c["BLOCK_N"]), dict(num_warps=8, num_stages=1))
     return compile_sm90(km._moe_wgrad_kernel, dict(A=bf, B=bf, IDX="*i32", POFF="*i32", OUT=bf),
                          dict(N1=2 * I, N2=H, K=K, stride_ar=2 * I, stride_ac=1, stride_br=H, stride_bc=1,
                               stride_oe=2 * I * H, stride_o1=H, stride_o2=1),
@@ -276,13 +373,18 @@ def test_kernels_compile_for_hopper():
         assert rep["wgmma"], f"{kernel}: tl.dot did not become wgmma"
         assert rep["pipelined"], f"{kernel}: loads are not software-pipelined"
         assert rep["shared"] <= 227 * 1024, f"{kernel}: {rep['shared']} bytes of shared memory"
+    ew = report["swiglu_bwd_ew"]  # no GEMM: it compiles, and its registers hold without spilling
+    assert ew["spill"] in (None, 0), f"swiglu_bwd_ew: {ew['spill']} bytes of spill ({ew['regs']} registers)"
 
 
 if __name__ == "__main__":  # the subprocess of test_kernels_compile_for_hopper
+    from sm90 import ptxas_usage
+
     out = {}
-    for name in HOPPER_KERNELS:
+    for name in HOPPER_KERNELS + ("swiglu_bwd_ew",):
         k = _hopper_build(name)
         ttgir = k.asm["ttgir"]
+        regs, spill = ptxas_usage(k)
         out[name] = dict(wgmma="warp_group_dot" in ttgir, pipelined="async_copy_global_to_local" in ttgir,
-                         shared=k.metadata.shared)
+                         shared=k.metadata.shared, regs=regs, spill=spill)
     print(json.dumps(out))
