@@ -15,8 +15,8 @@ writes it (in-place index_add_ into zeros), "loop (reasonrl reference)" the op's
 (the same loop, out-of-place, float32 combine), `torch._grouped_mm` on expert-sorted rows where this
 torch build has it and it runs on the device, Liger-Kernel's LigerFusedMoEFunction where installed (GPU).
 On a Hopper GPU in bf16 the Triton backend runs twice more, with its backward GEMMs through
-torch._grouped_mm (kernels/moe.py WGRAD_GROUPED_MM, DACT_GROUPED_MM): "wgrad" (the two weight
-gradients) and "wgrad+dact" (and the go Wd GEMM); --profile prints the kernels of ours and of the
+torch._grouped_mm (kernels/moe.py *_GROUPED_MM): "wgrad" (the two weight gradients), "wgrad+dact"
+(and the go Wd GEMM) and "wgrad+dact+dx" (and dx's GEMM); --profile prints the kernels of ours and of the
 torch._grouped_mm reference, whose GEMMs are CUTLASS's grouped GEMM at these shapes.
 Floor: forward 2*T*K*H*3I FLOPs, forward+backward 3x that (backward does twice the forward's GEMMs;
 the C++ backend's recompute of gate/up adds 2*T*K*H*2I more, not counted), over the measured matmul rate.
@@ -116,7 +116,8 @@ def _skip(msg):
 
 # Backward GEMMs of the Triton backend that can go through torch._grouped_mm (kernels/moe.py):
 # a row each in the comparison and a try each in --tune.
-GROUPED_MM_VARIANTS = {"wgrad": ("WGRAD_GROUPED_MM",), "wgrad+dact": ("WGRAD_GROUPED_MM", "DACT_GROUPED_MM")}
+GROUPED_MM_VARIANTS = {"wgrad": ("WGRAD_GROUPED_MM",), "wgrad+dact": ("WGRAD_GROUPED_MM", "DACT_GROUPED_MM"),
+                       "wgrad+dact+dx": ("WGRAD_GROUPED_MM", "DACT_GROUPED_MM", "DX_GROUPED_MM")}
 
 
 @contextlib.contextmanager

@@ -29,10 +29,10 @@ Transient buffers (P = T*K plus padding): act (P, I) and the weighted per-assign
 (T*K, H) in forward; [dg | du] (P, 2I), w*act (P, I), the per-assignment dx (T*K, H) and
 float32 partial dots (T*K, I / BLOCK_N) in backward; each is freed when its pass returns.
 
-Optional, off until timed (WGRAD_GROUPED_MM, DACT_GROUPED_MM): the backward's weight-gradient GEMMs
-and its go Wd GEMM through torch._grouped_mm on Hopper, with go[tok] and x[tok] gathered into
-(P, H) buffers for them (transient, zeros in the padding rows); then the SwiGLU backward is an
-elementwise kernel over the given c.
+Optional, off until timed (WGRAD_GROUPED_MM, DACT_GROUPED_MM, DX_GROUPED_MM): the backward's
+weight-gradient GEMMs, its go Wd GEMM and its dx GEMM through torch._grouped_mm on Hopper, with
+go[tok] and x[tok] gathered into (P, H) buffers for them (transient, zeros in the padding rows); the
+SwiGLU backward is then an elementwise kernel over the given c, and dx's combine reads padded rows.
 
 Verified (tests/test_moe_triton.py): values and all four gradients against a float64 per-expert
 loop under TRITON_INTERPRET=1 on CPU (float32, bfloat16 and float16, the latter two multiplied in
@@ -146,14 +146,19 @@ def _moe_rows_kernel(
 
 
 @triton.jit
-def _moe_combine_kernel(Y, OUT, H, K, stride_ot, BLOCK_H: tl.constexpr):
-    """OUT[t] = sum_{k < K} Y[t*K + k] in float32, k in order: deterministic, no atomics."""
+def _moe_combine_kernel(Y, POS, OUT, H, K, stride_ot, HAS_POS: tl.constexpr, BLOCK_H: tl.constexpr):
+    """OUT[t] = sum_{k < K} Y[row(t*K + k)] in float32, k in order: deterministic, no atomics.
+    row(a) = a, or POS[a] (Y in padded row order) when HAS_POS."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < H
     acc = tl.zeros((BLOCK_H,), tl.float32)
     for k in range(K):
-        acc += tl.load(Y + (t * K + k) * H + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_POS:
+            row = tl.load(POS + t * K + k).to(tl.int64)
+        else:
+            row = t * K + k
+        acc += tl.load(Y + row * H + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + t * stride_ot + cols, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -356,8 +361,11 @@ def _block_m(device, rows_per_expert: float, dtype) -> int:
 # ... by torch._grouped_mm" measure. Tests add "cpu".
 #   WGRAD_GROUPED_MM: dW_gate_up = [dg | du]^T x[tok] and dWd = go[tok]^T (w act), per expert
 #   DACT_GROUPED_MM: c = go[tok] Wd[e] (then _moe_swiglu_bwd_ew_kernel), when [g | u] was kept
+#   DX_GROUPED_MM: dx rows = [dg | du] W[e] in padded row order (the rows GEMM: 2.1 ms there), then
+#     the combine reads each assignment's row through its padded position
 WGRAD_GROUPED_MM: set[str] = set()
 DACT_GROUPED_MM: set[str] = set()
+DX_GROUPED_MM: set[str] = set()
 
 # Tests set this: every buffer a kernel should fill starts as NaN, so an element left unwritten (or
 # read before it is written) shows up in the outputs instead of passing as stale memory.
@@ -390,11 +398,13 @@ def _upcast(x) -> bool:
     return x.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _combine(y, T, K, out):
-    """y (T*K, H) -> out (T, H): each token's K rows summed in order, float32."""
+def _combine(y, T, K, out, pos=None):
+    """y (T*K, H) -> out (T, H): each token's K rows summed in order, float32. pos (T*K,): assignment
+    a's row of y where y is in padded row order (P, H)."""
     H = y.shape[1]
     BLOCK_H = min(triton.next_power_of_2(H), 1024)
-    _moe_combine_kernel[(T, triton.cdiv(H, BLOCK_H))](y, out, H, K, out.stride(0), BLOCK_H=BLOCK_H,
+    _moe_combine_kernel[(T, triton.cdiv(H, BLOCK_H))](y, y if pos is None else pos, out, H, K, out.stride(0),
+                                                      HAS_POS=pos is not None, BLOCK_H=BLOCK_H,
                                                       num_warps=1 if y.device.type == "cpu" else 4)
     return out
 
@@ -417,7 +427,7 @@ def _rows_gemm(a, b, strides_b, d, tw, n_out, T, K, out_dtype):
 
 
 def _grouped_mm_ok(devices, dtype, device, *widths) -> bool:
-    """Whether a GEMM goes through torch._grouped_mm (devices: WGRAD_GROUPED_MM or DACT_GROUPED_MM):
+    """Whether a GEMM goes through torch._grouped_mm (devices: one of the *_GROUPED_MM sets):
     the set names the device type, the torch has it, rows are 16-byte multiples (its stride check), and
     on CUDA bf16 (the only dtype its CUDA kernel takes) on a Hopper (sm_90). Why Hopper only: there an
     expert with no rows gets a zero weight gradient, while on Blackwell (sm_100) torch._grouped_mm left
@@ -447,6 +457,15 @@ def _wgrad_grouped(a, a_gather, b, b_gather, d, K):
     A = _gather_padded(a, d, K) if a_gather else a
     B = _gather_padded(b, d, K) if b_gather else b
     return torch._grouped_mm(A.t(), B, offs=_group_ends(d))
+
+
+def _padded_rows_of(d, n):
+    """(n,) int32: the padded row of each assignment a < n (every one has exactly one). The padding
+    rows' -1 are sent to a spare slot past n, so no host sync is needed to drop them."""
+    idx = d.padded_idx.long()
+    pos = torch.empty(n + 1, dtype=torch.int32, device=idx.device)
+    rows = torch.arange(idx.numel(), dtype=torch.int32, device=idx.device)
+    return pos.scatter_(0, torch.where(idx >= 0, idx, n), rows)[:n]
 
 
 def _group_ends(d):
@@ -544,7 +563,11 @@ def moe_experts_bwd(go, x, topk_weights, w_gate_up, w_down, d, h, need):
         gd = _wgrad(go, True, actw, False, d, K, w_down) if go_rows is None else \
             _wgrad(go_rows, False, actw, False, d, K, w_down)
     del go_rows, actw
-    if need[0]:
+    if need[0] and _grouped_mm_ok(DX_GROUPED_MM, x.dtype, x.device, 2 * I, H):
+        yx = torch._grouped_mm(dh, w_gate_up, offs=_group_ends(d))  # (P, H): [dg | du] W[e], padded rows
+        gx = _combine(yx, T, K, _empty((T, H), x.dtype, x.device), _padded_rows_of(d, T * K))
+        del yx
+    elif need[0]:
         yx = _rows_gemm(dh, w_gate_up, w_gate_up.stride(), d, None, H, T, K, x.dtype)  # (T*K, H)
         gx = _combine(yx, T, K, _empty((T, H), x.dtype, x.device))
         del yx

@@ -125,12 +125,13 @@ GROUPED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("variant", ["wgrad", "dact", "wgrad+dact"])
+@pytest.mark.parametrize("variant", ["wgrad", "dact", "dx", "wgrad+dact+dx"])
 @pytest.mark.parametrize("case,dtype,path", GROUPED_CASES,
                          ids=["balanced-bf16", "two_experts-empty-bf16", "topk_E-f32", "odd-widths-f32"])
 def test_backward_gemms_through_grouped_mm(monkeypatch, variant, case, dtype, path):
     """The backward's GEMMs through torch._grouped_mm (kernels/moe.py WGRAD_GROUPED_MM: both weight
-    gradients; DACT_GROUPED_MM: c = go[tok] Wd[e], then the elementwise SwiGLU backward): the padded
+    gradients; DACT_GROUPED_MM: c = go[tok] Wd[e], then the elementwise SwiGLU backward; DX_GROUPED_MM:
+    dx's rows in padded order, combined through each assignment's padded row): the padded
     layout's zero rows, empty experts (zero gradients), against the float64 loop, the forward
     unchanged; widths it cannot take fall back to the Triton kernels. The buffers start as NaN
     (POISON): a padding row left unwritten would make an expert's weight gradient NaN."""
@@ -147,10 +148,12 @@ def test_backward_gemms_through_grouped_mm(monkeypatch, variant, case, dtype, pa
         monkeypatch.setattr(km, "WGRAD_GROUPED_MM", {"cpu"})
     if "dact" in variant:
         monkeypatch.setattr(km, "DACT_GROUPED_MM", {"cpu"})
+    if "dx" in variant:
+        monkeypatch.setattr(km, "DX_GROUPED_MM", {"cpu"})
     out, grads = _run(triton_moe_experts, x, ids, tw, w1, wd, g)
-    want = (2 if "wgrad" in variant else 0) + (1 if "dact" in variant else 0)  # 2d x 2d: dW; 2d x 3d: c
-    assert len(calls) == (want if path else 0)
-    assert calls.count(3) == (1 if path and "dact" in variant else 0)
+    n3 = ("dact" in variant) + ("dx" in variant)  # 2d x 3d: c and the dx rows; 2d x 2d: the two dW
+    assert len(calls) == ((2 if "wgrad" in variant else 0) + n3 if path else 0)
+    assert calls.count(3) == (n3 if path else 0)
     ref64, grads64 = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.float64)
     ref, grads_ref = _run(moe_experts_reference, x, ids, tw, w1, wd, g, dtype)
     assert torch.equal(out, out0)
@@ -295,11 +298,11 @@ def test_moe_experts_triton_gpu(case, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=[f"T{c[0]}-{c[5]}" for c in GPU_CASES])
 def test_backward_gemms_grouped_mm_gpu(monkeypatch, case):
-    """The backward's GEMMs through torch._grouped_mm on the GPU (bf16, Hopper; both switches on):
+    """The backward's GEMMs through torch._grouped_mm on the GPU (bf16, Hopper; every switch on):
     against float64, and zero weight gradients for the empty experts of the two_experts case
     (pytorch#172439 saw nonzero ones on Blackwell), on a second backward too (recycled blocks)."""
-    monkeypatch.setattr(km, "WGRAD_GROUPED_MM", {"cuda"})
-    monkeypatch.setattr(km, "DACT_GROUPED_MM", {"cuda"})
+    for name in ("WGRAD_GROUPED_MM", "DACT_GROUPED_MM", "DX_GROUPED_MM"):
+        monkeypatch.setattr(km, name, {"cuda"})
     if not km._grouped_mm_ok({"cuda"}, torch.bfloat16, torch.device("cuda"), 8, 8):
         pytest.skip("torch._grouped_mm backward GEMMs are for bf16 on a Hopper GPU")
     T, H, I, E, K, kind = case
@@ -310,7 +313,7 @@ def test_backward_gemms_grouped_mm_gpu(monkeypatch, case):
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     for _ in range(2):
         out, grads = _run(triton_moe_experts, x, ids, tw, w1, wd, g)
-    assert len(calls) == 6
+    assert len(calls) == 8
     ref64, grads64 = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.float64)
     ref, grads_ref = _run(moe_experts_reference, x, ids, tw, w1, wd, g, torch.bfloat16)
     for name, a, b, c in zip(("dx", "dtw", "dw1", "dwd"), grads, grads64, grads_ref):
