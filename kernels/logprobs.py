@@ -257,13 +257,20 @@ def _lse_tile_grad(acc, rows, cols, rmask, cmask, DZ, stride_zn, inv_t, WITH_ENT
     tid = tl.load(IDS + r) - vocab_start
     z = acc * inv_t
     p = tl.exp2((z - lse[:, None]) * LOG2E)
-    dz = tl.where(cols[None, :] == tid[:, None], g[:, None], 0.0) - g[:, None] * p
+    # p (gh (S - z) - g): once p is made, z's last use makes the factor, so two (BM, BN) float32
+    # tiles are live at once, not three (Triton 3.6 spilled the three-tile form in every config)
     if WITH_ENT:
         S = tl.load(RV + N + r)
         gh = tl.load(RV + 3 * N + r)
-        dz += gh[:, None] * tl.where(p > 0, p * (S[:, None] - z), 0.0)
-    tl.store(DZ + rows.to(tl.int64)[:, None] * stride_zn + cols[None, :], (dz * inv_t).to(DZ.dtype.element_ty),
-             mask=rmask[:, None] & cmask[None, :])
+        dz = p * (tl.where(p > 0, gh[:, None] * (S[:, None] - z), 0.0) - g[:, None])
+    else:
+        dz = p * -g[:, None]
+    dz = tl.where(cols[None, :] == tid[:, None], dz + g[:, None], dz)
+    # an int64 base for the tile and int32 offsets inside it (BLOCK_M x the chunk's width < 2^31): a
+    # (BM, BN) tile of 64-bit addresses would hold two registers an element
+    row0 = tl.min(rows, axis=0)
+    tl.store(DZ + row0.to(tl.int64) * stride_zn + ((rows - row0)[:, None] * stride_zn + cols[None, :]),
+             (dz * inv_t).to(DZ.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
