@@ -204,10 +204,13 @@ def _linear_lse_tma_kernel(
     N, V, HD, scale2, stride_pc, stride_pn,
     WITH_ENT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    IDS=None, RV=None, vocab_start=0, GRAD: tl.constexpr = False,
+    IDS=None, RV=None, vocab_start=0, GRAD: tl.constexpr = False, dz_desc=None, DZ_TMA: tl.constexpr = False,
 ):
     """_linear_lse_kernel with its tiles loaded by TMA (host tensor descriptors: hidden in (BLOCK_M,
-    BLOCK_K) boxes, W in (BLOCK_N, BLOCK_K)); out-of-bounds rows, columns and K are read as zeros."""
+    BLOCK_K) boxes, W in (BLOCK_N, BLOCK_K)); out-of-bounds rows, columns and K are read as zeros.
+    DZ_TMA (with GRAD): the gradient tile is stored by TMA too (dz_desc: the output in (BLOCK_M,
+    BLOCK_N) boxes; rows and columns past its end are dropped by the copy), so no (BM, BN) tile of
+    addresses or of masks is made."""
     pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -218,8 +221,13 @@ def _linear_lse_tma_kernel(
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b.T, acc, input_precision=PREC)
-    _lse_tile_out(acc, rows, cols, rows < N, cols < V, pid_n, PART, stride_pc, stride_pn, scale2, h_desc.dtype,
-                  WITH_ENT, RNE_BITS, N, IDS, RV, vocab_start, GRAD)
+    if GRAD and DZ_TMA:
+        dz = _lse_tile_dz(_round_to(acc, h_desc.dtype, RNE_BITS), rows, cols, rows < N, scale2, WITH_ENT, N, IDS, RV,
+                          vocab_start)
+        dz_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], dz.to(dz_desc.dtype))
+    else:
+        _lse_tile_out(acc, rows, cols, rows < N, cols < V, pid_n, PART, stride_pc, stride_pn, scale2, h_desc.dtype,
+                      WITH_ENT, RNE_BITS, N, IDS, RV, vocab_start, GRAD)
 
 
 @triton.jit
@@ -247,9 +255,21 @@ def _lse_tile_out(acc, rows, cols, rmask, cmask, pid_n, PART, stride_pc, stride_
 @triton.jit
 def _lse_tile_grad(acc, rows, cols, rmask, cmask, DZ, stride_zn, inv_t, WITH_ENT: tl.constexpr, N, IDS, RV,
                    vocab_start):
+    """_lse_tile_dz stored through pointers: an int64 base for the tile and int32 offsets inside it
+    (BLOCK_M x the chunk's width < 2^31; a (BM, BN) tile of 64-bit addresses would hold two registers
+    an element)."""
+    dz = _lse_tile_dz(acc, rows, cols, rmask, inv_t, WITH_ENT, N, IDS, RV, vocab_start)
+    row0 = tl.min(rows, axis=0)
+    tl.store(DZ + row0.to(tl.int64) * stride_zn + ((rows - row0)[:, None] * stride_zn + cols[None, :]),
+             dz.to(DZ.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _lse_tile_dz(acc, rows, cols, rmask, inv_t, WITH_ENT: tl.constexpr, N, IDS, RV, vocab_start):
     """d(sum g logp + gh entropy) / d logits for the tile, as _logprob_bwd_kernel (z = logit / T):
     dz = (1[col == id] - p) g + gh p (S - z), times 1 / T; RV (4, N) float32 holds per row lse,
-    S = lse - entropy, and g, gh already zero on ignored rows."""
+    S = lse - entropy, and g, gh already zero on ignored rows. Rows past N read row 0 (their
+    results are not stored)."""
     LOG2E: tl.constexpr = 1.4426950408889634
     r = tl.where(rmask, rows, 0)
     lse = tl.load(RV + r)
@@ -265,12 +285,7 @@ def _lse_tile_grad(acc, rows, cols, rmask, cmask, DZ, stride_zn, inv_t, WITH_ENT
         dz = p * (tl.where(p > 0, gh[:, None] * (S[:, None] - z), 0.0) - g[:, None])
     else:
         dz = p * -g[:, None]
-    dz = tl.where(cols[None, :] == tid[:, None], dz + g[:, None], dz)
-    # an int64 base for the tile and int32 offsets inside it (BLOCK_M x the chunk's width < 2^31): a
-    # (BM, BN) tile of 64-bit addresses would hold two registers an element
-    row0 = tl.min(rows, axis=0)
-    tl.store(DZ + row0.to(tl.int64) * stride_zn + ((rows - row0)[:, None] * stride_zn + cols[None, :]),
-             (dz * inv_t).to(DZ.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    return tl.where(cols[None, :] == tid[:, None], dz + g[:, None], dz) * inv_t
 
 
 @triton.jit
@@ -407,6 +422,9 @@ def _launch_tiles(hidden, weight, out, scale2, stride_pc, stride_pn, config, wit
     flags = dict(WITH_ENT=with_entropy, UPCAST=upcast, PREC=prec, RNE_BITS=rne, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
                  GROUP_M=GM, **(extra or {}), **c)
     if tma:
+        if flags.get("GRAD") and out.stride(1) == 1 and out.stride(0) * out.element_size() % 16 == 0 \
+                and out.data_ptr() % 16 == 0:  # TMA's alignment; otherwise the pointer store
+            flags.update(dz_desc=TensorDescriptor(out, list(out.shape), [stride_pn, 1], [BM, BN]), DZ_TMA=True)
         _linear_lse_tma_kernel[grid](TensorDescriptor.from_tensor(hidden, [BM, BK]),
                                      w_desc or TensorDescriptor.from_tensor(weight, [BN, BK]), out, N,
                                      weight.shape[0], H, scale2, stride_pc, stride_pn, **flags)

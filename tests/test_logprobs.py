@@ -434,6 +434,62 @@ def test_linear_gemm_lse_forward_edge_cases(dtype):
     assert len(calls) == 8  # 3 shapes x 2 ignore indices, the padded batch, the bad id
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemm_lse_backward_tma_store(dtype):
+    """The backward's gradient tiles stored by TMA (linear_logits_grad with a TMA config and a 16-byte
+    aligned output: DZ_TMA) equal the pointer store's, with rows and columns past the output's end
+    (N, Vc not multiples of the tile) dropped, not written; an output whose rows are not 16-byte
+    multiples takes the pointer store inside the TMA kernel. Both against float64."""
+    from reasonrl.kernels import logprobs as kl
+
+    calls = []
+    real = kl._linear_lse_tma_kernel
+    N, H = 45, 40
+    for Vc, aligned in ((600, True), (7, False)):
+        h = torch.randn(N, H, dtype=torch.float64)
+        w = torch.randn(Vc, H, dtype=torch.float64) * (2.0 / H ** 0.5)
+        ids = _ids(N, Vc, pad_frac=0.2)
+        keep = ids != -100
+        z64 = (h.to(dtype).double() @ w.to(dtype).double().T).to(dtype).double()  # the rounded logits
+        logp = z64.log_softmax(-1)
+        p = logp.exp()
+        lse = torch.logsumexp(z64, -1)
+        ent = -(p * logp).sum(-1)
+        g, gh = torch.randn(N, dtype=torch.float64) * keep, torch.randn(N, dtype=torch.float64) * keep
+        rv = torch.stack([lse, lse - ent, g, gh]).float().contiguous()
+        onehot = torch.zeros(N, Vc, dtype=torch.float64)
+        onehot[keep, ids[keep]] = 1.0
+        ref = g[:, None] * (onehot - p) + gh[:, None] * p * (lse - ent - z64.T).T  # d/dz, T = 1
+        outs = {}
+        for tma in (True, False):
+            out = torch.full((N + 3, Vc), float("nan"), dtype=dtype)[:N]  # rows past N stay NaN if untouched
+            spare = torch.full((3, Vc), float("nan"), dtype=dtype)
+            buf = torch.cat([out, spare])
+            out = buf[:N]
+            kl._linear_lse_tma_kernel = _spy(real, calls)
+            try:
+                kl.linear_logits_grad(h.to(dtype), w.to(dtype), out, dict(kl.LSE_GEMM_CPU, TMA=tma), ids, rv, 0,
+                                      1.0, True)
+            finally:
+                kl._linear_lse_tma_kernel = real
+            assert torch.isnan(buf[N:]).all(), "rows past N were written"
+            outs[tma] = out.double()
+            torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+        torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=0)
+        assert calls.pop() is aligned  # DZ_TMA where the output allows it
+
+
+def _spy(kernel, calls):
+    """kernel[grid](...) that records whether the launch asked for the TMA store."""
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                calls.append(bool(kw.get("DZ_TMA", False)))
+                return kernel[grid](*a, **kw)
+            return launch
+    return Spy()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the gpu tests compile and run the kernel")
 def test_gemm_lse_kernel_compiles_for_hopper():
     """The GEMM + log-sum-exp kernel builds for sm_90a at issue 2's shape (N=16384, H=1536, V=151936, bf16)
@@ -701,6 +757,10 @@ if __name__ == "__main__":  # the subprocess of test_gemm_lse_kernel_compiles_fo
             tma = c.pop("TMA")
             nb = -(-V // c["BLOCK_N"])
             cex = dict(WITH_ENT=ent is not False, UPCAST=False, PREC="tf32", RNE_BITS=False, GRAD=ent == "grad", **c)
+            if tma and ent == "grad":  # the launch at this shape: the gradient tile stored by TMA
+                cex["DZ_TMA"] = True
+            elif tma:
+                cex.update(dz_desc=None, DZ_TMA=False)  # as the launcher binds the defaults
             if tma:  # descriptor arguments: compiled directly (sm90.compile_sm90 knows pointers and scalars)
                 import triton
                 from triton.backends.compiler import GPUTarget
@@ -711,7 +771,9 @@ if __name__ == "__main__":  # the subprocess of test_gemm_lse_kernel_compiles_fo
                            PART="*bf16" if ent == "grad" else "*fp32", N="i32",
                            V="i32", HD="i32", scale2="fp32", stride_pc="i32", stride_pn="i32", IDS="*i64",
                            RV="*fp32", vocab_start="i32",
+                           **({"dz_desc": f"tensordesc<bf16[{c['BLOCK_M']}, {c['BLOCK_N']}]>"} if ent == "grad" else {}),
                            **{name: "constexpr" for name in cex})
+                sig = {name: sig[name] for name in fn.arg_names if name in sig}  # in the kernel's order
                 k = triton.compile(ASTSource(fn, sig, cex, attrs={(fn.arg_names.index("PART"),): [["tt.divisibility", 16]]}),
                                    target=GPUTarget("cuda", 90, 32), options=opts)
             else:
