@@ -698,24 +698,30 @@ def test_decode_window_equals_single_steps(hf_and_ours, temperature, top_p, bloc
     block accounting are those of one step per schedule."""
     _, model = hf_and_ours
     prompts = random_prompts(5, 1, 14)
-    eos = torch.randint(0, V, (3,)).tolist()  # frequent enough at V=61 that many samples stop early
-    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=37, seed=5,
-                            stop_token_ids=(eos[0],))
-    outs, stats = [], []
-    for window in (1, 16):
-        eng = LLMEngine(model, block_size=block_size, eos_token_ids=eos[1:], decode_window=window)
-        outs.append(eng.generate(prompts, params, n=8))  # 40 samples: both endings all but surely occur
-        stats.append(eng.stats)
-        assert eng.bm.num_free == eng.bm.num_blocks
-        eng.bm.check([])
-    for ga, gb in zip(*outs):
-        for a, b in zip(ga, gb):
-            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
-            assert torch.equal(torch.tensor(a.logprobs), torch.tensor(b.logprobs))
-    reasons = {c.finish_reason for g in outs[0] for c in g}
+    seen = set()
+    # up to 4 draws of stop tokens: a draw of tokens the model favours can stop all 40 samples early
+    # (seen once in a CI run), and the check wants both endings; every draw is checked in full
+    for _ in range(4):
+        eos = torch.randint(0, V, (3,)).tolist()  # frequent enough at V=61 that many samples stop early
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=37, seed=5,
+                                stop_token_ids=(eos[0],))
+        outs, stats = [], []
+        for window in (1, 16):
+            eng = LLMEngine(model, block_size=block_size, eos_token_ids=eos[1:], decode_window=window)
+            outs.append(eng.generate(prompts, params, n=8))
+            stats.append(eng.stats)
+            assert eng.bm.num_free == eng.bm.num_blocks
+            eng.bm.check([])
+        for ga, gb in zip(*outs):
+            for a, b in zip(ga, gb):
+                assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+                assert torch.equal(torch.tensor(a.logprobs), torch.tensor(b.logprobs))
+        assert stats[1]["steps"] == stats[0]["steps"]  # the same model steps, fewer schedules
+        seen |= {c.finish_reason for g in outs[0] for c in g}
+        if temperature == 0 or seen == {"stop", "length"}:
+            break
     if temperature > 0:
-        assert reasons == {"stop", "length"}, reasons  # both kinds of ending were exercised
-    assert stats[1]["steps"] == stats[0]["steps"]  # the same model steps, fewer schedules
+        assert seen == {"stop", "length"}, seen  # both kinds of ending were exercised
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.8, 0.9), (0.0, 1.0)])
