@@ -453,7 +453,7 @@ def _wgrad_grouped(a, a_gather, b, b_gather, d, K):
     """_wgrad through torch._grouped_mm's varying-K form: (N1, P) x (P, N2) -> (E, N1, N2), groups at
     the padded offsets. The gathered operand is made in memory, (P, width): transient, one at a time.
     The padding rows are zero on both sides (the SwiGLU backward writes zeros there; _gather_padded
-    too), so the last group may run to P: offs[-1] = P covers any rows past padded_offsets[-1]."""
+    too), so they add nothing to their expert's sum."""
     A = _gather_padded(a, d, K) if a_gather else a
     B = _gather_padded(b, d, K) if b_gather else b
     return torch._grouped_mm(A.t(), B, offs=_group_ends(d))
@@ -469,11 +469,9 @@ def _padded_rows_of(d, n):
 
 
 def _group_ends(d):
-    """torch._grouped_mm's offs: each expert's end in the padded rows, the last one at P (rows past
-    padded_offsets[-1], if any, are padding: zero in every operand made here)."""
-    offs = d.padded_offsets[1:].to(torch.int32).clone()
-    offs[-1] = d.padded_idx.numel()
-    return offs
+    """torch._grouped_mm's offs: each expert's end in the padded rows, a view (int32). The last is P:
+    moe_dispatch sizes padded_idx to padded_offsets[-1] exactly, so every padded row is in a group."""
+    return d.padded_offsets[1:]
 
 
 def _wgrad(a, a_gather, b, b_gather, d, K, weight):
