@@ -1,10 +1,12 @@
 """Rewards on adversarial outputs: tags missing/nested/repeated, several answers, huge numbers,
 unicode digits, empty output, expressions; custom reward functions by import path."""
 import random
+import threading
 import time
 
 import pytest
 
+from reasonrl.rl import mathverify
 from reasonrl.rl.rewards import (accuracy_reward, answers_equal, compute_rewards, countdown_check,
                                  extract_answer, format_reward, load_reward_fn, parse_reward_spec)
 from reasonrl.rl.tasks import Problem
@@ -178,3 +180,69 @@ def test_reward_module_in_the_working_directory(tmp_path, monkeypatch):
     assert load_reward_fn("myrw_cwd_test:fn")("x", None) == 0.25
     with pytest.raises(ValueError, match="cannot import module 'no_such_reward_mod'"):
         load_reward_fn("no_such_reward_mod:fn")
+
+
+# ----------------------------------------------------------------------------- math-verify (tasks extra)
+needs_math_verify = pytest.mark.skipif(not mathverify.available(), reason="math-verify is not installed")
+
+
+@needs_math_verify
+@pytest.mark.parametrize("pred, gold", [
+    ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"), ("\\frac{\\pi}{4}", "\\pi/4"), ("3\\sqrt{2}", "\\sqrt{18}"),
+    ("[0,1)", "[0, 1)"), ("\\{1,2\\}", "\\{2,1\\}"), ("2x+x", "3x"),
+])
+def test_latex_equal_through_math_verify(pred, gold):
+    assert answers_equal(pred, gold), (pred, gold)
+
+
+@needs_math_verify
+@pytest.mark.parametrize("pred, gold", [
+    ("\\frac{1}{2}abc", "1/2"), ("\\frac{\\sqrt{2}}{3}", "\\frac{1}{\\sqrt{2}}"), ("[0,1]", "[0,1)"),
+    ("\\{1,2,3\\}", "\\{2,1\\}"), ("2x+y", "3x"), ("42abc", "42"), ("1e-999999999", "1"), ("x=4", "3"),
+])
+def test_latex_not_equal_through_math_verify(pred, gold):
+    """Each side is read whole: math-verify's default extraction found 42 in "42abc" (and 1 in
+    "1e-999999999") and called them equal."""
+    assert not answers_equal(pred, gold), (pred, gold)
+
+
+@needs_math_verify
+def test_math_verify_hangs_are_cut():
+    """sympy's big-integer powers run in C, where no signal reaches them: the worker is killed at the
+    timeout (a restart counted), and the next query gets a fresh one."""
+    w = mathverify.worker()
+    assert answers_equal("\\frac{\\pi}{4}", "\\pi/4")  # started and warm
+    for pred in ["9^{9^{9^{9}}}", "10^{100000000}", "\\binom{10^{9}}{10^{5}}"]:
+        before = w.restarts
+        t = time.perf_counter()
+        assert not answers_equal(pred, "1", timeout=0.5)
+        assert time.perf_counter() - t < 3.0
+        assert w.restarts == before + 1, pred
+    assert answers_equal("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")
+
+
+@needs_math_verify
+def test_math_verify_from_a_thread():
+    """No signals in threads: the process boundary still cuts a hang there."""
+    out = []
+    th = threading.Thread(target=lambda: out.append((answers_equal("9^{9^{9^{9}}}", "1", timeout=0.5),
+                                                     answers_equal("\\frac{\\pi}{4}", "\\pi/4"))))
+    th.start()
+    th.join(30)
+    assert out == [(False, True)]
+
+
+def test_latex_without_math_verify(monkeypatch):
+    """Not installed: what reasonrl's own checks cannot read counts as not equal; they still decide the rest."""
+    monkeypatch.setattr(mathverify, "_AVAILABLE", [False])
+    assert not answers_equal("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")
+    assert answers_equal("\\frac{1}{2}", "0.5") and answers_equal("\\sqrt{2}/2", "1/sqrt(2)")
+
+
+def test_math_verify_worker_that_cannot_start(monkeypatch):
+    monkeypatch.setattr(mathverify, "_AVAILABLE", [True])
+    monkeypatch.setattr(mathverify, "_WORKER", "import sys; sys.exit(1)")
+    w = mathverify._Worker()
+    with pytest.warns(RuntimeWarning, match="did not start"):
+        assert w.query("\\pi", "\\pi", 1.0) is None
+    assert w.query("\\pi", "\\pi", 1.0) is None and w.proc is None  # not retried on every answer

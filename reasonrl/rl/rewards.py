@@ -17,6 +17,11 @@ Rules (documented because model output is adversarial):
   int() refuses > 4300), decimal exponents beyond +-1000 are rejected, and symbolic expressions go to
   sympy only after an AST check (no power with a non-literal or > 64 exponent, <= 200 characters)
   and under a SIGALRM timeout when called from the main thread.
+- Order: equal text, then exact numbers, then sympy on Python-syntax expressions; only where a side is
+  none of these (LaTeX such as \\frac{\\sqrt{2}}{2}, intervals, sets) math-verify decides, when that
+  optional package is installed, each side read whole as LaTeX, in a worker process that is killed
+  past the timeout (reasonrl/rl/mathverify.py: sympy's big-integer powers ignore signals). Without
+  math-verify such answers count as not equal.
 """
 from __future__ import annotations
 
@@ -170,14 +175,16 @@ def _with_timeout(fn, seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def _symbolic_equal(a: str, b: str, timeout: float) -> bool:
+def _symbolic_equal(a: str, b: str, timeout: float) -> bool | None:
+    """sympy's verdict on two Python-syntax expressions; None when a side is not one (_safe_expr) or
+    sympy is missing."""
     ea, eb = _safe_expr(a), _safe_expr(b)
     if ea is None or eb is None:
-        return False
+        return None
     try:
         import sympy
     except ImportError:
-        return False
+        return None
 
     def check():
         x, y = sympy.sympify(ea.replace("ln", "log")), sympy.sympify(eb.replace("ln", "log"))
@@ -201,31 +208,11 @@ def answers_equal(pred: str | None, gold: str, timeout: float = 1.0) -> bool:
     np_, ng = _to_number(p), _to_number(g)
     if np_ is not None and ng is not None:
         return np_ == ng
-    mv = _math_verify(p, g)
-    if mv is not None:
-        return mv
-    return _symbolic_equal(p, g, timeout)
-
-
-_MATH_VERIFY = []  # [(parse, verify) or None] once looked up: a failed import is not cached by Python,
-# and searching sys.path again for every answer cost about 0.3 ms a completion
-
-
-def _math_verify(p: str, g: str) -> bool | None:
-    """math-verify's verdict when that optional package is installed, else None."""
-    if not _MATH_VERIFY:
-        try:
-            from math_verify import parse, verify
-            _MATH_VERIFY.append((parse, verify))
-        except ImportError:
-            _MATH_VERIFY.append(None)
-    if _MATH_VERIFY[0] is None:
-        return None
-    parse, verify = _MATH_VERIFY[0]
-    try:
-        return bool(verify(parse(g), parse(p)))
-    except Exception:
-        return None
+    sym = _symbolic_equal(p, g, timeout)
+    if sym is not None:
+        return sym
+    from reasonrl.rl.mathverify import math_verify_equal  # LaTeX the checks above cannot read
+    return bool(math_verify_equal(p, g, timeout))
 
 
 # ----------------------------------------------------------------------------- countdown
