@@ -3,6 +3,7 @@ difficulty knob, JSONL datasets (GSM8K / MATH shapes) and their errors."""
 import json
 import random
 import re
+import time
 
 import pytest
 
@@ -161,3 +162,47 @@ def test_jsonl_code_problems_run_their_tests(tmp_path):
     cheat = "<think>x</think><answer>```python\nimport sys\nsys.exit(0)\n```</answer>"
     assert [accuracy_reward(r, ps[0]) for r in (good, bad, cheat)] == [1.0, 0.0, 0.0]
     assert accuracy_reward("<answer>```python\ndef neg(x):\n    return -x\n```</answer>", ps[1]) == 1.0
+
+
+# ----------------------------------------------------------------------------- reasoning-gym's scorers, sandboxed
+def _rg_problem(name, seed=0):
+    pytest.importorskip("reasoning_gym")
+    return get_task(f"rg:{name}").problems(1, seed=seed)[0]
+
+
+@pytest.mark.parametrize("name", ["basic_arithmetic", "string_insertion", "polynomial_multiplication", "n_queens"])
+def test_reasoning_gym_scores_its_answers_in_the_worker(name):
+    """The worker scores the trainer's own entry (polynomial_multiplication's entries differ between
+    processes, so a regenerated one would not match the question)."""
+    p = _rg_problem(name)
+    assert accuracy_reward(f"<answer>{p.answer}</answer>", p) == 1.0
+    assert accuracy_reward("<answer>certainly not the answer</answer>", p) == 0.0
+
+
+def test_reasoning_gym_scorer_eval_cannot_touch_the_machine(tmp_path):
+    """string_insertion's scorer eval()s a wrong answer: in the trainer's process this one would have
+    created the files."""
+    p = _rg_problem("string_insertion")
+    for attack in [f"__import__('os').system('touch {tmp_path}/a')", f"open('{tmp_path}/b', 'w').write('x')",
+                   f"__import__('subprocess').run(['touch', '{tmp_path}/c'])"]:
+        assert accuracy_reward(f"<answer>{attack}</answer>", p) == 0.0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reasoning_gym_scorer_hang_is_cut():
+    from reasonrl.rl import rgscore
+    p = _rg_problem("string_insertion")
+    w = rgscore.worker()
+    assert accuracy_reward(f"<answer>{p.answer}</answer>", p) == 1.0  # started, dataset built
+    before, t = w.restarts, time.perf_counter()
+    assert p.meta["score"]("9**9**9**9", p.meta) == 0.0  # eval() of a power tower: never returns
+    assert time.perf_counter() - t < 3.0 + 2.0 and w.restarts == before + 1
+    assert accuracy_reward(f"<answer>{p.answer}</answer>", p) == 1.0  # a fresh worker
+
+
+def test_reasoning_gym_scorer_error_scores_zero_and_warns():
+    p = _rg_problem("prime_factorization")
+    from reasonrl.rl import rgscore
+    rgscore.worker().warned.discard("prime_factorization")
+    with pytest.warns(RuntimeWarning, match="prime_factorization: its scorer raised"):
+        assert p.meta["score"]("not a factorization", p.meta) == 0.0

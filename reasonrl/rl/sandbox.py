@@ -51,9 +51,9 @@ _CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
 # and the tests are never on disk for the solution to read. Limit: frames stay readable (namedtuple,
 # typing and enum need sys._getframe), so code that walks up to the harness's frame could read the
 # nonce: a deliberate attack on this harness, which a container stops, not this filter.
-_HARNESS = textwrap.dedent(r"""
-    import sys, os, json
-
+# _install(root, hook_on): the audit hook (layer 4), as source, shared with the reasoning-gym scoring worker
+# (reasonrl/rl/rgscore.py).
+HOOK_SOURCE = textwrap.dedent(r"""
     def _install(root, hook_on):
         blocked = frozenset({
             "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
@@ -123,7 +123,9 @@ _HARNESS = textwrap.dedent(r"""
 
         if hook_on:
             sys.addaudithook(hook)
+""")
 
+_HARNESS = "import sys, os, json\n" + HOOK_SOURCE + textwrap.dedent(r"""
     def _run():
         os.unlink(sys.argv[0])  # this file: nothing in the working directory tells how the verdict is made
         nonce = sys.stdin.readline().strip()

@@ -17,6 +17,7 @@ import os
 import random
 from dataclasses import dataclass, field
 
+from reasonrl.rl import rgscore
 from reasonrl.rl.rewards import extract_boxed
 
 
@@ -278,7 +279,8 @@ def _bad_utf8_line(path: str) -> str:
 
 
 class ReasoningGymTask(Task):
-    """A reasoning-gym generator (optional package `reasoning-gym`), scored by its own scorer."""
+    """A reasoning-gym generator (optional package `reasoning-gym`), scored by its own scorer, which runs
+    in a sandboxed worker process on model output (reasonrl/rl/rgscore.py)."""
 
     def __init__(self, dataset: str, **kwargs):
         try:
@@ -290,14 +292,17 @@ class ReasoningGymTask(Task):
 
     def problems(self, n, seed, split="train", exclude=()):
         # Oversample, then keep this split's questions: the hash rule keeps splits disjoint here too.
-        ds = self.rg.create_dataset(self.dataset, size=max(4 * n, 16) + 64, seed=seed, **self.kwargs)
+        size = max(4 * n, 16) + 64
+        ds = self.rg.create_dataset(self.dataset, size=size, seed=seed, **self.kwargs)
+        # Scored in a sandboxed worker process (rgscore.py): some of reasoning-gym's scorers eval() the answer.
+        spec = (self.dataset, size, seed, self.kwargs)
         out, seen = [], set(exclude)
         for entry in ds:
             q = entry["question"]
             if q in seen or split_of(q, self.test_percent) != split:
                 continue
             seen.add(q)
-            meta = {"entry": entry, "score": lambda pred, m, ds=ds: ds.score_answer(pred, m["entry"])}
+            meta = {"entry": entry, "score": lambda pred, m, spec=spec: rgscore.score(spec, m["entry"], pred)}
             out.append(Problem(q, str(entry["answer"]), None, "score", meta))
             if len(out) == n:
                 return out

@@ -1,0 +1,210 @@
+"""reasoning-gym's scorers, run on model output in a sandboxed worker process.
+
+Why: several of reasoning-gym's `score_answer` methods call eval() on the model's answer (string_insertion,
+spiral_matrix, binary_matrix, n_queens in 0.1.25): in the trainer's process, an answer such as
+`__import__('os').system(...)` would run, and `9**9**9**9` would never return. Model output is untrusted,
+so the scoring runs in one long-lived worker with the sandbox's layers (reasonrl/rl/sandbox.py) that fit a
+process which must import reasoning-gym: its own temporary working directory and session, resource limits
+(address space, file size, open files, processes), a network namespace where the kernel allows it, and
+the sandbox's audit hook, installed after `import reasoning_gym` and before any answer is scored (no
+process creation, sockets, ctypes, or writes outside its directory). Each answer has a wall-clock
+timeout; past it the worker's process group is killed, the answer scores 0, and the next one starts a
+fresh worker. Scores come back on a pipe of their own; what the scorers print goes nowhere.
+
+The worker builds the dataset from its spec (name, size, seed, options) for the scorer's configuration
+and gets each entry from the trainer (pickled: the trainer's entry is the one its question came from;
+regenerating it there is not enough, as polynomial_multiplication's entries differ between processes). Limit, as for the code sandbox: this filters reward computation;
+code eval()'d by a scorer shares the worker with that scorer and could read its frames.
+"""
+from __future__ import annotations
+
+import atexit
+import base64
+import json
+import os
+import pickle
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+
+from reasonrl.rl.sandbox import HOOK_SOURCE, _kill_group
+
+_START_TIMEOUT = 120.0  # importing reasoning-gym: ~1.2 s here
+_MEMORY = 4 << 30  # address space of the worker (reasoning-gym itself needs about 0.4 GiB)
+
+# argv: the descriptor of the reply pipe, the trainer's sys.path (JSON: reasoning-gym is imported from
+# where the trainer finds it, user site or PYTHONPATH included, though -I ignores both). stdin: one JSON request per line,
+# [name, size, seed, options, entry (pickled by the trainer, base64), answer]; replies on the reply pipe:
+# "ready", then one score (or "E message") per request.
+_WORKER = "import sys, os, json\n" + HOOK_SOURCE + r"""
+def _serve():
+    import base64, pickle
+    reply, write = int(sys.argv[1]), os.write
+    sys.path[:] = json.loads(sys.argv[2])
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # what scorers print goes nowhere; scores use the reply pipe
+    os.dup2(devnull, 2)
+    sys.dont_write_bytecode = True
+    import reasoning_gym
+    datasets = {}
+    _install(os.path.realpath(os.getcwd()), True)
+    write(reply, b"ready\n")
+    for line in sys.stdin:
+        try:
+            name, size, seed, options, entry, answer = json.loads(line)
+            entry = pickle.loads(base64.b64decode(entry))  # from the trainer, not from the model
+            key = json.dumps([name, size, seed, options], sort_keys=True)
+            if key not in datasets:
+                datasets.clear()  # one step's dataset at a time
+                datasets[key] = reasoning_gym.create_dataset(name, size=size, seed=seed, **options)
+            ds = datasets[key]
+            out = str(float(ds.score_answer(answer, entry)))
+        except BaseException as e:  # the scorer's own failure: no score, and why
+            out = "E " + (type(e).__name__ + ": " + str(e)).replace("\n", " ")[:300]
+        write(reply, (out + "\n").encode())
+
+try:
+    _serve()
+finally:
+    del _serve, _install
+"""
+
+
+def _limits(memory: int, netns: bool):
+    def apply():
+        import ctypes
+        import resource
+        os.umask(0o077)
+        for res, val in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, 16 << 20),
+                         (resource.RLIMIT_NOFILE, 256), (resource.RLIMIT_NPROC, 64), (resource.RLIMIT_CORE, 0)):
+            resource.setrlimit(res, (val, val))
+        if netns:  # best effort, as in the sandbox: the audit hook blocks sockets anyway
+            ctypes.CDLL(None, use_errno=True).unshare(0x40000000 | (0 if os.geteuid() == 0 else 0x10000000))
+    return apply
+
+
+class ScoringWorker:
+    """The worker process; started on first use, restarted after a timeout; one request at a time."""
+
+    def __init__(self, memory: int = _MEMORY, network_namespace: bool = True):
+        self.memory, self.netns = memory, network_namespace
+        self.proc: subprocess.Popen | None = None
+        self.reply: int | None = None
+        self.workdir: str | None = None
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+        self.restarts = 0  # workers killed at a timeout (tests read it)
+        self.built: set = set()  # specs whose dataset this worker has built (its first answer waits for that)
+        self.warned: set = set()  # datasets whose scorer failure was reported
+
+    def _start(self) -> None:
+        self.workdir = tempfile.mkdtemp(prefix="reasonrl-rgscore-")
+        r, w = os.pipe()
+        env = {"PATH": "/usr/bin:/bin", "HOME": self.workdir, "TMPDIR": self.workdir, "LANG": "C.UTF-8",
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", _WORKER, str(w), json.dumps(sys.path)], cwd=self.workdir,
+                                         env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, pass_fds=(w,), start_new_session=True,
+                                         preexec_fn=_limits(self.memory, self.netns))
+        finally:
+            os.close(w)
+        self.reply = r
+        if self._readline(_START_TIMEOUT) != "ready":
+            err = self.proc.stderr.read1(4000).decode(errors="replace") if self._alive_or_dead() else ""
+            self._kill()
+            raise RuntimeError("reasoning-gym's scoring worker did not start" + (f": {err.strip()}" if err else ""))
+
+    def _alive_or_dead(self) -> bool:
+        try:
+            self.proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def _readline(self, timeout: float) -> str | None:
+        buf, end = b"", time.monotonic() + timeout
+        while not buf.endswith(b"\n"):
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([self.reply], [], [], left)[0]:
+                return None
+            chunk = os.read(self.reply, 4096)
+            if not chunk:
+                return None
+            buf += chunk
+        return buf.decode(errors="replace").strip()
+
+    def _kill(self) -> None:
+        if self.proc is not None:
+            _kill_group(self.proc.pid)
+            self.proc.wait()
+            for f in (self.proc.stdin, self.proc.stderr):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+            self.proc = None
+        if self.reply is not None:
+            os.close(self.reply)
+            self.reply = None
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+        self.built = set()
+
+    def score(self, spec: tuple, entry: dict, answer: str | None, timeout: float) -> float:
+        """reasoning-gym's score of `answer` for `entry` of the dataset `spec` = (name, size, seed,
+        options). 0.0 when it takes longer than timeout seconds, and when the scorer raises (a warning
+        names the dataset and the error, once per dataset)."""
+        name, size, seed, options = spec
+        key = json.dumps([name, size, seed, options], sort_keys=True)
+        blob = base64.b64encode(pickle.dumps(entry)).decode()
+        line = (json.dumps([name, size, seed, options, blob, answer]) + "\n").encode()
+        with self.lock:
+            if self.pid != os.getpid():  # forked since: this process starts its own
+                self.proc, self.reply, self.workdir, self.pid, self.built = None, None, None, os.getpid(), set()
+            for _ in range(2):
+                if self.proc is None:
+                    self._start()
+                try:
+                    self.proc.stdin.write(line)
+                    self.proc.stdin.flush()
+                except OSError:  # it died since the last answer: once more, with a fresh one
+                    self._kill()
+                    continue
+                # a spec's first answer also builds its dataset in the worker: the start budget for that
+                r = self._readline(timeout if key in self.built else max(timeout, _START_TIMEOUT))
+                if r is None:  # past the timeout (or it died on this answer): killed, scores 0
+                    self._kill()
+                    self.restarts += 1
+                    return 0.0
+                self.built.add(key)
+                if r.startswith("E "):
+                    if name not in self.warned:
+                        self.warned.add(name)
+                        warnings.warn(f"reasoning-gym {name}: its scorer raised on a model answer (scored 0; "
+                                      f"reported once): {r[2:]}", RuntimeWarning, stacklevel=3)
+                    return 0.0
+                return float(r)
+            raise RuntimeError("reasoning-gym's scoring worker died twice in a row")
+
+
+_WORKERS: list[ScoringWorker] = []
+
+
+def worker() -> ScoringWorker:
+    if not _WORKERS:
+        _WORKERS.append(ScoringWorker())
+        atexit.register(lambda: _WORKERS[0]._kill())
+    return _WORKERS[0]
+
+
+def score(spec: tuple, entry: dict, answer: str | None, timeout: float = 3.0) -> float:
+    """reasoning-gym's score of a model's answer, computed in the sandboxed worker (module docstring)."""
+    return worker().score(spec, entry, answer, timeout)
+
