@@ -206,3 +206,19 @@ def test_reasoning_gym_scorer_error_scores_zero_and_warns():
     rgscore.worker().warned.discard("prime_factorization")
     with pytest.warns(RuntimeWarning, match="prime_factorization: its scorer raised"):
         assert p.meta["score"]("not a factorization", p.meta) == 0.0
+
+
+def test_reasoning_gym_first_answer_of_a_dataset_has_the_answer_timeout():
+    """A new dataset (every step's problems are one) is built before its first answer is sent, so an
+    answer that hangs is cut at the answer's timeout even when it comes first; a worker that died
+    between answers is replaced."""
+    from reasonrl.rl import rgscore
+    w = rgscore.worker()
+    p = _rg_problem("string_insertion", seed=11)
+    t = time.perf_counter()
+    assert p.meta["score"]("9**9**9**9", p.meta) == 0.0
+    assert time.perf_counter() - t < 3.0 + 4.0  # the answer's 3 s, a worker start and a dataset build
+    assert p.meta["score"](p.answer, p.meta) == 1.0
+    w.proc.kill()
+    w.proc.wait()
+    assert p.meta["score"](p.answer, p.meta) == 1.0

@@ -38,9 +38,10 @@ _START_TIMEOUT = 120.0  # importing reasoning-gym: ~1.2 s here
 _MEMORY = 4 << 30  # address space of the worker (reasoning-gym itself needs about 0.4 GiB)
 
 # argv: the descriptor of the reply pipe, the trainer's sys.path (JSON: reasoning-gym is imported from
-# where the trainer finds it, user site or PYTHONPATH included, though -I ignores both). stdin: one JSON request per line,
-# [name, size, seed, options, entry (pickled by the trainer, base64), answer]; replies on the reply pipe:
-# "ready", then one score (or "E message") per request.
+# where the trainer finds it, user site or PYTHONPATH included, though -I ignores both). stdin: one JSON
+# request per line: ["build", name, size, seed, options] (the dataset the next answers are scored by)
+# or ["score", entry (pickled by the trainer, base64), answer]. Replies on the reply pipe: "ready", then
+# one line per request: "ok" or a score, or "E message".
 _WORKER = "import sys, os, json\n" + HOOK_SOURCE + r"""
 def _serve():
     import base64, pickle
@@ -51,20 +52,21 @@ def _serve():
     os.dup2(devnull, 2)
     sys.dont_write_bytecode = True
     import reasoning_gym
-    datasets = {}
+    ds = None
     _install(os.path.realpath(os.getcwd()), True)
     write(reply, b"ready\n")
     for line in sys.stdin:
         try:
-            name, size, seed, options, entry, answer = json.loads(line)
-            entry = pickle.loads(base64.b64decode(entry))  # from the trainer, not from the model
-            key = json.dumps([name, size, seed, options], sort_keys=True)
-            if key not in datasets:
-                datasets.clear()  # one step's dataset at a time
-                datasets[key] = reasoning_gym.create_dataset(name, size=size, seed=seed, **options)
-            ds = datasets[key]
-            out = str(float(ds.score_answer(answer, entry)))
-        except BaseException as e:  # the scorer's own failure: no score, and why
+            req = json.loads(line)
+            if req[0] == "build":
+                name, size, seed, options = req[1:]
+                ds = None
+                ds = reasoning_gym.create_dataset(name, size=size, seed=seed, **options)
+                out = "ok"
+            else:
+                entry = pickle.loads(base64.b64decode(req[1]))  # from the trainer, not from the model
+                out = str(float(ds.score_answer(req[2], entry)))
+        except BaseException as e:  # no dataset or score, and why
             out = "E " + (type(e).__name__ + ": " + str(e)).replace("\n", " ")[:300]
         write(reply, (out + "\n").encode())
 
@@ -99,7 +101,7 @@ class ScoringWorker:
         self.lock = threading.Lock()
         self.pid = os.getpid()
         self.restarts = 0  # workers killed at a timeout (tests read it)
-        self.built: set = set()  # specs whose dataset this worker has built (its first answer waits for that)
+        self.built: str | None = None  # the spec whose dataset the worker holds
         self.warned: set = set()  # datasets whose scorer failure was reported
 
     def _start(self) -> None:
@@ -155,43 +157,53 @@ class ScoringWorker:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
-        self.built = set()
+        self.built = None
+
+    def _ask(self, line: bytes, timeout: float) -> str | None:
+        """Send one request and wait for its reply; None when the worker took longer than timeout
+        seconds or died (it is killed then: the next request starts a fresh one)."""
+        try:
+            self.proc.stdin.write(line)
+            self.proc.stdin.flush()
+        except OSError:  # BrokenPipeError: it died since the last request
+            self._kill()
+            return None
+        r = self._readline(timeout)
+        if r is None:
+            self._kill()
+        return r
 
     def score(self, spec: tuple, entry: dict, answer: str | None, timeout: float) -> float:
         """reasoning-gym's score of `answer` for `entry` of the dataset `spec` = (name, size, seed,
         options). 0.0 when it takes longer than timeout seconds, and when the scorer raises (a warning
         names the dataset and the error, once per dataset)."""
-        name, size, seed, options = spec
-        key = json.dumps([name, size, seed, options], sort_keys=True)
-        blob = base64.b64encode(pickle.dumps(entry)).decode()
-        line = (json.dumps([name, size, seed, options, blob, answer]) + "\n").encode()
+        name = spec[0]
+        key = json.dumps(list(spec), sort_keys=True)
+        line = (json.dumps(["score", base64.b64encode(pickle.dumps(entry)).decode(), answer]) + "\n").encode()
         with self.lock:
             if self.pid != os.getpid():  # forked since: this process starts its own
-                self.proc, self.reply, self.workdir, self.pid, self.built = None, None, None, os.getpid(), set()
-            for _ in range(2):
-                if self.proc is None:
-                    self._start()
-                try:
-                    self.proc.stdin.write(line)
-                    self.proc.stdin.flush()
-                except OSError:  # it died since the last answer: once more, with a fresh one
-                    self._kill()
-                    continue
-                # a spec's first answer also builds its dataset in the worker: the start budget for that
-                r = self._readline(timeout if key in self.built else max(timeout, _START_TIMEOUT))
-                if r is None:  # past the timeout (or it died on this answer): killed, scores 0
-                    self._kill()
-                    self.restarts += 1
-                    return 0.0
-                self.built.add(key)
-                if r.startswith("E "):
-                    if name not in self.warned:
-                        self.warned.add(name)
-                        warnings.warn(f"reasoning-gym {name}: its scorer raised on a model answer (scored 0; "
-                                      f"reported once): {r[2:]}", RuntimeWarning, stacklevel=3)
-                    return 0.0
-                return float(r)
-            raise RuntimeError("reasoning-gym's scoring worker died twice in a row")
+                self.proc, self.reply, self.workdir, self.pid, self.built = None, None, None, os.getpid(), None
+            if self.proc is not None and self.proc.poll() is not None:  # died since the last answer
+                self._kill()
+            if self.proc is None:
+                self._start()
+            if self.built != key:  # the dataset first, with the start budget (no model output in it)
+                r = self._ask((json.dumps(["build", *spec]) + "\n").encode(), _START_TIMEOUT)
+                if r != "ok":
+                    raise RuntimeError(f"reasoning-gym {name}: the scoring worker could not build the dataset "
+                                       f"{spec}: {'no reply' if r is None else r[2:]}")
+                self.built = key
+            r = self._ask(line, timeout)
+            if r is None:  # past the timeout, or it died on this answer: scores 0
+                self.restarts += 1
+                return 0.0
+            if r.startswith("E "):
+                if name not in self.warned:
+                    self.warned.add(name)
+                    warnings.warn(f"reasoning-gym {name}: its scorer raised on a model answer (scored 0; "
+                                  f"reported once): {r[2:]}", RuntimeWarning, stacklevel=3)
+                return 0.0
+            return float(r)
 
 
 _WORKERS: list[ScoringWorker] = []
