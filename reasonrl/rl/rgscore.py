@@ -84,6 +84,8 @@ def _limits(memory: int, netns: bool):
         os.umask(0o077)
         for res, val in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, 16 << 20),
                          (resource.RLIMIT_NOFILE, 256), (resource.RLIMIT_NPROC, 64), (resource.RLIMIT_CORE, 0)):
+            hard = resource.getrlimit(res)[1]
+            val = val if hard == resource.RLIM_INFINITY else min(val, hard)  # a lower hard limit stays
             resource.setrlimit(res, (val, val))
         if netns:  # best effort, as in the sandbox: the audit hook blocks sockets anyway
             ctypes.CDLL(None, use_errno=True).unshare(0x40000000 | (0 if os.geteuid() == 0 else 0x10000000))
