@@ -222,3 +222,13 @@ def test_reasoning_gym_first_answer_of_a_dataset_has_the_answer_timeout():
     w.proc.kill()
     w.proc.wait()
     assert p.meta["score"](p.answer, p.meta) == 1.0
+
+
+def test_reasoning_gym_worker_that_cannot_start_says_why(monkeypatch):
+    pytest.importorskip("reasoning_gym")
+    from reasonrl.rl import rgscore
+    monkeypatch.setattr(rgscore, "_WORKER", rgscore._WORKER.replace("import reasoning_gym ", "import no_such_module_q "))
+    w = rgscore.ScoringWorker()
+    with pytest.raises(RuntimeError, match="did not start: ModuleNotFoundError: No module named 'no_such_module_q'"):
+        w.score(("basic_arithmetic", 8, 0, {}), {}, "1", 1.0)
+    assert w.proc is None and w.workdir is None

@@ -18,12 +18,12 @@ import atexit
 import importlib.util
 import json
 import os
-import select
 import subprocess
 import sys
 import threading
-import time
 import warnings
+
+from reasonrl.rl.sandbox import end_process, read_line
 
 _MEMORY = 4 << 30  # the worker's RLIMIT_AS (sympy and math_verify need about 0.3 GiB)
 _START_TIMEOUT = 60.0  # importing sympy and math_verify: ~1 s here; slow disks take longer
@@ -77,27 +77,11 @@ class _Worker:
                           "read count as not equal", RuntimeWarning, stacklevel=4)
 
     def _readline(self, timeout: float) -> str | None:
-        """One line from the worker within timeout seconds, else None."""
-        fd, buf, end = self.proc.stdout.fileno(), b"", time.monotonic() + timeout
-        while not buf.endswith(b"\n"):
-            left = end - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                return None
-            chunk = os.read(fd, 64)
-            if not chunk:  # the worker died
-                return None
-            buf += chunk
-        return buf.decode().strip()
+        return read_line(self.proc.stdout.fileno(), timeout)
 
     def _kill(self) -> None:
         if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            for f in (self.proc.stdin, self.proc.stdout):
-                try:
-                    f.close()
-                except OSError:
-                    pass
+            end_process(self.proc)
             self.proc = None
 
     def query(self, gold: str, pred: str, timeout: float) -> bool | None:
@@ -131,8 +115,7 @@ _AVAILABLE: list[bool] = []
 def available() -> bool:
     """Whether math-verify is installed (looked up once; the import happens in the worker)."""
     if not _AVAILABLE:
-        _AVAILABLE.append(importlib.util.find_spec("math_verify") is not None and hasattr(select, "select")
-                          and os.name == "posix")
+        _AVAILABLE.append(importlib.util.find_spec("math_verify") is not None and os.name == "posix")
     return _AVAILABLE[0]
 
 

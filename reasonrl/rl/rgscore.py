@@ -23,16 +23,14 @@ import base64
 import json
 import os
 import pickle
-import select
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import warnings
 
-from reasonrl.rl.sandbox import HOOK_SOURCE, _kill_group
+from reasonrl.rl.sandbox import HOOK_SOURCE, end_process, read_line
 
 _START_TIMEOUT = 120.0  # importing reasoning-gym: ~1.2 s here
 _MEMORY = 4 << 30  # address space of the worker (reasoning-gym itself needs about 0.4 GiB)
@@ -47,13 +45,13 @@ def _serve():
     import base64, pickle
     reply, write = int(sys.argv[1]), os.write
     sys.path[:] = json.loads(sys.argv[2])
+    sys.dont_write_bytecode = True
+    import reasoning_gym  # a failure here reaches the trainer's error through stderr
+    ds = None
     devnull = os.open(os.devnull, os.O_WRONLY)
+    _install(os.path.realpath(os.getcwd()), True)
     os.dup2(devnull, 1)  # what scorers print goes nowhere; scores use the reply pipe
     os.dup2(devnull, 2)
-    sys.dont_write_bytecode = True
-    import reasoning_gym
-    ds = None
-    _install(os.path.realpath(os.getcwd()), True)
     write(reply, b"ready\n")
     for line in sys.stdin:
         try:
@@ -112,46 +110,28 @@ class ScoringWorker:
         env = {"PATH": "/usr/bin:/bin", "HOME": self.workdir, "TMPDIR": self.workdir, "LANG": "C.UTF-8",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         try:
-            self.proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", _WORKER, str(w), json.dumps(sys.path)], cwd=self.workdir,
-                                         env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", _WORKER, str(w), json.dumps(sys.path)],
+                                         cwd=self.workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE, pass_fds=(w,), start_new_session=True,
                                          preexec_fn=_limits(self.memory, self.netns))
         finally:
             os.close(w)
         self.reply = r
         if self._readline(_START_TIMEOUT) != "ready":
-            err = self.proc.stderr.read1(4000).decode(errors="replace") if self._alive_or_dead() else ""
+            try:  # it exited: the last line of its traceback says why
+                self.proc.wait(timeout=1)
+                err = self.proc.stderr.read().decode(errors="replace").strip().splitlines()[-1:]
+            except (subprocess.TimeoutExpired, OSError):
+                err = [f"no reply within {_START_TIMEOUT:.0f} s"]
             self._kill()
-            raise RuntimeError("reasoning-gym's scoring worker did not start" + (f": {err.strip()}" if err else ""))
-
-    def _alive_or_dead(self) -> bool:
-        try:
-            self.proc.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            return False
-        return True
+            raise RuntimeError("reasoning-gym's scoring worker did not start: " + (err[0] if err else "it exited"))
 
     def _readline(self, timeout: float) -> str | None:
-        buf, end = b"", time.monotonic() + timeout
-        while not buf.endswith(b"\n"):
-            left = end - time.monotonic()
-            if left <= 0 or not select.select([self.reply], [], [], left)[0]:
-                return None
-            chunk = os.read(self.reply, 4096)
-            if not chunk:
-                return None
-            buf += chunk
-        return buf.decode(errors="replace").strip()
+        return read_line(self.reply, timeout)
 
     def _kill(self) -> None:
         if self.proc is not None:
-            _kill_group(self.proc.pid)
-            self.proc.wait()
-            for f in (self.proc.stdin, self.proc.stderr):
-                try:
-                    f.close()
-                except OSError:
-                    pass
+            end_process(self.proc, group=True)
             self.proc = None
         if self.reply is not None:
             os.close(self.reply)

@@ -278,6 +278,42 @@ def _collect(proc, job: bytes, r_pass: int, deadline: float, max_output: int):
     return dec(bufs[proc.stdout.fileno()]), dec(bufs[proc.stderr.fileno()]), bytes(bufs[r_pass]), timed_out
 
 
+def read_line(fd: int, timeout: float) -> str | None:
+    """One line from a worker's pipe within timeout seconds, stripped; None when it timed out or the
+    writer closed the pipe (died). For the long-lived workers of mathverify.py and rgscore.py."""
+    buf, end = b"", time.monotonic() + timeout
+    while not buf.endswith(b"\n"):
+        left = end - time.monotonic()
+        if left <= 0 or not _readable(fd, left):
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return None
+        buf += chunk
+    return buf.decode(errors="replace").strip()
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        return bool(sel.select(timeout))
+
+
+def end_process(proc: subprocess.Popen, group: bool = False) -> None:
+    """Kill a worker (its whole process group when it has its own session), reap it, close its pipes."""
+    if group:
+        _kill_group(proc.pid)
+    else:
+        proc.kill()
+    proc.wait()
+    for f in (proc.stdin, proc.stdout, proc.stderr):
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
 def _kill_group(pgid: int):
     try:
         os.killpg(pgid, signal.SIGKILL)
