@@ -1,6 +1,7 @@
 """Task generators: determinism, disjoint held-out splits, worked solutions that verify, the
 difficulty knob, JSONL datasets (GSM8K / MATH shapes) and their errors."""
 import json
+import os
 import random
 import re
 import time
@@ -232,3 +233,21 @@ def test_reasoning_gym_worker_that_cannot_start_says_why(monkeypatch):
     with pytest.raises(RuntimeError, match="did not start: ModuleNotFoundError: No module named 'no_such_module_q'"):
         w.score(("basic_arithmetic", 8, 0, {}), {}, "1", 1.0)
     assert w.proc is None and w.workdir is None
+
+
+def test_reasoning_gym_worker_cleans_up_after_a_killed_trainer():
+    """SIGKILL leaves no atexit: the worker sees its stdin close, removes its directory and exits."""
+    pytest.importorskip("reasoning_gym")
+    import subprocess
+    import sys
+    code = ("import os\nfrom reasonrl.rl import rgscore\nfrom reasonrl.rl.tasks import get_task\n"
+            "p = get_task('rg:basic_arithmetic').problems(1, seed=0)[0]\n"
+            "assert p.meta['score'](p.answer, p.meta) == 1.0\n"
+            "print(rgscore.worker().workdir, flush=True)\nos.kill(os.getpid(), 9)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    workdir = out.stdout.strip()
+    assert out.returncode == -9 and workdir.startswith("/"), out.stderr[-2000:]
+    deadline = time.monotonic() + 10
+    while os.path.exists(workdir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(workdir)

@@ -67,6 +67,15 @@ def _serve():
         except BaseException as e:  # no dataset or score, and why
             out = "E " + (type(e).__name__ + ": " + str(e)).replace("\n", " ")[:300]
         write(reply, (out + "\n").encode())
+    # stdin closed (the trainer ended or died): remove the working directory, path by path (the hook
+    # refuses directory descriptors, which shutil.rmtree opens)
+    try:
+        for top, dirs, files in os.walk(os.getcwd(), topdown=False):
+            for name in files:
+                os.remove(os.path.join(top, name))
+            os.rmdir(top)
+    except OSError:
+        pass
 
 try:
     _serve()
