@@ -6,7 +6,9 @@ Why a process: math-verify reads LaTeX into sympy and compares. On model output 
 own timeout is signal.alarm: whole seconds, main thread only. Here a worker process that imports only
 math_verify answers one query per line; a query that outlives its timeout has the worker killed (a new
 one starts on the next query) and counts as not verified. The worker's address space is capped
-(_MEMORY), so a bomb of digits fails there, not in the trainer.
+(_MEMORY), so a bomb of digits fails there, not in the trainer; and it runs under the sandbox's audit
+hook (reasonrl/rl/sandbox.py: no process creation, sockets, ctypes or file writes), though its LaTeX
+reader evaluates no Python.
 
 Strict reading: each side is parsed whole as LaTeX ("$...$", LatexExtractionConfig only), not searched
 for an answer inside free text: math-verify's default extraction finds 42 in "42abc" (or in
@@ -23,23 +25,27 @@ import sys
 import threading
 import warnings
 
-from reasonrl.rl.sandbox import end_process, read_line
+from reasonrl.rl.sandbox import HOOK_SOURCE, end_process, read_line
 
 _MEMORY = 4 << 30  # the worker's RLIMIT_AS (sympy and math_verify need about 0.3 GiB)
 _START_TIMEOUT = 60.0  # importing sympy and math_verify: ~1 s here; slow disks take longer
 _MAX_CHARS = 1000  # longer answers are not sent (not verified)
 
-_WORKER = r"""
+_WORKER = "import os, sys\n" + HOOK_SOURCE + r"""
 import json, logging, sys
 logging.disable(logging.WARNING)
 try:
     import resource
-    resource.setrlimit(resource.RLIMIT_AS, (%d, %d))
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
 except (ImportError, ValueError, OSError):
     pass
 from math_verify import LatexExtractionConfig, parse, verify
 cfg = [LatexExtractionConfig()]
 T = 86400  # math-verify's own signal.alarm, out of the way (the parent kills; None is refused before 0.9)
+verify(parse("$1$", extraction_config=cfg, parsing_timeout=T), parse("$\\frac{2}{2}$", extraction_config=cfg,
+       parsing_timeout=T), timeout_seconds=T)  # its lazy imports, before the hook
+sys.dont_write_bytecode = True
+_install("/nonexistent/reasonrl-mathverify", True)  # the sandbox's audit hook: no writes anywhere, no processes
 out = sys.stdout
 out.write("ready\n")
 out.flush()
@@ -53,7 +59,7 @@ for line in sys.stdin:
         r = "E"
     out.write(r + "\n")
     out.flush()
-""" % (_MEMORY, _MEMORY)
+""".replace("MEMORY", str(_MEMORY))
 
 
 class _Worker:
