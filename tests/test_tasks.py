@@ -251,3 +251,9 @@ def test_reasoning_gym_worker_cleans_up_after_a_killed_trainer():
     while os.path.exists(workdir) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.path.exists(workdir)
+
+
+def test_reasoning_gym_unknown_dataset_fails_at_get_task():
+    pytest.importorskip("reasoning_gym")
+    with pytest.raises(ValueError, match=r"reasoning-gym has no dataset 'basic_arithmetik' \(close: basic_arithmetic"):
+        get_task("rg:basic_arithmetik")

@@ -289,6 +289,12 @@ class ReasoningGymTask(Task):
             raise ImportError("task 'rg:...' needs the optional package reasoning-gym "
                               "(pip install 'reasonrl[tasks]')") from e
         self.rg, self.dataset, self.kwargs, self.name = reasoning_gym, dataset, kwargs, f"rg:{dataset}"
+        known = getattr(getattr(reasoning_gym, "factory", None), "DATASETS", None)  # its registry, where it has one
+        if isinstance(known, dict) and dataset not in known:  # a typo fails here, not after an SFT stage
+            import difflib
+            close = difflib.get_close_matches(dataset, list(known), n=3)
+            raise ValueError(f"task {self.name!r}: reasoning-gym has no dataset {dataset!r}"
+                             + (f" (close: {', '.join(close)})" if close else f" ({len(known)} are registered)"))
 
     def problems(self, n, seed, split="train", exclude=()):
         # Oversample, then keep this split's questions: the hash rule keeps splits disjoint here too.
