@@ -13,8 +13,9 @@ fresh worker. Scores come back on a pipe of their own; what the scorers print go
 
 The worker builds the dataset from its spec (name, size, seed, options) for the scorer's configuration
 and gets each entry from the trainer (pickled: the trainer's entry is the one its question came from;
-regenerating it there is not enough, as polynomial_multiplication's entries differ between processes). Limit, as for the code sandbox: this filters reward computation;
-code eval()'d by a scorer shares the worker with that scorer and could read its frames.
+regenerating it there is not enough, as polynomial_multiplication's entries differ between processes).
+Limit, as for the code sandbox: this filters reward computation; code eval()'d by a scorer shares the
+worker with that scorer and could read its frames.
 """
 from __future__ import annotations
 
