@@ -219,6 +219,9 @@ def test_math_verify_hangs_are_cut():
         assert time.perf_counter() - t < 3.0
         assert w.restarts == before + 1, pred
     assert answers_equal("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")
+    w.proc.kill()  # one that died between queries is replaced
+    w.proc.wait()
+    assert answers_equal("\\frac{\\pi}{4}", "\\pi/4")
 
 
 @needs_math_verify

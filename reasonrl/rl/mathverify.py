@@ -32,7 +32,7 @@ _START_TIMEOUT = 60.0  # importing sympy and math_verify: ~1 s here; slow disks 
 _MAX_CHARS = 1000  # longer answers are not sent (not verified)
 
 _WORKER = "import os, sys\n" + HOOK_SOURCE + r"""
-import json, logging, sys
+import json, logging
 logging.disable(logging.WARNING)
 try:
     import resource
@@ -94,24 +94,23 @@ class _Worker:
         with self.lock:
             if self.pid != os.getpid():  # forked since: this process starts its own worker
                 self.proc, self.pid = None, os.getpid()
-            for _ in range(2):  # a worker found dead at write time gets one successor
-                if self.proc is None and self.broken is None:
-                    self._start()
-                if self.broken is not None:
-                    return None
-                try:
-                    self.proc.stdin.write((json.dumps([gold, pred]) + "\n").encode())
-                    self.proc.stdin.flush()
-                except OSError:  # BrokenPipeError: it died since the last query
-                    self._kill()
-                    continue
+            if self.proc is not None and self.proc.poll() is not None:  # died since the last query
+                self._kill()
+            if self.proc is None and self.broken is None:
+                self._start()
+            if self.broken is not None:
+                return None
+            try:
+                self.proc.stdin.write((json.dumps([gold, pred]) + "\n").encode())
+                self.proc.stdin.flush()
                 r = self._readline(timeout)
-                if r is None:  # timed out (or died on this query): killed; the next query starts another
-                    self._kill()
-                    self.restarts += 1
-                    return False
-                return {"1": True, "0": False}.get(r)
-            return None
+            except OSError:  # BrokenPipeError: it died just now
+                r = None
+            if r is None:  # timed out (or died on this query): killed; the next query starts another
+                self._kill()
+                self.restarts += 1
+                return False
+            return {"1": True, "0": False}.get(r)
 
 
 _WORKERS: list[_Worker] = []
