@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from reasonrl.rl import mathverify
+from reasonrl.rl import verifier
+from reasonrl.rl.rewards import _safe_expr
 from reasonrl.rl.rewards import (accuracy_reward, answers_equal, compute_rewards, countdown_check,
                                  extract_answer, format_reward, load_reward_fn, parse_reward_spec)
 from reasonrl.rl.tasks import Problem
@@ -54,6 +55,49 @@ def test_not_equal(pred, gold):
 def test_huge_inputs_do_not_hang(pred):
     t = time.perf_counter()
     assert not answers_equal(pred, "1")
+    assert time.perf_counter() - t < 3.0
+
+
+NESTED = "(((((((9**64)**64)**64)**64)**64)**64)**64)"  # 9**(64**7): a number of 10**13 bits
+
+
+@pytest.mark.parametrize("expr", [NESTED, "((x+1)**64)**64", "1<<(1<<40)", "7 % 3", "7 // 2", "3 @ 4", "1 | 2",
+                                  "x.real", "x[0]", "(1, 2)", "f(x)", "sqrt()", "2.0**0.5**99", "1" * 101])
+def test_safe_expr_refuses(expr):
+    """Only + - * / and small literal powers of a bounded size reach sympy: nested powers of literal
+    exponents (each at most 64) passed the AST check and hung sympy in C."""
+    assert _safe_expr(expr) is None
+
+
+@pytest.mark.parametrize("expr", ["2**64", "(x+1)**64", "sqrt(2)/2", "-x**-2", "(2**32)**64", "sin(x)**2+cos(x)**2"])
+def test_safe_expr_accepts(expr):
+    assert _safe_expr(expr) == expr
+
+
+@pytest.mark.parametrize("pred", ["(x+y+1)**64*(x-y)**64", "(x+1)**64*(x-1)**64*(x+2)**32"])
+def test_slow_sympy_is_cut_in_a_thread(pred):
+    """sympy's simplify of these takes ~20 s; SIGALRM reaches only the main thread, so in a thread it ran
+    to the end. The worker process is killed at the timeout in any thread."""
+    assert _safe_expr(pred) is not None
+    assert answers_equal("2*x + x", "3*x")  # the worker started (not timed below)
+    out = []
+
+    def run():
+        t = time.perf_counter()
+        out.append((answers_equal(pred, "1", timeout=0.5), time.perf_counter() - t))
+    th = threading.Thread(target=run)
+    th.start()
+    th.join(30)
+    assert out and out[0][0] is False and out[0][1] < 3.0, out
+    assert answers_equal("sqrt(2)/2", "1/sqrt(2)")  # a fresh worker
+
+
+def test_sympy_in_process_when_the_worker_cannot_start(monkeypatch):
+    """No worker (it failed to start, or not POSIX): sympy runs here, under SIGALRM on the main thread."""
+    monkeypatch.setattr(verifier, "sympy_equal", lambda a, b, timeout=1.0: None)
+    assert answers_equal("2*x + x", "3*x") and not answers_equal("2*x", "3*x")
+    t = time.perf_counter()
+    assert not answers_equal("(x+y+1)**64*(x-y)**64", "1", timeout=0.5)
     assert time.perf_counter() - t < 3.0
 
 
@@ -183,7 +227,7 @@ def test_reward_module_in_the_working_directory(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- math-verify (tasks extra)
-needs_math_verify = pytest.mark.skipif(not mathverify.available(), reason="math-verify is not installed")
+needs_math_verify = pytest.mark.skipif(not verifier.available(), reason="math-verify is not installed")
 
 
 @needs_math_verify
@@ -210,7 +254,7 @@ def test_latex_not_equal_through_math_verify(pred, gold):
 def test_math_verify_hangs_are_cut():
     """sympy's big-integer powers run in C, where no signal reaches them: the worker is killed at the
     timeout (a restart counted), and the next query gets a fresh one."""
-    w = mathverify.worker()
+    w = verifier.worker()
     assert answers_equal("\\frac{\\pi}{4}", "\\pi/4")  # started and warm
     for pred in ["9^{9^{9^{9}}}", "10^{100000000}", "\\binom{10^{9}}{10^{5}}"]:
         before = w.restarts
@@ -237,15 +281,15 @@ def test_math_verify_from_a_thread():
 
 def test_latex_without_math_verify(monkeypatch):
     """Not installed: what reasonrl's own checks cannot read counts as not equal; they still decide the rest."""
-    monkeypatch.setattr(mathverify, "_AVAILABLE", [False])
+    monkeypatch.setattr(verifier, "_AVAILABLE", [False])
     assert not answers_equal("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")
     assert answers_equal("\\frac{1}{2}", "0.5") and answers_equal("\\sqrt{2}/2", "1/sqrt(2)")
 
 
 def test_math_verify_worker_that_cannot_start(monkeypatch):
-    monkeypatch.setattr(mathverify, "_AVAILABLE", [True])
-    monkeypatch.setattr(mathverify, "_WORKER", "import sys; sys.exit(1)")
-    w = mathverify._Worker()
+    monkeypatch.setattr(verifier, "_AVAILABLE", [True])
+    monkeypatch.setattr(verifier, "_WORKER", "import sys; sys.exit(1)")
+    w = verifier._Worker()
     with pytest.warns(RuntimeWarning, match="did not start"):
-        assert w.query("\\pi", "\\pi", 1.0) is None
-    assert w.query("\\pi", "\\pi", 1.0) is None and w.proc is None  # not retried on every answer
+        assert w.query("latex", "\\pi", "\\pi", 1.0) is None
+    assert w.query("sympy", "x", "x", 1.0) is None and w.proc is None  # not retried on every answer

@@ -15,13 +15,14 @@ Rules (documented because model output is adversarial):
   the only one for a 1-label head), batched under no_grad, loaded once per folder (RewardModel).
 - Huge numbers never hang: integers compare exactly as digit strings past 4000 digits (Python's
   int() refuses > 4300), decimal exponents beyond +-1000 are rejected, and symbolic expressions go to
-  sympy only after an AST check (no power with a non-literal or > 64 exponent, <= 200 characters)
-  and under a SIGALRM timeout when called from the main thread.
+  sympy only after an AST check (_safe_expr: + - * / and powers with a literal exponent <= 64, a
+  bounded size, <= 200 characters).
 - Order: equal text, then exact numbers, then sympy on Python-syntax expressions; only where a side is
   none of these (LaTeX such as \\frac{\\sqrt{2}}{2}, intervals, sets) math-verify decides, when that
-  optional package is installed, each side read whole as LaTeX, in a worker process that is killed
-  past the timeout (reasonrl/rl/mathverify.py: sympy's big-integer powers ignore signals). Without
-  math-verify such answers count as not equal.
+  optional package is installed, each side read whole as LaTeX. sympy and math-verify run in a worker
+  process that is killed past the timeout, in any thread (reasonrl/rl/verifier.py: sympy's big-integer
+  powers ignore signals, and signals reach only the main thread). Without math-verify such answers
+  count as not equal.
 """
 from __future__ import annotations
 
@@ -124,8 +125,15 @@ def _to_number(s: str) -> Fraction | str | None:
 _FUNCS = {"sqrt", "sin", "cos", "tan", "log", "ln", "exp", "pi", "E", "I", "e"}
 
 
+_OPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.USub, ast.UAdd)
+_MAX_SIZE = 4096  # bound on an expression's size (below): 2**4096 has 1234 digits, (x+1)**4096 degree 4096
+
+
 def _safe_expr(s: str) -> str | None:
-    """A Python-syntax expression safe to hand to sympy, or None."""
+    """A Python-syntax expression safe to hand to sympy, or None. Safe: names of one letter or in _FUNCS,
+    int and float literals, + - * / and ** with a literal exponent of at most 64, and a bounded size
+    (bits of a number, degree in the symbols, multiplied by each power's exponent): nested powers such
+    as ((((((9**64)**64)**64)**64)**64)**64)**64, a number of 10**13 bits, hung sympy in C."""
     if len(s) > 200 or re.search(r"\d[eE][+-]?\d", s):  # sympy would expand 1e999999999 exactly
         return None
     s = s.replace("^", "**").replace("\\pi", "pi").replace("\\sqrt", "sqrt").replace("\\cdot", "*")
@@ -134,24 +142,41 @@ def _safe_expr(s: str) -> str | None:
         tree = ast.parse(s, mode="eval")
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return None
-    for node in ast.walk(tree):
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
-            e = node.right.operand if isinstance(node.right, ast.UnaryOp) else node.right
-            if not (isinstance(e, ast.Constant) and isinstance(e.value, int) and abs(e.value) <= 64):
+
+    def size(node) -> int | None:  # None: not allowed
+        if isinstance(node, ast.Expression):
+            return size(node.body)
+        if isinstance(node, ast.Constant):
+            if type(node.value) is int and len(repr(node.value)) <= 100:
+                return max(node.value.bit_length(), 1)
+            return 64 if type(node.value) is float and len(repr(node.value)) <= 100 else None
+        if isinstance(node, ast.Name):
+            return 1 if len(node.id) == 1 or node.id in _FUNCS else None
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, _OPS):
+            return size(node.operand)
+        if isinstance(node, ast.Call):
+            if not (isinstance(node.func, ast.Name) and node.func.id in _FUNCS) or node.keywords or not node.args:
                 return None
-        elif isinstance(node, ast.Constant):
-            if not isinstance(node.value, (int, float)) or len(repr(node.value)) > 100:
-                return None
-        elif isinstance(node, ast.Name):
-            if not (len(node.id) == 1 or node.id in _FUNCS):
-                return None
-        elif isinstance(node, ast.Call):
-            if not (isinstance(node.func, ast.Name) and node.func.id in _FUNCS) or node.keywords:
-                return None
-        elif not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.operator,
-                                   ast.unaryop, ast.Load)):
+            sizes = [size(a) for a in node.args]
+            return None if None in sizes else sum(sizes)
+        if not (isinstance(node, ast.BinOp) and isinstance(node.op, _OPS)):
             return None
-    return s
+        a = size(node.left)
+        if isinstance(node.op, ast.Pow):
+            e = node.right.operand if isinstance(node.right, ast.UnaryOp) else node.right
+            if not (isinstance(e, ast.Constant) and type(e.value) is int and abs(e.value) <= 64):
+                return None
+            return None if a is None else a * max(abs(e.value), 1)
+        b = size(node.right)
+        if a is None or b is None:
+            return None
+        return max(a, b) + 1 if isinstance(node.op, (ast.Add, ast.Sub)) else a + b
+
+    try:
+        n = size(tree)
+    except RecursionError:
+        return None
+    return s if n is not None and n <= _MAX_SIZE else None
 
 
 class _Timeout(Exception):
@@ -176,19 +201,21 @@ def _with_timeout(fn, seconds: float):
 
 
 def _symbolic_equal(a: str, b: str, timeout: float) -> bool | None:
-    """sympy's verdict on two Python-syntax expressions; None when a side is not one (_safe_expr) or
-    sympy is missing."""
+    """sympy's verdict on two Python-syntax expressions (False past timeout seconds); None when a side is
+    not one (_safe_expr). It runs in reasonrl/rl/verifier.py's worker process, killed at the timeout in
+    any thread; where that worker cannot run, here, under SIGALRM on the main thread only."""
     ea, eb = _safe_expr(a), _safe_expr(b)
     if ea is None or eb is None:
         return None
-    try:
-        import sympy
-    except ImportError:
-        return None
+    ea, eb = ea.replace("ln", "log"), eb.replace("ln", "log")
+    from reasonrl.rl.verifier import sympy_equal
+    r = sympy_equal(ea, eb, timeout)
+    if r is not None:
+        return r
+    import sympy
 
     def check():
-        x, y = sympy.sympify(ea.replace("ln", "log")), sympy.sympify(eb.replace("ln", "log"))
-        return bool(sympy.simplify(x - y) == 0)
+        return bool(sympy.simplify(sympy.sympify(ea) - sympy.sympify(eb)) == 0)
 
     try:
         return _with_timeout(check, timeout)
@@ -211,7 +238,7 @@ def answers_equal(pred: str | None, gold: str, timeout: float = 1.0) -> bool:
     sym = _symbolic_equal(p, g, timeout)
     if sym is not None:
         return sym
-    from reasonrl.rl.mathverify import math_verify_equal  # LaTeX the checks above cannot read
+    from reasonrl.rl.verifier import math_verify_equal  # LaTeX the checks above cannot read
     return bool(math_verify_equal(p, g, timeout))
 
 

@@ -280,7 +280,7 @@ def _collect(proc, job: bytes, r_pass: int, deadline: float, max_output: int):
 
 def read_line(fd: int, timeout: float) -> str | None:
     """One line from a worker's pipe within timeout seconds, stripped; None when it timed out or the
-    writer closed the pipe (died). For the long-lived workers of mathverify.py and rgscore.py."""
+    writer closed the pipe (died). For the long-lived workers of verifier.py and rgscore.py."""
     buf, end = b"", time.monotonic() + timeout
     while not buf.endswith(b"\n"):
         left = end - time.monotonic()
