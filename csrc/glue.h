@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <string>
 
 #include "reasonrl.h"
@@ -20,6 +21,17 @@ inline std::string shape(c10::IntArrayRef a) {
 }
 
 inline std::string num(int64_t v) { return std::to_string(v); }
+
+// "1e-39" (std::to_string would print "0.000000")
+inline std::string real(double v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%g", v);
+  return b;
+}
+
+// reasonrl.ops.logprobs.MIN_TEMPERATURE: below about 1e-38, 1 / temperature is inf in float32 and
+// every log-prob NaN; 1e-5 keeps logits / temperature finite for any realistic logits.
+constexpr double kMinTemperature = 1e-5;
 
 inline std::string dt_name(const at::Tensor& t) { return c10::toString(t.scalar_type()); }
 

@@ -239,8 +239,8 @@ std::tuple<at::Tensor, at::Tensor> grpo_logits(const at::Tensor& x, at::Tensor& 
   const float* old_p = opt_ptr(old, "old_logprobs", {B, T}, dev);
   const float* ref_p = opt_ptr(ref, "ref_logprobs", {B, T}, dev);
   GRPO_CHECK(p.beta == 0.f || ref_p, "beta != 0 needs ref_logprobs");
-  GRPO_CHECK(std::isfinite(temperature) && temperature > 0, "temperature must be a finite number > 0, got ",
-             std::to_string(temperature));
+  GRPO_CHECK(std::isfinite(temperature) && temperature >= glue::kMinTemperature,
+             "temperature must be a finite number >= 1e-05, got ", glue::real(temperature));
   const float inv_t = (float)(1.0 / temperature);
   const bool ent_f = with_entropy || p.entropy_coef != 0.f;  // the entropy bonus needs the entropy
   auto opts = x.options().dtype(at::kFloat);

@@ -69,8 +69,8 @@ void check_row_vec(const at::Tensor& t, const char* op, const char* name, int64_
 }
 
 float inv_temperature(double temperature, const char* op) {
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op,
-              ": temperature must be a finite number > 0, got ", std::to_string(temperature));
+  TORCH_CHECK(std::isfinite(temperature) && temperature >= glue::kMinTemperature, op,
+              ": temperature must be a finite number >= 1e-05, got ", glue::real(temperature));
   return static_cast<float>(1.0 / temperature);
 }
 

@@ -334,7 +334,8 @@ std::tuple<at::Tensor, at::Tensor> decode_window_fwd(
   TORCH_CHECK(tables.dim() == 2 && tables.size(0) == B && tables.scalar_type() == at::kInt, op,
               ": block_tables must be (B, width) int32");
   TORCH_CHECK(k >= 1 && block_size >= 1, op, ": k and block_size must be >= 1");
-  TORCH_CHECK(temperature >= 0, op, ": temperature must be >= 0");
+  TORCH_CHECK(temperature == 0 || (std::isfinite(temperature) && temperature >= glue::kMinTemperature), op,
+              ": temperature must be 0 (greedy) or a finite number >= 1e-05, got ", glue::real(temperature));
   const bool sample = temperature > 0;
   TORCH_CHECK(!sample || (u.has_value() && u->dim() == 2 && u->size(0) == B && u->size(1) >= k &&
                           u->scalar_type() == at::kFloat),

@@ -893,8 +893,9 @@ def test_cpp_decode_window_errors():
 
     toks, lps = call()
     assert toks.shape == (2, 4) and lps.shape == (2, 4) and bool((lps <= 0).all())
-    with pytest.raises(RuntimeError, match="temperature must be >= 0"):
-        call(temperature=-1.0)
+    for t in (-1.0, 1e-39):
+        with pytest.raises(RuntimeError, match="temperature must be 0 .greedy. or a finite number >= 1e-05"):
+            call(temperature=t)
     with pytest.raises(RuntimeError, match=r"sampling needs u \(B, >= k\) float32"):
         call(u=None)
     with pytest.raises(RuntimeError, match=r"sampling needs u"):
@@ -952,7 +953,7 @@ def test_generate_prompt_and_argument_types(hf_and_ours):
     (dict(top_k=2.5), TypeError, "top_k must be an int"),
     (dict(temperature="1"), TypeError, "temperature must be a real number"),
     (dict(temperature=float("inf")), ValueError, "temperature must be finite"),
-    (dict(temperature=-0.5), ValueError, "temperature must be >= 0"),
+    (dict(temperature=-0.5), ValueError, "temperature must be 0 .greedy. or >= 1e-05"),
     (dict(top_p=float("nan")), ValueError, "top_p"),
     (dict(min_p="0.1"), TypeError, "min_p must be a real number"),
     (dict(seed="abc"), TypeError, "seed must be an int"),
@@ -984,6 +985,85 @@ def test_stop_string_given_as_a_str_stops_on_the_whole_string(tok):
     prompt = tok.encode("c", add_special_tokens=False)
     out = eng.generate([prompt], SamplingParams(temperature=0.0, max_tokens=10, stop_strings="ab"))[0][0]
     assert out.finish_reason == "stop" and out.length == 4 and out.text == "bd"
+
+
+def test_stop_string_of_multibyte_characters():
+    """A byte-level tokenizer spells one emoji with 4 tokens: the stop check decoded len(stop) + 2
+    tokens (3), never saw it, and ran to max_tokens (while the text was cut at it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={"<eos>": 0, **{c: i + 1 for i, c in enumerate(alphabet)}}, merges=[]))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    btok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+    emoji = btok.encode("\U0001F600", add_special_tokens=False)
+    x, y = (btok.encode(c, add_special_tokens=False)[0] for c in "xy")
+    assert len(emoji) == 4
+    chain = [x, *emoji, y]
+    model = ScriptedModel(len(btok), {a: b for a, b in zip(chain, chain[1:])} | {y: y})
+    eng = LLMEngine(model, tokenizer=btok)
+    for stop, n in (("\U0001F600", 4), ("\U0001F600y", 5)):
+        c = eng.generate([[x]], SamplingParams(temperature=0, max_tokens=12, stop_strings=[stop]))[0][0]
+        assert (c.finish_reason, c.length, c.text) == ("stop", n, ""), stop
+
+
+@pytest.mark.parametrize("prompt", ["q?<think>", "q?<think>\n", "q?<think>Let me", "q?<think>a</think>b<think>"])
+def test_think_budget_when_the_prompt_opened_thinking(tok, prompt):
+    """The budget held only for prompts that END with "<think>"; R1-style templates end "<think>\n"."""
+    model = scripted(tok, [("</think>", "x"), ("x", "<eos>")], "a")
+    eng = LLMEngine(model, tokenizer=tok, block_size=4)
+    c = eng.generate([tok.encode(prompt, add_special_tokens=False)],
+                     SamplingParams(temperature=0, max_tokens=40, think_budget=3))[0][0]
+    assert c.text == "aaa</think>x", prompt
+    c = eng.generate([tok.encode("q?<think>a</think>b", add_special_tokens=False)],
+                     SamplingParams(temperature=0, max_tokens=10, think_budget=3))[0][0]
+    assert c.text == "a" * 10  # closed in the prompt: nothing forced
+
+
+def test_opens_think():
+    from reasonrl.engine.llm_engine import opens_think
+    s, e = [1, 2], [3, 2]
+    assert opens_think([9, 1, 2], s, e) and opens_think([1, 2, 7, 7], s, e) and opens_think([1, 2, 3, 2, 1, 2, 5], s, e)
+    assert not opens_think([1, 2, 3, 2], s, e) and not opens_think([9, 9], s, e) and not opens_think([], s, e)
+
+
+def test_generate_text_refuses_one_str(tok):
+    eng = LLMEngine(scripted(tok, [], "a"), tokenizer=tok)
+    with pytest.raises(TypeError, match="one str"):  # was: one prompt per character
+        eng.generate_text("12*3=", SamplingParams(temperature=0, max_tokens=2))
+    assert len(eng.generate_text(["12*3="], SamplingParams(temperature=0, max_tokens=2))) == 1
+
+
+def test_default_eos_is_the_tokenizers_and_the_configs(tok):
+    model = scripted(tok, [], "a")
+    model.config.eos_token_id = [5, 7]
+    assert LLMEngine(model, tokenizer=tok).eos_token_ids == {tok.eos_token_id, 5, 7}
+    assert LLMEngine(model).eos_token_ids == {5, 7}
+    assert LLMEngine(model, tokenizer=tok, eos_token_ids=[9]).eos_token_ids == {9}  # given: only those
+
+
+@pytest.mark.parametrize("t", [1e-6, 1e-40, 5e-324])
+def test_tiny_temperatures_refused(t):
+    """1e-40 overflowed logits / t to inf (an index error from the sampler), 5e-324 rounds to 0 in float32
+    and sampled at temperature 1."""
+    with pytest.raises(ValueError, match="temperature must be 0 .greedy. or >= 1e-05"):
+        SamplingParams(temperature=t)
+    assert SamplingParams(temperature=1e-5).temperature == 1e-5
+
+
+def test_dynamic_rope_seeded_sample_independent_of_the_batch():
+    """Dynamic NTK took the batch's longest position for every row: a short prompt's seeded sample
+    changed when a long one shared its batch."""
+    from reasonrl.models import ModelConfig, init_model
+    cfg = ModelConfig(arch="llama", max_position_embeddings=32, rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    g = torch.Generator().manual_seed(0)
+    short, long = (torch.randint(3, 80, (n,), generator=g).tolist() for n in (6, 100))
+    for seed in range(3):
+        model = init_model(cfg, seed=seed).eval()
+        sp = SamplingParams(temperature=1, max_tokens=24, seed=seed)
+        alone = LLMEngine(model, eos_token_ids=[]).generate([short], sp)[0][0]
+        batched = LLMEngine(model, eos_token_ids=[]).generate([short, long], sp)[0][0]
+        assert alone.token_ids == batched.token_ids and alone.logprobs == pytest.approx(batched.logprobs, abs=1e-5)
 
 
 @pytest.mark.parametrize("kw,err,msg", [

@@ -272,7 +272,7 @@ def _args(N=4, V=10):
         (lambda a: {"ids": a["ids"][:3]}, r"ids must have shape \(N,\)"),
         (lambda a: {"ids": torch.tensor([0, 1, 10, 2])}, r"ids\[2\] = 10 is out of range \[0, 10\)"),
         (lambda a: {"ids": torch.tensor([0, -1, 3, 2])}, r"ids\[1\] = -1 is out of range"),
-        (lambda a: {"T": 0.0}, "temperature must be a finite number > 0"),
+        (lambda a: {"T": 0.0}, "temperature must be a finite number >= 1e-05"),
         (lambda a: {"T": float("inf")}, "temperature"),
     ],
 )
@@ -298,7 +298,7 @@ def test_fwd_errors_name_the_argument(change, match):
         (lambda a: {"ent": None}, "grad_entropy was given but entropy is None"),
         (lambda a: {"ge": a["ge"][:1]}, r"grad_entropy must have shape \(N,\)"),
         (lambda a: {"vs": -1}, "vocab_start must be >= 0"),
-        (lambda a: {"T": -1.0}, "temperature must be a finite number > 0"),
+        (lambda a: {"T": -1.0}, "temperature must be a finite number >= 1e-05"),
     ],
 )
 def test_bwd_errors_name_the_argument(change, match):

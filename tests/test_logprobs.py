@@ -678,8 +678,9 @@ def test_inplace_backward_refuses_rows_that_share_memory():
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
-@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), -1.0, 0.0, 5e-324, True, "1.0"])
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), -1.0, 0.0, 5e-324, 1e-39, 1e-6, True, "1.0"])
 def test_temperature_must_be_finite_and_positive(backend, temperature):
+    """1e-39 passed (1 / t is finite in float64) and every backend returned NaN (inf in float32)."""
     x, ids = torch.randn(4, 10), torch.randint(0, 10, (4,))
     with pytest.raises(ValueError, match="temperature"):
         token_logprobs(x, ids, temperature, backend=backend)

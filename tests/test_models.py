@@ -74,7 +74,8 @@ def test_logits_parity_padded_and_packed(family, tie, rope, bias, tmp_path):
 
 def test_dynamic_ntk_rope_parity(tmp_path):
     """rope_type "dynamic": plain RoPE up to max_position_embeddings (32 here), NTK-scaled theta
-    beyond, set by the forward's longest position (as transformers' batch forward and generate)."""
+    beyond, set by each sequence's own last position: a packed batch equals transformers on each
+    sequence alone (transformers' padded batch takes the longest row's length for every row)."""
     C = transformers.LlamaConfig
     hf = transformers.AutoModelForCausalLM.from_config(C(
         vocab_size=101, hidden_size=64, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
@@ -83,17 +84,16 @@ def test_dynamic_ntk_rope_parity(tmp_path):
     hf.save_pretrained(str(tmp_path / "dyn"))
     model = load_model(str(tmp_path / "dyn")).eval()
     assert model.config.rope_scaling["rope_type"] == "dynamic" and not model.supports_cuda_graphs
-    for lens, off in (([20, 7], 0), ([37, 5, 20], 0), ([30], 150)):  # within M, beyond M, far beyond
-        L = max(lens)
-        ids = torch.randint(0, 101, (len(lens), L))
-        mask = torch.arange(L)[None] < torch.tensor(lens)[:, None]
+    for lens, off in (([20, 7], 0), ([37, 5, 20], 0), ([40, 33, 37], 0), ([30], 150)):  # within M, beyond, far
+        ids = [torch.randint(0, 101, (n,)) for n in lens]
         with torch.no_grad():
-            ref = hf(input_ids=ids, attention_mask=mask.long(),
-                     position_ids=(torch.arange(L) + off)[None].expand(len(lens), L)).logits
-            packed = torch.cat([ids[b, :n] for b, n in enumerate(lens)])
+            refs = []
+            for x in ids:  # a forward within M first: transformers keeps the longest length it has seen
+                hf(input_ids=x[None, :1])
+                refs.append(hf(input_ids=x[None], position_ids=(torch.arange(len(x)) + off)[None]).logits[0])
             pos = torch.cat([torch.arange(n) + off for n in lens])
-            out = model.compute_logits(model(packed, pos, AttnContext.from_lengths(lens)))
-        assert (out - ref[mask]).abs().max().item() <= 1e-4, (lens, off)
+            out = model.compute_logits(model(torch.cat(ids), pos, AttnContext.from_lengths(lens)))
+        assert (out - torch.cat(refs)).abs().max().item() <= 1e-4, (lens, off)
     with pytest.raises(ValueError, match="factor"):
         ModelConfig(rope_scaling={"rope_type": "dynamic"})
 

@@ -44,6 +44,21 @@ def _ends_with(ids: list[int], tail: list[int]) -> bool:
     return bool(tail) and len(ids) >= len(tail) and ids[-len(tail):] == tail
 
 
+def _last_index(ids: list[int], tag: list[int]) -> int:
+    n = len(tag)
+    for i in range(len(ids) - n, -1, -1):
+        if ids[i:i + n] == tag:
+            return i
+    return -1
+
+
+def opens_think(prompt: list[int], start: list[int], end: list[int]) -> bool:
+    """Whether a prompt leaves a <think> span open: its last start tag comes after its last end tag. So
+    templates that end "<think>\n" (R1's) or prefill "<think>Let me" count, not only a final "<think>"."""
+    i = _last_index(prompt, start) if start else -1
+    return i >= 0 and _last_index(prompt[i:], end) < 0
+
+
 class LLMEngine:
     def __init__(self, model, *, tokenizer=None, block_size=16, kv_cache_bytes=None, max_num_seqs=256,
                  max_num_batched_tokens=4096, eos_token_ids=None, use_cuda_graphs=True, prefix_sharing=True,
@@ -82,13 +97,11 @@ class LLMEngine:
         self.stats_discarded_steps = 0
 
     def _default_eos(self, eos):
-        if eos is None:
-            eos = getattr(self.tokenizer, "eos_token_id", None)
-            if eos is None:
-                eos = getattr(self.model.config, "eos_token_id", None)
-        if eos is None:
-            return set()
-        return {int(e) for e in (eos if isinstance(eos, (list, tuple, set)) else [eos])}
+        """The ids given, else the union of the tokenizer's EOS and the model config's (one id or a list:
+        instruct models such as Llama 3 end turns with a token the other one does not name)."""
+        srcs = [eos] if eos is not None else [getattr(self.tokenizer, "eos_token_id", None),
+                                              getattr(self.model.config, "eos_token_id", None)]
+        return {int(e) for x in srcs if x is not None for e in (x if isinstance(x, (list, tuple, set)) else [x])}
 
     # -- API ---------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None, n: int = 1,
@@ -103,6 +116,9 @@ class LLMEngine:
         return [[self._completion(s) for s in g] for g in groups]
 
     def generate_text(self, prompts: list[str], params: SamplingParams | None = None, n: int = 1):
+        if isinstance(prompts, str):
+            raise TypeError("generate_text: prompts must be a list of str; got one str (it would be one prompt "
+                            "per character): pass [text]")
         if self.tokenizer is None:
             raise ValueError("generate_text: the engine has no tokenizer (LLMEngine(model, tokenizer=...))")
         return self.generate([self.tokenizer.encode(p) for p in prompts], params, n)
@@ -381,7 +397,7 @@ class LLMEngine:
 
     # -- thinking control and stopping -------------------------------------------------------
     def _enter_think_from_prompt(self, s: Sequence):
-        if self.think_ids is not None and _ends_with(s.token_ids, self.think_ids["start"]):
+        if self.think_ids is not None and opens_think(s.token_ids, self.think_ids["start"], self.think_ids["end"]):
             s.think.inside = True
             if s.params.think_budget == 0:
                 self._close_think(s)
@@ -426,7 +442,7 @@ class LLMEngine:
         if (not p.ignore_eos and t in self.eos_token_ids) or t in p.stop_token_ids:
             return "stop"
         if p.stop_strings and self.tokenizer is not None:
-            width = max(len(x) for x in p.stop_strings) + 2
+            width = max(len(x.encode()) for x in p.stop_strings) + 2  # a token holds >= 1 byte (emoji: 4)
             tail = self.tokenizer.decode(s.completion_ids[-width:])
             if any(x in tail for x in p.stop_strings):
                 return "stop"

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
+from reasonrl.ops.logprobs import MIN_TEMPERATURE
+
 
 @dataclass
 class SamplingParams:
-    """How to sample one request. temperature 0 is greedy.
+    """How to sample one request. temperature 0 is greedy; otherwise at least MIN_TEMPERATURE (1e-5).
 
     seed: a request with a seed samples the same tokens whatever else is in the batch; sample i of
     the n samples of a prompt draws from a generator seeded by (seed, i).
@@ -41,14 +43,15 @@ class SamplingParams:
 
     def __post_init__(self):
         self.temperature = _real("temperature", self.temperature)
-        if not self.temperature >= 0:
-            raise ValueError(f"SamplingParams: temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE):
+            raise ValueError(f"SamplingParams: temperature must be 0 (greedy) or >= {MIN_TEMPERATURE} (logits / "
+                             f"temperature overflows float32 below), got {self.temperature}")
         self.top_p = _real("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams: top_p must be in (0, 1], got {self.top_p}")
         self.top_k = _int("top_k", self.top_k)
-        if self.top_k < 0:
-            raise ValueError(f"SamplingParams: top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.top_k < 2 ** 62:
+            raise ValueError(f"SamplingParams: top_k must be >= 0 (0 = off) and below 2**62, got {self.top_k}")
         self.min_p = _real("min_p", self.min_p)
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"SamplingParams: min_p must be in [0, 1], got {self.min_p}")

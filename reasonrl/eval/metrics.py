@@ -79,7 +79,7 @@ def maj_at_k(answers: list[str | None], correct: list[bool], k: int,
 def think_spans(ids: list[int], start: list[int], end: list[int], inside: bool = False) -> list[int]:
     """Token counts of each <think>...</think> span in `ids` (tag tokens not counted).
 
-    inside: the prompt already opened the span (it ended with <think>). An unclosed span counts up
+    inside: the prompt already opened the span (engine.llm_engine.opens_think). An unclosed span counts up
     to the end of the completion. Tags are token-id sequences, so multi-token tags work."""
     spans, i, n = [], 0, len(ids)
     if inside:

@@ -41,7 +41,9 @@ from dataclasses import dataclass
 
 import torch
 
+from reasonrl.engine.llm_engine import opens_think
 from reasonrl.eval.metrics import DEFAULT_MARKERS, maj_at_k, marker_counts, pass_at_k, think_spans
+from reasonrl.ops.logprobs import MIN_TEMPERATURE
 
 SECTIONS = ("passk", "budget", "difficulty", "markers")
 
@@ -86,16 +88,17 @@ class EvalConfig:
         if any(k > self.n for k in self.ks):
             bad("k", f"every k must be <= n={self.n} (samples per problem): give --k values up to {self.n} "
                      f"or a larger --n")
-        if not self.temperature > 0:
-            bad("temperature", "must be > 0 (pass@k needs different samples)")
+        if not self.temperature >= MIN_TEMPERATURE:
+            bad("temperature", f"must be >= {MIN_TEMPERATURE} (pass@k needs different samples; smaller ones "
+                               "overflow float32)")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
         if self.max_tokens < 1:
             bad("max_tokens", "must be >= 1")
         if self.budget_list and max(self.budget_list) >= self.max_tokens:
             bad("budgets", f"every budget must be < max_tokens={self.max_tokens} (room for the answer)")
-        if not self.curve_temperature >= 0:
-            bad("curve_temperature", "must be >= 0")
+        if not (self.curve_temperature == 0 or self.curve_temperature >= MIN_TEMPERATURE):
+            bad("curve_temperature", f"must be 0 (greedy) or >= {MIN_TEMPERATURE} (smaller ones overflow float32)")
         if self.curve_samples < 1:
             bad("curve_samples", "must be >= 1")
         if self.curve_samples > 1 and self.curve_temperature == 0:
@@ -230,7 +233,7 @@ def generate_setting(engine, tok, prompts, problems, params, n: int) -> list[dic
     outs = engine.generate(prompts, params, n=n)
     recs = []
     for prompt, prob, group in zip(prompts, problems, outs):
-        inside = len(prompt) >= len(start) and prompt[-len(start):] == start
+        inside = opens_think(prompt, start, end)
         for c in group:
             text = c.text or ""
             spans = think_spans(c.token_ids, start, end, inside)

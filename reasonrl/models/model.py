@@ -217,7 +217,7 @@ class CausalLM(nn.Module):
         """input_ids, positions (total,) int64 -> hidden (total, H) after the final norm."""
         plan = self._plan(input_ids, positions, ctx)
         x = self.model.embed_tokens(input_ids)  # (total, H)
-        cos, sin = self.rotary(positions)  # (total, 1, D/2)
+        cos, sin = self.rotary(positions, ctx.cu_seqlens)  # (total, 1, D/2)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         record = torch.is_grad_enabled()  # rollouts and eval keep nothing
         self.router_logits, self.router_topk_ids = [], []

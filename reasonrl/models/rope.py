@@ -9,12 +9,13 @@ Scaling variants only change f_i (and for yarn, multiply cos/sin by an attention
     llama3 : low frequencies / factor, high kept, a smooth ramp between (Llama 3.1)
     yarn   : per-pair blend of f_i and f_i / factor by a ramp over rotation counts, and
              cos/sin scaled by 0.1 ln(factor) + 1 (Peng et al. 2023, "YaRN")
-    dynamic: NTK-aware scaling that grows with the sequence: when the forward's longest position
-             L = max(p) + 1 exceeds max_position_embeddings M, theta becomes
-             theta * (factor L / M - (factor - 1))^(D / (D - 2)); at L <= M, plain RoPE.
-             Stateless: the frequencies follow the current forward's longest position. transformers
-             keeps the largest L seen until a forward within M resets it; the two agree for a fresh
-             model and through generation, where L only grows.
+    dynamic: NTK-aware scaling that grows with the sequence: when a sequence's length in this
+             forward, L = its last position + 1, exceeds max_position_embeddings M, theta becomes
+             theta * (factor L / M - (factor - 1))^(D / (D - 2)) for its tokens; at L <= M, plain RoPE.
+             Per sequence, so a sequence's result does not depend on what else is in the batch (a
+             seeded request samples the same tokens alone or batched). transformers takes L from the
+             whole batch's longest position (and keeps the largest seen until a forward within M);
+             the two agree on one sequence, fresh and through generation, where L only grows.
 Angles and rotations are computed in float32 whatever the compute dtype, as transformers does.
 """
 from __future__ import annotations
@@ -98,13 +99,32 @@ class RotaryEmbedding(torch.nn.Module):
         inv, _ = rope_inv_freq(self.head_dim, self.theta, None if self.dynamic else self.scaling)
         self.inv_freq = inv.to(self.inv_freq.device)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (T,) int64 -> cos, sin (T, 1, D/2) float32"""
-        inv = self.inv_freq
+    def forward(self, positions: torch.Tensor, cu_seqlens: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) int64 -> cos, sin (T, 1, D/2) float32. cu_seqlens (B+1,): the sequences of the
+        packed tokens, for dynamic NTK (without it, each token is the last of its own sequence, as in
+        a decode step)."""
+        inv = self.inv_freq[None, :]
         if self.dynamic and positions.numel():
-            seq_len = int(positions.max()) + 1  # a host sync: dynamic models run without CUDA graphs
-            if seq_len > self.max_pos:
-                inv = dynamic_ntk_inv_freq(self.head_dim, self.theta, self.scaling["factor"], self.max_pos,
-                                           seq_len).to(inv.device)
-        ang = positions.float()[:, None] * inv[None, :]  # (T, D/2)
+            inv = self._dynamic_inv(positions, cu_seqlens)
+        ang = positions.float()[:, None] * inv  # (T, D/2)
         return (ang.cos() * self.attention_factor)[:, None], (ang.sin() * self.attention_factor)[:, None]
+
+    def _dynamic_inv(self, positions: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """(1 or T, D/2): each token's sequence length L decides its frequencies (module docstring)."""
+        if cu_seqlens is None:
+            lens = positions + 1
+        else:
+            cu = cu_seqlens.to(device=positions.device, dtype=torch.int64)
+            last = positions[(cu[1:] - 1).clamp(min=0)]  # empty sequences repeat 0 times below
+            lens = torch.repeat_interleave(last + 1, cu[1:] - cu[:-1], output_size=positions.numel())
+        lens = torch.where(lens > self.max_pos, lens, 0)  # 0: plain RoPE
+        # a host sync (dynamic models run without CUDA graphs); one row per distinct length, each as
+        # dynamic_ntk_inv_freq computes it (transformers' arithmetic)
+        uniq, idx = torch.unique(lens, return_inverse=True)
+        values = uniq.tolist()
+        if values == [0]:
+            return self.inv_freq[None, :]
+        rows = [self.inv_freq if L == 0 else dynamic_ntk_inv_freq(
+            self.head_dim, self.theta, self.scaling["factor"], self.max_pos, L).to(self.inv_freq.device) for L in values]
+        return torch.stack(rows)[idx]

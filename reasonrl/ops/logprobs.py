@@ -466,11 +466,19 @@ def _check_ids(op, ids, lead_shape, V, ignore_index, check_range, of="the logits
             raise IndexError(f"{op}: ids out of range [0, {V}) (and not ignore_index={ignore_index}): found {first}")
 
 
+# The smallest temperature the ops, the sampler and the configs take (0 still means greedy where
+# sampling allows it). Below about 1e-38, 1 / temperature is inf in float32 and every log-prob NaN
+# (token_logprobs at 1e-39 gave NaN on every backend); far above that, logits / temperature overflows
+# float32 for large logits. 1e-5 is vLLM's threshold for greedy sampling.
+MIN_TEMPERATURE = 1e-5
+
+
 def check_temperature(op, temperature):
-    """A finite number > 0 whose inverse is finite too (the kernels scale by 1 / temperature)."""
+    """A finite number >= MIN_TEMPERATURE (the kernels scale by 1 / temperature in float32)."""
     if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
-            and math.isfinite(temperature) and temperature > 0 and math.isfinite(1.0 / temperature)):
-        raise ValueError(f"{op}: temperature must be a finite positive number, got {temperature!r}")
+            and math.isfinite(temperature) and temperature >= MIN_TEMPERATURE):
+        raise ValueError(f"{op}: temperature must be a finite number >= {MIN_TEMPERATURE} (smaller ones "
+                         f"overflow float32 as 1 / temperature), got {temperature!r}")
 
 
 def _check_common(op, temperature, backend_name, dtype):

@@ -27,6 +27,9 @@ def _bad(cfg, name, why):
     raise ValueError(f"{type(cfg).__name__}.{name}: {why}, got {getattr(cfg, name)!r}")
 
 
+# reasonrl.ops.logprobs.MIN_TEMPERATURE (not imported here: `--help` loads no torch)
+_MIN_TEMPERATURE = 1e-5
+
 # float fields where +inf has a meaning ("no limit"); NaN never has one
 _INF_OK = ("max_seconds",)
 
@@ -219,8 +222,8 @@ class GRPOConfig:
             _bad(self, "prompts_per_step", "must be >= 1")
         if self.group_size < 2:
             _bad(self, "group_size", "must be >= 2 (advantages compare samples within a group)")
-        if not self.temperature > 0:
-            _bad(self, "temperature", "must be > 0 (sampling)")
+        if not self.temperature >= _MIN_TEMPERATURE:
+            _bad(self, "temperature", f"must be >= {_MIN_TEMPERATURE} (sampling; smaller ones overflow float32)")
         if not 0 < self.top_p <= 1:
             _bad(self, "top_p", "must be in (0, 1]")
         if self.max_tokens < 1:
@@ -330,8 +333,9 @@ class SampleConfig:
         for name in ("num_prompts", "n", "max_tokens", "chunk_prompts"):
             if getattr(self, name) < 1:
                 _bad(self, name, "must be >= 1")
-        if not self.temperature > 0:
-            _bad(self, "temperature", "must be > 0 (n different samples per prompt)")
+        if not self.temperature >= _MIN_TEMPERATURE:
+            _bad(self, "temperature", f"must be >= {_MIN_TEMPERATURE} (n different samples per prompt; smaller "
+                 "ones overflow float32)")
         if not 0 < self.top_p <= 1:
             _bad(self, "top_p", "must be in (0, 1]")
         if not self.out.endswith(".jsonl"):
@@ -431,8 +435,8 @@ class DistillConfig:
             _bad(self, "warmup_steps", "must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             _bad(self, "min_lr_ratio", "must be in [0, 1]")
-        if not self.temperature > 0:
-            _bad(self, "temperature", "must be > 0")
+        if not self.temperature >= _MIN_TEMPERATURE:
+            _bad(self, "temperature", f"must be >= {_MIN_TEMPERATURE} (smaller ones overflow float32)")
 
 
 @dataclass
@@ -454,8 +458,8 @@ class GenerateConfig:
             _bad(self, "num", "must be >= 1")
         if self.n < 1:
             _bad(self, "n", "must be >= 1")
-        if not self.temperature >= 0:
-            _bad(self, "temperature", "must be >= 0")
+        if not (self.temperature == 0 or self.temperature >= _MIN_TEMPERATURE):
+            _bad(self, "temperature", f"must be 0 (greedy) or >= {_MIN_TEMPERATURE} (smaller ones overflow float32)")
         if self.max_tokens < 1:
             _bad(self, "max_tokens", "must be >= 1")
         _check_template(self)
