@@ -365,6 +365,8 @@ def test_sampler_filters():
     assert set(tok.tolist()) == {0, 1}
     tok, _ = Sampler()(logits, f(1.0), f(0, torch.int64), f(0.5), f(0.0), gens)  # p0 = 0.64 > 0.5
     assert set(tok.tolist()) == {0}
+    tok, _ = Sampler()(logits, f(1.0), f(0, torch.int64), f(1e-46), f(0.0), gens)  # 0 in float32: was an index error
+    assert set(tok.tolist()) == {0}
     tok, _ = Sampler()(logits, f(1.0), f(0, torch.int64), f(1.0), f(0.3), gens)  # e^-1 = 0.37 >= 0.3
     assert set(tok.tolist()) == {0, 1}
     tok, _ = Sampler()(logits, f(1.0), f(0, torch.int64), f(1.0), f(0.0), gens)

@@ -20,6 +20,9 @@ Thinking control (needs the tokenizer, for the ids of "<think>", "</think>" and 
   were used, that "</think>" is taken back (the sequence is truncated, its k/v get rewritten) and
   think_extend_text is forced instead (s1's budget forcing). Forced tokens count as generated
   tokens (max_tokens) and, inside thinking, as thinking tokens (think_budget).
+- A prompt that leaves <think> open (opens_think: its last "<think>" after its last "</think>", as
+  in templates ending "<think>\n") starts its completion inside thinking; the budget counts the
+  completion's tokens.
 """
 from __future__ import annotations
 

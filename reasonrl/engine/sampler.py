@@ -32,8 +32,9 @@ def _filter(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p
     rank = torch.arange(V, device=probs.device)[None, :]
     drop = rank >= torch.where(top_k > 0, top_k, V)[:, None]
     before = sp.cumsum(-1) - sp  # mass strictly above each token
-    drop |= before >= top_p[:, None]  # keeps the token that crosses p (and always rank 0)
+    drop |= before >= top_p[:, None]  # keeps the token that crosses p
     drop |= sp < min_p[:, None] * sp[:, :1]
+    drop[:, 0] = False  # always rank 0: a top_p of 1e-46 is 0 in float32 and dropped every token
     return sp.masked_fill(drop, 0.0), idx
 
 
