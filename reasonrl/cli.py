@@ -50,7 +50,7 @@ def cmd_train(argv):
     from reasonrl.train.config import PipelineConfig, TrainConfig, parse_config
     if _wants_r1(argv):
         from reasonrl.train.r1 import run_pipeline
-        return run_pipeline(parse_config(PipelineConfig, argv, "reasonrl train"))
+        return run_pipeline(parse_config(PipelineConfig, argv, "reasonrl train").refuse_overridden())
     from reasonrl.train.pipeline import run_train
     run_train(parse_config(TrainConfig, argv, "reasonrl train").refuse_overridden())
 
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"reasonrl: unknown command {cmd!r}; commands: {', '.join(COMMANDS)}")
     try:
         HANDLERS[cmd](rest)
-    except (ValueError, OSError) as e:  # config, data and file-system errors: one clear line, no traceback
+    except (ValueError, OSError, FloatingPointError) as e:  # config, data, file-system errors, a diverged run:
+        # one clear line, no traceback
         raise SystemExit(f"reasonrl {cmd}: error: {e}")
     except KeyboardInterrupt:
         raise SystemExit(130)

@@ -65,6 +65,59 @@ def test_train_refuses_flags_it_would_override(flag, instead):
     assert "sets it itself" in msg and f"set {instead} instead" in msg
 
 
+@pytest.mark.parametrize("args, field, hint", [
+    (["--grpo.seed", "5"], "grpo.seed", "set --seed"),
+    (["--grpo.model", "x"], "grpo.model", "set --sft.model"),
+    (["--grpo.out_dir", "x"], "grpo.out_dir", "set --out_dir"),
+    (["--grpo.resume"], "grpo.resume", "set --resume"),
+    (["--stages", "sft,grpo,sample,rs_sft", "--sample.out", "k.jsonl"], "sample.out", "set --out_dir"),
+    (["--stages", "sft,grpo,sample,rs_sft", "--rs_sft.task", "add"], "rs_sft.task", "sample stage's output"),
+])
+def test_pipeline_refuses_flags_it_would_override(args, field, hint):
+    """The R1 pipeline set these itself and ignored the flags (and TOML values) without a word."""
+    argv = args if "--stages" in args else ["--stages", "sft,grpo", *args]
+    msg = fails("train", *argv)
+    assert f"PipelineConfig.{field}: the pipeline sets it itself" in msg and hint in msg, msg
+
+
+@pytest.mark.parametrize("stages", [[], ["--stages", "sft,grpo"]])
+@pytest.mark.parametrize("args, field", [
+    (["--grpo.device", "cuda:7"], "grpo.device"), (["--grpo.max_tokens", "5000"], "grpo.max_tokens"),
+    (["--grpo.task", "multipy"], "grpo.task"),
+])
+def test_train_checks_later_stages_before_the_first_trains(tmp_path, stages, args, field):
+    """A bad GRPO device, task or max_tokens failed only after the SFT stage had trained (4 minutes of
+    the default run); max_tokens's error named no field."""
+    if stages:  # else the pipeline's held-out sets (grpo.task by default) refuse the task first
+        args = args + ["--eval_tasks", "multiply"]
+    msg = fails("train", "--out_dir", str(tmp_path), *stages, *args)
+    assert f"Config.{field}" in msg, msg
+    assert not os.path.exists(tmp_path / "sft") or not os.listdir(tmp_path / "sft")
+
+
+def test_diverged_run_ends_with_one_line_and_a_checkpoint(tmp_path):
+    """A non-finite gradient norm raised a FloatingPointError traceback and saved nothing."""
+    msg = fails("sft", "--out_dir", str(tmp_path), "--steps", "3", "--lr", "1e30", "--warmup_steps", "0")
+    assert "non-finite gradient norm" in msg and "saved" in msg and "--resume" in msg, msg
+    assert os.path.isfile(tmp_path / "latest")
+    # float fields become float32 tensors: 1e300 was finite here and NaN there
+    assert "GRPOConfig.beta: must be within float32's range" in fails("grpo", "--beta", "1e300")
+
+
+def test_config_parsing_edge_cases(tmp_path):
+    """Each was a traceback or an error that named no field."""
+    (tmp_path / "g5.toml").write_text("grpo = 5\n")
+    assert "grpo must be a table of fields" in fails("train", "--config", str(tmp_path / "g5.toml"), "--grpo.lr", "1e-3")
+    (tmp_path / "big.toml").write_text("lr = 1" + "0" * 400 + "\n")  # OverflowError in float()
+    assert "SFTConfig.lr), got an integer out of range" in fails("sft", "--config", str(tmp_path / "big.toml"))
+    assert "SFTConfig.seed), got an integer out of range" in fails("sft", "--seed", "9" * 23)  # failed in torch
+    # argparse took "-1e-4" for an option: "expected one argument"
+    assert "SFTConfig.lr: must be > 0, got -0.0001" in fails("sft", "--lr", "-1e-4")
+    assert "SFTConfig.lr: must be a finite number, got -inf" in fails("sft", "--lr", "-inf")
+    from reasonrl.train.config import GRPOConfig, parse_config
+    assert parse_config(GRPOConfig, ["--truncation_reward", "-1e-3"]).truncation_reward == -1e-3
+
+
 def test_console_script_reports_errors_without_traceback():
     r = run("grpo", "--group_size", "1")
     assert r.returncode != 0 and "GRPOConfig.group_size" in r.stderr and "Traceback" not in r.stderr

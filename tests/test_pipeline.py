@@ -323,3 +323,19 @@ def test_example_config_parses():
     assert cfg.stage_list() == ["sft", "grpo", "sample", "rs_sft", "mt_grpo"]
     assert cfg.mt_grpo.tasks and cfg.sft.task == "multiply=0.7;add=0.3"
     assert os.path.basename(EXAMPLE) in open(os.path.join(os.path.dirname(EXAMPLE), "r1.py")).read()
+
+
+def test_corrupt_stage_marker_and_a_table_without_evaluation(tmp_path):
+    """A truncated DONE.json failed with "Unterminated string" (no file named), one without "config"
+    with a KeyError traceback; with eval_problems 0 the results table's separator had one cell less."""
+    from reasonrl.train.r1 import _read_marker, pipeline_table
+    sc = SFTConfig()
+    for text, why in [('{"stage": "sf', "not valid JSON"), ('{"stage": "sft"}', "no 'config' object"),
+                      ("[1]", "no 'config' object")]:
+        (tmp_path / "DONE.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"PipelineConfig\.sft: the marker .*DONE.json.* is corrupt \({why}"):
+            _read_marker(str(tmp_path / "DONE.json"), "sft", sc)
+    table = pipeline_table({"stages": {"sft": {"summary": {"steps": 3, "seconds": 2.0}}}, "final_model": "x",
+                            "total_seconds": 3.0})
+    head, sep, row = table.splitlines()[:3]
+    assert head.count("|") == sep.count("|") == row.count("|") == 5

@@ -113,12 +113,22 @@ def test_jsonl_shapes(tmp_path):
     ('{"question": "c", "answer": "1", "checker": "countdown", "meta": {"numbers": ["1", 2], "target": 3}}',
      "list of ints"),
     ('{"question": "c", "checker": "code"}', "checker 'code' needs 'tests'"),
+    ('{"question": "a", "answer": ' + "1" * 5000 + "}", "cannot be read .Exceeds the limit"),  # had no file:line
+    ("[" * 100_000 + "]" * 100_000, "cannot be read .nested too deeply"),  # a RecursionError traceback
+    ('{"question": "a", "answer": [1, 2]}', "'answer' must be a string or a number, got list"),  # said "missing"
+    ('{"question": "a", "answer": true}', "'answer' must be a string or a number, got bool"),
 ])
 def test_jsonl_errors_name_file_and_line(tmp_path, line, msg):
     f = _write(tmp_path / "bad.jsonl", ['{"question": "ok", "answer": "1"}', "", line])
     with pytest.raises(ValueError, match=msg) as e:
         load_jsonl(f)
     assert f"{f}:3:" in str(e.value)
+
+
+def test_jsonl_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"question": "1+1", "answer": "2"}\n')  # was: line 1 invalid JSON
+    assert [p.answer for p in load_jsonl(str(path))] == ["2"]
 
 
 def test_jsonl_missing_and_empty(tmp_path):

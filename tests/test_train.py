@@ -177,6 +177,22 @@ def test_checkpoint_round_trip_and_atomic(tmp_path):
         latest_checkpoint(str(tmp_path))
 
 
+def test_latest_pointer_missing_falls_back_to_the_newest_checkpoint(tmp_path, capsys):
+    """A crash between the first checkpoint's rename and the pointer's write left no `latest`: --resume
+    said "no checkpoint", moved the complete step-* folder aside and trained from step 0."""
+    model, tok = micro_model()
+    opt = make_optimizer(model, SFTConfig())
+    for step in (3, 4):
+        save_checkpoint(str(tmp_path), model, opt, {"step": step}, tok)
+    os.remove(tmp_path / "latest")
+    assert latest_checkpoint(str(tmp_path)).endswith("step-0000004")
+    assert "no 'latest' pointer" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "step-0000004")
+    os.mkdir(tmp_path / "step-0000005")  # no state.json: not a complete checkpoint
+    assert latest_checkpoint(str(tmp_path)).endswith("step-0000003")
+    assert latest_checkpoint(str(tmp_path / "missing")) is None and latest_checkpoint(str(tmp_path / "step-0000005")) is None
+
+
 def test_checkpoint_same_step_not_rewritten_and_stale_temporaries_removed(tmp_path):
     """Saving a step that is already complete keeps that folder (a rewrite used to delete it first,
     so a crash in between left `latest` naming nothing); temporaries of dead writers are removed."""

@@ -175,8 +175,8 @@ class JsonlTask(Task):
         self.test_percent = 10
 
     def problems(self, n, seed, split="train", exclude=()):
-        pool = [p for p in self.items if split_of(p.question, self.test_percent) == split
-                and p.question not in set(exclude)]
+        exclude = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)  # was built per item
+        pool = [p for p in self.items if split_of(p.question, self.test_percent) == split and p.question not in exclude]
         if n > len(pool):
             raise ValueError(f"{self.path}: asked for {n} {split} problems, the file has {len(pool)}")
         return random.Random(f"{self.name}:{seed}:{split}").sample(pool, n)
@@ -200,6 +200,8 @@ def _jsonl_problem(obj, where: str) -> Problem:
         answer = str(answer)
     if answer is None and obj.get("checker") in ("none", "code"):  # scored by a reward model / by its tests
         answer = ""
+    elif answer is not None and not isinstance(answer, str):
+        raise ValueError(f"{where}: 'answer' must be a string or a number, got {type(answer).__name__} {answer!r:.60}")
     elif not isinstance(answer, str) or not answer.strip():
         raise ValueError(f"{where}: missing 'answer' (a string or number, '#### x', or a \\boxed{{}} solution)")
     answer = answer.strip()
@@ -245,7 +247,7 @@ def load_jsonl(path: str) -> list[Problem]:
         raise ValueError(f"dataset {path!r}: no such file")
     out, seen = [], {}  # question -> (line, answer)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark (Windows editors) is skipped
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -254,6 +256,9 @@ def load_jsonl(path: str) -> list[Problem]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                except (ValueError, RecursionError) as e:  # a number past int()'s 4300 digits; deep nesting
+                    why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+                    raise ValueError(f"{where}: JSON that cannot be read ({why})") from None
                 p = _jsonl_problem(obj, where)
                 if p.question in seen and seen[p.question][1] != (p.answer, p.checker):
                     raise ValueError(f"{where}: the question of line {seen[p.question][0]} again, with another "

@@ -216,6 +216,22 @@ def on_interrupt(tag: str, guard: StepGuard, save, run_dir: str) -> None:
           f"mislabel that step); --resume starts from {ckpt or 'the beginning'}", flush=True)
 
 
+def on_nonfinite(tag: str, guard: StepGuard, save, run_dir: str, step: int, err: Exception) -> FloatingPointError:
+    """A stage's FloatingPointError handler (a non-finite gradient norm: the run diverged): save where the
+    step is clean (the weights before it), so a resume with a lower learning rate starts there, and
+    return the error to raise, naming the step and the checkpoint."""
+    if guard.clean:
+        where = f"saved {save()} (the weights before this step)"
+    else:
+        try:
+            ckpt = latest_checkpoint(run_dir)
+        except (OSError, ValueError):
+            ckpt = None
+        where = f"not saved (an update of this step ran); --resume starts from {ckpt or 'the beginning'}"
+    return FloatingPointError(f"[{tag}] step {step + 1}: {err}; {where}. Lower the learning rate (or check "
+                              "the rewards and beta) and --resume")
+
+
 def _remove_stale_tmp(run_dir: str) -> None:
     """Temporary checkpoint folders of processes that died while writing them (SIGKILL, power loss)."""
     for d in os.listdir(run_dir):
@@ -236,17 +252,23 @@ def _remove_stale_tmp(run_dir: str) -> None:
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
-    """The checkpoint `latest` names; if that one is missing or incomplete (a crash mid-rewrite), the
-    newest complete step-* folder, with a warning; None when there is none."""
+    """The checkpoint `latest` names; if that one is missing or incomplete (a crash mid-rewrite), or
+    `latest` itself is missing (a crash between the first checkpoint's rename and the pointer's write),
+    the newest complete step-* folder, with a warning; None when there is none."""
     pointer = os.path.join(run_dir, LATEST)
+    complete = sorted(d for d in os.listdir(run_dir)
+                      if d.startswith("step-") and os.path.isfile(os.path.join(run_dir, d, "state.json"))
+                      ) if os.path.isdir(run_dir) else []
     if not os.path.isfile(pointer):
-        return None
+        if not complete:
+            return None
+        found = os.path.join(run_dir, complete[-1])
+        print(f"warning: {run_dir!r} has no {LATEST!r} pointer but holds complete checkpoints; using {found!r}")
+        return found
     with open(pointer) as f:
         path = os.path.join(run_dir, f.read().strip())
     if os.path.isfile(os.path.join(path, "state.json")):
         return path
-    complete = sorted(d for d in os.listdir(run_dir)
-                      if d.startswith("step-") and os.path.isfile(os.path.join(run_dir, d, "state.json")))
     if not complete:
         raise FileNotFoundError(f"checkpoint {path!r} named by {pointer!r} is incomplete or missing, and "
                                 f"{run_dir!r} holds no other complete checkpoint")

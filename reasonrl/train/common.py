@@ -48,6 +48,36 @@ def load_model_and_tokenizer(spec: str, seed: int = 0, device: str = "auto"):
     return load_model(spec).to(dev), load_tokenizer(spec)
 
 
+def preflight(stages: list[tuple[str, object]], model: str, skip_task: tuple[str, ...] = ()) -> None:
+    """Settings a chained run (`reasonrl train`, the R1 pipeline) would otherwise refuse only when their
+    stage starts, after the stages before it trained: each stage's device, its task and difficulty,
+    and its max_tokens against the model's context. stages: (label, config) pairs; skip_task: labels
+    whose task an earlier stage writes; model: the chain's first model (later stages train what it
+    became, with its architecture). Errors name label.field."""
+    from reasonrl.engine.sequence import max_context
+    from reasonrl.models import ModelConfig
+    from reasonrl.rl.tasks import get_task
+    try:
+        ctx = max_context(ModelConfig.from_json(builtin_path(model) if model in BUILTIN_MODELS else model))
+    except (OSError, ValueError):  # not readable here: its stage's own load says why
+        ctx = None
+    for label, c in stages:
+        try:
+            field = "device"
+            if hasattr(c, "device"):
+                resolve_device(c.device)
+            field = "task"
+            task = getattr(c, "task", None)
+            if task and "=" not in task and label not in skip_task:  # a mix ("a=0.7;b=0.3") is checked by the config itself
+                get_task(task, getattr(c, "difficulty", None))
+        except (ValueError, ImportError, OSError) as e:
+            raise ValueError(f"{label}.{field}: {e}") from None
+        n = getattr(c, "max_tokens", None)
+        if ctx is not None and n is not None and n >= ctx:
+            raise ValueError(f"{label}.max_tokens: {n} leaves no room for a prompt in the model's context "
+                             f"({ctx} tokens, model {model!r})")
+
+
 def autocast(model, precision: str):
     """The training forward's precision context: "bf16" runs matmuls and attention under
     torch.autocast(bfloat16) with the float32 weights as master copies (optimizer and gradients in

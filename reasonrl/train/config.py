@@ -13,6 +13,7 @@ import inspect
 import io
 import math
 import re
+import sys
 import textwrap
 import tokenize
 try:
@@ -30,6 +31,8 @@ def _bad(cfg, name, why):
 # reasonrl.ops.logprobs.MIN_TEMPERATURE (not imported here: `--help` loads no torch)
 _MIN_TEMPERATURE = 1e-5
 
+_F32_MAX = 3.4028234663852886e38
+
 # float fields where +inf has a meaning ("no limit"); NaN never has one
 _INF_OK = ("max_seconds",)
 
@@ -41,6 +44,8 @@ def _check_floats(c):
         v = getattr(c, f.name)
         if isinstance(v, float) and not math.isfinite(v) and not (v > 0 and f.name in _INF_OK):
             _bad(c, f.name, "must be a finite number")
+        if isinstance(v, float) and math.isfinite(v) and abs(v) > _F32_MAX:  # e.g. beta 1e300 gave NaN losses
+            _bad(c, f.name, "must be within float32's range (|x| <= 3.4e38): it becomes a float32 tensor")
 
 
 _SENTINEL = "reasonrlQuestionSentinel"  # plain letters: {question!r} keeps it too
@@ -392,6 +397,28 @@ class PipelineConfig:
     def stage_list(self) -> list[str]:
         return [s.strip() for s in self.stages.split(",") if s.strip()]
 
+    def refuse_overridden(self):
+        """The command line's check, as TrainConfig's: fields of the run's stages that r1.stage_config
+        sets itself, which a flag or the TOML would set for nothing (they were ignored silently)."""
+        names = self.stage_list()
+        for i, stage in enumerate(names):
+            sub, default = getattr(self, stage), type(self).__dataclass_fields__[stage].default_factory()
+            fields = [("seed", "set --seed")]
+            if i:
+                fields.append(("model", f"set --{names[0]}.model: later stages start from the stage before"))
+            if stage == "sample":
+                fields.append(("out", "it writes OUT_DIR/sample/samples.jsonl; set --out_dir"))
+            else:
+                fields += [("out_dir", f"it writes OUT_DIR/{stage}; set --out_dir"), ("resume", "set --resume")]
+            if stage == "rs_sft" and "sample" in names:
+                fields += [("task", "it trains on the sample stage's output"),
+                           ("num_examples", "it trains on every sample kept")]
+            for name, hint in fields:
+                if getattr(sub, name) != getattr(default, name):
+                    raise ValueError(f"PipelineConfig.{stage}.{name}: the pipeline sets it itself ({hint}), "
+                                     f"got {getattr(sub, name)!r}")
+        return self
+
     def eval_task_list(self) -> list[str]:
         if self.eval_tasks:
             return [t.strip() for t in self.eval_tasks.split(",") if t.strip()]
@@ -550,8 +577,12 @@ def build_parser(cls, prog: str, description: str = "") -> argparse.ArgumentPars
 
 def _assign(values: dict, dotted: str, value):
     *path, last = dotted.split(".")
-    for part in path:
+    for i, part in enumerate(path):
         values = values.setdefault(part, {})
+        if not isinstance(values, dict):  # the TOML gave `grpo = 5`, and a flag sets grpo.lr
+            table = ".".join(path[:i + 1])
+            raise ValueError(f"{table} must be a table of fields ([{table}]) for --{dotted}, got "
+                             f"{type(values).__name__} {values!r}")
     values[last] = value
 
 
@@ -579,11 +610,14 @@ def _typed(t, v, default):
         return default is None, v
     if t is bool:
         return isinstance(v, bool), v
-    if t is int:
-        return isinstance(v, int) and not isinstance(v, bool), v
+    if t is int:  # 64 bits: seeds and counts become int64 (a larger seed failed deep in torch)
+        return isinstance(v, int) and not isinstance(v, bool) and -2 ** 63 <= v < 2 ** 63, v
     if t is float:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        return ok, float(v) if ok else v
+        try:
+            return ok, float(v) if ok else v
+        except OverflowError:  # an int past float's range (TOML `lr = 1000...0`)
+            return False, v
     if t is str:
         return isinstance(v, str), v
     return (isinstance(v, t) if isinstance(t, type) else True), v  # no other field types today
@@ -615,8 +649,11 @@ def _from_dict(cls, d: dict, where: str, table: str = ""):
             ok, value = _typed(t, v, _field_default(fields[k]))
             if not ok:
                 shown = str(v).lower() if isinstance(v, bool) else repr(v)  # as TOML spells it
+                if len(shown) > 60:
+                    shown = shown[:30] + f"...({len(shown)} characters)"
+                got = "an integer out of range" if type(v) is int else type(v).__name__
                 raise ValueError(f"{where}: {at}{k} = {shown}: expected {_type_name(t)} ({cls.__name__}.{k}), "
-                                 f"got {type(v).__name__}")
+                                 f"got {got}")
             kwargs[k] = value
     if not table:
         return cls(**kwargs)
@@ -626,9 +663,20 @@ def _from_dict(cls, d: dict, where: str, table: str = ""):
         raise ValueError(f"{where + ': ' if where != 'config' else ''}[{table}] {e}") from None
 
 
+# argparse (3.11) takes "-1e-4" and "-inf" for options, not values: "--lr -1e-4" failed with "expected one
+# argument". A flag followed by such a number is joined into "--lr=-1e-4" first.
+_NEG_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf(inity)?|-nan", re.IGNORECASE)
+
+
 def parse_config(cls, argv: list[str] | None, prog: str = "reasonrl"):
     """A `cls` instance from defaults, an optional TOML file and command-line flags."""
-    args = build_parser(cls, prog).parse_args(argv)
+    argv, joined = list(sys.argv[1:] if argv is None else argv), []
+    while argv:
+        a = argv.pop(0)
+        if a.startswith("--") and "=" not in a and argv and _NEG_NUMBER.fullmatch(argv[0]):
+            a += "=" + argv.pop(0)
+        joined.append(a)
+    args = build_parser(cls, prog).parse_args(joined)
     values: dict = {}
     if args.config:
         with open(args.config, "rb") as f:
@@ -639,7 +687,10 @@ def parse_config(cls, argv: list[str] | None, prog: str = "reasonrl"):
     types = {name: t for name, _, t in _leaves(cls)}
     for name, text in vars(args).items():
         if name != "config":
-            _assign(values, name, _convert(types[name], text, name))
+            try:
+                _assign(values, name, _convert(types[name], text, name))
+            except ValueError as e:
+                raise ValueError(f"{args.config}: {e}" if args.config and "table" in str(e) else str(e)) from None
     return _from_dict(cls, values, args.config or "config")
 
 

@@ -27,7 +27,7 @@ from reasonrl.ops import linear_token_logprobs
 from reasonrl.ops.grpo import GRPOLossConfig, grpo_loss
 from reasonrl.rl.rewards import compute_rewards, format_reward, parse_reward_spec
 from reasonrl.rl.tasks import get_task, parse_task_mix
-from reasonrl.train.checkpoint import StepGuard, on_interrupt, resume_or_start, save_checkpoint
+from reasonrl.train.checkpoint import StepGuard, on_interrupt, on_nonfinite, resume_or_start, save_checkpoint
 from reasonrl.train.common import (autocast, common_template_len, copy_model, encode_prompt, keep_freed_memory,
                                    load_model_and_tokenizer, lr_at, make_optimizer, moe_aux_loss, pack, pack_shared,
                                    resolve_device, StageBar, step_seed, token_budget_batches, warn_if_slow_bf16)
@@ -159,7 +159,7 @@ def train_on_groups(model, ref_model, opt, groups, cfg: GRPOConfig, loss_cfg: GR
                                           m["entropy"].float() * n if "entropy" in m else torch.zeros_like(n)]))
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         if not torch.isfinite(gnorm):  # never step on NaN/inf: the weights would be lost silently
-            raise FloatingPointError(f"GRPO: non-finite gradient norm ({float(gnorm)}); weights left unchanged")
+            raise FloatingPointError(f"non-finite gradient norm ({float(gnorm)}), update skipped")
         opt.step()
         opt.zero_grad(set_to_none=True)
     total = torch.stack(stats).sum(0).tolist() if stats else [0.0] * 5
@@ -256,6 +256,9 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
         bar.close()
         on_interrupt(tag, guard, save, cfg.out_dir)
         raise
+    except FloatingPointError as e:
+        bar.close()
+        raise on_nonfinite(tag, guard, save, cfg.out_dir, step, e) from None
     bar.close()
     save()
     save_model(model, os.path.join(cfg.out_dir, "final"), tokenizer=tokenizer)

@@ -25,7 +25,7 @@ import os
 import time
 
 from reasonrl.rl.tasks import get_task
-from reasonrl.train.common import copy_model, evaluate
+from reasonrl.train.common import copy_model, evaluate, preflight
 from reasonrl.train.config import TrainConfig
 from reasonrl.train.grpo import run_grpo
 from reasonrl.train.sft import run_sft, sft_examples
@@ -38,6 +38,7 @@ def run_train(cfg: TrainConfig) -> dict:
                                   resume=cfg.resume or cfg.sft.resume)
     grpo_cfg = dataclasses.replace(cfg.grpo, seed=cfg.seed, out_dir=os.path.join(out, "grpo"),
                                    resume=cfg.resume or cfg.grpo.resume)
+    preflight([("TrainConfig.sft", sft_cfg), ("TrainConfig.grpo", grpo_cfg)], sft_cfg.model)
     heldout = get_task(cfg.grpo.task, cfg.grpo.difficulty).problems(cfg.eval_problems, seed=cfg.seed, split="test")
     examples = sft_examples(sft_cfg)
 

@@ -39,7 +39,7 @@ import os
 import time
 
 from reasonrl.rl.tasks import get_task
-from reasonrl.train.common import evaluate
+from reasonrl.train.common import evaluate, preflight
 from reasonrl.train.config import STAGES, PipelineConfig
 from reasonrl.train.grpo import run_grpo
 from reasonrl.train.sample import run_sample
@@ -56,6 +56,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         for s in STAGES:
             if os.path.isfile(os.path.join(out, s, DONE)):
                 os.remove(os.path.join(out, s, DONE))
+    preflight([(f"PipelineConfig.{name}", stage_config(cfg, name, None)) for name in stages],
+              stage_config(cfg, stages[0], None).model,
+              skip_task=("PipelineConfig.rs_sft",) if "sample" in stages else ())  # the sample stage writes it
     heldout = {t: get_task(t, cfg.grpo.difficulty).problems(cfg.eval_problems, seed=cfg.seed, split="test")
                for t in cfg.eval_task_list()} if cfg.eval_problems else {}
     model_dir, results = None, {"stages": {}}
@@ -149,8 +152,15 @@ def _comparable(sc) -> dict:
 
 
 def _read_marker(path, name, sc) -> dict:
-    with open(path) as f:
-        done = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            done = json.load(f)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        done = f"not valid JSON: {e}"
+    if not (isinstance(done, dict) and isinstance(done.get("config"), dict)):
+        why = done if isinstance(done, str) else "no 'config' object"
+        raise ValueError(f"PipelineConfig.{name}: the marker {path!r} of the finished stage is corrupt ({why}); "
+                         "delete it to run the stage again (its own --resume picks up its checkpoints)")
     now = _comparable(sc)
     diff = sorted(k for k in set(now) | set(done.get("config", {})) if now.get(k) != done["config"].get(k))
     if diff:
@@ -172,14 +182,14 @@ def _write_json_atomic(path, obj):
 
 def pipeline_table(results: dict) -> str:
     tasks = sorted({t for d in results["stages"].values() for t in d.get("eval", {})})
-    lines = ["| stage | steps | seconds | " + " | ".join(f"held-out {t}" for t in tasks) + " | notes |",
-             "|---|---|---|" + "---|" * len(tasks) + "---|"]
+    head = ["stage", "steps", "seconds", *(f"held-out {t}" for t in tasks), "notes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, d in results["stages"].items():
         s = d.get("summary", {})
         accs = [f"{100 * d['eval'][t]['accuracy']:.1f}%" if t in d.get("eval", {}) else "-" for t in tasks]
         note = (f"kept {s['kept']} of {s['samples']} samples (pass rate {100 * s['pass_rate']:.1f}%)"
                 if name == "sample" else "")
-        lines.append(f"| {name} | {s.get('steps', '-')} | {s.get('seconds', 0):.0f} | " + " | ".join(accs) + f" | {note} |")
+        lines.append("| " + " | ".join([name, str(s.get("steps", "-")), f"{s.get('seconds', 0):.0f}", *accs, note]) + " |")
     n = next((d["eval"][t]["n"] for d in results["stages"].values() for t in d.get("eval", {})), 0)
     stage_s = sum(d.get("summary", {}).get("seconds", 0) for d in results["stages"].values())
     lines.append(f"\nheld-out problems per task: {n}; final model: {results['final_model']}; "

@@ -11,7 +11,7 @@ import torch
 
 from reasonrl.ops import linear_token_logprobs
 from reasonrl.rl.tasks import get_task, parse_task_mix
-from reasonrl.train.checkpoint import StepGuard, on_interrupt, resume_or_start, save_checkpoint
+from reasonrl.train.checkpoint import StepGuard, on_interrupt, on_nonfinite, resume_or_start, save_checkpoint
 from reasonrl.train.common import (autocast, encode_prompt, encode_response, keep_freed_memory, load_model_and_tokenizer,
                                    lr_at, make_optimizer, moe_aux_loss, pack_sft, resolve_device, step_seed,
                                    StageBar, warn_if_slow_bf16)
@@ -84,7 +84,7 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
                 (loss + aux if aux is not None else loss).backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
                 if not torch.isfinite(gnorm):  # never step on NaN/inf: the weights would be lost silently
-                    raise FloatingPointError(f"SFT: non-finite gradient norm ({float(gnorm)}) at step {step}")
+                    raise FloatingPointError(f"non-finite gradient norm ({float(gnorm)}), update skipped")
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
@@ -106,6 +106,9 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
         bar.close()
         on_interrupt(tag, guard, save, cfg.out_dir)
         raise
+    except FloatingPointError as e:
+        bar.close()
+        raise on_nonfinite(tag, guard, save, cfg.out_dir, step, e) from None
     bar.close()
     save()
     save_model(model, os.path.join(cfg.out_dir, "final"), tokenizer=tokenizer)
