@@ -1053,6 +1053,13 @@ def test_tiny_temperatures_refused(t):
     assert SamplingParams(temperature=1e-5).temperature == 1e-5
 
 
+def test_sampling_params_checked_again_at_generate(tok):
+    sp = SamplingParams(temperature=1.0, max_tokens=3)
+    sp.temperature = float("nan")  # set after construction: skipped the checks, NaN log-probs
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        LLMEngine(scripted(tok, [], "a"), tokenizer=tok).generate([[5, 6]], sp)
+
+
 def test_dynamic_rope_seeded_sample_independent_of_the_batch():
     """Dynamic NTK took the batch's longest position for every row: a short prompt's seeded sample
     changed when a long one shared its batch."""

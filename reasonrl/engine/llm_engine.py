@@ -130,6 +130,7 @@ class LLMEngine:
     def _make_sequences(self, prompts, params, n):
         if not isinstance(params, SamplingParams):
             raise TypeError(f"generate: params must be a SamplingParams (or None), got {type(params).__name__}")
+        params.__post_init__()  # checked again: a field set after construction (sp.temperature = nan) skipped it
         if not is_int(n):
             raise TypeError(f"generate: n (samples per prompt) must be an int, got {n!r} ({type(n).__name__})")
         if n < 1:
