@@ -293,3 +293,121 @@ def test_error_malformed_tokenizer_json_names_the_file(tmp_path):
     os.remove(tmp_path / "tokenizer_config.json")  # the fallback path (tokenizer.json alone)
     with pytest.raises(ValueError, match=r"tokenizer\.json"):
         load_tokenizer(str(tmp_path))
+
+
+# ------------------------------------------------------------------ found by an audit (2026-11-29)
+def test_save_model_is_atomic_and_keeps_other_files(tmp_path, monkeypatch):
+    """Saving file by file over an earlier save: a crash after the first new shard left the old index
+    (or the old config) with new weights, a folder that loaded a mix of two models silently."""
+    import reasonrl.models.checkpoint as ck
+    a, b = init_model(_cfg("llama", False), seed=1), init_model(_cfg("llama", True), seed=2)
+    path = tmp_path / "m"
+    save_model(a, str(path), max_shard_size="20KB")
+    (path / "README.md").write_text("mine")
+    ids = torch.randint(0, 77, (11,))
+    calls = []
+
+    def crash(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return save_file(*args, **kw)
+    from safetensors.torch import save_file
+    monkeypatch.setattr("safetensors.torch.save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(b, str(path), max_shard_size="20KB")
+    monkeypatch.undo()
+    assert (_logits(load_model(str(path)), ids) - _logits(a, ids)).abs().max().item() == 0  # the old one, whole
+    assert sorted(os.listdir(tmp_path)) == ["m"]  # no temporary folder left
+    save_model(b, str(path))  # over it, unsharded, tied
+    assert (_logits(load_model(str(path)), ids) - _logits(b, ids)).abs().max().item() == 0
+    assert (path / "README.md").read_text() == "mine" and not any("-of-" in f for f in os.listdir(path))
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+    with pytest.raises(ValueError, match="working directory"):
+        monkeypatch.chdir(path)
+        save_model(b, ".")
+    assert ck._WEIGHT_FILE.fullmatch("model-00001-of-00002.safetensors")
+
+
+def test_index_naming_the_wrong_shard(tmp_path):
+    save_model(init_model(_cfg("llama", False), seed=1), str(tmp_path), max_shard_size="20KB")
+    index = json.load(open(tmp_path / "model.safetensors.index.json"))
+    wm = index["weight_map"]
+    wm["model.norm.weight"] = next(f for f in sorted(set(wm.values())) if f != wm["model.norm.weight"])
+    json.dump(index, open(tmp_path / "model.safetensors.index.json", "w"))
+    with pytest.raises(ValueError, match="puts 'model.norm.weight' in model-0000.-of-.*which does not hold it"):
+        load_model(str(tmp_path))  # said "truncated or not a safetensors file?"
+
+
+def test_rope_scaling_wins_over_rope_parameters_as_in_transformers(tmp_path):
+    """save_model writes both keys; a user who enables YaRN by editing rope_scaling (as model cards say)
+    got YaRN in transformers and plain RoPE here. And a top-level original_max_position_embeddings
+    wins over the one in the rope dict (transformers' rule, for Phi-3 files)."""
+    save_model(init_model(_cfg("qwen3", True), seed=0), str(tmp_path))
+    c = json.load(open(tmp_path / "config.json"))
+    c["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    json.dump(c, open(tmp_path / "config.json", "w"))
+    ids = torch.randint(0, 77, (40,))
+    for top in (None, 16):
+        if top:
+            c["original_max_position_embeddings"] = top
+            json.dump(c, open(tmp_path / "config.json", "w"))
+        ours = load_model(str(tmp_path))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+        assert ours.config.rope_scaling["original_max_position_embeddings"] == (top or 64)
+        assert (_logits(ours, ids) - _hf_logits(hf, ids)).abs().max().item() <= 1e-4
+
+
+def test_broken_tokenizer_config_is_an_error(tmp_path):
+    """It was skipped silently: eos, pad and the chat template gone, rollouts that never stop."""
+    save_model(init_model(builtin_path("tiny"), seed=0), str(tmp_path), tokenizer=load_tokenizer(builtin_path("tiny")))
+    with open(tmp_path / "tokenizer_config.json", "a") as f:
+        f.write("}")
+    with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON"):
+        load_tokenizer(str(tmp_path))
+
+
+def _tiny_gguf(gguf, path, skip=(), rope_freqs=None):
+    import numpy as np
+    w = gguf.GGUFWriter(str(path), "llama")
+    if "architecture" in skip:
+        w.kv_data[0].pop("general.architecture", None)
+    w.add_block_count(1)  # no layer tensors: read_gguf does not need them (convert_gguf does)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(8)
+    if "head_count" not in skip:
+        w.add_head_count(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tensor("token_embd.weight", np.ones((10, 8), np.float32))
+    w.add_tensor("output_norm.weight", np.ones(8, np.float32))
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_bad_files_are_named(tmp_path):
+    """Missing metadata gave TypeError / KeyError tracebacks; a truncated file a numpy message naming no
+    file; Llama-3.1's per-frequency RoPE factors (rope_freqs) were dropped, a plain-RoPE model silently."""
+    gguf = pytest.importorskip("gguf")
+    from reasonrl.models.gguf import read_gguf
+    for key in ("head_count", "architecture"):
+        _tiny_gguf(gguf, tmp_path / f"{key}.gguf", skip=(key,))
+        with pytest.raises(ValueError, match=rf"{key}.gguf: GGUF metadata lacks .*{key}"):
+            read_gguf(str(tmp_path / f"{key}.gguf"))
+    _tiny_gguf(gguf, tmp_path / "ok.gguf")
+    cfg, sd = read_gguf(str(tmp_path / "ok.gguf"))
+    assert cfg.num_attention_heads == 2 and set(sd) == {"model.embed_tokens.weight", "model.norm.weight"}
+    data = (tmp_path / "ok.gguf").read_bytes()
+    for name, blob in (("cut.gguf", data[:len(data) - 40]), ("text.gguf", b"hello, not a gguf file at all\n" * 4)):
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ValueError, match=rf"cannot read .*{name}"):
+            read_gguf(str(tmp_path / name))
+    _tiny_gguf(gguf, tmp_path / "ones.gguf", rope_freqs=[1.0, 1.0])
+    read_gguf(str(tmp_path / "ones.gguf"))  # factors of 1: plain RoPE, fine
+    _tiny_gguf(gguf, tmp_path / "l3.gguf", rope_freqs=[1.0, 32.0])
+    with pytest.raises(ValueError, match="rope_freqs"):
+        read_gguf(str(tmp_path / "l3.gguf"))

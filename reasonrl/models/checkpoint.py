@@ -159,6 +159,11 @@ def load_model(path: str, dtype=torch.float32, device="cpu") -> CausalLM:
     for file, names in files.items():
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
+                held = set(f.keys())
+                lost = [n for n in names if n not in held] if names is not None else []
+                if lost:
+                    raise ValueError(f"load_model: the index ({INDEX}) puts {lost[0]!r} in {os.path.basename(file)}, "
+                                     f"which does not hold it" + (f" ({len(lost)} such tensors)" if len(lost) > 1 else ""))
                 for name in names if names is not None else f.keys():
                     if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
                         continue
@@ -216,43 +221,79 @@ def _shards(tensors: dict, limit: int | None) -> list[dict]:
 
 
 def save_model(model: CausalLM, path: str, max_shard_size=None, tokenizer=None) -> None:
-    """Writes config.json and model.safetensors (or model-0000i-of-0000n.safetensors + index).
+    """Writes config.json and model.safetensors (or model-0000i-of-0000n.safetensors + index), and the
+    tokenizer's files when given.
 
-    max_shard_size: bytes (int) or a string like "2GB"; None writes one file. Each file is written
-    under a temporary name and renamed, and stale weight files from an earlier save are removed.
+    max_shard_size: bytes (int) or a string like "2GB"; None writes one file.
+    Atomic: the whole folder is written beside `path` (PATH.tmp-<pid>) and renamed into place, so a
+    crash leaves the old model or the new one, never a mix (writing file by file over an earlier save
+    could leave its index or config with the new weights: a load that mixed two models silently).
+    An existing folder's other files (a README, generation_config.json; not its weight files) are
+    carried over. A crash between the two renames of the swap leaves PATH.old-<pid> and no PATH.
     """
+    import shutil
+
     from safetensors.torch import save_file
 
     for wrapper in ("_orig_mod", "module"):  # torch.compile, DDP: save the model inside
         model = getattr(model, wrapper, model)
     if not isinstance(model, CausalLM):
         raise TypeError(f"save_model: model must be a reasonrl CausalLM, got {type(model).__name__}")
-    os.makedirs(path, exist_ok=True)
-    if model.config.is_moe:
-        tensors = _hub_state_dict(model)
-    else:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    shards = _shards(tensors, None if max_shard_size is None else _parse_size(max_shard_size))
-    n = len(shards)
-    names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for name, shard in zip(names, shards):
-        tmp = os.path.join(path, name + ".tmp")
-        save_file(shard, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; give the usual mode
-        os.replace(tmp, os.path.join(path, name))
-    for stale in os.listdir(path):
-        if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", stale) and stale not in names:
-            os.remove(os.path.join(path, stale))
-    if n > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s}}
-        _write_json(os.path.join(path, INDEX), index)
-    d = model.config.to_hf_dict()
-    dt = str(next(model.parameters()).dtype).replace("torch.", "")
-    d.update(dtype=dt, torch_dtype=dt)
-    _write_json(os.path.join(path, "config.json"), d)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+    final = os.path.abspath(path)
+    if final == os.getcwd() or final == os.path.dirname(final):
+        raise ValueError(f"save_model: {path!r} is the working directory or a root; save into a folder below it")
+    if os.path.exists(final) and not os.path.isdir(final):
+        raise ValueError(f"save_model: {path!r} exists and is not a folder")
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        if model.config.is_moe:
+            tensors = _hub_state_dict(model)
+        else:
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        shards = _shards(tensors, None if max_shard_size is None else _parse_size(max_shard_size))
+        n = len(shards)
+        names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for name, shard in zip(names, shards):
+            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            os.chmod(os.path.join(tmp, name), 0o666 & ~_umask())  # safetensors creates 0600 files
+        if n > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                     "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s}}
+            _write_json(os.path.join(tmp, INDEX), index)
+        d = model.config.to_hf_dict()
+        dt = str(next(model.parameters()).dtype).replace("torch.", "")
+        d.update(dtype=dt, torch_dtype=dt)
+        _write_json(os.path.join(tmp, "config.json"), d)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _swap_in(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+_WEIGHT_FILE = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?(\.tmp)?")
+
+
+def _swap_in(new: str, path: str) -> None:
+    """Rename the complete folder `new` to `path`; an existing `path`'s files other than weights and
+    what `new` holds move into it, the rest is removed."""
+    import shutil
+    if not os.path.exists(path):
+        os.replace(new, path)
+        return
+    old = f"{path}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    os.replace(new, path)  # the commit point: `path` is the new model, whole
+    written = set(os.listdir(path))
+    for name in os.listdir(old):
+        if name not in written and not _WEIGHT_FILE.fullmatch(name):
+            os.replace(os.path.join(old, name), os.path.join(path, name))
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -158,7 +158,9 @@ class ModelConfig:
             raise ValueError("config.json: layer_types with 'sliding_attention' are not supported")
         if d.get("pretraining_tp", 1) not in (1, None):
             raise ValueError(f"config.json: pretraining_tp={d['pretraining_tp']} is not supported (only 1)")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        # transformers 5: a non-empty rope_scaling wins over rope_parameters (a user who enables YaRN by
+        # editing rope_scaling, as model cards say, in a file that also has rope_parameters)
+        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
         if not isinstance(rope, dict):
             raise ValueError(f"config.json: rope_parameters / rope_scaling must be an object, got {rope!r}")
         rope = dict(rope)
@@ -172,10 +174,11 @@ class ModelConfig:
         rtype = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
         rope.pop("type", None)
         scaling = None if rtype == "default" else {"rope_type": rtype, **rope}
-        if scaling and rtype in ("llama3", "yarn"):
-            orig = d.get("original_max_position_embeddings") or d.get("max_position_embeddings")
-            if orig is not None:  # else _check_rope_scaling names the missing key
-                scaling.setdefault("original_max_position_embeddings", orig)
+        if scaling and rtype in ("llama3", "yarn"):  # transformers: a top-level value wins (Phi-3 files)
+            if d.get("original_max_position_embeddings") is not None:
+                scaling["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+            elif d.get("max_position_embeddings") is not None:  # else _check_rope_scaling names the missing key
+                scaling.setdefault("original_max_position_embeddings", d["max_position_embeddings"])
         n_heads = d["num_attention_heads"]
         n_kv = d.get("num_key_value_heads")
         if n_kv is None and "num_key_value_heads" not in d:

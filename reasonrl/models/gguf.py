@@ -60,15 +60,22 @@ def _f32(x) -> float:
     return float(str(np.float32(x)))  # shortest decimal of the stored float32 (1e-05, not 9.99e-06)
 
 
-def _config(reader, tensor_names, vocab) -> ModelConfig:
+def _config(reader, tensor_names, vocab, path="GGUF") -> ModelConfig:
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")
             and k not in ("tokenizer.chat_template",)}
-    arch = meta["general.architecture"]
+    arch = meta.get("general.architecture")
+    if arch is None:
+        raise ValueError(f"convert_gguf: {path}: GGUF metadata lacks general.architecture")
     if arch not in _ARCH:
         raise ValueError(f"convert_gguf: GGUF architecture {arch!r} is not supported; supported: {sorted(_ARCH)}")
     a = lambda k, default=None: meta.get(f"{arch}.{k}", default)  # noqa: E731
-    n_heads = int(a("attention.head_count"))
-    hidden = int(a("embedding_length"))
+
+    def need(k):  # a required key: a missing one named, not a TypeError from int(None)
+        if a(k) is None:
+            raise ValueError(f"convert_gguf: {path}: GGUF metadata lacks {arch}.{k}")
+        return a(k)
+    n_heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
     head_dim = int(a("attention.key_length") or a("rope.dimension_count") or hidden // n_heads)
     scaling = None
     stype = a("rope.scaling.type")
@@ -78,11 +85,11 @@ def _config(reader, tensor_names, vocab) -> ModelConfig:
             scaling["original_max_position_embeddings"] = int(a("rope.scaling.original_context_length"))
     tok = {k: f.contents() for k, f in reader.fields.items() if k.endswith("_token_id")}
     return ModelConfig(
-        arch=_ARCH[arch], vocab_size=vocab, hidden_size=hidden, intermediate_size=int(a("feed_forward_length")),
-        num_hidden_layers=int(a("block_count")), num_attention_heads=n_heads,
+        arch=_ARCH[arch], vocab_size=vocab, hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
+        num_hidden_layers=int(need("block_count")), num_attention_heads=n_heads,
         num_key_value_heads=int(a("attention.head_count_kv") or n_heads), head_dim=head_dim,
         rope_theta=_f32(a("rope.freq_base", 10000.0)), rope_scaling=scaling,
-        rms_norm_eps=_f32(a("attention.layer_norm_rms_epsilon")),
+        rms_norm_eps=_f32(need("attention.layer_norm_rms_epsilon")),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias=any(n.endswith("attn_q.bias") for n in tensor_names),
         max_position_embeddings=int(a("context_length", 2048)),
@@ -96,7 +103,7 @@ def _hf_name(name: str) -> str | None:
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
     if m and m.group(2) in _NAMES:
         return f"model.layers.{m.group(1)}.{_NAMES[m.group(2)]}.{m.group(3)}"
-    if name == "rope_freqs.weight":  # llama3 rope factors: recomputed from the config
+    if name == "rope_freqs.weight":  # per-pair RoPE factors (llama3 scaling): read_gguf checks them
         return None
     raise ValueError(f"convert_gguf: unknown GGUF tensor {name!r}")
 
@@ -112,19 +119,30 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     gguf = _import_gguf()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"convert_gguf: GGUF file {path!r} does not exist")
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as e:  # numpy's view and reshape errors, a bad magic
+        raise ValueError(f"convert_gguf: cannot read {path!r} (truncated or not a GGUF file?): {e}") from None
     names = [t.name for t in reader.tensors]
     emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if emb is None:
         raise ValueError(f"convert_gguf: {path!r} has no token_embd.weight")
-    cfg = _config(reader, names, int(emb.shape[-1]))
+    cfg = _config(reader, names, int(emb.shape[-1]), path)
     sd = {}
     for t in reader.tensors:
         hf = _hf_name(t.name)
-        if hf is None:
-            continue
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
-        w = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).astype("float32").reshape(shape))
+        try:
+            w = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).astype("float32").reshape(shape))
+        except (ValueError, IndexError, TypeError, NotImplementedError) as e:
+            raise ValueError(f"convert_gguf: cannot read tensor {t.name!r} of {path!r} (truncated file or an "
+                             f"unsupported quantization?): {e}") from None
+        if hf is None:  # rope_freqs: llama.cpp's llama3 scaling, which the config cannot express here
+            if not bool((w == 1).all()):
+                raise ValueError(f"convert_gguf: {path!r} scales RoPE per frequency (rope_freqs, Llama-3.1-style "
+                                 "rope scaling), which this converter does not carry over; convert the original "
+                                 "Hugging Face checkpoint instead")
+            continue
         if cfg.arch == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias")):
             w = _unpermute(w, cfg.num_attention_heads)
         elif cfg.arch == "llama" and hf.endswith(("k_proj.weight", "k_proj.bias")):

@@ -56,6 +56,16 @@ def load_tokenizer(path: str):
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise FileNotFoundError(f"load_tokenizer: no tokenizer.json in {path!r}")
     file = os.path.join(path, "tokenizer.json")
+    cfg_file = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(cfg_file):  # its eos, pad and chat template matter: a broken one must not be skipped
+        import json
+        try:
+            with open(cfg_file, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"load_tokenizer: {cfg_file} is not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"load_tokenizer: {cfg_file} must be a JSON object, got {type(cfg).__name__}")
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (ValueError, OSError, KeyError):
