@@ -260,3 +260,64 @@ def test_eval_prompt_template_checked_like_the_trainers(template, why):
 
     with pytest.raises(ValueError, match=f"EvalConfig.prompt_template: {why}"):
         EvalConfig(models="x", prompt_template=template)
+
+
+# ---- found by an audit (2026-11-29) -------------------------------------------------------------------
+def test_maj_at_k_votes_only_with_samples_scored_alike():
+    """Countdown "Use 3 24 25 to make 4": "4" equals "(25+3)-24" as a number but does not use the numbers.
+    One class held both and took its first member's score: 0.0 with 2 of 3 valid votes, 1.0 reversed."""
+    ans, ok = ["4", "(25+3)-24", "25+3-24"], [False, True, True]
+    assert maj_at_k(ans, ok, 3) == 1.0
+    assert maj_at_k(ans[::-1][:1] + ["4", "4"], [True, False, False], 3) == 0.0
+    assert majority(["4", "28-24"], keys=[False, True]) == 0 and majority(["4", "28-24"]) == 0
+
+
+def test_maj_at_k_of_code_problems_votes_on_the_code(tmp_path):
+    """A code answer in a fenced block, no <answer>: no vote, so maj@2 was 0 with pass@2 = 1."""
+    from reasonrl.eval.run import passk_metrics
+    code = "```python\ndef f(x):\n    return x + 1\n```"
+    recs = [{"answer": "def f(x):\n    return x + 1\n", "checker": "code", "correct": True} for _ in range(2)]
+    assert passk_metrics(recs, 2, [1, 2]) == {"pass@1": 1.0, "pass@2": 1.0, "maj@1": 1.0, "maj@2": 1.0}
+    from reasonrl.rl.rewards import _code_block
+    assert _code_block(code) == recs[0]["answer"]
+
+
+def test_eval_checks_outputs_and_models_before_running(tmp_path):
+    """Each failed only after every model before it had been evaluated, losing that work."""
+    path = builtin_path("tiny")
+    (tmp_path / "cfgonly").mkdir()
+    shutil.copy(os.path.join(path, "config.json"), tmp_path / "cfgonly" / "config.json")
+    with pytest.raises(FileNotFoundError, match="has a config.json but no weights"):
+        main(["--models", f"tiny,{tmp_path / 'cfgonly'}", "--out_dir", str(tmp_path / "o")])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError):
+        main(SMALL + ["--out_dir", str(tmp_path / "file" / "o")])
+    with pytest.raises(ValueError, match="--temperature: must be a finite number"):
+        parse_config(EvalConfig, ["--temperature", "inf"])
+
+
+def test_final_label_from_inside_its_run_folder(tmp_path, monkeypatch):
+    path = builtin_path("tiny")
+    save_model(init_model(path, seed=1), str(tmp_path / "grpo" / "final"), tokenizer=load_tokenizer(path))
+    monkeypatch.chdir(tmp_path / "grpo")
+    assert resolve_models("final", "") == [("grpo", "final")]  # the label was ""
+
+
+def test_rerun_removes_plots_it_did_not_draw(tmp_path):
+    out = tmp_path / "o"
+    main(SMALL + ["--out_dir", str(out), "--budgets", "", "--extends", "1", "--num_problems", "2", "--n", "2",
+                  "--k", "2"])
+    assert (out / "passk.png").is_file() and (out / "markers.png").is_file()
+    main(SMALL + ["--out_dir", str(out), "--sections", "difficulty", "--num_problems", "2"])
+    assert not (out / "passk.png").exists() and not (out / "markers.png").exists()  # stale: removed
+    assert (out / "difficulty.png").is_file() and not list(out.glob("*.tmp-*"))
+
+
+def test_plots_past_ten_curves_use_distinct_colours(tmp_path):
+    from reasonrl.eval.plots import _colors, _plt
+    fig, ax = _plt().subplots()
+    _colors(ax, 12)
+    lines = [ax.plot([0, 1], [i, i])[0] for i in range(12)]
+    assert len({line.get_color() if isinstance(line.get_color(), str) else tuple(line.get_color())
+                for line in lines}) == 12
+    _plt().close(fig)

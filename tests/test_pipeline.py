@@ -339,3 +339,11 @@ def test_corrupt_stage_marker_and_a_table_without_evaluation(tmp_path):
                             "total_seconds": 3.0})
     head, sep, row = table.splitlines()[:3]
     assert head.count("|") == sep.count("|") == row.count("|") == 5
+
+
+def test_sample_out_that_is_a_folder_fails_first(tmp_path):
+    """It failed after all the sampling, leaving OUT.tmp-<pid> behind."""
+    from reasonrl.train.sample import run_sample
+    (tmp_path / "d.jsonl").mkdir()
+    with pytest.raises(ValueError, match="SampleConfig.out: .* is a folder"):
+        run_sample(SampleConfig(model=str(tmp_path / "never-loaded"), out=str(tmp_path / "d.jsonl")))

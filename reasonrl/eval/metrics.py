@@ -10,7 +10,10 @@ The product form never builds the binomials: as floats they overflow (C(1100, 55
 integers they are exact but grow to hundreds of digits for no gain.
 
 maj@k (self-consistency, Wang et al. 2022): the answer given by most of k samples, answers compared
-with the rewards module's normalization and verified equivalence ("0.5" == "1/2"). Ties go to
+with the rewards module's normalization and verified equivalence ("0.5" == "1/2"). Two samples
+vote together only if they were also scored alike: where correctness is more than the answer's
+value (countdown: "4" and "(25+3)-24" are equal numbers, only the second uses the given numbers),
+a class holding both would be scored by whichever came first. Ties go to
 the class whose first member came first; samples without an extractable answer do not vote. Over
 n samples, maj@k is the mean over the n // k disjoint runs of k consecutive samples (lower
 variance than one run, and deterministic).
@@ -39,17 +42,19 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prob_all_wrong
 
 
-def majority(answers: list[str | None], equal: Callable[[str, str], bool] = answers_equal) -> int | None:
+def majority(answers: list[str | None], equal: Callable[[str, str], bool] = answers_equal,
+             keys: list | None = None) -> int | None:
     """Index of the first member of the largest class of equivalent answers; None if none voted.
 
     Classes are built in sample order, each answer joining the first class whose representative it
-    equals, so the result depends only on the list (ties: the class seen first wins)."""
+    equals (and whose key it shares, when keys are given), so the result depends only on the list
+    (ties: the class seen first wins)."""
     classes: list[list[int]] = []  # sample indices; classes[j][0] is the representative
     for i, a in enumerate(answers):
         if a is None:
             continue
         for members in classes:
-            if equal(a, answers[members[0]]):
+            if (keys is None or keys[i] == keys[members[0]]) and equal(a, answers[members[0]]):
                 members.append(i)
                 break
         else:
@@ -71,13 +76,14 @@ def maj_at_k(answers: list[str | None], correct: list[bool], k: int,
     runs = n // k
     hits = 0
     for r in range(runs):
-        i = majority(answers[r * k:(r + 1) * k], equal)
+        i = majority(answers[r * k:(r + 1) * k], equal, keys=correct[r * k:(r + 1) * k])
         hits += bool(i is not None and correct[r * k + i])
     return hits / runs
 
 
 def think_spans(ids: list[int], start: list[int], end: list[int], inside: bool = False) -> list[int]:
-    """Token counts of each <think>...</think> span in `ids` (tag tokens not counted).
+    """Token counts of each <think>...</think> span in `ids` (its opening and closing tags not counted;
+    a nested "<think>" inside a span is content, as the engine's think_budget counts it).
 
     inside: the prompt already opened the span (engine.llm_engine.opens_think). An unclosed span counts up
     to the end of the completion. Tags are token-id sequences, so multi-token tags work."""

@@ -11,6 +11,14 @@ def _plt():
     return plt
 
 
+def _colors(ax, n: int) -> None:
+    """n distinct colours: matplotlib's cycle repeats after 10 (a run of 11 checkpoints drew its first
+    and last in the same blue), so more curves follow a colormap, in order (a run's steps)."""
+    if n > 10:
+        import numpy as np
+        ax.set_prop_cycle(color=_plt().cm.viridis(np.linspace(0, 0.95, n)))
+
+
 def _save(fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -25,6 +33,7 @@ def plot_passk(res: dict, path: str) -> str | None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, kind in zip(axes, ("pass", "maj")):
+        _colors(ax, len(labels))
         for lab in labels:
             p = res[lab]["passk"]
             ks = sorted(int(k.split("@")[1]) for k in p if k.startswith(kind + "@"))
@@ -45,6 +54,7 @@ def plot_budget(res: dict, path: str) -> str | None:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
+    _colors(ax, len(labels))
     for lab in labels:
         pts = sorted(res[lab]["budget"], key=lambda p: p["mean_thinking_tokens"])
         line, = ax.plot([p["mean_thinking_tokens"] for p in pts], [100 * p["accuracy"] for p in pts],
@@ -69,6 +79,7 @@ def plot_difficulty(res: dict, path: str) -> str | None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for ax, key, name in zip(axes, ("accuracy", "mean_length", "mean_thinking_tokens"),
                              ("accuracy (%)", "mean response length (tokens)", "mean thinking tokens")):
+        _colors(ax, len(labels))
         for lab in labels:
             pts = res[lab]["difficulty"]
             scale = 100 if key == "accuracy" else 1
@@ -89,6 +100,7 @@ def plot_markers(res: dict, path: str) -> str | None:
     names = list(res[labels[0]]["markers"]["markers"])
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels) + 2), 3.6))
     x = range(len(labels))
+    _colors(ax, len(names))
     for m in names:
         ax.plot(list(x), [res[lab]["markers"]["markers"][m]["per_1k_tokens"] for lab in labels], marker="o", label=m)
     ax.set_xticks(list(x), labels, rotation=20 if len(labels) > 3 else 0, fontsize=8)
@@ -99,8 +111,11 @@ def plot_markers(res: dict, path: str) -> str | None:
     return _save(fig, path)
 
 
+PLOTS = ("passk", "budget", "difficulty", "markers")
+
+
 def plot_all(results: dict, out_dir: str) -> list[str]:
     res = results["results"]
-    made = [f(res, os.path.join(out_dir, f"{name}.png")) for name, f in
-            (("passk", plot_passk), ("budget", plot_budget), ("difficulty", plot_difficulty), ("markers", plot_markers))]
+    fns = {"passk": plot_passk, "budget": plot_budget, "difficulty": plot_difficulty, "markers": plot_markers}
+    made = [fns[name](res, os.path.join(out_dir, f"{name}.png")) for name in PLOTS]
     return [p for p in made if p]

@@ -7,15 +7,17 @@ def _pct(x: float) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    cell = lambda x: str(x).replace("|", "\\|")  # noqa: E731 (a label or marker with "|" split its row)
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(cell, r)) + " |" for r in rows])
 
 
 def summary_table(results: dict) -> str:
     res = results["results"]
     labels = list(res)
     cfg = results["config"]
-    head = f"task {cfg['task']} (difficulty {cfg['difficulty']}), {cfg['num_problems']} held-out problems"
+    diff = "the task's default" if cfg["difficulty"] is None else cfg["difficulty"]
+    head = f"task {cfg['task']} (difficulty {diff}), {cfg['num_problems']} held-out problems"
     parts = [f"{head}, seed {cfg['seed']}"]
     with_passk = [lab for lab in labels if "passk" in res[lab]]
     if with_passk:

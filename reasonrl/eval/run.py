@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import filecmp
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ import torch
 from reasonrl.engine.llm_engine import opens_think
 from reasonrl.eval.metrics import DEFAULT_MARKERS, maj_at_k, marker_counts, pass_at_k, think_spans
 from reasonrl.ops.logprobs import MIN_TEMPERATURE
+from reasonrl.rl.rewards import answers_equal
 
 SECTIONS = ("passk", "budget", "difficulty", "markers")
 
@@ -81,6 +83,10 @@ class EvalConfig:
         def bad(name, why):
             raise ValueError(f"--{name}: {why}, got {getattr(self, name)!r}")
         self.ks, self.budget_list, self.extend_list, self.difficulty_list  # noqa: B018 (parse and check)
+        for f in dataclasses.fields(self):  # inf passed the range checks below and failed in the engine
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                bad(f.name, "must be a finite number")
         if self.num_problems < 1:
             bad("num_problems", "must be >= 1")
         if self.n < 1:
@@ -195,9 +201,14 @@ def resolve_models(models: str, labels: str) -> list[tuple[str, str]]:
         path = os.path.normpath(spec)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--models: no such checkpoint folder: {spec!r}")
-        base = os.path.basename(path)
-        label = names[i] if names else (os.path.basename(os.path.dirname(path)) if base == "final" else base)
+        full = os.path.abspath(path)  # "final" given from inside its run folder: the run's name, not ""
+        base = os.path.basename(full)
+        label = names[i] if names else (os.path.basename(os.path.dirname(full)) if base == "final" else base)
         if os.path.isfile(os.path.join(path, "config.json")):
+            if not any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors",
+                                                                       "model.safetensors.index.json")):
+                raise FileNotFoundError(f"--models: {spec!r} has a config.json but no weights (model.safetensors "
+                                        "or its index)")  # found after the models before it had run
             out.append((label, path))
             continue
         ckpts = run_checkpoints(path)
@@ -228,7 +239,7 @@ def tag_ids(tok) -> tuple[list[int], list[int]]:
 
 def generate_setting(engine, tok, prompts, problems, params, n: int) -> list[dict]:
     """One generate call over all problems x n samples -> one record per completion, problem-major."""
-    from reasonrl.rl.rewards import accuracy_reward, extract_answer, format_reward
+    from reasonrl.rl.rewards import _code_block, accuracy_reward, extract_answer, format_reward
     start, end = tag_ids(tok)
     outs = engine.generate(prompts, params, n=n)
     recs = []
@@ -238,7 +249,10 @@ def generate_setting(engine, tok, prompts, problems, params, n: int) -> list[dic
             text = c.text or ""
             spans = think_spans(c.token_ids, start, end, inside)
             # a prompt that opened <think> (template "...<think>") owes the completion its tag
-            recs.append({"question": prob.question, "gold": prob.answer, "text": text, "answer": extract_answer(text), "correct": accuracy_reward(text, prob) > 0,
+            # the vote of a code problem is the code its tests ran (maj@k: no <answer>, no vote before)
+            answer = _code_block(text) if prob.checker == "code" else extract_answer(text)
+            recs.append({"question": prob.question, "gold": prob.answer, "text": text, "answer": answer,
+                         "checker": prob.checker, "correct": accuracy_reward(text, prob) > 0,
                          "format": format_reward("<think>" + text if inside else text) > 0, "length": c.length, "think": sum(spans),
                          "max_span": max(spans, default=0), "truncated": c.finish_reason == "length"})
     return recs
@@ -259,8 +273,10 @@ def passk_metrics(recs: list[dict], n: int, ks: list[int]) -> dict:
     out = {}
     for k in ks:
         out[f"pass@{k}"] = sum(pass_at_k(n, sum(r["correct"] for r in g), k) for g in groups) / len(groups)
+    same_code = lambda a, b: a.strip() == b.strip()  # noqa: E731 (code votes: the same program text)
     for k in ks:
-        out[f"maj@{k}"] = sum(maj_at_k([r["answer"] for r in g], [r["correct"] for r in g], k)
+        out[f"maj@{k}"] = sum(maj_at_k([r["answer"] for r in g], [r["correct"] for r in g], k,
+                                       same_code if g[0].get("checker") == "code" else answers_equal)
                               for g in groups) / len(groups)
     return out
 
@@ -346,6 +362,9 @@ def run_eval(cfg: EvalConfig, loaded: dict | None = None) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: cuda requested but torch sees no CUDA device")
+    os.makedirs(cfg.out_dir, exist_ok=True)  # a path under a file failed after the whole evaluation
+    if not os.access(cfg.out_dir, os.W_OK):
+        raise PermissionError(f"--out_dir: {cfg.out_dir!r} is not writable")
 
     results = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"},
                "models": [{"label": lab, "path": spec} for lab, spec in models], "results": {}}
@@ -355,6 +374,7 @@ def run_eval(cfg: EvalConfig, loaded: dict | None = None) -> dict:
             model, tok = loaded[label] if loaded else load_model_and_tokenizer(spec, seed=cfg.seed, device=device)
             model = model.to(device).eval()
             results["results"][label] = evaluate_model(model, tok, cfg, problems, by_difficulty, bar, label, samples)
+            _write_atomic(os.path.join(cfg.out_dir, "eval.json"), json.dumps(results, indent=1))  # kept if a later one fails
     finally:
         bar.close()
     write_outputs(results, cfg, samples)
@@ -362,22 +382,30 @@ def run_eval(cfg: EvalConfig, loaded: dict | None = None) -> dict:
 
 
 def write_outputs(results: dict, cfg: EvalConfig, samples: list[dict] = ()) -> None:
-    from reasonrl.eval.plots import plot_all
+    from reasonrl.eval.plots import PLOTS, plot_all
     from reasonrl.eval.report import summary_table
 
     os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(cfg.out_dir, "samples.jsonl"), "w") as f:  # every completion, for reading
-        f.writelines(json.dumps(r) + "\n" for r in samples)
+    _write_atomic(os.path.join(cfg.out_dir, "eval.json"), json.dumps(results, indent=1))
+    _write_atomic(os.path.join(cfg.out_dir, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in samples))
     table = summary_table(results)
-    with open(os.path.join(cfg.out_dir, "summary.md"), "w") as f:
-        f.write(table + "\n")
+    _write_atomic(os.path.join(cfg.out_dir, "summary.md"), table + "\n")
     print(table, flush=True)
-    if cfg.plots:
-        for png in plot_all(results, cfg.out_dir):
-            print(f"[eval] wrote {png}")
+    made = plot_all(results, cfg.out_dir) if cfg.plots else []
+    for png in made:
+        print(f"[eval] wrote {png}")
+    for name in PLOTS:  # an earlier evaluation's plots that this one did not draw would pass for its own
+        stale = os.path.join(cfg.out_dir, f"{name}.png")
+        if stale not in made and os.path.isfile(stale):
+            os.remove(stale)
     print(f"[eval] wrote {os.path.join(cfg.out_dir, 'eval.json')}", flush=True)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _bar(total: int):

@@ -59,6 +59,8 @@ def _record(problem, text, provenance):
 
 def run_sample(cfg: SampleConfig, model=None, tokenizer=None, exclude=()) -> dict:
     """Sample, verify, write cfg.out; returns the summary (prompts, samples, kept, pass rate, ...)."""
+    if os.path.isdir(cfg.out):  # found only after all the sampling before
+        raise ValueError(f"SampleConfig.out: {cfg.out!r} is a folder; give a file path (.jsonl)")
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed)
     problems = get_task(cfg.task, cfg.difficulty).problems(cfg.num_prompts, seed=cfg.seed, split="train",
@@ -107,11 +109,15 @@ def run_sample(cfg: SampleConfig, model=None, tokenizer=None, exclude=()) -> dic
 def _write_jsonl(path: str, rows: list[dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _bar(total):
