@@ -319,7 +319,8 @@ def test_dynamic_sampling_drops_zero_variance_groups(tmp_path):
     cfg = _grpo_cfg(tmp_path, steps=1, rewards="accuracy", max_refills=1)  # untrained: all rewards 0
     run_grpo(cfg, model=model, tokenizer=tok)
     row = json.loads(open(tmp_path / "grpo" / "metrics.jsonl").readline())
-    assert row["groups"] == 0 and row["loss"] == 0.0
+    # no update: loss, kl, clip_frac, entropy and grad_norm are NaN (JSON null), not a measured-looking 0
+    assert row["groups"] == 0 and all(row[k] is None for k in ("loss", "kl", "clip_frac", "entropy", "grad_norm"))
     # the accuracy filter (the default) drops groups whose only variance is in other rewards
     spec = "accuracy:1.0,test_train:length_reward:0.01"
     run_grpo(_grpo_cfg(tmp_path, steps=1, rewards=spec, filter_on="accuracy", out_dir=str(tmp_path / "acc")),
@@ -814,3 +815,60 @@ def _jsonl_for_difficulty(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
     return f
+
+
+# ---- found by an audit (2026-11-29) -------------------------------------------------------------------
+class _Comp:
+    def __init__(self, ids):
+        self.token_ids, self.finish_reason = ids, "stop"
+
+
+class _Recorder:  # stands in for AdamW: keeps the gradients of each step
+    def __init__(self, model):
+        self.model, self.grads = model, []
+
+    def step(self):
+        self.grads.append(torch.cat([p.grad.flatten() for p in self.model.parameters() if p.grad is not None]))
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+def _groups(rewards):
+    prompts = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 11, 12]]
+    resp = [[[4, 9, 3, 2], [2, 6, 5], [3, 3, 3, 7, 8]], [[4, 4], [9, 9, 9], [5]], [[6, 7], [8], [9, 10, 11]]]
+    return [{"prompt": p, "completions": [_Comp(r) for r in rs], "rewards": list(w)}
+            for p, rs, w in zip(prompts, resp, rewards)]
+
+
+def test_moe_balance_loss_weighted_alike_for_every_loss_type():
+    """Under dapo the micro-batch weight is 1, and the MoE balance loss of each micro-batch was added
+    with it: K micro-batches counted it K times (grad norm 5.5x one batch's where grpo gave 1.8x)."""
+    from reasonrl.ops.grpo import GRPOLossConfig
+    tiny = ModelConfig.from_json(builtin_path("tiny"))
+    mcfg = ModelConfig(arch="qwen3_moe", vocab_size=tiny.vocab_size, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16, num_experts=4,
+                       num_experts_per_tok=2, moe_intermediate_size=16, router_aux_loss_coef=0.5,
+                       tie_word_embeddings=True)
+    groups = _groups([[1.0] * 3, [0.0] * 3, [0.5] * 3])  # equal rewards: only the balance loss has a gradient
+    grads = {}
+    for lt in ("dapo", "grpo", "bnpo"):
+        model = init_model(mcfg, seed=0).double()
+        cfg = GRPOConfig(loss_type=lt, micro_batch_tokens=1, group_size=3, grad_clip=0.0, backend="reference")
+        rec = _Recorder(model)
+        grpo_mod.train_on_groups(model, None, rec, groups, cfg, GRPOLossConfig(loss_type=lt, max_completion_length=8))
+        grads[lt] = rec.grads[0]
+    assert grads["dapo"].norm() > 0
+    for lt in ("grpo", "bnpo"):
+        assert torch.allclose(grads["dapo"], grads[lt], rtol=1e-10, atol=1e-14), lt
+
+
+def test_clip_frac_is_logged_from_every_pass():
+    """It was taken from the first pass only, where the ratio is 1 by construction: always 0."""
+    from reasonrl.ops.grpo import GRPOLossConfig
+    model, _ = micro_model()
+    cfg = GRPOConfig(mu=4, lr=0.05, micro_batch_tokens=100000, group_size=3, backend="reference")
+    s = grpo_mod.train_on_groups(model, None, make_optimizer(model, cfg), _groups([[1.0, 0.0, 0.5], [0.3, 0.0, 1.0],
+                                                                                 [0.0, 1.0, 0.0]]),
+                                 cfg, GRPOLossConfig(max_completion_length=8))
+    assert 0 < s["clip_frac"] <= 1

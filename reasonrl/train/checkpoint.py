@@ -386,7 +386,7 @@ def config_changes(saved, cfg) -> list[tuple[str, object, object]]:
 _RUN_FILES = ("latest", "final", "metrics.jsonl", "metrics.png")
 
 
-def set_aside_previous_run(run_dir: str, tag: str) -> str | None:
+def set_aside_previous_run(run_dir: str, tag: str, hint: str = "pass --resume to continue a run") -> str | None:
     """A fresh (not resumed) stage whose folder holds an earlier run's checkpoints: move them, with that
     run's metrics and final weights, into run_dir/previous-<time>/ (nothing is deleted), so that a later
     --resume cannot pick up the earlier run's step-N, and `latest` never names a step this run did not
@@ -405,5 +405,5 @@ def set_aside_previous_run(run_dir: str, tag: str) -> str | None:
     for d in names:
         os.replace(os.path.join(run_dir, d), os.path.join(dest, d))
     _fsync_dir(run_dir)
-    print(f"[{tag}] {run_dir} held an earlier run's checkpoints: moved to {dest} (pass --resume to continue a run)")
+    print(f"[{tag}] {run_dir} held an earlier run's checkpoints: moved to {dest} ({hint})")
     return dest

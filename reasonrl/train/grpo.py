@@ -135,7 +135,9 @@ def train_on_groups(model, ref_model, opt, groups, cfg: GRPOConfig, loss_cfg: GR
         resp_ids = torch.tensor([responses[i] + [0] * (T - len(responses[i])) for i in idx])  # (B, T)
         return ids, pos, ctx, rows, resp_ids.to(dev), mask.to(dev)
 
-    stats = []  # per micro-batch of the first epoch: tokens, loss * weight, and kl, clip, entropy * tokens
+    stats = []  # per micro-batch of the first epoch: tokens, loss * weight, and kl, entropy * tokens
+    clips = []  # per micro-batch of every epoch: tokens, clipped fraction * tokens (epoch 0 of mu = 1
+    # or of the first pass never clips: its ratio is 1; the log is their token-weighted mean over all)
     for epoch in range(cfg.mu):
         for j, idx in enumerate(chunks):
             ids, pos, ctx, rows, resp_ids, mask = batch(idx)
@@ -151,20 +153,26 @@ def train_on_groups(model, ref_model, opt, groups, cfg: GRPOConfig, loss_cfg: GR
                                     num_items_in_batch=max(active, 1) if cfg.loss_type == "dapo" else None,
                                     backend=cfg.backend)
                 aux = moe_aux_loss(model)  # MoE policies: load balancing, read before the next forward
-            ((loss + aux if aux is not None else loss) * frac).backward()
-            if epoch == 0:  # kept on the device: read once after the loop, not a sync per micro-batch
-                n = m["num_tokens"].detach().float()
+            # the MoE balance loss is this micro-batch's own mean: weighted by its share of the rows, for
+            # every loss type (under dapo frac is 1, and K micro-batches counted it K times)
+            (loss * frac + (aux * (len(idx) / len(comps)) if aux is not None else 0)).backward()
+            n = m["num_tokens"].detach().float()  # kept on the device: read once after the loop
+            clips.append(torch.stack([n, (m["clip_frac_low"] + m["clip_frac_high"]).float() * n]))
+            if epoch == 0:
                 stats.append(torch.stack([n, loss.detach().float() * frac, m["kl"].float() * n,
-                                          (m["clip_frac_low"] + m["clip_frac_high"]).float() * n,
                                           m["entropy"].float() * n if "entropy" in m else torch.zeros_like(n)]))
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         if not torch.isfinite(gnorm):  # never step on NaN/inf: the weights would be lost silently
             raise FloatingPointError(f"non-finite gradient norm ({float(gnorm)}), update skipped")
         opt.step()
         opt.zero_grad(set_to_none=True)
-    total = torch.stack(stats).sum(0).tolist() if stats else [0.0] * 5
-    sums = dict(zip(("tokens", "loss", "kl", "clip_frac", "entropy"), total))
+    total = torch.stack(stats).sum(0).tolist() if stats else [0.0] * 4
+    sums = dict(zip(("tokens", "loss", "kl", "entropy"), total))
+    c = torch.stack(clips).sum(0).tolist() if clips else [0.0, 0.0]
+    sums["clip_frac"] = c[1] / max(c[0], 1.0)  # a fraction already (the others are sums over tokens)
     sums["grad_norm"] = float(gnorm)
+    # sequence tokens (prompt + completion per sample, as TRL counts them), whatever share_prefix packs:
+    # train_tok_s compares across settings and trainers; the forward itself runs on fewer with sharing
     sums["train_tokens"] = sum(lengths) * cfg.mu
     return sums
 
@@ -289,12 +297,14 @@ def _row(step, lr, rs, ts, train_s, elapsed, kept):
     fmt = [format_reward(t) for g in rs["all"] for t in g["texts"]]
     lens = [c.length for g in rs["all"] for c in g["completions"]]
     n = max(ts["tokens"], 1) if ts else 1
+    nan = float("nan")
     return {"step": step, "lr": lr, "reward": sum(all_rewards) / len(all_rewards),
             "accuracy": sum(acc) / len(acc) if acc else float("nan"), "format": sum(fmt) / len(fmt),
             "length": sum(lens) / len(lens), "groups": kept,
             "truncated": sum(c.finish_reason == "length" for g in rs["all"] for c in g["completions"]) / len(lens),
-            "loss": ts["loss"] if ts else 0.0, "kl": ts["kl"] / n if ts else 0.0,
-            "clip_frac": ts["clip_frac"] / n if ts else 0.0, "entropy": ts["entropy"] / n if ts else 0.0,
-            "grad_norm": ts["grad_norm"] if ts else 0.0,
+            # no kept group, no update: NaN (a gap in the plots), not a 0 that reads as a measured value
+            "loss": ts["loss"] if ts else nan, "kl": ts["kl"] / n if ts else nan,
+            "clip_frac": ts["clip_frac"] if ts else nan, "entropy": ts["entropy"] / n if ts else nan,
+            "grad_norm": ts["grad_norm"] if ts else nan,
             "rollout_tok_s": rs["rollout_tokens"] / max(rs["rollout_s"], 1e-9),
             "train_tok_s": ts["train_tokens"] / max(train_s, 1e-9) if ts else 0.0, "elapsed": elapsed}

@@ -25,6 +25,7 @@ import os
 import time
 
 from reasonrl.rl.tasks import get_task
+from reasonrl.train.checkpoint import set_aside_previous_run
 from reasonrl.train.common import copy_model, evaluate, preflight
 from reasonrl.train.config import TrainConfig
 from reasonrl.train.grpo import run_grpo
@@ -61,6 +62,8 @@ def run_train(cfg: TrainConfig) -> dict:
         ctrl_cfg = dataclasses.replace(sft_cfg, lr=cfg.control_lr, steps=10**9, max_seconds=grpo_sum["seconds"],
                                        warmup_steps=min(sft_cfg.warmup_steps, 10), resume=False,
                                        out_dir=os.path.join(out, "control"))
+        # its own words: under `train --resume` the hint "pass --resume" read as if the flag were missing
+        set_aside_previous_run(ctrl_cfg.out_dir, "control", "the control reruns in full, for the GRPO stage's time")
         control_model, _, ctrl_sum = run_sft(ctrl_cfg, model=control_model, tokenizer=tok, examples=examples,
                                              tag="control")
         results["control"] = {**score(control_model, tok, "SFT control"), **ctrl_sum}
