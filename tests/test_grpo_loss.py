@@ -1147,3 +1147,32 @@ def test_fused_empty_batch(backend, grad):
 def test_config_types_and_finiteness(field, value, err):
     with pytest.raises(err, match=f"GRPOLossConfig.{field}"):
         GRPOLossConfig(**{field: value})
+
+
+# ---- found by an audit (2026-11-29) -------------------------------------------------------------------
+def test_reference_advantages_of_huge_float32_rewards():
+    """Rewards of 3e38 are finite in float32; their std overflowed there, and every advantage was 0."""
+    from reasonrl.ops.grpo import group_advantages_reference
+    r = torch.tensor([3e38, -3e38, 3e38, -3e38], dtype=torch.float32)
+    adv, zero = group_advantages_reference(r, 4, GRPOLossConfig())
+    assert adv.dtype == torch.float32 and not zero.any()
+    assert torch.allclose(adv, torch.tensor([1.0, -1.0, 1.0, -1.0]) * (3 / 4) ** 0.5, rtol=1e-5)
+
+
+def test_reference_masked_rows_with_nan_give_finite_gradients():
+    """NaN logits (or hidden states) at fully masked positions: the reference's gradients were NaN."""
+    B, T, V, H = 2, 3, 5, 4
+    ids, rewards = torch.randint(0, V, (B, T)), torch.tensor([1.0, 0.0])
+    mask = torch.ones(B, T)
+    mask[1, 2] = 0
+    x = torch.randn(B, T, V)
+    x[1, 2] = float("nan")
+    x.requires_grad_(True)
+    loss, _ = grpo_loss(x, ids=ids, mask=mask, rewards=rewards, group_size=2, backend="reference")
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[1, 2] == 0).all()
+    h, w = torch.randn(B * T, H), torch.randn(V, H, requires_grad=True)
+    h[5] = float("nan")
+    loss, _ = grpo_loss(hidden=h, weight=w, ids=ids, mask=mask, rewards=rewards, group_size=2, backend="reference")
+    loss.backward()
+    assert torch.isfinite(w.grad).all()

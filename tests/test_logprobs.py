@@ -789,3 +789,37 @@ if __name__ == "__main__":  # the subprocess of test_gemm_lse_kernel_compiles_fo
             out.append(dict(config=cfg, entropy=ent, default=cfg is kl.LSE_GEMM_GPU, wgmma="warp_group_dot" in ttgir,
                             pipelined=loads in ttgir, shared=k.metadata.shared, regs=regs, spill=spill))
     print(json.dumps({"configs": out}))
+
+
+# ---- found by an audit (2026-11-29) -------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_ignored_rows_with_nan_or_minus_inf_logits_give_zero_gradient(bad):
+    """A padded row's logits can be NaN (a fully masked attention row) or all -inf: the reference gave NaN
+    gradients there (0 * NaN through the log-softmax's backward), the C++ backend 0."""
+    ids = torch.tensor([1, -100, 3])
+    for backend in ["reference"] + cpu_backends():
+        x = torch.randn(3, 5)
+        x[1] = bad
+        x.requires_grad_(True)
+        logp, ent = token_logprobs(x, ids, return_entropy=True, backend=backend)
+        (logp.sum() + ent.sum()).backward()
+        assert logp[1] == 0 and ent[1] == 0 and torch.isfinite(x.grad).all() and (x.grad[1] == 0).all(), backend
+    h, w = torch.randn(3, 4), torch.randn(5, 4, requires_grad=True)
+    h[1] = float("nan")
+    linear_token_logprobs(h, w, ids, backend="reference").sum().backward()
+    assert torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_double_backward_is_an_error_not_a_dropped_term(backend):
+    """create_graph=True returned a gradient with no grad_fn: a second-order term vanished silently."""
+    x = torch.randn(3, 6, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward .create_graph=True. is not supported"):
+        torch.autograd.grad(token_logprobs(x, torch.tensor([0, 2, 5]), backend=backend).sum(), x, create_graph=True)
+    h, w = torch.randn(3, 4, requires_grad=True), torch.randn(6, 4)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(linear_token_logprobs(h, w, torch.tensor([0, 2, 5]), backend=backend).sum(), h,
+                            create_graph=True)
+    g, = torch.autograd.grad(token_logprobs(x, torch.tensor([0, 2, 5]), backend="reference").sum(), x,
+                             create_graph=True)
+    assert g.grad_fn is not None  # the reference traces its gradient

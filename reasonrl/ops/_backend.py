@@ -106,6 +106,21 @@ def check_same_device(op: str, **tensors) -> torch.device:
     return first
 
 
+def first_order_only(fn):
+    """For autograd.Function.backward of the kernel backends: their gradients are computed by kernels,
+    not traced, so under create_graph=True (grad mode on inside backward) a second-order term would be
+    dropped silently (torch's once_differentiable only objects when the incoming gradient requires
+    grad). Raise instead."""
+    @functools.wraps(fn)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            name = fn.__qualname__.split(".")[0]
+            raise RuntimeError(f"{name}: double backward (create_graph=True) is not supported by the kernel "
+                               "backends; use backend='reference' for higher-order gradients")
+        return fn(ctx, *grads)
+    return wrapper
+
+
 def no_autocast(fn):
     """For autograd.Function forward/backward: the op's kernels pick their own precision (float32
     math on the given dtypes), so an enclosing torch.autocast must not recast the matmuls inside

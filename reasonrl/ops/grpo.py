@@ -65,7 +65,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reasonrl.ops._backend import autocast_operands, no_autocast
+from reasonrl.ops._backend import autocast_operands, first_order_only, no_autocast
 from reasonrl.ops.logprobs import check_temperature, entropy_of
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
@@ -339,7 +339,8 @@ def _raise_bad(op, bad, m, old_logprobs, ref_logprobs, ids_vocab):
 def group_advantages_reference(rewards, group_size, config, dtype=None):
     """(A (B,), zero_std (B // G,) bool) per the docstring's formulas."""
     dtype = dtype or (torch.float64 if rewards.dtype == torch.float64 else torch.float32)
-    r = rewards.detach().to(dtype).view(-1, group_size)  # (B/G, G)
+    # statistics in float64, then dtype: rewards of 1e38 are finite in float32 but their std was inf (A = 0)
+    r = rewards.detach().to(torch.float64).view(-1, group_size)  # (B/G, G)
     mean = r.mean(dim=1, keepdim=True)
     if config.advantage == "grpo":
         adv = (r - mean) / (r.std(dim=1, keepdim=True) + config.std_eps)
@@ -349,7 +350,7 @@ def group_advantages_reference(rewards, group_size, config, dtype=None):
         adv = r - (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)
     zero_std = r.amax(dim=1) == r.amin(dim=1)  # (B/G,)
     adv = torch.where(zero_std[:, None], torch.zeros_like(adv), adv)
-    return adv.reshape(-1), zero_std
+    return adv.reshape(-1).to(dtype), zero_std
 
 
 def grpo_loss_reference(logits=None, *, hidden=None, weight=None, ids, mask, rewards, group_size,
@@ -362,10 +363,14 @@ def grpo_loss_reference(logits=None, *, hidden=None, weight=None, ids, mask, rew
     B, T = ids.shape
     src = logits if logits is not None else hidden
     dtype = dtype or (torch.float64 if src.dtype == torch.float64 else torch.float32)
-    if logits is None:
-        logits = (hidden.to(dtype) @ weight.to(dtype).t()).view(B, T, weight.shape[0])  # (B, T, V)
-    V = logits.shape[-1]
     live = mask.bool()
+    zero = torch.zeros((), dtype=dtype, device=src.device)
+    if logits is None:  # masked rows zeroed: a NaN hidden state there (padding) must not reach weight.grad
+        h = torch.where(live.reshape(-1, 1), hidden.to(dtype), zero)
+        logits = (h @ weight.to(dtype).t()).view(B, T, weight.shape[0])  # (B, T, V)
+    else:  # as the other backends: a masked row's NaN or -inf logits give no NaN gradient
+        logits = torch.where(live.unsqueeze(-1), logits.to(dtype), zero)
+    V = logits.shape[-1]
     if ((ids[live] < 0) | (ids[live] >= V)).any():
         raise ValueError(f"grpo_loss: ids at unmasked positions must be in [0, V = {V})")
     safe_ids = torch.where(live, ids.long(), torch.zeros_like(ids, dtype=torch.long))
@@ -543,6 +548,7 @@ class GRPOLossFunction(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @first_order_only
     @no_autocast
     def backward(ctx, grad_loss, grad_stats):
         logp, mask, rewards, w = ctx.saved_tensors
@@ -612,6 +618,7 @@ class LinearGRPOLossFunction(torch.autograd.Function):
         return (stats[:, 0] * w).sum(), stats
 
     @staticmethod
+    @first_order_only
     @no_autocast
     def backward(ctx, grad_loss, grad_stats):
         grad_h, grad_w = ctx.saved_tensors
@@ -674,6 +681,7 @@ class LogitsGRPOLossFunction(torch.autograd.Function):
         return (stats[:, 0] * w).sum(), stats
 
     @staticmethod
+    @first_order_only
     @no_autocast
     def backward(ctx, grad_loss, grad_stats):
         if ctx.done:  # (before saved_tensors, whose version check would raise less clearly)

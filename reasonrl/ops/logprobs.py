@@ -30,7 +30,7 @@ import numbers
 import torch
 
 from . import _backend
-from ._backend import autocast_operands, no_autocast
+from ._backend import autocast_operands, first_order_only, no_autocast
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # NOTE: the CUDA kernels ran token_logprobs fwd+bwd (in place) at N=16384, V=151936, bf16 in
@@ -43,8 +43,11 @@ AUTO_ON_CUDA = ("cuda", "triton")
 def token_logprobs_reference(logits, ids, temperature=1.0, ignore_index=-100, return_entropy=False):
     """Plain PyTorch (autograd). Computes in float64 for float64 input, else float32."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logz = torch.log_softmax(logits.to(acc) / temperature, dim=-1)  # (..., V)
     keep = ids != ignore_index
+    # ignored rows zeroed first: a NaN or all -inf row there (padding) gave NaN gradients through the
+    # log-softmax's backward (0 * NaN), where the other backends give 0
+    x = torch.where(keep.unsqueeze(-1), logits.to(acc), torch.zeros((), dtype=acc, device=logits.device))
+    logz = torch.log_softmax(x / temperature, dim=-1)  # (..., V)
     safe = torch.where(keep, ids, torch.zeros_like(ids)).long()
     logp = logz.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(keep, logp, torch.zeros_like(logp))
@@ -64,6 +67,8 @@ def entropy_of(logz):
 def linear_token_logprobs_reference(hidden, weight, ids, temperature=1.0, ignore_index=-100,
                                     return_entropy=False):
     """Plain PyTorch: materializes the N x V logits (in the inputs' dtype, as an eager LM head)."""
+    keep = (ids != ignore_index).unsqueeze(-1)  # an ignored row's NaN hidden state must not reach weight.grad
+    hidden = torch.where(keep, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
     return token_logprobs_reference(hidden @ weight.T, ids, temperature, ignore_index, return_entropy)
 
 
@@ -124,6 +129,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @first_order_only
     @no_autocast
     def backward(ctx, grad_logp, grad_ent=None):
         temperature, ignore_index, with_entropy, inplace, backend = ctx.cfg
@@ -179,6 +185,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         return (logp, ent) if with_entropy else logp
 
     @staticmethod
+    @first_order_only
     @no_autocast
     def backward(ctx, grad_logp, grad_ent=None):
         hidden, weight, ids, lse, ent, z = ctx.saved_tensors
