@@ -345,6 +345,8 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="print a torch.profiler table of one fwd+bwd of ours and Liger's")
     a = ap.parse_args(argv)
+    if a.gpu and not torch.cuda.is_available():  # was an AssertionError traceback from deep inside torch
+        sys.exit("--gpu asked for, but torch sees no CUDA device")
     global PROFILE
     PROFILE = a.profile
     dev = torch.device("cuda" if a.gpu else "cpu")

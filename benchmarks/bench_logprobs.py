@@ -240,13 +240,16 @@ def main():
     p.add_argument("--dtype", default=None)
     p.add_argument("--only", choices=["token", "linear"], default=None)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile on CPU)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (>= 1: the first call's set-up "
+                   "cost landed in the timings, a negative bwd = (fwd+bwd) - fwd at 0)")
     p.add_argument("--rep", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the JSON line to this file")
     p.add_argument("--fwd-sweep", type=_mib_list, default=[128, 256, 512, 1024, 2048], metavar="MiB,MiB,...",
                    help="GPU: the linear op's no-grad forward at these chunk sizes beside cuBLAS's GEMM alone "
                         "('none': skip)")
     a = p.parse_args()
+    if a.warmup < 1:
+        p.error("--warmup must be >= 1")
     if not a.gpu:
         exec_with_fixed_mmap_threshold()
     device = torch.device("cuda" if a.gpu else "cpu")

@@ -306,6 +306,8 @@ def main():
     ap.add_argument("--narrow", action="store_true",
                     help="the presets at a small width (hidden 64, vocab 512), their layer and head counts kept")
     a = ap.parse_args()
+    if a.gpu and not torch.cuda.is_available():  # was an AssertionError traceback from deep inside torch
+        sys.exit("--gpu asked for, but torch sees no CUDA device")
     device = torch.device("cuda" if a.gpu or (a.preset and a.preset != ["tiny"] and torch.cuda.is_available()) else "cpu")
     presets = a.preset or (list(PRESETS) if a.gpu else ["tiny"])
     gpu = device.type == "cuda"

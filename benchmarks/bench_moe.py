@@ -288,7 +288,8 @@ def main():
     p.add_argument("--gpu", action="store_true", help="the anchor shape on the GPU")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--only", choices=["train", "qwen3", "decode"], default=None)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (>= 1: the first call's set-up "
+                   "cost landed in the timings, a negative bwd = (fwd+bwd) - fwd at 0)")
     p.add_argument("--rep", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the JSON line to this file")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one call of ours per shape")
@@ -298,6 +299,8 @@ def main():
                    help="CPU: keep glibc's dynamic mmap threshold (what a training process has): truer times, "
                         "but the peak-memory column then misses freed heap memory")
     a = p.parse_args()
+    if a.warmup < 1:
+        p.error("--warmup must be >= 1")
     if not a.gpu and not a.no_pin:
         exec_with_fixed_mmap_threshold()
     if a.threads:

@@ -118,6 +118,8 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one more call of ours")
     args = ap.parse_args()
+    if args.gpu and not torch.cuda.is_available():  # was an AssertionError traceback from deep inside torch
+        sys.exit("--gpu asked for, but torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.gpu else "cpu")

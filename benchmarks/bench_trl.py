@@ -234,6 +234,8 @@ def main():
         summary["speedup"] = by["trl"]["s_per_step"] / by["reasonrl"]["s_per_step"]
         summary["memory_ratio"] = by["reasonrl"]["peak_mib"] / by["trl"]["peak_mib"]
         print(f"speed-up vs TRL: {summary['speedup']:.2f}x; memory reasonrl/TRL: {summary['memory_ratio']:.2f}")
+    elif args.backend == "both":  # a side failed: said so, and the exit status says it too
+        print("no comparison: a backend failed above; ratio not reported")
     floor = matmul_floor(args, workdir) if results else None
     if floor is not None:
         fl, rate = floor
@@ -242,6 +244,8 @@ def main():
         print(f"floor: {fl / 1e9:.1f} GFLOP per step (completion tokens' linear layers, generation + training) "
               f"at the measured {rate / 1e9:.0f} GFLOP/s: {fl / rate:.3f} s{third}")
     print(json.dumps(summary))
+    if args.backend == "both" and len(by) < 2:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

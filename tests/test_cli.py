@@ -236,3 +236,13 @@ def test_sample_with_nothing_kept_warns_and_suggests_no_invalid_command(tmp_path
     assert "kept 0" in cap.out and "--num_examples 0" not in cap.out + cap.err
     assert "WARNING: no sample passed" in cap.err
     assert out.read_text() == ""  # still written: a pipeline's next stage reads it
+
+
+@pytest.mark.parametrize("name", ["grpo", "model", "rollout", "logprobs", "moe"])
+def test_bench_gpu_without_cuda_is_one_line(name):
+    """bench_grpo, bench_model and bench_rollout --gpu ended in an AssertionError traceback from torch."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    r = run("bench", name, "--gpu")
+    assert r.returncode != 0 and "torch sees no CUDA device" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -101,6 +101,17 @@ def test_sympy_in_process_when_the_worker_cannot_start(monkeypatch):
     assert time.perf_counter() - t < 3.0
 
 
+def test_long_digit_runs_and_expanding_unicode_take_linear_time():
+    """The decimal regex split a run of digits two ways and backtracked quadratically (20,000 digits
+    and an x: 8 s in the trainer's process); NFKC grows U+FDFA 18x (1 MB of it: 4 s) before any cap."""
+    from reasonrl.rl.rewards import _to_number
+    t = time.perf_counter()
+    assert _to_number("1" * 3999 + "x") is None and not answers_equal("1" * 9000 + "x", "42")
+    assert not answers_equal("1" * 40_000 + "x", "42") and not answers_equal("\ufdfa" * 1_000_000, "42")
+    assert time.perf_counter() - t < 1.0
+    assert answers_equal("1.50", "1.5") and answers_equal("2.", "2") and answers_equal(".5", "0.5")
+
+
 def test_huge_integers_compare_exactly():
     digits = "".join(random.choice("0123456789") for _ in range(6000)).lstrip("0") or "1"
     assert answers_equal(digits, digits)

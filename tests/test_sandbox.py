@@ -200,3 +200,45 @@ def test_endless_output_is_capped():
     r = run_tests("while True:\n    print('x' * 1000)\n", "", timeout=2, max_output=5000)
     assert r.status == "timeout" and len(r.stdout) <= 5000
     assert time.perf_counter() - t < 8
+
+
+# ---- found by an audit (2026-11-29) -------------------------------------------------------------------
+@pytest.mark.parametrize("code", [
+    "import builtins\nbuiltins.exec = lambda *a, **k: None",  # the harness's exec of the tests: a no-op
+    "import builtins\nbuiltins.AssertionError = type('E', (BaseException,), {})",
+    "__builtins__['len'] = lambda x: 0",
+])
+def test_the_solution_cannot_switch_off_the_tests(code):
+    """A solution that set builtins.exec to a no-op passed tests that never ran."""
+    assert run_tests(code + "\ndef f(x):\n    return x", "assert len([1]) == 1\nassert f(1) == 2").status == "failed"
+    assert run_tests(code + "\ndef f(x):\n    return x", "assert len([1]) == 1\nassert f(1) == 1").passed
+
+
+@pytest.mark.parametrize("code, made", [
+    ("import sqlite3\nsqlite3.connect({p!r}).execute('create table t(x)')", "db"),
+    ("import os\nos.mkfifo({p!r})", "fifo"),
+    ("import posix\nposix.mknod({p!r})", "node"),
+    ("import os\nos.setxattr({p!r}, 'user.x', b'1')", None),
+])
+def test_writes_without_an_audit_event(tmp_path, code, made):
+    """sqlite3, mkfifo, mknod and setxattr wrote outside the directory: they raise no 'open' event."""
+    target = tmp_path / (made or "f")
+    if made is None:
+        target.write_text("x")
+    r = run_tests(code.format(p=str(target)), "pass")
+    assert not r.passed, r.stderr
+    assert made is None or not target.exists()
+
+
+def test_no_signal_to_the_trainer_through_a_pidfd():
+    """pidfd_open + pidfd_send_signal raise no audit event; they reached the trainer (SIGKILL too)."""
+    code = "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGUSR1)"
+    import signal
+    got = []
+    old = signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+    try:
+        r = run_tests(code, "pass")
+        time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert not r.passed and got == []

@@ -200,15 +200,38 @@ def test_reasoning_gym_scorer_eval_cannot_touch_the_machine(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_reasoning_gym_scorer_hang_is_cut():
+def test_reasoning_gym_scorer_hang_is_cut(monkeypatch):
+    """With the scorer's own eval() (as reasoning-gym ships it), a power tower never returns: the worker
+    is killed at the timeout and the next answer gets a fresh one."""
     from reasonrl.rl import rgscore
     p = _rg_problem("string_insertion")
     w = rgscore.worker()
-    assert accuracy_reward(f"<answer>{p.answer}</answer>", p) == 1.0  # started, dataset built
-    before, t = w.restarts, time.perf_counter()
-    assert p.meta["score"]("9**9**9**9", p.meta) == 0.0  # eval() of a power tower: never returns
-    assert time.perf_counter() - t < 3.0 + 2.0 and w.restarts == before + 1
-    assert accuracy_reward(f"<answer>{p.answer}</answer>", p) == 1.0  # a fresh worker
+    w._kill()
+    monkeypatch.setattr(rgscore, "_WORKER", rgscore._WORKER.replace(repr(rgscore._EVAL_MODULES), "()"))
+    try:
+        assert accuracy_reward(f"<answer>{p.answer}</answer>", p) == 1.0  # started, dataset built
+        before, t = w.restarts, time.perf_counter()
+        assert p.meta["score"]("9**9**9**9", p.meta) == 0.0  # eval() of a power tower: never returns
+        assert time.perf_counter() - t < 3.0 + 2.0 and w.restarts == before + 1
+        assert accuracy_reward(f"<answer>{p.answer}</answer>", p) == 1.0  # a fresh worker
+    finally:
+        w._kill()  # the next test starts the shipped worker
+
+
+def test_reasoning_gym_answers_are_parsed_not_run():
+    """string_insertion's scorer eval()'d the answer in the worker: an answer could write a forged score
+    to the reply pipe (its descriptor is in sys.argv), desynchronising every later reply, or rebind
+    float for every later answer (wrong answers then scored 1.0)."""
+    from reasonrl.rl import rgscore
+    p, q = _rg_problem("string_insertion"), _rg_problem("string_insertion", seed=1)
+    forge = "[__import__('os').write(int(__import__('sys').argv[1]), b'1.0\\n')][0:0]"
+    patch = "[__import__('builtins').__setattr__('float', lambda *a: 1)][0:0]"
+    t = time.perf_counter()
+    for answer in (forge, patch, "9**9**9**9"):
+        assert p.meta["score"](answer, p.meta) == 0.0, answer
+        assert q.meta["score"]("nonsense", q.meta) == 0.0 and q.meta["score"](q.answer, q.meta) == 1.0
+    assert time.perf_counter() - t < 5.0  # parsed, not run: no timeout spent
+    assert not rgscore._one_score("1.0\n0.0") and not rgscore._one_score("x") and rgscore._one_score("0.5")
 
 
 def test_reasoning_gym_scorer_error_scores_zero_and_warns():

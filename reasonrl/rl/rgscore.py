@@ -14,8 +14,11 @@ fresh worker. Scores come back on a pipe of their own; what the scorers print go
 The worker builds the dataset from its spec (name, size, seed, options) for the scorer's configuration
 and gets each entry from the trainer (pickled: the trainer's entry is the one its question came from;
 regenerating it there is not enough, as polynomial_multiplication's entries differ between processes).
-Limit, as for the code sandbox: this filters reward computation; code eval()'d by a scorer shares the
-worker with that scorer and could read its frames.
+In the worker, the scorers that eval() the answer (_EVAL_MODULES) get ast.literal_eval in its place:
+their answers are list literals, and an eval()'d answer could write a forged score to the reply pipe or
+rebind builtins for every later answer. A reply that is not one score in [0, 1] scores 0 and restarts
+the worker. Limit, as for the code sandbox: this filters reward computation, it is not a boundary
+against a hostile human.
 """
 from __future__ import annotations
 
@@ -34,6 +37,12 @@ import warnings
 from reasonrl.rl.sandbox import HOOK_SOURCE, end_process, read_line
 
 _START_TIMEOUT = 120.0  # importing reasoning-gym: ~1.2 s here
+# reasoning-gym modules (0.1.25) whose score_answer eval()s the model's answer; in the worker their
+# module-level `eval` is replaced by ast.literal_eval, so that answer is parsed, never run. An answer
+# that eval() ran could write a forged score to the reply pipe (its descriptor is in sys.argv) or
+# rebind builtins for every later answer (float -> 1). The sandbox's layers stay for the rest.
+_EVAL_MODULES = ("reasoning_gym.algorithmic.string_insertion", "reasoning_gym.algorithmic.spiral_matrix",
+                 "reasoning_gym.algorithmic.binary_matrix", "reasoning_gym.games.n_queens")
 _MEMORY = 4 << 30  # address space of the worker (reasoning-gym itself needs about 0.4 GiB)
 
 # argv: the descriptor of the reply pipe, the trainer's sys.path (JSON: reasoning-gym is imported from
@@ -48,6 +57,17 @@ def _serve():
     sys.path[:] = json.loads(sys.argv[2])
     sys.dont_write_bytecode = True
     import reasoning_gym  # a failure here reaches the trainer's error through stderr
+    import ast, importlib
+
+    def literal(src, *args, **kwargs):  # what these scorers eval() is a list literal, never code
+        if not isinstance(src, str) or len(src) > 100_000:
+            raise ValueError("not a Python literal")
+        return ast.literal_eval(src.strip())
+    for mod in EVAL_MODULES:  # their eval(answer) becomes a literal parse: the model's code never runs
+        try:
+            importlib.import_module(mod).eval = literal
+        except ImportError:
+            pass
     ds = None
     devnull = os.open(os.devnull, os.O_WRONLY)
     _install(os.path.realpath(os.getcwd()), True)
@@ -82,7 +102,7 @@ try:
     _serve()
 finally:
     del _serve, _install
-"""
+""".replace("EVAL_MODULES", repr(_EVAL_MODULES))
 
 
 def _limits(memory: int, netns: bool):
@@ -186,7 +206,10 @@ class ScoringWorker:
                                        f"{spec}: {'no reply' if r is None else r[2:]}")
                 self.built = key
             r = self._ask(line, timeout)
-            if r is None:  # past the timeout, or it died on this answer: scores 0
+            if r is not None and not r.startswith("E ") and not _one_score(r):
+                self._kill()  # several lines or not a number: the protocol was tampered with
+                r = None
+            if r is None:  # past the timeout, it died on this answer, or its reply was not one score: 0
                 self.restarts += 1
                 return 0.0
             if r.startswith("E "):
@@ -196,6 +219,13 @@ class ScoringWorker:
                                   f"reported once): {r[2:]}", RuntimeWarning, stacklevel=3)
                 return 0.0
             return float(r)
+
+
+def _one_score(r: str) -> bool:
+    try:
+        return "\n" not in r and 0.0 <= float(r) <= 1.0
+    except ValueError:
+        return False
 
 
 _WORKERS: list[ScoringWorker] = []

@@ -11,8 +11,11 @@ Model output is untrusted, so several independent layers stand between it and th
 4. an audit hook (PEP 578) installed before the untrusted code runs, which cannot be removed and
    whose rules live in a closure the code cannot reach or patch: it refuses process creation
    (os.fork, os.system, os.exec*, os.posix_spawn, subprocess), sockets, ctypes / native-library
-   loading, symlinks, opening directories, and any write, rename, removal or mkdir outside the
-   working directory (paths only as plain str/bytes);
+   loading, symlinks, opening directories, sqlite3, and any write, rename, removal or mkdir outside
+   the working directory (paths only as plain str/bytes); calls that raise no audit event (mkfifo,
+   mknod, setxattr, pidfd_open / pidfd_send_signal, which could signal the trainer) are deleted from
+   their modules; the tests run with the harness's exec and the builtins as they were before the
+   solution ran (a solution that made exec a no-op passed tests that never ran);
 5. a wall-clock timeout, after which the whole process group is killed (start_new_session=True,
    os.killpg), so children that slipped through die with it; output past max_output is dropped as
    it arrives.
@@ -60,9 +63,9 @@ HOOK_SOURCE = textwrap.dedent(r"""
             "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "ctypes.dlopen",
             "ctypes.dlsym", "ctypes.cdata", "os.kill", "os.killpg", "signal.pthread_kill", "sys.setprofile",
             "sys.settrace", "sys._current_frames", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-            "os.symlink", "sys.monitoring.register_callback"})
+            "os.symlink", "sys.monitoring.register_callback", "sqlite3.connect"})
         no_import = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "socket", "_socket", "pty",
-                               "multiprocessing", "_multiprocessing", "resource"})
+                               "multiprocessing", "_multiprocessing", "resource", "sqlite3", "_sqlite3"})
         # event -> positions of its path arguments (the rest: modes, ids, times, dir_fd)
         path_events = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,), "os.chown": (0,),
                        "os.truncate": (0,), "os.utime": (0,), "shutil.rmtree": (0,), "os.chdir": (0,),
@@ -123,6 +126,16 @@ HOOK_SOURCE = textwrap.dedent(r"""
 
         if hook_on:
             sys.addaudithook(hook)
+            # Calls that raise no audit event: made unreachable instead (best effort; the modules'
+            # attributes are the only references). mkfifo / mknod / setxattr wrote outside the
+            # directory; pidfd_open + pidfd_send_signal could signal the trainer (SIGKILL included).
+            import posix, signal
+            for mod in (os, posix):
+                for name in ("mkfifo", "mknod", "setxattr", "removexattr", "lsetxattr", "pidfd_open"):
+                    if hasattr(mod, name):
+                        delattr(mod, name)
+            if hasattr(signal, "pidfd_send_signal"):
+                del signal.pidfd_send_signal
 """)
 
 _HARNESS = "import sys, os, json\n" + HOOK_SOURCE + textwrap.dedent(r"""
@@ -136,9 +149,14 @@ _HARNESS = "import sys, os, json\n" + HOOK_SOURCE + textwrap.dedent(r"""
         fd, write = int(sys.argv[3]), os.write
         code = (compile(job["code"], "solution.py", "exec"), compile(job["tests"], "tests.py", "exec"))
         _install(os.path.realpath(sys.argv[1]), sys.argv[2] == "1")
-        ns = {"__name__": "__main__", "__builtins__": __builtins__}
-        exec(code[0], ns)  # the solution, then the tests in its namespace (compiled apart: the solution's
-        exec(code[1], ns)  # text cannot swallow the tests, e.g. with an open string)
+        # Taken before the solution runs, which can rebind names in the builtins module (a solution
+        # that set builtins.exec to a no-op passed tests that never ran): the tests run with the
+        # harness's exec and a copy of the builtins as they were.
+        run, builtins_then = exec, dict(vars(__builtins__) if not isinstance(__builtins__, dict) else __builtins__)
+        ns = {"__name__": "__main__", "__builtins__": dict(builtins_then)}
+        run(code[0], ns)  # the solution, then the tests in its namespace (compiled apart: the solution's
+        ns["__builtins__"] = builtins_then  # text cannot swallow the tests, e.g. with an open string)
+        run(code[1], ns)
         sys.stdout.flush()
         write(fd, (nonce + "\n").encode())
 
