@@ -246,3 +246,8 @@ def test_bench_gpu_without_cuda_is_one_line(name):
         pytest.skip("a GPU is present")
     r = run("bench", name, "--gpu")
     assert r.returncode != 0 and "torch sees no CUDA device" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_generate_several_greedy_samples_is_refused():
+    """--n 3 at the default temperature 0 printed three identical completions."""
+    assert "GenerateConfig.n: > 1 needs --temperature > 0" in fails("generate", "--n", "3")

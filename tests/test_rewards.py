@@ -93,12 +93,12 @@ def test_slow_sympy_is_cut_in_a_thread(pred):
 
 
 def test_sympy_in_process_when_the_worker_cannot_start(monkeypatch):
-    """No worker (it failed to start, or not POSIX): sympy runs here, under SIGALRM on the main thread."""
+    """No worker (it failed to start, or not POSIX): sympy runs here, under SIGALRM on the main thread,
+    a best effort (a signal waits for sympy to come back from C: 0.5 s took 21 s in one run), hence
+    the worker."""
     monkeypatch.setattr(verifier, "sympy_equal", lambda a, b, timeout=1.0: None)
     assert answers_equal("2*x + x", "3*x") and not answers_equal("2*x", "3*x")
-    t = time.perf_counter()
-    assert not answers_equal("(x+y+1)**64*(x-y)**64", "1", timeout=0.5)
-    assert time.perf_counter() - t < 3.0
+    assert answers_equal("sqrt(2)/2", "1/sqrt(2)") and not answers_equal("sqrt(2)", "1/sqrt(2)")
 
 
 def test_long_digit_runs_and_expanding_unicode_take_linear_time():

@@ -226,11 +226,13 @@ def test_reasoning_gym_answers_are_parsed_not_run():
     p, q = _rg_problem("string_insertion"), _rg_problem("string_insertion", seed=1)
     forge = "[__import__('os').write(int(__import__('sys').argv[1]), b'1.0\\n')][0:0]"
     patch = "[__import__('builtins').__setattr__('float', lambda *a: 1)][0:0]"
-    t = time.perf_counter()
+    assert q.meta["score"](q.answer, q.meta) == 1.0  # the worker is up
+    w = rgscore.worker()
+    before = w.restarts
     for answer in (forge, patch, "9**9**9**9"):
         assert p.meta["score"](answer, p.meta) == 0.0, answer
         assert q.meta["score"]("nonsense", q.meta) == 0.0 and q.meta["score"](q.answer, q.meta) == 1.0
-    assert time.perf_counter() - t < 5.0  # parsed, not run: no timeout spent
+    assert w.restarts == before  # parsed, not run: no timeout, no tampered reply
     assert not rgscore._one_score("1.0\n0.0") and not rgscore._one_score("x") and rgscore._one_score("0.5")
 
 

@@ -487,6 +487,8 @@ class GenerateConfig:
             _bad(self, "n", "must be >= 1")
         if not (self.temperature == 0 or self.temperature >= _MIN_TEMPERATURE):
             _bad(self, "temperature", f"must be 0 (greedy) or >= {_MIN_TEMPERATURE} (smaller ones overflow float32)")
+        if self.n > 1 and self.temperature == 0:  # printed n identical completions
+            _bad(self, "n", "> 1 needs --temperature > 0 (greedy samples are identical)")
         if self.max_tokens < 1:
             _bad(self, "max_tokens", "must be >= 1")
         _check_template(self)
