@@ -292,3 +292,20 @@ def test_reasoning_gym_unknown_dataset_fails_at_get_task():
     pytest.importorskip("reasoning_gym")
     with pytest.raises(ValueError, match=r"reasoning-gym has no dataset 'basic_arithmetik' \(close: basic_arithmetic"):
         get_task("rg:basic_arithmetik")
+
+
+def test_reasoning_gym_sympy_parse_of_answers_is_guarded():
+    """countdown, puzzle24, polynomial_multiplication and the integration sets give the answer to sympy's
+    parse_expr, itself an eval(): an answer could import os and write a forged score to the reply pipe."""
+    from reasonrl.rl import rgscore
+    p = _rg_problem("countdown")
+    assert accuracy_reward(f"<answer>{p.answer}</answer>", p) == 1.0
+    w = rgscore.worker()
+    before = w.restarts
+    # eval() of a plain string: sympy's transformations do not reach inside it
+    forge = "__import__('builtins').eval(\"__import__('os').write(int(__import__('sys').argv[1]), b'1.0\\\\n')\")"
+    for answer in (forge, "(1).__class__", "x.func", "(lambda: 1)()"):
+        assert p.meta["score"](answer, p.meta) < 1.0, answer
+    assert accuracy_reward(f"<answer>{p.answer}</answer>", p) == 1.0 and w.restarts == before
+    q = _rg_problem("polynomial_multiplication")
+    assert accuracy_reward(f"<answer>{q.answer}</answer>", q) == 1.0  # plain expressions still parse

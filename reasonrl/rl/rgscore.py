@@ -16,7 +16,9 @@ and gets each entry from the trainer (pickled: the trainer's entry is the one it
 regenerating it there is not enough, as polynomial_multiplication's entries differ between processes).
 In the worker, the scorers that eval() the answer (_EVAL_MODULES) get ast.literal_eval in its place:
 their answers are list literals, and an eval()'d answer could write a forged score to the reply pipe or
-rebind builtins for every later answer. A reply that is not one score in [0, 1] scores 0 and restarts
+rebind builtins for every later answer. Those that hand it to sympy's parse_expr (_PARSE_MODULES; an
+eval() too, and the model's code reaches it through a string it evals) get a parse_expr that refuses
+dunders, attribute access, lambda and import and evaluates with no builtins. A reply that is not one score in [0, 1] scores 0 and restarts
 the worker. Limit, as for the code sandbox: this filters reward computation, it is not a boundary
 against a hostile human.
 """
@@ -43,6 +45,11 @@ _START_TIMEOUT = 120.0  # importing reasoning-gym: ~1.2 s here
 # rebind builtins for every later answer (float -> 1). The sandbox's layers stay for the rest.
 _EVAL_MODULES = ("reasoning_gym.algorithmic.string_insertion", "reasoning_gym.algorithmic.spiral_matrix",
                  "reasoning_gym.algorithmic.binary_matrix", "reasoning_gym.games.n_queens")
+# ... and those that give the answer to sympy's parse_expr, itself an eval(): a guarded parse_expr, with
+# no builtins, replaces it there (and in sympy) for the worker's whole life
+_PARSE_MODULES = ("reasoning_gym.games.puzzle24", "reasoning_gym.games.countdown",
+                  "reasoning_gym.algebra.polynomial_multiplication", "reasoning_gym.algebra.simple_integration",
+                  "reasoning_gym.algebra.intermediate_integration")
 _MEMORY = 4 << 30  # address space of the worker (reasoning-gym itself needs about 0.4 GiB)
 
 # argv: the descriptor of the reply pipe, the trainer's sys.path (JSON: reasoning-gym is imported from
@@ -66,6 +73,30 @@ def _serve():
     for mod in EVAL_MODULES:  # their eval(answer) becomes a literal parse: the model's code never runs
         try:
             importlib.import_module(mod).eval = literal
+        except ImportError:
+            pass
+    # sympy's parse_expr eval()s its (transformed) input too: the scorers that give it the answer get
+    # one that refuses dunders, attribute access, lambda and import, and evaluates with no builtins
+    import re, sympy
+    from sympy.parsing import sympy_parser
+    names = {}
+    exec("from sympy import *", names)
+    names["__builtins__"] = {}
+    bad = re.compile(r"__|[A-Za-z_)\]]\s*\.\s*[A-Za-z_]|\blambda\b|\bimport\b")
+    original = sympy_parser.parse_expr
+
+    def parse_expr(s, local_dict=None, transformations=sympy_parser.standard_transformations,
+                   global_dict=None, evaluate=True):
+        if not isinstance(s, str) or len(s) > 10_000 or bad.search(s):
+            raise ValueError("not a plain expression")
+        return original(s, local_dict=local_dict, transformations=transformations, global_dict=dict(names),
+                        evaluate=evaluate)
+    sympy.parse_expr = sympy_parser.parse_expr = parse_expr
+    for mod in PARSE_MODULES:  # those that imported the name itself
+        try:
+            m = importlib.import_module(mod)
+            if hasattr(m, "parse_expr"):
+                m.parse_expr = parse_expr
         except ImportError:
             pass
     ds = None
@@ -102,7 +133,7 @@ try:
     _serve()
 finally:
     del _serve, _install
-""".replace("EVAL_MODULES", repr(_EVAL_MODULES))
+""".replace("EVAL_MODULES", repr(_EVAL_MODULES)).replace("PARSE_MODULES", repr(_PARSE_MODULES))
 
 
 def _limits(memory: int, netns: bool):
