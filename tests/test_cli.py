@@ -251,3 +251,9 @@ def test_bench_gpu_without_cuda_is_one_line(name):
 def test_generate_several_greedy_samples_is_refused():
     """--n 3 at the default temperature 0 printed three identical completions."""
     assert "GenerateConfig.n: > 1 needs --temperature > 0" in fails("generate", "--n", "3")
+
+
+def test_warmup_longer_than_the_run_is_noted(tmp_path, capsys):
+    """`sft --steps 2` with the default 50 warmup steps trained at 2-4% of lr, without a word."""
+    main(["sft", "--out_dir", str(tmp_path), "--steps", "2", "--num_examples", "8", "--batch_size", "4"])
+    assert "note: warmup_steps (50) >= steps (2)" in capsys.readouterr().out

@@ -192,6 +192,14 @@ def lr_at(step: int, progress: float, lr: float, warmup: int, min_ratio: float) 
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def warn_if_warmup_outlasts(tag: str, cfg) -> None:
+    """A note when the warmup is not shorter than the run (`sft --steps 5` with the default 50): the
+    learning rate then never reaches cfg.lr and never decays (lr_at)."""
+    if cfg.warmup_steps >= cfg.steps:
+        print(f"[{tag}] note: warmup_steps ({cfg.warmup_steps}) >= steps ({cfg.steps}): the learning rate "
+              f"stays below lr={cfg.lr:g} for the whole stage; lower --warmup_steps", flush=True)
+
+
 class StageBar:
     """A stage's progress bar on the terminal (none when stderr is not one): by steps, or by seconds
     where the stage runs on a wall-clock budget that ends it before its steps do (the default run's

@@ -30,7 +30,8 @@ from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import StepGuard, on_interrupt, on_nonfinite, resume_or_start, save_checkpoint
 from reasonrl.train.common import (autocast, common_template_len, copy_model, encode_prompt, keep_freed_memory,
                                    load_model_and_tokenizer, lr_at, make_optimizer, moe_aux_loss, pack, pack_shared,
-                                   resolve_device, StageBar, step_seed, token_budget_batches, warn_if_slow_bf16)
+                                   resolve_device, StageBar, step_seed, token_budget_batches, warn_if_slow_bf16,
+                                   warn_if_warmup_outlasts)
 from reasonrl.train.config import GRPOConfig
 from reasonrl.train.logger import plot_metrics
 from reasonrl.models import save_model
@@ -234,6 +235,7 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
 
     exclude, start = set(exclude), time.perf_counter() - elapsed
     model.train()
+    warn_if_warmup_outlasts(tag, cfg)
     bar = StageBar(tag, cfg.steps, cfg.max_seconds, step, elapsed)
     try:
         with StepGuard(tag, opt) as guard:

@@ -14,7 +14,7 @@ from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import StepGuard, on_interrupt, on_nonfinite, resume_or_start, save_checkpoint
 from reasonrl.train.common import (autocast, encode_prompt, encode_response, keep_freed_memory, load_model_and_tokenizer,
                                    lr_at, make_optimizer, moe_aux_loss, pack_sft, resolve_device, step_seed,
-                                   StageBar, warn_if_slow_bf16)
+                                   StageBar, warn_if_slow_bf16, warn_if_warmup_outlasts)
 from reasonrl.train.config import SFTConfig
 from reasonrl.train.logger import plot_metrics
 from reasonrl.models import save_model
@@ -62,6 +62,7 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
         return save_checkpoint(cfg.out_dir, model, opt, state, tokenizer, keep=cfg.keep_checkpoints)
 
     start = time.perf_counter() - elapsed
+    warn_if_warmup_outlasts(tag, cfg)
     bar = StageBar(tag, cfg.steps, cfg.max_seconds, step, elapsed)
     try:
         with StepGuard(tag, opt) as guard:
