@@ -46,6 +46,7 @@ from reasonrl.engine.llm_engine import opens_think
 from reasonrl.eval.metrics import DEFAULT_MARKERS, maj_at_k, marker_counts, pass_at_k, think_spans
 from reasonrl.ops.logprobs import MIN_TEMPERATURE
 from reasonrl.rl.rewards import answers_equal
+from reasonrl.train.checkpoint import write_text_atomic
 
 SECTIONS = ("passk", "budget", "difficulty", "markers")
 
@@ -374,7 +375,7 @@ def run_eval(cfg: EvalConfig, loaded: dict | None = None) -> dict:
             model, tok = loaded[label] if loaded else load_model_and_tokenizer(spec, seed=cfg.seed, device=device)
             model = model.to(device).eval()
             results["results"][label] = evaluate_model(model, tok, cfg, problems, by_difficulty, bar, label, samples)
-            _write_atomic(os.path.join(cfg.out_dir, "eval.json"), json.dumps(results, indent=1))  # kept if a later one fails
+            write_text_atomic(os.path.join(cfg.out_dir, "eval.json"), json.dumps(results, indent=1))  # kept if a later one fails
     finally:
         bar.close()
     write_outputs(results, cfg, samples)
@@ -386,10 +387,10 @@ def write_outputs(results: dict, cfg: EvalConfig, samples: list[dict] = ()) -> N
     from reasonrl.eval.report import summary_table
 
     os.makedirs(cfg.out_dir, exist_ok=True)
-    _write_atomic(os.path.join(cfg.out_dir, "eval.json"), json.dumps(results, indent=1))
-    _write_atomic(os.path.join(cfg.out_dir, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in samples))
+    write_text_atomic(os.path.join(cfg.out_dir, "eval.json"), json.dumps(results, indent=1))
+    write_text_atomic(os.path.join(cfg.out_dir, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in samples))
     table = summary_table(results)
-    _write_atomic(os.path.join(cfg.out_dir, "summary.md"), table + "\n")
+    write_text_atomic(os.path.join(cfg.out_dir, "summary.md"), table + "\n")
     print(table, flush=True)
     made = plot_all(results, cfg.out_dir) if cfg.plots else []
     for png in made:
@@ -400,12 +401,6 @@ def write_outputs(results: dict, cfg: EvalConfig, samples: list[dict] = ()) -> N
             os.remove(stale)
     print(f"[eval] wrote {os.path.join(cfg.out_dir, 'eval.json')}", flush=True)
 
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _bar(total: int):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 import torch
 
@@ -231,8 +232,6 @@ def save_model(model: CausalLM, path: str, max_shard_size=None, tokenizer=None) 
     An existing folder's other files (a README, generation_config.json; not its weight files) are
     carried over. A crash between the two renames of the swap leaves PATH.old-<pid> and no PATH.
     """
-    import shutil
-
     from safetensors.torch import save_file
 
     for wrapper in ("_orig_mod", "module"):  # torch.compile, DDP: save the model inside
@@ -281,7 +280,6 @@ _WEIGHT_FILE = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?(\.t
 def _swap_in(new: str, path: str) -> None:
     """Rename the complete folder `new` to `path`; an existing `path`'s files other than weights and
     what `new` holds move into it, the rest is removed."""
-    import shutil
     if not os.path.exists(path):
         os.replace(new, path)
         return

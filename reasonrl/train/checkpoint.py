@@ -87,6 +87,23 @@ def _read_tensors(file: str) -> dict:
         raise ValueError(f"checkpoint file {file!r} is corrupt or truncated ({type(e).__name__}: {e})") from None
 
 
+
+def write_text_atomic(path: str, text: str) -> None:
+    """`text` to `path` through a temporary file renamed into place (fsynced first): a reader, or a
+    crash, sees the old file or the new one. The one writer of the run's JSON, JSONL and markdown
+    outputs (pipeline markers and results, sampled data, evaluations)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
 def _read_json(file: str):
     if not os.path.isfile(file):
         raise ValueError(f"checkpoint file {file!r} is missing")

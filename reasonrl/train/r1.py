@@ -39,6 +39,7 @@ import os
 import time
 
 from reasonrl.rl.tasks import get_task
+from reasonrl.train.checkpoint import write_text_atomic
 from reasonrl.train.common import evaluate, preflight
 from reasonrl.train.config import STAGES, PipelineConfig
 from reasonrl.train.grpo import run_grpo
@@ -171,13 +172,7 @@ def _read_marker(path, name, sc) -> dict:
 
 
 def _write_json_atomic(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def pipeline_table(results: dict) -> str:

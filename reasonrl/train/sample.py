@@ -27,7 +27,7 @@ import torch
 from reasonrl.engine import LLMEngine, SamplingParams
 from reasonrl.rl.rewards import accuracy_reward, format_reward
 from reasonrl.rl.tasks import JSONL_CHECKERS, get_task
-from reasonrl.train.checkpoint import LATEST
+from reasonrl.train.checkpoint import LATEST, write_text_atomic
 from reasonrl.train.common import encode_prompt, load_model_and_tokenizer, step_seed
 from reasonrl.train.config import SampleConfig
 
@@ -107,17 +107,7 @@ def run_sample(cfg: SampleConfig, model=None, tokenizer=None, exclude=()) -> dic
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _bar(total):
