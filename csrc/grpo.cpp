@@ -278,9 +278,9 @@ std::tuple<at::Tensor, at::Tensor> grpo_logits(const at::Tensor& x, at::Tensor& 
       const int64_t b = r / T, t = r % T;
       const void* xr = xb + (b * sxb + t * sxt) * (int64_t)es;
       void* gr = gb + (b * sgb + t * sgt) * (int64_t)es;
-      float lse = 0.f, h = 0.f, g = 0.f, gh = 0.f;
+      float lse[2] = {0.f, 0.f}, h = 0.f, g = 0.f, gh = 0.f;  // lse: (m, log s), csrc/reasonrl.h
       if (idp[r] != -100) {
-        logprob_fwd_cpu(lp + r, &lse, ent_f ? &h : nullptr, xr, dt, V, idp + r, 0, 1, V, inv_t, -100);
+        logprob_fwd_cpu(lp + r, lse, ent_f ? &h : nullptr, xr, dt, V, idp + r, 0, 1, V, inv_t, -100);
         bool zero_std;
         const float A = grpo_advantage(rw, b, p, &zero_std);
         grpo_token_coefs(lp[r], old_p ? old_p + r : nullptr, ref_p ? ref_p + r : nullptr, A, sc[b], p, &g, &gh);
@@ -289,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor> grpo_logits(const at::Tensor& x, at::Tensor& 
       }
       if (en) en[r] = h;
       // (the row was just read: the gradient pass reads it from cache) rows with id -100 get zeros
-      logprob_bwd_cpu(gr, V, xr, dt, V, idp + r, &lse, ent_coef != 0.f ? &h : nullptr, &g,
+      logprob_bwd_cpu(gr, V, xr, dt, V, idp + r, lse, ent_coef != 0.f ? &h : nullptr, &g,
                       ent_coef != 0.f ? &gh : nullptr, 0, 1, V, 0, inv_t, -100);
     }
   });

@@ -1,8 +1,9 @@
 // Torch glue of the log-prob family: argument checks with messages that name the argument, then the
 // CPU kernels (rows split over threads) or the CUDA launchers (csrc/cuda/logprob.cu). Registers
 //   reasonrl::logprob_fwd(logits (N, V), ids (N,), temperature, ignore_index, with_entropy)
-//       -> (logp (N,), lse (N,), entropy (N,) or (0,))                      all float32
-//   reasonrl::logprob_bwd(logits (N, Vc), ids, lse, entropy?, grad_logp, grad_entropy?,
+//       -> (logp (N,), lse (N, 2), entropy (N,) or (0,))                    all float32
+//       lse: per row (m, log s), the log-sum-exp m / T + log s as two floats (csrc/reasonrl.h)
+//   reasonrl::logprob_bwd(logits (N, Vc), ids, lse (N, 2), entropy?, grad_logp, grad_entropy?,
 //       temperature, ignore_index, vocab_start, grad_logits (N, Vc) mutated; may be logits itself)
 //   reasonrl::logprob_cpu_isa(force="") -> the CPU kernels' instruction set (tests force each one)
 // Math and layout: csrc/cpu/logprob.cpp, csrc/reasonrl.h.
@@ -103,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_fwd(const at::Tensor& log
   const float inv_t = inv_temperature(temperature, op);
 
   auto opts = logits.options().dtype(at::kFloat);
-  at::Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts);  // (N,)
+  at::Tensor logp = at::empty({N}, opts), lse = at::empty({N, 2}, opts);
   at::Tensor ent = at::empty({with_entropy ? N : 0}, opts);
   if (N == 0) return {logp, lse, ent};
   const at::Tensor idc = ids.contiguous();
@@ -163,7 +164,12 @@ void logprob_bwd(const at::Tensor& logits, const at::Tensor& ids, const at::Tens
               ": grad_logits overlaps logits without being logits itself; pass logits (in place) or a "
               "separate buffer");
   check_row_vec(ids, op, "ids", N, at::kLong, logits);
-  check_row_vec(lse, op, "lse", N, at::kFloat, logits);
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == N && lse.size(1) == 2, op, ": lse must have shape (N, 2) = (",
+              num(N), ", 2) (the forward's: per row the max logit and log s) to match logits of shape ",
+              shape_str(logits.sizes()), ", got ", shape_str(lse.sizes()));
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, op, ": lse must be Float, got ", lse.scalar_type());
+  TORCH_CHECK(lse.device() == logits.device(), op, ": lse is on ", dev_str(lse), " but logits is on ",
+              dev_str(logits), "; all tensors must be on one device");
   check_row_vec(grad_logp, op, "grad_logp", N, at::kFloat, logits);
   const bool with_ent = grad_entropy.has_value() && grad_entropy->defined();
   if (with_ent) {
@@ -219,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_fwd_meta(const at::Tensor
   TORCH_CHECK(logits.dim() == 2, "logprob_fwd: logits must be 2-D (N, V), got shape ", shape_str(logits.sizes()));
   const int64_t N = logits.size(0);
   auto opts = logits.options().dtype(at::kFloat);
-  return {at::empty({N}, opts), at::empty({N}, opts), at::empty({with_entropy ? N : 0}, opts)};
+  return {at::empty({N}, opts), at::empty({N, 2}, opts), at::empty({with_entropy ? N : 0}, opts)};
 }
 
 void logprob_bwd_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&,

@@ -11,14 +11,17 @@ enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
 
 // ---- log-prob family (csrc/cpu/logprob.cpp, csrc/cuda/logprob.cu) --------------------------------
 // x: rows [row_begin, row_end) of an N x V matrix with row stride `stride_x` (last dim contiguous).
-// z = x * inv_t. Per row: lse = logsumexp(z); logp = z[id] - lse; entropy = lse - sum softmax(z) * z.
+// z = x * inv_t. Per row: logp = z[id] - logsumexp(z); entropy = logsumexp(z) - sum softmax(z) * z;
+// lse[2 r], lse[2 r + 1] = m, log s: the row's largest x and log sum_j exp((x_j - m) * inv_t), so
+// logsumexp(z) = m * inv_t + log s (two floats: one float32 rounds it by 5e-4 near 1e4).
 // Rows whose id == ignore_index get logp = 0 and entropy = 0. entropy may be null (not computed).
 void logprob_fwd_cpu(float* logp, float* lse, float* entropy, const void* x, DType dtype,
                      int64_t stride_x, const int64_t* ids, int64_t row_begin, int64_t row_end,
                      int64_t V, float inv_t, int64_t ignore_index);
 
-// grad_x[r, j] = inv_t * (g[r] * (1[j + vocab_start == id] - p) + gh[r] * p * (S - z)),
-// p = exp(z - lse), S = lse - entropy. Columns j cover vocab ids [vocab_start, vocab_start + V).
+// grad_x[r, j] = inv_t * (g[r] * (1[j + vocab_start == id] - p) + gh[r] * p * (c - d)),
+// d = (x - m) * inv_t, p = exp(d - log s), c = log s - entropy (lse as the forward wrote it: (N, 2)).
+// Columns j cover vocab ids [vocab_start, vocab_start + V).
 // grad_entropy / entropy may be null (no entropy term). grad_x may alias x (in-place backward).
 // Rows with id == ignore_index get zeros.
 void logprob_bwd_cpu(void* grad_x, int64_t stride_g, const void* x, DType dtype, int64_t stride_x,

@@ -1,13 +1,16 @@
 """Triton kernels for the log-prob family: log p(id | logits / T), entropy, and their gradient.
 
 Math (per row, z = x / T over the vocabulary V):
-    lse     = log sum_j exp(z_j)                      (online: running max m, sum s = sum exp(z - m))
+    lse     = log sum_j exp(z_j) = m / T + log s      (online: running max m of x, s = sum exp((x - m) / T))
     logp    = z[id] - lse
-    entropy = lse - S,  S = sum_j p_j z_j,  p = softmax(z)   (running t = sum exp(z - m) z)
+    entropy = lse - S,  S = sum_j p_j z_j,  p = softmax(z)   (running t = sum exp(d) d, d = (x - m) / T)
     d logp    / d z_j = 1[j == id] - p_j
-    d entropy / d z_j = p_j (S - z_j)
+    d entropy / d z_j = p_j (S - z_j) = p_j (k - d_j),  k = log s - entropy
     d / d x = (d / d z) / T
-Forward reads the logits once and writes three floats per row; nothing of size V is materialized.
+The log-sum-exp is saved as two floats per row, LSE (N, 2) = (m, log s): backward takes
+p = exp((x - m) / T - log s), with x - m exact where p matters. One float32 lse rounds by 5e-4 at
+logits near 1e4, and every p of the row would carry that relative error.
+Forward reads the logits once and writes four floats per row; nothing of size V is materialized.
 Backward reads the logits once and writes the gradient once, optionally over the logits buffer
 itself (in place: each element is read before the same program writes it). So fwd+bwd is three
 passes over the logits: the byte floor.
@@ -39,35 +42,37 @@ def _logprob_fwd_kernel(
     x_row = X + row * stride_x
     tid = tl.load(IDS + row)
     cols = tl.arange(0, BLOCK)
-    m = float("-inf")  # running max (scalar: one exp per element, one rescale per tile)
-    s = tl.zeros([BLOCK], tl.float32)  # per-lane sum of exp(z - m)
-    t = tl.zeros([BLOCK], tl.float32)  # per-lane sum of exp(z - m) * (z - m)
+    m = float("-inf")  # running max of the raw logits (scalar: one exp per element, one rescale per tile)
+    s = tl.zeros([BLOCK], tl.float32)  # per-lane sum of exp(d), d = (x - m) / T
+    t = tl.zeros([BLOCK], tl.float32)  # per-lane sum of exp(d) * d
     for start in range(0, V, BLOCK):
         c = start + cols
-        z = tl.load(x_row + c, mask=c < V, other=float("-inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(z, 0))
+        x = tl.load(x_row + c, mask=c < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
         # While every logit so far is -inf (a masked vocabulary's first tiles), m_new is -inf and
         # exp(-inf - -inf) would be NaN for good: the exps subtract 0 instead (s stays 0 there).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)  # exp(-inf) = 0 on the first tile
-        e = tl.exp(z - m_safe)  # masked lanes: exp(-inf) = 0
+        dm = (m - m_safe) * inv_t
+        alpha = tl.exp(dm)  # exp(-inf) = 0 on the first tile
+        d = (x - m_safe) * inv_t
+        e = tl.exp(d)  # masked lanes: exp(-inf) = 0
         if WITH_ENT:
             # t is kept relative to the running max so that no terms of size |z| cancel later
             # (at logits near 1e4 a plain sum of e * z loses three digits of the entropy).
-            d = tl.maximum(m - m_safe, -3.0e38)  # first tile: s = 0, keep 0 * d finite
+            dm = tl.maximum(dm, -3.0e38)  # first tile: s = 0, keep 0 * dm finite
             # -inf logits (a masked vocabulary, and the lanes past V) have e = 0: add 0, not 0 * -inf
-            t = alpha * (t + d * s) + e * tl.where(z > float("-inf"), z - m_safe, 0.0)
+            t = alpha * (t + dm * s) + e * tl.where(x > float("-inf"), d, 0.0)
         s = s * alpha + e
         m = m_new
     s_tot = tl.sum(s, 0)
     log_s = tl.log(s_tot)
-    lse = m + log_s
     keep = tid != ignore_index
     in_range = (tid >= 0) & (tid < V)  # the host checks ids; an id out of range never reads outside the row
     safe = tl.where(keep & in_range, tid, 0)
-    zt = tl.load(x_row + safe).to(tl.float32) * inv_t
-    tl.store(LSE + row, lse)
-    lp = tl.where(in_range, (zt - m) - log_s, float("nan"))  # not zt - lse: lse rounds at 1e4
+    xt = tl.load(x_row + safe).to(tl.float32)
+    tl.store(LSE + 2 * row, m)
+    tl.store(LSE + 2 * row + 1, log_s)
+    lp = tl.where(in_range, (xt - m) * inv_t - log_s, float("nan"))
     tl.store(LOGP + row, tl.where(keep, lp, 0.0))
     if WITH_ENT:
         tl.store(ENT + row, tl.where(keep, log_s - tl.sum(t, 0) / s_tot, 0.0))
@@ -85,21 +90,22 @@ def _logprob_bwd_kernel(
     g_row = G + row * stride_g
     tid = tl.load(IDS + row)
     keep = tid != ignore_index
-    lse = tl.load(LSE + row)
+    m = tl.load(LSE + 2 * row)
+    log_s = tl.load(LSE + 2 * row + 1)
     g = tl.where(keep, tl.load(GLOGP + row), 0.0)
     if WITH_ENT:
         gh = tl.where(keep, tl.load(GENT + row), 0.0)
-        S = lse - tl.load(ENT + row)
+        k = log_s - tl.load(ENT + row)
     target = tid - vocab_start
     cols = tl.arange(0, BLOCK)
     for start in range(col0, V, BLOCK * tl.num_programs(1)):
         c = start + cols
         mask = c < V
-        z = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32) * inv_t
-        p = tl.exp(z - lse)
+        d = (tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32) - m) * inv_t
+        p = tl.exp(d - log_s)
         dz = tl.where(c == target, g, 0.0) - g * p
         if WITH_ENT:
-            dz += gh * tl.where(p > 0, p * (S - z), 0.0)  # p = 0 at -inf logits: 0, not 0 * inf
+            dz += gh * tl.where(p > 0, p * (k - d), 0.0)  # p = 0 at -inf logits: 0, not 0 * inf
         dz = tl.where(keep, dz, 0.0) * inv_t
         tl.store(g_row + c, dz.to(G.dtype.element_ty), mask=mask)
 
@@ -112,7 +118,7 @@ def _block(V: int, interpret: bool) -> int:
 
 
 def logprob_fwd(x, ids, inv_t: float, ignore_index: int, with_entropy: bool, out_logp, out_lse, out_ent):
-    """x (N, V) with x.stride(1) == 1; ids (N,) int64; outputs float32 (N,)."""
+    """x (N, V) with x.stride(1) == 1; ids (N,) int64; outputs float32: logp, entropy (N,), lse (N, 2)."""
     N, V = x.shape
     if N == 0:
         return
@@ -164,8 +170,8 @@ def _linear_lse_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     IDS=None, RV=None, vocab_start=0, GRAD: tl.constexpr = False,
 ):
-    """PART[0|1|2, row, j] = m2, s, t2 of z2 = (hidden[row] . W[cols_j]) * scale2 over the column block
-    j (scale2 = log2(e) / T). GRAD (the backward, W a column chunk starting at vocab_start, scale2 =
+    """PART[0|1|2, row, j] = m, s, t2 over the column block j of the logits z = hidden[row] . W[cols_j]:
+    m = max z, s = sum 2^d, t2 = sum 2^d d with d = (z - m) * scale2 (scale2 = log2(e) / T). GRAD (the backward, W a column chunk starting at vocab_start, scale2 =
     1 / T): the gradient of the chunk's logits into PART (N, Vc) at row stride stride_pn, from the same
     main loop, so from bit for bit the logits the forward's lse was taken from (_lse_tile_grad)."""
     num_n = tl.cdiv(V, BLOCK_N)
@@ -266,23 +272,24 @@ def _lse_tile_grad(acc, rows, cols, rmask, cmask, DZ, stride_zn, inv_t, WITH_ENT
 
 @triton.jit
 def _lse_tile_dz(acc, rows, cols, rmask, inv_t, WITH_ENT: tl.constexpr, N, IDS, RV, vocab_start):
-    """d(sum g logp + gh entropy) / d logits for the tile, as _logprob_bwd_kernel (z = logit / T):
-    dz = (1[col == id] - p) g + gh p (S - z), times 1 / T; RV (4, N) float32 holds per row lse,
-    S = lse - entropy, and g, gh already zero on ignored rows. Rows past N read row 0 (their
-    results are not stored)."""
+    """d(sum g logp + gh entropy) / d logits for the tile, as _logprob_bwd_kernel (d = (logit - m) / T):
+    dz = (1[col == id] - p) g + gh p (k - d), times 1 / T; RV (5, N) float32 holds per row the lse's
+    m and log s, k = log s - entropy, and g, gh already zero on ignored rows. Rows past N read row 0
+    (their results are not stored)."""
     LOG2E: tl.constexpr = 1.4426950408889634
     r = tl.where(rmask, rows, 0)
-    lse = tl.load(RV + r)
-    g = tl.load(RV + 2 * N + r)
+    m = tl.load(RV + r)
+    log_s = tl.load(RV + N + r)
+    g = tl.load(RV + 3 * N + r)
     tid = tl.load(IDS + r) - vocab_start
-    z = acc * inv_t
-    p = tl.exp2((z - lse[:, None]) * LOG2E)
-    # p (gh (S - z) - g): once p is made, z's last use makes the factor, so two (BM, BN) float32
+    d = (acc - m[:, None]) * inv_t
+    p = tl.exp2((d - log_s[:, None]) * LOG2E)
+    # p (gh (k - d) - g): once p is made, d's last use makes the factor, so two (BM, BN) float32
     # tiles are live at once, not three (Triton 3.6 spilled the three-tile form in every config)
     if WITH_ENT:
-        S = tl.load(RV + N + r)
-        gh = tl.load(RV + 3 * N + r)
-        dz = p * (tl.where(p > 0, gh[:, None] * (S[:, None] - z), 0.0) - g[:, None])
+        k = tl.load(RV + 2 * N + r)
+        gh = tl.load(RV + 4 * N + r)
+        dz = p * (tl.where(p > 0, gh[:, None] * (k[:, None] - d), 0.0) - g[:, None])
     else:
         dz = p * -g[:, None]
     return tl.where(cols[None, :] == tid[:, None], dz + g[:, None], dz) * inv_t
@@ -290,11 +297,11 @@ def _lse_tile_dz(acc, rows, cols, rmask, inv_t, WITH_ENT: tl.constexpr, N, IDS, 
 
 @triton.jit
 def _lse_tile_stats(acc, rows, rmask, cmask, pid_n, PART, stride_pc, stride_pn, scale2, WITH_ENT: tl.constexpr):
-    # Per element: the rounding, one select, the max, one FMA, exp2, the sum (plus an FMA and a
-    # select for the entropy). scale2 > 0, so the scaled tile's max is the scaled max.
+    # Per element: the rounding, one select, the max, a subtraction and a product, exp2, the sum (plus
+    # an FMA and a select for the entropy). m is the raw logits' max (the lse's first float, exact).
     acc = tl.where(cmask[None, :], acc, float("-inf"))  # every block has a column < V: the max is finite
-    m = tl.max(acc, 1) * scale2
-    d = acc * scale2 - m[:, None]  # <= 0; -inf past V
+    m = tl.max(acc, 1)
+    d = (acc - m[:, None]) * scale2  # <= 0; -inf past V
     e = tl.exp2(d)
     pbase = PART + rows.to(tl.int64) * stride_pn + pid_n
     tl.store(pbase, m, mask=rmask)
@@ -310,9 +317,10 @@ def _lse_merge_kernel(
     WITH_ENT: tl.constexpr, RNE_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """A row's blocks merged (base 2, converted to natural log at the end):
-    M = max m_j, S = sum s_j 2^(m_j - M), T = sum 2^(m_j - M) (t_j + (m_j - M) s_j);
-    lse = (M + log2 S) ln 2, logp = ((zt - M) - log2 S) ln 2, entropy = (log2 S - T / S) ln 2."""
+    """A row's blocks merged (base 2, converted to natural log at the end), with c = scale2:
+    M = max m_j, S = sum s_j 2^((m_j - M) c), T = sum 2^((m_j - M) c) (t_j + (m_j - M) c s_j);
+    lse = (M, log2 S ln 2) (so lse = M / T + log S), logp = ((zt - M) c - log2 S) ln 2,
+    entropy = (log2 S - T / S) ln 2."""
     LN2: tl.constexpr = 0.6931471805599453
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
@@ -328,7 +336,7 @@ def _lse_merge_kernel(
     for c0 in range(0, NB, BLOCK_C):
         msk = rmask[:, None] & ((c0 + cc) < NB)[None, :]
         p = base + c0 + cc[None, :]
-        dm = tl.load(p, mask=msk, other=float("-inf")) - M_safe[:, None]  # <= 0; -inf where masked
+        dm = (tl.load(p, mask=msk, other=float("-inf")) - M_safe[:, None]) * scale2  # <= 0; -inf where masked
         w = tl.exp2(dm)
         s = tl.load(p + stride_pc, mask=msk, other=0.0)
         S += tl.sum(w * s, 1)
@@ -351,9 +359,10 @@ def _lse_merge_kernel(
         h = tl.load(HID + rows.to(tl.int64)[:, None] * stride_hn + k0 + kk[None, :], mask=km, other=0.0)
         w = tl.load(W + t_safe.to(tl.int64)[:, None] * stride_wv + k0 + kk[None, :], mask=km, other=0.0)
         zt += tl.sum(h.to(tl.float32) * w.to(tl.float32), 1)
-    zt = _round_to(zt, HID.dtype.element_ty, RNE_BITS) * scale2
-    lp = tl.where(in_range, ((zt - M_safe) - log_s) * LN2, float("nan"))
-    tl.store(LSE + rows, (M_safe + log_s) * LN2, mask=rmask)
+    zt = _round_to(zt, HID.dtype.element_ty, RNE_BITS)
+    lp = tl.where(in_range, ((zt - M_safe) * scale2 - log_s) * LN2, float("nan"))
+    tl.store(LSE + 2 * rows, M_safe, mask=rmask)
+    tl.store(LSE + 2 * rows + 1, log_s * LN2, mask=rmask)
     tl.store(LOGP + rows, tl.where(keep, lp, 0.0), mask=rmask)
     if WITH_ENT:
         tl.store(ENT + rows, tl.where(keep, (log_s - T / S) * LN2, 0.0), mask=rmask)
@@ -401,7 +410,8 @@ def linear_logits_grad(hidden, weight, out, config, ids, rv, vocab_start: int, i
     every tile is one of the forward's, so the logits are, bit for bit, the ones the forward's lse was
     taken from (a cuBLAS / MKL recompute sums in another order: at a token with p ~ 1 a last-bit
     difference moves p by exp(ulp)), and no logits reach memory (one write of the gradient).
-    rv (4, N) float32: lse, lse - entropy, g and gh (zero on ignored rows); ids (N,) int64."""
+    rv (5, N) float32: the lse's m and log s, log s - entropy, g and gh (zero on ignored rows); ids (N,)
+    int64."""
     N, H = hidden.shape
     Vc = weight.shape[0]
     if N == 0 or Vc == 0:
@@ -436,7 +446,7 @@ def _launch_tiles(hidden, weight, out, scale2, stride_pc, stride_pn, config, wit
 def linear_lse_fwd(hidden, weight, ids, inv_t: float, ignore_index: int, with_entropy: bool,
                    out_logp, out_lse, out_ent, part_bytes: int, config=None):
     """hidden (N, H) with unit last stride, weight (V, H) with unit last stride, ids (N,) int64 ->
-    float32 (N,) outputs. Rows go in chunks whose partials (3 x rows x cdiv(V, BLOCK_N) float32)
+    float32 outputs: logp and entropy (N,), lse (N, 2) (m, log s; see the module docstring). Rows go in chunks whose partials (3 x rows x cdiv(V, BLOCK_N) float32)
     fit part_bytes. ids outside [0, V) that are not ignore_index get NaN: the caller checks ids."""
     N, H = hidden.shape
     V = weight.shape[0]

@@ -153,6 +153,33 @@ def test_extreme_logits_and_fully_padded(backend, dtype):
     assert (lp == 0).all() and (ent == 0).all() and (gx == 0).all()
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("offset", [1e4, -3e4])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logits_with_a_large_common_offset(backend, offset, temperature):
+    """Every logit of every row near 1e4 (or -3e4), float32: the gradient at PyTorch's own error. The
+    kernels kept the log-sum-exp as one float32, whose rounding there (ulp 1e-3) every p of the row
+    carried: a gradient 2.4e-4 off (relative) at 1e4 where PyTorch's is 6e-8 (2026-11-30); it is now
+    (m, log s), two floats, and p = exp((x - m) / T - log s)."""
+    x = (_logits(37, 1000, torch.float64) + offset).float()
+    _check(backend, x, _ids(37, 1000), temperature)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_linear_logits_with_a_large_common_offset(backend):
+    """The fused op at logits near 1e4 that float32 holds exactly (eighths, H = 16, a constant column):
+    PyTorch's logits then carry no rounding, and its gradient error is ~1e-7, so the bound is tight.
+    One float32 lse (before 2026-11-30) gave 2.6e-5 relative at 100x smaller logits."""
+    N, H, V = 29, 16, 700
+    h = torch.randint(-16, 17, (N, H)).double() / 8
+    w = torch.randint(-16, 17, (V, H)).double() / 8
+    h[:, -1], w[:, -1] = 1.0, 1e4  # every logit = 1e4 + a sum of 15 products of eighths: exact in float32
+    ids = _ids(N, V)
+    _lin_check(backend, h.float(), w.float(), ids, torch.float32, "offset 1e4")
+    _lin_check(backend, h.float(), w.float(), ids, torch.float32, "offset 1e4, vocabulary chunks",
+               chunk_bytes=N * 128 * 4)
+
+
 # ----------------------------------------------------------------------------- fused LM head
 def _lin_run(fn, h, w, ids, g, gh, **kw):
     h = h.detach().clone().requires_grad_(True)
@@ -413,7 +440,7 @@ def test_linear_gemm_lse_forward_edge_cases(dtype):
                                  temperature=0.9)
                 # the same forward in row chunks of 32 (the interpreter's BLOCK_M: 70 rows -> 32, 32, 6)
                 from reasonrl.kernels.logprobs import LSE_GEMM_CPU, linear_lse_fwd
-                lp, lse, ent = (torch.empty(N) for _ in range(3))
+                lp, lse, ent = torch.empty(N), torch.empty(N, 2), torch.empty(N)
                 linear_lse_fwd(h, w, ids, 1 / 0.9, ignore, True, lp, lse, ent, part_bytes=3 * 4 * 3 * 32)
                 assert torch.equal(lp, out[0]) and torch.equal(ent, out[1])
                 # and its TMA kernel (tensor descriptors; H = 24, 40, 64: 16-byte row strides)
@@ -456,7 +483,8 @@ def test_gemm_lse_backward_tma_store(dtype):
         lse = torch.logsumexp(z64, -1)
         ent = -(p * logp).sum(-1)
         g, gh = torch.randn(N, dtype=torch.float64) * keep, torch.randn(N, dtype=torch.float64) * keep
-        rv = torch.stack([lse, lse - ent, g, gh]).float().contiguous()
+        m = z64.amax(-1)  # the lse as the forward keeps it: (m, log s), lse = m + log s at T = 1
+        rv = torch.stack([m, lse - m, lse - m - ent, g, gh]).float().contiguous()
         onehot = torch.zeros(N, Vc, dtype=torch.float64)
         onehot[keep, ids[keep]] = 1.0
         ref = g[:, None] * (onehot - p) + gh[:, None] * p * (lse - ent - z64.T).T  # d/dz, T = 1

@@ -6,10 +6,11 @@
 //            columns: m (max of raw x), s = sum 2^d, t = sum 2^d d with d = (x - m) c <= 0; when the
 //            max grows from m to m', s *= a and t = a (t + dm s), a = 2^dm, dm = (m - m') c.
 //            Triples merge by the same rule (warp shuffles, then shared memory across warps).
-//            lse = m inv_t + ln2 log2 s,  logp = (x_id - m) inv_t - ln2 log2 s,
-//            entropy = lse - sum p z = ln2 (log2 s - t / s).
-//   backward p = 2^((z - lse) log2 e), S = lse - entropy,
-//            grad_x = inv_t (g (1[j + vocab_start == id] - p) + gh p (S - z)).
+//            logp = (x_id - m) inv_t - ln2 log2 s,  entropy = lse - sum p z = ln2 (log2 s - t / s),
+//            saved: lse = (m, ln2 log2 s), the log-sum-exp m inv_t + log s as two floats (one float32
+//            rounds it by 5e-4 near 1e4, an error every p of the row would carry; csrc/reasonrl.h).
+//   backward p = 2^((x - m) c - log2 s), d = (x - m) inv_t, k = log s - entropy,
+//            grad_x = inv_t (g (1[j + vocab_start == id] - p) + gh p (k - d))   (k - d = lse - entropy - z).
 //            Grid (rows, column splits): few rows get split over several blocks to fill the GPU.
 // The logits are read once by the forward and once by the backward, the gradient written once
 // (possibly over the logits: each thread loads its 16 bytes before it stores them): the byte floor
@@ -210,7 +211,8 @@ __global__ void logprob_fwd_kernel(float* __restrict__ logp, float* __restrict__
   warp_merge<Ent>(st, c);
   if (lane != 0) return;
   const float log2s = log2f(st.s);
-  lse[r] = st.m * inv_t + kLn2 * log2s;
+  lse[2 * r] = st.m;
+  lse[2 * r + 1] = kLn2 * log2s;
   const int64_t id = ids[r];
   const bool keep = id != ignore_index;
   // ids are checked on the host side (Python); an id out of range still never reads outside the row
@@ -220,15 +222,20 @@ __global__ void logprob_fwd_kernel(float* __restrict__ logp, float* __restrict__
 }
 
 // ---- backward -------------------------------------------------------------------------------------
+// The row's constants of the gradient: its lse (m, log2 s), c = inv_t log2 e, k = log s - entropy.
+struct RowLse {
+  float m, log2s, c, inv_t, k;
+};
+
 template <bool Ent>
-__device__ __forceinline__ float grad_elem(float x, int64_t j, int64_t target, float inv_t, float L,
-                                           float g, float gh, float S) {
-  const float z = x * inv_t;
-  const float p = exp2f((z - L) * kLog2e);
+__device__ __forceinline__ float grad_elem(float x, int64_t j, int64_t target, const RowLse& q, float g,
+                                           float gh) {
+  const float dx = x - q.m;  // exact wherever p matters: x within a factor 2 of the max
+  const float p = exp2f(fmaf(dx, q.c, -q.log2s));
   float dz = (j == target ? g : 0.f) - g * p;
   if (Ent) {
-    const float pz = p * (S - z);
-    dz += gh * (p == 0.f ? 0.f : pz);  // -inf logit: p = 0, S - z = inf
+    const float pz = p * (q.k - dx * q.inv_t);
+    dz += gh * (p == 0.f ? 0.f : pz);  // -inf logit: p = 0, k - d = inf
   }
   return dz;
 }
@@ -250,10 +257,10 @@ __global__ void logprob_bwd_kernel(void* grad_x, int64_t stride_g, const void* x
   const int64_t id = ids[r];
   const bool keep = id != ignore_index;
   const int64_t target = keep ? id - vocab_start : -1;
-  const float L = lse[r];
+  const float ls = lse[2 * r + 1];
+  const RowLse q{lse[2 * r], ls * kLog2e, inv_t * kLog2e, inv_t, Ent ? ls - entropy[r] : 0.f};
   const float g = keep ? grad_logp[r] * inv_t : 0.f;  // 1/T folded into the row constants
   const float gh = (Ent && keep) ? grad_entropy[r] * inv_t : 0.f;
-  const float S = Ent ? L - entropy[r] : 0.f;
 
   const int64_t h = head_len(xr, V);
   // 16-byte vectors need the same misalignment on both sides; else all scalar (still coalesced).
@@ -269,7 +276,7 @@ __global__ void logprob_bwd_kernel(void* grad_x, int64_t stride_g, const void* x
     const int64_t j0 = h + i * K;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const float dz = keep ? grad_elem<Ent>(Tr::to_f(in.e[k]), j0 + k, target, inv_t, L, g, gh, S) : 0.f;
+      const float dz = keep ? grad_elem<Ent>(Tr::to_f(in.e[k]), j0 + k, target, q, g, gh) : 0.f;
       out.e[k] = Tr::from_f(dz);
     }
     reinterpret_cast<uint4*>(gr + h)[i] = out.raw;
@@ -277,7 +284,7 @@ __global__ void logprob_bwd_kernel(void* grad_x, int64_t stride_g, const void* x
   const int64_t nscalar = vec ? h + (V - tail) : V;
   for (int64_t j = first; j < nscalar; j += step) {
     const int64_t col = (!vec || j < h) ? j : tail + (j - h);
-    const float dz = keep ? grad_elem<Ent>(Tr::to_f(xr[col]), col, target, inv_t, L, g, gh, S) : 0.f;
+    const float dz = keep ? grad_elem<Ent>(Tr::to_f(xr[col]), col, target, q, g, gh) : 0.f;
     gr[col] = Tr::from_f(dz);
   }
 }
@@ -305,7 +312,8 @@ grpo_logits_kernel(void* grad_x, int64_t sgb, int64_t sgt, const void* x, int64_
   constexpr int K = Tr::kVec;
   extern __shared__ uint4 staged[];  // `stage` vectors of the row
   __shared__ State red[32];
-  __shared__ float bc[4];
+  __shared__ float bc[2];
+  __shared__ RowLse bq;
   const int64_t r = blockIdx.x, b = r / T, t = r - b * T;
   // No __restrict__ on x / grad_x: they may be one buffer (in place).
   const E* xr = static_cast<const E*>(x) + b * sxb + t * sxt;
@@ -369,7 +377,6 @@ grpo_logits_kernel(void* grad_x, int64_t sgb, int64_t sgt, const void* x, int64_
     warp_merge<EntF>(st, c);
     if (lane == 0) {
       const float log2s = log2f(st.s);
-      const float L = st.m * inv_t + kLn2 * log2s;
       // ids are range-checked by the caller (deferred); an id out of range never reads outside the row
       const bool in_range = id >= 0 && id < V;
       const float lp = in_range ? (Tr::to_f(xr[id]) - st.m) * inv_t - kLn2 * log2s : NAN;
@@ -380,14 +387,14 @@ grpo_logits_kernel(void* grad_x, int64_t sgb, int64_t sgt, const void* x, int64_
       const float A = grpo_advantage(rewards, b, p, &zero_std);
       float g, gh;
       grpo_token_coefs(lp, old ? old + r : nullptr, ref ? ref + r : nullptr, A, scale[b], p, &g, &gh);
-      bc[0] = L;
-      bc[1] = g * inv_t;  // 1/T folded into the row constants, as in the backward kernel
-      bc[2] = EntB ? gh * inv_t : 0.f;
-      bc[3] = EntB ? L - H : 0.f;
+      bq = RowLse{st.m, log2s, c, inv_t, EntB ? kLn2 * log2s - H : 0.f};
+      bc[0] = g * inv_t;  // 1/T folded into the row constants, as in the backward kernel
+      bc[1] = EntB ? gh * inv_t : 0.f;
     }
   }
   __syncthreads();
-  const float L = bc[0], g = bc[1], gh = bc[2], S = bc[3];
+  const RowLse q = bq;
+  const float g = bc[0], gh = bc[1];
 
   // pass 2, in reverse: this thread's vectors i = threadIdx.x + k * bd for k descending, two at a time
   if (threadIdx.x < nvec) {
@@ -400,8 +407,8 @@ grpo_logits_kernel(void* grad_x, int64_t sgb, int64_t sgt, const void* x, int64_
       const int64_t j0 = h0 + i0 * K, j1 = h0 + i1 * K;
 #pragma unroll
       for (int e = 0; e < K; ++e) {
-        o0.e[e] = Tr::from_f(grad_elem<EntB>(Tr::to_f(a0.e[e]), j0 + e, id, inv_t, L, g, gh, S));
-        o1.e[e] = Tr::from_f(grad_elem<EntB>(Tr::to_f(a1.e[e]), j1 + e, id, inv_t, L, g, gh, S));
+        o0.e[e] = Tr::from_f(grad_elem<EntB>(Tr::to_f(a0.e[e]), j0 + e, id, q, g, gh));
+        o1.e[e] = Tr::from_f(grad_elem<EntB>(Tr::to_f(a1.e[e]), j1 + e, id, q, g, gh));
       }
       __stcs(vg + i0, o0.raw);
       __stcs(vg + i1, o1.raw);
@@ -413,13 +420,13 @@ grpo_logits_kernel(void* grad_x, int64_t sgb, int64_t sgt, const void* x, int64_
       const int64_t j0 = h0 + i0 * K;
 #pragma unroll
       for (int e = 0; e < K; ++e)
-        o0.e[e] = Tr::from_f(grad_elem<EntB>(Tr::to_f(a0.e[e]), j0 + e, id, inv_t, L, g, gh, S));
+        o0.e[e] = Tr::from_f(grad_elem<EntB>(Tr::to_f(a0.e[e]), j0 + e, id, q, g, gh));
       __stcs(vg + i0, o0.raw);
     }
   }
   for (int64_t j = threadIdx.x; j < nscalar; j += bd) {
     const int64_t col = j < hs ? j : tail + (j - hs);
-    gr[col] = Tr::from_f(grad_elem<EntB>(Tr::to_f(xr[col]), col, id, inv_t, L, g, gh, S));
+    gr[col] = Tr::from_f(grad_elem<EntB>(Tr::to_f(xr[col]), col, id, q, g, gh));
   }
 }
 

@@ -9,8 +9,12 @@ Positions whose id equals `ignore_index` get logp = 0, entropy = 0 and no gradie
 Backends: "reference" (plain PyTorch autograd, float64-capable: the ground truth), "triton"
 (kernels/logprobs.py), "cpp" (reasonrl._C, CPU tensors), "cuda" (reasonrl._C, CUDA tensors);
 "auto" picks the fastest available for the device. The kernel backends never materialize a
-float32 copy of the logits or of the softmax: forward keeps three floats per row (logp, lse,
-entropy), backward recomputes p from the logits and lse.
+float32 copy of the logits or of the softmax: forward keeps four floats per row (logp, entropy and
+the log-sum-exp as two: `lse` (N, 2) = (m, log s), m the row's largest logit and s = sum_j
+exp((x_j - m) / T), so lse = m / T + log s), backward recomputes p = exp((x - m) / T - log s) from
+the logits. One float32 lse would round by up to 5e-4 at logits near 1e4, and every p of the row
+would carry that relative error (a gradient 2e-4 off where PyTorch's is 1e-7); x - m is exact where
+p matters.
 
 The fused op never materializes N x V logits. Forward: row chunks of logits (hidden[rows] @ W^T)
 go through the row kernel and are dropped (on CPU: column chunks, merged per row); or, for the
@@ -74,12 +78,13 @@ def linear_token_logprobs_reference(hidden, weight, ids, temperature=1.0, ignore
 
 # ----------------------------------------------------------------------------- row kernels
 def _rows_fwd(backend, x, ids, inv_t, ignore_index, with_entropy):
-    """x (N, V) with unit last stride -> logp, lse, entropy (float32 (N,); entropy None if not asked)."""
+    """x (N, V) with unit last stride -> logp (N,), lse (N, 2) (m, log s), entropy (N,) (None if not
+    asked), all float32."""
     if backend == "triton":
         from reasonrl.kernels.logprobs import logprob_fwd
 
         N = x.shape[0]
-        logp, lse = x.new_empty(N, dtype=torch.float32), x.new_empty(N, dtype=torch.float32)
+        logp, lse = x.new_empty(N, dtype=torch.float32), x.new_empty(N, 2, dtype=torch.float32)
         ent = x.new_empty(N, dtype=torch.float32) if with_entropy else None
         logprob_fwd(x, ids, inv_t, ignore_index, with_entropy, logp, lse, ent)
         return logp, lse, ent
@@ -212,8 +217,8 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
             bn = ctx.lse_cfg["BLOCK_N"]
             step = max(bn, step // bn * bn)
             keep = ids != ignore_index
-            rv = torch.stack([lse, lse - ent if gh is not None else lse, torch.where(keep, g, 0.0),
-                              torch.where(keep, gh, 0.0) if gh is not None else g]).contiguous()
+            rv = torch.stack([lse[:, 0], lse[:, 1], lse[:, 1] - ent if gh is not None else lse[:, 1],
+                              torch.where(keep, g, 0.0), torch.where(keep, gh, 0.0) if gh is not None else g])
         for v0 in range(0, V, step):
             w = weight[v0:v0 + step]  # (Vc, H)
             if ctx.lse_cfg is not None:  # the gradient from the forward's own logits, bit for bit
@@ -324,7 +329,7 @@ def _linear_fwd_gemm_lse(hidden, weight, ids, temperature, ignore_index, with_en
 
     N, V = hidden.shape[0], weight.shape[0]
     logp = hidden.new_empty(N, dtype=torch.float32)
-    lse = hidden.new_empty(N, dtype=torch.float32)
+    lse = hidden.new_empty(N, 2, dtype=torch.float32)
     ent = hidden.new_empty(N, dtype=torch.float32) if with_entropy else None
     linear_lse_fwd(hidden, weight, ids, 1.0 / temperature, ignore_index, with_entropy, logp, lse, ent,
                    part_bytes=chunk_bytes // 4, config=config)
@@ -346,7 +351,7 @@ def _linear_fwd(hidden, weight, ids, temperature, ignore_index, with_entropy, ch
         return _linear_fwd_by_vocab(hidden, weight, ids, 1.0 / temperature, ignore_index, with_entropy,
                                     chunk_bytes, backend)
     logp = hidden.new_empty(N, dtype=torch.float32)
-    lse = hidden.new_empty(N, dtype=torch.float32)
+    lse = hidden.new_empty(N, 2, dtype=torch.float32)
     ent = hidden.new_empty(N, dtype=torch.float32) if with_entropy else None
     # NOTE: rows in multiples of 256, the GEMM's tile height (128 or 256): at N=16384, V=151936 bf16 a
     # 512 MiB chunk held 1728 rows (64-aligned), 13.5 tiles of 128, the last tile row half empty
@@ -411,9 +416,9 @@ def _side_stream(device):
 
 def _linear_fwd_by_vocab(hidden, weight, ids, inv_t, ignore_index, with_entropy, chunk_bytes, backend):
     """The forward over column chunks of the logits (all N rows, a slice of the vocabulary each),
-    merged per row. Chunk c gives, through the row kernel, lse_c and the entropy H_c of the softmax
-    over its columns; lse = logsumexp_c lse_c, and with w_c = exp(lse_c - lse) the entropy is
-    sum_c w_c (H_c - log w_c). The chosen token's logit is read from its own chunk; an id outside
+    merged per row. Chunk c gives, through the row kernel, its (m_c, log s_c) and the entropy H_c of
+    the softmax over its columns; m = max_c m_c, log s = logsumexp_c ((m_c - m) / T + log s_c), and
+    with log w_c = (m_c - m) / T + log s_c - log s the entropy is sum_c w_c (H_c - log w_c). The chosen token's logit is read from its own chunk; an id outside
     [0, V) that is not ignore_index (check_ids=False) raises, as the row kernels' glue does. The
     forward's GEMMs have the backward's shapes (all rows, a column chunk), so the logits the lse
     was taken from are the ones the backward recomputes, to the bit where the chunks agree.
@@ -442,16 +447,19 @@ def _linear_fwd_by_vocab(hidden, weight, ids, inv_t, ignore_index, with_entropy,
         zt = torch.where(inside, z.gather(1, local[:, None]).squeeze(1).double() * inv_t, zt)
         lses.append(ls)
         ents.append(en)
-    lse_c = torch.stack(lses, 1).double()  # (N, chunks)
-    lse = torch.logsumexp(lse_c, 1)
-    logp = torch.where(keep, zt - lse, 0.0).float()
+    pairs = torch.stack(lses, 1).double()  # (N, chunks, 2): (m_c, log s_c)
+    m = pairs[..., 0].amax(1)  # the row's largest logit (a float32 value: exact)
+    m_safe = torch.where(torch.isfinite(m), m, 0.0)  # all -inf (or NaN) rows: their own NaN, not (-inf) - (-inf)
+    log_w = (pairs[..., 0] - m_safe[:, None]) * inv_t + pairs[..., 1]  # log s_c + the shift to m
+    log_s = torch.logsumexp(log_w, 1)
+    log_w = log_w - log_s[:, None]
+    logp = torch.where(keep, zt - m_safe * inv_t - log_s, 0.0).float()
     ent = None
     if with_entropy:
-        log_w = lse_c - lse[:, None]
         w = log_w.exp()
         h_c = torch.stack(ents, 1).double()
         ent = torch.where(keep, (w * (h_c - torch.where(w > 0, log_w, 0.0))).sum(1), 0.0).float()
-    return logp, lse.float(), ent
+    return logp, torch.stack([m_safe, log_s], 1).float(), ent
 
 
 # ----------------------------------------------------------------------------- checks
