@@ -152,10 +152,10 @@ def logprob_bwd(grad_x, x, ids, lse, entropy, grad_logp, grad_entropy, inv_t: fl
 
 # ----------------------------------------------------------------------------- LM head + log-sum-exp
 # linear_token_logprobs' forward as one GEMM whose epilogue reduces its own tile: program (i, j) makes
-# the logits tile z = hidden[rows_i] @ W[cols_j]^T / T in float32 registers, rounds it to the inputs'
-# dtype (as the chunked path's GEMM output is, and as the backward's recomputed logits will be), and
-# writes per row only the tile's max m, s = sum exp(z - m) and t = sum exp(z - m) (z - m): three floats
-# per row per column block (3 N V / BLOCK_N in all). A second, small kernel merges a row's blocks and
+# the logits tile x = hidden[rows_i] @ W[cols_j]^T in float32 registers, rounds it to the inputs' dtype
+# (as the chunked path's GEMM output is, and as the backward's recomputed logits will be), and writes
+# per row only the tile's max m, s = sum exp(d) and t = sum exp(d) d, d = (x - m) / T: three floats per
+# row per column block (3 N V / BLOCK_N in all). A second, small kernel merges a row's blocks and
 # takes the chosen token's logit as hidden[row] . W[id]. The N x V logits never reach memory: the
 # chunked path writes them in bf16 (N=16384, V=151936: 5 GB) and reads them back (2 x 1.0 ms at H200
 # rates, beside a 9.6-ms GEMM). Exponentials in base 2 (z2 = z log2 e): exp2 is the hardware's own.
