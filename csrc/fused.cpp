@@ -14,6 +14,7 @@
 //                          query i of batch b sees keys j < min(klen[b], i + off[b] + 1) (fused.h)
 //   reasonrl::fused_attn_bwd(dout, q, k, v, o, lse, off, klen, scale) -> (dq, dk, dv)
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -51,6 +52,9 @@ void same_shape(const at::Tensor& a, const at::Tensor& b, const char* op, const 
 
 // Elementwise work in chunks of about 32k elements (a task's work far above parallel_for's overhead).
 constexpr int64_t kGrain = 1 << 15;
+// Chunks of rows in the RMSNorm backward, each with its own float32 partial of dw (at most; M / 16 when less):
+// a fixed number, so the sum's order, and dw to the bit, do not depend on the thread count.
+constexpr int64_t kRmsChunks = 32;
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x_, const at::Tensor& w_, double eps) {
   const char* op = "fused_rms_norm_fwd";
@@ -95,8 +99,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& g_, const at::
   }
   const at::Tensor x = x_.contiguous(), w = w_.to(at::kFloat).contiguous(), rstd = rstd_.contiguous();
   at::Tensor d = at::empty({M, N}, x.options());
-  // dw: one float32 partial sum per chunk of rows, added at the end (a fixed split: deterministic).
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M / 16));
+  // dw: one float32 partial sum per chunk of rows, added at the end. The split depends on M only, not on
+  // the thread count, so dw is bitwise the same with any number of threads (it moved by 5e-5 between 1
+  // and 2 threads when the chunks were one per thread).
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(kRmsChunks, M / 16));
   at::Tensor part = at::zeros({chunks, N}, x.options().dtype(at::kFloat));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c)
@@ -145,6 +151,10 @@ void rope_(const at::Tensor& x, const at::Tensor& cos_, const at::Tensor& sin_, 
   const DType dt = rope_checks(x, cos_, sin_, "fused_rope_");
   TORCH_CHECK_VALUE(x.stride(2) == 1 || x.size(2) == 0, "fused_rope_: x's last dim must be contiguous, got strides ",
                     shape(x.strides()));
+  // an expanded x (heads or tokens sharing memory) would be rotated once per alias
+  TORCH_CHECK_VALUE(at::has_internal_overlap(x) != at::MemOverlap::Yes,
+                    "fused_rope_: x has elements that share memory (an expanded tensor? strides ", shape(x.strides()),
+                    "); rotate a tensor with its own storage, or use fused_rope");
   rope_into(x, x, cos_, sin_, dt, sign);
 }
 
@@ -219,6 +229,7 @@ at::Tensor scatter_rows(const at::Tensor& g_, const at::Tensor& offsets_, const 
   const int64_t n = g_.size(0);
   TORCH_CHECK_VALUE(offsets_.scalar_type() == at::kLong && order_.scalar_type() == at::kLong, op,
                     ": offsets and order must be int64, got ", dt_name(offsets_), " and ", dt_name(order_));
+  TORCH_CHECK_VALUE(rows >= 0, op, ": rows must be >= 0, got ", num(rows));
   TORCH_CHECK_VALUE(offsets_.dim() == 1 && offsets_.size(0) == rows + 1, op, ": offsets must be (rows + 1,) = (",
                     num(rows + 1), ",), got shape ", shape(offsets_.sizes()));
   TORCH_CHECK_VALUE(order_.dim() == 1 && order_.size(0) == n, op, ": order must be (", num(n),
@@ -263,7 +274,9 @@ void check_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   const int64_t* po = o2.data_ptr<int64_t>();
   const int64_t* pk = k2.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK_VALUE(po[b] >= 0, op, ": off[", num(b), "] must be >= 0, got ", num(po[b]));
+    // (a position offset past 2^62 overflowed i + off + 1 in the kernels' row bounds)
+    TORCH_CHECK_VALUE(po[b] >= 0 && po[b] <= (int64_t{1} << 40), op, ": off[", num(b), "] must be in [0, 2^40], got ",
+                      num(po[b]));
     TORCH_CHECK_VALUE(pk[b] >= 1 && pk[b] <= k.size(1), op, ": klen[", num(b), "] must be in [1, Lk=", num(k.size(1)),
                       "], got ", num(pk[b]));
   }

@@ -59,16 +59,19 @@ void check_caches(const at::Tensor& kc, const at::Tensor& vc, const char* op) {
   TORCH_CHECK(vc.scalar_type() == kc.scalar_type(), op, ": v_cache dtype ", dt_name(vc), " != k_cache dtype ",
               dt_name(kc));
   TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous(), op, ": k_cache and v_cache must be contiguous");
+  TORCH_CHECK(kc.size(2) >= 1, op, ": k_cache must have at least one kv head (Hkv >= 1), got shape ",
+              shape(kc.sizes()));
   TORCH_CHECK(kc.device().is_cpu() && vc.device().is_cpu(), op, ": the cpp backend takes CPU tensors");
   glue::dtype_code(kc, op, "k_cache");
 }
 
-void check_vec(const at::Tensor& t, const char* op, const char* name, at::ScalarType dt, int64_t n) {
+// A CPU tensor of dtype dt, contiguous, of `dims` dimensions (1: a vector) with n rows.
+void check_vec(const at::Tensor& t, const char* op, const char* name, at::ScalarType dt, int64_t n, int64_t dims = 1) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == dt, op, ": ", name, " must be ", c10::toString(dt), ", got ", dt_name(t));
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  TORCH_CHECK(t.dim() >= 1 && t.size(0) == n, op, ": ", name, " must have ", num(n), " rows, got shape ",
-              shape(t.sizes()));
+  TORCH_CHECK(t.dim() == dims && t.size(0) == n, op, ": ", name, " must have shape (", num(n), dims == 1 ? ",)" : ", ...)",
+              ", got shape ", shape(t.sizes()));
 }
 
 void store_kv_fwd(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
@@ -105,7 +108,7 @@ at::Tensor paged_attention_decode_fwd(const at::Tensor& q, const at::Tensor& k_c
               ": q must be a contiguous CPU tensor in the cache's dtype ", dt_name(k_cache));
   const int64_t B = q.size(0), Hq = q.size(1);
   TORCH_CHECK(Hq % Hkv == 0, op, ": query heads ", num(Hq), " must be a multiple of kv heads ", num(Hkv));
-  check_vec(block_tables, op, "block_tables", at::kInt, B);
+  check_vec(block_tables, op, "block_tables", at::kInt, B, 2);
   TORCH_CHECK(block_tables.dim() == 2, op, ": block_tables must be (B, max_blocks), got ",
               shape(block_tables.sizes()));
   check_vec(context_lens, op, "context_lens", at::kInt, B);

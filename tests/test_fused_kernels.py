@@ -366,6 +366,32 @@ def test_cpp_fused_ops_reject_bad_input():
         ops.scatter_rows(torch.randn(3, 2), torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]), 2)
     with pytest.raises(ValueError, match=r"order values must be in \[0, 3\)"):
         ops.scatter_rows(torch.randn(3, 2), torch.tensor([0, 1, 3]), torch.tensor([0, 1, 5]), 2)
+    # rows = -1 with empty offsets passed the shape check and read offsets[0]: a segfault (2026-11-30)
+    with pytest.raises(ValueError, match="rows must be >= 0, got -1"):
+        ops.scatter_rows(torch.randn(3, 2), torch.empty(0, dtype=torch.long), torch.tensor([0, 1, 2]), -1)
+    # an expanded x (every head one memory) was rotated once per head (2026-11-30); PyTorch's in-place ops refuse it
+    c, s = torch.randn(3, 4), torch.randn(3, 4)
+    with pytest.raises(ValueError, match="share memory"):
+        ops.fused_rope_(torch.randn(3, 1, 8).expand(3, 4, 8), c, s, 1.0)
+
+
+@pytest.mark.skipif(not Fn._cpp_ok(), reason="reasonrl._C is not built")
+def test_rms_norm_backward_is_the_same_with_any_thread_count():
+    """dw's partial sums were one per thread, so dw moved by 5e-5 between 1 and 2 threads (2026-11-30); the
+    split is fixed now, and dw bitwise the same."""
+    ops = torch.ops.reasonrl
+    x, g, w = torch.randn(1000, 64), torch.randn(1000, 64), torch.randn(64)
+    _, r = ops.fused_rms_norm_fwd(x, w, 1e-6)
+    n = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(ops.fused_rms_norm_bwd(g, x, w, r))
+    finally:
+        torch.set_num_threads(n)
+    for dx, dw in outs[1:]:
+        assert torch.equal(dx, outs[0][0]) and torch.equal(dw, outs[0][1])
 
 
 @pytest.mark.skipif(not Fn._cpp_ok(), reason="reasonrl._C is not built")
@@ -472,7 +498,9 @@ def test_fused_attention_rejects_bad_input():
         ops.fused_attn_fwd(torch.randn(2, 3, 3, 32), k, k, off, klen, 1.0)
     with pytest.raises(ValueError, match=r"klen\[1\] must be in \[1, Lk=5\], got 6"):
         ops.fused_attn_fwd(q, k, k, off, torch.tensor([5, 6]), 1.0)
-    with pytest.raises(ValueError, match=r"off\[0\] must be >= 0"):
+    with pytest.raises(ValueError, match=r"off\[0\] must be in \[0, 2\^40\], got 9223372036854775807"):
+        ops.fused_attn_fwd(q, k, k, torch.tensor([2**63 - 1, 0]), klen, 1.0)  # i + off + 1 overflowed: a segfault
+    with pytest.raises(ValueError, match=r"off\[0\] must be in \[0, 2\^40\]"):
         ops.fused_attn_fwd(q, k, k, torch.tensor([-1, 0]), klen, 1.0)
     with pytest.raises(ValueError, match="share one dtype"):
         ops.fused_attn_fwd(q, k.bfloat16(), k, off, klen, 1.0)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from reasonrl.ops import _backend
 from reasonrl.ops.moe import (load_balancing_loss, moe_block, moe_dispatch, moe_experts, moe_experts_reference,
                               moe_router)
+from cpu_isa import forced_isa, runnable_isas
 from tolerance import assert_close_to_ref
 
 CPU = torch.device("cpu")
@@ -116,6 +117,24 @@ def test_experts_fwd_bwd(case, dtype, backend):
     for name, a, r, b in zip(NAMES, gs, gs_ref, gs64):
         assert a.dtype == r.dtype, name
         assert_close_to_ref(a, b, r, dtype, name=f"grad {name}")
+
+
+@pytest.mark.skipif(not _backend.cpp_available(), reason="reasonrl._C not built")
+@pytest.mark.parametrize("isa", runnable_isas())
+@pytest.mark.parametrize("case", EXPERT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_cpp_experts_every_isa_build(case, isa):
+    """csrc/cpu/moe.cpp's AVX2 and baseline builds both, forced as the log-prob kernels' are (it ignored the
+    forced ISA before 2026-11-30, so on an AVX2 machine no test ran its baseline build)."""
+    T, H, I, E, K, routing = case
+    inputs = make_experts(T, H, I, E, K, routing, torch.float32)
+    g = torch.randn(T, H)
+    with forced_isa(isa):
+        out, gs = grads(lambda *a: moe_experts(*a, backend="cpp"), inputs, g)
+    ref, gs_ref = grads(moe_experts_reference, inputs, g)
+    out64, gs64 = grads(experts_dense64, inputs, g.double())
+    assert_close_to_ref(out, out64, ref, torch.float32, name=f"out {isa}")
+    for name, a, r, b in zip(NAMES, gs, gs_ref, gs64):
+        assert_close_to_ref(a, b, r, torch.float32, name=f"grad {name} {isa}")
 
 
 @pytest.mark.parametrize("backend", backends("moe_experts_fwd"))

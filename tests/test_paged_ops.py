@@ -77,6 +77,40 @@ def test_decode_matches_reference(backend, dtype, B, Hq, Hkv, D, bs, max_len):
     assert_close_to_ref(out, ref64, same, dtype, f"decode[{backend}]")
 
 
+@pytest.mark.skipif(not _backend.cpp_available(), reason="reasonrl._C not built")
+@pytest.mark.parametrize("isa", runnable_isas())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_decode_every_isa_build(isa, dtype):
+    """csrc/cpu/paged.cpp's AVX2 and baseline builds both, forced as the log-prob kernels' are (it ignored the
+    forced ISA before 2026-11-30, so on an AVX2 machine no test ran its baseline build)."""
+    for B, Hq, Hkv, D, bs, max_len in ((3, 4, 2, 16, 16, 37), (2, 6, 1, 12, 5, 23), (2, 2, 1, 256, 3, 19)):
+        q, kc, vc, tables, lens = make_case(B, Hq, Hkv, D, bs, max_len, dtype)
+        scale = D ** -0.5
+        ref64 = loop_decode(q, kc, vc, tables, lens, scale)
+        same = paged_attention_decode_reference(q.float(), kc.float(), vc.float(), tables, lens, scale).to(dtype)
+        with forced_isa(isa), torch.inference_mode():  # inference: the direct C++ call
+            out = paged_attention_decode(q, kc, vc, tables, lens, scale, backend="cpp")
+        assert_close_to_ref(out, ref64, same, dtype, f"decode[cpp {isa}] D={D}")
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_zero_kv_heads_and_matrix_lengths_are_refused(grad):
+    """A cache with no kv heads divided by zero in the C++ glue (SIGFPE, the process gone) and a (B, 2)
+    context_lens or (T, 2) slot_mapping passed the C++ checks on the no-grad path, which used their first
+    B values (2026-11-30); each now raises, naming it, with or without autograd."""
+    q, kc, vc, tables, lens = make_case(2, 4, 2, 16, 4, 9, torch.float32)
+    k, v = torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+    slots = torch.tensor([0, 3])
+    with torch.set_grad_enabled(grad), torch.inference_mode(not grad):
+        empty = kc[:, :, :0]
+        with pytest.raises((ValueError, RuntimeError), match="at least one kv head"):
+            paged_attention_decode(q, empty.contiguous(), empty.contiguous(), tables, lens, 0.3)
+        with pytest.raises((ValueError, RuntimeError), match="context_lens"):
+            paged_attention_decode(q, kc, vc, tables, lens[:, None].expand(2, 2).contiguous(), 0.3)
+        with pytest.raises((ValueError, RuntimeError), match="slot_mapping"):
+            store_kv(k, v, kc, vc, slots[:, None].expand(2, 2).contiguous())
+
+
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 def test_triton_decode_splits(num_splits):
     from reasonrl.kernels.paged import paged_attention_decode_fwd

@@ -18,6 +18,7 @@
 
 #include "cpu/simd.h"
 #include "moe.h"
+#include "reasonrl.h"
 
 namespace reasonrl {
 
@@ -176,10 +177,9 @@ RR_INLINE void expert_rows_body(float* y, float* h, const float* xs, const float
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define RR_V3 __attribute__((target("arch=x86-64-v3")))
-bool has_v3() {
-  static const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return v3;
-}
+// The AVX2 build where the CPU has it, unless tests force the baseline (logprob_cpu_isa: cpu_isa_level() is the
+// best level or the forced one), so one machine runs both builds.
+bool has_v3() { return cpu_isa_level() >= 3; }
 #else
 #define RR_V3
 bool has_v3() { return false; }

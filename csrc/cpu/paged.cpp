@@ -38,6 +38,7 @@
 #include "cpu/simd.h"
 #include "cpu/vec8.h"
 #include "paged.h"
+#include "reasonrl.h"
 
 namespace reasonrl {
 namespace {
@@ -289,10 +290,11 @@ __attribute__((target("arch=x86-64-v3"))) void decode_v3(RR_DECODE_ARGS) RR_DECO
 #endif
 void decode_base(RR_DECODE_ARGS) RR_DECODE_BODY
 
+// The AVX2 build where the CPU has it, unless tests force the baseline (logprob_cpu_isa, as for the other
+// kernels: cpu_isa_level() is the best level or the forced one), so one machine runs both builds.
 bool has_v3() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return v3;
+  return cpu_isa_level() >= 3;
 #else
   return false;
 #endif

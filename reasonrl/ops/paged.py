@@ -38,6 +38,8 @@ def _check_cache(op, k_cache, v_cache):
         raise ValueError(f"{op}: k_cache must be (num_blocks, block_size, Hkv, D), got shape {tuple(k_cache.shape)}")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"{op}: v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
+    if k_cache.shape[2] < 1:
+        raise ValueError(f"{op}: k_cache must have at least one kv head (Hkv >= 1), got shape {tuple(k_cache.shape)}")
     if k_cache.dtype not in _FLOATS or v_cache.dtype != k_cache.dtype:
         raise ValueError(f"{op}: k_cache/v_cache must share a float dtype, got {k_cache.dtype}, {v_cache.dtype}")
 
