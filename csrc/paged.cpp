@@ -293,7 +293,9 @@ at::Tensor inverse_cdf_flat(const at::Tensor& probs, const at::Tensor& u) {
   const at::Tensor cdf = probs.cumsum(-1);
   const at::Tensor total = cdf.select(1, -1);
   const at::Tensor x = at::minimum(u * total, at::nextafter(total, at::zeros_like(total)));
-  return at::searchsorted(cdf, x.unsqueeze(1), /*out_int32=*/false, /*right=*/true).squeeze(1);
+  // clamped: a NaN row (a diverged model) gives an index in range and a NaN log-prob, which the engine reports
+  return at::searchsorted(cdf, x.unsqueeze(1), /*out_int32=*/false, /*right=*/true).squeeze(1).clamp_(std::nullopt,
+                                                                                                      probs.size(1) - 1);
 }
 
 at::Tensor inverse_cdf(const at::Tensor& probs, const at::Tensor& u) {
@@ -310,8 +312,8 @@ at::Tensor inverse_cdf(const at::Tensor& probs, const at::Tensor& u) {
   const at::Tensor inner = blocks.gather(1, c.unsqueeze(2).expand({B, 1, chunk})).squeeze(1).cumsum(-1);
   const at::Tensor rem = at::minimum(x.unsqueeze(1) - prev, at::nextafter(inner.narrow(1, chunk - 1, 1),
                                                                            at::zeros_like(prev)));
-  const at::Tensor i = at::searchsorted(inner, rem.clamp_(0), false, true);
-  return (c * chunk + i).squeeze(1);
+  const at::Tensor i = at::searchsorted(inner, rem.clamp_(0), false, true).clamp_(std::nullopt, chunk - 1);
+  return (c * chunk + i).squeeze(1).clamp_(std::nullopt, V - 1);
 }
 
 // k decode steps of a fixed batch in one call (the engine's decode window, LLMEngine._decode_window, for

@@ -99,7 +99,9 @@ def _sample_pick_kernel(L, stride_l, TEMP, U, PM, PS, TOK, LP, V, NS,
         lastpos = tl.maximum(lastpos, tl.max(tl.where(p > 0, j, -1), 0))
         run = tl.max(inner, 0)
     tok = tl.where(found == 1, tok, lastpos)  # rounding left rem past the scan's total: the last positive p
-    tok = tl.minimum(tok, V - 1).to(tl.int64)
+    # a row with no positive p (all -inf or NaN logits: a diverged model) found nothing: token 0, whose
+    # log-prob is then NaN (the engine reports it), never -1 (a read before the row)
+    tok = tl.maximum(tl.minimum(tok, V - 1), 0).to(tl.int64)
     zt = tl.load(base + tok).to(tl.float32) / t
     tl.store(TOK + row, tok)
     tl.store(LP + row, zt - lse)

@@ -1169,3 +1169,58 @@ def test_gpu_sampler_kernel_draws_as_the_torch_path():
     s.kernel = "auto"  # and the engine's sampler routes such a batch to it
     assert s._use_kernel(logits, u, None, True, False, False)
 
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, max_tokens=8, seed=0),
+                                    SamplingParams(temperature=0.0, max_tokens=8),
+                                    SamplingParams(temperature=1.0, top_k=5, max_tokens=8, seed=0)],
+                         ids=["sample", "greedy", "top_k"])
+@pytest.mark.parametrize("when", ["prefill", "decode_window", "single_steps"])
+def test_nan_logits_raise_a_clear_error(params, when, monkeypatch):
+    """NaN logits (a diverged model) gave an index error from the sampler's gather, or, greedy, NaN
+    log-probs and tokens drawn from garbage without a word (2026-11-30); now FloatingPointError names the
+    prompt and the token, from the first token's sampler, a C++ or Python decode window, or single steps."""
+    from reasonrl.engine.runner import Runner
+
+    model = init_model(builtin_path("tiny"), seed=0)
+    if when == "prefill":
+        with torch.no_grad():
+            model.model.embed_tokens.weight[5:9] = float("nan")  # tied: those logits NaN from the first token
+    else:  # the K/V cache poisoned after prefill: every decode step's attention reads NaN
+        for name in ("decode_window", "decode_step", "decode"):
+            orig = getattr(Runner, name)
+
+            def poisoned(self, *a, _orig=orig, **kw):
+                self.kv.fill_(float("nan"))
+                return _orig(self, *a, **kw)
+            monkeypatch.setattr(Runner, name, poisoned)
+    eng = LLMEngine(model, eos_token_ids=[], max_num_seqs=8, decode_window=1 if when == "single_steps" else 16)
+    with pytest.raises(FloatingPointError, match=r"distribution is NaN .* prompt 0 sample 0 at completion token "
+                                                 + ("0" if when == "prefill" else "1")):
+        eng.generate([[1, 2, 3]] * 3, params)
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch", "torch_chunked"])
+def test_sampler_rows_without_a_finite_logit_give_nan_not_a_bad_index(path):
+    """A row of all -inf or NaN logits: the Triton sampler returned token -1 and read the element before
+    the row; the torch path raised an index error from its gather (2026-11-30). Now every path gives a
+    token in range and a NaN log-prob (which the engine reports), and the other rows draw as before."""
+    from reasonrl.engine.sampler import Sampler
+
+    V = 9000 if path == "torch_chunked" else 40  # > 8 * 1024: the two-level inverse CDF
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, V, generator=g)
+    logits[0] = float("-inf")
+    logits[1] = float("nan")
+    temp, u = torch.ones(3), torch.rand(3, generator=g)
+    if path == "kernel":  # (on the CPU through the interpreter: tests/conftest.py sets TRITON_INTERPRET=1)
+        from reasonrl.kernels.sample import sample_rows
+        tok, lp = sample_rows(logits, temp, u)
+    else:
+        s = Sampler()
+        s.kernel = False
+        ones = torch.ones(3)
+        tok, lp = s(logits, temp, torch.zeros(3, dtype=torch.int64), ones, ones * 0, u=u, any_filter=False,
+                    any_greedy=False)
+    assert ((tok >= 0) & (tok < V)).all(), tok
+    assert lp[:2].isnan().all() and torch.isfinite(lp[2])

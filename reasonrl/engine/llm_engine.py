@@ -55,6 +55,20 @@ def _last_index(ids: list[int], tag: list[int]) -> int:
     return -1
 
 
+def check_logprobs(seqs, logprobs) -> None:
+    """logprobs: per sequence, the host-side log-probs of the tokens just drawn for it. NaN means the
+    model's logits were NaN, or had no finite value, at that step (a diverged model, broken weights):
+    raise, naming the sequence, rather than go on with tokens drawn from garbage. FloatingPointError,
+    which the trainer handles as a diverged run (it saves, then stops with one line)."""
+    for s, row in zip(seqs, logprobs):
+        for j, v in enumerate(row):
+            if v != v:
+                raise FloatingPointError(
+                    f"generate: the model's next-token distribution is NaN (NaN logits, or no finite logit) for "
+                    f"prompt {s.request_index} sample {s.sample_index} at completion token "
+                    f"{len(s.completion_ids) + j}: the model has diverged or its weights are broken")
+
+
 def opens_think(prompt: list[int], start: list[int], end: list[int]) -> bool:
     """Whether a prompt leaves a <think> span open: its last start tag comes after its last end tag. So
     templates that end "<think>\n" (R1's) or prefill "<think>Let me" count, not only a final "<think>"."""
@@ -355,7 +369,9 @@ class LLMEngine:
                     prev_hit = hit
                 pos = pos + 1
         finished = 0
-        for b, (s, t, lp) in enumerate(zip(seqs, toks[:, :done].tolist(), lps[:, :done].tolist())):
+        lps = lps[:, :done].tolist()
+        check_logprobs(seqs, lps)
+        for b, (s, t, lp) in enumerate(zip(seqs, toks[:, :done].tolist(), lps)):
             s.leader = None
             s.num_cached_tokens = len(s) + done - 1
             s.token_ids.extend(t)
@@ -397,7 +413,9 @@ class LLMEngine:
                                         forced if any(s.forced for s in seqs) else None, any_sample=any_sample,
                                         any_filter=any_filter, any_greedy=any_greedy, u=u)
         out = torch.stack([tokens.double(), logprobs.double()]).cpu()  # one device -> host copy
-        return [int(t) for t in out[0].tolist()], out[1].tolist()
+        lps = out[1].tolist()
+        check_logprobs(seqs, [[v] for v in lps])
+        return [int(t) for t in out[0].tolist()], lps
 
     # -- thinking control and stopping -------------------------------------------------------
     def _enter_think_from_prompt(self, s: Sequence):

@@ -43,7 +43,9 @@ def _inverse_cdf_flat(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = probs.cumsum(-1)  # (B, V)
     total = cdf[:, -1]
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # x < total: i < V
-    return torch.searchsorted(cdf, x.unsqueeze(1), right=True).squeeze(1)
+    # clamped: a NaN row (a diverged model) gives an index in range and a NaN log-prob, which the engine
+    # reports, instead of an index error from the gather that follows
+    return torch.searchsorted(cdf, x.unsqueeze(1), right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -63,8 +65,8 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor, chunk: int = 1024) -> tor
     prev = torch.where(c > 0, csum.gather(1, (c - 1).clamp(min=0)), torch.zeros_like(x.unsqueeze(1)))
     inner = blocks.gather(1, c.unsqueeze(2).expand(B, 1, chunk)).squeeze(1).cumsum(-1)  # (B, C)
     rem = torch.minimum(x.unsqueeze(1) - prev, torch.nextafter(inner[:, -1:], torch.zeros_like(prev)))
-    i = torch.searchsorted(inner, rem.clamp_(min=0), right=True)
-    return (c * chunk + i).squeeze(1)
+    i = torch.searchsorted(inner, rem.clamp_(min=0), right=True).clamp_(max=chunk - 1)  # NaN rows: see above
+    return (c * chunk + i).squeeze(1).clamp_(max=V - 1)
 
 
 class Sampler:
