@@ -586,6 +586,12 @@ class MoEExpertsTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        from reasonrl.ops._backend import first_order_only
+
+        return first_order_only(MoEExpertsTritonFunction._backward)(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         x, tw, w_gate_up, w_down, padded_idx, block_expert, padded_offsets, h = ctx.saved_tensors
         from reasonrl.ops.moe import MoEDispatch
 

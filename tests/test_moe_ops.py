@@ -192,6 +192,23 @@ def test_experts_errors(backend):
         moe_experts(x, ids[:4], w[:4], gu, wd, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_experts_double_backward_is_refused(backend):
+    """A gradient penalty through the kernel backends (create_graph=True) lost the MoE part's second-order
+    term without a word: None (triton) or 0 (cpp) where the reference gives 1e4 (2026-11-30). The kernel
+    backwards now raise, as the log-prob and GRPO ones do; the reference backend differentiates twice."""
+    x, ids, w, gu, wd = make_experts(7, 8, 4, 3, 2, "balanced", torch.float32)
+    x, gu = x.detach().requires_grad_(), gu.detach().requires_grad_()
+    out = moe_experts(x, ids, w, gu, wd, backend=backend)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    out = moe_experts(x, ids, w, gu, wd, backend="reference")
+    (dx,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    assert torch.autograd.grad(dx.pow(2).sum(), gu)[0].abs().sum() > 0
+    out = moe_experts(x, ids, w, gu, wd, backend=backend)  # first order still works
+    out.pow(2).sum().backward()
+
+
 def test_experts_backend_errors():
     x, ids, w, gu, wd = make_experts(5, 8, 4, 3, 2, "balanced", torch.float32)
     with pytest.raises(ValueError, match="backend"):

@@ -261,6 +261,21 @@ def test_empty_kv_cache(shape, dtype):
             torch.ops.reasonrl.empty_huge_pages([3, -1], torch.float32)
 
 
+def test_float64_never_runs_the_float32_triton_kernel(monkeypatch):
+    """backend="triton" took float64 q and caches, computed in float32 and handed back float64 (2.7e-8
+    off where the reference is 4e-16), and "auto" on CUDA resolves to triton (2026-11-30). Now triton
+    refuses float64 by name, and auto takes the reference for it wherever it resolves to triton."""
+    import reasonrl.ops.paged as P
+
+    q, kc, vc, tables, lens = make_case(3, 4, 2, 16, 4, 11, torch.float64)
+    with pytest.raises(ValueError, match="backend='triton' computes in float32"):
+        paged_attention_decode(q, kc, vc, tables, lens, 0.25, backend="triton")
+    monkeypatch.setattr(P, "_resolve", lambda *a: "triton")  # as "auto" resolves on a CUDA device
+    out = paged_attention_decode(q, kc, vc, tables, lens, 0.25)
+    assert out.dtype == torch.float64
+    assert (out - loop_decode(q, kc, vc, tables, lens, 0.25)).abs().max() < 1e-12
+
+
 @pytest.mark.skipif(not _backend.cpp_available(), reason="reasonrl._C not built")
 def test_decode_layers_fwd_bad_arguments_are_named():
     """The all-layers decode op says which argument is wrong (its results: tests/test_engine.py)."""

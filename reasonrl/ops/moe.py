@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from reasonrl.ops._backend import check_same_device, cpp_available, no_autocast, resolve
+from reasonrl.ops._backend import check_same_device, cpp_available, first_order_only, no_autocast, resolve
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _INTS = (torch.int64, torch.int32)
@@ -267,6 +267,7 @@ class MoEExpertsFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only
     @no_autocast
     def backward(ctx, grad_out):
         x, ids, w, wgu, wd = ctx.saved_tensors

@@ -252,6 +252,11 @@ def _paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, sca
             raise ValueError("paged_attention_decode: backend='cpp' needs contiguous float32/bfloat16/float16 "
                              f"caches, got {k_cache.dtype}")
     _check_decode_values(q, k_cache, block_tables, context_lens)
+    if b == "triton" and torch.float64 in (q.dtype, k_cache.dtype):  # the kernel's math is float32
+        if backend == "triton":
+            raise ValueError("paged_attention_decode: backend='triton' computes in float32; float64 q or caches "
+                             "run on backend='reference' (or 'auto')")
+        b = "reference"
     if b == "triton":
         from reasonrl.kernels.paged import paged_attention_decode_fwd
         return paged_attention_decode_fwd(q, k_cache, v_cache, block_tables, context_lens, scale)
