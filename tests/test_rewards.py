@@ -140,6 +140,11 @@ def test_countdown_check():
     assert not countdown_check("2**10", [2, 10], 1024)              # no powers
     assert not countdown_check("-3+5", [3, 5], 2)                   # no unary minus
     assert not countdown_check("1/(2-2)", [1, 2, 2], 0)             # division by zero
+    # the multiplication and division signs people write (each scored 0 before 2026-11-30)
+    for expr in ("(25-3)\u00d74+7", "(25-3)\\times 4+7", "(25-3)\u22c54+7"):
+        assert countdown_check(expr, [25, 3, 4, 7], 95), expr
+    for expr in ("6\u00f74*2", "6\\div 4*2"):
+        assert countdown_check(expr, [6, 4, 2], 3), expr
     assert not countdown_check("__import__('os').system('true')", [1], 1)
     assert not countdown_check("(" * 300 + "1" + ")" * 300, [1], 1)
     assert not countdown_check(None, [1], 1)

@@ -32,10 +32,11 @@ def test_deterministic_and_verified(task):
 
 @pytest.mark.parametrize("task", TASKS[:3], ids=lambda t: t.name)
 def test_splits_never_overlap(task):
-    train = {p.question for s in range(3) for p in task.problems(300, seed=s, split="train")}
-    test = {p.question for s in range(3) for p in task.problems(100, seed=s, split="test")}
+    key = lambda p: p.meta.get("split_key", p.question)  # noqa: E731  (add: a+b and b+a share one)
+    train = {key(p) for s in range(3) for p in task.problems(300, seed=s, split="train")}
+    test = {key(p) for s in range(3) for p in task.problems(100, seed=s, split="test")}
     assert not train & test
-    assert all(split_of(q) == "test" for q in test)
+    assert all(split_of(k) == "test" for k in test)
     excl = task.problems(50, seed=7)
     again = task.problems(200, seed=7, exclude={p.question for p in excl})
     assert not {p.question for p in again} & {p.question for p in excl}
@@ -91,7 +92,7 @@ def test_jsonl_shapes(tmp_path):
     ])
     ps = load_jsonl(f)
     assert [p.answer for p in ps] == ["4", "7", "\\frac{3}{4}", "12"]
-    assert ps[1].solution == "<think>He has 3+4=3+4=77 apples.</think><answer>7</answer>"
+    assert ps[1].solution == "<think>He has 3+4=7 apples.</think><answer>7</answer>"  # the calculator notes go whole
     assert accuracy_reward("<answer>0.75</answer>", ps[2]) == 1.0
     task = get_task("jsonl:" + f)
     n_train = sum(split_of(p.question) == "train" for p in ps)
@@ -309,3 +310,83 @@ def test_reasoning_gym_sympy_parse_of_answers_is_guarded():
     assert accuracy_reward(f"<answer>{p.answer}</answer>", p) == 1.0 and w.restarts == before
     q = _rg_problem("polynomial_multiplication")
     assert accuracy_reward(f"<answer>{q.answer}</answer>", q) == 1.0  # plain expressions still parse
+
+
+def test_arithmetic_answers_must_be_numbers_not_the_question():
+    """sympy finds "560*5" equal to 2800, so an answer that repeated the question scored full accuracy on
+    multiply and add (1.000 on the default run's 500 held-out problems, 2026-11-30): their checker is
+    "number" now. A plain number in any accepted form still counts."""
+    for task in (get_task("multiply"), get_task("add")):
+        for p in task.problems(30, seed=3):
+            assert p.checker == "number"
+            a, op, b = p.question.partition("*" if task.name == "multiply" else "+")
+            for echo in (p.question, f"{a}\\times {b}" if op == "*" else f"{b}+{a}", f"({p.question})"):
+                assert accuracy_reward(f"<think></think><answer>{echo}</answer>", p) == 0.0, echo
+            for ok in (p.answer, f"{int(p.answer):,}", f"\\boxed{{{p.answer}}}", f"{p.answer}.0"):
+                assert accuracy_reward(f"<think></think><answer>{ok}</answer>", p) == 1.0, ok
+
+
+def test_add_operand_swaps_stay_in_one_split():
+    """The split hashed the question text, so b+a of a held-out a+b was a training problem (751 of 834
+    held-out 2-digit sums, 2026-11-30); add's split key is the sum with its operands ordered."""
+    task = get_task("add", 2)
+    test = {p.question for p in task.problems(400, seed=0, split="test")}
+    train = {p.question for s in range(3) for p in task.problems(2000, seed=s, split="train")}
+    swapped = {"+".join(reversed(q.split("+"))) for q in test}
+    assert not swapped & train
+
+
+def test_countdown_difficulty_one_is_refused_and_mix_difficulty_is_preflighted():
+    """countdown at difficulty 1 made the same problems as 2 without a word; a mix's difficulty was checked
+    only when its stage started, after the stages before it trained (2026-11-30)."""
+    from reasonrl.train.common import preflight
+    from reasonrl.train.config import GRPOConfig
+
+    with pytest.raises(ValueError, match=r"countdown' takes 2..12, got 1"):
+        get_task("countdown", 1)
+    assert len(get_task("countdown", 2).problems(3, seed=0)[0].meta["numbers"]) == 2
+    with pytest.raises(ValueError, match=r"mt\.tasks: difficulty: task .countdown. takes 2..12, got 20"):
+        preflight([("mt", GRPOConfig(tasks="multiply=0.7;countdown=0.3", difficulty=20))], "tiny")
+
+
+def test_jsonl_gsm8k_math500_and_precise_numbers(tmp_path):
+    """GSM8K's calculator notes went half (48/2 = 48/2=2424), MATH-500's shape (answer and solution)
+    lost its worked solution, a numeric answer lost digits as a float, and a MATH answer with \\$ could not
+    be matched (2026-11-30)."""
+    f = _write(tmp_path / "d.jsonl", [
+        json.dumps({"question": "q1", "answer": "She sold 48/2 = <<48/2=24>>24 clips.\n#### 24"}),
+        json.dumps({"problem": "q2", "solution": "So $\\boxed{5}$.", "answer": "5"}),
+        '{"question": "q3", "answer": 0.30000000000000000001}',
+        json.dumps({"question": "q4", "answer": "\\$18.90"}),
+    ])
+    ps = load_jsonl(f)
+    assert ps[0].solution == "<think>She sold 48/2 = 24 clips.</think><answer>24</answer>"
+    assert ps[1].solution == "<think>So $\\boxed{5}$.</think><answer>5</answer>"
+    assert ps[2].answer == "0.30000000000000000001"
+    assert accuracy_reward("<answer>0.30000000000000000001</answer>", ps[2]) == 1.0
+    assert accuracy_reward("<answer>0.3</answer>", ps[2]) == 0.0
+    for ans in ("18.90", "$18.90", "\\$18.90", "18.9"):
+        assert accuracy_reward(f"<answer>{ans}</answer>", ps[3]) == 1.0, ans
+
+
+def test_reasoning_gym_held_out_sets_and_puzzle24():
+    """rg held-out sets of the eval's sizes (100 and more) could not be drawn: 4n + 64 entries held ~n/2.5
+    of them (2026-11-30). puzzle24's upstream scorer took any four numbers that make 24, so a constant
+    answer scored 1.0; its problems are scored by the exact countdown check on their own numbers now."""
+    pytest.importorskip("reasoning_gym")
+    assert len(get_task("rg:basic_arithmetic").problems(200, seed=1, split="test")) == 200
+    for p in get_task("rg:puzzle24").problems(5, seed=0):
+        assert p.checker == "countdown" and p.meta["target"] == 24
+        assert accuracy_reward(f"<answer>{p.answer}</answer>", p) == 1.0
+        assert accuracy_reward("<answer>6*4*1*1</answer>", p) == 0.0
+
+
+def test_sampled_reasoning_gym_problems_without_an_answer_read_back_unverifiable(tmp_path):
+    """A scorer's problem with no single answer was written as checker "math" with answer 'None', so read
+    back "<answer>None</answer>" scored 1.0 (2026-11-30); it reads back as "none" (nothing to verify)."""
+    from reasonrl.train.sample import _record
+
+    rec = _record(Problem("color this graph", "None", None, "score", {"entry": {}, "score": None}), "r", {})
+    f = _write(tmp_path / "s.jsonl", [json.dumps(rec)])
+    (p,) = load_jsonl(f)
+    assert p.checker == "none" and accuracy_reward("<answer>None</answer>", p) == 0.0

@@ -872,3 +872,25 @@ def test_clip_frac_is_logged_from_every_pass():
                                                                                  [0.0, 1.0, 0.0]]),
                                  cfg, GRPOLossConfig(max_completion_length=8))
     assert 0 < s["clip_frac"] <= 1
+
+
+def test_refills_draw_new_questions():
+    """A refill round passed only the fixed exclusions, so it redrew questions of the same step: a dropped
+    group's question came back (193 of 200 steps with a 300-line dataset, 2026-11-30), or a kept one was
+    twice in the batch. Rounds now exclude the step's earlier questions."""
+    from types import SimpleNamespace
+
+    from reasonrl.train.grpo import make_tasks, rollout
+
+    class AllSame:  # every completion the same: zero reward variance, every group dropped
+        def generate(self, prompts, params, n=1):
+            return [[SimpleNamespace(text="<think></think><answer>0</answer>", length=3, finish_reason="stop")] * n
+                    for _ in prompts]
+
+    tok = load_tokenizer(builtin_path("tiny"))
+    cfg = GRPOConfig(task="multiply", difficulty=2, prompts_per_step=8, group_size=2, max_refills=5)
+    tasks = make_tasks(cfg)
+    for step in range(3):
+        kept, stats = rollout(AllSame(), tok, tasks, cfg, step, set())
+        questions = [tuple(g["prompt"]) for g in stats["all"]]  # (token ids)
+        assert not kept and len(questions) == 8 * 6 and len(set(questions)) == len(questions)

@@ -17,6 +17,9 @@ Rules (documented because model output is adversarial):
   int() refuses > 4300), decimal exponents beyond +-1000 are rejected, and symbolic expressions go to
   sympy only after an AST check (_safe_expr: + - * / and powers with a literal exponent <= 64, a
   bounded size, <= 200 characters).
+- A problem whose checker is "number" (the built-in multiply and add tasks) takes a plain number only
+  (an integer, a decimal, a/b): sympy would find "560*5", the question itself, equal to 2800, and a
+  policy could learn to copy its prompt.
 - Order: equal text, then exact numbers, then sympy on Python-syntax expressions; only where a side is
   none of these (LaTeX such as \\frac{\\sqrt{2}}{2}, intervals, sets) math-verify decides, when that
   optional package is installed, each side read whole as LaTeX. sympy and math-verify run in a worker
@@ -90,7 +93,7 @@ def normalize_answer(s: str) -> str:
     s = _ascii_digits(s).strip()
     s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\\(?:left|right|displaystyle|!|,|;| )", "", s)
-    s = s.replace("$", "").replace("\u2212", "-").strip()
+    s = s.replace("\\$", "").replace("$", "").replace("\u2212", "-").strip()  # \$ (MATH's dollars) whole
     s = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", s)
     if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")
@@ -247,13 +250,25 @@ def answers_equal(pred: str | None, gold: str, timeout: float = 1.0) -> bool:
     return bool(math_verify_equal(p, g, timeout))
 
 
+def numbers_equal(pred: str | None, gold: str) -> bool:
+    """Both plain numbers (an integer, a decimal, a/b, after normalize_answer) of the same exact value; an
+    expression ("560*5") is not an answer here, however it evaluates (the "number" checker)."""
+    if pred is None or len(pred) > 10 * len(str(gold)) + 10_000:
+        return False
+    p, g = _to_number(normalize_answer(pred)), _to_number(normalize_answer(str(gold)))
+    return p is not None and g is not None and p == g
+
+
 # ----------------------------------------------------------------------------- countdown
 def countdown_check(expr: str | None, numbers: list[int], target: int) -> bool:
     """True when expr uses exactly `numbers` (each once, all of them), only + - * / and parentheses,
     and evaluates to target. Evaluated on the AST with Fractions: no eval, no floats."""
     if not expr or len(expr) > 200:
         return False
-    expr = normalize_answer(expr).replace("\\times", "*").replace("\\cdot", "*").replace("x", "*")
+    expr = normalize_answer(expr)
+    for sym, op in (("\\times", "*"), ("\\cdot", "*"), ("\\div", "/"), ("\u00d7", "*"), ("\u00f7", "/"),
+                    ("\u22c5", "*"), ("x", "*")):
+        expr = expr.replace(sym, op)
     expr = expr.split("=")[0]
     try:
         tree = ast.parse(expr, mode="eval")
@@ -301,6 +316,8 @@ def accuracy_reward(response: str, problem) -> float:
         return 0.0
     if checker == "countdown":
         return float(countdown_check(pred, problem.meta["numbers"], problem.meta["target"]))
+    if checker == "number":
+        return float(numbers_equal(pred, problem.answer))
     if checker == "score":  # e.g. reasoning-gym: the dataset's own scorer in meta
         return float(problem.meta["score"](pred, problem.meta) >= 1.0) if pred is not None else 0.0
     if checker == "code":

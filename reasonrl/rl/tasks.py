@@ -4,8 +4,9 @@ A task makes `Problem`s: a question, a final answer, and (built-in tasks) a work
 training format <think>...</think><answer>...</answer> for the cold start.
 
 Splits. A question belongs to the held-out split when a hash of its text falls in the first
-`test_percent` of 100 buckets. Because the split is a function of the question text alone, the
-training and held-out problems can never share a question, whatever seeds or counts are used.
+`test_percent` of 100 buckets; where two texts are one problem (add's a+b and b+a), of a canonical
+form of it (meta["split_key"]). Because the split is a function of the question alone, the training
+and held-out problems can never share a question, whatever seeds or counts are used.
 Generation is deterministic by seed (a private random.Random; global RNGs are left alone).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field
 
 from reasonrl.rl import rgscore
@@ -26,7 +28,7 @@ class Problem:
     question: str
     answer: str
     solution: str | None = None  # worked response in the training format, when known
-    checker: str = "math"        # how rewards.accuracy_reward verifies: math | countdown | score | code
+    checker: str = "math"        # how rewards.accuracy_reward verifies: math | number | countdown | score | code
     meta: dict = field(default_factory=dict)
 
 
@@ -62,7 +64,7 @@ class Task:
                 raise ValueError(f"task {self.name}: could not find {n} distinct {split} problems "
                                  f"(found {len(out)}); widen the difficulty range")
             p = self.sample(rng)
-            if p.question in seen or split_of(p.question, self.test_percent) != split:
+            if p.question in seen or split_of(p.meta.get("split_key", p.question), self.test_percent) != split:
                 continue
             seen.add(p.question)
             out.append(p)
@@ -99,7 +101,8 @@ class MultiplyTask(Task):
             v = int(d) * b + carry
             steps.append(f"{d}*{b}" + (f"+{carry}" if carry else "") + f"={v}")
             carry = v // 10
-        return Problem(f"{a}*{b}", str(a * b), format_response(",".join(steps), str(a * b)))
+        # "number": the answer must be a plain number; sympy finds "{a}*{b}", the question, equal to it
+        return Problem(f"{a}*{b}", str(a * b), format_response(",".join(steps), str(a * b)), "number")
 
 
 class AddTask(Task):
@@ -122,7 +125,8 @@ class AddTask(Task):
             v = int(x) + int(y) + carry
             steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={v}")
             carry = v // 10
-        return Problem(f"{a}+{b}", str(a + b), format_response(",".join(steps), str(a + b)))
+        return Problem(f"{a}+{b}", str(a + b), format_response(",".join(steps), str(a + b)), "number",
+                       {"split_key": f"{min(a, b)}+{max(a, b)}"})
 
 
 class CountdownTask(Task):
@@ -163,7 +167,9 @@ class JsonlTask(Task):
     "solution" with \\boxed{}} (or an explicit "answer"). An optional "response" in the training
     format is used as the worked solution for SFT (what `reasonrl sample` writes); optional
     "checker" ("math" | "countdown" | "none" | "code") and "meta" (e.g. countdown's numbers and target)
-    say how rewards.accuracy_reward verifies an answer (default: math equivalence). "none" marks
+    say how rewards.accuracy_reward verifies an answer (default: math equivalence; "number": a plain
+    number only, no expression, as the built-in arithmetic tasks, whose question sympy would find equal
+    to its answer). "none" marks
     open-ended prompts with no answer to verify (the helpfulness side of a mix, scored by an
     "rm:FOLDER" reward); their "answer" may be omitted and their accuracy is 0. "code" runs the
     response's last ```python block against the line's "tests" (or meta.tests: plain asserts) in the
@@ -191,9 +197,11 @@ def _jsonl_problem(obj, where: str) -> Problem:
     answer, rationale = obj.get("answer"), None
     if isinstance(answer, str) and "####" in answer:  # GSM8K: rationale #### final
         rationale, answer = answer.rsplit("####", 1)
-        rationale = rationale.replace("<<", "").replace(">>", "")  # calculator annotations
-    if answer is None and isinstance(obj.get("solution"), str):  # MATH
-        rationale, answer = obj["solution"], extract_boxed(obj["solution"])
+        rationale = re.sub(r"<<[^<>]*>>", "", rationale)  # calculator annotations: "48/2 = <<48/2=24>>24"
+    if isinstance(obj.get("solution"), str) and rationale is None:  # MATH (MATH-500 gives "answer" too)
+        rationale = obj["solution"]
+        if answer is None:
+            answer = extract_boxed(obj["solution"])
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         if not math.isfinite(answer):  # json.loads takes NaN and Infinity: 'nan' verified equal to 'nan'
             raise ValueError(f"{where}: 'answer' must be a finite number, got {answer}")
@@ -236,9 +244,9 @@ def _jsonl_problem(obj, where: str) -> Problem:
     return Problem(question.strip(), answer, solution, checker, meta)
 
 
-# plain-JSON checkers; "none": no verifiable answer; "code": the response's last ```python block (or its
+# plain-JSON checkers; "number": a plain number, not an expression; "none": no verifiable answer; "code": the response's last ```python block (or its
 # answer) runs against the line's tests in rl/sandbox.py
-JSONL_CHECKERS = ("math", "countdown", "none", "code")
+JSONL_CHECKERS = ("math", "number", "countdown", "none", "code")
 
 
 def load_jsonl(path: str) -> list[Problem]:
@@ -259,6 +267,8 @@ def load_jsonl(path: str) -> list[Problem]:
                 except (ValueError, RecursionError) as e:  # a number past int()'s 4300 digits; deep nesting
                     why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
                     raise ValueError(f"{where}: JSON that cannot be read ({why})") from None
+                if isinstance(obj, dict) and isinstance(obj.get("answer"), float):  # its digits as written:
+                    obj["answer"] = json.loads(line, parse_float=str)["answer"]  # 0.30000000000000000001 != 0.3
                 p = _jsonl_problem(obj, where)
                 if p.question in seen and seen[p.question][1] != (p.answer, p.checker):
                     raise ValueError(f"{where}: the question of line {seen[p.question][0]} again, with another "
@@ -302,8 +312,22 @@ class ReasoningGymTask(Task):
                              + (f" (close: {', '.join(close)})" if close else f" ({len(known)} are registered)"))
 
     def problems(self, n, seed, split="train", exclude=()):
-        # Oversample, then keep this split's questions: the hash rule keeps splits disjoint here too.
-        size = max(4 * n, 16) + 64
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        # Oversample, then keep this split's questions: the hash rule keeps splits disjoint here too. The
+        # split holds test_percent of the questions (or the rest): 1.5x the entries that share needs, so that
+        # a held-out set of 100 is there (4n + 64 entries gave 39 test problems for n = 100); larger where
+        # duplicate questions leave too few, up to 8x.
+        share = (self.test_percent if split == "test" else 100 - self.test_percent) / 100
+        base = math.ceil(1.5 * n / share) + 64
+        for size in (base, 2 * base, 8 * base):
+            out = self._draw(n, seed, split, exclude, size)
+            if len(out) == n:
+                return out
+        raise ValueError(f"task {self.name}: only {len(out)} distinct {split} problems for n={n} "
+                         f"(from {size} generated); ask for fewer")
+
+    def _draw(self, n, seed, split, exclude, size):
         ds = self.rg.create_dataset(self.dataset, size=size, seed=seed, **self.kwargs)
         # Scored in a sandboxed worker process (rgscore.py): some of reasoning-gym's scorers eval() the answer.
         spec = (self.dataset, size, seed, self.kwargs)
@@ -313,17 +337,27 @@ class ReasoningGymTask(Task):
             if q in seen or split_of(q, self.test_percent) != split:
                 continue
             seen.add(q)
+            nums = entry.get("metadata", {}).get("numbers")
+            if self.dataset == "puzzle24" and isinstance(nums, list) and all(type(x) is int for x in nums):
+                # reasoning-gym's puzzle24 scorer checks that four numbers make 24, not that they are the
+                # problem's: "6*4*1*1" scored 1.0 on every problem (reasoning-gym 0.1.x). The countdown
+                # check is exact: these numbers, each once, and the value 24.
+                out.append(Problem(q, str(entry["answer"]), None, "countdown", {"numbers": nums, "target": 24}))
+                if len(out) == n:
+                    break
+                continue
             meta = {"entry": entry, "score": lambda pred, m, spec=spec: rgscore.score(spec, m["entry"], pred)}
             out.append(Problem(q, str(entry["answer"]), None, "score", meta))
             if len(out) == n:
-                return out
-        raise ValueError(f"task {self.name}: only {len(out)} distinct {split} problems for n={n}")
+                break
+        return out
 
 
 BUILTIN = {"multiply": MultiplyTask, "add": AddTask, "countdown": CountdownTask}
 # Largest difficulty each built-in takes: operands of up to 1000 digits (products stay under Python's
 # 4300-digit int/str limit), up to 12 numbers in countdown.
 MAX_DIFFICULTY = {"multiply": 1000, "add": 1000, "countdown": 12}
+MIN_DIFFICULTY = {"multiply": 1, "add": 1, "countdown": 2}  # countdown: at least two numbers
 
 
 def get_task(name: str, difficulty: int | None = None) -> Task:
@@ -341,11 +375,11 @@ def get_task(name: str, difficulty: int | None = None) -> Task:
         raise ValueError(f"task {name!r}: expected one of {sorted(BUILTIN)}, 'jsonl:PATH' or 'rg:DATASET'")
     if difficulty is None:
         return BUILTIN[name]()
-    top = MAX_DIFFICULTY[name]
-    if not 1 <= difficulty <= top:
-        raise ValueError(f"difficulty: task {name!r} takes 1..{top}, got {difficulty}")
+    low, top = MIN_DIFFICULTY[name], MAX_DIFFICULTY[name]
+    if not low <= difficulty <= top:
+        raise ValueError(f"difficulty: task {name!r} takes {low}..{top}, got {difficulty}")
     if name == "countdown":
-        return CountdownTask(count=max(2, difficulty))
+        return CountdownTask(count=difficulty)
     return BUILTIN[name](digits=(min(2, difficulty), difficulty))
 
 

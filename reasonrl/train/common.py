@@ -56,7 +56,7 @@ def preflight(stages: list[tuple[str, object]], model: str, skip_task: tuple[str
     became, with its architecture). Errors name label.field."""
     from reasonrl.engine.sequence import max_context
     from reasonrl.models import ModelConfig
-    from reasonrl.rl.tasks import get_task
+    from reasonrl.rl.tasks import BUILTIN, get_task, parse_task_mix
     try:
         ctx = max_context(ModelConfig.from_json(builtin_path(model) if model in BUILTIN_MODELS else model))
     except (OSError, ValueError):  # not readable here: its stage's own load says why
@@ -66,10 +66,16 @@ def preflight(stages: list[tuple[str, object]], model: str, skip_task: tuple[str
             field = "device"
             if hasattr(c, "device"):
                 resolve_device(c.device)
-            field = "task"
-            task = getattr(c, "task", None)
-            if task and "=" not in task and label not in skip_task:  # a mix ("a=0.7;b=0.3") is checked by the config itself
-                get_task(task, getattr(c, "difficulty", None))
+            for field in ("task", "tasks"):  # GRPO's mix is "tasks" (it wins over "task" where set)
+                task = getattr(c, field, None)
+                if not task or label in skip_task or (field == "task" and getattr(c, "tasks", None)):
+                    continue
+                if "=" in task:  # a mix ("a=0.7;b=0.3"): its names are checked by the config, the difficulty here
+                    for name, _, _ in parse_task_mix(task):
+                        if name in BUILTIN:
+                            get_task(name, getattr(c, "difficulty", None))
+                else:
+                    get_task(task, getattr(c, "difficulty", None))
         except (ValueError, ImportError, OSError) as e:
             raise ValueError(f"{label}.{field}: {e}") from None
         n = getattr(c, "max_tokens", None)

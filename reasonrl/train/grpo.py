@@ -50,9 +50,14 @@ def rollout(engine, tokenizer, tasks, cfg: GRPOConfig, step: int, exclude):
     16%-accurate SFT model, filtering on the total reward drove held-out accuracy to 0% in 67
     steps (format-only answers)."""
     kept, stats = [], {"rollout_tokens": 0, "rollout_s": 0.0, "all": []}
-    for refill in range(cfg.max_refills + 1 if cfg.dynamic_sampling else 1):
+    used = set()  # this step's questions: a refill draws new ones (a dropped group's question came back
+    for refill in range(cfg.max_refills + 1 if cfg.dynamic_sampling else 1):  # in 193 of 200 steps, 300 lines)
         need = cfg.prompts_per_step - len(kept)
-        drawn = draw_problems(tasks, need, cfg.seed, step, refill, exclude)
+        try:
+            drawn = draw_problems(tasks, need, cfg.seed, step, refill, exclude | used if used else exclude)
+        except ValueError:  # a small dataset without that many unused questions: this step's may come again
+            drawn = draw_problems(tasks, need, cfg.seed, step, refill, exclude)
+        used.update(p.question for _, p in drawn)
         prompts = [encode_prompt(tokenizer, cfg.prompt_template, p.question) for _, p in drawn]
         torch.manual_seed(step_seed(cfg.seed, "sample", step, refill))  # the engine's per-sample seeds
         t0 = time.perf_counter()

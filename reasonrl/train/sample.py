@@ -54,6 +54,10 @@ def _record(problem, text, provenance):
     rec = {"question": problem.question, "answer": problem.answer, "response": text}
     if problem.checker in JSONL_CHECKERS and problem.checker != "math":  # plain-JSON checkers round-trip
         rec["checker"], rec["meta"] = problem.checker, problem.meta
+    elif problem.checker == "score" and problem.answer.strip() in ("", "None"):
+        # a scorer's problem (reasoning-gym) with no single answer: its scorer does not travel in JSON, and
+        # read back as "math" its answer 'None' was matched by "<answer>None</answer>"
+        rec["checker"] = "none"
     return {**rec, "provenance": provenance}
 
 
