@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+
+from reasonrl.ops._backend import first_order_only  # (the custom backwards: a double backward raises)
 
 _STATE = {"deterministic": False, "native_gqa": True}
 MASK_BUDGET = 1 << 26  # mask entries (batch x queries x keys) of one shared-prefix SDPA call
@@ -144,7 +145,7 @@ class _TakeRows(torch.autograd.Function):
         return x.index_select(0, rows.idx)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g):
         offsets, order = ctx.rows.csr()
         return torch.ops.reasonrl.scatter_rows(g.contiguous(), offsets, order, ctx.rows.n), None
@@ -187,7 +188,7 @@ class _PaddedAttention(torch.autograd.Function):
         return o
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, do):
         q, k, v, o, lse, off, klen = ctx.saved_tensors
         dq, dk, dv = torch.ops.reasonrl.fused_attn_bwd(do, q, k, v, o, lse, off, klen, ctx.scale)

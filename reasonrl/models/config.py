@@ -19,6 +19,7 @@ import json
 import math
 import numbers
 import os
+import sys
 from dataclasses import dataclass, field
 
 # model_type -> the architectures name transformers writes into config.json
@@ -152,6 +153,10 @@ class ModelConfig:
             raise ValueError(f"config.json: hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
         if d.get("mlp_bias", False):
             raise ValueError("config.json: mlp_bias=true is not supported")
+        if d.get("attention_dropout") or 0.0:  # train-time only: logits match transformers' eval mode
+            print(f"note: config.json: attention_dropout={d['attention_dropout']} is not applied; reasonrl's models "
+                  "train without dropout (policy-gradient trainers usually turn it off: it makes the log-probs "
+                  "of the update differ from those of the rollout)", file=sys.stderr)
         if d.get("use_sliding_window", False):
             raise ValueError("config.json: use_sliding_window=true is not supported (full attention only)")
         if "sliding_attention" in (d.get("layer_types") or []):

@@ -28,7 +28,11 @@ import types
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+
+# The custom backwards below compute their gradients with kernels, not traced ops: under create_graph=True
+# (a gradient penalty, a Hessian-vector product) first_order_only raises, where once_differentiable dropped
+# the second-order terms without a word (0.88 relative error through a tiny Llama, 2026-11-30).
+from reasonrl.ops._backend import first_order_only
 
 
 # On CUDA the elementwise passes of RMSNorm, RoPE and the SwiGLU product run as Triton kernels
@@ -151,7 +155,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g):
         x2, w, r = ctx.saved_tensors
         dx, dw = kernels_for(x2).rms_norm_bwd(g.reshape(-1, g.shape[-1]).contiguous(), x2, w, r)
@@ -181,7 +185,7 @@ class AddRMSNormFunction(torch.autograd.Function):
         return s.view(x.shape), y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g_s, g_y):
         s, w, r = ctx.saved_tensors
         shape, a_dt = ctx.meta
@@ -233,7 +237,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         xc, gu, wgu, wd = ctx.saved_tensors
         x_dt, g_dt, u_dt, d_dt = ctx.dtypes
@@ -310,7 +314,7 @@ class LinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         x2, wc = ctx.saved_tensors
         x_dt, x_shape, w_dt, b_dt = ctx.meta
@@ -390,7 +394,7 @@ class QKVFunction(torch.autograd.Function):
         return tuple(t.view(*lead, t.shape[1]) for t in y.split(ctx.sizes, dim=1))
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dq, dk, dv):
         x2, w = ctx.saved_tensors
         x_dt, x_shape, w_dt, b_dt = ctx.meta
@@ -464,7 +468,7 @@ class RopeFunction(torch.autograd.Function):
         return _rope(x, cos, sin)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
         return _rope(grad, cos, sin, -1.0), None, None
