@@ -242,3 +242,69 @@ def test_no_signal_to_the_trainer_through_a_pidfd():
     finally:
         signal.signal(signal.SIGUSR1, old)
     assert not r.passed and got == []
+
+
+# ---- reward hacks by return value (2026-11-30) ----------------------------------------------------------
+ANY = "class Any:\n    def __eq__(self, o):\n        return True\n    __ne__ = lambda s, o: False\n    __hash__ = None\n"
+
+
+@pytest.mark.parametrize("code, tests", [
+    (ANY + "def f(x):\n    return Any()", "assert f(2) == 4"),
+    (ANY + "import functools\n@functools.lru_cache\ndef f(x):\n    return Any()", "assert f(2) == 4"),
+    (ANY + "f = lambda x: Any()", "assert f(2) == 4"),
+    (ANY + "class Solution:\n    def f(self, x):\n        return Any()", "assert Solution().f(2) == 4"),
+    (ANY + "class Solution:\n    @staticmethod\n    def f(x):\n        return Any()", "assert Solution.f(2) == 4"),
+    ("class L(list):\n    def __eq__(self, o):\n        return True\ndef f(x):\n    return L()", "assert f(2) == [4]"),
+    ("class I(int):\n    def __eq__(self, o):\n        return True\ndef f(x):\n    return I(0)", "assert f(2) == 4"),
+    ("class F:\n    def __bool__(self):\n        return False\ndef is_even(x):\n    return F()", "assert not is_even(4)"),
+    ("class S:\n    def __sub__(self, o):\n        return 0\ndef root(x):\n    return S()", "assert abs(root(4) - 2) < 1e-9"),
+    (ANY + "def f(x):\n    return [Any()]", "assert f(2) == [4]"),
+    (ANY + "def f(x):\n    return Any()",  # the guard's error is no TypeError for the tests to expect
+     "try:\n    f('x')\n    assert False\nexcept TypeError:\n    pass"),
+])
+def test_a_solution_cannot_pass_with_an_object_that_equals_anything(code, tests):
+    """An object whose __eq__ is always True (or __bool__, __sub__ ...) passed every assert, a reward a
+    policy can learn; the solution's functions and methods must return plain data now."""
+    r = run_tests(code, tests)
+    assert not r.passed, (r.status, r.stderr[-300:])
+    if "try" not in tests:  # the hack itself works: the guard is what stops it
+        assert run_tests(code, tests, plain_returns=False).passed
+
+
+def test_plain_returns_keep_honest_solutions_working():
+    """Builtin subclasses come back as their plain values (a Counter as a dict), recursion through the
+    module or through self works at depth 900, classes of the solution work as instances the tests make,
+    exceptions pass through, and the solution's globals are there."""
+    code = ("import collections, functools\nLIMIT = 3\n"
+            "def count(s):\n    return collections.Counter(s)\n"
+            "def depth(n):\n    return 0 if n == 0 else 1 + depth(n - 1)\n"
+            "@functools.lru_cache(None)\ndef fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+            "class Stack:\n    def __init__(self):\n        self.items = []\n"
+            "    def push(self, x):\n        self.items.append(x)\n"
+            "    def pop(self):\n        return self.items.pop()\n"
+            "    def down(self, n):\n        return 0 if n == 0 else 1 + self.down(n - 1)\n"
+            "def checked(x):\n    if x < 0:\n        raise ValueError('negative')\n    return (x, [x], {x: {x}})\n")
+    tests = ("assert count('aab') == {'a': 2, 'b': 1}\nassert depth(900) == 900\nassert fib(80) == 23416728348467685\n"
+             "s = Stack()\ns.push(5)\nassert s.pop() == 5\nassert s.down(900) == 900\nassert isinstance(s, Stack)\n"
+             "assert checked(2) == (2, [2], {2: {2}})\nassert LIMIT == 3\n"
+             "try:\n    checked(-1)\n    assert False\nexcept ValueError:\n    pass\nprint('ok')")
+    r = run_tests(code, tests)
+    assert r.passed and "ok" in r.stdout, r.stderr[-800:]
+    # tests that compare objects of the solution's classes need plain_returns=False
+    obj = "class P:\n    def __init__(self, v):\n        self.v = v\n    def __eq__(self, o):\n        return self.v == o.v\n" \
+          "def make(v):\n    return P(v)\n"
+    assert not run_tests(obj, "assert make(1) == P(1)").passed
+    assert run_tests(obj, "assert make(1) == P(1)", plain_returns=False).passed
+
+
+def test_the_guard_sees_through_borrowed_module_names():
+    """A class of the solution's that claims another module (a metaclass property, a __module__ string) is
+    still checked; a class really imported from a module is left as it is."""
+    hacks = [ANY + "class M(type):\n    __module__ = property(lambda c: 'collections')\n"
+             "class Solution(metaclass=M):\n    def f(self, x):\n        return Any()",
+             ANY + "class Solution:\n    __module__ = 'collections'\n    def f(self, x):\n        return Any()"]
+    for code in hacks:
+        assert not run_tests(code, "assert Solution().f(2) == 4").passed
+    imported = "from fractions import Fraction\ndef half(x):\n    return x / 2\n"
+    assert run_tests(imported, "assert Fraction(1, 3).limit_denominator(10) == Fraction(1, 3)\n"
+                               "assert half(3) == 1.5").passed

@@ -174,6 +174,22 @@ def test_jsonl_code_problems_run_their_tests(tmp_path):
     cheat = "<think>x</think><answer>```python\nimport sys\nsys.exit(0)\n```</answer>"
     assert [accuracy_reward(r, ps[0]) for r in (good, bad, cheat)] == [1.0, 0.0, 0.0]
     assert accuracy_reward("<answer>```python\ndef neg(x):\n    return -x\n```</answer>", ps[1]) == 1.0
+    # the guard against objects that equal anything (rl/sandbox.py), and its opt-out for tests that compare
+    # objects of the solution's own classes
+    hack = "<answer>```python\nclass A:\n    __eq__ = lambda s, o: True\ndef add(a, b):\n    return A()\n```</answer>"
+    assert accuracy_reward(hack, ps[0]) == 0.0
+    f2 = _write(tmp_path / "obj.jsonl", [
+        json.dumps({"question": "Write P(v) with equality by v.", "checker": "code", "tests": "assert make(1) == P(1)",
+                    "meta": {"plain_returns": False}}),
+        json.dumps({"question": "Another.", "checker": "code", "tests": "assert make(1) == P(1)"})])
+    obj = ("<answer>```python\nclass P:\n    def __init__(self, v):\n        self.v = v\n"
+           "    def __eq__(self, o):\n        return self.v == o.v\ndef make(v):\n    return P(v)\n```</answer>")
+    opt_out, guarded = load_jsonl(f2)
+    assert accuracy_reward(obj, opt_out) == 1.0 and accuracy_reward(obj, guarded) == 0.0
+    bad = _write(tmp_path / "bad.jsonl", [json.dumps({"question": "q", "checker": "code", "tests": "assert 1",
+                                                       "meta": {"plain_returns": "no"}})])
+    with pytest.raises(ValueError, match="meta.plain_returns must be true or false"):
+        load_jsonl(bad)
 
 
 # ----------------------------------------------------------------------------- reasoning-gym's scorers, sandboxed

@@ -323,7 +323,8 @@ def accuracy_reward(response: str, problem) -> float:
     if checker == "code":
         from reasonrl.rl.sandbox import run_tests
         code = _code_block(response)
-        return float(code is not None and run_tests(code, problem.meta["tests"]).passed)
+        return float(code is not None and run_tests(code, problem.meta["tests"],
+                                                    plain_returns=problem.meta.get("plain_returns", True) is not False).passed)
     return float(answers_equal(pred, problem.answer))
 
 

@@ -21,7 +21,10 @@ Model output is untrusted, so several independent layers stand between it and th
    it arrives.
 A pass is exit status 0 *and* a nonce the harness writes to a channel of its own after the tests
 ran; the tests reach the child through a pipe, never its directory. So sys.exit(0) before the
-tests, printing a verdict, or reading the tests' expected values earn nothing.
+tests, printing a verdict, or reading the tests' expected values earn nothing. The tests see the
+solution's functions and methods through a guard that hands them plain copies of the results (see
+GUARD_SOURCE): an object whose __eq__ is always True earns nothing either (plain_returns=False turns
+the guard off, for tests that compare objects of the solution's own classes).
 This is a filter for reward computation, not a security boundary for hostile humans: use a
 container or VM when that is the threat.
 """
@@ -138,7 +141,103 @@ HOOK_SOURCE = textwrap.dedent(r"""
                 del signal.pidfd_send_signal
 """)
 
-_HARNESS = "import sys, os, json\n" + HOOK_SOURCE + textwrap.dedent(r"""
+# _guarded(ns, sys): the namespace the tests run in (plain_returns). Every function the solution left in it
+# and every method of its classes returns a plain copy of its result: exact numbers, strings, bytes, None,
+# and lists / tuples / dicts / sets of them, rebuilt through the builtin types' own methods (a subclass's
+# overrides are not called); anything else ends the run (a BaseException, so no except clause of the
+# tests turns it into a pass). Otherwise a solution could return an object
+# whose __eq__ is always True (or __bool__, __sub__, ...) and pass every assert. Calls the solution makes
+# to itself go through unchecked (a counter), so recursion pays one frame, not a copy of its result.
+# Defined, with the builtins it uses bound, before the solution runs: it cannot rebind them.
+GUARD_SOURCE = textwrap.dedent(r"""
+    def _make_guard(type=type, issubclass=issubclass, len=len, dict=dict, list=list, tuple=tuple, set=set,
+                    frozenset=frozenset, int=int, float=float, str=str, bytes=bytes, complex=complex,
+                    bool=bool, TypeError=TypeError, staticmethod=staticmethod, classmethod=classmethod,
+                    vars=vars, callable=callable, isinstance=isinstance, FunctionType=type(lambda: 0),
+                    ModuleType=type(sys), BuiltinType=type(len), Exception=Exception, modules=sys.modules,
+                    module_of=type.__dict__["__module__"].__get__, name_of=type.__dict__["__name__"].__get__,
+                    getattr=getattr):
+        scalars = (bool, int, float, complex, str, bytes, type(None))
+        depth = [0]
+
+        class NotPlainData(BaseException):  # not an Exception, not a TypeError: a test that expects one to
+            pass                            # be raised must not pass on this
+
+        def plain(v, name, level=0):
+            t = type(v)
+            if t in scalars:
+                return v
+            if level > 64:
+                raise NotPlainData(f"{name}() returned data nested more than 64 levels deep")
+            if issubclass(t, int):
+                return int.__int__(v)
+            if issubclass(t, float):
+                return float.__float__(v)
+            if issubclass(t, str):
+                return str.__str__(v)
+            if issubclass(t, bytes):
+                return bytes.__bytes__(v)
+            if issubclass(t, complex):
+                return complex.__complex__(v)
+            if issubclass(t, list):
+                return [plain(x, name, level + 1) for x in list.__iter__(v)]
+            if issubclass(t, tuple):
+                return tuple([plain(x, name, level + 1) for x in tuple.__iter__(v)])
+            if issubclass(t, dict):
+                return {plain(k, name, level + 1): plain(x, name, level + 1) for k, x in dict.items(v)}
+            if issubclass(t, frozenset):
+                return frozenset([plain(x, name, level + 1) for x in frozenset.__iter__(v)])
+            if issubclass(t, set):
+                return {plain(x, name, level + 1) for x in set.__iter__(v)}
+            raise NotPlainData(f"{name}() returned a {t.__name__!r} object: the tests compare plain values (numbers, "
+                            "strings, bytes, None, and lists, tuples, dicts and sets of them), and an object "
+                            "of the solution's own making could claim to equal anything")
+
+        def wrap(fn, name):
+            def checked(*args, **kwargs):
+                if depth[0]:  # the solution calling itself: unchecked
+                    return fn(*args, **kwargs)
+                depth[0] += 1
+                try:
+                    out = fn(*args, **kwargs)
+                finally:
+                    depth[0] -= 1
+                return plain(out, name)
+            return checked
+
+        def guarded(ns):
+            out = dict(ns)
+            for key, v in ns.items():
+                if key.startswith("_"):  # private helpers (and namedtuple's _make, _replace): the tests' API is public
+                    continue
+                if isinstance(v, type):
+                    mod = module_of(v)  # read past any metaclass property
+                    if type(mod) is str and mod != "__main__" and getattr(modules.get(mod), name_of(v), None) is v:
+                        continue  # imported (from collections import Counter, ...): as it is
+                    # a class of the solution's: the tests get a subclass whose methods are checked
+                    methods = {}
+                    for m, f in vars(v).items():
+                        if m.startswith("_"):
+                            continue
+                        if type(f) is FunctionType:
+                            methods[m] = wrap(f, f"{key}.{m}")
+                        elif type(f) is staticmethod and type(f.__func__) is FunctionType:
+                            methods[m] = staticmethod(wrap(f.__func__, f"{key}.{m}"))
+                        elif type(f) is classmethod and type(f.__func__) is FunctionType:
+                            methods[m] = classmethod(wrap(f.__func__, f"{key}.{m}"))
+                    if methods:
+                        try:
+                            out[key] = type(v.__name__, (v,), {**methods, "__module__": "__main__",
+                                                               "__qualname__": v.__qualname__})
+                        except Exception:  # a class that cannot be subclassed (an Enum, a metaclass's doing): as it is
+                            pass
+                elif type(v) is not ModuleType and type(v) is not BuiltinType and callable(v):
+                    out[key] = wrap(v, key)  # functions, lambdas, lru_cache wrappers, partials, callable objects
+            return out
+        return guarded
+""")
+
+_HARNESS = "import sys, os, json\n" + HOOK_SOURCE + GUARD_SOURCE + textwrap.dedent(r"""
     def _run():
         os.unlink(sys.argv[0])  # this file: nothing in the working directory tells how the verdict is made
         nonce = sys.stdin.readline().strip()
@@ -148,6 +247,8 @@ _HARNESS = "import sys, os, json\n" + HOOK_SOURCE + textwrap.dedent(r"""
         os.close(devnull)
         fd, write = int(sys.argv[3]), os.write
         code = (compile(job["code"], "solution.py", "exec"), compile(job["tests"], "tests.py", "exec"))
+        guarded = _make_guard() if job.get("plain_returns", True) else None
+        limit, set_limit = sys.getrecursionlimit, sys.setrecursionlimit  # bound before the solution runs
         _install(os.path.realpath(sys.argv[1]), sys.argv[2] == "1")
         # Taken before the solution runs, which can rebind names in the builtins module (a solution
         # that set builtins.exec to a no-op passed tests that never ran): the tests run with the
@@ -156,14 +257,16 @@ _HARNESS = "import sys, os, json\n" + HOOK_SOURCE + textwrap.dedent(r"""
         ns = {"__name__": "__main__", "__builtins__": dict(builtins_then)}
         run(code[0], ns)  # the solution, then the tests in its namespace (compiled apart: the solution's
         ns["__builtins__"] = builtins_then  # text cannot swallow the tests, e.g. with an open string)
-        run(code[1], ns)
+        if guarded:  # a checked method that recurses through self pays a wrapper frame a level: room for it
+            set_limit(max(limit(), 2100))
+        run(code[1], guarded(ns) if guarded else ns)
         sys.stdout.flush()
         write(fd, (nonce + "\n").encode())
 
     try:
         _run()
     finally:
-        del _run, _install
+        del _run, _install, _make_guard
 """)
 
 
@@ -191,10 +294,13 @@ def _limits(cpu_s: int, memory_mb: int, file_mb: int, netns: bool):
 
 
 def run_tests(code: str, tests: str, *, timeout: float = 5.0, memory_mb: int = 512, file_mb: int = 16,
-              network_namespace: bool = True, audit_hook: bool = True,
+              network_namespace: bool = True, audit_hook: bool = True, plain_returns: bool = True,
               max_output: int = 10_000) -> SandboxResult:
     """Run `code` then `tests` (plain asserts) in a sandboxed interpreter; passed when exit status is 0.
 
+    plain_returns: the solution's functions and methods must return plain data (GUARD_SOURCE), so that an
+    object that equals anything earns nothing; False for tests that compare objects of the solution's
+    classes (a JSONL line's meta "plain_returns": false).
     audit_hook=False exists only so that tests can check the other layers on their own."""
     if timeout <= 0:
         raise ValueError(f"run_tests: timeout must be > 0 seconds, got {timeout}")
@@ -206,7 +312,7 @@ def run_tests(code: str, tests: str, *, timeout: float = 5.0, memory_mb: int = 5
         with open(os.path.join(workdir, "_harness.py"), "w") as f:
             f.write(_HARNESS)
         nonce = secrets.token_hex(16)
-        job = (nonce + "\n" + json.dumps({"code": code, "tests": tests})).encode()
+        job = (nonce + "\n" + json.dumps({"code": code, "tests": tests, "plain_returns": bool(plain_returns)})).encode()
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
         start = time.monotonic()
         proc = subprocess.Popen(

@@ -173,7 +173,8 @@ class JsonlTask(Task):
     open-ended prompts with no answer to verify (the helpfulness side of a mix, scored by an
     "rm:FOLDER" reward); their "answer" may be omitted and their accuracy is 0. "code" runs the
     response's last ```python block against the line's "tests" (or meta.tests: plain asserts) in the
-    sandbox (rl/sandbox.py); "answer" may be omitted. A question given twice must have one answer."""
+    sandbox (rl/sandbox.py), whose functions must return plain data (meta "plain_returns": false for
+    tests that compare objects of the solution's classes); "answer" may be omitted. A question given twice must have one answer."""
 
     def __init__(self, path: str):
         self.path, self.name = path, f"jsonl:{os.path.basename(path)}"
@@ -241,6 +242,8 @@ def _jsonl_problem(obj, where: str) -> Problem:
         if not isinstance(meta.get("tests"), str) or not meta["tests"].strip():
             raise ValueError(f"{where}: checker 'code' needs 'tests' (or meta.tests): Python asserts that the "
                              "answer's code must pass, run in the sandbox (rl/sandbox.py)")
+        if not isinstance(meta.get("plain_returns", True), bool):
+            raise ValueError(f"{where}: meta.plain_returns must be true or false, got {meta['plain_returns']!r}")
     return Problem(question.strip(), answer, solution, checker, meta)
 
 
