@@ -141,7 +141,7 @@ def _grpo_fwd_kernel(
             acc_kl += tl.where(live, m * kl, 0.0)
         if HAS_ENT:
             h = tl.load(ENT + base + t, mask=ok, other=0.0)
-            l -= ent_coef * h
+            l -= tl.where(ent_coef != 0.0, ent_coef * h, 0.0)  # the bonus only where asked, as the reference
             acc_ent += tl.where(live, m * h, 0.0)
         acc_loss += tl.where(live, m * l, 0.0)
         acc_m += m

@@ -59,9 +59,12 @@ def _logprob_fwd_kernel(
         if WITH_ENT:
             # t is kept relative to the running max so that no terms of size |z| cancel later
             # (at logits near 1e4 a plain sum of e * z loses three digits of the entropy).
-            dm = tl.maximum(dm, -3.0e38)  # first tile: s = 0, keep 0 * dm finite
+            # alpha = 0 (the first tile, or an old max far below, as masks at finfo.min): nothing of the old
+            # terms is left, and dm * s would be -inf there (0 * -inf = NaN: the entropy of a row whose
+            # first 3 tiles were finfo.min was NaN)
+            t = tl.where(alpha > 0, alpha * (t + dm * s), 0.0)
             # -inf logits (a masked vocabulary, and the lanes past V) have e = 0: add 0, not 0 * -inf
-            t = alpha * (t + dm * s) + e * tl.where(x > float("-inf"), d, 0.0)
+            t += e * tl.where(x > float("-inf"), d, 0.0)
         s = s * alpha + e
         m = m_new
     s_tot = tl.sum(s, 0)
@@ -342,7 +345,7 @@ def _lse_merge_kernel(
         S += tl.sum(w * s, 1)
         if WITH_ENT:
             t = tl.load(p + 2 * stride_pc, mask=msk, other=0.0)
-            T += tl.sum(w * (t + tl.where(msk, dm, 0.0) * s), 1)
+            T += tl.sum(tl.where(w > 0, w * (t + tl.where(msk, dm, 0.0) * s), 0.0), 1)  # w = 0: see above
     S = tl.where(rmask, S, 1.0)  # rows past N: no log(0)
     log_s = tl.log2(S)
     tid = tl.load(IDS + rows, mask=rmask, other=ignore_index)

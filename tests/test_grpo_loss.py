@@ -1176,3 +1176,20 @@ def test_reference_masked_rows_with_nan_give_finite_gradients():
     loss, _ = grpo_loss(hidden=h, weight=w, ids=ids, mask=mask, rewards=rewards, group_size=2, backend="reference")
     loss.backward()
     assert torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_a_nan_entropy_reaches_no_loss_without_an_entropy_bonus(backend):
+    """The kernels subtracted entropy_coef * H with entropy_coef = 0, so a NaN entropy made the loss NaN
+    where the reference's was finite (2026-11-30); the metric still reports it."""
+    B, T = 4, 5
+    torch.manual_seed(0)
+    logp = (-torch.rand(B, T)).requires_grad_()
+    ent = torch.rand(B, T)
+    ent[1, 2] = float("nan")
+    loss, metrics = grpo_loss_from_logprobs(logp, ent, mask=torch.ones(B, T), rewards=torch.randn(B), group_size=2,
+                                            config=GRPOLossConfig(), backend=backend)
+    assert torch.isfinite(loss), backend
+    loss.backward()
+    assert torch.isfinite(logp.grad).all()
+    assert metrics["entropy"].isnan()

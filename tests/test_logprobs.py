@@ -851,3 +851,17 @@ def test_double_backward_is_an_error_not_a_dropped_term(backend):
     g, = torch.autograd.grad(token_logprobs(x, torch.tensor([0, 2, 5]), backend="reference").sum(), x,
                              create_graph=True)
     assert g.grad_fn is not None  # the reference traces its gradient
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_entropy_with_leading_tiles_masked_at_finfo_min(backend):
+    """Rows whose first tiles are masked with finfo(float32).min (a constrained vocabulary) and the rest
+    ordinary: the running entropy term was rescaled by exp(dm) = 0 times dm * s = -inf, NaN in Triton
+    (and CUDA, by reading) for the whole row (2026-11-30). 3 tiles of the interpreter's 16384 columns."""
+    V = 60000
+    x = torch.randn(3, V, dtype=torch.float64) * 3
+    x[:, :49152] = torch.finfo(torch.float32).min
+    x[2, :] = torch.finfo(torch.float32).min  # one row masked everywhere but its last column
+    x[2, -1] = 1.0
+    ids = torch.tensor([V - 1, V - 7, V - 1])
+    _check(backend, x.float(), ids, temperature=1.0)

@@ -53,8 +53,8 @@ void fwd_row(float* st, const float* logp, const float* old, const float* ref, c
       l += p.beta * kl;
       kl_sum += (double)m * kl;
     }
-    if (ent) {
-      l -= p.entropy_coef * ent[t];
+    if (ent) {  // the metric always; the bonus only where asked (a NaN entropy must not reach a loss without it)
+      if (p.entropy_coef != 0.f) l -= p.entropy_coef * ent[t];
       ent_sum += (double)m * ent[t];
     }
     loss += (double)m * l;

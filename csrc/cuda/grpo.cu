@@ -77,8 +77,8 @@ __global__ void grpo_fwd_kernel(float* __restrict__ stats, const float* __restri
       l += p.beta * kl;
       acc[2] += m * kl;
     }
-    if (ent) {
-      l -= p.entropy_coef * ent[t];
+    if (ent) {  // the metric always; the bonus only where asked (a NaN entropy must not reach a loss without it)
+      if (p.entropy_coef != 0.f) l -= p.entropy_coef * ent[t];
       acc[5] += m * ent[t];
     }
     acc[0] += m * l;

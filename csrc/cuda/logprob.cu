@@ -90,7 +90,9 @@ __device__ __forceinline__ void absorb(State& st, const float* v, int n, float c
     if (st.s != 0.f) {  // s == 0: nothing absorbed yet (m = -inf); s NaN: keep it NaN
       const float dm = (st.m - mk) * c;
       const float a = exp2f(dm);
-      if (Ent) st.t = a * (st.t + dm * st.s);
+      // a = 0 (the old max far below: masks at finfo.min) leaves nothing of the old terms; dm * s would
+      // overflow to -inf there and 0 * -inf made the entropy NaN
+      if (Ent) st.t = a > 0.f ? a * (st.t + dm * st.s) : 0.f;
       st.s *= a;
     }
     st.m = mk;
@@ -121,8 +123,8 @@ __device__ __forceinline__ void merge(State& a, const State& b, float c) {
   const float da = (a.m - M) * c, db = (b.m - M) * c;  // <= 0, -inf for an empty side
   const float ea = a.s != 0.f ? exp2f(da) : 0.f, eb = b.s != 0.f ? exp2f(db) : 0.f;
   if (Ent) {
-    const float ta = a.s != 0.f ? ea * (a.t + da * a.s) : 0.f;
-    const float tb = b.s != 0.f ? eb * (b.t + db * b.s) : 0.f;
+    const float ta = (a.s != 0.f && ea > 0.f) ? ea * (a.t + da * a.s) : 0.f;  // ea = 0: see absorb
+    const float tb = (b.s != 0.f && eb > 0.f) ? eb * (b.t + db * b.s) : 0.f;
     a.t = ta + tb;
   }
   a.s = (a.s != 0.f ? ea * a.s : 0.f) + (b.s != 0.f ? eb * b.s : 0.f);
@@ -441,8 +443,10 @@ int fwd_threads(int64_t V) { return V >= (int64_t{1} << 15) ? 512 : V >= 4096 ? 
 int num_sms() {
   int dev = 0, sms = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0)
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) {
+    (void)cudaGetLastError();  // cleared: a later check_launch (or torch's) would blame a kernel for it
     return 132;
+  }
   return sms;
 }
 
@@ -501,15 +505,16 @@ void launch_grpo_logits(void* grad_x, int64_t sgb, int64_t sgt, const void* x, i
   auto kernel = grpo_logits_kernel<D, EntF, EntB>;
   // The opt-in shared memory limit is a property of the device, and raising a kernel's limit acts on
   // the current device only: both are looked up per call (cheap), the kernel's static part once.
-  static const int static_smem = [&] {
-    cudaFuncAttributes attr{};
-    return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess ? static_cast<int>(attr.sharedSizeBytes) : -1;
-  }();
+  cudaFuncAttributes attr{};
   int dev = 0, optin = 0, per_sm = 0;
-  if (static_smem < 0 || cudaGetDevice(&dev) != cudaSuccess ||
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess)
-    throw std::runtime_error("grpo_logits_cuda: cannot query the device's shared memory");
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess) {
+    const cudaError_t err = cudaGetLastError();  // cleared, and named (not cached: the next call asks again)
+    throw std::runtime_error(std::string("grpo_logits_cuda: cannot query the device's shared memory: ") +
+                             cudaGetErrorString(err));
+  }
+  const int static_smem = static_cast<int>(attr.sharedSizeBytes);
   const int64_t K = D == DType::f32 ? 4 : 8;
   const int64_t row_vecs = (V + K - 1) / K;
   const int64_t fit_one = (optin - static_smem) / 16;  // one block per SM

@@ -221,7 +221,10 @@ cudaError_t moe_router_cuda(int64_t* ids, const void* logits, DType dtype, const
   if (smem > 48 * 1024) {  // past the default: opt in (sm_80: up to 163 KiB, sm_90: 227 KiB)
     const cudaError_t err = cudaFuncSetAttribute(moe_router_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();  // returned to the glue, which names it; not left for a later check to find
+      return err;
+    }
   }
   const unsigned grid = static_cast<unsigned>((T + kRouterWarps - 1) / kRouterWarps);
   moe_router_kernel<<<grid, 32 * kRouterWarps, smem, stream>>>(ids, logits, dtype, bias, T, static_cast<int>(E),
