@@ -369,6 +369,15 @@ def test_sampler_filters():
     assert set(tok.tolist()) == {0}
     tok, _ = Sampler()(logits, f(1.0), f(0, torch.int64), f(1.0), f(0.3), gens)  # e^-1 = 0.37 >= 0.3
     assert set(tok.tolist()) == {0, 1}
+    # top-p keeps the token that crosses p (0.64 + 0.24 < 0.9 <= 0.97): {0, 1, 2}; at an exact boundary
+    # (p0 = 0.5 = top_p) the next token is out; min-p keeps ties with the top (p >= min_p * p_max)
+    tok, _ = Sampler()(logits, f(1.0), f(0, torch.int64), f(0.9), f(0.0), gens)
+    assert set(tok.tolist()) == {0, 1, 2}
+    two = torch.zeros(B, 2)
+    tok, _ = Sampler()(two, f(1.0), f(0, torch.int64), f(0.5), f(0.0), gens)
+    assert set(tok.tolist()) == {0}
+    tok, _ = Sampler()(two, f(1.0), f(0, torch.int64), f(1.0), f(1.0), gens)
+    assert set(tok.tolist()) == {0, 1}
     tok, _ = Sampler()(logits, f(1.0), f(0, torch.int64), f(1.0), f(0.0), gens)
     freq = torch.bincount(tok, minlength=5).double() / B
     assert (freq - torch.softmax(logits[0].double(), 0)).abs().max() < 0.1

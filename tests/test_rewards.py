@@ -37,6 +37,7 @@ def test_extract_answer(text, want):
     ("$12$", "12"), ("\\text{12}", "12"), ("-3", "\u22123"),
     ("٤٢", "42"), ("４２", "42"), ("४२", "42"),                         # Arabic-Indic, full-width, Devanagari
     ("3+4", "7"), ("2*x + x", "3*x"), ("sqrt(2)/2", "1/sqrt(2)"), ("x^2", "x**2"),
+    ("Paris.", "Paris"),                                              # a final period is no part of the answer
 ])
 def test_equal(pred, gold):
     assert answers_equal(pred, gold), (pred, gold)
@@ -45,6 +46,8 @@ def test_equal(pred, gold):
 @pytest.mark.parametrize("pred, gold", [
     ("41", "42"), ("", "42"), (None, "42"), ("0.51", "1/2"), ("1/0", "0"), ("x", "y"),
     ("٤٣", "42"), ("42abc", "42"), ("4 2", "42"), ("2*x", "3*x"), ("inf", "1"), ("nan", "nan0"),
+    ("1234,567", "1234567"),                                          # not a thousands grouping
+    ("$", ""), (".", "$"),                                             # nothing left after normalization
 ])
 def test_not_equal(pred, gold):
     assert not answers_equal(pred, gold), (pred, gold)
@@ -126,7 +129,7 @@ def test_format_reward():
     for bad in ["", "<answer>1</answer>", "<think>a</think>", "<think>a</think><answer></answer>",
                 "<think>a</think><answer>1</answer><answer>2</answer>", "<think><think>a</think><answer>1</answer>",
                 "<answer>1</answer><think>a</think>", "x<think>a</think><answer>1</answer>",
-                "<think>a</think><answer>1</answer>trailing"]:
+                "<think>a</think><answer>1</answer>trailing", "<think>a</think><answer> \n </answer>"]:
         assert format_reward(bad) == 0.0, bad
 
 
@@ -140,6 +143,7 @@ def test_countdown_check():
     assert not countdown_check("2**10", [2, 10], 1024)              # no powers
     assert not countdown_check("-3+5", [3, 5], 2)                   # no unary minus
     assert not countdown_check("1/(2-2)", [1, 2, 2], 0)             # division by zero
+    assert countdown_check("(25-3)*4+7=95", [25, 3, 4, 7], 95)      # "= target" after the expression
     # the multiplication and division signs people write (each scored 0 before 2026-11-30)
     for expr in ("(25-3)\u00d74+7", "(25-3)\\times 4+7", "(25-3)\u22c54+7"):
         assert countdown_check(expr, [25, 3, 4, 7], 95), expr
@@ -309,3 +313,16 @@ def test_math_verify_worker_that_cannot_start(monkeypatch):
     with pytest.warns(RuntimeWarning, match="did not start"):
         assert w.query("latex", "\\pi", "\\pi", 1.0) is None
     assert w.query("sympy", "x", "x", 1.0) is None and w.proc is None  # not retried on every answer
+
+
+def test_number_checker_and_partial_scores():
+    """Mutation-testing survivors (2026-11-30): the number checker's minus sign, and a scorer's partial
+    credit, which is no verified answer."""
+    from types import SimpleNamespace
+
+    from reasonrl.rl.rewards import numbers_equal
+    assert numbers_equal("\u22125", "-5") and numbers_equal("-5", "\u22125") and not numbers_equal("5", "-5")
+    p = SimpleNamespace(checker="score", answer="x", meta={"score": lambda pred, m: 0.5})
+    assert accuracy_reward("<answer>y</answer>", p) == 0.0
+    p.meta["score"] = lambda pred, m: 1.0
+    assert accuracy_reward("<answer>y</answer>", p) == 1.0

@@ -894,3 +894,65 @@ def test_refills_draw_new_questions():
         kept, stats = rollout(AllSame(), tok, tasks, cfg, step, set())
         questions = [tuple(g["prompt"]) for g in stats["all"]]  # (token ids)
         assert not kept and len(questions) == 8 * 6 and len(set(questions)) == len(questions)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_train_on_groups_equals_the_loss_on_the_whole_batch(loss_type):
+    """An independent oracle for the trainer's wiring (mutation-testing survivors, 2026-11-30: the truncation
+    mask, the padding mask, dapo's active-token count, bnpo's micro-batch weight and the temperature could
+    each be broken with every test passing): the gradient of one train_on_groups step, with micro-batches of
+    one group or one of everything, equals that of grpo_loss_reference over logits computed one sequence at
+    a time, at T = 0.7, with two truncated completions masked."""
+    from reasonrl.models import AttnContext
+    from reasonrl.ops.grpo import GRPOLossConfig, grpo_loss_reference
+
+    model = micro_model()[0].double()
+    groups = _groups([[1.0, 0.0, 0.5], [0.3, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    groups[0]["completions"][2].finish_reason = "length"
+    groups[1]["completions"][0].finish_reason = "length"
+    temp, loss_cfg = 0.7, GRPOLossConfig(loss_type=loss_type, max_completion_length=8)
+    # the oracle
+    W = model.lm_head_weight
+    seqs = [(g["prompt"], c) for g in groups for c in g["completions"]]
+    Tm = max(len(c.token_ids) for _, c in seqs)
+    logits = torch.zeros(len(seqs), Tm, W.shape[0], dtype=torch.float64)
+    rows = []
+    for p, c in seqs:
+        s = p + c.token_ids
+        h = model(torch.tensor(s), torch.arange(len(s)), AttnContext.from_lengths([len(s)]))
+        rows.append(h[len(p) - 1:len(s) - 1] @ W.T)
+    logits = torch.stack([torch.cat([r, r.new_zeros(Tm - len(r), r.shape[1])]) for r in rows])
+    ids = torch.tensor([c.token_ids + [0] * (Tm - len(c.token_ids)) for _, c in seqs])
+    mask = torch.tensor([[float(j < len(c.token_ids) and c.finish_reason != "length") for j in range(Tm)]
+                         for _, c in seqs])
+    rewards = torch.tensor([r for g in groups for r in g["rewards"]], dtype=torch.float32)
+    loss, _ = grpo_loss_reference(logits, ids=ids, mask=mask, rewards=rewards, group_size=3, temperature=temp,
+                                  config=loss_cfg, num_items_in_batch=int(mask.sum()) if loss_type == "dapo" else None)
+    model.zero_grad()
+    loss.backward()
+    want = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert want.norm() > 0
+    for budget in (1, 100000):
+        model.zero_grad()
+        cfg = GRPOConfig(loss_type=loss_type, micro_batch_tokens=budget, group_size=3, grad_clip=0.0,
+                         backend="reference", temperature=temp, truncation="mask")
+        rec = _Recorder(model)
+        sums = grpo_mod.train_on_groups(model, None, rec, groups, cfg, loss_cfg)
+        assert sums["tokens"] == mask.sum().item()
+        # (float32 where the trainer keeps it: the old log-probs, 1e-5 of the gradient; the mutants moved it 20%+)
+        err = (rec.grads[0] - want).abs().max() / want.abs().max()
+        assert err < 1e-5, (loss_type, budget, float(err))
+
+
+def test_run_grpo_hands_its_settings_to_the_loss(tmp_path, monkeypatch):
+    """run_grpo's GRPOLossConfig could take epsilon_low for epsilon_high, or drop the advantage estimator or
+    dr_grpo's max_completion_length, with every test passing (mutation testing, 2026-11-30)."""
+    seen = []
+    real = grpo_mod.train_on_groups
+    monkeypatch.setattr(grpo_mod, "train_on_groups", lambda *a: seen.append(a[5]) or real(*a))
+    model, tok = micro_model()
+    run_grpo(_grpo_cfg(tmp_path, steps=1, advantage="rloo", epsilon_low=0.15, epsilon_high=0.31, beta=0.02,
+                       loss_type="dr_grpo", max_tokens=11), model=model, tokenizer=tok)
+    (lc,) = seen
+    assert (lc.advantage, lc.epsilon_low, lc.epsilon_high, lc.beta, lc.loss_type, lc.max_completion_length) == \
+        ("rloo", 0.15, 0.31, 0.02, "dr_grpo", 11)
