@@ -932,16 +932,16 @@ def test_train_on_groups_equals_the_loss_on_the_whole_batch(loss_type):
     loss.backward()
     want = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     assert want.norm() > 0
-    for budget in (1, 100000):
+    for budget, mu in ((1, 1), (100000, 1), (100000, 2)):  # mu = 2: the first pass's old log-probs (at T)
         model.zero_grad()
         cfg = GRPOConfig(loss_type=loss_type, micro_batch_tokens=budget, group_size=3, grad_clip=0.0,
-                         backend="reference", temperature=temp, truncation="mask")
+                         backend="reference", temperature=temp, truncation="mask", mu=mu)
         rec = _Recorder(model)
         sums = grpo_mod.train_on_groups(model, None, rec, groups, cfg, loss_cfg)
         assert sums["tokens"] == mask.sum().item()
         # (float32 where the trainer keeps it: the old log-probs, 1e-5 of the gradient; the mutants moved it 20%+)
         err = (rec.grads[0] - want).abs().max() / want.abs().max()
-        assert err < 1e-5, (loss_type, budget, float(err))
+        assert err < 1e-5, (loss_type, budget, mu, float(err))
 
 
 def test_run_grpo_hands_its_settings_to_the_loss(tmp_path, monkeypatch):
