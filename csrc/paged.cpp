@@ -108,9 +108,7 @@ at::Tensor paged_attention_decode_fwd(const at::Tensor& q, const at::Tensor& k_c
               ": q must be a contiguous CPU tensor in the cache's dtype ", dt_name(k_cache));
   const int64_t B = q.size(0), Hq = q.size(1);
   TORCH_CHECK(Hq % Hkv == 0, op, ": query heads ", num(Hq), " must be a multiple of kv heads ", num(Hkv));
-  check_vec(block_tables, op, "block_tables", at::kInt, B, 2);
-  TORCH_CHECK(block_tables.dim() == 2, op, ": block_tables must be (B, max_blocks), got ",
-              shape(block_tables.sizes()));
+  check_vec(block_tables, op, "block_tables", at::kInt, B, 2);  // (B, max_blocks)
   check_vec(context_lens, op, "context_lens", at::kInt, B);
   const int64_t M = block_tables.size(1);
   const int32_t* bt = block_tables.data_ptr<int32_t>();

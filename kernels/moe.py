@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from reasonrl.ops._backend import first_order_only  # (ops import kernels lazily: no cycle)
+
 
 @triton.jit
 def _grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
@@ -585,13 +587,8 @@ class MoEExpertsTritonFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out):
-        from reasonrl.ops._backend import first_order_only
-
-        return first_order_only(MoEExpertsTritonFunction._backward)(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out):
         x, tw, w_gate_up, w_down, padded_idx, block_expert, padded_offsets, h = ctx.saved_tensors
         from reasonrl.ops.moe import MoEDispatch
 

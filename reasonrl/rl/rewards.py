@@ -228,14 +228,24 @@ def _symbolic_equal(a: str, b: str, timeout: float) -> bool | None:
         return False
 
 
+def _normalized(pred: str | None, gold) -> tuple[str, str] | None:
+    """(pred, gold) through normalize_answer; None for a missing pred, or one far longer than the gold
+    (checked before normalization, whose NFKC can grow a string 18x (U+FDFA): no equal answer is that
+    much longer than the gold one)."""
+    if pred is None:
+        return None
+    gold = str(gold)
+    if len(pred) > 10 * len(gold) + 10_000:
+        return None
+    return normalize_answer(pred), normalize_answer(gold)
+
+
 def answers_equal(pred: str | None, gold: str, timeout: float = 1.0) -> bool:
     """Verified equivalence of a predicted and a gold answer (module docstring for the rules)."""
-    if pred is None:
+    pair = _normalized(pred, gold)
+    if pair is None:
         return False
-    gold = str(gold)
-    if len(pred) > 10 * len(gold) + 10_000:  # before normalization, whose NFKC can grow a string 18x
-        return False  # (U+FDFA): no equal answer is that much longer than the gold one
-    p, g = normalize_answer(pred), normalize_answer(gold)
+    p, g = pair
     if not p:
         return False
     if p == g:
@@ -253,9 +263,10 @@ def answers_equal(pred: str | None, gold: str, timeout: float = 1.0) -> bool:
 def numbers_equal(pred: str | None, gold: str) -> bool:
     """Both plain numbers (an integer, a decimal, a/b, after normalize_answer) of the same exact value; an
     expression ("560*5") is not an answer here, however it evaluates (the "number" checker)."""
-    if pred is None or len(pred) > 10 * len(str(gold)) + 10_000:
+    pair = _normalized(pred, gold)
+    if pair is None:
         return False
-    p, g = _to_number(normalize_answer(pred)), _to_number(normalize_answer(str(gold)))
+    p, g = map(_to_number, pair)
     return p is not None and g is not None and p == g
 
 

@@ -150,9 +150,9 @@ HOOK_SOURCE = textwrap.dedent(r"""
 # to itself go through unchecked (a counter), so recursion pays one frame, not a copy of its result.
 # Defined, with the builtins it uses bound, before the solution runs: it cannot rebind them.
 GUARD_SOURCE = textwrap.dedent(r"""
-    def _make_guard(type=type, issubclass=issubclass, len=len, dict=dict, list=list, tuple=tuple, set=set,
+    def _make_guard(type=type, issubclass=issubclass, dict=dict, list=list, tuple=tuple, set=set,
                     frozenset=frozenset, int=int, float=float, str=str, bytes=bytes, complex=complex,
-                    bool=bool, TypeError=TypeError, staticmethod=staticmethod, classmethod=classmethod,
+                    bool=bool, staticmethod=staticmethod, classmethod=classmethod,
                     vars=vars, callable=callable, isinstance=isinstance, FunctionType=type(lambda: 0),
                     ModuleType=type(sys), BuiltinType=type(len), Exception=Exception, modules=sys.modules,
                     module_of=type.__dict__["__module__"].__get__, name_of=type.__dict__["__name__"].__get__,
