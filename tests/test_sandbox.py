@@ -94,11 +94,11 @@ def test_network_namespace_layer_alone(server):
     """With the audit hook off, the network namespace must still block the connection."""
     srv, port = server
     code = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-    open_net = run_tests(code, "", audit_hook=False, network_namespace=False)
+    open_net = run_tests(code, "", audit_hook=False, network_namespace=False, landlock=False)
     if not open_net.passed:
         pytest.skip("loopback unreachable even without the sandbox")
     srv.accept()[0].close()
-    r = run_tests(code, "", audit_hook=False)
+    r = run_tests(code, "", audit_hook=False, landlock=False)
     if r.passed:
         pytest.skip("this kernel refuses network namespaces; only the audit hook blocks the network here")
     assert "unreachable" in r.stderr or "OSError" in r.stderr
@@ -106,10 +106,10 @@ def test_network_namespace_layer_alone(server):
 
 
 def test_process_group_killed_on_timeout():
-    """With the audit hook off, a child process escapes the hook but not the group kill."""
+    """With the audit hook and Landlock off, a child process escapes them but not the group kill."""
     code = ("import subprocess, sys\np = subprocess.Popen(['sleep', '60'])\n"
             "print(p.pid, flush=True)\nwhile True:\n    pass\n")
-    r = run_tests(code, "", audit_hook=False, timeout=2)
+    r = run_tests(code, "", audit_hook=False, landlock=False, timeout=2)
     assert r.status == "timeout"
     pid = int(r.stdout.split()[0])
     time.sleep(0.2)
@@ -308,3 +308,58 @@ def test_the_guard_sees_through_borrowed_module_names():
     imported = "from fractions import Fraction\ndef half(x):\n    return x / 2\n"
     assert run_tests(imported, "assert Fraction(1, 3).limit_denominator(10) == Fraction(1, 3)\n"
                                "assert half(3) == 1.5").passed
+
+
+# ---- Landlock (2026-11-29, sixteenth session) -------------------------------------------------------------
+def _landlock_abi():
+    from reasonrl.rl.sandbox import _landlock_setup
+    return _landlock_setup()["abi"]
+
+
+needs_landlock = pytest.mark.skipif(not _landlock_abi(), reason="no Landlock on this kernel (or it is off)")
+
+
+@needs_landlock
+@pytest.mark.parametrize("audit_hook", [True, False])
+def test_files_outside_the_directory_are_unreadable(tmp_path, audit_hook):
+    """The trainer's files (here a 'secret' beside them), /etc and the project stay unreadable; the standard
+    library still imports. With the audit hook off too: Landlock alone holds."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hunter2")
+    for code in [f"print(open({str(secret)!r}).read())", "print(open('/etc/passwd').read())",
+                 f"import os\nprint(os.listdir({str(tmp_path)!r}))", "import os\nprint(os.listdir('/'))",
+                 f"print(open({os.path.abspath(__file__)!r}).read())"]:
+        r = run_tests(code, "", audit_hook=audit_hook)
+        assert not r.passed and "PermissionError" in r.stderr and "hunter2" not in r.stdout, (code, r.stderr[-300:])
+        assert "secret.txt" not in r.stdout and "root" not in r.stdout
+    # off: the same read goes through (the test above is not passing for another reason)
+    r = run_tests(f"print(open({str(secret)!r}).read())", "", landlock=False)
+    assert r.passed and "hunter2" in r.stdout
+    r = run_tests("import json, fractions, decimal, heapq, itertools, statistics, datetime, random, typing\n"
+                  "open('mine.txt', 'w').write('x')\nprint(open('mine.txt').read())", "", audit_hook=audit_hook)
+    assert r.passed and "x" in r.stdout, r.stderr[-300:]
+
+
+@needs_landlock
+def test_landlock_alone_blocks_writes_network_and_signals(tmp_path, server):
+    """Audit hook and network namespace off: Landlock still refuses a write outside, a TCP connection
+    (ABI >= 4) and a signal to the trainer (ABI >= 6)."""
+    target = tmp_path / "escaped.txt"
+    r = run_tests(f"open({str(target)!r}, 'w').write('x')", "", audit_hook=False, network_namespace=False)
+    assert not r.passed and "PermissionError" in r.stderr and not target.exists()
+    abi = _landlock_abi()
+    srv, port = server
+    if abi >= 4:
+        code = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+        r = run_tests(code, "", audit_hook=False, network_namespace=False)
+        assert not r.passed and _no_connection(srv), r.stderr[-300:]
+    if abi >= 6:
+        import signal
+        got = []
+        old = signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+        try:
+            r = run_tests("import os, signal\nos.kill(os.getppid(), signal.SIGUSR1)", "", audit_hook=False)
+            time.sleep(0.2)
+        finally:
+            signal.signal(signal.SIGUSR1, old)
+        assert not r.passed and "PermissionError" in r.stderr and got == []

@@ -8,6 +8,12 @@ Model output is untrusted, so several independent layers stand between it and th
    kernel does not enforce it for root, hence layer 4);
 3. a network namespace of its own when the kernel allows it (unshare(CLONE_NEWNET), plus
    CLONE_NEWUSER when not root): no interface but a downed loopback, so nothing is reachable;
+   and, where the kernel has Landlock (Linux >= 5.13), a Landlock domain set before exec: the
+   interpreter reads only its own files (the executable, the standard library, the system's shared
+   libraries) and writes only in the working directory, so the trainer's files, checkpoints, keys and
+   /etc stay unreadable; TCP bind/connect are refused (ABI >= 4), and signals to processes outside the
+   sandbox (the trainer) are refused (ABI >= 6). It is checked once per process (an interpreter that
+   cannot start under it turns it off, with a warning);
 4. an audit hook (PEP 578) installed before the untrusted code runs, which cannot be removed and
    whose rules live in a closure the code cannot reach or patch: it refuses process creation
    (os.fork, os.system, os.exec*, os.posix_spawn, subprocess), sockets, ctypes / native-library
@@ -280,7 +286,120 @@ class SandboxResult:
     seconds: float
 
 
-def _limits(cpu_s: int, memory_mb: int, file_mb: int, netns: bool):
+# ---- Landlock (layer 3b) ---------------------------------------------------------------------------------
+# Syscall numbers are the same on every architecture (the generic table, Linux 5.13+).
+_LL_CREATE, _LL_ADD_RULE, _LL_RESTRICT = 444, 445, 446
+_LL_EXECUTE, _LL_WRITE_FILE, _LL_READ_FILE, _LL_READ_DIR, _LL_TRUNCATE, _LL_IOCTL_DEV = 1, 2, 4, 8, 1 << 14, 1 << 15
+_LL_FILE_RIGHTS = _LL_EXECUTE | _LL_WRITE_FILE | _LL_READ_FILE | _LL_TRUNCATE | _LL_IOCTL_DEV
+_PR_SET_NO_NEW_PRIVS, _O_PATH = 38, getattr(os, "O_PATH", 0o10000000)
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def _landlock_abi() -> int:
+    """The kernel's Landlock ABI version; 0 where there is none (old kernel, disabled, not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        r = ctypes.CDLL(None, use_errno=True).syscall(_LL_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    except (AttributeError, OSError):
+        return 0
+    return max(int(r), 0)
+
+
+def _landlock_paths() -> tuple[list[str], list[str]]:
+    """(read + execute roots, read-only files) that the interpreter needs to start and import its standard
+    library: the executable's directory, the standard library, libpython's directory, the dynamic loader
+    and the system's shared libraries. Nothing else outside the working directory is readable."""
+    import sysconfig
+    exe = os.path.realpath(sys.executable)
+    roots = {os.path.dirname(exe), sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"],
+             "/lib", "/lib32", "/lib64", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/local/lib"}
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir and sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        roots.add(libdir)
+    files = {"/etc/ld.so.cache", "/dev/null", "/dev/urandom",
+             os.path.join(os.path.dirname(os.path.dirname(sys.executable)), "pyvenv.cfg"),  # a venv's marker
+             os.path.join(os.path.dirname(sys.executable), "pyvenv.cfg")}
+    return (sorted(r for r in {os.path.realpath(r) for r in roots} if os.path.isdir(r)),
+            sorted(f for f in files if os.path.exists(f)))
+
+
+def _landlock(abi: int, workdir: str, roots: list[str], files: list[str]) -> None:
+    """In the child, before exec: restrict it (and everything it runs) to reading `roots` and `files` and
+    to reading and writing `workdir`. Raises OSError where a step fails."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fs = (1 << 13) - 1 | (1 << 13 if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0) | \
+        (_LL_IOCTL_DEV if abi >= 5 else 0)
+    attr = _RulesetAttr(fs, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)  # net: TCP bind, connect; scope:
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8                    # abstract sockets, signals
+    rfd = libc.syscall(_LL_CREATE, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if rfd < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
+    try:
+        read_x = _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR
+        for path, rights in ([(workdir, fs)] + [(r, read_x) for r in roots] +
+                             [(f, (_LL_READ_FILE | (_LL_WRITE_FILE if f == "/dev/null" else 0))) for f in files]):
+            try:
+                fd = os.open(path, _O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                rule = _PathBeneathAttr(rights if os.path.isdir(path) else rights & _LL_FILE_RIGHTS, fd)
+                if libc.syscall(_LL_ADD_RULE, rfd, 1, ctypes.byref(rule), ctypes.c_uint32(0)) != 0:
+                    raise OSError(ctypes.get_errno(), f"landlock_add_rule {path}")
+            finally:
+                os.close(fd)
+        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+        if libc.syscall(_LL_RESTRICT, rfd, ctypes.c_uint32(0)) != 0:
+            raise OSError(ctypes.get_errno(), "landlock_restrict_self")
+    finally:
+        os.close(rfd)
+
+
+_LANDLOCK: dict = {}  # "abi", "roots", "files" once checked; abi 0 = off
+
+
+def _landlock_setup() -> dict:
+    """Landlock's settings for this process, checked once: an interpreter started under the domain must
+    run `import json` and write in its directory; otherwise Landlock stays off (with a warning)."""
+    if _LANDLOCK:
+        return _LANDLOCK
+    abi = 0 if os.environ.get("REASONRL_SANDBOX_LANDLOCK", "1") == "0" else _landlock_abi()
+    roots, files = _landlock_paths() if abi else ([], [])
+    if abi:
+        work = tempfile.mkdtemp(prefix="reasonrl-sandbox-check-")
+        try:
+            r = subprocess.run([sys.executable, "-I", "-S", "-B", "-c",
+                                "import json, collections, re, math; open('ok', 'w').write('1')"],
+                               cwd=work, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                               capture_output=True, timeout=30,
+                               preexec_fn=lambda: _landlock(abi, work, roots, files))
+            ok = r.returncode == 0 and os.path.exists(os.path.join(work, "ok"))
+            why = r.stderr.decode(errors="replace")[-300:]
+        except (OSError, subprocess.SubprocessError) as e:
+            ok, why = False, str(e)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if not ok:
+            print(f"reasonrl sandbox: Landlock (ABI {abi}) is available but the interpreter could not start "
+                  f"under it, so it stays off (the other layers still apply): {why.strip()}", file=sys.stderr)
+            abi = 0
+    _LANDLOCK.update(abi=abi, roots=roots, files=files)
+    return _LANDLOCK
+
+
+def _limits(cpu_s: int, memory_mb: int, file_mb: int, netns: bool, workdir: str | None = None,
+            landlock: dict | None = None):
     def apply():
         os.umask(0o077)
         for res, val in ((resource.RLIMIT_CPU, cpu_s), (resource.RLIMIT_AS, memory_mb << 20),
@@ -290,23 +409,27 @@ def _limits(cpu_s: int, memory_mb: int, file_mb: int, netns: bool):
         if netns:  # best effort: the audit hook still blocks sockets where namespaces are off
             flags = _CLONE_NEWNET | (0 if os.geteuid() == 0 else _CLONE_NEWUSER)
             ctypes.CDLL(None, use_errno=True).unshare(flags)
+        if landlock and landlock["abi"]:  # after unshare (a user namespace needs no no_new_privs first)
+            _landlock(landlock["abi"], workdir, landlock["roots"], landlock["files"])
     return apply
 
 
 def run_tests(code: str, tests: str, *, timeout: float = 5.0, memory_mb: int = 512, file_mb: int = 16,
               network_namespace: bool = True, audit_hook: bool = True, plain_returns: bool = True,
-              max_output: int = 10_000) -> SandboxResult:
+              landlock: bool = True, max_output: int = 10_000) -> SandboxResult:
     """Run `code` then `tests` (plain asserts) in a sandboxed interpreter; passed when exit status is 0.
 
     plain_returns: the solution's functions and methods must return plain data (GUARD_SOURCE), so that an
     object that equals anything earns nothing; False for tests that compare objects of the solution's
     classes (a JSONL line's meta "plain_returns": false).
-    audit_hook=False exists only so that tests can check the other layers on their own."""
+    audit_hook=False and landlock=False exist only so that tests can check the other layers on their own
+    (REASONRL_SANDBOX_LANDLOCK=0 turns Landlock off for a whole process)."""
     if timeout <= 0:
         raise ValueError(f"run_tests: timeout must be > 0 seconds, got {timeout}")
     if memory_mb < 32:
         raise ValueError(f"run_tests: memory_mb must be >= 32 (the interpreter needs it), got {memory_mb}")
-    workdir = tempfile.mkdtemp(prefix="reasonrl-sandbox-")
+    ll = _landlock_setup() if landlock else None
+    workdir = os.path.realpath(tempfile.mkdtemp(prefix="reasonrl-sandbox-"))
     r_pass, w_pass = os.pipe()
     try:
         with open(os.path.join(workdir, "_harness.py"), "w") as f:
@@ -319,7 +442,7 @@ def run_tests(code: str, tests: str, *, timeout: float = 5.0, memory_mb: int = 5
             [sys.executable, "-I", "-S", "-B", "_harness.py", workdir, "1" if audit_hook else "0", str(w_pass)],
             cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             pass_fds=(w_pass,), start_new_session=True,
-            preexec_fn=_limits(int(timeout) + 1, memory_mb, file_mb, network_namespace))
+            preexec_fn=_limits(int(timeout) + 1, memory_mb, file_mb, network_namespace, workdir, ll))
         os.close(w_pass)
         w_pass = None
         out, err, said, timed_out = _collect(proc, job, r_pass, start + timeout, max_output)
