@@ -508,6 +508,20 @@ def test_forward_input_errors():
         model(ids, torch.arange(6), AttnContext(cu_seqlens=torch.tensor([0, 6], dtype=torch.int32), max_seqlen=6, is_prefill=False))
     with pytest.raises(ValueError, match="positive"):
         AttnContext.from_lengths([3, 0])
+    # named errors, not torch's generic ones (sixteenth session)
+    V, pos = model.config.vocab_size, torch.arange(6)
+    for bad in (torch.tensor([0, 1, 2, V, 4, 5]), torch.tensor([0, -1, 2, 3, 4, 5])):
+        with pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size"):
+            model(bad, pos, AttnContext.from_lengths([6]))
+    with pytest.raises(ValueError, match="positions must be >= 0"):
+        model(ids, pos - 1, AttnContext.from_lengths([6]))
+    for cu in (torch.tensor([[0, 6]], dtype=torch.int32), torch.tensor([0.0, 6.0]), torch.tensor([0], dtype=torch.int32)):
+        with pytest.raises(ValueError, match="cu_seqlens must be a 1-D int32/int64 tensor"):
+            model(ids, pos, AttnContext(cu_seqlens=cu, max_seqlen=6))
+    for m in (5, 6.0, None):  # a max_seqlen below the longest sequence was silently wrong with flash-attn
+        with pytest.raises(ValueError, match="max_seqlen must be an int >= the longest sequence"):
+            model(ids, pos, AttnContext(cu_seqlens=torch.tensor([0, 6], dtype=torch.int32), max_seqlen=m))
+    model(ids, pos, AttnContext(cu_seqlens=torch.tensor([0, 6]), max_seqlen=8))  # int64 offsets, room to spare
 
 
 def test_swiglu_and_rope_functions_gradcheck():
@@ -918,3 +932,25 @@ def test_attention_dropout_is_noted_not_applied(capsys):
                                     "num_attention_heads": 4, "num_key_value_heads": 2, "attention_dropout": 0.1})
     assert cfg.arch == "qwen2"
     assert "attention_dropout=0.1 is not applied" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("name", ["q_proj", "v_proj", "gate_proj", "down_proj"])
+def test_a_weight_changed_between_forward_and_backward_raises(autocast, name):
+    """The fused q/k/v and SwiGLU Functions keep stacked or cast copies of the weights: a weight changed in
+    place between forward and backward (an optimizer step in the wrong place) gave gradients of the old
+    weights without a word; now autograd's in-place check fires, as it does for plain Linears."""
+    from reasonrl.models.functional import fused_ok
+    cfg = ModelConfig(arch="qwen2", vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = init_model(cfg, seed=2)
+    if name in ("gate_proj", "down_proj") and not fused_ok(torch.zeros(1)):
+        pytest.skip("SwiGLU runs as plain Linears here (no fused CPU kernels)")
+    ids, pos = torch.randint(0, 40, (9,)), torch.arange(9)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(ids, pos, AttnContext.from_lengths([9])).float().pow(2).sum()
+    w = dict(model.named_parameters())[f"model.layers.0.{'self_attn' if name[0] in 'qkv' else 'mlp'}.{name}.weight"]
+    with torch.no_grad():
+        w.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

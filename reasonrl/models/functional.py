@@ -232,14 +232,16 @@ class SwiGLUFunction(torch.autograd.Function):
         else:
             h = F.silu(g) * u
         y = F.linear(h, wd)  # (N, H)
-        ctx.save_for_backward(xc, gu, wgu, wd)
+        # the weights themselves too (no copy): autograd's in-place check then fires on them, as it would
+        # for three Linears, where the casts above would hide a change made between forward and backward
+        ctx.save_for_backward(xc, gu, wgu, wd, w_gate, w_up, w_down)
         ctx.dtypes = (x.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
         return y
 
     @staticmethod
     @first_order_only
     def backward(ctx, dy):
-        xc, gu, wgu, wd = ctx.saved_tensors
+        xc, gu, wgu, wd = ctx.saved_tensors[:4]
         x_dt, g_dt, u_dt, d_dt = ctx.dtypes
         dt, I = gu.dtype, gu.shape[-1] // 2
         dy2 = dy.to(dt).reshape(-1, dy.shape[-1])
@@ -309,14 +311,14 @@ class LinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(dt)
         wc = w.to(dt)
         y = x2 @ wc.t() if b is None else torch.addmm(b.to(dt), x2, wc.t())
-        ctx.save_for_backward(x2, wc)
+        ctx.save_for_backward(x2, wc, w)  # w itself for autograd's in-place check (SwiGLUFunction)
         ctx.meta = (x.dtype, x.shape, w.dtype, None if b is None else b.dtype)
         return y.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     @first_order_only
     def backward(ctx, dy):
-        x2, wc = ctx.saved_tensors
+        x2, wc = ctx.saved_tensors[:2]
         x_dt, x_shape, w_dt, b_dt = ctx.meta
         dy2 = dy.reshape(-1, dy.shape[-1]).to(wc.dtype)
         dx = (dy2 @ wc).view(x_shape).to(x_dt) if ctx.needs_input_grad[0] else None
@@ -388,7 +390,7 @@ class QKVFunction(torch.autograd.Function):
         if cos is not None:  # RoPE on q and k (adjacent columns) in place: one pass for both
             ctx.rot = (cos, sin, head_dim)
             rope_(y[:, :ctx.sizes[0] + ctx.sizes[1]].view(y.shape[0], -1, head_dim), cos, sin)
-        ctx.save_for_backward(x2, w)
+        ctx.save_for_backward(x2, w, wq, wk, wv)  # the weights for autograd's in-place check (SwiGLUFunction)
         ctx.meta = (x.dtype, x.shape, wq.dtype, None if bq is None else bq.dtype)
         lead = x.shape[:-1]
         return tuple(t.view(*lead, t.shape[1]) for t in y.split(ctx.sizes, dim=1))
@@ -396,7 +398,7 @@ class QKVFunction(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, dq, dk, dv):
-        x2, w = ctx.saved_tensors
+        x2, w = ctx.saved_tensors[:2]
         x_dt, x_shape, w_dt, b_dt = ctx.meta
         dy = _cat_to([d.reshape(-1, d.shape[-1]) for d in (dq, dk, dv)], w.dtype, 1)  # (N, Q + K + V)
         if ctx.rot is not None:  # through RoPE: the rotation by -angle, in place

@@ -268,7 +268,12 @@ class CausalLM(nn.Module):
         if input_ids.dtype not in (torch.int64, torch.int32) or positions.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"CausalLM.forward: input_ids/positions must be integer tensors, got "
                              f"{input_ids.dtype}, {positions.dtype}")
-        total, B = input_ids.shape[0], ctx.cu_seqlens.shape[0] - 1
+        cu = ctx.cu_seqlens
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64) \
+                or cu.numel() < 2:
+            raise ValueError("AttnContext.cu_seqlens must be a 1-D int32/int64 tensor of B+1 offsets, got "
+                             + (f"{cu.dtype} of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else repr(cu)))
+        total, B = input_ids.shape[0], cu.shape[0] - 1
         if ctx.kv_caches is not None and len(ctx.kv_caches) != self.num_layers:
             raise ValueError(f"AttnContext.kv_caches: need one (k, v) per layer ({self.num_layers}), "
                              f"got {len(ctx.kv_caches)}")
@@ -282,10 +287,22 @@ class CausalLM(nn.Module):
             return {"lengths": None, "prefix": False}
         if ctx.kv_caches is not None and ctx.slot_mapping is None:
             raise ValueError("AttnContext: kv_caches given without slot_mapping")
-        lengths = ctx.cu_seqlens.diff().tolist()
-        if int(ctx.cu_seqlens[-1]) != total or ctx.cu_seqlens[0] != 0 or min(lengths, default=0) < 1:
+        # one host sync for the offsets and the ids' and positions' ranges
+        stats = torch.stack([*input_ids.aminmax(), positions.min()]) if total else input_ids.new_zeros(3)
+        vals = torch.cat([cu.to(torch.int64), stats.to(cu.device, torch.int64)]).tolist()
+        offsets, (lo, hi, pos_lo) = vals[:-3], vals[-3:]
+        lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+        if offsets[-1] != total or offsets[0] != 0 or min(lengths, default=0) < 1:
             raise ValueError(f"AttnContext.cu_seqlens must rise from 0 to total={total} with every sequence "
-                             f"non-empty, got {ctx.cu_seqlens.tolist()}")
+                             f"non-empty, got {offsets}")
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"CausalLM.forward: input_ids must lie in [0, vocab_size={self.config.vocab_size}), "
+                             f"got values from {lo} to {hi}")
+        if pos_lo < 0:
+            raise ValueError(f"CausalLM.forward: positions must be >= 0, got {pos_lo}")
+        if not isinstance(ctx.max_seqlen, int) or ctx.max_seqlen < max(lengths):
+            raise ValueError(f"AttnContext.max_seqlen must be an int >= the longest sequence ({max(lengths)}), "
+                             f"got {ctx.max_seqlen!r}")
         flash = input_ids.is_cuda and _flash_varlen() is not None
         if ctx.prefix_of is not None:
             if ctx.kv_caches is not None:
