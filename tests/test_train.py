@@ -956,3 +956,51 @@ def test_run_grpo_hands_its_settings_to_the_loss(tmp_path, monkeypatch):
     (lc,) = seen
     assert (lc.advantage, lc.epsilon_low, lc.epsilon_high, lc.beta, lc.loss_type, lc.max_completion_length) == \
         ("rloo", 0.15, 0.31, 0.02, "dr_grpo", 11)
+
+
+def test_train_on_groups_with_a_reference_model_equals_the_oracle():
+    """beta > 0 had no oracle: the reference model's log-probs (at the sampling temperature, as the policy's)
+    enter the KL term; a reference taken at T = 1, from the policy, or from the wrong rows would move the
+    gradient. One step's gradient against grpo_loss_reference with ref_logprobs from a perturbed copy."""
+    import copy
+
+    from reasonrl.models import AttnContext
+    from reasonrl.ops.grpo import GRPOLossConfig, grpo_loss_reference
+
+    model = micro_model()[0].double()
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    groups = _groups([[1.0, 0.0, 0.5], [0.3, 0.0, 1.0]])
+    temp, loss_cfg = 0.7, GRPOLossConfig(loss_type="grpo", beta=0.5)
+    seqs = [(g["prompt"], c) for g in groups for c in g["completions"]]
+    Tm = max(len(c.token_ids) for _, c in seqs)
+
+    def logits_of(m):
+        rows = []
+        for p, c in seqs:
+            s = p + c.token_ids
+            h = m(torch.tensor(s), torch.arange(len(s)), AttnContext.from_lengths([len(s)]))
+            rows.append(h[len(p) - 1:len(s) - 1] @ m.lm_head_weight.T)
+        return torch.stack([torch.cat([r, r.new_zeros(Tm - len(r), r.shape[1])]) for r in rows])
+
+    ids = torch.tensor([c.token_ids + [0] * (Tm - len(c.token_ids)) for _, c in seqs])
+    mask = torch.tensor([[float(j < len(c.token_ids)) for j in range(Tm)] for _, c in seqs])
+    with torch.no_grad():
+        ref_lp = torch.log_softmax(logits_of(ref) / temp, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask
+    rewards = torch.tensor([r for g in groups for r in g["rewards"]], dtype=torch.float32)
+    loss, metrics = grpo_loss_reference(logits_of(model), ids=ids, mask=mask, rewards=rewards, group_size=3,
+                                        temperature=temp, config=loss_cfg, ref_logprobs=ref_lp)
+    assert float(metrics["kl"]) > 1e-4  # the reference is far enough from the policy to matter
+    model.zero_grad()
+    loss.backward()
+    want = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    for budget, mu in ((1, 1), (100000, 2)):
+        model.zero_grad()
+        cfg = GRPOConfig(loss_type="grpo", micro_batch_tokens=budget, group_size=3, grad_clip=0.0,
+                         backend="reference", temperature=temp, mu=mu, beta=0.5)
+        rec = _Recorder(model)
+        grpo_mod.train_on_groups(model, ref, rec, groups, cfg, loss_cfg)
+        err = (rec.grads[0] - want).abs().max() / want.abs().max()
+        assert err < 1e-5, (budget, mu, float(err))
