@@ -344,6 +344,7 @@ def main(argv=None):
     ap.add_argument("--forms", nargs="*", default=["logits", "fused"])
     ap.add_argument("--profile", action="store_true",
                     help="print a torch.profiler table of one fwd+bwd of ours and Liger's")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     a = ap.parse_args(argv)
     if a.gpu and not torch.cuda.is_available():  # was an AssertionError traceback from deep inside torch
         sys.exit("--gpu asked for, but torch sees no CUDA device")
@@ -352,6 +353,8 @@ def main(argv=None):
     dev = torch.device("cuda" if a.gpu else "cpu")
     if not a.gpu and argv is None:
         _exec_with_fixed_mmap_threshold()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.gpu:
         logits_shape = dict(B=8, T=2048, V=151936, G=4, dtype=torch.bfloat16)
         fused_shape = dict(B=8, T=2048, V=151936, G=4, H=1536, dtype=torch.bfloat16)  # N = B*T = 16384

@@ -16,7 +16,8 @@ Floor: model FLOPs (6 x matmul params x tokens + causal attention 6 x L x Hq x D
 over the measured matmul rate.
 
 NOTE: measured on an H200 (torch 2.11, transformers 5.17, no flash-attn), 2 x 4096 tokens, bf16
-autocast, at commit 2b5fd1c (before the SwiGLU/RoPE autograd Functions, not re-measured since):
+autocast, at commit 2b5fd1c (before the SwiGLU/RoPE autograd Functions, not re-measured since), when
+the peaks left out both sides' fp32 gradients (1.84 and 5.7 GiB; counted since 2026-11-29):
     Qwen2.5-0.5B: 122.8 ms, 13.1 GiB  vs transformers 131.1 ms, 27.5 GiB  (1.07x, 0.48x memory)
     Qwen2.5-1.5B: 230.1 ms, 25.2 GiB  vs transformers 241.3 ms, 38.9 GiB  (1.05x, 0.65x memory)
     Qwen2.5-1.5B --ckpt: 284.7 ms, 1.67 GiB                           (0.85x, 0.04x memory)
@@ -42,7 +43,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ceilings, device_name, emit_json, peak_extra_bytes, print_table, profile_table, sync  # noqa: E402
+from common import (ceilings, device_name, emit_json, measured, peak_extra_bytes, print_table,  # noqa: E402
+                    profile_table, sync)
 
 from reasonrl.models import AttnContext, CausalLM, ModelConfig, builtin_path  # noqa: E402
 from reasonrl.ops import linear_token_logprobs  # noqa: E402
@@ -267,15 +269,21 @@ def run(preset, B, T, vary, device, amp, ckpt, hf_ckpt, rep, profile=False, ops_
     for (name, fn), ms in zip(fns.items(), times):
         if profile:
             profile_table(fn, device, f"{preset} training step, {name}")
+        # the gradients counted: freed before the baseline (each step sets them to None first, so
+        # gradients left from the last call were in the baseline and the step's own were not counted)
+        ours.zero_grad(set_to_none=True)
+        hf.zero_grad(set_to_none=True)
         peak = peak_bytes(fn, device)
         rows.append(dict(preset=preset, backend=name, B=B, T=T, tokens=ntok, lengths="vary" if vary else "equal",
-                         dtype="bf16-autocast" if amp else "fp32", ckpt=ckpt if name == "reasonrl" else hf_ckpt,
+                         dtype="bf16-autocast" if amp else "fp32", ckpt=ckpt if name.startswith("reasonrl") else hf_ckpt,
                          ms=ms, tok_per_s=ntok / (ms / 1e3), peak_GiB=peak / GiB,
-                         TFLOPs=fl / (ms / 1e3) / 1e12, floor_ms=fl / ceil["mm_flops"] * 1e3))
+                         TFLOPs=fl / (ms / 1e3) / 1e12, floor_ms=fl / ceil["mm_flops"] * 1e3, x_floor=ms / (fl / ceil["mm_flops"] * 1e3)))
     for r in rows[:1] + rows[2:]:
         r["speedup"] = rows[1]["ms"] / r["ms"]
         r["mem_ratio"] = r["peak_GiB"] / rows[1]["peak_GiB"]
     rows[0]["loss_diff"] = abs(l_ours - l_hf)  # same weights and tokens: should agree
+    for r in rows:
+        measured(r)
     fns = ours = hf = b = None  # freed before empty_cache
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -305,7 +313,10 @@ def main():
                          "needs TRITON_INTERPRET=1) instead of the C++ kernels")
     ap.add_argument("--narrow", action="store_true",
                     help="the presets at a small width (hidden 64, vocab 512), their layer and head counts kept")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.gpu and not torch.cuda.is_available():  # was an AssertionError traceback from deep inside torch
         sys.exit("--gpu asked for, but torch sees no CUDA device")
     device = torch.device("cuda" if a.gpu or (a.preset and a.preset != ["tiny"] and torch.cuda.is_available()) else "cpu")
@@ -327,7 +338,7 @@ def main():
         emit_json({"bench": "model-ops", "device": device_name(device), "rows": rows}, a.json)
         return
     print_table(rows, ["preset", "backend", "B", "T", "tokens", "lengths", "dtype", "ckpt", "ms", "tok_per_s",
-                       "peak_GiB", "TFLOPs", "floor_ms", "speedup", "mem_ratio", "loss_diff"])
+                       "peak_GiB", "TFLOPs", "floor_ms", "x_floor", "speedup", "mem_ratio", "loss_diff"])
     emit_json({"bench": "model", "device": device_name(device), "rows": rows}, a.json)
 
 

@@ -19,7 +19,10 @@ torch._grouped_mm (kernels/moe.py *_GROUPED_MM): "wgrad" (the two weight gradien
 (and the go Wd GEMM) and "wgrad+dact+dx" (and dx's GEMM); --profile prints the kernels of ours and of the
 torch._grouped_mm reference, whose GEMMs are CUTLASS's grouped GEMM at these shapes.
 Floor: forward 2*T*K*H*3I FLOPs, forward+backward 3x that (backward does twice the forward's GEMMs;
-the C++ backend's recompute of gate/up adds 2*T*K*H*2I more, not counted), over the measured matmul rate.
+the C++ backend's recompute of gate/up adds 2*T*K*H*2I more, not counted), over the measured matmul rate;
+decode (forward only, a few tokens per expert) the larger of that and the bytes of the experts it hits
+(each read once) plus x and the output, over the measured copy bandwidth. Decode's peak memory is taken
+without autograd, as it is timed.
 """
 from __future__ import annotations
 
@@ -179,6 +182,9 @@ def bench_shape(name, T, H, I, E, K, dtype, device, ceil, args, rows, decode=Fal
     g = torch.randn(T, H, device=device).to(dtype)
     leaves = [x, w, gu, wd]
     flop_f = 2 * T * K * H * 3 * I
+    # decode reads every expert it hits once: at few tokens a bandwidth floor, far above the FLOP floor
+    hit = int(torch.unique(ids).numel())
+    decode_bytes = hit * 3 * H * I * gu.element_size() + 2 * T * H * x.element_size()
     base = None
     for impl, fn, ctx in impls_for(device, dtype, H, I):
         def fwd():
@@ -195,7 +201,11 @@ def bench_shape(name, T, H, I, E, K, dtype, device, ceil, args, rows, decode=Fal
                 with torch.no_grad():
                     t_f = time_ms(fwd, device, args.warmup, args.rep)
                 t_fb = None if decode else time_ms(fb, device, args.warmup, args.rep)
-                peak = peak_extra_bytes((lambda: fwd()) if decode else fb, device)
+                if decode:  # measured as timed: without autograd (the leaves require grad)
+                    with torch.no_grad():
+                        peak = peak_extra_bytes(fwd, device)
+                else:
+                    peak = peak_extra_bytes(fb, device)
                 # ours, and torch._grouped_mm's GEMMs (how fast CUTLASS's grouped GEMM runs these shapes)
                 if getattr(args, "profile", False) and (impl.startswith("reasonrl") or impl == "torch._grouped_mm"):
                     profile_table(fwd if decode else fb, device, f"{impl} at {name}")
@@ -204,7 +214,8 @@ def bench_shape(name, T, H, I, E, K, dtype, device, ceil, args, rows, decode=Fal
             continue
         t = t_f if decode else t_fb
         base = base or t
-        floor = (flop_f if decode else 3 * flop_f) / ceil["mm_flops"] * 1e3
+        floor = (max(flop_f / ceil["mm_flops"], decode_bytes / ceil["copy_Bps"]) if decode
+                 else 3 * flop_f / ceil["mm_flops"]) * 1e3
         rows.append({"shape": name, "impl": impl, "T": T, "H": H, "I": I, "E": E, "K": K,
                      "dtype": str(dtype).replace("torch.", ""), "fwd_ms": t_f, "fwd+bwd_ms": t_fb,
                      "TFLOP/s": (flop_f if decode else 3 * flop_f) / (t / 1e3) / 1e12, "floor_ms": floor,

@@ -28,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ceilings, device_name, emit_json, print_table, profile_table, time_ms  # noqa: E402
+from common import ceilings, device_name, emit_json, measured, print_table, profile_table, time_ms  # noqa: E402
 
 from reasonrl.engine import LLMEngine, SamplingParams  # noqa: E402
 from reasonrl.ops import _backend  # noqa: E402
@@ -88,14 +88,17 @@ def bench_decode_op(cfg, head_dim, B, ctx, block_size, device, dtype):
     tables = torch.randperm(B * M + 1, device=device)[: B * M].view(B, M).int()
     lens = torch.full((B,), ctx, dtype=torch.int32, device=device)
     rows, ref_ms = [], None
+    kv_bytes = 2 * B * ctx * Hkv * D * dtype.itemsize
+    floor_ms = kv_bytes / ceilings(device)["copy_Bps"] * 1e3  # the cache read once, at the copy's traffic rate
     for b in ("reference", "cpp", "triton"):
         if _backend.why_unavailable(b, device) is not None or (b == "triton" and device.type == "cpu"):
             continue
         ms = time_ms(lambda: paged_attention_decode(q, kc, vc, tables, lens, D ** -0.5, backend=b), device, 3, 20)
         ref_ms = ms if b == "reference" else ref_ms
-        kv_bytes = 2 * B * ctx * Hkv * D * dtype.itemsize
         rows.append({"op": f"paged_attention_decode[{b}]", "shape": f"B={B} Hq={Hq} Hkv={Hkv} D={D} ctx={ctx}",
-                     "ms": ms, "GB/s": kv_bytes / ms / 1e6, "vs reference": ref_ms / ms})
+                     "ms": ms, "GB/s": kv_bytes / ms / 1e6, "floor ms": floor_ms, "x floor": ms / floor_ms,
+                     "vs reference": ref_ms / ms})
+        measured(rows[-1])
     return rows
 
 
@@ -166,6 +169,9 @@ def main():
     if args.gpu:
         wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         floor = gen_tokens / (new * wbytes / ceilings(device)["copy_Bps"])
+    for r in rows:
+        r["floor tok/s"], r["share of floor"] = floor, (r["tok/s"] / floor if floor else None)
+        measured(r)
     if args.profile:  # a short call: a whole rollout's tens of thousands of kernels overran the profiler's time
         short = min(new, 32)
         profile_table(lambda: eng.generate(prompts.tolist(), dataclasses.replace(params, max_tokens=short), n=G),
@@ -175,13 +181,13 @@ def main():
     print(f"device: {device_name(device)}; model {cfg.arch} H={cfg.hidden_size} L={cfg.num_hidden_layers} "
           f"V={cfg.vocab_size} {str(dtype).replace('torch.', '')}; {P} prompts x {G} samples, prompt {plen}, "
           f"{new} new tokens, block size {args.block_size}")
-    print_table(rows, ["impl", "tok/s", "seconds", "peak KV MiB", "KV / ideal"])
+    print_table(rows, ["impl", "tok/s", "seconds", "peak KV MiB", "KV / ideal", "floor tok/s", "share of floor"])
     print(f"speedup vs transformers: {speedup:.2f}x" if speedup else "speedup: transformers skipped")
     print(f"peak blocks {st['peak_blocks_used']} of {st['num_blocks']} ({bytes_per_block} B each), "
           f"preemptions {st['preemptions']}, steps {st['steps']}, CUDA-graph capture {st['graph_capture_s']:.3f} s "
           f"of the last call's {st['seconds']:.3f} s"
           + (f"; weight-read floor {floor:.0f} tok/s" if floor else ""))
-    print_table(op_rows, ["op", "shape", "ms", "GB/s", "vs reference"])
+    print_table(op_rows, ["op", "shape", "ms", "GB/s", "floor ms", "x floor", "vs reference"])
     emit_json({"ops": op_rows, "bench": "rollout", "device": device_name(device), "prompts": P, "samples": G, "prompt_len": plen,
                "new_tokens": new, "block_size": args.block_size, "ours_tok_s": rows[0]["tok/s"],
                "hf_tok_s": rows[1]["tok/s"] if len(rows) > 1 else None, "speedup": speedup,

@@ -9,7 +9,8 @@ EOS is ignored on both sides (reasonrl: SamplingParams.ignore_eos; TRL: min_new_
 max_tokens), so both generate exactly max_tokens per completion: equal work.
 
 Each backend runs in its own subprocess so that peak memory (ru_maxrss: CPU resident set, or
-torch.cuda.max_memory_allocated on GPU) is its own. TRL is an optional extra (pip install trl).
+torch.cuda.max_memory_allocated on GPU) is its own; on CPU also the peak above the resident set after
+each side's imports (TRL's libraries are the larger part of its small-model peak). TRL is an optional extra (pip install trl).
 reasonrl's side keeps freed memory in its heap as run_grpo does (train.common.keep_freed_memory;
 REASONRL_KEEP_HEAP=0 turns that off); TRL runs with glibc's defaults.
 
@@ -147,9 +148,25 @@ def run_trl(args):
     return times[1:]
 
 
+def _rss_mib():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
 def child(args):
     import torch
     torch.set_num_threads(args.threads)
+    # each side's libraries imported first: the resident set then is the baseline of "above imports"
+    # (TRL's imports alone are ~550 MiB against ~225 for ours: the whole-process peak counts them too)
+    if args.backend == "reasonrl":
+        import reasonrl.train.grpo  # noqa: F401
+    else:
+        import datasets  # noqa: F401
+        import trl  # noqa: F401
+    base = _rss_mib()
     times = (run_reasonrl if args.backend == "reasonrl" else run_trl)(args)
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated() / 2**20
@@ -157,8 +174,10 @@ def child(args):
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         kind = "cpu_max_rss"
+    above = peak - base if kind == "cpu_max_rss" and base is not None else None
     print(json.dumps({"backend": args.backend, "s_per_step": statistics.median(times), "steps": times,
-                      "peak_mib": peak, "peak_kind": kind}))
+                      "peak_mib": peak, "peak_kind": kind, "imports_mib": base if above is not None else None,
+                      "peak_above_imports_mib": above}))
 
 
 def matmul_floor(args, workdir):
@@ -202,6 +221,7 @@ def main():
                    help="bf16 autocast training on both sides (reasonrl precision=bf16, TRL bf16=True); weights fp32")
     p.add_argument("--bf16-rollouts", action="store_true",
                    help="reasonrl's rollouts on a bf16 cast of the weights (GRPOConfig.rollout_dtype='bf16')")
+    p.add_argument("--json", default=None, help="also write the summary (the last line printed) to this file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -224,16 +244,21 @@ def main():
           f"{args.threads} thread(s), reasonrl share_prefix={not args.no_share_prefix}, "
           f"training precision {'bf16 autocast' if args.bf16 else 'fp32'}, "
           f"reasonrl rollouts {'bf16 cast' if args.bf16_rollouts else 'on the weights'}")
-    print(f"{'backend':<10} {'s/step (median)':>16} {'peak MiB':>10}  steps")
+    print(f"{'backend':<10} {'s/step (median)':>16} {'peak MiB':>10} {'above imports':>14}  steps")
     for r in results:
-        print(f"{r['backend']:<10} {r['s_per_step']:>16.3f} {r['peak_mib']:>10.0f}  "
-              + " ".join(f"{t:.2f}" for t in r["steps"]))
+        above = r.get("peak_above_imports_mib")
+        print(f"{r['backend']:<10} {r['s_per_step']:>16.3f} {r['peak_mib']:>10.0f} "
+              f"{'-' if above is None else f'{above:.0f}':>14}  " + " ".join(f"{t:.2f}" for t in r["steps"]))
     by = {r["backend"]: r for r in results}
     summary = {"results": results}
     if len(by) == 2:
         summary["speedup"] = by["trl"]["s_per_step"] / by["reasonrl"]["s_per_step"]
         summary["memory_ratio"] = by["reasonrl"]["peak_mib"] / by["trl"]["peak_mib"]
-        print(f"speed-up vs TRL: {summary['speedup']:.2f}x; memory reasonrl/TRL: {summary['memory_ratio']:.2f}")
+        a, b = by["reasonrl"].get("peak_above_imports_mib"), by["trl"].get("peak_above_imports_mib")
+        summary["memory_ratio_above_imports"] = a / b if a is not None and b else None
+        print(f"speed-up vs TRL: {summary['speedup']:.2f}x; memory reasonrl/TRL: {summary['memory_ratio']:.2f} "
+              "(whole process)" + ("" if summary["memory_ratio_above_imports"] is None else
+                                   f", {summary['memory_ratio_above_imports']:.2f} (above each side's imports)"))
     elif args.backend == "both":  # a side failed: said so, and the exit status says it too
         print("no comparison: a backend failed above; ratio not reported")
     floor = matmul_floor(args, workdir) if results else None
@@ -244,6 +269,9 @@ def main():
         print(f"floor: {fl / 1e9:.1f} GFLOP per step (completion tokens' linear layers, generation + training) "
               f"at the measured {rate / 1e9:.0f} GFLOP/s: {fl / rate:.3f} s{third}")
     print(json.dumps(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(json.dumps(summary) + "\n")
     if args.backend == "both" and len(by) < 2:
         sys.exit(1)
 

@@ -185,7 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     while i < len(argv) and argv[i] == "--threads":  # the command's position
         i += 2
     if i < len(argv) and argv[i] == "bench":  # `bench NAME args...`: the args belong to the script
+        n = argv.index("--threads") if "--threads" in argv[:i] else None
         argv = _threads(argv[:i + 1]) + argv[i + 1:]
+        if n is not None:  # `reasonrl --threads N bench ...`: the script is a child process; it reads them here
+            import torch
+            os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     else:
         argv = _threads(argv)
     if not argv or argv[0] in ("-h", "--help"):

@@ -176,8 +176,23 @@ def test_bench_passes_threads_to_the_script(monkeypatch):
         with pytest.raises(SystemExit):
             main(["bench", "rollout", "--threads", "2"])
         assert calls[-1][-2:] == ["--threads", "2"] and calls[-1][-3].endswith("bench_rollout.py")
+        # `--threads` before `bench` reaches the script (a child process) through OMP_NUM_THREADS: it was lost
+        monkeypatch.setenv("OMP_NUM_THREADS", "7")  # restored after the test
+        with pytest.raises(SystemExit):
+            main(["--threads", "1", "bench", "logprobs"])
+        assert os.environ["OMP_NUM_THREADS"] == "1" and calls[-1][-1].endswith("bench_logprobs.py")
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("script", ["logprobs", "grpo", "model", "moe", "rollout", "trl"])
+def test_every_benchmark_takes_threads(script):
+    import subprocess
+    if not os.path.isdir(benchmarks_dir()):
+        pytest.skip("no benchmarks folder next to the package")
+    out = subprocess.run([sys.executable, os.path.join(benchmarks_dir(), f"bench_{script}.py"), "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--threads" in out.stdout, out.stderr[-500:]
 
 
 def test_convert_gguf_errors_cleanly(tmp_path):

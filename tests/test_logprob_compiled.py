@@ -423,7 +423,7 @@ def test_cuda_special_values():
     assert lse[3].isnan() and logp[3].isnan() and ent[3].isnan() and torch.isfinite(lse[[0, 1, 4]]).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu  # (a skipif before: `pytest -m gpu`, the GPU check, never selected it)
 def test_mixed_devices_are_refused():
     x = torch.randn(4, 10, device="cuda")
     with pytest.raises(RuntimeError, match="ids is on cpu but logits is on cuda"):

@@ -362,9 +362,13 @@ def test_errors_name_the_argument():
         linear_token_logprobs(torch.randn(4, 8), torch.randn(10, 8).double(), ids)
     with pytest.raises(ValueError, match="weight's H"):
         linear_token_logprobs(torch.randn(4, 8), torch.randn(10, 9), ids)
-    if torch.cuda.is_available():
-        with pytest.raises(ValueError, match="one device"):
-            token_logprobs(x.cuda(), ids)
+
+
+@pytest.mark.gpu
+def test_mixed_devices_name_the_problem():
+    x, ids = torch.randn(4, 10), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="one device"):
+        token_logprobs(x.cuda(), ids)
 
 
 def test_auto_picks_compiled_on_cpu():
