@@ -347,3 +347,25 @@ def test_sample_out_that_is_a_folder_fails_first(tmp_path):
     (tmp_path / "d.jsonl").mkdir()
     with pytest.raises(ValueError, match="SampleConfig.out: .* is a folder"):
         run_sample(SampleConfig(model=str(tmp_path / "never-loaded"), out=str(tmp_path / "d.jsonl")))
+
+
+def test_resume_takes_the_out_dir_however_it_is_spelled(tmp_path, monkeypatch):
+    """A DONE marker recorded sft.out_dir='r1/p/sft': --resume with --out_dir /abs/r1/p (or ./r1/p, or a
+    moved run folder) was refused, and both remedies the error offered threw the finished stages away."""
+    import shutil
+
+    from reasonrl.train.r1 import _comparable, _read_marker, _write_json_atomic, stage_config
+    cfg = PipelineConfig(stages="sft,grpo", out_dir=str(tmp_path / "r1"))
+    sc = stage_config(cfg, "grpo", str(tmp_path / "r1" / "sft" / "final"))
+    _write_json_atomic(str(tmp_path / "r1" / "grpo" / DONE), {"stage": "grpo", "config": _comparable(sc, cfg.out_dir)})
+    monkeypatch.chdir(tmp_path)
+    rel = dataclasses.replace(cfg, out_dir="./r1", resume=True)
+    _read_marker(str(tmp_path / "r1" / "grpo" / DONE), "grpo", stage_config(rel, "grpo", "r1/sft/final"))
+    shutil.move(str(tmp_path / "r1"), str(tmp_path / "moved"))
+    moved = dataclasses.replace(cfg, out_dir=str(tmp_path / "moved"), resume=True)
+    _read_marker(str(tmp_path / "moved" / "grpo" / DONE), "grpo",
+                 stage_config(moved, "grpo", str(tmp_path / "moved" / "sft" / "final")))
+    changed = dataclasses.replace(moved, grpo=dataclasses.replace(moved.grpo, lr=0.5))  # a real change: refused
+    with pytest.raises(ValueError, match=r"used grpo\.lr="):
+        _read_marker(str(tmp_path / "moved" / "grpo" / DONE), "grpo",
+                     stage_config(changed, "grpo", str(tmp_path / "moved" / "sft" / "final")))

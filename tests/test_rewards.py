@@ -1,5 +1,6 @@
 """Rewards on adversarial outputs: tags missing/nested/repeated, several answers, huge numbers,
 unicode digits, empty output, expressions; custom reward functions by import path."""
+import os
 import random
 import threading
 import time
@@ -286,6 +287,9 @@ def test_math_verify_hangs_are_cut():
     w.proc.kill()  # one that died between queries is replaced
     w.proc.wait()
     assert answers_equal("\\frac{\\pi}{4}", "\\pi/4")
+    # its own session: a terminal's Ctrl-C (sent to the whole foreground group) is the trainer's alone; it
+    # reached the worker, which then judged an equal pair unequal in the step being finished
+    assert os.getsid(w.proc.pid) != os.getsid(0)
 
 
 @needs_math_verify

@@ -148,6 +148,8 @@ def test_reasoning_gym_optional():
         return
     ps = get_task("rg:basic_arithmetic").problems(5, seed=0)
     assert len(ps) == 5 and all(isinstance(p, Problem) for p in ps)
+    # a task mix's step can draw none of it: that raised "only 458 distinct train problems for n=0"
+    assert get_task("rg:basic_arithmetic").problems(0, seed=0) == []
 
 
 def test_jsonl_invalid_utf8_names_file_and_line(tmp_path):

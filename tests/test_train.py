@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -1004,3 +1005,93 @@ def test_train_on_groups_with_a_reference_model_equals_the_oracle():
         grpo_mod.train_on_groups(model, ref, rec, groups, cfg, loss_cfg)
         err = (rec.grads[0] - want).abs().max() / want.abs().max()
         assert err < 1e-5, (budget, mu, float(err))
+
+
+# ---- interrupts during a checkpoint write (sixteenth session, an audit's repros) ------------------------
+def _sigint_self():
+    import signal
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)  # the handler runs between bytecodes, right after the kill returns
+
+
+def test_hold_signals_finishes_the_write_then_hands_the_interrupt_on():
+    from reasonrl.train.checkpoint import hold_signals
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with hold_signals("t"):
+            _sigint_self()
+            _sigint_self()  # a second one too: still held
+            done.append(1)
+    assert done == [1]
+    with pytest.raises(KeyboardInterrupt):  # a third abandons the block at once
+        with hold_signals("t"):
+            for _ in range(3):
+                _sigint_self()
+            done.append(2)
+    assert done == [1]
+    with hold_signals("t"):  # none: nothing raised, the handlers are back afterwards
+        pass
+    import signal
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_ctrl_c_during_the_end_of_stage_save_keeps_the_stage(tmp_path, monkeypatch, stage):
+    """A Ctrl-C while a stage wrote its final checkpoint exited with nothing saved (the whole stage lost
+    at save_every 0); now the write finishes, then the interrupt stops the run, and a resume has nothing
+    left to train."""
+    import reasonrl.train.checkpoint as ck
+    real, calls = ck._write_checkpoint, []
+
+    def interrupted_write(*a, **k):
+        calls.append(1)
+        _sigint_self()
+        return real(*a, **k)
+    monkeypatch.setattr(ck, "_write_checkpoint", interrupted_write)
+    if stage == "sft":
+        cfg = _sft_cfg(tmp_path, out_dir=str(tmp_path / "run"))
+        with pytest.raises(KeyboardInterrupt):
+            run_sft(cfg, *micro_model()[:2])
+    else:
+        cfg = _grpo_cfg(tmp_path, steps=2)
+        with pytest.raises(KeyboardInterrupt):
+            run_grpo(cfg, *micro_model()[:2])
+    assert calls == [1]
+    assert latest_checkpoint(cfg.out_dir).endswith(f"step-{cfg.steps:07d}")
+
+
+def test_a_second_ctrl_c_during_the_interrupt_save_still_saves(tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C asks the loop to stop and save; a second one landing in that save lost it (the
+    default handler was back); now the save finishes and says where --resume starts."""
+    import signal
+
+    import reasonrl.train.checkpoint as ck
+    real = ck._write_checkpoint
+    monkeypatch.setattr(ck, "_write_checkpoint", lambda *a, **k: (_sigint_self(), real(*a, **k))[1])
+    real_log = MetricsLogger.log
+
+    def log(self, row, *a, **k):
+        out = real_log(self, row, *a, **k)
+        if row.get("step") == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the first: StepGuard's, the step finishes
+            time.sleep(0.05)
+        return out
+    monkeypatch.setattr(MetricsLogger, "log", log)
+    cfg = _sft_cfg(tmp_path, out_dir=str(tmp_path / "run"))
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(cfg, *micro_model()[:2])
+    assert latest_checkpoint(cfg.out_dir).endswith("step-0000003")
+    assert "interrupted while saving; --resume starts from" in capsys.readouterr().out
+
+
+def test_a_changed_weight_decay_takes_effect_on_resume(tmp_path):
+    """The resume warning named weight_decay 0.0 -> 0.5, but the optimizer's saved param_groups came back
+    over it: the run went on with 0.0 and its next checkpoint said 0.5."""
+    cfg = _sft_cfg(tmp_path, out_dir=str(tmp_path / "run"), steps=2, weight_decay=0.0)
+    run_sft(cfg, *micro_model()[:2])
+    model, tok = micro_model()[:2]
+    cfg2 = dataclasses.replace(cfg, resume=True, weight_decay=0.5)
+    opt = make_optimizer(model, cfg2)
+    resume_or_start(cfg2, model, opt, "sft")
+    assert all(g["weight_decay"] == 0.5 for g in opt.param_groups)
+    assert opt.state  # the moments did come back

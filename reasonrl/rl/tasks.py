@@ -321,6 +321,8 @@ class ReasoningGymTask(Task):
         # split holds test_percent of the questions (or the rest): 1.5x the entries that share needs, so that
         # a held-out set of 100 is there (4n + 64 entries gave 39 test problems for n = 100); larger where
         # duplicate questions leave too few, up to 8x.
+        if n <= 0:  # a mix's step that draws none of this task (it drew 458 then found none equal to 0)
+            return []
         share = (self.test_percent if split == "test" else 100 - self.test_percent) / 100
         base = math.ceil(1.5 * n / share) + 64
         for size in (base, 2 * base, 8 * base):

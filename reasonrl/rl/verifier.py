@@ -88,7 +88,9 @@ class _Worker:
     def _start(self) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
         self.proc = subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, env=env, close_fds=True)
+                                     stderr=subprocess.DEVNULL, env=env, close_fds=True,
+                                     start_new_session=True)  # a terminal's Ctrl-C is the trainer's alone: it
+        # reached the worker too, which then judged an equal pair unequal in the step being finished
         if self._readline(_START_TIMEOUT) != "ready":
             self._kill()
             self.broken = "the answer-checking worker (sympy, math-verify) did not start"

@@ -8,6 +8,7 @@ half of one. No pickle anywhere: loading a checkpoint runs no code.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -127,10 +128,65 @@ def _load_optimizer(optimizer, folder):
         for name, v in rest["scalars"].items():
             pid, k = name.split(".", 1)
             state.setdefault(int(pid), {})[k] = v
+        # this run's hyperparameters (weight decay, betas, eps, ...) over the saved ones: a changed field was
+        # warned about on resume and then silently replaced by the saved value (and the next checkpoint
+        # labelled with the new one). lr is the schedule's, set before every step.
+        mine = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
         optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+        for g, m in zip(optimizer.param_groups, mine):
+            g.update(m)
     except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
         raise ValueError(f"checkpoint {folder!r}: optimizer state ({file}, {rest_file}) does not fit this run's "
                          f"optimizer ({type(e).__name__}: {e})") from None
+
+
+_HELD = {"depth": 0, "count": 0, "old": {}, "first": None}
+
+
+@contextlib.contextmanager
+def hold_signals(what: str):
+    """Ctrl-C (SIGINT) and SIGTERM wait while a checkpoint or a final model is written: the first one is
+    noted (one line) and handed to the handler that was there before once the block is done (a
+    StepGuard's: the step finishes and the loop stops; Python's: KeyboardInterrupt); a third abandons
+    the block at once (the write is atomic: the previous checkpoint stays). Before, a Ctrl-C during the end-of-stage
+    save, or a second one during the save the first had started, lost every step since the last
+    checkpoint without a word. Nested blocks hold as one (the outermost raises). Main thread only."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if _HELD["depth"] == 0:
+        _HELD["count"] = 0
+
+        def handler(signum, frame):
+            _HELD["count"] += 1
+            if _HELD["count"] == 1:
+                _HELD["first"] = signum
+                print(f"\n[{what}] interrupt: finishing the write in progress, then stopping (interrupt twice "
+                      "more to abandon it: the last complete checkpoint stays)", flush=True)
+            elif _HELD["count"] >= 3:
+                print(f"\n[{what}] write abandoned", flush=True)
+                raise KeyboardInterrupt
+        _HELD["old"] = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _HELD["depth"] += 1
+    done, old = False, _HELD["old"]
+    try:
+        yield
+        done = True
+    finally:
+        _HELD["depth"] -= 1
+        if _HELD["depth"] == 0:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+            _HELD["old"] = {}
+    if done and _HELD["depth"] == 0 and _HELD["count"]:
+        _HELD["count"], sig = 0, _HELD["first"]
+        h = old.get(sig)
+        if callable(h):
+            h(sig, None)
+        elif h != signal.SIG_IGN:  # SIG_DFL (SIGTERM with no handler): stop as Ctrl-C does
+            raise KeyboardInterrupt
 
 
 def save_checkpoint(run_dir: str, model, optimizer, state: dict, tokenizer=None, keep: int = 2) -> str:
@@ -143,6 +199,11 @@ def save_checkpoint(run_dir: str, model, optimizer, state: dict, tokenizer=None,
     except OSError as e:
         raise OSError(f"checkpoint folder {run_dir!r} cannot be created: {e}") from e
     name = f"step-{int(state['step']):07d}"
+    with hold_signals(f"checkpoint {name}"):
+        return _write_checkpoint(run_dir, name, model, optimizer, state, tokenizer, keep)
+
+
+def _write_checkpoint(run_dir, name, model, optimizer, state, tokenizer, keep) -> str:
     final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, f".tmp-{name}-{os.getpid()}")
     _remove_stale_tmp(run_dir)
     if not os.path.isfile(os.path.join(final, "state.json")):
@@ -222,15 +283,21 @@ class StepGuard:
 
 def on_interrupt(tag: str, guard: StepGuard, save, run_dir: str) -> None:
     """A stage's KeyboardInterrupt handler: save where the step is clean, else say what resume will use."""
+    def last():
+        try:
+            return latest_checkpoint(run_dir) or "the beginning"
+        except (OSError, ValueError):
+            return "the beginning"
     if guard.clean:
-        print(f"[{tag}] interrupted: saved {save()}", flush=True)
+        try:
+            path = save()
+        except KeyboardInterrupt:  # more interrupts during the save: hold_signals finished it or abandoned it
+            print(f"[{tag}] interrupted while saving; --resume starts from {last()}", flush=True)
+            return
+        print(f"[{tag}] interrupted: saved {path}", flush=True)
         return
-    try:
-        ckpt = latest_checkpoint(run_dir)
-    except (OSError, ValueError):
-        ckpt = None
     print(f"[{tag}] interrupted inside a step after its optimizer update: not saved (a checkpoint would "
-          f"mislabel that step); --resume starts from {ckpt or 'the beginning'}", flush=True)
+          f"mislabel that step); --resume starts from {last()}", flush=True)
 
 
 def on_nonfinite(tag: str, guard: StepGuard, save, run_dir: str, step: int, err: Exception) -> FloatingPointError:

@@ -27,7 +27,8 @@ from reasonrl.ops import linear_token_logprobs
 from reasonrl.ops.grpo import GRPOLossConfig, grpo_loss
 from reasonrl.rl.rewards import compute_rewards, format_reward, parse_reward_spec
 from reasonrl.rl.tasks import get_task, parse_task_mix
-from reasonrl.train.checkpoint import StepGuard, on_interrupt, on_nonfinite, resume_or_start, save_checkpoint
+from reasonrl.train.checkpoint import (StepGuard, hold_signals, on_interrupt, on_nonfinite, resume_or_start,
+                                       save_checkpoint)
 from reasonrl.train.common import (autocast, common_template_len, copy_model, encode_prompt, keep_freed_memory,
                                    load_model_and_tokenizer, lr_at, make_optimizer, moe_aux_loss, pack, pack_shared,
                                    resolve_device, StageBar, step_seed, token_budget_batches, warn_if_slow_bf16,
@@ -275,8 +276,9 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
         bar.close()
         raise on_nonfinite(tag, guard, save, cfg.out_dir, step, e) from None
     bar.close()
-    save()
-    save_model(model, os.path.join(cfg.out_dir, "final"), tokenizer=tokenizer)
+    with hold_signals(tag):  # an interrupt now waits for both (it lost the whole stage before)
+        save()
+        save_model(model, os.path.join(cfg.out_dir, "final"), tokenizer=tokenizer)
     plot_metrics(logger.path, os.path.join(cfg.out_dir, "metrics.png"),
                  ["reward", "accuracy", "format", "length", "kl", "clip_frac", "entropy", "groups", "lr"])
     return model, tokenizer, {"steps": step, "seconds": elapsed}

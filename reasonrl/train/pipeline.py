@@ -25,7 +25,7 @@ import os
 import time
 
 from reasonrl.rl.tasks import get_task
-from reasonrl.train.checkpoint import set_aside_previous_run
+from reasonrl.train.checkpoint import set_aside_previous_run, write_text_atomic
 from reasonrl.train.common import copy_model, evaluate, preflight
 from reasonrl.train.config import TrainConfig
 from reasonrl.train.grpo import run_grpo
@@ -73,10 +73,8 @@ def run_train(cfg: TrainConfig) -> dict:
     table = results_table(results)
     print(table, flush=True)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table + "\n")
+    write_text_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=2))  # a crash keeps the old one
+    write_text_atomic(os.path.join(out, "results.md"), table + "\n")
     return results
 
 

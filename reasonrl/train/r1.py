@@ -71,10 +71,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             print(f"[pipeline] {name}: finished earlier ({marker}); skipped", flush=True)
         else:
             print(f"[pipeline] {name}: starting" + (f" from {model_dir}" if model_dir else ""), flush=True)
-            done = {"stage": name, "config": _comparable(sc), **RUNNERS[name](cfg, sc, heldout)}
+            done = {"stage": name, "config": _comparable(sc, out), **RUNNERS[name](cfg, sc, heldout)}
             _write_json_atomic(marker, done)
         results["stages"][name] = done
-        model_dir = done.get("model") or model_dir
+        if done.get("model"):  # this run's folder, not the path the marker recorded (a moved run folder)
+            model_dir = os.path.join(sc.out_dir, "final")
         if name == cfg.stop_after:
             print(f"[pipeline] stop_after={name}: stopping (--resume continues)", flush=True)
             break
@@ -83,8 +84,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     table = pipeline_table(results)
     print(table, flush=True)
     _write_json_atomic(os.path.join(out, "results.json"), results)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table + "\n")
+    write_text_atomic(os.path.join(out, "results.md"), table + "\n")
     return results
 
 
@@ -146,9 +146,26 @@ RUNNERS = {"sft": _sft_stage, "grpo": _grpo_stage, "sample": _sample_stage, "rs_
            "mt_grpo": _grpo_stage}
 
 
-def _comparable(sc) -> dict:
-    d = dataclasses.asdict(sc)
+_PATH_FIELDS = ("out_dir", "out", "model", "task")
+
+
+def _comparable(sc, root: str) -> dict:
+    """The stage's config as its DONE marker records it and --resume compares it: without `resume`, and
+    with paths inside the pipeline's out_dir written relative to it ("<out_dir>/sft/final"), so that the
+    same folder spelled another way (./runs/r1, an absolute path) or a moved run folder still resumes."""
+    d = dataclasses.asdict(sc) if dataclasses.is_dataclass(sc) else dict(sc)
     d.pop("resume", None)
+    base = os.path.realpath(root)
+    for k in _PATH_FIELDS:
+        v = d.get(k)
+        if not isinstance(v, str) or not v or v.startswith("<out_dir>"):
+            continue
+        pre, path = ("jsonl:", v[6:]) if k == "task" and v.startswith("jsonl:") else ("", v)
+        if k == "task" and not pre:
+            continue  # a task name, not a path
+        real = os.path.realpath(path)
+        if real == base or real.startswith(base + os.sep):
+            d[k] = pre + "<out_dir>" + real[len(base):]
     return d
 
 
@@ -162,12 +179,13 @@ def _read_marker(path, name, sc) -> dict:
         why = done if isinstance(done, str) else "no 'config' object"
         raise ValueError(f"PipelineConfig.{name}: the marker {path!r} of the finished stage is corrupt ({why}); "
                          "delete it to run the stage again (its own --resume picks up its checkpoints)")
-    now = _comparable(sc)
-    diff = sorted(k for k in set(now) | set(done.get("config", {})) if now.get(k) != done["config"].get(k))
+    root = os.path.dirname(os.path.dirname(path))  # out_dir/<stage>/DONE.json
+    now, then = _comparable(sc, root), _comparable(done["config"], root)  # (markers before 2026-11-29: as written)
+    diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
     if diff:
         k = diff[0]
         raise ValueError(f"PipelineConfig.{name}: --resume, but the finished stage in {os.path.dirname(path)} used "
-                         f"{name}.{k}={done['config'].get(k)!r}, now {now.get(k)!r}; use a new out_dir or drop --resume")
+                         f"{name}.{k}={then.get(k)!r}, now {now.get(k)!r}; use a new out_dir or drop --resume")
     return done
 
 

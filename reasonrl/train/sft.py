@@ -11,7 +11,8 @@ import torch
 
 from reasonrl.ops import linear_token_logprobs
 from reasonrl.rl.tasks import get_task, parse_task_mix
-from reasonrl.train.checkpoint import StepGuard, on_interrupt, on_nonfinite, resume_or_start, save_checkpoint
+from reasonrl.train.checkpoint import (StepGuard, hold_signals, on_interrupt, on_nonfinite, resume_or_start,
+                                       save_checkpoint)
 from reasonrl.train.common import (autocast, encode_prompt, encode_response, keep_freed_memory, load_model_and_tokenizer,
                                    lr_at, make_optimizer, moe_aux_loss, pack_sft, resolve_device, step_seed,
                                    StageBar, warn_if_slow_bf16, warn_if_warmup_outlasts)
@@ -111,8 +112,9 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
         bar.close()
         raise on_nonfinite(tag, guard, save, cfg.out_dir, step, e) from None
     bar.close()
-    save()
-    save_model(model, os.path.join(cfg.out_dir, "final"), tokenizer=tokenizer)
+    with hold_signals(tag):  # an interrupt now waits for both (it lost the whole stage before)
+        save()
+        save_model(model, os.path.join(cfg.out_dir, "final"), tokenizer=tokenizer)
     plot_metrics(logger.path, os.path.join(cfg.out_dir, "metrics.png"))
     return model, tokenizer, {"steps": step, "seconds": elapsed}
 
