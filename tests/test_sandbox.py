@@ -363,3 +363,79 @@ def test_landlock_alone_blocks_writes_network_and_signals(tmp_path, server):
         finally:
             signal.signal(signal.SIGUSR1, old)
         assert not r.passed and "PermissionError" in r.stderr and got == []
+
+
+# ---- a red team's findings (2026-11-29, sixteenth session) -----------------------------------------------
+EQ = "class _Eq:\n    def __eq__(self, o):\n        return True\n    __hash__ = None\n"
+SQ = "assert f(2) == 4\nassert f(3) == 9\n"
+S_SQ = "s = Solution()\nassert s.square(2) == 4\nassert s.square(3) == 9\n"
+
+
+@pytest.mark.parametrize("code, tests", [
+    ("class f:\n    def __init__(self, *a):\n        pass\n    def __eq__(self, o):\n        return True\n", SQ),
+    ("class M(type):\n    def __eq__(cls, o):\n        return True\n    __hash__ = type.__hash__\n"
+     "class _A(metaclass=M):\n    def __eq__(self, o):\n        return True\ndef f(x):\n    return _A()\n", SQ),
+    # (`type(v) in scalars` asked M.__eq__, which said _A was int)
+    (EQ + "class Solution:\n    def __init__(self):\n        self.square = lambda x: _Eq()\n"
+          "    def square(self, x):\n        return 0\n", S_SQ),  # the instance's attribute shadowed the check
+    (EQ + "class Solution:\n    def __init__(self):\n        self.__dict__['square'] = lambda x: _Eq()\n"
+          "    def square(self, x):\n        return 0\n", S_SQ),
+    (EQ + "class Solution:\n    def __getattribute__(self, n):\n        return lambda *a: _Eq()\n"
+          "    def square(self, x):\n        return 0\n", S_SQ),
+    (EQ + "class Base:\n    def square(self, x):\n        return _Eq()\nclass Solution(Base):\n    pass\n", S_SQ),
+    (EQ + "class M(type):\n    def __call__(cls, *a):\n        return _Eq()\nclass f(metaclass=M):\n    pass\n", SQ),
+    (EQ + "import collections\nf = collections.defaultdict(_Eq).__getitem__\n", SQ),  # a bound C method
+])
+def test_the_guard_holds_against_a_red_team(code, tests):
+    r = run_tests(code, tests)
+    assert not r.passed, (code, r.status, r.stderr[-300:])
+
+
+def test_the_solution_cannot_read_the_tests_through_an_audit_hook_of_its_own():
+    """A hook of the solution's saw the tests' code object at their exec and returned the constants the
+    asserts compare with (an answer lookup that passed)."""
+    code = ("import sys\n_seen = []\nsys.addaudithook(lambda e, a: _seen.append(a[0]) if e == 'exec' else None)\n"
+            "def f(x):\n    consts = [c for co in _seen for c in getattr(co, 'co_consts', ()) if type(c) is int]\n"
+            "    return consts[consts.index(x) + 1] if x in consts else 0\n")
+    r = run_tests(code, SQ)
+    assert not r.passed and r.status == "failed", r.stderr[-300:]
+    # refused by the sandbox's hook (CPython then drops the new hook without an error): it never sees an event
+    r = run_tests("import sys\nseen = []\nsys.addaudithook(lambda e, a: seen.append(e))\nopen('x', 'w').close()\n"
+                  "print(len(seen))", "")
+    assert r.passed and r.stdout.strip() == "0", (r.stdout, r.stderr[-300:])
+
+
+@pytest.mark.parametrize("audit_hook", [True, False])
+def test_no_extension_module_under_another_name(audit_hook):
+    """_posixsubprocess loaded from its file as 'ok._posixsubprocess' passed the import check (its first
+    part only) and started a process with no audit hook at all; the hook now checks every part and the
+    file, and with Landlock the file cannot even be read."""
+    code = ("import importlib.util, importlib.machinery, os\n"
+            "d = os.path.dirname(importlib.machinery.PathFinder.find_spec('_json').origin)\n"
+            "p = [os.path.join(d, f) for f in os.listdir(d) if f.startswith('_posixsubprocess.')][0]\n"
+            "spec = importlib.util.spec_from_file_location('ok._posixsubprocess', p,\n"
+            "    loader=importlib.machinery.ExtensionFileLoader('ok._posixsubprocess', p))\n"
+            "importlib.util.module_from_spec(spec)\nprint('loaded')\n")
+    if not audit_hook and not _landlock_abi():
+        pytest.skip("without the audit hook, only Landlock stops this")
+    r = run_tests(code, "", audit_hook=audit_hook)
+    assert not r.passed and "loaded" not in r.stdout and ("not allowed" in r.stderr or "Permission denied" in r.stderr), \
+        r.stderr[-300:]
+
+
+def test_metadata_outside_through_a_fresh_posix_or_a_dir_fd(tmp_path):
+    """A fresh copy of the posix module brought back the deleted setxattr; chmod, chown and utime took a
+    dir_fd the check did not see; an O_PATH open handed out a directory descriptor."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("v")
+    os.chmod(victim, 0o600)
+    v = str(victim)
+    fresh = "import importlib.util\nP = importlib.util.module_from_spec(importlib.util.find_spec('posix'))\n"
+    for code in [fresh + f"P.setxattr({v!r}, 'user.pwn', b'1')",
+                 f"import os\nos.open({str(tmp_path)!r}, os.O_PATH)",
+                 "import os\nfd = os.open('.', os.O_RDONLY | os.O_DIRECTORY)",
+                 "import os\nos.mkdir('d')\nfd = os.open('d', os.O_RDONLY)\nos.chmod('x', 0o777, dir_fd=fd)",
+                 f"import os\nfd = os.open({v!r}, os.O_RDONLY)\nos.chmod(fd, 0o777)"]:
+        r = run_tests(code, "")
+        assert not r.passed and "PermissionError" in r.stderr, (code, r.stderr[-300:])
+    assert oct(victim.stat().st_mode & 0o777) == "0o600" and os.listxattr(victim) == []

@@ -9,19 +9,25 @@ Model output is untrusted, so several independent layers stand between it and th
 3. a network namespace of its own when the kernel allows it (unshare(CLONE_NEWNET), plus
    CLONE_NEWUSER when not root): no interface but a downed loopback, so nothing is reachable;
    and, where the kernel has Landlock (Linux >= 5.13), a Landlock domain set before exec: the
-   interpreter reads only its own files (the executable, the standard library, the system's shared
-   libraries) and writes only in the working directory, so the trainer's files, checkpoints, keys and
-   /etc stay unreadable; TCP bind/connect are refused (ABI >= 4), and signals to processes outside the
-   sandbox (the trainer) are refused (ABI >= 6). It is checked once per process (an interpreter that
-   cannot start under it turns it off, with a warning);
+   interpreter reads only its own files (the executable, libpython, the standard library's files but
+   not site-packages, and of its extension modules not those in _UNREADABLE_EXTENSIONS: process
+   creation, ctypes, sockets, the _test* modules), the system's shared libraries, and writes only in
+   the working directory, so the trainer's files, checkpoints, keys and /etc stay unreadable and those
+   extension modules cannot be loaded under any name; TCP bind/connect are refused (ABI >= 4), and
+   signals to processes outside the sandbox (the trainer) are refused (ABI >= 6). It is checked once
+   per process (an interpreter that cannot start under it turns it off, with a warning). Landlock
+   does not cover chmod, chown, utime or xattrs: as root, layer 4 alone stops those outside;
 4. an audit hook (PEP 578) installed before the untrusted code runs, which cannot be removed and
    whose rules live in a closure the code cannot reach or patch: it refuses process creation
    (os.fork, os.system, os.exec*, os.posix_spawn, subprocess), sockets, ctypes / native-library
-   loading, symlinks, opening directories, sqlite3, and any write, rename, removal or mkdir outside
-   the working directory (paths only as plain str/bytes); calls that raise no audit event (mkfifo,
-   mknod, setxattr, pidfd_open / pidfd_send_signal, which could signal the trainer) are deleted from
-   their modules; the tests run with the harness's exec and the builtins as they were before the
-   solution ran (a solution that made exec a no-op passed tests that never ran);
+   loading (an import is checked by every part of its name and by its file), symlinks, opening
+   directories (and O_PATH / O_DIRECTORY opens), sqlite3, audit hooks of the solution's own (one read
+   the tests' code object at its exec), and any write, rename, removal, mkdir, chmod, chown, utime or
+   xattr change outside the working directory (paths only as plain str/bytes; no dir_fd); calls that
+   raise no audit event (mkfifo, mknod, pidfd_open / pidfd_send_signal, which could signal the
+   trainer) are deleted from their modules (a fresh copy of the posix module brings them back: Landlock
+   then refuses them outside); the tests run with the harness's exec and the builtins as they were
+   before the solution ran (a solution that made exec a no-op passed tests that never ran);
 5. a wall-clock timeout, after which the whole process group is killed (start_new_session=True,
    os.killpg), so children that slipped through die with it; output past max_output is dropped as
    it arrives.
@@ -32,7 +38,10 @@ solution's functions and methods through a guard that hands them plain copies of
 GUARD_SOURCE): an object whose __eq__ is always True earns nothing either (plain_returns=False turns
 the guard off, for tests that compare objects of the solution's own classes).
 This is a filter for reward computation, not a security boundary for hostile humans: use a
-container or VM when that is the threat.
+container or VM when that is the threat. Known limits, by design of an in-process harness: frames are
+readable (namedtuple, typing and enum need sys._getframe), so code that walks up to the harness's
+frame can read the nonce, or the calling test's frame and its constants; and the solution can patch
+Python classes of the standard library that the tests then use (fractions.Fraction.__eq__).
 """
 from __future__ import annotations
 
@@ -72,25 +81,37 @@ HOOK_SOURCE = textwrap.dedent(r"""
             "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "ctypes.dlopen",
             "ctypes.dlsym", "ctypes.cdata", "os.kill", "os.killpg", "signal.pthread_kill", "sys.setprofile",
             "sys.settrace", "sys._current_frames", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-            "os.symlink", "sys.monitoring.register_callback", "sqlite3.connect"})
+            "os.symlink", "sys.monitoring.register_callback", "sqlite3.connect", "sys.addaudithook"})
+        # (sys.addaudithook: a hook of the solution's own saw the tests' code object at their exec and read
+        # the expected answers out of its constants)
         no_import = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "socket", "_socket", "pty",
-                               "multiprocessing", "_multiprocessing", "resource", "sqlite3", "_sqlite3"})
+                               "multiprocessing", "_multiprocessing", "resource", "sqlite3", "_sqlite3",
+                               "_testcapi", "_testinternalcapi", "_xxsubinterpreters", "_posixshmem", "_lsprof"})
         # event -> positions of its path arguments (the rest: modes, ids, times, dir_fd)
         path_events = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,), "os.chown": (0,),
                        "os.truncate": (0,), "os.utime": (0,), "shutil.rmtree": (0,), "os.chdir": (0,),
                        "os.chroot": (0,), "os.rename": (0, 1), "os.link": (0, 1), "shutil.move": (0, 1),
-                       "shutil.copyfile": (0, 1), "shutil.copytree": (0, 1)}
+                       "shutil.copyfile": (0, 1), "shutil.copytree": (0, 1), "os.setxattr": (0,),
+                       "os.removexattr": (0,)}
+        # event -> positions of its dir_fd arguments: a directory descriptor moves the base of a relative
+        # path away from the one the check resolves (opening directories is refused, but a rename race
+        # could slip one through the check)
+        dir_fd_args = {"os.chmod": (2,), "os.chown": (3,), "os.utime": (3,), "os.mkdir": (2,), "os.rmdir": (1,),
+                       "os.remove": (1,), "os.link": (2, 3), "os.rename": (2, 3)}
         W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+        NO_FLAGS = getattr(os, "O_PATH", 0) | getattr(os, "O_DIRECTORY", 0)
 
-        def inside(p, getcwd=os.getcwd, type=type, int=int, str=str, bytes=bytes):
-            # Only exact int (an already-open descriptor, opened under this same hook), str or bytes: a
+        def inside(p, fd_ok=True, getcwd=os.getcwd, type=type, int=int, str=str, bytes=bytes):
+            # Only exact int (an already-open descriptor, opened under this same hook: for open() and
+            # truncate; chmod, chown, utime, xattrs and chdir of a descriptor are refused, since one opened
+            # for reading can name a file outside), str or bytes: a
             # PathLike's __fspath__ or a str subclass could show the hook one path and the call another.
             # Lexical: no symlink can be made (os.symlink is refused), no directory opened (so no dir_fd
             # or fchdir moves the base of a relative path), and a hard link is checked at its source, so
             # the text of the path is where the write lands.
             t = type(p)
             if t is int:
-                return True
+                return fd_ok
             if t is bytes:
                 p = bytes.decode(p, "utf-8", "surrogateescape")
             elif t is not str:
@@ -117,10 +138,17 @@ HOOK_SOURCE = textwrap.dedent(r"""
                  len=len):
             if event in blocked:
                 raise PermissionError("sandbox: " + event + " is not allowed")
-            if event == "import" and str.split(str(args[0]), ".")[0] in no_import:
-                raise PermissionError("sandbox: import " + str(args[0]) + " is not allowed")
+            if event == "import":
+                # every part of the name and the file's own name: an extension module loaded from its file
+                # under another name ("ok._posixsubprocess") still had its init function, and no event
+                name, file = str(args[0]), args[1] if len(args) > 1 else None
+                if any(part in no_import for part in str.split(name, ".")) or (
+                        type(file) is str and str.split(str.rsplit(file, "/", 1)[-1], ".")[0] in no_import):
+                    raise PermissionError("sandbox: import " + name + " is not allowed")
             if event == "open":
                 path, mode, flags = args
+                if (flags or 0) & NO_FLAGS:
+                    raise PermissionError("sandbox: O_PATH / O_DIRECTORY opens are not allowed")
                 writing = (mode is not None and any(c in str(mode) for c in "wax+")) or (flags or 0) & W
                 if is_dir(path):  # no directory descriptors: a dir_fd would move the base of a relative path
                     raise PermissionError("sandbox: opening a directory (" + repr(path) + ") is not allowed")
@@ -128,10 +156,14 @@ HOOK_SOURCE = textwrap.dedent(r"""
                     raise PermissionError("sandbox: writing " + repr(path) + " outside the working directory "
                                           "(or not a str path)")
             elif event in path_events:
+                fd_ok = event == "os.truncate"
                 for i in path_events[event]:
-                    if i < len(args) and not inside(args[i]):
+                    if i < len(args) and not inside(args[i], fd_ok):
                         raise PermissionError("sandbox: " + event + " on " + repr(args[i]) +
                                               " outside the working directory (or not a str path)")
+                for i in dir_fd_args.get(event, ()):
+                    if i < len(args) and args[i] is not None and args[i] != -1:
+                        raise PermissionError("sandbox: " + event + " with a dir_fd is not allowed")
 
         if hook_on:
             sys.addaudithook(hook)
@@ -162,8 +194,10 @@ GUARD_SOURCE = textwrap.dedent(r"""
                     vars=vars, callable=callable, isinstance=isinstance, FunctionType=type(lambda: 0),
                     ModuleType=type(sys), BuiltinType=type(len), Exception=Exception, modules=sys.modules,
                     module_of=type.__dict__["__module__"].__get__, name_of=type.__dict__["__name__"].__get__,
-                    getattr=getattr):
-        scalars = (bool, int, float, complex, str, bytes, type(None))
+                    mro_of=type.__dict__["__mro__"].__get__, getattr=getattr, id=id, object=object,
+                    AttributeError=AttributeError):
+        scalars = frozenset(map(id, (bool, int, float, complex, str, bytes, type(None))))  # by identity:
+        # `t in (int, ...)` compares with ==, which a metaclass's __eq__ answers
         depth = [0]
 
         class NotPlainData(BaseException):  # not an Exception, not a TypeError: a test that expects one to
@@ -171,7 +205,7 @@ GUARD_SOURCE = textwrap.dedent(r"""
 
         def plain(v, name, level=0):
             t = type(v)
-            if t in scalars:
+            if id(t) in scalars:
                 return v
             if level > 64:
                 raise NotPlainData(f"{name}() returned data nested more than 64 levels deep")
@@ -211,33 +245,84 @@ GUARD_SOURCE = textwrap.dedent(r"""
                 return plain(out, name)
             return checked
 
+        class Checked:  # a public method of a solution class, as the tests see it: a data descriptor, so an
+            __slots__ = ("fn", "attr")  # instance attribute of the same name cannot shadow it unchecked
+
+            def __init__(self, fn, attr):
+                self.fn, self.attr = fn, attr
+
+            def __get__(self, obj, cls=None):
+                if obj is None:
+                    return self.fn
+                d = own_dict(obj)
+                if d is not None and self.attr in d:  # set on the instance (self.f = lambda ...): checked too
+                    v = d[self.attr]
+                    return wrap(v, self.attr) if callable(v) else v
+                return self.fn.__get__(obj, cls)
+
+            def __set__(self, obj, value):
+                d = own_dict(obj)
+                if d is None:
+                    raise AttributeError(self.attr)
+                d[self.attr] = value
+
+            def __delete__(self, obj):
+                d = own_dict(obj)
+                if d is None or self.attr not in d:
+                    raise AttributeError(self.attr)
+                del d[self.attr]
+
+        def own_dict(obj):
+            try:
+                return object.__getattribute__(obj, "__dict__")
+            except AttributeError:  # __slots__
+                return None
+
+        # what the tests' instances of a solution class compare and hash by: identity (object's), whatever
+        # the class says; and attribute lookup as object's (a class's own __getattribute__ could hand out
+        # unchecked methods). A class whose instances should compare by value: plain_returns=False.
+        identity = {m: getattr(object, m) for m in ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
+                                                     "__hash__", "__getattribute__")}
+
+        def imported(c):
+            mod = module_of(c)  # read past any metaclass property
+            return type(mod) is str and mod != "__main__" and getattr(modules.get(mod), name_of(c), None) is c
+
         def guarded(ns):
             out = dict(ns)
             for key, v in ns.items():
                 if key.startswith("_"):  # private helpers (and namedtuple's _make, _replace): the tests' API is public
                     continue
                 if isinstance(v, type):
-                    mod = module_of(v)  # read past any metaclass property
-                    if type(mod) is str and mod != "__main__" and getattr(modules.get(mod), name_of(v), None) is v:
+                    if imported(v):
                         continue  # imported (from collections import Counter, ...): as it is
-                    # a class of the solution's: the tests get a subclass whose methods are checked
-                    methods = {}
-                    for m, f in vars(v).items():
-                        if m.startswith("_"):
+                    if not imported(type(v)):  # its __call__ could hand the tests anything
+                        raise NotPlainData(f"class {key} has a metaclass of the solution's own; the tests "
+                                           "compare plain values (plain_returns: false for tests that need it)")
+                    # a class of the solution's: the tests get a subclass whose public methods (its own and
+                    # those of the solution's base classes) are checked
+                    attrs = {}
+                    for klass in mro_of(v)[::-1]:
+                        if klass is object or imported(klass):
                             continue
-                        if type(f) is FunctionType:
-                            methods[m] = wrap(f, f"{key}.{m}")
-                        elif type(f) is staticmethod and type(f.__func__) is FunctionType:
-                            methods[m] = staticmethod(wrap(f.__func__, f"{key}.{m}"))
-                        elif type(f) is classmethod and type(f.__func__) is FunctionType:
-                            methods[m] = classmethod(wrap(f.__func__, f"{key}.{m}"))
-                    if methods:
-                        try:
-                            out[key] = type(v.__name__, (v,), {**methods, "__module__": "__main__",
-                                                               "__qualname__": v.__qualname__})
-                        except Exception:  # a class that cannot be subclassed (an Enum, a metaclass's doing): as it is
-                            pass
-                elif type(v) is not ModuleType and type(v) is not BuiltinType and callable(v):
+                        for m, f in vars(klass).items():
+                            if m.startswith("_"):
+                                continue
+                            if type(f) is FunctionType:
+                                attrs[m] = Checked(wrap(f, f"{key}.{m}"), m)
+                            elif type(f) is staticmethod and type(f.__func__) is FunctionType:
+                                attrs[m] = staticmethod(wrap(f.__func__, f"{key}.{m}"))
+                            elif type(f) is classmethod and type(f.__func__) is FunctionType:
+                                attrs[m] = classmethod(wrap(f.__func__, f"{key}.{m}"))
+                    try:
+                        out[key] = type(v.__name__, (v,), {**attrs, **identity, "__module__": "__main__",
+                                                           "__qualname__": v.__qualname__})
+                    except Exception:  # a class that cannot be subclassed (an Enum, a metaclass's doing): as it is
+                        pass
+                elif type(v) is BuiltinType:  # a C function: a bound method of an object (the solution's
+                    if type(getattr(v, "__self__", None)) is not ModuleType:  # dict's __getitem__) is checked,
+                        out[key] = wrap(v, key)                               # a module's (math.gcd) is not
+                elif type(v) is not ModuleType and callable(v):
                     out[key] = wrap(v, key)  # functions, lambdas, lru_cache wrappers, partials, callable objects
             return out
         return guarded
@@ -315,27 +400,66 @@ def _landlock_abi() -> int:
     return max(int(r), 0)
 
 
-def _landlock_paths() -> tuple[list[str], list[str]]:
-    """(read + execute roots, read-only files) that the interpreter needs to start and import its standard
-    library: the executable's directory, the standard library, libpython's directory, the dynamic loader
-    and the system's shared libraries. Nothing else outside the working directory is readable."""
+# Extension modules the child may not even read (so not load, whatever name it imports them under):
+# process creation without an audit event (_posixsubprocess.fork_exec), foreign calls, sockets (unix
+# ones, which Landlock's ABI leaves open), raw memory (the _test* modules), limits, terminals.
+_UNREADABLE_EXTENSIONS = frozenset({
+    "_ctypes", "_ctypes_test", "_posixsubprocess", "_socket", "_ssl", "_multiprocessing", "_posixshmem",
+    "_sqlite3", "_lsprof", "_testbuffer", "_testcapi", "_testclinic", "_testimportmultiple", "_testinternalcapi",
+    "_testmultiphase", "_testsinglephase", "_xxsubinterpreters", "_xxinterpchannels", "_xxtestfuzz", "_tkinter",
+    "_curses", "_curses_panel", "readline", "resource", "termios", "ossaudiodev", "nis", "spwd", "syslog",
+    "xxlimited", "xxlimited_35"})
+
+
+def _landlock_paths() -> list[tuple[str, int]]:
+    """(path, rights) rules for what the interpreter needs to start and import its standard library: the
+    executable, libpython, the standard library's files (not site-packages; in lib-dynload only the
+    extension modules not in _UNREADABLE_EXTENSIONS), the system's shared libraries and the dynamic
+    loader, a few device files. Directories under the standard library can be listed (the import system
+    does), not read. Nothing else outside the working directory is readable."""
     import sysconfig
-    exe = os.path.realpath(sys.executable)
-    roots = {os.path.dirname(exe), sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"],
-             "/lib", "/lib32", "/lib64", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/local/lib"}
+    rx, r = _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR, _LL_READ_FILE
+    rules: dict[str, int] = {}
+
+    def add(path, rights):
+        path = os.path.realpath(path)
+        if os.path.exists(path):
+            rules[path] = rules.get(path, 0) | (rights if os.path.isdir(path) else rights & _LL_FILE_RIGHTS)
+    add(sys.executable, _LL_EXECUTE | r)
+    for d in ("/lib", "/lib32", "/lib64", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/local/lib"):
+        if not os.path.realpath(d).startswith(os.path.realpath(sys.base_prefix) + os.sep):
+            add(d, rx)  # (a Python installed under /usr/local: its lib/ is listed file by file below)
     libdir = sysconfig.get_config_var("LIBDIR")
-    if libdir and sysconfig.get_config_var("Py_ENABLE_SHARED"):
-        roots.add(libdir)
-    files = {"/etc/ld.so.cache", "/dev/null", "/dev/urandom",
-             os.path.join(os.path.dirname(os.path.dirname(sys.executable)), "pyvenv.cfg"),  # a venv's marker
-             os.path.join(os.path.dirname(sys.executable), "pyvenv.cfg")}
-    return (sorted(r for r in {os.path.realpath(r) for r in roots} if os.path.isdir(r)),
-            sorted(f for f in files if os.path.exists(f)))
+    if libdir and sysconfig.get_config_var("Py_ENABLE_SHARED") and os.path.isdir(libdir):
+        for f in os.listdir(libdir):
+            if f.startswith("libpython"):
+                add(os.path.join(libdir, f), _LL_EXECUTE | r)
+    for std in {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]}:
+        std = os.path.realpath(std)
+        if not os.path.isdir(std):
+            continue
+        add(std, _LL_READ_DIR)
+        for entry in os.listdir(std):
+            if entry in ("site-packages", "dist-packages"):
+                continue
+            path = os.path.join(std, entry)
+            if entry == "lib-dynload" and os.path.isdir(path):
+                for f in os.listdir(path):
+                    if f.split(".")[0] not in _UNREADABLE_EXTENSIONS:
+                        add(os.path.join(path, f), _LL_EXECUTE | r)
+            else:
+                add(path, rx)
+    for f in ("/etc/ld.so.cache", "/dev/urandom",
+              os.path.join(os.path.dirname(os.path.dirname(sys.executable)), "pyvenv.cfg"),  # a venv's marker
+              os.path.join(os.path.dirname(sys.executable), "pyvenv.cfg")):
+        add(f, r)
+    add("/dev/null", r | _LL_WRITE_FILE)
+    return sorted(rules.items())
 
 
-def _landlock(abi: int, workdir: str, roots: list[str], files: list[str]) -> None:
-    """In the child, before exec: restrict it (and everything it runs) to reading `roots` and `files` and
-    to reading and writing `workdir`. Raises OSError where a step fails."""
+def _landlock(abi: int, workdir: str, rules: list[tuple[str, int]]) -> None:
+    """In the child, before exec: restrict it (and everything it runs) to `rules` (path, rights) and to
+    reading and writing `workdir`. Raises OSError where a step fails."""
     libc = ctypes.CDLL(None, use_errno=True)
     fs = (1 << 13) - 1 | (1 << 13 if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0) | \
         (_LL_IOCTL_DEV if abi >= 5 else 0)
@@ -345,15 +469,13 @@ def _landlock(abi: int, workdir: str, roots: list[str], files: list[str]) -> Non
     if rfd < 0:
         raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
     try:
-        read_x = _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR
-        for path, rights in ([(workdir, fs)] + [(r, read_x) for r in roots] +
-                             [(f, (_LL_READ_FILE | (_LL_WRITE_FILE if f == "/dev/null" else 0))) for f in files]):
+        for path, rights in [(workdir, fs)] + list(rules):
             try:
                 fd = os.open(path, _O_PATH | os.O_CLOEXEC)
             except OSError:
                 continue
             try:
-                rule = _PathBeneathAttr(rights if os.path.isdir(path) else rights & _LL_FILE_RIGHTS, fd)
+                rule = _PathBeneathAttr(rights & fs, fd)
                 if libc.syscall(_LL_ADD_RULE, rfd, 1, ctypes.byref(rule), ctypes.c_uint32(0)) != 0:
                     raise OSError(ctypes.get_errno(), f"landlock_add_rule {path}")
             finally:
@@ -366,7 +488,7 @@ def _landlock(abi: int, workdir: str, roots: list[str], files: list[str]) -> Non
         os.close(rfd)
 
 
-_LANDLOCK: dict = {}  # "abi", "roots", "files" once checked; abi 0 = off
+_LANDLOCK: dict = {}  # "abi", "rules" once checked; abi 0 = off
 
 
 def _landlock_setup() -> dict:
@@ -375,7 +497,7 @@ def _landlock_setup() -> dict:
     if _LANDLOCK:
         return _LANDLOCK
     abi = 0 if os.environ.get("REASONRL_SANDBOX_LANDLOCK", "1") == "0" else _landlock_abi()
-    roots, files = _landlock_paths() if abi else ([], [])
+    rules = _landlock_paths() if abi else []
     if abi:
         work = tempfile.mkdtemp(prefix="reasonrl-sandbox-check-")
         try:
@@ -383,7 +505,7 @@ def _landlock_setup() -> dict:
                                 "import json, collections, re, math; open('ok', 'w').write('1')"],
                                cwd=work, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
                                capture_output=True, timeout=30,
-                               preexec_fn=lambda: _landlock(abi, work, roots, files))
+                               preexec_fn=lambda: _landlock(abi, work, rules))
             ok = r.returncode == 0 and os.path.exists(os.path.join(work, "ok"))
             why = r.stderr.decode(errors="replace")[-300:]
         except (OSError, subprocess.SubprocessError) as e:
@@ -394,7 +516,7 @@ def _landlock_setup() -> dict:
             print(f"reasonrl sandbox: Landlock (ABI {abi}) is available but the interpreter could not start "
                   f"under it, so it stays off (the other layers still apply): {why.strip()}", file=sys.stderr)
             abi = 0
-    _LANDLOCK.update(abi=abi, roots=roots, files=files)
+    _LANDLOCK.update(abi=abi, rules=rules)
     return _LANDLOCK
 
 
@@ -410,7 +532,7 @@ def _limits(cpu_s: int, memory_mb: int, file_mb: int, netns: bool, workdir: str 
             flags = _CLONE_NEWNET | (0 if os.geteuid() == 0 else _CLONE_NEWUSER)
             ctypes.CDLL(None, use_errno=True).unshare(flags)
         if landlock and landlock["abi"]:  # after unshare (a user namespace needs no no_new_privs first)
-            _landlock(landlock["abi"], workdir, landlock["roots"], landlock["files"])
+            _landlock(landlock["abi"], workdir, landlock["rules"])
     return apply
 
 
