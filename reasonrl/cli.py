@@ -32,14 +32,21 @@ def _threads(argv: list[str]) -> list[str]:
     the control) and 723 s with 2 (292 steps, +17.6). With two such runs sharing 2 cores, or other
     work on them, give each --threads 1: OpenMP threads spinning against other work once made a
     128x128 @ 128x384 matmul 100x slower (24 ms against 0.24 ms, 2026-11-26)."""
-    if "--threads" in argv:
-        i = argv.index("--threads")
-        if i + 1 >= len(argv) or not argv[i + 1].isdigit() or int(argv[i + 1]) < 1:
-            raise SystemExit("reasonrl: --threads needs a positive integer")
+    n, out, i = None, [], 0
+    while i < len(argv):  # `--threads N` or `--threads=N`, anywhere; the last one counts
+        a = argv[i]
+        if a == "--threads" or a.startswith("--threads="):
+            v = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not v.isdigit() or int(v) < 1:
+                raise SystemExit(f"reasonrl: --threads needs a positive integer, got {v!r}")
+            n, i = int(v), i + (1 if "=" in a else 2)
+            continue
+        out.append(a)
+        i += 1
+    if n is not None:
         import torch
-        torch.set_num_threads(int(argv[i + 1]))
-        argv = argv[:i] + argv[i + 2:]
-    return argv
+        torch.set_num_threads(n)
+    return out
 
 
 def _usage() -> str:
@@ -182,10 +189,10 @@ HANDLERS = {"train": cmd_train, "sft": cmd_sft, "grpo": cmd_grpo, "sample": cmd_
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     i = 0
-    while i < len(argv) and argv[i] == "--threads":  # the command's position
-        i += 2
+    while i < len(argv) and (argv[i] == "--threads" or argv[i].startswith("--threads=")):  # the command's position
+        i += 1 if "=" in argv[i] else 2
     if i < len(argv) and argv[i] == "bench":  # `bench NAME args...`: the args belong to the script
-        n = argv.index("--threads") if "--threads" in argv[:i] else None
+        n = i if i else None
         argv = _threads(argv[:i + 1]) + argv[i + 1:]
         if n is not None:  # `reasonrl --threads N bench ...`: the script is a child process; it reads them here
             import torch

@@ -272,3 +272,37 @@ def test_warmup_longer_than_the_run_is_noted(tmp_path, capsys):
     """`sft --steps 2` with the default 50 warmup steps trained at 2-4% of lr, without a word."""
     main(["sft", "--out_dir", str(tmp_path), "--steps", "2", "--num_examples", "8", "--batch_size", "4"])
     assert "note: warmup_steps (50) >= steps (2)" in capsys.readouterr().out
+
+
+def test_threads_take_an_equals_sign_and_repeat():
+    """`--threads=1` was "unknown command '--threads=1'" before the command and "unrecognized arguments"
+    after it; a repeated --threads was an unknown command too."""
+    import torch
+    n = torch.get_num_threads()
+    try:
+        for argv in (["--threads=1", "generate", "--help"], ["generate", "--threads=1", "--help"],
+                     ["--threads", "2", "--threads=1", "generate", "--help"]):
+            torch.set_num_threads(2)
+            with pytest.raises(SystemExit) as e:
+                main(argv)
+            assert e.value.code in (0, None) and torch.get_num_threads() == 1, argv
+        with pytest.raises(SystemExit, match="--threads needs a positive integer, got 'x'"):
+            main(["--threads=x", "generate"])
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_help_leaves_out_what_the_pipeline_sets(capsys):
+    """`reasonrl train --help` listed --sft.out_dir (default 'runs/sft') and --grpo.seed, which the run
+    refuses (it sets them itself: runs/train/sft)."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--sft.out_dir" not in out and "--grpo.seed" not in out and "--grpo.model" not in out
+    assert "--sft.lr" in out and "--sft.model" in out and "--control_lr" in out
+    with pytest.raises(SystemExit):
+        main(["train", "--stages", "all", "--help"])
+    out = capsys.readouterr().out
+    assert "--sample.out " not in out and "--rs_sft.out_dir" not in out and "--mt_grpo.seed" not in out
+    assert "--sample.n " in out and "--rs_sft.lr" in out
+    assert "DEFAULT_RUN.md" not in out  # a file the package does not have

@@ -321,3 +321,7 @@ def test_plots_past_ten_curves_use_distinct_colours(tmp_path):
     assert len({line.get_color() if isinstance(line.get_color(), str) else tuple(line.get_color())
                 for line in lines}) == 12
     _plt().close(fig)
+
+
+def test_both_builtin_models_resolve():
+    assert resolve_models("tiny,tiny-s", "") == [("tiny", "tiny"), ("tiny-s", "tiny-s")]  # tiny-s: "no such folder"

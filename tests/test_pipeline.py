@@ -369,3 +369,15 @@ def test_resume_takes_the_out_dir_however_it_is_spelled(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"used grpo\.lr="):
         _read_marker(str(tmp_path / "moved" / "grpo" / DONE), "grpo",
                      stage_config(changed, "grpo", str(tmp_path / "moved" / "sft" / "final")))
+
+
+def test_a_pipeline_that_starts_at_sample_trains_on_from_the_sampled_model(teacher, tmp_path, capsys):
+    """The sample stage records no model of its own: rs_sft then fell back to the built-in random model
+    (loss 4.3 where the sampled model had 0.02), without a word."""
+    cfg = dataclasses.replace(_pipeline_cfg(teacher, tmp_path / "s"), stages="sample,rs_sft",
+                              sample=dataclasses.replace(_pipeline_cfg(teacher, tmp_path).sample, model=teacher))
+    res = run_pipeline(cfg)
+    assert res["completed"] == ["sample", "rs_sft"]
+    assert f"[pipeline] rs_sft: starting from {teacher}" in capsys.readouterr().out
+    first = _rows(tmp_path / "s" / "rs_sft" / "metrics.jsonl")[0]["loss"]
+    assert first < 2.0, first  # a trained start (random init: ~4.4)

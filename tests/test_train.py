@@ -1095,3 +1095,22 @@ def test_a_changed_weight_decay_takes_effect_on_resume(tmp_path):
     resume_or_start(cfg2, model, opt, "sft")
     assert all(g["weight_decay"] == 0.5 for g in opt.param_groups)
     assert opt.state  # the moments did come back
+
+
+def test_grpo_on_the_builtin_random_model_says_it_trains_nothing(tmp_path, capsys):
+    """Every group of a random model scores 0 and is dropped: the run logged groups 0 and kl nan for every
+    step, exited 0 and saved a final model, without a word."""
+    run_grpo(_grpo_cfg(tmp_path, steps=1))
+    assert "WARNING: model 'tiny' is the built-in config with random weights" in capsys.readouterr().err
+
+
+def test_progress_off_a_terminal_prints_plain_lines(capsys):
+    """sample and eval printed nothing until the end when stderr was a log file (tqdm disabled)."""
+    from reasonrl.train.common import progress_bar
+    bar = progress_bar(20, "sample", "prompt")
+    bar.set_postfix_str("model a")
+    for _ in range(20):
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("[sample] 20/20 prompts (100%)") and "model a" in lines[-1]

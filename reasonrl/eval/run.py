@@ -47,6 +47,7 @@ from reasonrl.eval.metrics import DEFAULT_MARKERS, maj_at_k, marker_counts, pass
 from reasonrl.ops.logprobs import MIN_TEMPERATURE
 from reasonrl.rl.rewards import answers_equal
 from reasonrl.train.checkpoint import write_text_atomic
+from reasonrl.train.common import BUILTIN_MODELS
 
 SECTIONS = ("passk", "budget", "difficulty", "markers")
 
@@ -196,8 +197,8 @@ def resolve_models(models: str, labels: str) -> list[tuple[str, str]]:
         raise ValueError(f"--labels: {len(names)} labels for {len(specs)} models ({labels!r})")
     out = []
     for i, spec in enumerate(specs):
-        if spec == "tiny":
-            out.append((names[i] if names else "tiny", spec))
+        if spec in BUILTIN_MODELS:  # (tiny-s was "no such checkpoint folder")
+            out.append((names[i] if names else spec, spec))
             continue
         path = os.path.normpath(spec)
         if not os.path.isdir(path):
@@ -404,8 +405,8 @@ def write_outputs(results: dict, cfg: EvalConfig, samples: list[dict] = ()) -> N
 
 
 def _bar(total: int):
-    from tqdm import tqdm
-    return tqdm(total=total, desc="eval", dynamic_ncols=True, leave=False, disable=not os.isatty(2))
+    from reasonrl.train.common import progress_bar
+    return progress_bar(total, "eval", "job")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -3,7 +3,7 @@
 The tiny tokenizer is character-level: every character of the built-in tasks' text is one token,
 and the chat tags (<think>, </think>, <answer>, </answer>) plus <pad>/<bos>/<eos>/<unk> are single
 special tokens. Why character-level: the arithmetic tasks need one token per digit so that a
-0.8M-parameter model can learn carries (DEFAULT_RUN.md), and 85 tokens keep the LM head tiny.
+0.8M-parameter model can learn carries (benchmarks/RESULTS.md), and 85 tokens keep the LM head tiny.
 It is saved as a Hugging Face tokenizer.json, so `PreTrainedTokenizerFast` loads it like any other.
 """
 from __future__ import annotations

@@ -77,7 +77,7 @@ def _digits(rng: random.Random, lo: int, hi: int) -> int:
 
 
 class MultiplyTask(Task):
-    """a*b, a of `digits` digits, b of `b_digits` digits (default b in 2..9, DEFAULT_RUN.md).
+    """a*b, a of `digits` digits, b of `b_digits` digits (default b in 2..9, benchmarks/RESULTS.md).
 
     Worked solution, right to left, one partial product and carry per step ("7*6+4=46" means
     digit 7 of a times b plus the carry 4); the last step's result leads the answer:

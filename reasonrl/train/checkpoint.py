@@ -442,7 +442,9 @@ def resume_or_start(cfg, model, opt, tag):
         changed = config_changes(saved.get("config"), cfg)
         if changed:
             print(f"[{tag}] warning: resuming {resume_from} with settings that differ from its run's: "
-                  + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed))
+                  + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed)
+                  + " (the run goes on with this invocation's values: to keep the run's own, repeat its flags or "
+                  "its --config TOML)")
         state = load_checkpoint(resume_from, model, opt)
         step, elapsed = state["step"], state.get("elapsed", 0.0)
         print(f"[{tag}] resumed from {resume_from} at step {step}")

@@ -5,6 +5,8 @@ import copy
 
 import math
 import os
+import sys
+import time
 import zlib
 
 import torch
@@ -204,6 +206,41 @@ def warn_if_warmup_outlasts(tag: str, cfg) -> None:
     if cfg.warmup_steps >= cfg.steps:
         print(f"[{tag}] note: warmup_steps ({cfg.warmup_steps}) >= steps ({cfg.steps}): the learning rate "
               f"stays below lr={cfg.lr:g} for the whole stage; lower --warmup_steps", flush=True)
+
+
+class _LineProgress:
+    """progress_bar's stand-in off a terminal (a log file, a pipe): one plain line at each tenth of the
+    work, and at most every 30 s, instead of nothing until the end."""
+
+    def __init__(self, total: int, desc: str, unit: str):
+        self.total, self.desc, self.unit, self.n = max(int(total), 1), desc, unit, 0
+        self.t0 = self.last_t = time.perf_counter()
+        self.last_tenth, self.note = 0, ""
+
+    def update(self, k: int = 1):
+        self.n += k
+        now, tenth = time.perf_counter(), 10 * self.n // self.total
+        if tenth > self.last_tenth or now - self.last_t >= 30:
+            self.last_tenth, self.last_t = tenth, now
+            print(f"[{self.desc}] {self.n}/{self.total} {self.unit}s ({100 * self.n / self.total:.0f}%), "
+                  f"{now - self.t0:.0f} s" + (f", {self.note}" if self.note else ""), file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, s: str, refresh: bool = True):
+        self.note = s
+
+    def write(self, line: str):
+        print(line, flush=True)
+
+    def close(self):
+        pass
+
+
+def progress_bar(total: int, desc: str, unit: str = "it"):
+    """A tqdm bar on a terminal; plain progress lines elsewhere (_LineProgress)."""
+    if not os.isatty(2):
+        return _LineProgress(total, desc, unit)
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
 
 
 class StageBar:

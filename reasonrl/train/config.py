@@ -207,7 +207,7 @@ class GRPOConfig:
     beta: float = 0.0              # KL to a frozen reference model (0: no reference model)
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
-    loss_type: str = "dapo"        # token-level mean (DEFAULT_RUN.md); grpo | bnpo | dapo | dr_grpo
+    loss_type: str = "dapo"        # token-level mean (benchmarks/RESULTS.md); grpo | bnpo | dapo | dr_grpo
     advantage: str = "grpo"        # grpo | dr_grpo | rloo
     backend: str = "auto"          # grpo_loss backend: auto | reference | triton | cpp | cuda
     precision: str = "auto"        # training forward: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
@@ -275,7 +275,7 @@ class TrainConfig:
     selected by a `stages` field: `reasonrl train --stages all --help` lists its fields, and
     reasonrl/train/r1_small.toml is a small example (`reasonrl train --config .../r1_small.toml`)."""
     # SFT by steps (about 300-320 s on an idle 2-core CPU): a loaded machine must not shorten the cold
-    # start (fewer steps left GRPO without a plateaued start: DEFAULT_RUN.md). GRPO and the control
+    # start (fewer steps left GRPO without a plateaued start: benchmarks/RESULTS.md). GRPO and the control
     # share one wall-clock budget, which keeps the comparison fair under any load.
     # On the CPU even where a GPU is (`--sft.device auto --grpo.device auto` to move it): the run and
     # its wall-clock budgets were measured there, and the 0.9M-parameter model gains nothing on a GPU.
@@ -284,13 +284,17 @@ class TrainConfig:
     # curves over training from them (about 10 MB each for the tiny model)
     grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=10_000, max_seconds=240.0, save_every=50,
                                                                  keep_checkpoints=0, device="cpu"))
-    control_lr: float = 2e-4       # lr of the SFT control (DEFAULT_RUN.md: best at 1e-4 to 3e-4)
+    control_lr: float = 2e-4       # lr of the SFT control (best at 1e-4 to 3e-4: benchmarks/RESULTS.md)
     control: bool = True           # run the SFT control for the GRPO stage's wall time
     eval_problems: int = 500       # held-out problems (never trained on), greedy decoding
     seed: int = 0
     out_dir: str = "runs/train"
     # the control, budgeted by GRPO's wall time, runs again from the SFT weights on --resume
     resume: bool = False           # continue an interrupted run: SFT and GRPO from their latest checkpoints
+
+    # fields pipeline.run_train sets itself (refuse_overridden): left out of --help
+    SET_BY_PIPELINE: typing.ClassVar[frozenset] = frozenset({"sft.seed", "grpo.seed", "sft.out_dir", "grpo.out_dir",
+                                                             "grpo.model"})
 
     def __post_init__(self):
         _check_floats(self)
@@ -357,6 +361,10 @@ class PipelineConfig:
     only when no earlier stage made one); --resume skips finished stages and resumes the
     interrupted one from its latest checkpoint."""
     stages: str = "sft,grpo,sample,rs_sft,mt_grpo"  # a subsequence of that order
+    # fields r1.stage_config always sets itself (refuse_overridden): left out of --help
+    SET_BY_PIPELINE: typing.ClassVar[frozenset] = frozenset(
+        [f"{s}.{f}" for s in ("sft", "grpo", "sample", "rs_sft", "mt_grpo") for f in ("seed", "out_dir", "resume")]
+        + ["sample.out"])
     # the cold start covers every task of the multi-task stage (a task never seen gets no reward signal)
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(task="multiply=0.7;add=0.3", max_seconds=330.0))
     # GRPO step checkpoints every 50 steps, all kept: `reasonrl eval` on runs/train/grpo draws its
@@ -573,7 +581,8 @@ def build_parser(cls, prog: str, description: str = "") -> argparse.ArgumentPars
         p.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar="BOOL" if is_bool else
                        getattr(t, "__name__", str(t)).upper(), nargs="?" if is_bool else None,
                        const="true" if is_bool else None,
-                       help=f"{_field_help(cls, name)} (default: {_default_of(cls, name)!r})".lstrip().replace("%", "%%"))
+                       help=argparse.SUPPRESS if name in getattr(cls, "SET_BY_PIPELINE", ()) else
+                       f"{_field_help(cls, name)} (default: {_default_of(cls, name)!r})".lstrip().replace("%", "%%"))
     return p
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import sys
 import time
 
 import torch
@@ -29,7 +30,7 @@ from reasonrl.rl.rewards import compute_rewards, format_reward, parse_reward_spe
 from reasonrl.rl.tasks import get_task, parse_task_mix
 from reasonrl.train.checkpoint import (StepGuard, hold_signals, on_interrupt, on_nonfinite, resume_or_start,
                                        save_checkpoint)
-from reasonrl.train.common import (autocast, common_template_len, copy_model, encode_prompt, keep_freed_memory,
+from reasonrl.train.common import (BUILTIN_MODELS, autocast, common_template_len, copy_model, encode_prompt, keep_freed_memory,
                                    load_model_and_tokenizer, lr_at, make_optimizer, moe_aux_loss, pack, pack_shared,
                                    resolve_device, StageBar, step_seed, token_budget_batches, warn_if_slow_bf16,
                                    warn_if_warmup_outlasts)
@@ -215,6 +216,11 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
     """Train; returns (model, tokenizer, summary). Ctrl-C saves a checkpoint, then re-raises."""
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.seed, cfg.device)
+        if cfg.model in BUILTIN_MODELS and not cfg.resume:  # it trained nothing and said nothing
+            print(f"[{tag}] WARNING: model {cfg.model!r} is the built-in config with random weights: its answers "
+                  "score 0, so every group has zero reward variance" + (" and dynamic sampling drops it: nothing "
+                  "trains" if cfg.dynamic_sampling else "") + ". Start from a trained model (reasonrl sft, then "
+                  "--model runs/sft/final), or run `reasonrl train` (SFT, then GRPO).", file=sys.stderr, flush=True)
     dev = resolve_device(cfg.device)
     model = model.to(dev)
     keep_freed_memory(dev)

@@ -6,7 +6,7 @@ instead: train/r1.py. The no-argument run below is unchanged.)
 1. SFT on a small fixed set of worked examples (the cold start).
 2. GRPO from the SFT weights on new training-split questions (final answers only).
 3. The control: SFT continued from the same SFT weights, on the same cold-start set, for the
-   GRPO stage's measured wall time, with its own carefully chosen lr (control_lr; DEFAULT_RUN.md
+   GRPO stage's measured wall time, with its own carefully chosen lr (control_lr; benchmarks/RESULTS.md
    found 1e-4..3e-4 best and 1e-3 unfair).
 4. Greedy accuracy, format rate and mean response length of the three models on held-out problems
    (the test split: never trained on by construction, see rl/tasks.py).
@@ -15,7 +15,7 @@ Measured 2026-11-26 on the 2-core CPU machine (two seeds side by side, 1 thread 
 500 held-out problems: seed 0 SFT 950 steps -> 68.4%, GRPO 217 steps / 240 s -> 82.2%, control 765
 steps / 241 s -> 68.2% (+14.0); seed 1 63.2% -> 75.4% against 64.2% (+11.2); about 800 s each
 (benchmarks/RESULTS.md). The cold start runs by steps: under load a time budget gave it too few
-(303 steps -> 15.6% once), and RL needs a cold start that has mostly plateaued (DEFAULT_RUN.md).
+(303 steps -> 15.6% once), and RL needs a cold start that has mostly plateaued (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 

@@ -74,7 +74,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             done = {"stage": name, "config": _comparable(sc, out), **RUNNERS[name](cfg, sc, heldout)}
             _write_json_atomic(marker, done)
         results["stages"][name] = done
-        if done.get("model"):  # this run's folder, not the path the marker recorded (a moved run folder)
+        if name == "sample":  # the model it sampled from goes on (a pipeline that starts here trained the
+            model_dir = sc.model  # next stage from random weights)
+        elif done.get("model"):  # this run's folder, not the path the marker recorded (a moved run folder)
             model_dir = os.path.join(sc.out_dir, "final")
         if name == cfg.stop_after:
             print(f"[pipeline] stop_after={name}: stopping (--resume continues)", flush=True)

@@ -100,7 +100,8 @@ def run_sample(cfg: SampleConfig, model=None, tokenizer=None, exclude=()) -> dic
     print(f"[sample] prompts {summary['prompts']} samples {n_samples} correct {n_correct} kept {len(kept)} "
           f"pass rate {summary['pass_rate']:.3f} prompts solved {n_solved} -> {cfg.out}", flush=True)
     if kept:
-        print(f"[sample] train on it: reasonrl sft --task jsonl:{cfg.out} --num_examples {len(kept)}", flush=True)
+        print(f"[sample] train on it (from the model that sampled it): reasonrl sft --model {cfg.model} "
+              f"--task jsonl:{cfg.out} --num_examples {len(kept)}", flush=True)
     else:  # nothing to train on: say so, suggest no command (SFT rejects an empty dataset)
         why = "verified correct" + (" in the training format" if cfg.require_format else "")
         print(f"[sample] WARNING: no sample passed: none of the {n_samples} samples was {why} (and finished "
@@ -115,6 +116,5 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 
 
 def _bar(total):
-    from tqdm import tqdm
-    return tqdm(total=total, desc="sample", unit="prompt", dynamic_ncols=True, leave=False,
-                disable=not os.isatty(2))
+    from reasonrl.train.common import progress_bar
+    return progress_bar(total, "sample", "prompt")
