@@ -439,3 +439,9 @@ def test_metadata_outside_through_a_fresh_posix_or_a_dir_fd(tmp_path):
         r = run_tests(code, "")
         assert not r.passed and "PermissionError" in r.stderr, (code, r.stderr[-300:])
     assert oct(victim.stat().st_mode & 0o777) == "0o600" and os.listxattr(victim) == []
+
+
+def test_a_program_that_closes_its_streams_and_sleeps_ends_at_the_timeout():
+    t = time.perf_counter()
+    r = run_tests("import os, time\nos.closerange(0, 64)\ntime.sleep(30)\n", "", timeout=1.5)
+    assert r.status == "timeout" and time.perf_counter() - t < 3.5, (r.status, time.perf_counter() - t)

@@ -637,8 +637,8 @@ def _collect(proc, job: bytes, r_pass: int, deadline: float, max_output: int):
                     bufs[fd] += chunk[:max_output - len(bufs[fd])]
             except (BlockingIOError, OSError):
                 pass
-    try:
-        proc.wait(timeout=max(deadline - time.monotonic(), 0) + 5)
+    try:  # (it waited 5 s past the deadline for a program that closed its streams and slept on)
+        proc.wait(timeout=max(deadline - time.monotonic(), 0) + (0.5 if not timed_out else 5))
     except subprocess.TimeoutExpired:  # streams closed but the process lingers: kill it
         _kill_group(proc.pid)
         proc.wait()
