@@ -53,10 +53,12 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # the GPU tests spend most of their time compiling Triton kernels (CPU work): spread them over workers
   xd=(); python3 -c "import xdist" 2>/dev/null && xd=(-n "${TEST_WORKERS:-8}")
   kk=(); [ -n "${TESTS_K:-}" ] && kk=(-k "$TESTS_K")  # e.g. TESTS_K="grpo or moe": a subset, for a short rerun
-  timeout "$(cap "${TEST_TIMEOUT:-150}")" python3 -m pytest -q -m gpu tests -p no:cacheprovider "${xd[@]}" "${kk[@]}" \
+  # -v: each test's PASSED/FAILED line as it finishes (with xdist too), so a run cut off at its cap still
+  # names the failures (the -rfE summary comes only at the end); 231 GPU tests took ~100 s of 8 workers
+  timeout "$(cap "${TEST_TIMEOUT:-180}")" python3 -m pytest -v -m gpu tests -p no:cacheprovider "${xd[@]}" "${kk[@]}" \
     -rfE --tb=short --durations=10 >"$OUT/tests.log" 2>&1
   echo "tests exit $?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
-  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+  grep -E "^(FAILED|ERROR)| (FAILED|ERROR) " "$OUT/tests.log" | head -20
 fi
 run_bench() {  # name, timeout, command...
   local name=$1 lim=$2; shift 2
