@@ -445,3 +445,24 @@ def test_a_program_that_closes_its_streams_and_sleeps_ends_at_the_timeout():
     t = time.perf_counter()
     r = run_tests("import os, time\nos.closerange(0, 64)\ntime.sleep(30)\n", "", timeout=1.5)
     assert r.status == "timeout" and time.perf_counter() - t < 3.5, (r.status, time.perf_counter() - t)
+
+
+@pytest.mark.parametrize("plain", [True, False])
+@pytest.mark.parametrize("code, tests", [
+    ("def f(x):\n    return None\ndef all(it):\n    return True\n", "assert all(f(i) == i * i for i in range(5))"),
+    ("def f(x):\n    return None\ndef sorted(x):\n    return [1, 2, 3]\n", "assert sorted(f(0)) == [1, 2, 3]"),
+    ("def f(x):\n    return 0\nabs = lambda x: 0\n", "assert abs(f(2) - 4) < 1e-9"),
+])
+def test_the_tests_see_the_real_builtins(code, tests, plain):
+    """A solution that defined all(), sorted() or abs() at its top level passed tests that call them (the
+    tests ran in its namespace, where its names shadow the builtins)."""
+    r = run_tests(code, tests, plain_returns=plain)
+    assert not r.passed and r.status in ("failed", "error") and "harness" not in r.stderr.splitlines()[-1], \
+        (r.status, r.stderr[-300:])
+
+
+def test_the_solution_keeps_its_own_helpers_named_like_builtins():
+    r = run_tests("def max(a, b):\n    return a if a > b else b\ndef best(xs):\n    m = xs[0]\n"
+                  "    for x in xs:\n        m = max(m, x)\n    return m\n",
+                  "assert best([3, 9, 2]) == 9\nassert max([1, 5]) == 5")  # the tests' max is the builtin
+    assert r.passed, r.stderr[-300:]

@@ -36,7 +36,9 @@ ran; the tests reach the child through a pipe, never its directory. So sys.exit(
 tests, printing a verdict, or reading the tests' expected values earn nothing. The tests see the
 solution's functions and methods through a guard that hands them plain copies of the results (see
 GUARD_SOURCE): an object whose __eq__ is always True earns nothing either (plain_returns=False turns
-the guard off, for tests that compare objects of the solution's own classes).
+the guard off, for tests that compare objects of the solution's own classes). In either mode the tests'
+names of builtins (all, sorted, abs, len, ...) are the builtins, whatever the solution defined under
+them (its own code keeps its definitions; an entry point named like a builtin cannot be tested).
 This is a filter for reward computation, not a security boundary for hostile humans: use a
 container or VM when that is the threat. Known limits, by design of an in-process harness: frames are
 readable (namedtuple, typing and enum need sys._getframe), so code that walks up to the harness's
@@ -345,12 +347,16 @@ _HARNESS = "import sys, os, json\n" + HOOK_SOURCE + GUARD_SOURCE + textwrap.dede
         # that set builtins.exec to a no-op passed tests that never ran): the tests run with the
         # harness's exec and a copy of the builtins as they were.
         run, builtins_then = exec, dict(vars(__builtins__) if not isinstance(__builtins__, dict) else __builtins__)
+        builtin_names = [k for k in builtins_then if not k.startswith("__")]
         ns = {"__name__": "__main__", "__builtins__": dict(builtins_then)}
         run(code[0], ns)  # the solution, then the tests in its namespace (compiled apart: the solution's
         ns["__builtins__"] = builtins_then  # text cannot swallow the tests, e.g. with an open string)
         if guarded:  # a checked method that recurses through self pays a wrapper frame a level: room for it
             set_limit(max(limit(), 2100))
-        run(code[1], guarded(ns) if guarded else ns)
+        view = guarded(ns) if guarded else dict(ns)  # (a copy: the solution's own globals stay as they are)
+        for name in builtin_names:  # the tests' all, sorted, abs, len ... are the builtins, whatever the solution
+            view.pop(name, None)    # defined under those names (`def all(it): return True` passed every
+        run(code[1], view)          # `assert all(...)`)
         sys.stdout.flush()
         write(fd, (nonce + "\n").encode())
 
