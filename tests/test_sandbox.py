@@ -466,3 +466,13 @@ def test_the_solution_keeps_its_own_helpers_named_like_builtins():
                   "    for x in xs:\n        m = max(m, x)\n    return m\n",
                   "assert best([3, 9, 2]) == 9\nassert max([1, 5]) == 5")  # the tests' max is the builtin
     assert r.passed, r.stderr[-300:]
+
+
+def test_a_stdlib_module_name_is_that_module_in_the_tests():
+    code = ("class math:\n    @staticmethod\n    def isclose(*a, **k):\n        return True\n"
+            "def f(x):\n    return 0.0\n")
+    r = run_tests(code, "assert math.isclose(f(2), 4.0)")
+    assert not r.passed, r.stderr[-300:]
+    # the solution's own import of the real module stays visible to tests that rely on it
+    r = run_tests("import math\ndef f(x):\n    return math.sqrt(x)\n", "assert math.isclose(f(16.0), 4.0)")
+    assert r.passed, r.stderr[-300:]

@@ -348,6 +348,7 @@ _HARNESS = "import sys, os, json\n" + HOOK_SOURCE + GUARD_SOURCE + textwrap.dede
         # harness's exec and a copy of the builtins as they were.
         run, builtins_then = exec, dict(vars(__builtins__) if not isinstance(__builtins__, dict) else __builtins__)
         builtin_names = [k for k in builtins_then if not k.startswith("__")]
+        stdlib_names, modules = getattr(sys, "stdlib_module_names", frozenset()), sys.modules
         ns = {"__name__": "__main__", "__builtins__": dict(builtins_then)}
         run(code[0], ns)  # the solution, then the tests in its namespace (compiled apart: the solution's
         ns["__builtins__"] = builtins_then  # text cannot swallow the tests, e.g. with an open string)
@@ -356,7 +357,10 @@ _HARNESS = "import sys, os, json\n" + HOOK_SOURCE + GUARD_SOURCE + textwrap.dede
         view = guarded(ns) if guarded else dict(ns)  # (a copy: the solution's own globals stay as they are)
         for name in builtin_names:  # the tests' all, sorted, abs, len ... are the builtins, whatever the solution
             view.pop(name, None)    # defined under those names (`def all(it): return True` passed every
-        run(code[1], view)          # `assert all(...)`)
+        for name in list(view):     # `assert all(...)`); and a stdlib module's name is that module (a class
+            if name in stdlib_names and view[name] is not modules.get(name):  # named math whose isclose says
+                view.pop(name)      # True passed `math.isclose(f(2), 4)` in tests that use the solution's import)
+        run(code[1], view)
         sys.stdout.flush()
         write(fd, (nonce + "\n").encode())
 
