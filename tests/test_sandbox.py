@@ -476,3 +476,17 @@ def test_a_stdlib_module_name_is_that_module_in_the_tests():
     # the solution's own import of the real module stays visible to tests that rely on it
     r = run_tests("import math\ndef f(x):\n    return math.sqrt(x)\n", "assert math.isclose(f(16.0), 4.0)")
     assert r.passed, r.stderr[-300:]
+
+
+@pytest.mark.parametrize("code, tests", [
+    ("import fractions\nfractions.Fraction.__eq__ = lambda s, o: True\ndef f(x):\n    return 5\n",
+     "from fractions import Fraction\nassert f(1) == Fraction(1, 2)"),
+    ("import math\nmath.isclose = lambda *a, **k: True\ndef f(x):\n    return 0.0\n",
+     "import math\nassert math.isclose(f(2), 4.0)"),
+    ("import collections\ncollections.Counter.__eq__ = lambda s, o: True\ndef f(x):\n    return {}\n",
+     "from collections import Counter\nassert Counter('aab') == f(0)"),
+])
+def test_the_standard_library_is_put_back_before_the_tests(code, tests):
+    """A solution patched a stdlib class or function the tests then use (Fraction.__eq__, math.isclose)."""
+    r = run_tests(code, tests)
+    assert not r.passed and r.status == "failed", (r.status, r.stderr[-300:])

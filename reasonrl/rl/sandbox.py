@@ -42,8 +42,10 @@ them (its own code keeps its definitions; an entry point named like a builtin ca
 This is a filter for reward computation, not a security boundary for hostile humans: use a
 container or VM when that is the threat. Known limits, by design of an in-process harness: frames are
 readable (namedtuple, typing and enum need sys._getframe), so code that walks up to the harness's
-frame can read the nonce, or the calling test's frame and its constants; and the solution can patch
-Python classes of the standard library that the tests then use (fractions.Fraction.__eq__).
+frame can read the nonce, or the calling test's frame and its constants. Patches to the standard library
+(math.isclose, fractions.Fraction.__eq__) are put back before the tests for the modules loaded before
+the solution ran (the common ones are preloaded: _PRELOAD) and the Python classes they define, not for
+a module the solution is first to import.
 """
 from __future__ import annotations
 
@@ -331,6 +333,52 @@ GUARD_SOURCE = textwrap.dedent(r"""
 """)
 
 _HARNESS = "import sys, os, json\n" + HOOK_SOURCE + GUARD_SOURCE + textwrap.dedent(r"""
+    # The standard library as the tests will use it, loaded and recorded before the solution runs, and put
+    # back after it: a solution that set fractions.Fraction.__eq__ (or math.isclose) to say True passed
+    # tests comparing with a Fraction (or calling isclose). Module attributes and the attributes of the
+    # Python classes they define; C types cannot be patched anyway.
+    _PRELOAD = ("math", "cmath", "collections", "itertools", "functools", "heapq", "bisect", "re", "fractions",
+                "decimal", "string", "typing", "random", "statistics", "operator", "copy", "dataclasses", "enum")
+
+    def _snapshot_stdlib(ModuleType=type(sys), type=type, dict=dict, isinstance=isinstance):
+        for m in _PRELOAD:
+            try:
+                __import__(m)
+            except Exception:
+                pass
+        snap = []
+        for name, mod in list(sys.modules.items()):
+            if type(mod) is not ModuleType:
+                continue
+            d = mod.__dict__
+            classes = [(c, dict(c.__dict__)) for c in d.values()
+                       if isinstance(c, type) and c.__dict__.get("__module__") == name]
+            snap.append((d, dict(d), classes))
+        return snap
+
+    def _restore_stdlib(snap, setattr=setattr, delattr=delattr, list=list, Exception=Exception):
+        for d, saved, classes in snap:
+            for k in list(d):
+                if k not in saved:
+                    del d[k]
+            for k, v in saved.items():
+                if d.get(k, d) is not v:
+                    d[k] = v
+            for c, cd in classes:
+                now = c.__dict__
+                for k in list(now):
+                    if k not in cd:
+                        try:
+                            delattr(c, k)
+                        except Exception:
+                            pass
+                for k, v in cd.items():
+                    if now.get(k, now) is not v:
+                        try:
+                            setattr(c, k, v)
+                        except Exception:  # __dict__, __weakref__, a C type's slots
+                            pass
+
     def _run():
         os.unlink(sys.argv[0])  # this file: nothing in the working directory tells how the verdict is made
         nonce = sys.stdin.readline().strip()
@@ -342,6 +390,7 @@ _HARNESS = "import sys, os, json\n" + HOOK_SOURCE + GUARD_SOURCE + textwrap.dede
         code = (compile(job["code"], "solution.py", "exec"), compile(job["tests"], "tests.py", "exec"))
         guarded = _make_guard() if job.get("plain_returns", True) else None
         limit, set_limit = sys.getrecursionlimit, sys.setrecursionlimit  # bound before the solution runs
+        snap, restore = _snapshot_stdlib(), _restore_stdlib
         _install(os.path.realpath(sys.argv[1]), sys.argv[2] == "1")
         # Taken before the solution runs, which can rebind names in the builtins module (a solution
         # that set builtins.exec to a no-op passed tests that never ran): the tests run with the
@@ -354,6 +403,7 @@ _HARNESS = "import sys, os, json\n" + HOOK_SOURCE + GUARD_SOURCE + textwrap.dede
         ns["__builtins__"] = builtins_then  # text cannot swallow the tests, e.g. with an open string)
         if guarded:  # a checked method that recurses through self pays a wrapper frame a level: room for it
             set_limit(max(limit(), 2100))
+        restore(snap)
         view = guarded(ns) if guarded else dict(ns)  # (a copy: the solution's own globals stay as they are)
         for name in builtin_names:  # the tests' all, sorted, abs, len ... are the builtins, whatever the solution
             view.pop(name, None)    # defined under those names (`def all(it): return True` passed every
@@ -367,7 +417,7 @@ _HARNESS = "import sys, os, json\n" + HOOK_SOURCE + GUARD_SOURCE + textwrap.dede
     try:
         _run()
     finally:
-        del _run, _install, _make_guard
+        del _run, _install, _make_guard, _snapshot_stdlib, _restore_stdlib
 """)
 
 
