@@ -490,3 +490,9 @@ def test_the_standard_library_is_put_back_before_the_tests(code, tests):
     """A solution patched a stdlib class or function the tests then use (Fraction.__eq__, math.isclose)."""
     r = run_tests(code, tests)
     assert not r.passed and r.status == "failed", (r.status, r.stderr[-300:])
+
+
+def test_the_standard_library_is_put_back_after_each_call_too():
+    code = ("def f(x):\n    import fractions\n    fractions.Fraction.__eq__ = lambda s, o: True\n    return 5\n")
+    r = run_tests(code, "from fractions import Fraction\nassert f(1) == Fraction(1, 2)")
+    assert not r.passed and r.status == "failed", (r.status, r.stderr[-300:])

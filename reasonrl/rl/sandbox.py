@@ -192,7 +192,7 @@ HOOK_SOURCE = textwrap.dedent(r"""
 # to itself go through unchecked (a counter), so recursion pays one frame, not a copy of its result.
 # Defined, with the builtins it uses bound, before the solution runs: it cannot rebind them.
 GUARD_SOURCE = textwrap.dedent(r"""
-    def _make_guard(type=type, issubclass=issubclass, dict=dict, list=list, tuple=tuple, set=set,
+    def _make_guard(after_call, type=type, issubclass=issubclass, dict=dict, list=list, tuple=tuple, set=set,
                     frozenset=frozenset, int=int, float=float, str=str, bytes=bytes, complex=complex,
                     bool=bool, staticmethod=staticmethod, classmethod=classmethod,
                     vars=vars, callable=callable, isinstance=isinstance, FunctionType=type(lambda: 0),
@@ -246,6 +246,7 @@ GUARD_SOURCE = textwrap.dedent(r"""
                     out = fn(*args, **kwargs)
                 finally:
                     depth[0] -= 1
+                    after_call()  # the standard library put back after each call from the tests too
                 return plain(out, name)
             return checked
 
@@ -337,47 +338,59 @@ _HARNESS = "import sys, os, json\n" + HOOK_SOURCE + GUARD_SOURCE + textwrap.dede
     # back after it: a solution that set fractions.Fraction.__eq__ (or math.isclose) to say True passed
     # tests comparing with a Fraction (or calling isclose). Module attributes and the attributes of the
     # Python classes they define; C types cannot be patched anyway.
+    _CLASSES_OF = ("fractions", "collections", "numbers", "abc", "collections.abc", "functools", "statistics",
+                   "decimal", "operator")
     _PRELOAD = ("math", "cmath", "collections", "itertools", "functools", "heapq", "bisect", "re", "fractions",
                 "decimal", "string", "typing", "random", "statistics", "operator", "copy", "dataclasses", "enum")
 
-    def _snapshot_stdlib(ModuleType=type(sys), type=type, dict=dict, isinstance=isinstance):
+    def _snapshot_stdlib(ModuleType=type(sys), type=type, dict=dict, isinstance=isinstance, tuple=tuple):
         for m in _PRELOAD:
             try:
                 __import__(m)
             except Exception:
                 pass
         snap = []
-        for name, mod in list(sys.modules.items()):
+        for name in _PRELOAD + ("numbers", "abc", "collections.abc"):
+            mod = sys.modules.get(name)
             if type(mod) is not ModuleType:
                 continue
             d = mod.__dict__
-            classes = [(c, dict(c.__dict__)) for c in d.values()
-                       if isinstance(c, type) and c.__dict__.get("__module__") == name]
-            snap.append((d, dict(d), classes))
+            snap.append((d, dict(d), tuple(d), tuple(d.values())))
+            for c in list(d.values()):  # the classes a test compares with or checks against (the others'
+                if isinstance(c, type) and c.__dict__.get("__module__") == name and name in _CLASSES_OF:
+                    cd = c.__dict__  # would cost each call's restore for nothing)
+                    snap.append((c, dict(cd), tuple(cd), tuple(cd.values())))
         return snap
 
-    def _restore_stdlib(snap, setattr=setattr, delattr=delattr, list=list, Exception=Exception):
-        for d, saved, classes in snap:
+    def _restore_stdlib(snap, setattr=type.__setattr__, delattr=type.__delattr__, list=list, all=all, map=map,
+                        is_=__import__("operator").is_, len=len, type=type, dict=dict, Exception=Exception):
+        # Unchanged (the same key and value objects, in order: identity, no user code runs) is the common
+        # case, checked at C speed; else put back. Classes through type's own setattr (a metaclass's
+        # __setattr__, patched, could refuse).
+        for obj, saved, keys, vals in snap:
+            d = obj if type(obj) is dict else obj.__dict__
+            if len(d) == len(keys) and all(map(is_, d, keys)) and all(map(is_, d.values(), vals)):
+                continue
+            if type(obj) is dict:
+                for k in list(d):
+                    if k not in saved:
+                        del d[k]
+                for k, v in saved.items():
+                    if d.get(k, d) is not v:
+                        d[k] = v
+                continue
             for k in list(d):
                 if k not in saved:
-                    del d[k]
+                    try:
+                        delattr(obj, k)
+                    except Exception:
+                        pass
             for k, v in saved.items():
                 if d.get(k, d) is not v:
-                    d[k] = v
-            for c, cd in classes:
-                now = c.__dict__
-                for k in list(now):
-                    if k not in cd:
-                        try:
-                            delattr(c, k)
-                        except Exception:
-                            pass
-                for k, v in cd.items():
-                    if now.get(k, now) is not v:
-                        try:
-                            setattr(c, k, v)
-                        except Exception:  # __dict__, __weakref__, a C type's slots
-                            pass
+                    try:
+                        setattr(obj, k, v)
+                    except Exception:  # __dict__, __weakref__, a C type's slots
+                        pass
 
     def _run():
         os.unlink(sys.argv[0])  # this file: nothing in the working directory tells how the verdict is made
@@ -388,9 +401,9 @@ _HARNESS = "import sys, os, json\n" + HOOK_SOURCE + GUARD_SOURCE + textwrap.dede
         os.close(devnull)
         fd, write = int(sys.argv[3]), os.write
         code = (compile(job["code"], "solution.py", "exec"), compile(job["tests"], "tests.py", "exec"))
-        guarded = _make_guard() if job.get("plain_returns", True) else None
         limit, set_limit = sys.getrecursionlimit, sys.setrecursionlimit  # bound before the solution runs
         snap, restore = _snapshot_stdlib(), _restore_stdlib
+        guarded = _make_guard(lambda: restore(snap)) if job.get("plain_returns", True) else None
         _install(os.path.realpath(sys.argv[1]), sys.argv[2] == "1")
         # Taken before the solution runs, which can rebind names in the builtins module (a solution
         # that set builtins.exec to a no-op passed tests that never ran): the tests run with the
