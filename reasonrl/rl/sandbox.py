@@ -43,9 +43,10 @@ This is a filter for reward computation, not a security boundary for hostile hum
 container or VM when that is the threat. Known limits, by design of an in-process harness: frames are
 readable (namedtuple, typing and enum need sys._getframe), so code that walks up to the harness's
 frame can read the nonce, or the calling test's frame and its constants. Patches to the standard library
-(math.isclose, fractions.Fraction.__eq__) are put back before the tests for the modules loaded before
-the solution ran (the common ones are preloaded: _PRELOAD) and the Python classes they define, not for
-a module the solution is first to import.
+(math.isclose, fractions.Fraction.__eq__) are put back before the tests, and after each call the tests
+make into the solution (with plain_returns; without it, before the tests only), for the modules loaded
+before the solution ran (the common ones are preloaded: _PRELOAD) and the Python classes of those the
+tests compare with (_CLASSES_OF), not for a module the solution is first to import.
 """
 from __future__ import annotations
 
