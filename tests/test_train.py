@@ -1114,3 +1114,29 @@ def test_progress_off_a_terminal_prints_plain_lines(capsys):
     bar.close()
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 10 and lines[-1].startswith("[sample] 20/20 prompts (100%)") and "model a" in lines[-1]
+
+
+def test_a_second_interrupt_during_a_periodic_save_says_it_was_saved(tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C lands in step 4's periodic save (held, then handed to the loop's guard), a second
+    one right after: the message said 'not saved' although step 4 had just been written."""
+    import reasonrl.train.checkpoint as ck
+    real = ck._write_checkpoint
+
+    def write(*a, **k):
+        out = real(*a, **k)
+        _sigint_self()  # held by hold_signals, handed to StepGuard: stop requested
+        return out
+    monkeypatch.setattr(ck, "_write_checkpoint", write)
+    real_done = ck.StepGuard.step_done
+
+    def step_done(self):  # the second interrupt, before the step is marked clean
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        real_done(self)
+    monkeypatch.setattr(ck.StepGuard, "step_done", step_done)
+    cfg = _sft_cfg(tmp_path, out_dir=str(tmp_path / "run"), save_every=4, steps=8)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(cfg, *micro_model()[:2])
+    out = capsys.readouterr().out
+    assert latest_checkpoint(cfg.out_dir).endswith("step-0000004")
+    assert "saved" in out and "not saved" not in out, out[-500:]

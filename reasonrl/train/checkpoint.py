@@ -281,7 +281,7 @@ class StepGuard:
         return False
 
 
-def on_interrupt(tag: str, guard: StepGuard, save, run_dir: str) -> None:
+def on_interrupt(tag: str, guard: StepGuard, save, run_dir: str, step: int | None = None) -> None:
     """A stage's KeyboardInterrupt handler: save where the step is clean, else say what resume will use."""
     def last():
         try:
@@ -296,8 +296,12 @@ def on_interrupt(tag: str, guard: StepGuard, save, run_dir: str) -> None:
             return
         print(f"[{tag}] interrupted: saved {path}", flush=True)
         return
+    where = last()
+    if step is not None and os.path.basename(str(where)) == f"step-{int(step):07d}":  # an interrupt held during
+        print(f"[{tag}] interrupted: saved {where} (the step's periodic save)", flush=True)  # that save
+        return
     print(f"[{tag}] interrupted inside a step after its optimizer update: not saved (a checkpoint would "
-          f"mislabel that step); --resume starts from {last()}", flush=True)
+          f"mislabel that step); --resume starts from {where}", flush=True)
 
 
 def on_nonfinite(tag: str, guard: StepGuard, save, run_dir: str, step: int, err: Exception) -> FloatingPointError:

@@ -276,7 +276,7 @@ def run_grpo(cfg: GRPOConfig, model=None, tokenizer=None, exclude=(), tag: str =
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
-        on_interrupt(tag, guard, save, cfg.out_dir)
+        on_interrupt(tag, guard, save, cfg.out_dir, step)
         raise
     except FloatingPointError as e:
         bar.close()

@@ -106,7 +106,7 @@ def run_sft(cfg: SFTConfig, model=None, tokenizer=None, examples=None, tag: str 
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
-        on_interrupt(tag, guard, save, cfg.out_dir)
+        on_interrupt(tag, guard, save, cfg.out_dir, step)
         raise
     except FloatingPointError as e:
         bar.close()
