@@ -496,3 +496,48 @@ def test_the_standard_library_is_put_back_after_each_call_too():
     code = ("def f(x):\n    import fractions\n    fractions.Fraction.__eq__ = lambda s, o: True\n    return 5\n")
     r = run_tests(code, "from fractions import Fraction\nassert f(1) == Fraction(1, 2)")
     assert not r.passed and r.status == "failed", (r.status, r.stderr[-300:])
+
+
+# ---- a second red team (2026-11-29, sixteenth session) ---------------------------------------------------
+@pytest.mark.parametrize("audit_hook", [True, False])
+def test_no_extension_module_from_another_python(audit_hook):
+    """The system Python's dist-packages (readable under /usr/lib) had _cffi_backend: calls into C, which
+    made int patchable (every test passed) and forked a process that outlived the timeout."""
+    import glob
+    found = glob.glob("/usr/lib/python3*/dist-packages/_cffi_backend*.so") + glob.glob("/usr/lib/python3*/lib-dynload/_ctypes*.so")
+    if not found:
+        pytest.skip("no other Python's extension modules on this machine")
+    if not audit_hook and not _landlock_abi():
+        pytest.skip("without the audit hook, only Landlock stops this")
+    d, name = os.path.dirname(found[0]), os.path.basename(found[0]).split(".")[0]
+    r = run_tests(f"import sys\nsys.path.insert(0, {d!r})\nimport {name}\nprint('loaded')\n", "", audit_hook=audit_hook)
+    assert not r.passed and "loaded" not in r.stdout, r.stderr[-300:]
+
+
+def test_the_tests_builtins_are_their_own():
+    """The tests' builtins were the dict left in the solution's namespace: a function of it, when called,
+    replaced sorted there."""
+    code = "def f(x):\n    globals()['__builtins__']['sorted'] = lambda *a, **k: [1, 2, 3]\n    return x\n"
+    r = run_tests(code, "assert sorted(f([3, 1, 2])) == [1, 2, 3]\nassert sorted(f([9, 9])) == [1, 2, 3]")
+    assert not r.passed and r.status == "failed", (r.status, r.stderr[-300:])
+
+
+@pytest.mark.parametrize("code, tests", [
+    ("import sys, threading, fractions\nsys.setswitchinterval(1e-6)\ndef loop():\n    while True:\n"
+     "        fractions.Fraction.__eq__ = lambda a, b: True\nthreading.Thread(target=loop, daemon=True).start()\n"
+     "def f(x):\n    return 0\n", "from fractions import Fraction\nassert f(1) == Fraction(1, 2)"),
+    ("import gc, math\ndef cb(*a):\n    math.isclose = lambda *a, **k: True\ngc.callbacks.append(cb)\n"
+     "gc.set_threshold(1)\ndef f(x):\n    return 0.0\n",
+     "import math\nassert math.isclose(f(2), 4.0)\nassert math.isclose(f(3), 9.0)"),
+])
+def test_nothing_of_the_solution_runs_beside_the_tests(code, tests):
+    """A thread or a gc callback that patched the standard library in a loop beat the restore and passed."""
+    r = run_tests(code, tests)
+    assert not r.passed, (r.status, r.stderr[-300:])
+
+
+def test_threads_that_are_joined_still_work():
+    code = ("from concurrent.futures import ThreadPoolExecutor\ndef f(xs):\n    with ThreadPoolExecutor(2) as ex:\n"
+            "        return list(ex.map(lambda x: x * x, xs))\n")
+    r = run_tests(code, "assert f([1, 2, 3]) == [1, 4, 9]")
+    assert r.passed, r.stderr[-300:]

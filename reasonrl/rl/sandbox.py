@@ -80,7 +80,7 @@ _CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
 # _install(root, hook_on): the audit hook (layer 4), as source, shared with the reasoning-gym scoring worker
 # (reasonrl/rl/rgscore.py).
 HOOK_SOURCE = textwrap.dedent(r"""
-    def _install(root, hook_on):
+    def _install(root, hook_on, ext_dir=None):
         blocked = frozenset({
             "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
             "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "ctypes.dlopen",
@@ -150,6 +150,12 @@ HOOK_SOURCE = textwrap.dedent(r"""
                 if any(part in no_import for part in str.split(name, ".")) or (
                         type(file) is str and str.split(str.rsplit(file, "/", 1)[-1], ".")[0] in no_import):
                     raise PermissionError("sandbox: import " + name + " is not allowed")
+                # extension modules only from the interpreter's own lib-dynload (the system Python's
+                # _cffi_backend called into C)
+                if ext_dir is not None and type(file) is str and str.endswith(file, (".so", ".pyd")) and \
+                        str.rsplit(file, "/", 1)[0] != ext_dir:
+                    raise PermissionError("sandbox: extension module " + name + " from outside the standard "
+                                          "library is not allowed")
             if event == "open":
                 path, mode, flags = args
                 if (flags or 0) & NO_FLAGS:
@@ -393,6 +399,29 @@ _HARNESS = "import sys, os, json\n" + HOOK_SOURCE + GUARD_SOURCE + textwrap.dede
                     except Exception:  # __dict__, __weakref__, a C type's slots
                         pass
 
+    class SolutionStillRunning(BaseException):  # not an Exception: no except clause of the tests takes it
+        pass
+
+    def _make_quiet(snap, restore):
+        # What runs between the solution's code and the tests' comparisons, made to stop: threads the
+        # solution left running, gc callbacks (with the collector off), interval timers. A thread or a gc
+        # callback that patched Fraction.__eq__ or math.isclose in a loop beat the restore and passed.
+        # Then the standard library is put back.
+        import _thread, gc, signal
+        count, callbacks, disable, setitimer = _thread._count, gc.callbacks, gc.disable, signal.setitimer
+        timers = [getattr(signal, t) for t in ("ITIMER_REAL", "ITIMER_VIRTUAL", "ITIMER_PROF") if hasattr(signal, t)]
+
+        def quiet():
+            if count():
+                raise SolutionStillRunning("the solution left threads running into the tests (join them before "
+                                           "returning)")
+            del callbacks[:]
+            disable()
+            for t in timers:
+                setitimer(t, 0)
+            restore(snap)
+        return quiet
+
     def _run():
         os.unlink(sys.argv[0])  # this file: nothing in the working directory tells how the verdict is made
         nonce = sys.stdin.readline().strip()
@@ -403,9 +432,9 @@ _HARNESS = "import sys, os, json\n" + HOOK_SOURCE + GUARD_SOURCE + textwrap.dede
         fd, write = int(sys.argv[3]), os.write
         code = (compile(job["code"], "solution.py", "exec"), compile(job["tests"], "tests.py", "exec"))
         limit, set_limit = sys.getrecursionlimit, sys.setrecursionlimit  # bound before the solution runs
-        snap, restore = _snapshot_stdlib(), _restore_stdlib
-        guarded = _make_guard(lambda: restore(snap)) if job.get("plain_returns", True) else None
-        _install(os.path.realpath(sys.argv[1]), sys.argv[2] == "1")
+        quiet = _make_quiet(_snapshot_stdlib(), _restore_stdlib)
+        guarded = _make_guard(quiet) if job.get("plain_returns", True) else None
+        _install(os.path.realpath(sys.argv[1]), sys.argv[2] == "1", job.get("ext_dir"))
         # Taken before the solution runs, which can rebind names in the builtins module (a solution
         # that set builtins.exec to a no-op passed tests that never ran): the tests run with the
         # harness's exec and a copy of the builtins as they were.
@@ -414,24 +443,25 @@ _HARNESS = "import sys, os, json\n" + HOOK_SOURCE + GUARD_SOURCE + textwrap.dede
         stdlib_names, modules = getattr(sys, "stdlib_module_names", frozenset()), sys.modules
         ns = {"__name__": "__main__", "__builtins__": dict(builtins_then)}
         run(code[0], ns)  # the solution, then the tests in its namespace (compiled apart: the solution's
-        ns["__builtins__"] = builtins_then  # text cannot swallow the tests, e.g. with an open string)
+        # text cannot swallow the tests, e.g. with an open string)
         if guarded:  # a checked method that recurses through self pays a wrapper frame a level: room for it
             set_limit(max(limit(), 2100))
-        restore(snap)
+        quiet()
         view = guarded(ns) if guarded else dict(ns)  # (a copy: the solution's own globals stay as they are)
         for name in builtin_names:  # the tests' all, sorted, abs, len ... are the builtins, whatever the solution
             view.pop(name, None)    # defined under those names (`def all(it): return True` passed every
         for name in list(view):     # `assert all(...)`); and a stdlib module's name is that module (a class
             if name in stdlib_names and view[name] is not modules.get(name):  # named math whose isclose says
                 view.pop(name)      # True passed `math.isclose(f(2), 4)` in tests that use the solution's import)
-        run(code[1], view)
+        view["__builtins__"] = dict(builtins_then)  # the tests' own copy: no solution code holds it (it edited
+        run(code[1], view)                          # the shared one through globals()["__builtins__"])
         sys.stdout.flush()
         write(fd, (nonce + "\n").encode())
 
     try:
         _run()
     finally:
-        del _run, _install, _make_guard, _snapshot_stdlib, _restore_stdlib
+        del _run, _install, _make_guard, _snapshot_stdlib, _restore_stdlib, _make_quiet
 """)
 
 
@@ -501,8 +531,13 @@ def _landlock_paths() -> list[tuple[str, int]]:
             rules[path] = rules.get(path, 0) | (rights if os.path.isdir(path) else rights & _LL_FILE_RIGHTS)
     add(sys.executable, _LL_EXECUTE | r)
     for d in ("/lib", "/lib32", "/lib64", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/local/lib"):
-        if not os.path.realpath(d).startswith(os.path.realpath(sys.base_prefix) + os.sep):
-            add(d, rx)  # (a Python installed under /usr/local: its lib/ is listed file by file below)
+        real = os.path.realpath(d)
+        if real.startswith(os.path.realpath(sys.base_prefix) + os.sep) or not os.path.isdir(real):
+            continue  # (a Python installed under /usr/local: its lib/ is listed file by file below)
+        add(real, _LL_READ_DIR)
+        for entry in os.listdir(real):  # entry by entry, without the Python installations there: the system
+            if not entry.startswith("python"):  # Python's dist-packages had _cffi_backend (calls into C)
+                add(os.path.join(real, entry), rx)
     libdir = sysconfig.get_config_var("LIBDIR")
     if libdir and sysconfig.get_config_var("Py_ENABLE_SHARED") and os.path.isdir(libdir):
         for f in os.listdir(libdir):
@@ -610,6 +645,14 @@ def _limits(cpu_s: int, memory_mb: int, file_mb: int, netns: bool, workdir: str 
     return apply
 
 
+def _ext_dir() -> str | None:
+    """The directory of the interpreter's own extension modules (lib-dynload), as the import system
+    names their files; None where there is none (everything built in)."""
+    import importlib.machinery
+    spec = importlib.machinery.PathFinder.find_spec("_json")
+    return os.path.dirname(spec.origin) if spec is not None and spec.origin else None
+
+
 def run_tests(code: str, tests: str, *, timeout: float = 5.0, memory_mb: int = 512, file_mb: int = 16,
               network_namespace: bool = True, audit_hook: bool = True, plain_returns: bool = True,
               landlock: bool = True, max_output: int = 10_000) -> SandboxResult:
@@ -631,7 +674,8 @@ def run_tests(code: str, tests: str, *, timeout: float = 5.0, memory_mb: int = 5
         with open(os.path.join(workdir, "_harness.py"), "w") as f:
             f.write(_HARNESS)
         nonce = secrets.token_hex(16)
-        job = (nonce + "\n" + json.dumps({"code": code, "tests": tests, "plain_returns": bool(plain_returns)})).encode()
+        job = (nonce + "\n" + json.dumps({"code": code, "tests": tests, "plain_returns": bool(plain_returns),
+                                          "ext_dir": _ext_dir()})).encode()
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
         start = time.monotonic()
         proc = subprocess.Popen(
