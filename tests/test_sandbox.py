@@ -541,3 +541,51 @@ def test_threads_that_are_joined_still_work():
             "        return list(ex.map(lambda x: x * x, xs))\n")
     r = run_tests(code, "assert f([1, 2, 3]) == [1, 4, 9]")
     assert r.passed, r.stderr[-300:]
+
+
+@pytest.mark.parametrize("code", [
+    EQ + "class Solution:\n    @property\n    def square(self):\n        return lambda x: _Eq()\n",
+    EQ + "class C:\n    def __call__(self, *a):\n        return _Eq()\nclass Solution:\n    square = C()\n",
+    EQ + "import functools\ndef g(_, x):\n    return _Eq()\nclass Solution:\n    square = staticmethod(functools.partial(g, 0))\n",
+    EQ + "class Solution:\n    def __getattr__(self, n):\n        return lambda *a: _Eq()\n",
+    EQ + "class Solution:\n    def __init__(self):\n        object.__setattr__(self, 'square', lambda x: _Eq())\n",
+    EQ + "class Other:\n    def square(self, x):\n        return _Eq()\nclass Solution:\n    def __new__(cls):\n        return Other()\n",
+    EQ + "class Other:\n    def square(self, x):\n        return _Eq()\nclass Solution:\n    def __init__(self):\n        self.__class__ = Other\n",
+    EQ + "class Base:\n    def __init_subclass__(cls, **k):\n        type.__setattr__(cls, '__getattribute__', object.__getattribute__)\n"
+         "        type.__setattr__(cls, 'square', lambda self, x: _Eq())\nclass Solution(Base):\n    pass\n",
+    EQ + "import builtins\nbuiltins.any = lambda it: False\nclass Other:\n    def square(self, x):\n        return _Eq()\n"
+         "class Solution:\n    def __init__(self):\n        self.__class__ = Other\n",
+])
+def test_the_guard_holds_against_a_second_red_team(code):
+    r = run_tests(code, S_SQ)
+    assert not r.passed, (r.status, r.stderr[-300:])
+
+
+def test_solution_classes_still_work_through_the_guard():
+    code = ("class Solution:\n    LIMIT = 5\n    def __init__(self):\n        self.memo = {}\n        self.calls = 0\n"
+            "    @property\n    def size(self):\n        return len(self.memo)\n"
+            "    def fib(self, n):\n        self.calls += 1\n        if n < 2:\n            return n\n"
+            "        if n not in self.memo:\n            self.memo[n] = self.fib(n - 1) + self.fib(n - 2)\n"
+            "        return self.memo[n]\n    @staticmethod\n    def sq(x):\n        return x * x\n"
+            "    @classmethod\n    def limit(cls):\n        return cls.LIMIT * 2\n")
+    tests = ("s = Solution()\nassert s.fib(60) == 1548008755920\nassert s.size == 59 and s.calls > 0\n"
+             "assert Solution.sq(4) == 16 and Solution.LIMIT == 5 and Solution.limit() == 10\nt = Solution()\nassert t.fib(10) == 55\n"
+             "assert isinstance(s, Solution)\nprint('ok')")
+    r = run_tests(code, tests)
+    assert r.passed and "ok" in r.stdout, r.stderr[-500:]
+
+
+def test_exact_stdlib_values_come_back():
+    """Fraction, Decimal, deque and dates were refused as not plain: correct solutions failed tests such as
+    `assert f(1) == Fraction(1, 2)`. Exact types only (a subclass could say it equals anything)."""
+    code = ("from fractions import Fraction\nfrom decimal import Decimal\nfrom collections import deque\nimport datetime\n"
+            "def half(x):\n    return Fraction(x, 2)\ndef dec():\n    return Decimal('1.10')\n"
+            "def dq():\n    return deque([1, 2], maxlen=3)\ndef day():\n    return datetime.date(2026, 11, 29)\n")
+    tests = ("from fractions import Fraction\nfrom decimal import Decimal\nfrom collections import deque\nimport datetime\n"
+             "assert half(1) == Fraction(1, 2)\nassert dec() == Decimal('1.1')\nassert dq() == deque([1, 2])\n"
+             "assert day() == datetime.date(2026, 11, 29)")
+    r = run_tests(code, tests)
+    assert r.passed, r.stderr[-300:]
+    r = run_tests("from fractions import Fraction\nclass F(Fraction):\n    def __eq__(self, o):\n        return True\n"
+                  "def half(x):\n    return F(0)\n", "from fractions import Fraction\nassert half(1) == Fraction(1, 2)")
+    assert not r.passed

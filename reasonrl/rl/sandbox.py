@@ -35,7 +35,8 @@ A pass is exit status 0 *and* a nonce the harness writes to a channel of its own
 ran; the tests reach the child through a pipe, never its directory. So sys.exit(0) before the
 tests, printing a verdict, or reading the tests' expected values earn nothing. The tests see the
 solution's functions and methods through a guard that hands them plain copies of the results (see
-GUARD_SOURCE): an object whose __eq__ is always True earns nothing either (plain_returns=False turns
+GUARD_SOURCE; exact Fraction, Decimal, deque and dates too), and its classes through a subclass whose
+every public attribute is checked: an object whose __eq__ is always True earns nothing either (plain_returns=False turns
 the guard off, for tests that compare objects of the solution's own classes). In either mode the tests'
 names of builtins (all, sorted, abs, len, ...) are the builtins, whatever the solution defined under
 them (its own code keeps its definitions; an entry point named like a builtin cannot be tested).
@@ -206,9 +207,14 @@ GUARD_SOURCE = textwrap.dedent(r"""
                     ModuleType=type(sys), BuiltinType=type(len), Exception=Exception, modules=sys.modules,
                     module_of=type.__dict__["__module__"].__get__, name_of=type.__dict__["__name__"].__get__,
                     mro_of=type.__dict__["__mro__"].__get__, getattr=getattr, id=id, object=object,
-                    AttributeError=AttributeError):
+                    AttributeError=AttributeError, any=any):
         scalars = frozenset(map(id, (bool, int, float, complex, str, bytes, type(None))))  # by identity:
         # `t in (int, ...)` compares with ==, which a metaclass's __eq__ answers
+        # exact values of the standard library, as tests compare with them: immutable C types as they are;
+        # a Fraction or a deque rebuilt from plain parts (their classes are put back after each call)
+        import collections as _c, datetime as _dt, decimal as _d, fractions as _f
+        immutable = frozenset(map(id, (_d.Decimal, _dt.date, _dt.datetime, _dt.time, _dt.timedelta)))
+        Fraction, deque = _f.Fraction, _c.deque
         depth = [0]
 
         class NotPlainData(BaseException):  # not an Exception, not a TypeError: a test that expects one to
@@ -220,6 +226,12 @@ GUARD_SOURCE = textwrap.dedent(r"""
                 return v
             if level > 64:
                 raise NotPlainData(f"{name}() returned data nested more than 64 levels deep")
+            if id(t) in immutable:
+                return v
+            if t is Fraction:
+                return Fraction(plain(v.numerator, name, level + 1), plain(v.denominator, name, level + 1))
+            if t is deque:
+                return deque([plain(x, name, level + 1) for x in deque.__iter__(v)], v.maxlen)
             if issubclass(t, int):
                 return int.__int__(v)
             if issubclass(t, float):
@@ -257,44 +269,77 @@ GUARD_SOURCE = textwrap.dedent(r"""
                 return plain(out, name)
             return checked
 
-        class Checked:  # a public method of a solution class, as the tests see it: a data descriptor, so an
-            __slots__ = ("fn", "attr")  # instance attribute of the same name cannot shadow it unchecked
+        def guard_class(v, key):
+            # The subclass of solution class v the tests get. Every public attribute the tests read (at depth
+            # 0) goes through its __getattribute__ (and __getattr__): callables come back checked, data as
+            # plain copies, whatever supplied them (a property, the instance's dict, a callable class
+            # attribute, a partial, the solution's __getattr__). A metaclass checks that constructing it
+            # gives an instance of it (a __new__ that returned another object), each checked call that the
+            # instance kept its class (self.__class__ = Other), and both that nothing replaced these hooks.
+            meta = type(v)
+            sub_box = []
 
-            def __init__(self, fn, attr):
-                self.fn, self.attr = fn, attr
+            def ga(self, name):
+                val = object.__getattribute__(self, name)
+                if depth[0] or name[:1] == "_":
+                    return val
+                return public(self, name, val)
 
-            def __get__(self, obj, cls=None):
-                if obj is None:
-                    return self.fn
-                d = own_dict(obj)
-                if d is not None and self.attr in d:  # set on the instance (self.f = lambda ...): checked too
-                    v = d[self.attr]
-                    return wrap(v, self.attr) if callable(v) else v
-                return self.fn.__get__(obj, cls)
+            def gattr(self, name):
+                for klass in mro_of(v):  # the solution's own __getattr__, if any: its results are checked too
+                    f = vars(klass).get("__getattr__")
+                    if f is not None and klass is not object:
+                        val = f(self, name)
+                        return val if depth[0] or name[:1] == "_" else public(self, name, val)
+                raise AttributeError(name)
 
-            def __set__(self, obj, value):
-                d = own_dict(obj)
-                if d is None:
-                    raise AttributeError(self.attr)
-                d[self.attr] = value
+            def public(self, name, val):
+                intact(self)
+                if callable(val) and not isinstance(val, type):
+                    fn = wrap(val, f"{key}.{name}")
 
-            def __delete__(self, obj):
-                d = own_dict(obj)
-                if d is None or self.attr not in d:
-                    raise AttributeError(self.attr)
-                del d[self.attr]
+                    def method(*a, **k):
+                        out = fn(*a, **k)
+                        intact(self)
+                        return out
+                    return method
+                return plain(val, f"{key}.{name}")
 
-        def own_dict(obj):
-            try:
-                return object.__getattribute__(obj, "__dict__")
-            except AttributeError:  # __slots__
-                return None
+            hooks = {"__getattribute__": ga, "__getattr__": gattr}
+
+            def intact(obj):
+                sub = sub_box[0]
+                if type(obj) is not sub or any(vars(sub).get(k) is not f for k, f in hooks.items()):
+                    raise NotPlainData(f"an instance of {key} changed its class or its attribute lookup; the "
+                                       "tests compare plain values (plain_returns: false for tests that need it)")
+
+            def call(cls, *a, **k):
+                obj = meta.__call__(cls, *a, **k)
+                if cls is sub_box[0] and not depth[0]:
+                    intact(obj)
+                return obj
+
+            def meta_ga(cls, name):
+                val = meta.__getattribute__(cls, name)
+                if depth[0] or name[:1] == "_" or cls is not sub_box[0]:
+                    return val
+                if callable(val) and not isinstance(val, type):
+                    return wrap(val, f"{key}.{name}")
+                return plain(val, f"{key}.{name}")
+
+            M = meta(f"Guarded{name_of(meta)}", (meta,), {"__call__": call, "__getattribute__": meta_ga,
+                                                            "__module__": "__main__"})
+            sub = M(v.__name__, (v,), {**hooks, **identity, "__module__": "__main__",
+                                       "__qualname__": v.__qualname__})
+            sub_box.append(sub)
+            if any(vars(sub).get(k) is not f for k, f in hooks.items()):  # an __init_subclass__ replaced them
+                raise NotPlainData(f"class {key} changed the subclass the tests get (__init_subclass__)")
+            return sub
 
         # what the tests' instances of a solution class compare and hash by: identity (object's), whatever
-        # the class says; and attribute lookup as object's (a class's own __getattribute__ could hand out
-        # unchecked methods). A class whose instances should compare by value: plain_returns=False.
+        # the class says. A class whose instances should compare by value: plain_returns=False.
         identity = {m: getattr(object, m) for m in ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
-                                                     "__hash__", "__getattribute__")}
+                                                     "__hash__")}
 
         def imported(c):
             mod = module_of(c)  # read past any metaclass property
@@ -311,24 +356,10 @@ GUARD_SOURCE = textwrap.dedent(r"""
                     if not imported(type(v)):  # its __call__ could hand the tests anything
                         raise NotPlainData(f"class {key} has a metaclass of the solution's own; the tests "
                                            "compare plain values (plain_returns: false for tests that need it)")
-                    # a class of the solution's: the tests get a subclass whose public methods (its own and
-                    # those of the solution's base classes) are checked
-                    attrs = {}
-                    for klass in mro_of(v)[::-1]:
-                        if klass is object or imported(klass):
-                            continue
-                        for m, f in vars(klass).items():
-                            if m.startswith("_"):
-                                continue
-                            if type(f) is FunctionType:
-                                attrs[m] = Checked(wrap(f, f"{key}.{m}"), m)
-                            elif type(f) is staticmethod and type(f.__func__) is FunctionType:
-                                attrs[m] = staticmethod(wrap(f.__func__, f"{key}.{m}"))
-                            elif type(f) is classmethod and type(f.__func__) is FunctionType:
-                                attrs[m] = classmethod(wrap(f.__func__, f"{key}.{m}"))
-                    try:
-                        out[key] = type(v.__name__, (v,), {**attrs, **identity, "__module__": "__main__",
-                                                           "__qualname__": v.__qualname__})
+                    try:  # a class of the solution's: the tests get a guarded subclass (guard_class)
+                        out[key] = guard_class(v, key)
+                    except NotPlainData:
+                        raise
                     except Exception:  # a class that cannot be subclassed (an Enum, a metaclass's doing): as it is
                         pass
                 elif type(v) is BuiltinType:  # a C function: a bound method of an object (the solution's
