@@ -35,7 +35,6 @@ import argparse
 import ctypes
 import functools
 import os
-import re
 import statistics
 import sys
 import time
@@ -44,7 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ceilings, device_name, emit_json, measured, peak_extra_bytes, print_table,  # noqa: E402
-                    profile_table, sync)
+                    proc_kib, profile_table, sync)
 
 from reasonrl.models import AttnContext, CausalLM, ModelConfig, builtin_path  # noqa: E402
 from reasonrl.ops import linear_token_logprobs  # noqa: E402
@@ -137,10 +136,6 @@ def step_hf(model, b, amp, device):
     return loss.detach()
 
 
-def _proc_kib(field):
-    return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read()).group(1))
-
-
 def peak_bytes(fn, device):
     """Peak extra bytes of one call of fn (see the module docstring for how, per device)."""
     if device.type == "cuda":
@@ -149,11 +144,11 @@ def peak_bytes(fn, device):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
-        base = _proc_kib("VmRSS")
+        base = proc_kib("VmRSS")
     except OSError:
         return peak_extra_bytes(fn, device)
     fn()
-    return (_proc_kib("VmHWM") - base) * 1024
+    return (proc_kib("VmHWM") - base) * 1024
 
 
 def time_alternating(fns, device, warmup, rep):

@@ -149,10 +149,11 @@ def run_trl(args):
 
 
 def _rss_mib():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import proc_kib
     try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-    except (OSError, StopIteration):
+        return proc_kib("VmRSS") / 1024
+    except OSError:
         return None
 
 

@@ -118,6 +118,15 @@ def ceilings(device, dtype=torch.bfloat16):
     return _CEIL[key]
 
 
+def proc_kib(field: str) -> int:
+    """A KiB field of /proc/self/status (VmRSS, VmHWM); OSError where there is none (not Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

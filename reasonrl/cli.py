@@ -192,9 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     while i < len(argv) and (argv[i] == "--threads" or argv[i].startswith("--threads=")):  # the command's position
         i += 1 if "=" in argv[i] else 2
     if i < len(argv) and argv[i] == "bench":  # `bench NAME args...`: the args belong to the script
-        n = i if i else None
         argv = _threads(argv[:i + 1]) + argv[i + 1:]
-        if n is not None:  # `reasonrl --threads N bench ...`: the script is a child process; it reads them here
+        if i:  # `reasonrl --threads N bench ...`: the script is a child process; it reads them here
             import torch
             os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     else:

@@ -52,6 +52,7 @@ tests compare with (_CLASSES_OF), not for a module the solution is first to impo
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import resource
@@ -307,9 +308,11 @@ GUARD_SOURCE = textwrap.dedent(r"""
 
             hooks = {"__getattribute__": ga, "__getattr__": gattr}
 
+            def hooks_replaced():
+                return any(vars(sub_box[0]).get(k) is not f for k, f in hooks.items())
+
             def intact(obj):
-                sub = sub_box[0]
-                if type(obj) is not sub or any(vars(sub).get(k) is not f for k, f in hooks.items()):
+                if type(obj) is not sub_box[0] or hooks_replaced():
                     raise NotPlainData(f"an instance of {key} changed its class or its attribute lookup; the "
                                        "tests compare plain values (plain_returns: false for tests that need it)")
 
@@ -332,7 +335,7 @@ GUARD_SOURCE = textwrap.dedent(r"""
             sub = M(v.__name__, (v,), {**hooks, **identity, "__module__": "__main__",
                                        "__qualname__": v.__qualname__})
             sub_box.append(sub)
-            if any(vars(sub).get(k) is not f for k, f in hooks.items()):  # an __init_subclass__ replaced them
+            if hooks_replaced():  # an __init_subclass__ replaced them
                 raise NotPlainData(f"class {key} changed the subclass the tests get (__init_subclass__)")
             return sub
 
@@ -406,27 +409,21 @@ _HARNESS = "import sys, os, json\n" + HOOK_SOURCE + GUARD_SOURCE + textwrap.dede
         # case, checked at C speed; else put back. Classes through type's own setattr (a metaclass's
         # __setattr__, patched, could refuse).
         for obj, saved, keys, vals in snap:
-            d = obj if type(obj) is dict else obj.__dict__
+            plain_dict = type(obj) is dict
+            d = obj if plain_dict else obj.__dict__
             if len(d) == len(keys) and all(map(is_, d, keys)) and all(map(is_, d.values(), vals)):
                 continue
-            if type(obj) is dict:
-                for k in list(d):
-                    if k not in saved:
-                        del d[k]
-                for k, v in saved.items():
-                    if d.get(k, d) is not v:
-                        d[k] = v
-                continue
+            put, drop = (dict.__setitem__, dict.__delitem__) if plain_dict else (setattr, delattr)
             for k in list(d):
                 if k not in saved:
                     try:
-                        delattr(obj, k)
-                    except Exception:
+                        drop(obj, k)
+                    except Exception:  # a C type's slots
                         pass
             for k, v in saved.items():
                 if d.get(k, d) is not v:
                     try:
-                        setattr(obj, k, v)
+                        put(obj, k, v)
                     except Exception:  # __dict__, __weakref__, a C type's slots
                         pass
 
@@ -676,9 +673,10 @@ def _limits(cpu_s: int, memory_mb: int, file_mb: int, netns: bool, workdir: str 
     return apply
 
 
+@functools.cache
 def _ext_dir() -> str | None:
     """The directory of the interpreter's own extension modules (lib-dynload), as the import system
-    names their files; None where there is none (everything built in)."""
+    names their files; None where there is none (everything built in). Found once per process."""
     import importlib.machinery
     spec = importlib.machinery.PathFinder.find_spec("_json")
     return os.path.dirname(spec.origin) if spec is not None and spec.origin else None

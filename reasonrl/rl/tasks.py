@@ -348,11 +348,9 @@ class ReasoningGymTask(Task):
                 # problem's: "6*4*1*1" scored 1.0 on every problem (reasoning-gym 0.1.x). The countdown
                 # check is exact: these numbers, each once, and the value 24.
                 out.append(Problem(q, str(entry["answer"]), None, "countdown", {"numbers": nums, "target": 24}))
-                if len(out) == n:
-                    break
-                continue
-            meta = {"entry": entry, "score": lambda pred, m, spec=spec: rgscore.score(spec, m["entry"], pred)}
-            out.append(Problem(q, str(entry["answer"]), None, "score", meta))
+            else:
+                meta = {"entry": entry, "score": lambda pred, m, spec=spec: rgscore.score(spec, m["entry"], pred)}
+                out.append(Problem(q, str(entry["answer"]), None, "score", meta))
             if len(out) == n:
                 break
         return out
